@@ -1,0 +1,91 @@
+"""``python -m localoci serve``: run the local OCI."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .app import LocalOCI
+from .config import ensure_client_config
+
+
+def _loopback(host: str) -> str:
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return host
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{host!r} is not a loopback address: the admin API takes no credentials")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m localoci", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve every local OCI service on one port")
+    serve.add_argument("--host", type=_loopback, default="127.0.0.1", help="loopback address to listen on")
+    serve.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
+    serve.add_argument("--data-dir", type=Path, required=True, help="where state, objects and volumes live")
+    serve.add_argument("--ssh-port", type=int, default=None,
+                       help="port every instance's sshd listens on, at its own 127.0.0.N (default: a free port chosen once)")
+    serve.add_argument("--transition-seconds", type=float, default=0.05,
+                       help="base duration of every lifecycle transition")
+    serve.add_argument("--ready-file", type=Path, default=None,
+                       help="write a JSON description of the running server here once it listens")
+    serve.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ssh_port = args.ssh_port
+    if ssh_port is None and not (args.data_dir / "state.json").exists():
+        ssh_port = _free_port()
+    app = LocalOCI(args.data_dir, ssh_port=ssh_port, transition_seconds=args.transition_seconds)
+    config_path = ensure_client_config(app.data_dir, app.tenancy_id)
+    server = app.serve(args.host, args.port)
+    host, port = server.server_address[:2]
+    app.start()
+    ready = {
+        "endpoint": f"http://{host}:{port}",
+        "namespace": app.namespace,
+        "tenancyId": app.tenancy_id,
+        "ociConfigFile": str(config_path),
+        "ociProfile": "DEFAULT",
+        "sshPort": app.meta["ssh_port"],
+    }
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+    thread.start()
+    if args.ready_file:
+        tmp = args.ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(ready))
+        tmp.replace(args.ready_file)
+    logging.getLogger("localoci").info("serving %s", json.dumps(ready))
+    stop.wait()
+    server.shutdown()
+    server.server_close()
+    app.stop()
+    return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

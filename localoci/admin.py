@@ -1,0 +1,139 @@
+"""The operator and test surface under ``/_localoci/``: inventory, faults, events, health.
+
+It is not part of OCI and takes no signature; the server listens on loopback only.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import invalid_parameter
+from .http import Request, Response, Route
+from .resources import public
+
+if TYPE_CHECKING:
+    from .app import LocalOCI
+
+ADMIN = "/_localoci"
+ENDED = ("TERMINATED", "DETACHED")
+
+
+def _tags_match(record: dict[str, Any], tags: dict[str, str]) -> bool:
+    return all(record.get("freeformTags", {}).get(k) == v for k, v in tags.items())
+
+
+def inventory(app: "LocalOCI", include_ended: bool = False, tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Every resource the local OCI holds, live ones only unless ``include_ended``."""
+    tags = tags or {}
+    bs, compute = app.blockstorage, app.compute
+
+    def wanted(record: dict[str, Any]) -> bool:
+        return (include_ended or record["lifecycleState"] not in ENDED) and _tags_match(record, tags)
+
+    instances = [
+        {**public(i), "sshAddress": i["_address"], "sshPort": app.meta["ssh_port"], "crashed": i["_crashed"]}
+        for i in app.store.values("instances") if wanted(i)
+    ]
+    volumes = [
+        {**public(v), "backingFile": str(bs.backing_file(v)), "allocatedBytes": bs.allocated_bytes(v)}
+        for v in app.store.values("volumes") if wanted(v)
+    ]
+    attachments = [public(a) for a in app.store.values("volume_attachments")
+                   if include_ended or a["lifecycleState"] not in ENDED]
+    pars = [{**{k: v for k, v in public(p).items() if k != "accessUri"}, "namespace": p["_namespace"], "bucketName": p["_bucket"]}
+            for p in app.store.values("pars")]
+    return {
+        "namespace": app.namespace,
+        "instances": instances,
+        "volumes": volumes,
+        "attachments": attachments,
+        "pars": pars,
+        "backupPolicyAssignments": list(app.store.values("backup_policy_assignments")),
+        "multipartUploads": [public(u) for u in app.store.values("multipart_uploads")],
+    }
+
+
+def routes(app: "LocalOCI") -> list[Route]:
+    def get_inventory(request: Request) -> Response:
+        tags = {k[4:]: v for k, v in request.query.items() if k.startswith("tag.")}
+        include_ended = request.query.get("all", "").lower() in ("1", "true", "yes")
+        return Response.json(inventory(app, include_ended, tags))
+
+    def health(request: Request) -> Response:
+        return Response.json({"status": "ok", "namespace": app.namespace, "tenancyId": app.tenancy_id,
+                              "sshPort": app.meta["ssh_port"]})
+
+    def add_fault(request: Request) -> Response:
+        return Response.json(app.faults.add(request.json()).__dict__, status=201)
+
+    def list_faults(request: Request) -> Response:
+        return Response.json(app.faults.list())
+
+    def clear_faults(request: Request) -> Response:
+        app.faults.clear()
+        return Response.empty()
+
+    def set_latency(request: Request) -> Response:
+        spec = request.json()
+        transition, seconds = spec.get("transition"), spec.get("seconds")
+        if not isinstance(transition, str) or ":" not in transition:
+            raise invalid_parameter("transition must look like 'instance:RUNNING' or 'volume:AVAILABLE'.")
+        if not isinstance(seconds, (int, float)) or seconds < 0:
+            raise invalid_parameter("seconds must be a number of seconds, at least 0.")
+        app.scheduler.latency[transition] = float(seconds)
+        return Response.json(app.scheduler.latency)
+
+    def get_latency(request: Request) -> Response:
+        return Response.json(app.scheduler.latency)
+
+    def clear_latency(request: Request) -> Response:
+        app.scheduler.latency.clear()
+        return Response.empty()
+
+    def crash_instance(request: Request) -> Response:
+        return Response.json(public(app.compute.crash(request.params["instanceId"])))
+
+    def set_bandwidth(request: Request) -> Response:
+        rate = request.json().get("objectReadBytesPerSecondPerConnection")
+        if rate is not None and (not isinstance(rate, (int, float)) or rate <= 0):
+            raise invalid_parameter("objectReadBytesPerSecondPerConnection must be a positive number or null.")
+        app.read_bps_per_connection = rate
+        return Response.json({"objectReadBytesPerSecondPerConnection": rate})
+
+    def get_bandwidth(request: Request) -> Response:
+        return Response.json({"objectReadBytesPerSecondPerConnection": app.read_bps_per_connection})
+
+    def create_rule(request: Request) -> Response:
+        return Response.json(app.events.create_rule(request.json()), status=201)
+
+    def list_rules(request: Request) -> Response:
+        return Response.json(list(app.store.values("event_rules")))
+
+    def delete_rule(request: Request) -> Response:
+        app.events.delete_rule(request.params["ruleId"])
+        return Response.empty()
+
+    def event_status(request: Request) -> Response:
+        return Response.json({
+            "delivered": app.events.delivered,
+            "pending": list(app.store.values("event_outbox")),
+            "deadLetters": list(app.store.values("event_dead_letters")),
+        })
+
+    return [
+        Route("GET", ADMIN + "/health", health, "AdminHealth", authenticated=False),
+        Route("GET", ADMIN + "/inventory", get_inventory, "AdminInventory", authenticated=False),
+        Route("POST", ADMIN + "/faults", add_fault, "AdminAddFault", authenticated=False),
+        Route("GET", ADMIN + "/faults", list_faults, "AdminListFaults", authenticated=False),
+        Route("DELETE", ADMIN + "/faults", clear_faults, "AdminClearFaults", authenticated=False),
+        Route("POST", ADMIN + "/latency", set_latency, "AdminSetLatency", authenticated=False),
+        Route("GET", ADMIN + "/latency", get_latency, "AdminGetLatency", authenticated=False),
+        Route("DELETE", ADMIN + "/latency", clear_latency, "AdminClearLatency", authenticated=False),
+        Route("POST", ADMIN + "/instances/{instanceId}/crash", crash_instance, "AdminCrashInstance", authenticated=False),
+        Route("POST", ADMIN + "/bandwidth", set_bandwidth, "AdminSetBandwidth", authenticated=False),
+        Route("GET", ADMIN + "/bandwidth", get_bandwidth, "AdminGetBandwidth", authenticated=False),
+        Route("POST", ADMIN + "/events/rules", create_rule, "AdminCreateRule", authenticated=False),
+        Route("GET", ADMIN + "/events/rules", list_rules, "AdminListRules", authenticated=False),
+        Route("DELETE", ADMIN + "/events/rules/{ruleId}", delete_rule, "AdminDeleteRule", authenticated=False),
+        Route("GET", ADMIN + "/events", event_status, "AdminEventStatus", authenticated=False),
+    ]

@@ -1,0 +1,117 @@
+"""The local OCI application: the services, their shared state and the request pipeline."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from pathlib import Path
+from typing import Any
+
+from . import admin
+from .bandwidth import TokenBucket
+from .blockstorage.models import BlockStorage
+from .blockstorage.responses import routes as blockstorage_routes
+from .compute.models import Compute
+from .compute.responses import routes as compute_routes
+from .errors import ServiceError
+from .events.models import Events
+from .faults import FaultInjector
+from .http import Request, Response, Router
+from .identity.models import Identity
+from .identity.responses import routes as identity_routes
+from .lifecycle import Scheduler
+from .network.models import Network
+from .network.responses import routes as network_routes
+from .objectstorage.models import ObjectStorage
+from .objectstorage.responses import routes as objectstorage_routes
+from .server import LocalOCIServer, require_signature
+from .store import Store
+
+log = logging.getLogger("localoci")
+
+
+class LocalOCI:
+    """All services of the local OCI over one data directory."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        ssh_port: int | None = None,
+        transition_seconds: float = 0.05,
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.store = Store(self.data_dir)
+        meta = self.store.collection("meta")
+        with self.store.lock:
+            meta.setdefault("namespace", "local" + secrets.token_hex(4))
+            meta.setdefault("tenancy_id", "ocid1.tenancy.oc1..local" + secrets.token_hex(12))
+            if ssh_port is not None:
+                meta["ssh_port"] = ssh_port
+            meta.setdefault("ssh_port", 22)
+            self.store.save()
+        self.meta = meta
+        self.scheduler = Scheduler(transition_seconds)
+        self.faults = FaultInjector()
+        self.read_bps_per_connection: float | None = None
+        self._throttle_lock = threading.Lock()
+        self.identity = Identity(self)
+        self.network = Network(self)
+        self.events = Events(self)
+        self.objectstorage = ObjectStorage(self)
+        self.blockstorage = BlockStorage(self)
+        self.compute = Compute(self)
+        self.router = Router()
+        for routes in (
+            objectstorage_routes,
+            identity_routes,
+            network_routes,
+            blockstorage_routes,
+            compute_routes,
+            admin.routes,
+        ):
+            self.router.add(routes(self))
+
+    @property
+    def namespace(self) -> str:
+        return self.meta["namespace"]
+
+    @property
+    def tenancy_id(self) -> str:
+        return self.meta["tenancy_id"]
+
+    def start(self) -> None:
+        """Bring back what a previous process left: running instances, pending events."""
+        self.compute.resume()
+        self.blockstorage.resume()
+        self.events.start()
+
+    def stop(self) -> None:
+        self.events.stop()
+        self.compute.shutdown()
+        self.scheduler.stop()
+
+    def handle(self, request: Request) -> Response:
+        matched = self.router.match(request.method, request.raw_path)
+        if matched is None:
+            raise ServiceError(404, "NotFound", f"No API serves {request.method} {request.raw_path}")
+        route, params = matched
+        request.params = params
+        if route.authenticated:
+            require_signature(request)
+        if self.faults.wanted(route.operation):
+            fields: dict[str, Any] = {**request.query, **params}
+            body = request.json_if_small()
+            if isinstance(body, dict):
+                fields.update(body)
+            self.faults.check(route.operation, fields)
+        return route.handler(request)
+
+    def read_throttles(self, request: Request) -> list[TokenBucket]:
+        """Token buckets an object read on this connection must pass through."""
+        if self.read_bps_per_connection:
+            return [TokenBucket(self.read_bps_per_connection)]
+        return []
+
+    def serve(self, host: str, port: int) -> LocalOCIServer:
+        return LocalOCIServer(self, host, port)

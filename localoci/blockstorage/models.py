@@ -1,0 +1,172 @@
+"""Block Storage: volumes backed by sparse files, backup policies and their assignments."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ServiceError, conflict, incorrect_state, invalid_parameter
+from ..ids import new_ocid, now_iso
+from ..resources import lookup
+
+if TYPE_CHECKING:
+    from ..app import LocalOCI
+
+GB = 1024**3
+MIN_SIZE_GB = 50
+MAX_SIZE_GB = 32768
+DEFAULT_SIZE_GB = 1024
+VALID_VPUS = (0, 10, 20, *range(30, 121, 10))
+ORACLE_POLICIES = ("gold", "silver", "bronze")
+LIVE_ATTACHMENT_STATES = ("ATTACHING", "ATTACHED", "DETACHING")
+
+
+def _check_size(size_gb: Any) -> int:
+    if isinstance(size_gb, bool) or not isinstance(size_gb, int) or not MIN_SIZE_GB <= size_gb <= MAX_SIZE_GB:
+        raise invalid_parameter(f"sizeInGBs must be a whole number from {MIN_SIZE_GB} to {MAX_SIZE_GB}, not {size_gb!r}.")
+    return size_gb
+
+
+def _check_vpus(vpus: Any) -> int:
+    if isinstance(vpus, bool) or not isinstance(vpus, int) or vpus not in VALID_VPUS:
+        raise invalid_parameter(f"vpusPerGB must be 0, 10, 20 or 30 to 120 in steps of 10, not {vpus!r}.")
+    return vpus
+
+
+class BlockStorage:
+    def __init__(self, app: "LocalOCI") -> None:
+        self.app = app
+        self.store = app.store
+        self.volumes_dir = app.data_dir / "volumes"
+        self.volumes_dir.mkdir(exist_ok=True)
+        self.volumes = self.store.collection("volumes")
+        self.assignments = self.store.collection("backup_policy_assignments")
+        self.policies = {
+            f"ocid1.volumebackuppolicy.oc1..{name}": {
+                "id": f"ocid1.volumebackuppolicy.oc1..{name}", "displayName": name, "compartmentId": None,
+                "schedules": [], "timeCreated": "2019-01-01T00:00:00.000Z", "destinationRegion": None,
+            }
+            for name in ORACLE_POLICIES
+        }
+
+    def volume(self, volume_id: str) -> dict[str, Any]:
+        return lookup(self.volumes, volume_id, "Volume")
+
+    def backing_file(self, volume: dict[str, Any]) -> Path:
+        return self.volumes_dir / volume["_file"]
+
+    def allocated_bytes(self, volume: dict[str, Any]) -> int:
+        try:
+            return os.stat(self.backing_file(volume)).st_blocks * 512
+        except FileNotFoundError:
+            return 0
+
+    def create_volume(self, details: dict[str, Any]) -> dict[str, Any]:
+        compartment = self.app.identity.check_compartment(details.get("compartmentId"))
+        ad = self.app.identity.check_availability_domain(details.get("availabilityDomain"))
+        if details.get("sizeInGBs") is None and details.get("sizeInMBs") is not None:
+            size_mb = details["sizeInMBs"]
+            size_gb = _check_size(size_mb // 1024 if isinstance(size_mb, int) and size_mb % 1024 == 0 else size_mb)
+        else:
+            size_gb = _check_size(details.get("sizeInGBs", DEFAULT_SIZE_GB))
+        vpus = _check_vpus(details.get("vpusPerGB", 10))
+        if details.get("sourceDetails"):
+            raise invalid_parameter("Creating a volume from a source is not supported by the local OCI.")
+        volume_id = new_ocid("volume")
+        volume = {
+            "id": volume_id, "compartmentId": compartment, "availabilityDomain": ad,
+            "displayName": details.get("displayName") or volume_id[-12:], "sizeInGBs": size_gb,
+            "sizeInMBs": size_gb * 1024, "vpusPerGB": vpus, "isHydrated": True, "isAutoTuneEnabled": False,
+            "lifecycleState": "PROVISIONING", "timeCreated": now_iso(),
+            "freeformTags": details.get("freeformTags") or {}, "definedTags": details.get("definedTags") or {},
+            "_file": volume_id.rsplit(".", 1)[-1] + ".img",
+        }
+        with open(self.backing_file(volume), "wb") as f:
+            f.truncate(size_gb * GB)
+        with self.store.lock:
+            self.volumes[volume_id] = volume
+            self.store.save()
+        policy = details.get("backupPolicyId")
+        if policy:
+            self.assign_policy({"assetId": volume_id, "policyId": policy})
+        self.app.scheduler.transition("volume:AVAILABLE", lambda: self._set_state(volume_id, "PROVISIONING", "AVAILABLE"))
+        return volume
+
+    def _set_state(self, volume_id: str, expected: str, state: str) -> None:
+        with self.store.lock:
+            volume = self.volumes[volume_id]
+            if volume["lifecycleState"] == expected:
+                volume["lifecycleState"] = state
+                self.store.save()
+
+    def update_volume(self, volume_id: str, details: dict[str, Any]) -> dict[str, Any]:
+        with self.store.lock:
+            volume = self.volume(volume_id)
+            if volume["lifecycleState"] != "AVAILABLE":
+                raise incorrect_state(f"Volume {volume_id} is {volume['lifecycleState']}, not AVAILABLE.")
+            if details.get("sizeInGBs") is not None:
+                size = _check_size(details["sizeInGBs"])
+                if size < volume["sizeInGBs"]:
+                    raise invalid_parameter(f"A volume cannot shrink: {size} GB is below its {volume['sizeInGBs']} GB.")
+                with open(self.backing_file(volume), "r+b") as f:
+                    f.truncate(size * GB)
+                volume["sizeInGBs"], volume["sizeInMBs"] = size, size * 1024
+            if details.get("vpusPerGB") is not None:
+                volume["vpusPerGB"] = _check_vpus(details["vpusPerGB"])
+            for key in ("displayName", "freeformTags", "definedTags"):
+                if details.get(key) is not None:
+                    volume[key] = details[key]
+            self.store.save()
+            return volume
+
+    def delete_volume(self, volume_id: str) -> None:
+        with self.store.lock:
+            volume = self.volume(volume_id)
+            if volume["lifecycleState"] in ("TERMINATING", "TERMINATED"):
+                raise incorrect_state(f"Volume {volume_id} is already {volume['lifecycleState']}.")
+            if any(a["volumeId"] == volume_id and a["lifecycleState"] in LIVE_ATTACHMENT_STATES for a in self.app.compute.attachments.values()):
+                raise conflict(f"Volume {volume_id} is attached to an instance; detach it first.")
+            volume["lifecycleState"] = "TERMINATING"
+            for assignment_id in [a["id"] for a in self.assignments.values() if a["assetId"] == volume_id]:
+                del self.assignments[assignment_id]
+            self.store.save()
+        self.app.scheduler.transition("volume:TERMINATED", lambda: self._terminate(volume_id))
+
+    def _terminate(self, volume_id: str) -> None:
+        with self.store.lock:
+            volume = self.volumes[volume_id]
+            self.backing_file(volume).unlink(missing_ok=True)
+            volume["lifecycleState"] = "TERMINATED"
+            self.store.save()
+
+    def resume(self) -> None:
+        """Finish transitions that a stopped process left half done."""
+        for volume in self.store.values("volumes"):
+            if volume["lifecycleState"] == "PROVISIONING":
+                self._set_state(volume["id"], "PROVISIONING", "AVAILABLE")
+            elif volume["lifecycleState"] == "TERMINATING":
+                self._terminate(volume["id"])
+
+    # -- backup policies ---------------------------------------------------------
+
+    def assign_policy(self, details: dict[str, Any]) -> dict[str, Any]:
+        asset_id, policy_id = details.get("assetId"), details.get("policyId")
+        if policy_id not in self.policies:
+            raise invalid_parameter(f"Unknown backup policy {policy_id!r}.")
+        with self.store.lock:
+            volume = self.volume(asset_id or "")
+            if volume["lifecycleState"] in ("TERMINATING", "TERMINATED"):
+                raise incorrect_state(f"Volume {asset_id} is {volume['lifecycleState']}.")
+            if any(a["assetId"] == asset_id for a in self.assignments.values()):
+                raise ServiceError(409, "Conflict", f"Volume {asset_id} already has a backup policy assigned.")
+            assignment = {"id": new_ocid("volumebackuppolicyassignment"), "assetId": asset_id, "policyId": policy_id, "timeCreated": now_iso()}
+            self.assignments[assignment["id"]] = assignment
+            self.store.save()
+            return assignment
+
+    def unassign_policy(self, assignment_id: str) -> None:
+        with self.store.lock:
+            lookup(self.assignments, assignment_id, "VolumeBackupPolicyAssignment")
+            del self.assignments[assignment_id]
+            self.store.save()

@@ -1,0 +1,92 @@
+"""Compute REST API."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..http import Request, Response, Route
+from ..paging import paged, require
+from ..resources import lookup, matches, public
+from .models import SHAPES
+
+if TYPE_CHECKING:
+    from ..app import LocalOCI
+
+BASE = "/20160918"
+
+
+def routes(app: "LocalOCI") -> list[Route]:
+    compute = app.compute
+
+    def launch_instance(request: Request) -> Response:
+        return Response.json(public(compute.launch(request.json())))
+
+    def get_instance(request: Request) -> Response:
+        return Response.json(public(compute.instance(request.params["instanceId"])))
+
+    def list_instances(request: Request) -> Response:
+        require(request, "compartmentId")
+        fields = {"compartmentId": "compartmentId", "availabilityDomain": "availabilityDomain",
+                  "displayName": "displayName", "lifecycleState": "lifecycleState"}
+        return paged(request, (i for i in compute.instances.values() if matches(i, request.query, fields)), public)
+
+    def terminate_instance(request: Request) -> Response:
+        compute.terminate(request.params["instanceId"])
+        return Response.empty()
+
+    def instance_action(request: Request) -> Response:
+        return Response.json(public(compute.action(request.params["instanceId"], require(request, "action"))))
+
+    def list_devices(request: Request) -> Response:
+        devices = compute.devices(request.params["instanceId"])
+        wanted = request.query.get("isAvailable")
+        if wanted is not None:
+            devices = [d for d in devices if d["isAvailable"] == (wanted.lower() == "true")]
+        if request.query.get("name"):
+            devices = [d for d in devices if d["name"] == request.query["name"]]
+        return paged(request, devices, dict)
+
+    def get_image(request: Request) -> Response:
+        return Response.json(lookup(compute.images, request.params["imageId"], "Image"))
+
+    def list_images(request: Request) -> Response:
+        require(request, "compartmentId")
+        return paged(request, compute.images.values(), dict)
+
+    def list_shapes(request: Request) -> Response:
+        require(request, "compartmentId")
+        shapes = [{"shape": name, "ocpus": s["ocpus"], "memoryInGBs": s["memoryInGBs"],
+                   "isFlexible": s["flexible"], "processorDescription": "loopback"} for name, s in SHAPES.items()]
+        return paged(request, shapes, dict)
+
+    def attach_volume(request: Request) -> Response:
+        return Response.json(public(compute.attach(request.json())))
+
+    def get_attachment(request: Request) -> Response:
+        return Response.json(public(compute.attachment(request.params["volumeAttachmentId"])))
+
+    def list_attachments(request: Request) -> Response:
+        require(request, "compartmentId")
+        fields = {"compartmentId": "compartmentId", "availabilityDomain": "availabilityDomain",
+                  "instanceId": "instanceId", "volumeId": "volumeId"}
+        return paged(request, (a for a in compute.attachments.values() if matches(a, request.query, fields)), public)
+
+    def detach_volume(request: Request) -> Response:
+        compute.detach(request.params["volumeAttachmentId"])
+        return Response.empty()
+
+    return [
+        Route("POST", BASE + "/instances", launch_instance, "LaunchInstance"),
+        Route("GET", BASE + "/instances", list_instances, "ListInstances"),
+        Route("GET", BASE + "/instances/{instanceId}", get_instance, "GetInstance"),
+        Route("DELETE", BASE + "/instances/{instanceId}", terminate_instance, "TerminateInstance"),
+        Route("POST", BASE + "/instances/{instanceId}", instance_action, "InstanceAction"),
+        Route("GET", BASE + "/instances/{instanceId}/devices", list_devices, "ListInstanceDevices"),
+        Route("GET", BASE + "/images", list_images, "ListImages"),
+        Route("GET", BASE + "/images/{imageId}", get_image, "GetImage"),
+        Route("GET", BASE + "/shapes", list_shapes, "ListShapes"),
+        Route("POST", BASE + "/volumeAttachments", attach_volume, "AttachVolume"),
+        Route("GET", BASE + "/volumeAttachments", list_attachments, "ListVolumeAttachments"),
+        Route("GET", BASE + "/volumeAttachments/{volumeAttachmentId}", get_attachment, "GetVolumeAttachment"),
+        Route("DELETE", BASE + "/volumeAttachments/{volumeAttachmentId}", detach_volume, "DetachVolume"),
+    ]

@@ -1,0 +1,76 @@
+"""Fault injection: make the next N calls of an operation fail with a chosen error.
+
+A fault names an OCI operation (``LaunchInstance``, ``CreateVolume``, ``GetObject``...)
+and, optionally, ``match``: values that the request's path parameters, query
+parameters or JSON body must hold for the fault to apply, e.g.
+``{"availabilityDomain": "local:AD-1"}`` to fail launches in one domain only.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ServiceError
+
+
+@dataclass
+class Fault:
+    operation: str
+    status: int
+    code: str
+    message: str
+    count: int = 1
+    match: dict[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def applies(self, fields: dict[str, Any]) -> bool:
+        return all(str(fields.get(k)) == str(v) for k, v in self.match.items())
+
+
+class FaultInjector:
+    def __init__(self) -> None:
+        self._faults: list[Fault] = []
+        self._lock = threading.Lock()
+
+    def add(self, spec: dict[str, Any]) -> Fault:
+        try:
+            fault = Fault(
+                operation=str(spec["operation"]),
+                status=int(spec.get("status", 500)),
+                code=str(spec.get("code", "InternalError")),
+                message=str(spec.get("message", "Injected fault.")),
+                count=int(spec.get("count", 1)),
+                match=dict(spec.get("match") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ServiceError(400, "InvalidParameter", f"bad fault specification: {exc!r}") from None
+        if fault.count < 1:
+            raise ServiceError(400, "InvalidParameter", "fault count must be at least 1")
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def list(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [asdict(f) for f in self._faults]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def wanted(self, operation: str) -> bool:
+        with self._lock:
+            return any(f.operation == operation for f in self._faults)
+
+    def check(self, operation: str, fields: dict[str, Any]) -> None:
+        """Raise the first armed fault for this call, consuming one of its count."""
+        with self._lock:
+            for fault in self._faults:
+                if fault.operation == operation and fault.applies(fields):
+                    fault.count -= 1
+                    if fault.count <= 0:
+                        self._faults.remove(fault)
+                    raise ServiceError(fault.status, fault.code, fault.message)

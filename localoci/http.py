@@ -1,0 +1,185 @@
+"""The HTTP layer: requests, responses and routing, independent of any service.
+
+Services declare :class:`Route` objects whose templates follow the OCI API
+reference (``/n/{namespaceName}/b/{bucketName}/o/{objectName+}``); a ``+`` lets a
+parameter span slashes. Path parameters are matched on the raw path and then
+percent-decoded, so object names containing ``/`` or ``%`` arrive intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Callable, Iterable
+from urllib.parse import parse_qsl, unquote
+
+from .errors import invalid_parameter
+
+CHUNK = 1024 * 1024
+SMALL_BODY_LIMIT = 16 * 1024 * 1024
+
+
+class Request:
+    def __init__(
+        self,
+        method: str,
+        raw_path: str,
+        query_string: str,
+        headers: Any,
+        rfile: BinaryIO,
+        client_address: tuple[str, int],
+    ) -> None:
+        self.method = method
+        self.raw_path = re.sub("/{2,}", "/", raw_path)
+        self.query = dict(parse_qsl(query_string, keep_blank_values=True))
+        self.headers = headers
+        self.client_address = client_address
+        self.params: dict[str, str] = {}
+        self._rfile = rfile
+        self._body: bytes | None = None
+        self._consumed = False
+        self._remaining: int | None = None
+        te = (headers.get("Transfer-Encoding") or "").lower()
+        self._chunked = "chunked" in te
+        if not self._chunked:
+            self._remaining = int(headers.get("Content-Length") or 0)
+
+    @property
+    def consumed(self) -> bool:
+        return self._consumed or (not self._chunked and self._remaining == 0)
+
+    def iter_body(self) -> Iterable[bytes]:
+        """Yield the request body in chunks as it arrives (Content-Length or chunked)."""
+        if self._consumed:
+            if self._body is not None:
+                yield self._body
+            return
+        self._consumed = True
+        if self._chunked:
+            while True:
+                size_line = self._rfile.readline(65537)
+                size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self._rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                        pass
+                    return
+                left = size
+                while left:
+                    data = self._rfile.read(min(CHUNK, left))
+                    if not data:
+                        raise ConnectionError("client closed the connection mid-body")
+                    left -= len(data)
+                    yield data
+                self._rfile.readline(3)
+        else:
+            left = self._remaining or 0
+            while left:
+                data = self._rfile.read(min(CHUNK, left))
+                if not data:
+                    raise ConnectionError("client closed the connection mid-body")
+                left -= len(data)
+                yield data
+            self._remaining = 0
+
+    def body(self, limit: int = SMALL_BODY_LIMIT) -> bytes:
+        if self._body is None:
+            parts, total = [], 0
+            for chunk in self.iter_body():
+                total += len(chunk)
+                if total > limit:
+                    raise invalid_parameter(f"request body larger than {limit} bytes")
+                parts.append(chunk)
+            self._body = b"".join(parts)
+        return self._body
+
+    def json(self) -> Any:
+        raw = self.body()
+        if not raw:
+            return {}
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise invalid_parameter(f"request body is not valid JSON: {exc}") from None
+
+    def json_if_small(self) -> Any:
+        """The JSON body when the request carries one, else ``{}``; used to match faults."""
+        ctype = (self.headers.get("Content-Type") or "").lower()
+        if "json" not in ctype:
+            return {}
+        try:
+            return self.json()
+        except Exception:
+            return {}
+
+    def save_body(self, out: BinaryIO) -> tuple[int, str]:
+        """Copy the body into ``out``; return its length and base64 MD5."""
+        import base64
+
+        md5 = hashlib.md5()
+        size = 0
+        for chunk in self.iter_body():
+            md5.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+        return size, base64.b64encode(md5.digest()).decode()
+
+
+@dataclass
+class FileBody:
+    """A byte range of a file, streamed to the client (optionally throttled)."""
+
+    path: str
+    offset: int
+    length: int
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: bytes | FileBody | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def json(cls, obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> "Response":
+        h = {"Content-Type": "application/json"}
+        h.update(headers or {})
+        return cls(status, json.dumps(obj).encode(), h)
+
+    @classmethod
+    def empty(cls, status: int = 204, headers: dict[str, str] | None = None) -> "Response":
+        return cls(status, None, dict(headers or {}))
+
+
+Handler = Callable[[Request], Response]
+
+
+@dataclass
+class Route:
+    method: str
+    template: str
+    handler: Handler
+    operation: str
+    authenticated: bool = True
+    regex: re.Pattern[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        pattern = re.sub(r"\{(\w+)\+\}", r"(?P<\1>.+)", self.template)
+        pattern = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern)
+        self.regex = re.compile(f"^{pattern}/?$")
+
+
+class Router:
+    def __init__(self, routes: Iterable[Route] = ()) -> None:
+        self.routes: list[Route] = list(routes)
+
+    def add(self, routes: Iterable[Route]) -> None:
+        self.routes.extend(routes)
+
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+        for route in self.routes:
+            m = route.regex.match(path) if route.method == method else None
+            if m:
+                return route, {k: unquote(v) for k, v in m.groupdict().items()}
+        return None

@@ -1,0 +1,242 @@
+"""Object Storage REST API: parse requests, call the model, render OCI-shaped replies."""
+
+from __future__ import annotations
+
+import email.utils
+from typing import TYPE_CHECKING, Any
+
+from ..errors import invalid_parameter
+from ..http import FileBody, Request, Response, Route
+from ..ids import parse_iso
+from ..resources import public
+from .models import parse_range
+
+if TYPE_CHECKING:
+    from ..app import LocalOCI
+
+PUBLIC_OBJECT_FIELDS = ("name", "size", "etag", "md5", "timeCreated", "timeModified", "storageTier")
+
+
+def _metadata(request: Request) -> dict[str, str]:
+    return {k.lower(): v for k, v in request.headers.items() if k.lower().startswith("opc-meta-")}
+
+
+def object_headers(obj: dict[str, Any]) -> dict[str, str]:
+    headers = {
+        "ETag": obj["etag"],
+        "Content-Type": obj["contentType"],
+        "Last-Modified": email.utils.format_datetime(parse_iso(obj["timeModified"]), usegmt=True),
+        "Accept-Ranges": "bytes",
+        "storage-tier": obj.get("storageTier", "Standard"),
+    }
+    if obj.get("md5"):
+        headers["Content-MD5"] = obj["md5"]
+    if obj.get("multipartMd5"):
+        headers["opc-multipart-md5"] = obj["multipartMd5"]
+    for key, value in obj["metadata"].items():
+        headers[key] = value
+    return headers
+
+
+def object_response(app: "LocalOCI", request: Request, obj: dict[str, Any]) -> Response:
+    """A GET or HEAD reply for ``obj``, honouring a Range header."""
+    headers = object_headers(obj)
+    rng = parse_range(request.headers.get("Range"), obj["size"])
+    path = str(app.objectstorage.object_path(obj))
+    if rng is None:
+        return Response(200, FileBody(path, 0, obj["size"]), headers)
+    headers["Content-Range"] = f"bytes {rng.start}-{rng.end}/{obj['size']}"
+    return Response(206, FileBody(path, rng.start, rng.length), headers)
+
+
+def routes(app: "LocalOCI") -> list[Route]:
+    os_ = app.objectstorage
+
+    def get_namespace(request: Request) -> Response:
+        return Response.json(app.namespace)
+
+    def get_namespace_metadata(request: Request) -> Response:
+        ns = request.params["namespaceName"]
+        os_._check_namespace(ns)
+        return Response.json({"namespace": ns, "defaultS3CompartmentId": app.tenancy_id, "defaultSwiftCompartmentId": app.tenancy_id})
+
+    def create_bucket(request: Request) -> Response:
+        bucket = os_.create_bucket(request.params["namespaceName"], request.json())
+        return Response.json(public(bucket), headers={"ETag": bucket["etag"], "Location": f"/n/{bucket['namespace']}/b/{bucket['name']}"})
+
+    def get_bucket(request: Request) -> Response:
+        bucket = os_.bucket(request.params["namespaceName"], request.params["bucketName"])
+        return Response.json(public(bucket), headers={"ETag": bucket["etag"]})
+
+    def update_bucket(request: Request) -> Response:
+        bucket = os_.update_bucket(request.params["namespaceName"], request.params["bucketName"], request.json())
+        return Response.json(public(bucket), headers={"ETag": bucket["etag"]})
+
+    def delete_bucket(request: Request) -> Response:
+        os_.delete_bucket(request.params["namespaceName"], request.params["bucketName"])
+        return Response.empty()
+
+    def list_buckets(request: Request) -> Response:
+        compartment = request.query.get("compartmentId")
+        if not compartment:
+            raise invalid_parameter("compartmentId is required.")
+        buckets = os_.list_buckets(request.params["namespaceName"], compartment)
+        summary = ("namespace", "name", "compartmentId", "createdBy", "timeCreated", "etag", "freeformTags", "definedTags")
+        return Response.json([{k: b.get(k) for k in summary} for b in buckets])
+
+    def put_object(request: Request) -> Response:
+        p = request.params
+        obj = os_.put_object(
+            p["namespaceName"], p["bucketName"], p["objectName"], request.save_body,
+            content_type=request.headers.get("Content-Type"),
+            content_md5=request.headers.get("Content-MD5"),
+            metadata=_metadata(request),
+            if_match=request.headers.get("If-Match"),
+            if_none_match=request.headers.get("If-None-Match"),
+        )
+        headers = {"ETag": obj["etag"], "opc-content-md5": obj["md5"], "Last-Modified": email.utils.format_datetime(parse_iso(obj["timeModified"]), usegmt=True)}
+        return Response(200, b"", headers)
+
+    def get_object(request: Request) -> Response:
+        p = request.params
+        obj = os_.get_object(p["namespaceName"], p["bucketName"], p["objectName"], request.headers.get("If-Match"))
+        none_match = request.headers.get("If-None-Match")
+        if none_match and none_match in ("*", obj["etag"]):
+            return Response(304, None, {"ETag": obj["etag"]})
+        return object_response(app, request, obj)
+
+    def delete_object(request: Request) -> Response:
+        p = request.params
+        os_.delete_object(p["namespaceName"], p["bucketName"], p["objectName"], request.headers.get("If-Match"))
+        return Response.empty()
+
+    def list_objects(request: Request) -> Response:
+        p, q = request.params, request.query
+        try:
+            limit = max(1, min(1000, int(q.get("limit", 1000))))
+        except ValueError:
+            raise invalid_parameter("limit must be a whole number.") from None
+        objects, prefixes, next_start = os_.list_objects(
+            p["namespaceName"], p["bucketName"], q.get("prefix", ""), q.get("start"), q.get("end"), limit, q.get("delimiter")
+        )
+        fields = {"name"} | {f.strip() for f in q.get("fields", "").split(",") if f.strip()}
+        body: dict[str, Any] = {
+            "objects": [{k: o.get(k) for k in PUBLIC_OBJECT_FIELDS if k in fields} for o in objects],
+            "prefixes": prefixes,
+        }
+        if next_start is not None:
+            body["nextStartWith"] = next_start
+        return Response.json(body)
+
+    def create_multipart_upload(request: Request) -> Response:
+        p = request.params
+        upload = os_.create_multipart_upload(p["namespaceName"], p["bucketName"], request.json())
+        return Response.json(public(upload), headers={"Location": f"/n/{upload['namespace']}/b/{upload['bucket']}/u/{upload['object']}"})
+
+    def _upload_id(request: Request) -> str:
+        upload_id = request.query.get("uploadId")
+        if not upload_id:
+            raise invalid_parameter("uploadId is required.")
+        return upload_id
+
+    def upload_part(request: Request) -> Response:
+        p = request.params
+        try:
+            part_num = int(request.query.get("uploadPartNum", ""))
+        except ValueError:
+            raise invalid_parameter("uploadPartNum must be a whole number.") from None
+        part = os_.upload_part(
+            p["namespaceName"], p["bucketName"], p["objectName"], _upload_id(request), part_num,
+            request.save_body, request.headers.get("Content-MD5"),
+        )
+        return Response(200, b"", {"ETag": part["etag"], "opc-content-md5": part["md5"]})
+
+    def commit_multipart_upload(request: Request) -> Response:
+        p = request.params
+        obj = os_.commit_multipart_upload(p["namespaceName"], p["bucketName"], p["objectName"], _upload_id(request), request.json())
+        return Response(200, b"", {"ETag": obj["etag"], "opc-multipart-md5": obj["multipartMd5"]})
+
+    def abort_multipart_upload(request: Request) -> Response:
+        p = request.params
+        os_.abort_multipart_upload(p["namespaceName"], p["bucketName"], p["objectName"], _upload_id(request))
+        return Response.empty()
+
+    def list_multipart_upload_parts(request: Request) -> Response:
+        p = request.params
+        upload = os_.upload(p["namespaceName"], p["bucketName"], p["objectName"], _upload_id(request))
+        parts = sorted(upload["_parts"].values(), key=lambda part: part["partNumber"])
+        return Response.json([public(part) for part in parts])
+
+    def list_multipart_uploads(request: Request) -> Response:
+        p = request.params
+        return Response.json([public(u) for u in os_.list_multipart_uploads(p["namespaceName"], p["bucketName"])])
+
+    def create_par(request: Request) -> Response:
+        p = request.params
+        par = os_.create_par(p["namespaceName"], p["bucketName"], request.json())
+        return Response.json(public(par))
+
+    def _par_summary(par: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in public(par).items() if k != "accessUri"}
+
+    def get_par(request: Request) -> Response:
+        p = request.params
+        return Response.json(_par_summary(os_.get_par(p["namespaceName"], p["bucketName"], p["parId"])))
+
+    def delete_par(request: Request) -> Response:
+        p = request.params
+        os_.delete_par(p["namespaceName"], p["bucketName"], p["parId"])
+        return Response.empty()
+
+    def list_pars(request: Request) -> Response:
+        p = request.params
+        return Response.json([_par_summary(par) for par in os_.list_pars(p["namespaceName"], p["bucketName"])])
+
+    def par_read(request: Request) -> Response:
+        p = request.params
+        os_.authorize_par(p["token"], p["namespaceName"], p["bucketName"], p["objectName"], write=False)
+        obj = os_.get_object(p["namespaceName"], p["bucketName"], p["objectName"])
+        return object_response(app, request, obj)
+
+    def par_write(request: Request) -> Response:
+        p = request.params
+        os_.authorize_par(p["token"], p["namespaceName"], p["bucketName"], p["objectName"], write=True)
+        obj = os_.put_object(
+            p["namespaceName"], p["bucketName"], p["objectName"], request.save_body,
+            content_type=request.headers.get("Content-Type"),
+            content_md5=request.headers.get("Content-MD5"),
+            metadata=_metadata(request),
+        )
+        return Response(200, b"", {"ETag": obj["etag"], "opc-content-md5": obj["md5"]})
+
+    ns = "/n/{namespaceName}"
+    b = ns + "/b/{bucketName}"
+    par_obj = "/p/{token}/n/{namespaceName}/b/{bucketName}/o/{objectName+}"
+    return [
+        Route("GET", "/n", get_namespace, "GetNamespace"),
+        Route("GET", ns, get_namespace_metadata, "GetNamespaceMetadata"),
+        Route("POST", ns + "/b", create_bucket, "CreateBucket"),
+        Route("GET", ns + "/b", list_buckets, "ListBuckets"),
+        Route("GET", b, get_bucket, "GetBucket"),
+        Route("HEAD", b, get_bucket, "HeadBucket"),
+        Route("POST", b, update_bucket, "UpdateBucket"),
+        Route("DELETE", b, delete_bucket, "DeleteBucket"),
+        Route("GET", b + "/o", list_objects, "ListObjects"),
+        Route("PUT", b + "/o/{objectName+}", put_object, "PutObject"),
+        Route("GET", b + "/o/{objectName+}", get_object, "GetObject"),
+        Route("HEAD", b + "/o/{objectName+}", get_object, "HeadObject"),
+        Route("DELETE", b + "/o/{objectName+}", delete_object, "DeleteObject"),
+        Route("POST", b + "/u", create_multipart_upload, "CreateMultipartUpload"),
+        Route("GET", b + "/u", list_multipart_uploads, "ListMultipartUploads"),
+        Route("PUT", b + "/u/{objectName+}", upload_part, "UploadPart"),
+        Route("POST", b + "/u/{objectName+}", commit_multipart_upload, "CommitMultipartUpload"),
+        Route("DELETE", b + "/u/{objectName+}", abort_multipart_upload, "AbortMultipartUpload"),
+        Route("GET", b + "/u/{objectName+}", list_multipart_upload_parts, "ListMultipartUploadParts"),
+        Route("POST", b + "/p", create_par, "CreatePreauthenticatedRequest"),
+        Route("GET", b + "/p", list_pars, "ListPreauthenticatedRequests"),
+        Route("GET", b + "/p/{parId}", get_par, "GetPreauthenticatedRequest"),
+        Route("DELETE", b + "/p/{parId}", delete_par, "DeletePreauthenticatedRequest"),
+        Route("GET", par_obj, par_read, "ParGetObject", authenticated=False),
+        Route("HEAD", par_obj, par_read, "ParHeadObject", authenticated=False),
+        Route("PUT", par_obj, par_write, "ParPutObject", authenticated=False),
+    ]

@@ -1,0 +1,108 @@
+"""Start and stop a local OCI server process (for tests and the local stack)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import urllib.request
+
+
+@dataclass
+class RunningLocalOCI:
+    process: subprocess.Popen[bytes] | None
+    pid: int
+    data_dir: Path
+    endpoint: str
+    namespace: str
+    tenancy_id: str
+    oci_config_file: str
+    oci_profile: str
+    ssh_port: int
+
+    def admin(self, method: str, path: str, body: Any = None) -> Any:
+        """Call the admin API (``/_localoci/...``) and decode its JSON answer."""
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"{self.endpoint}/_localoci/{path.lstrip('/')}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            raw = reply.read()
+        return json.loads(raw) if raw else None
+
+    def inventory(self, **tags: str) -> dict[str, Any]:
+        query = "&".join(f"tag.{k}={v}" for k, v in tags.items())
+        return self.admin("GET", f"inventory?{query}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        stop_pid(self.pid, timeout)
+        if self.process is not None:
+            self.process.wait(timeout=timeout)
+
+
+def start(
+    data_dir: Path,
+    port: int = 0,
+    log_path: Path | None = None,
+    extra_args: list[str] | None = None,
+    timeout: float = 30.0,
+) -> RunningLocalOCI:
+    """Start ``python -m localoci serve`` and wait until it listens."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ready_file = data_dir / "ready.json"
+    ready_file.unlink(missing_ok=True)
+    log = open(log_path or data_dir / "localoci.log", "ab")
+    project_root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(project_root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "localoci", "serve", "--data-dir", str(data_dir), "--port", str(port),
+         "--ready-file", str(ready_file), *(extra_args or [])],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=env,
+    )
+    log.close()
+    deadline = time.monotonic() + timeout
+    while not ready_file.exists():
+        if process.poll() is not None:
+            raise RuntimeError(f"localoci exited with {process.returncode}; see {log.name}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"localoci did not start within {timeout}s; see {log.name}")
+        time.sleep(0.05)
+    ready = json.loads(ready_file.read_text())
+    return RunningLocalOCI(
+        process=process, pid=process.pid, data_dir=data_dir, endpoint=ready["endpoint"], namespace=ready["namespace"],
+        tenancy_id=ready["tenancyId"], oci_config_file=ready["ociConfigFile"], oci_profile=ready["ociProfile"],
+        ssh_port=ready["sshPort"],
+    )
+
+
+def stop_pid(pid: int, timeout: float = 20.0) -> None:
+    """SIGTERM a server (it stops its instances' sshd first), SIGKILL it if it lingers."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,86 @@
+"""Shared fixtures: one real local OCI server per test process, real SDK clients."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import oci
+import pytest
+
+from localoci import process
+from tests.sshkeys import KeyPair
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def localoci(tmp_path_factory: pytest.TempPathFactory) -> Iterator[process.RunningLocalOCI]:
+    server = process.start(tmp_path_factory.mktemp("localoci"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def oci_config(localoci: process.RunningLocalOCI) -> dict[str, Any]:
+    return oci.config.from_file(localoci.oci_config_file, localoci.oci_profile)
+
+
+@pytest.fixture(scope="session")
+def compartment_id(localoci: process.RunningLocalOCI) -> str:
+    return localoci.tenancy_id
+
+
+@pytest.fixture(scope="session")
+def object_storage(oci_config: dict[str, Any], localoci: process.RunningLocalOCI) -> oci.object_storage.ObjectStorageClient:
+    return oci.object_storage.ObjectStorageClient(oci_config, service_endpoint=localoci.endpoint)
+
+
+@pytest.fixture(scope="session")
+def compute(oci_config: dict[str, Any], localoci: process.RunningLocalOCI) -> oci.core.ComputeClient:
+    return oci.core.ComputeClient(oci_config, service_endpoint=localoci.endpoint)
+
+
+@pytest.fixture(scope="session")
+def blockstorage(oci_config: dict[str, Any], localoci: process.RunningLocalOCI) -> oci.core.BlockstorageClient:
+    return oci.core.BlockstorageClient(oci_config, service_endpoint=localoci.endpoint)
+
+
+@pytest.fixture(scope="session")
+def network(oci_config: dict[str, Any], localoci: process.RunningLocalOCI) -> oci.core.VirtualNetworkClient:
+    return oci.core.VirtualNetworkClient(oci_config, service_endpoint=localoci.endpoint)
+
+
+@pytest.fixture(scope="session")
+def identity(oci_config: dict[str, Any], localoci: process.RunningLocalOCI) -> oci.identity.IdentityClient:
+    return oci.identity.IdentityClient(oci_config, service_endpoint=localoci.endpoint)
+
+
+@pytest.fixture(scope="session")
+def availability_domains(identity: oci.identity.IdentityClient, compartment_id: str) -> list[str]:
+    return [ad.name for ad in identity.list_availability_domains(compartment_id).data]
+
+
+@pytest.fixture(scope="session")
+def subnet_id(network: oci.core.VirtualNetworkClient, compartment_id: str) -> str:
+    models = oci.core.models
+    vcn = network.create_vcn(models.CreateVcnDetails(compartment_id=compartment_id, cidr_block="10.0.0.0/16")).data
+    return network.create_subnet(
+        models.CreateSubnetDetails(compartment_id=compartment_id, vcn_id=vcn.id, cidr_block="10.0.0.0/24")
+    ).data.id
+
+
+@pytest.fixture
+def bucket(object_storage: oci.object_storage.ObjectStorageClient, localoci: process.RunningLocalOCI, compartment_id: str) -> str:
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    object_storage.create_bucket(
+        localoci.namespace,
+        oci.object_storage.models.CreateBucketDetails(name=name, compartment_id=compartment_id, object_events_enabled=True),
+    )
+    return name
+
+
+@pytest.fixture(scope="session")
+def client_key() -> KeyPair:
+    return KeyPair.generate()
