@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from .app import LocalOCI
@@ -58,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         "sshPort": app.meta["ssh_port"],
     }
 
-    stop = threading.Event()
-
     def on_signal(signum: int, frame: object) -> None:
-        stop.set()
+        # Raising here is safe where taking a lock (Event.set) is not: the main
+        # thread may be holding that very lock when the signal arrives.
+        raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -72,10 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(json.dumps(ready))
         tmp.replace(args.ready_file)
     logging.getLogger("localoci").info("serving %s", json.dumps(ready))
-    stop.wait()
-    server.shutdown()
-    server.server_close()
-    app.stop()
+    try:
+        while True:
+            time.sleep(3600)
+    except SystemExit:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        server.shutdown()
+        server.server_close()
+        app.stop()
     return 0
 
 

@@ -1,0 +1,43 @@
+# The local stack contract: make test | demo | up | down | bench.
+# Every target installs what is missing: Debian packages, uv, the locked Python environment.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+APT_PACKAGES := qemu-utils openssh-server openssh-client e2fsprogs xfsprogs dosfstools fdisk curl
+# Looked up at each use, so a uv that uv-env just installed is found.
+UV = $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+PYTEST_WORKERS ?= 4
+PYTEST_ARGS ?=
+
+.PHONY: help deps apt-deps uv-env test up down status
+
+help:
+	@echo "make test   install what is missing, run the whole test suite"
+	@echo "make up     start the local stack in the background (.local/stack.env)"
+	@echo "make down   stop everything 'make up' started"
+
+deps: apt-deps uv-env
+
+apt-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+uv-env:
+	@[ -x "$(UV)" ] || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
+	@$(UV) sync --frozen --quiet
+
+test: deps
+	$(UV) run pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+up: deps
+	$(UV) run python -m deployments.local_stack up
+
+down:
+	@$(UV) run --frozen python -m deployments.local_stack down
+
+status:
+	@$(UV) run --frozen python -m deployments.local_stack status

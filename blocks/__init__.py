@@ -1,0 +1,1 @@
+"""Prefect blocks: OCI credentials, worker shape and import settings."""

@@ -1,0 +1,1 @@
+"""How the importer is deployed: the local stack runner and what prefect.yaml needs."""

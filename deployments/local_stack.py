@@ -1,0 +1,165 @@
+"""``python -m deployments.local_stack up|down|status``: the local stack behind ``make up`` / ``make down``.
+
+``up`` starts, in the background, the local OCI (state under ``.local/localoci``) and
+prepares what an import needs on it: the import bucket with object events enabled,
+a VCN and subnet for workers. It writes ``.local/stack.env`` (``KEY=value`` lines)
+and one ``.pid`` file per process. Running ``up`` twice is harmless; ``down`` stops
+every process ``up`` started and removes the pid files.
+
+Set ``LOCAL_DIR`` to keep the stack somewhere other than ``.local/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import socket
+import sys
+from pathlib import Path
+
+import oci
+
+from localoci import process
+
+ROOT = Path(__file__).resolve().parent.parent
+IMPORT_BUCKET = "disk-images"
+WORKER_IMAGE_ID = "ocid1.image.oc1..localoci-worker"
+
+
+def local_dir() -> Path:
+    return Path(os.environ.get("LOCAL_DIR") or ROOT / ".local").resolve()
+
+
+def read_env(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def write_env(path: Path, values: dict[str, str]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    tmp.replace(path)
+
+
+def _pid_alive(pid_file: Path) -> int | None:
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if process._alive(pid) else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_localoci(base: Path, previous: dict[str, str]) -> process.RunningLocalOCI:
+    pid_file = base / "localoci.pid"
+    data_dir = base / "localoci"
+    port = int(previous["LOCALOCI_ENDPOINT"].rsplit(":", 1)[1]) if previous.get("LOCALOCI_ENDPOINT") else _free_port()
+    if (pid := _pid_alive(pid_file)) is not None:
+        import json
+
+        ready = json.loads((data_dir / "ready.json").read_text())
+        return process.RunningLocalOCI(
+            process=None, pid=pid, data_dir=data_dir, endpoint=ready["endpoint"], namespace=ready["namespace"],
+            tenancy_id=ready["tenancyId"], oci_config_file=ready["ociConfigFile"], oci_profile=ready["ociProfile"],
+            ssh_port=ready["sshPort"],
+        )
+    server = process.start(data_dir, port=port, log_path=base / "localoci.log")
+    pid_file.write_text(str(server.pid))
+    return server
+
+
+def prepare_cloud(server: process.RunningLocalOCI, previous: dict[str, str]) -> dict[str, str]:
+    """Make sure the import bucket and the workers' subnet exist; return their names and ids."""
+    config = oci.config.from_file(server.oci_config_file, server.oci_profile)
+    compartment = server.tenancy_id
+    object_storage = oci.object_storage.ObjectStorageClient(config, service_endpoint=server.endpoint)
+    network = oci.core.VirtualNetworkClient(config, service_endpoint=server.endpoint)
+    try:
+        object_storage.get_bucket(server.namespace, IMPORT_BUCKET)
+    except oci.exceptions.ServiceError as exc:
+        if exc.status != 404:
+            raise
+        object_storage.create_bucket(server.namespace, oci.object_storage.models.CreateBucketDetails(
+            name=IMPORT_BUCKET, compartment_id=compartment, object_events_enabled=True))
+    subnet_id = previous.get("SUBNET_ID")
+    try:
+        if subnet_id:
+            network.get_subnet(subnet_id)
+    except oci.exceptions.ServiceError as exc:
+        if exc.status != 404:
+            raise
+        subnet_id = None
+    if not subnet_id:
+        models = oci.core.models
+        vcn = network.create_vcn(models.CreateVcnDetails(compartment_id=compartment, cidr_block="10.0.0.0/16",
+                                                         display_name="import-workers")).data
+        subnet_id = network.create_subnet(models.CreateSubnetDetails(
+            compartment_id=compartment, vcn_id=vcn.id, cidr_block="10.0.0.0/24", display_name="import-workers")).data.id
+    return {"IMPORT_BUCKET": IMPORT_BUCKET, "SUBNET_ID": subnet_id}
+
+
+def up() -> dict[str, str]:
+    base = local_dir()
+    base.mkdir(parents=True, exist_ok=True)
+    env_path = base / "stack.env"
+    previous = read_env(env_path)
+    server = start_localoci(base, previous)
+    values = {
+        "LOCALOCI_ENDPOINT": server.endpoint,
+        "OCI_CONFIG_FILE": server.oci_config_file,
+        "OCI_PROFILE": server.oci_profile,
+        "OCI_NAMESPACE": server.namespace,
+        "COMPARTMENT_ID": server.tenancy_id,
+        "IMAGE_ID": WORKER_IMAGE_ID,
+        "LOCALOCI_SSH_USER": getpass.getuser(),
+        "LOCALOCI_SSH_PORT": str(server.ssh_port),
+    }
+    values.update(prepare_cloud(server, previous))
+    write_env(env_path, values)
+    return values
+
+
+def down() -> list[str]:
+    """Stop every process of the stack; return what was stopped."""
+    base = local_dir()
+    stopped = []
+    for pid_file in sorted(base.glob("*.pid")):
+        pid = _pid_alive(pid_file)
+        if pid is not None:
+            process.stop_pid(pid)
+            stopped.append(f"{pid_file.stem} (pid {pid})")
+        pid_file.unlink(missing_ok=True)
+    return stopped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deployments.local_stack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("up", "down", "status"))
+    args = parser.parse_args(argv)
+    if args.command == "up":
+        values = up()
+        print(f"local stack is up; settings in {local_dir() / 'stack.env'}:")
+        for key, value in values.items():
+            print(f"  {key}={value}")
+    elif args.command == "down":
+        stopped = down()
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    else:
+        running = {p.stem: _pid_alive(p) for p in local_dir().glob("*.pid")}
+        for name, pid in running.items():
+            print(f"{name}: {'running (pid %d)' % pid if pid else 'not running'}")
+        return 0 if running and all(running.values()) else 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration only (which step, in what order, with what retries)."""

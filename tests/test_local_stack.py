@@ -1,0 +1,61 @@
+"""`make up` / `make down`: the local stack starts in the background and stops without a trace."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import httpx
+import oci
+
+from deployments.local_stack import read_env
+from localoci.process import _alive
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRED_KEYS = {
+    "LOCALOCI_ENDPOINT", "OCI_CONFIG_FILE", "OCI_PROFILE", "OCI_NAMESPACE", "IMPORT_BUCKET",
+    "COMPARTMENT_ID", "SUBNET_ID", "IMAGE_ID", "LOCALOCI_SSH_USER", "LOCALOCI_SSH_PORT",
+}
+
+
+def make(target: str, local_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["make", "-s", target], cwd=ROOT, env={**os.environ, "LOCAL_DIR": str(local_dir)},
+                          capture_output=True, text=True, timeout=300)
+
+
+def processes_using(path: Path) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if str(path).encode() in Path(f"/proc/{entry}/cmdline").read_bytes() and _alive(int(entry)):
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def test_make_up_writes_stack_env_and_make_down_leaves_no_process(tmp_path):
+    local = tmp_path / "stack"
+    up = make("up", local)
+    assert up.returncode == 0, up.stderr
+    env = read_env(local / "stack.env")
+    assert REQUIRED_KEYS <= env.keys()
+    assert httpx.get(env["LOCALOCI_ENDPOINT"] + "/_localoci/health").json()["namespace"] == env["OCI_NAMESPACE"]
+
+    config = oci.config.from_file(env["OCI_CONFIG_FILE"], env["OCI_PROFILE"])
+    client = oci.object_storage.ObjectStorageClient(config, service_endpoint=env["LOCALOCI_ENDPOINT"])
+    assert client.get_bucket(env["OCI_NAMESPACE"], env["IMPORT_BUCKET"]).data.object_events_enabled
+    network = oci.core.VirtualNetworkClient(config, service_endpoint=env["LOCALOCI_ENDPOINT"])
+    assert network.get_subnet(env["SUBNET_ID"]).data.lifecycle_state == "AVAILABLE"
+
+    again = make("up", local)
+    assert again.returncode == 0, again.stderr
+    assert read_env(local / "stack.env") == env
+    assert processes_using(local)
+
+    down = make("down", local)
+    assert down.returncode == 0, down.stderr
+    assert processes_using(local) == []
+    assert list(local.glob("*.pid")) == []
