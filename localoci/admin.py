@@ -53,6 +53,14 @@ def inventory(app: "LocalOCI", include_ended: bool = False, tags: dict[str, str]
     }
 
 
+def _spec(request: Request) -> dict[str, Any]:
+    """The JSON object a request carries; anything else is refused."""
+    spec = request.json()
+    if not isinstance(spec, dict):
+        raise invalid_parameter("the request body must be a JSON object.")
+    return spec
+
+
 def routes(app: "LocalOCI") -> list[Route]:
     def get_inventory(request: Request) -> Response:
         tags = {k[4:]: v for k, v in request.query.items() if k.startswith("tag.")}
@@ -64,7 +72,7 @@ def routes(app: "LocalOCI") -> list[Route]:
                               "sshPort": app.meta["ssh_port"]})
 
     def add_fault(request: Request) -> Response:
-        return Response.json(app.faults.add(request.json()).__dict__, status=201)
+        return Response.json(app.faults.add(_spec(request)).__dict__, status=201)
 
     def list_faults(request: Request) -> Response:
         return Response.json(app.faults.list())
@@ -74,11 +82,11 @@ def routes(app: "LocalOCI") -> list[Route]:
         return Response.empty()
 
     def set_latency(request: Request) -> Response:
-        spec = request.json()
+        spec = _spec(request)
         transition, seconds = spec.get("transition"), spec.get("seconds")
         if not isinstance(transition, str) or ":" not in transition:
             raise invalid_parameter("transition must look like 'instance:RUNNING' or 'volume:AVAILABLE'.")
-        if not isinstance(seconds, (int, float)) or seconds < 0:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
             raise invalid_parameter("seconds must be a number of seconds, at least 0.")
         app.scheduler.latency[transition] = float(seconds)
         return Response.json(app.scheduler.latency)
@@ -94,8 +102,8 @@ def routes(app: "LocalOCI") -> list[Route]:
         return Response.json(public(app.compute.crash(request.params["instanceId"])))
 
     def set_bandwidth(request: Request) -> Response:
-        rate = request.json().get("objectReadBytesPerSecondPerConnection")
-        if rate is not None and (not isinstance(rate, (int, float)) or rate <= 0):
+        rate = _spec(request).get("objectReadBytesPerSecondPerConnection")
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0):
             raise invalid_parameter("objectReadBytesPerSecondPerConnection must be a positive number or null.")
         app.read_bps_per_connection = rate
         return Response.json({"objectReadBytesPerSecondPerConnection": rate})
@@ -104,7 +112,7 @@ def routes(app: "LocalOCI") -> list[Route]:
         return Response.json({"objectReadBytesPerSecondPerConnection": app.read_bps_per_connection})
 
     def create_rule(request: Request) -> Response:
-        return Response.json(app.events.create_rule(request.json()), status=201)
+        return Response.json(app.events.create_rule(_spec(request)), status=201)
 
     def list_rules(request: Request) -> Response:
         return Response.json(list(app.store.values("event_rules")))

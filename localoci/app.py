@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +53,6 @@ class LocalOCI:
         self.scheduler = Scheduler(transition_seconds)
         self.faults = FaultInjector()
         self.read_bps_per_connection: float | None = None
-        self._throttle_lock = threading.Lock()
         self.identity = Identity(self)
         self.network = Network(self)
         self.events = Events(self)
@@ -109,9 +107,13 @@ class LocalOCI:
 
     def read_throttles(self, request: Request) -> list[TokenBucket]:
         """Token buckets an object read on this connection must pass through."""
-        if self.read_bps_per_connection:
-            return [TokenBucket(self.read_bps_per_connection)]
-        return []
+        rate = self.read_bps_per_connection
+        if not rate:
+            return []
+        bucket = request.connection.get("read_bucket")
+        if not isinstance(bucket, TokenBucket) or bucket.rate != rate:
+            bucket = request.connection["read_bucket"] = TokenBucket(rate)
+        return [bucket]
 
     def serve(self, host: str, port: int) -> LocalOCIServer:
         return LocalOCIServer(self, host, port)

@@ -27,7 +27,7 @@ class Fault:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def applies(self, fields: dict[str, Any]) -> bool:
-        return all(str(fields.get(k)) == str(v) for k, v in self.match.items())
+        return all(k in fields and str(fields[k]) == str(v) for k, v in self.match.items())
 
 
 class FaultInjector:
@@ -47,6 +47,12 @@ class FaultInjector:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ServiceError(400, "InvalidParameter", f"bad fault specification: {exc!r}") from None
+        if not isinstance(spec.get("operation"), str) or not spec["operation"]:
+            raise ServiceError(400, "InvalidParameter", "fault operation must name an operation, e.g. 'LaunchInstance'")
+        if not isinstance(spec.get("match") or {}, dict):
+            raise ServiceError(400, "InvalidParameter", "fault match must be an object of field values")
+        if not 400 <= fault.status <= 599:
+            raise ServiceError(400, "InvalidParameter", "fault status must be an HTTP error status, 400 to 599")
         if fault.count < 1:
             raise ServiceError(400, "InvalidParameter", "fault count must be at least 1")
         with self._lock:

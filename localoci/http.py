@@ -37,6 +37,8 @@ class Request:
         self.headers = headers
         self.client_address = client_address
         self.params: dict[str, str] = {}
+        # State that lives as long as the client's (keep-alive) connection.
+        self.connection: dict[str, Any] = {}
         self._rfile = rfile
         self._body: bytes | None = None
         self._consumed = False

@@ -34,6 +34,9 @@ class _Handler(BaseHTTPRequestHandler):
         app = self.server.app
         parts = urlsplit(self.path)
         request = Request(self.command, parts.path, parts.query, self.headers, self.rfile, self.client_address)
+        if not hasattr(self, "connection_state"):
+            self.connection_state: dict[str, object] = {}
+        request.connection = self.connection_state
         request_id = uuid.uuid4().hex.upper()
         try:
             response = app.handle(request)

@@ -9,9 +9,9 @@ Failed deliveries are retried with capped exponential backoff; after
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
+import re
 import threading
 import time
 import urllib.error
@@ -42,7 +42,9 @@ def condition_matches(condition: Any, event: Any) -> bool:
         return any(condition_matches(c, event) for c in condition)
     if event is None:
         return False
-    return fnmatch.fnmatchcase(str(event), str(condition))
+    # Only ``*`` is a wildcard in OCI conditions: ``?`` and ``[...]`` match themselves.
+    pattern = ".*".join(re.escape(part) for part in str(condition).split("*"))
+    return re.fullmatch(pattern, str(event), re.DOTALL) is not None
 
 
 class Events:
@@ -190,7 +192,10 @@ class Events:
                         next_due = min(next_due, delivery["nextAt"])
                 self._in_flight.update(due)
             for key in due:
-                self._pool.submit(self._deliver, key)
+                try:
+                    self._pool.submit(self._deliver, key)
+                except RuntimeError:  # the pool shut down: the server is stopping
+                    return
             self._wake.wait(max(0.0, next_due - time.time()))
             self._wake.clear()
 

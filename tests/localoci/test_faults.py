@@ -1,0 +1,295 @@
+"""Fault injection, injected latency, bandwidth caps and instance crashes, seen through the real SDK."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import urllib.error
+from typing import Any, Callable, Iterator
+
+import oci
+import pytest
+
+from localoci.process import RunningLocalOCI
+
+NO_RETRY = oci.retry.NoneRetryStrategy()  # this SDK has no oci.retry.NO_RETRY_STRATEGY
+MiB = 1024 * 1024
+WORKER_IMAGE = "ocid1.image.oc1..localoci-worker"
+
+
+def reset_server(localoci: RunningLocalOCI) -> None:
+    localoci.admin("DELETE", "faults")
+    localoci.admin("DELETE", "latency")
+    localoci.admin("POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": None})
+
+
+@pytest.fixture(autouse=True)
+def clean_server(localoci: RunningLocalOCI) -> Iterator[None]:
+    """The server is shared by the session: leave no fault, latency or bandwidth cap behind."""
+    reset_server(localoci)
+    yield
+    reset_server(localoci)
+    assert localoci.admin("GET", "faults") == []
+    assert localoci.admin("GET", "latency") == {}
+    assert localoci.admin("GET", "bandwidth") == {"objectReadBytesPerSecondPerConnection": None}
+
+
+def admin_error(localoci: RunningLocalOCI, method: str, path: str, body: Any = None) -> urllib.error.HTTPError:
+    with pytest.raises(urllib.error.HTTPError) as err:
+        localoci.admin(method, path, body)
+    return err.value
+
+
+def wait_state(get: Callable[[], Any], state: str, timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        resource = get()
+        if resource.lifecycle_state == state:
+            return resource
+        assert time.monotonic() < deadline, f"still {resource.lifecycle_state}, not {state}, after {timeout}s"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def volumes(localoci: RunningLocalOCI, blockstorage: oci.core.BlockstorageClient, compartment_id: str,
+            availability_domains: list[str]) -> Iterator[Callable[..., Any]]:
+    """Create volumes (retry-free); every one is deleted at the end of the test."""
+    created: list[str] = []
+
+    def create(**kwargs: Any) -> Any:
+        details = oci.core.models.CreateVolumeDetails(
+            compartment_id=compartment_id, availability_domain=availability_domains[0], size_in_gbs=50, **kwargs)
+        volume = blockstorage.create_volume(details, retry_strategy=NO_RETRY).data
+        created.append(volume.id)
+        return volume
+
+    yield create
+    reset_server(localoci)  # an armed fault must not fail the clean-up
+    for volume_id in created:
+        wait_state(lambda: blockstorage.get_volume(volume_id).data, "AVAILABLE", timeout=30)
+        blockstorage.delete_volume(volume_id)
+        wait_state(lambda: blockstorage.get_volume(volume_id).data, "TERMINATED", timeout=30)
+
+
+@pytest.fixture
+def instances(localoci: RunningLocalOCI, compute: oci.core.ComputeClient, compartment_id: str, subnet_id: str,
+              client_key: Any) -> Iterator[Callable[[str], Any]]:
+    """Launch worker instances (retry-free); every one is terminated (and awaited) at the end of the test."""
+    launched: list[str] = []
+
+    def launch(availability_domain: str) -> Any:
+        models = oci.core.models
+        details = models.LaunchInstanceDetails(
+            compartment_id=compartment_id,
+            availability_domain=availability_domain,
+            shape="VM.Standard.E4.Flex",
+            shape_config=models.LaunchInstanceShapeConfigDetails(ocpus=1, memory_in_gbs=16),
+            source_details=models.InstanceSourceViaImageDetails(image_id=WORKER_IMAGE),
+            create_vnic_details=models.CreateVnicDetails(subnet_id=subnet_id),
+            metadata={"ssh_authorized_keys": client_key.public_openssh},
+        )
+        instance = compute.launch_instance(details, retry_strategy=NO_RETRY).data
+        launched.append(instance.id)
+        return instance
+
+    yield launch
+    reset_server(localoci)  # an armed fault must not fail the clean-up
+    for instance_id in launched:
+        compute.terminate_instance(instance_id)
+    for instance_id in launched:
+        wait_state(lambda: compute.get_instance(instance_id).data, "TERMINATED")
+
+
+# -- injected errors ------------------------------------------------------------------
+
+
+def test_injected_429_on_create_volume_is_consumed(localoci, blockstorage, volumes, compartment_id, availability_domains):
+    fault = localoci.admin("POST", "faults", {"operation": "CreateVolume", "count": 1, "status": 429,
+                                              "code": "TooManyRequests", "message": "Slow down, please."})
+    assert fault["operation"] == "CreateVolume" and fault["count"] == 1
+    assert [f["id"] for f in localoci.admin("GET", "faults")] == [fault["id"]]
+
+    before = {v.id for v in blockstorage.list_volumes(compartment_id=compartment_id).data}
+    with pytest.raises(oci.exceptions.ServiceError) as err:
+        volumes()
+    assert err.value.status == 429
+    assert err.value.code == "TooManyRequests"
+    assert err.value.message == "Slow down, please."
+    # The failed call created nothing, and the fault is spent.
+    assert {v.id for v in blockstorage.list_volumes(compartment_id=compartment_id).data} == before
+    assert localoci.admin("GET", "faults") == []
+
+    volume = volumes()
+    assert volume.lifecycle_state in ("PROVISIONING", "AVAILABLE")
+
+
+def test_fault_count_fails_that_many_calls(localoci, volumes):
+    localoci.admin("POST", "faults", {"operation": "CreateVolume", "count": 2, "status": 503,
+                                      "code": "ServiceUnavailable", "message": "Try later."})
+    for left in (1, 0):
+        with pytest.raises(oci.exceptions.ServiceError) as err:
+            volumes()
+        assert (err.value.status, err.value.code) == (503, "ServiceUnavailable")
+        assert [f["count"] for f in localoci.admin("GET", "faults")] == ([left] if left else [])
+    assert volumes().id
+
+
+def test_fault_on_one_operation_leaves_others_alone(localoci, blockstorage, volumes, compartment_id):
+    localoci.admin("POST", "faults", {"operation": "DeleteVolume", "status": 500, "code": "InternalError"})
+    volume = volumes()  # CreateVolume is not affected
+    assert blockstorage.get_volume(volume.id).data.id == volume.id
+    assert len(localoci.admin("GET", "faults")) == 1
+
+
+def test_fault_matching_an_object_name(localoci, object_storage, bucket):
+    ns = localoci.namespace
+    object_storage.put_object(ns, bucket, "bad.txt", b"bad")
+    object_storage.put_object(ns, bucket, "good.txt", b"good")
+    localoci.admin("POST", "faults", {"operation": "GetObject", "count": 1, "status": 503,
+                                      "code": "ServiceUnavailable", "message": "Flaky.",
+                                      "match": {"objectName": "bad.txt", "bucketName": bucket}})
+
+    assert object_storage.get_object(ns, bucket, "good.txt", retry_strategy=NO_RETRY).data.content == b"good"
+    with pytest.raises(oci.exceptions.ServiceError) as err:
+        object_storage.get_object(ns, bucket, "bad.txt", retry_strategy=NO_RETRY)
+    assert (err.value.status, err.value.code, err.value.message) == (503, "ServiceUnavailable", "Flaky.")
+    assert object_storage.get_object(ns, bucket, "bad.txt", retry_strategy=NO_RETRY).data.content == b"bad"
+
+
+def test_out_of_host_capacity_in_one_availability_domain(localoci, compute, instances, availability_domains):
+    assert len(availability_domains) >= 2
+    ad1, ad2 = availability_domains[:2]
+    localoci.admin("POST", "faults", {"operation": "LaunchInstance", "count": 3, "status": 500, "code": "InternalError",
+                                      "message": "Out of host capacity.", "match": {"availabilityDomain": ad1}})
+
+    with pytest.raises(oci.exceptions.ServiceError) as err:
+        instances(ad1)
+    assert (err.value.status, err.value.code, err.value.message) == (500, "InternalError", "Out of host capacity.")
+
+    instance = instances(ad2)
+    assert instance.availability_domain == ad2
+    assert wait_state(lambda: compute.get_instance(instance.id).data, "RUNNING").availability_domain == ad2
+
+    # The launch in AD 2 did not consume the fault: AD 1 is still out of capacity.
+    assert [f["count"] for f in localoci.admin("GET", "faults")] == [2]
+    with pytest.raises(oci.exceptions.ServiceError) as err:
+        instances(ad1)
+    assert err.value.message == "Out of host capacity."
+    live = {i["id"] for i in localoci.inventory()["instances"]}
+    assert instance.id in live
+
+
+@pytest.mark.parametrize("spec", [
+    {"count": 1, "status": 429, "code": "TooManyRequests"},                     # no operation
+    {"operation": None, "status": 429},                                         # null operation
+    {"operation": "", "status": 429},                                           # empty operation
+    {"operation": "CreateVolume", "status": "often"},                           # status not a number
+    {"operation": "CreateVolume", "status": 200},                               # not an error status
+    {"operation": "CreateVolume", "count": 0},                                  # never fires
+    {"operation": "CreateVolume", "match": "availabilityDomain"},              # match not an object
+    ["CreateVolume"],                                                           # not an object at all
+])
+def test_bad_fault_spec_is_refused(localoci, spec):
+    err = admin_error(localoci, "POST", "faults", spec)
+    assert err.code == 400
+    assert localoci.admin("GET", "faults") == []
+
+
+# -- latency, bandwidth, crashes ----------------------------------------------------------
+
+
+def test_injected_latency_keeps_volume_provisioning(localoci, blockstorage, volumes):
+    assert localoci.admin("POST", "latency", {"transition": "volume:AVAILABLE", "seconds": 1.5}) == {"volume:AVAILABLE": 1.5}
+    start = time.monotonic()
+    volume = volumes()
+    assert volume.lifecycle_state == "PROVISIONING"
+    time.sleep(1.0)
+    assert blockstorage.get_volume(volume.id).data.lifecycle_state == "PROVISIONING"
+    wait_state(lambda: blockstorage.get_volume(volume.id).data, "AVAILABLE", timeout=15)
+    assert time.monotonic() - start >= 1.5
+
+    # Without the latency a volume is available at once.
+    localoci.admin("DELETE", "latency")
+    start = time.monotonic()
+    quick = volumes()
+    wait_state(lambda: blockstorage.get_volume(quick.id).data, "AVAILABLE", timeout=15)
+    assert time.monotonic() - start < 1.0
+
+
+@pytest.mark.parametrize("spec", [
+    {"transition": "AVAILABLE", "seconds": 1},
+    {"transition": "volume:AVAILABLE", "seconds": -1},
+    {"transition": "volume:AVAILABLE", "seconds": "1"},
+    {"transition": "volume:AVAILABLE", "seconds": True},
+    {"transition": "volume:AVAILABLE"},
+    ["volume:AVAILABLE", 1],
+])
+def test_bad_latency_is_refused(localoci, spec):
+    assert admin_error(localoci, "POST", "latency", spec).code == 400
+    assert localoci.admin("GET", "latency") == {}
+
+
+def test_bandwidth_cap_slows_object_reads(localoci, object_storage, bucket):
+    ns, payload = localoci.namespace, os.urandom(8 * MiB)
+    object_storage.put_object(ns, bucket, "big.bin", payload)
+    rate = 4 * MiB
+    assert localoci.admin("POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": rate}) == {
+        "objectReadBytesPerSecondPerConnection": rate}
+
+    start = time.monotonic()
+    data = object_storage.get_object(ns, bucket, "big.bin", retry_strategy=NO_RETRY).data.content
+    capped = time.monotonic() - start
+    assert data == payload
+    assert capped >= 1.5
+
+    # Ranges are capped too, at the same rate.
+    start = time.monotonic()
+    part = object_storage.get_object(ns, bucket, "big.bin", range="bytes=0-4194303", retry_strategy=NO_RETRY).data.content
+    assert part == payload[:4 * MiB]
+    assert time.monotonic() - start >= 0.7
+
+    localoci.admin("POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": None})
+    start = time.monotonic()
+    assert object_storage.get_object(ns, bucket, "big.bin", retry_strategy=NO_RETRY).data.content == payload
+    assert time.monotonic() - start < capped / 2
+
+
+@pytest.mark.parametrize("body", [{"objectReadBytesPerSecondPerConnection": rate} for rate in (0, -5, "fast", True)] + [[1024]])
+def test_bad_bandwidth_is_refused(localoci, body):
+    assert admin_error(localoci, "POST", "bandwidth", body).code == 400
+    assert localoci.admin("GET", "bandwidth") == {"objectReadBytesPerSecondPerConnection": None}
+
+
+def _connects(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=2):
+            return True
+    except ConnectionRefusedError:
+        return False
+
+
+def test_crash_makes_ssh_port_refuse_connections(localoci, compute, instances, availability_domains):
+    instance = instances(availability_domains[0])
+    wait_state(lambda: compute.get_instance(instance.id).data, "RUNNING")
+    [entry] = [i for i in localoci.inventory()["instances"] if i["id"] == instance.id]
+    address, port = entry["sshAddress"], entry["sshPort"]
+    assert entry["crashed"] is False
+    assert address.startswith("127.") and port == localoci.ssh_port
+    assert _connects(address, port)
+
+    crashed = localoci.admin("POST", f"instances/{instance.id}/crash")
+    assert crashed["id"] == instance.id
+
+    assert not _connects(address, port)
+    [entry] = [i for i in localoci.inventory()["instances"] if i["id"] == instance.id]
+    assert entry["crashed"] is True
+    # To the API the instance is still RUNNING: only its host died.
+    assert compute.get_instance(instance.id).data.lifecycle_state == "RUNNING"
+
+    # Crashing needs a RUNNING instance.
+    compute.terminate_instance(instance.id)
+    wait_state(lambda: compute.get_instance(instance.id).data, "TERMINATED")
+    err = admin_error(localoci, "POST", f"instances/{instance.id}/crash")
+    assert err.code == 409
+    assert admin_error(localoci, "POST", "instances/ocid1.instance.oc1..nosuch/crash").code == 404
