@@ -1,10 +1,12 @@
 """``python -m deployments.local_stack up|down|status``: the local stack behind ``make up`` / ``make down``.
 
 ``up`` starts, in the background, the local OCI (state under ``.local/localoci``) and
-prepares what an import needs on it: the import bucket with object events enabled,
-a VCN and subnet for workers. It writes ``.local/stack.env`` (``KEY=value`` lines)
-and one ``.pid`` file per process. Running ``up`` twice is harmless; ``down`` stops
-every process ``up`` started and removes the pid files.
+prepares what an import needs on it (the import bucket with object events enabled, a
+VCN and subnet for workers), then a Prefect server (SQLite under ``.local/prefect``),
+saves the blocks for the local OCI, creates the work pool and the worker concurrency
+limit, deploys ``prefect.yaml`` and starts a Prefect worker. It writes
+``.local/stack.env`` (``KEY=value`` lines) and one ``.pid`` file per process. Running
+``up`` twice is harmless; ``down`` stops every process ``up`` started.
 
 Set ``LOCAL_DIR`` to keep the stack somewhere other than ``.local/``.
 """
@@ -13,9 +15,13 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import os
 import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import oci
@@ -25,6 +31,10 @@ from localoci import process
 ROOT = Path(__file__).resolve().parent.parent
 IMPORT_BUCKET = "disk-images"
 WORKER_IMAGE_ID = "ocid1.image.oc1..localoci-worker"
+WORK_POOL = "import-pool"
+WORKER_LIMIT = "oci-disk-import-workers"
+BLOCKS = {"credentials": "local-oci", "worker": "local-worker", "settings": "local-import"}
+PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 
 def local_dir() -> Path:
@@ -63,8 +73,6 @@ def start_localoci(base: Path, previous: dict[str, str]) -> process.RunningLocal
     data_dir = base / "localoci"
     port = int(previous["LOCALOCI_ENDPOINT"].rsplit(":", 1)[1]) if previous.get("LOCALOCI_ENDPOINT") else _free_port()
     if (pid := _pid_alive(pid_file)) is not None:
-        import json
-
         ready = json.loads((data_dir / "ready.json").read_text())
         return process.RunningLocalOCI(
             process=None, pid=pid, data_dir=data_dir, endpoint=ready["endpoint"], namespace=ready["namespace"],
@@ -106,6 +114,91 @@ def prepare_cloud(server: process.RunningLocalOCI, previous: dict[str, str]) -> 
     return {"IMPORT_BUCKET": IMPORT_BUCKET, "SUBNET_ID": subnet_id}
 
 
+def prefect_env(base: Path, api_url: str) -> dict[str, str]:
+    """Environment of every Prefect process of the stack (server, CLI, worker, flow runs)."""
+    home = base / "prefect"
+    return {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "PREFECT_LOCAL_STORAGE_PATH": str(home / "results"),
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
+
+
+def _wait_http(url: str, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f}s; see {log}")
+
+
+def _spawn(argv: list[str], env: dict[str, str], log: Path, pid_file: Path) -> int:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, cwd=ROOT,
+                                start_new_session=True)
+    pid_file.write_text(str(proc.pid))
+    return proc.pid
+
+
+def start_prefect_server(base: Path, previous: dict[str, str]) -> str:
+    pid_file = base / "prefect-server.pid"
+    api_url = previous.get("PREFECT_API_URL") or f"http://127.0.0.1:{_free_port()}/api"
+    (base / "prefect").mkdir(parents=True, exist_ok=True)
+    if _pid_alive(pid_file) is None:
+        port = api_url.rsplit(":", 1)[1].split("/")[0]
+        _spawn([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", port],
+               prefect_env(base, api_url), base / "prefect-server.log", pid_file)
+    _wait_http(api_url + "/health", 180, "the Prefect server", base / "prefect-server.log")
+    return api_url
+
+
+def save_blocks(server: process.RunningLocalOCI, values: dict[str, str]) -> None:
+    """Blocks that point the importer at the local OCI (run with PREFECT_API_URL set)."""
+    from blocks import ImportSettings, OCICredentials, WorkerShape
+
+    OCICredentials(auth_type="config_file", config_file=server.oci_config_file, profile=server.oci_profile,
+                   endpoint=server.endpoint).save(BLOCKS["credentials"], overwrite=True)
+    WorkerShape(compartment_id=values["COMPARTMENT_ID"], subnet_id=values["SUBNET_ID"], image_id=WORKER_IMAGE_ID,
+                shape="VM.Standard.E4.Flex", ocpus=2, memory_in_gbs=16, ssh_user=values["LOCALOCI_SSH_USER"],
+                ssh_port=int(values["LOCALOCI_SSH_PORT"]), use_sudo=os.geteuid() != 0,
+                boot_timeout_seconds=60).save(BLOCKS["worker"], overwrite=True)
+    ImportSettings(compartment_id=values["COMPARTMENT_ID"]).save(BLOCKS["settings"], overwrite=True)
+
+
+def _prefect(args: list[str], env: dict[str, str], ok_if: str | None = None) -> None:
+    result = subprocess.run([PREFECT, *args], env=env, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0 and not (ok_if and ok_if in (result.stdout + result.stderr)):
+        raise RuntimeError(f"prefect {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+
+
+def deploy(base: Path, api_url: str) -> None:
+    env = prefect_env(base, api_url)
+    _prefect(["block", "register", "-m", "blocks"], env)
+    _prefect(["work-pool", "create", WORK_POOL, "--type", "process"], env, ok_if="already exists")
+    _prefect(["global-concurrency-limit", "create", WORKER_LIMIT, "--limit", "4"], env, ok_if="already exists")
+    _prefect(["--no-prompt", "deploy", "--all"], env)
+
+
+def start_worker(base: Path, api_url: str) -> None:
+    pid_file = base / "prefect-worker.pid"
+    if _pid_alive(pid_file) is None:
+        _spawn([PREFECT, "worker", "start", "--pool", WORK_POOL, "--type", "process", "--limit", "8"],
+               prefect_env(base, api_url), base / "prefect-worker.log", pid_file)
+
+
 def up() -> dict[str, str]:
     base = local_dir()
     base.mkdir(parents=True, exist_ok=True)
@@ -123,6 +216,14 @@ def up() -> dict[str, str]:
         "LOCALOCI_SSH_PORT": str(server.ssh_port),
     }
     values.update(prepare_cloud(server, previous))
+    api_url = start_prefect_server(base, previous)
+    values["PREFECT_API_URL"] = api_url
+    values["PREFECT_UI_URL"] = api_url.removesuffix("/api")
+    os.environ["PREFECT_API_URL"] = api_url
+    save_blocks(server, values)
+    deploy(base, api_url)
+    start_worker(base, api_url)
+    values.update({"PREFECT_HOME": str(base / "prefect"), "WORK_POOL": WORK_POOL})
     write_env(env_path, values)
     return values
 

@@ -1,0 +1,279 @@
+"""OCI operations the import needs: volumes, worker instances, attachments, PARs, with waits.
+
+Each call retries throttling (429) and transient server errors (5xx) with capped,
+jittered exponential backoff, except "Out of host capacity.", which retrying in the
+same place cannot fix: it raises :class:`OutOfCapacity` so the caller can move to
+another availability domain.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import oci
+import requests
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+models = oci.core.models
+
+MANAGED_BY = "oci-disk-import"
+GB = 1024**3
+MIN_VOLUME_GB = 50
+MAX_VOLUME_GB = 32768
+
+
+class OutOfCapacity(Exception):
+    """The availability domain has no capacity for the shape right now."""
+
+
+class ResourceFailed(Exception):
+    """A resource reached a state it cannot come back from (e.g. FAULTY, TERMINATED)."""
+
+
+def with_backoff(call: Callable[..., T], *args: Any, attempts: int = 8, base: float = 0.5, cap: float = 20.0,
+                 **kwargs: Any) -> T:
+    """Call an SDK method, retrying 429, 5xx and connection errors with full-jitter backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return call(*args, **kwargs)
+        except oci.exceptions.ServiceError as exc:
+            if exc.status == 500 and "out of host capacity" in (exc.message or "").lower():
+                raise OutOfCapacity(exc.message) from exc
+            if not (exc.status == 429 or exc.status >= 500) or attempt == attempts:
+                raise
+            reason = f"{exc.status} {exc.code}"
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                oci.exceptions.RequestException, oci.exceptions.ConnectTimeout) as exc:
+            if attempt == attempts:
+                raise
+            reason = type(exc).__name__
+        delay = random.uniform(0, min(cap, base * 2 ** attempt))
+        log.info("%s: %s; retrying in %.1fs (attempt %d of %d)", getattr(call, "__name__", "call"), reason,
+                 delay, attempt, attempts)
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def wait_for_state(get: Callable[[], Any], wanted: str | tuple[str, ...], what: str, timeout: float = 900.0,
+                   poll: float = 0.5, failed: tuple[str, ...] = ()) -> Any:
+    """Poll ``get()`` (returning an SDK model) until its ``lifecycle_state`` is ``wanted``."""
+    wanted = (wanted,) if isinstance(wanted, str) else wanted
+    deadline = time.monotonic() + timeout
+    interval = min(poll, 0.2)
+    while True:
+        resource = with_backoff(get)
+        state = resource.lifecycle_state
+        if state in wanted:
+            return resource
+        if state in failed:
+            raise ResourceFailed(f"{what} is {state}, expected {'/'.join(wanted)}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} still {state} after {timeout:.0f}s, expected {'/'.join(wanted)}")
+        time.sleep(interval)
+        interval = min(poll, interval * 1.5)
+
+
+def volume_size_gb(virtual_size: int) -> int:
+    """The volume size for an image: its virtual size rounded up to whole GB, at least 50 GB."""
+    size = max(MIN_VOLUME_GB, -(-virtual_size // GB))
+    if size > MAX_VOLUME_GB:
+        raise ValueError(f"virtual size {virtual_size} bytes exceeds the largest block volume ({MAX_VOLUME_GB} GB)")
+    return size
+
+
+@dataclass
+class Clients:
+    compute: oci.core.ComputeClient
+    blockstorage: oci.core.BlockstorageClient
+    network: oci.core.VirtualNetworkClient
+    object_storage: oci.object_storage.ObjectStorageClient
+
+
+# -- volumes ---------------------------------------------------------------------
+
+def create_volume(clients: Clients, compartment_id: str, availability_domain: str, size_gb: int, vpus_per_gb: int,
+                  display_name: str, tags: dict[str, str]) -> Any:
+    details = models.CreateVolumeDetails(
+        compartment_id=compartment_id, availability_domain=availability_domain, size_in_gbs=size_gb,
+        vpus_per_gb=vpus_per_gb, display_name=display_name, freeform_tags=tags)
+    return with_backoff(clients.blockstorage.create_volume, details).data
+
+
+def wait_volume_available(clients: Clients, volume_id: str, timeout: float = 900.0) -> Any:
+    return wait_for_state(lambda: clients.blockstorage.get_volume(volume_id).data, "AVAILABLE",
+                          f"volume {volume_id}", timeout, failed=("FAULTY", "TERMINATING", "TERMINATED"))
+
+
+def delete_volume(clients: Clients, volume_id: str) -> None:
+    """Delete a volume; a volume already gone counts as deleted."""
+    try:
+        with_backoff(clients.blockstorage.delete_volume, volume_id)
+    except oci.exceptions.ServiceError as exc:
+        if exc.status == 404 or (exc.status == 409 and "TERMINAT" in (exc.message or "")):
+            return
+        raise
+
+
+def set_volume_performance(clients: Clients, volume_id: str, vpus_per_gb: int) -> Any:
+    details = models.UpdateVolumeDetails(vpus_per_gb=vpus_per_gb)
+    with_backoff(clients.blockstorage.update_volume, volume_id, details)
+    return wait_volume_available(clients, volume_id)
+
+
+def assign_backup_policy(clients: Clients, volume_id: str, policy_id: str) -> Any:
+    existing = with_backoff(clients.blockstorage.get_volume_backup_policy_asset_assignment, volume_id).data
+    for assignment in existing:
+        if assignment.policy_id == policy_id:
+            return assignment
+        with_backoff(clients.blockstorage.delete_volume_backup_policy_assignment, assignment.id)
+    details = models.CreateVolumeBackupPolicyAssignmentDetails(asset_id=volume_id, policy_id=policy_id)
+    return with_backoff(clients.blockstorage.create_volume_backup_policy_assignment, details).data
+
+
+def backup_policy_id(clients: Clients, name_or_id: str) -> str:
+    """Resolve an Oracle-defined policy name (gold, silver, bronze) or pass an OCID through."""
+    if name_or_id.startswith("ocid1."):
+        return name_or_id
+    policies = oci.pagination.list_call_get_all_results(clients.blockstorage.list_volume_backup_policies).data
+    for policy in policies:
+        if policy.display_name.lower() == name_or_id.lower():
+            return policy.id
+    raise ValueError(f"no backup policy named {name_or_id!r}; known: {', '.join(p.display_name for p in policies)}")
+
+
+def find_volumes(clients: Clients, compartment_id: str, tags: dict[str, str]) -> list[Any]:
+    """Live volumes in the compartment carrying every one of ``tags``."""
+    volumes = oci.pagination.list_call_get_all_results(clients.blockstorage.list_volumes,
+                                                       compartment_id=compartment_id).data
+    return [v for v in volumes if v.lifecycle_state not in ("TERMINATING", "TERMINATED")
+            and all((v.freeform_tags or {}).get(k) == val for k, val in tags.items())]
+
+
+# -- workers ---------------------------------------------------------------------
+
+def launch_worker(clients: Clients, *, compartment_id: str, availability_domain: str, subnet_id: str, image_id: str,
+                  shape: str, ocpus: float | None, memory_in_gbs: float | None, boot_volume_size_gb: int | None,
+                  assign_public_ip: bool, display_name: str, ssh_public_key: str, user_data: str,
+                  tags: dict[str, str]) -> Any:
+    shape_config = (models.LaunchInstanceShapeConfigDetails(ocpus=ocpus, memory_in_gbs=memory_in_gbs)
+                    if ocpus is not None else None)
+    details = models.LaunchInstanceDetails(
+        compartment_id=compartment_id, availability_domain=availability_domain, shape=shape,
+        shape_config=shape_config, display_name=display_name,
+        source_details=models.InstanceSourceViaImageDetails(image_id=image_id,
+                                                            boot_volume_size_in_gbs=boot_volume_size_gb),
+        create_vnic_details=models.CreateVnicDetails(subnet_id=subnet_id, assign_public_ip=assign_public_ip),
+        metadata={"ssh_authorized_keys": ssh_public_key, "user_data": user_data},
+        freeform_tags=tags,
+    )
+    return with_backoff(clients.compute.launch_instance, details).data
+
+
+def wait_instance_running(clients: Clients, instance_id: str, timeout: float = 900.0) -> Any:
+    return wait_for_state(lambda: clients.compute.get_instance(instance_id).data, "RUNNING",
+                          f"worker {instance_id}", timeout, failed=("TERMINATING", "TERMINATED"))
+
+
+def worker_address(clients: Clients, compartment_id: str, instance_id: str, public: bool) -> str:
+    attachments = with_backoff(clients.compute.list_vnic_attachments, compartment_id, instance_id=instance_id).data
+    for attachment in attachments:
+        if attachment.lifecycle_state == "ATTACHED":
+            vnic = with_backoff(clients.network.get_vnic, attachment.vnic_id).data
+            address = vnic.public_ip if public else vnic.private_ip
+            if address:
+                return address
+    raise ResourceFailed(f"worker {instance_id} has no {'public' if public else 'private'} IP address")
+
+
+def terminate_worker(clients: Clients, instance_id: str, wait: bool = True, timeout: float = 900.0) -> None:
+    """Terminate a worker (and its boot volume); an instance already gone counts as terminated."""
+    try:
+        with_backoff(clients.compute.terminate_instance, instance_id, preserve_boot_volume=False)
+    except oci.exceptions.ServiceError as exc:
+        if exc.status != 404:
+            raise
+        return
+    if wait:
+        wait_for_state(lambda: clients.compute.get_instance(instance_id).data, "TERMINATED",
+                       f"worker {instance_id}", timeout)
+
+
+def find_instances(clients: Clients, compartment_id: str, tags: dict[str, str]) -> list[Any]:
+    instances = oci.pagination.list_call_get_all_results(clients.compute.list_instances,
+                                                         compartment_id=compartment_id).data
+    return [i for i in instances if i.lifecycle_state not in ("TERMINATING", "TERMINATED")
+            and all((i.freeform_tags or {}).get(k) == val for k, val in tags.items())]
+
+
+# -- attachments -------------------------------------------------------------------
+
+def attach_volume(clients: Clients, instance_id: str, volume_id: str, kind: str = "paravirtualized") -> Any:
+    """Attach (or find the existing attachment of) a volume to a worker and wait until ATTACHED."""
+    existing = [a for a in with_backoff(clients.compute.list_volume_attachments,
+                                        compartment_id=_compartment_of_instance(clients, instance_id),
+                                        instance_id=instance_id, volume_id=volume_id).data
+                if a.lifecycle_state in ("ATTACHING", "ATTACHED")]
+    if existing:
+        attachment = existing[0]
+    else:
+        free = with_backoff(clients.compute.list_instance_devices, instance_id, is_available=True).data
+        device = free[0].name if free else None
+        if kind == "iscsi":
+            details = models.AttachIScsiVolumeDetails(instance_id=instance_id, volume_id=volume_id, device=device)
+        else:
+            details = models.AttachParavirtualizedVolumeDetails(instance_id=instance_id, volume_id=volume_id,
+                                                                device=device)
+        attachment = with_backoff(clients.compute.attach_volume, details).data
+    return wait_for_state(lambda: clients.compute.get_volume_attachment(attachment.id).data, "ATTACHED",
+                          f"attachment of {volume_id}", failed=("DETACHING", "DETACHED"))
+
+
+def _compartment_of_instance(clients: Clients, instance_id: str) -> str:
+    return with_backoff(clients.compute.get_instance, instance_id).data.compartment_id
+
+
+def detach_volume(clients: Clients, attachment_id: str, timeout: float = 900.0) -> None:
+    try:
+        attachment = with_backoff(clients.compute.get_volume_attachment, attachment_id).data
+        if attachment.lifecycle_state == "ATTACHED":
+            with_backoff(clients.compute.detach_volume, attachment_id)
+        elif attachment.lifecycle_state == "DETACHED":
+            return
+    except oci.exceptions.ServiceError as exc:
+        if exc.status == 404:
+            return
+        raise
+    wait_for_state(lambda: clients.compute.get_volume_attachment(attachment_id).data, "DETACHED",
+                   f"attachment {attachment_id}", timeout)
+
+
+def live_attachments(clients: Clients, compartment_id: str, volume_id: str) -> list[Any]:
+    attachments = with_backoff(clients.compute.list_volume_attachments, compartment_id=compartment_id,
+                               volume_id=volume_id).data
+    return [a for a in attachments if a.lifecycle_state in ("ATTACHING", "ATTACHED", "DETACHING")]
+
+
+# -- object access -----------------------------------------------------------------
+
+def read_only_par(clients: Clients, namespace: str, bucket: str, object_name: str, lifetime: dt.timedelta,
+                  name: str) -> tuple[str, str]:
+    """A read-only pre-authenticated request for one object: ``(par id, access URI)``."""
+    details = oci.object_storage.models.CreatePreauthenticatedRequestDetails(
+        name=name, object_name=object_name, access_type="ObjectRead",
+        time_expires=dt.datetime.now(dt.timezone.utc) + lifetime)
+    par = with_backoff(clients.object_storage.create_preauthenticated_request, namespace, bucket, details).data
+    return par.id, par.access_uri
+
+
+def delete_par(clients: Clients, namespace: str, bucket: str, par_id: str) -> None:
+    try:
+        with_backoff(clients.object_storage.delete_preauthenticated_request, namespace, bucket, par_id)
+    except oci.exceptions.ServiceError as exc:
+        if exc.status != 404:
+            raise

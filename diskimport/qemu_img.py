@@ -1,0 +1,156 @@
+"""A typed wrapper around ``qemu-img``: info, check, convert, compare, measure.
+
+Every call pins the source format with ``-f``: qemu-img never guesses. Commands go out
+as argument lists through a :class:`~diskimport.commands.CommandRunner`, so the same
+code runs here or on a worker over SSH. ``info`` and ``check`` parse untrusted headers
+and run under ``prlimit`` (address space and CPU time), as OpenStack does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from .commands import CommandFailed, CommandResult, CommandRunner
+
+# qemu-img's names for the formats this importer accepts.
+FORMATS = ("qcow2", "vmdk", "vpc", "vhdx", "vdi", "raw")
+CHECKABLE_FORMATS = ("qcow2", "vmdk", "vhdx", "vdi")
+PROGRESS = re.compile(r"\(\s*([0-9]+(?:\.[0-9]+)?)/100%\)")
+
+
+@dataclass(frozen=True)
+class ResourceLimits:
+    """Limits for qemu-img parsing untrusted headers (``prlimit --as``, ``--cpu``)."""
+
+    address_space_bytes: int = 1024**3
+    cpu_seconds: int = 30
+
+    def prefix(self) -> list[str]:
+        return ["prlimit", f"--as={self.address_space_bytes}", f"--cpu={self.cpu_seconds}", "--"]
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What ``qemu-img info --output=json`` says about an image."""
+
+    format: str
+    virtual_size: int
+    actual_size: int | None
+    backing_filename: str | None
+    data_file: str | None
+    format_specific: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "ImageInfo":
+        specific = (doc.get("format-specific") or {}).get("data") or {}
+        return cls(
+            format=doc["format"],
+            virtual_size=int(doc["virtual-size"]),
+            actual_size=doc.get("actual-size"),
+            backing_filename=doc.get("backing-filename") or doc.get("full-backing-filename"),
+            data_file=specific.get("data-file"),
+            format_specific=specific,
+            raw=doc,
+        )
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """``qemu-img check``: ``ok`` unless it found corruption or errors."""
+
+    ok: bool
+    supported: bool
+    corruptions: int
+    leaks: int
+    output: str
+
+
+def _require_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"unsupported image format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    return fmt
+
+
+class QemuImg:
+    def __init__(self, runner: CommandRunner, binary: str = "qemu-img", limits: ResourceLimits | None = None) -> None:
+        self.runner = runner
+        self.binary = binary
+        self.limits = limits or ResourceLimits()
+
+    def _run(self, argv: Sequence[str], what: str, ok_codes: Sequence[int] = (0,), **kwargs: Any) -> CommandResult:
+        result = self.runner.run(argv, **kwargs)
+        if result.returncode not in ok_codes:
+            raise CommandFailed(result, what)
+        return result
+
+    def version(self) -> str:
+        return self._run([self.binary, "--version"], "qemu-img --version").stdout.splitlines()[0]
+
+    def info(self, path: str, fmt: str) -> ImageInfo:
+        argv = [*self.limits.prefix(), self.binary, "info", "-f", _require_format(fmt), "--output=json", path]
+        result = self._run(argv, "qemu-img info")
+        return ImageInfo.from_json(json.loads(result.stdout))
+
+    def check(self, path: str, fmt: str) -> CheckResult:
+        """Exit codes: 0 clean, 2 corrupted, 3 leaked clusters only, 63 format cannot be checked."""
+        argv = [*self.limits.prefix(), self.binary, "check", "-f", _require_format(fmt), "--output=json", path]
+        result = self._run(argv, "qemu-img check", ok_codes=(0, 2, 3, 63))
+        if result.returncode == 63:
+            return CheckResult(True, False, 0, 0, result.stderr.strip())
+        try:
+            doc = json.loads(result.stdout)
+        except ValueError:
+            doc = {}
+        corruptions = int(doc.get("corruptions", 0)) + int(doc.get("check-errors", 0))
+        leaks = int(doc.get("leaks", 0))
+        return CheckResult(result.returncode in (0, 3) and corruptions == 0, True, corruptions, leaks,
+                           (result.stdout + result.stderr).strip())
+
+    def convert(
+        self,
+        source: str,
+        fmt: str,
+        target: str,
+        *,
+        target_is_zero: bool = True,
+        coroutines: int = 16,
+        out_of_order: bool = True,
+        on_progress: Callable[[float], None] | None = None,
+        source_cache: str | None = None,
+    ) -> None:
+        """Write ``source`` as raw onto an existing ``target`` (a device or volume file).
+
+        ``target_is_zero`` skips writing zero regions, right for a fresh volume.
+        """
+        argv = [self.binary, "convert", "-p", "-f", _require_format(fmt), "-O", "raw", "-n"]
+        if target_is_zero:
+            argv.append("--target-is-zero")
+        if source_cache:
+            argv += ["-T", source_cache]
+        if out_of_order:
+            argv.append("-W")
+        argv += ["-m", str(coroutines), source, target]
+
+        def progress(line: str) -> None:
+            if on_progress and (m := PROGRESS.search(line)):
+                on_progress(float(m.group(1)))
+
+        self._run(argv, "qemu-img convert", on_output=progress)
+
+    def compare(self, image: str, fmt: str, device: str) -> tuple[bool, str]:
+        """Whether ``device`` (raw) holds the guest-visible content of ``image``.
+
+        Not strict: the device may be larger than the image as long as the rest reads as zeros.
+        """
+        argv = [self.binary, "compare", "-f", _require_format(fmt), "-F", "raw", image, device]
+        result = self._run(argv, "qemu-img compare", ok_codes=(0, 1))
+        return result.returncode == 0, (result.stdout + result.stderr).strip()
+
+    def measure(self, path: str, fmt: str) -> dict[str, int]:
+        argv = [*self.limits.prefix(), self.binary, "measure", "-f", _require_format(fmt), "-O", "raw",
+                "--output=json", path]
+        return json.loads(self._run(argv, "qemu-img measure").stdout)
