@@ -36,8 +36,29 @@ def _new_etag() -> str:
 def _check_object_name(name: str) -> None:
     if not name:
         raise invalid_parameter("The object name must not be empty.")
-    if "\x00" in name or len(name.encode()) > MAX_OBJECT_NAME_BYTES:
-        raise invalid_parameter("The object name must be at most 1024 bytes of UTF-8 without NUL.")
+    if any(c in name for c in "\x00\r\n") or len(name.encode()) > MAX_OBJECT_NAME_BYTES:
+        raise invalid_parameter("The object name must be at most 1024 bytes of UTF-8 without NUL, CR or LF.")
+
+
+def _check_header_safe(what: str, value: Any) -> None:
+    """Refuse a value that will be echoed in a response header but cannot be one."""
+    if not isinstance(value, str) or any(c in value for c in "\x00\r\n"):
+        raise invalid_parameter(f"{what} must be a string without NUL, CR or LF.")
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise invalid_parameter(f"{what} must be ISO-8859-1 text, as HTTP headers are.") from None
+
+
+def _check_metadata(metadata: Any) -> dict[str, str]:
+    if not isinstance(metadata, dict):
+        raise invalid_parameter("metadata must be an object of strings.")
+    for key, value in metadata.items():
+        if not key.lower().startswith("opc-meta-"):
+            raise invalid_parameter(f"The metadata key {key!r} must start with 'opc-meta-'.")
+        _check_header_safe(f"The metadata key {key!r}", key)
+        _check_header_safe(f"The value of metadata key {key!r}", value)
+    return metadata
 
 
 @dataclass
@@ -295,6 +316,9 @@ class ObjectStorage:
         self.bucket(namespace, bucket_name)
         name = details.get("object") or ""
         _check_object_name(name)
+        metadata = _check_metadata(details.get("metadata") or {})
+        if details.get("contentType") is not None:
+            _check_header_safe("contentType", details["contentType"])
         upload = {
             "namespace": namespace,
             "bucket": bucket_name,
@@ -303,7 +327,7 @@ class ObjectStorage:
             "timeCreated": now_iso(),
             "storageTier": "Standard",
             "_contentType": details.get("contentType"),
-            "_metadata": details.get("metadata") or {},
+            "_metadata": metadata,
             "_parts": {},
         }
         with self.store.lock:
@@ -353,9 +377,11 @@ class ObjectStorage:
         return part
 
     def commit_multipart_upload(
-        self, namespace: str, bucket_name: str, name: str, upload_id: str, details: dict[str, Any]
+        self, namespace: str, bucket_name: str, name: str, upload_id: str, details: dict[str, Any],
+        if_match: str | None = None, if_none_match: str | None = None,
     ) -> dict[str, Any]:
         upload = self.upload(namespace, bucket_name, name, upload_id)
+        self._check_conditions(namespace, bucket_name, name, if_match, if_none_match)
         wanted = sorted(details.get("partsToCommit") or [], key=lambda p: int(p["partNum"]))
         if not wanted:
             raise invalid_parameter("partsToCommit must name at least one part.")
@@ -376,7 +402,7 @@ class ObjectStorage:
         multipart_md5 = f"{base64.b64encode(digest.digest()).decode()}-{len(parts)}"
         obj = self._commit_object(
             namespace, bucket_name, name, file_id, size, None, multipart_md5,
-            upload["_contentType"], upload["_metadata"], None, None,
+            upload["_contentType"], upload["_metadata"], if_match, if_none_match,
         )
         self._discard_upload(upload_id)
         return obj

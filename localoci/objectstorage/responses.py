@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from ..errors import invalid_parameter
 from ..http import FileBody, Request, Response, Route
@@ -131,7 +132,7 @@ def routes(app: "LocalOCI") -> list[Route]:
     def create_multipart_upload(request: Request) -> Response:
         p = request.params
         upload = os_.create_multipart_upload(p["namespaceName"], p["bucketName"], request.json())
-        return Response.json(public(upload), headers={"Location": f"/n/{upload['namespace']}/b/{upload['bucket']}/u/{upload['object']}"})
+        return Response.json(public(upload), headers={"Location": f"/n/{upload['namespace']}/b/{upload['bucket']}/u/{quote(upload['object'], safe='')}"})
 
     def _upload_id(request: Request) -> str:
         upload_id = request.query.get("uploadId")
@@ -153,7 +154,10 @@ def routes(app: "LocalOCI") -> list[Route]:
 
     def commit_multipart_upload(request: Request) -> Response:
         p = request.params
-        obj = os_.commit_multipart_upload(p["namespaceName"], p["bucketName"], p["objectName"], _upload_id(request), request.json())
+        obj = os_.commit_multipart_upload(
+            p["namespaceName"], p["bucketName"], p["objectName"], _upload_id(request), request.json(),
+            if_match=request.headers.get("If-Match"), if_none_match=request.headers.get("If-None-Match"),
+        )
         return Response(200, b"", {"ETag": obj["etag"], "opc-multipart-md5": obj["multipartMd5"]})
 
     def abort_multipart_upload(request: Request) -> Response:
