@@ -9,11 +9,12 @@ UV = $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PYTEST_WORKERS ?= 4
 PYTEST_ARGS ?=
 
-.PHONY: help deps apt-deps uv-env test up down status
+.PHONY: help deps apt-deps uv-env test up down status demo
 
 help:
 	@echo "make test   install what is missing, run the whole test suite"
 	@echo "make up     start the local stack in the background (.local/stack.env)"
+	@echo "make demo   make up, then import a sample disk end to end and verify it"
 	@echo "make down   stop everything 'make up' started"
 
 deps: apt-deps uv-env
@@ -35,6 +36,9 @@ test: deps
 
 up: deps
 	$(UV) run python -m deployments.local_stack up
+
+demo: deps
+	$(UV) run python -m deployments.demo
 
 down:
 	@$(UV) run --frozen python -m deployments.local_stack down

@@ -14,6 +14,7 @@ Set ``LOCAL_DIR`` to keep the stack somewhere other than ``.local/``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
@@ -23,6 +24,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import oci
 
@@ -165,8 +167,24 @@ def start_prefect_server(base: Path, previous: dict[str, str]) -> str:
     return api_url
 
 
+@contextlib.contextmanager
+def prefect_api(api_url: str) -> Iterator[None]:
+    """Point this process's Prefect client at ``api_url`` (settings are read once, at import)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        yield
+
+
 def save_blocks(server: process.RunningLocalOCI, values: dict[str, str]) -> None:
-    """Blocks that point the importer at the local OCI (run with PREFECT_API_URL set)."""
+    """Blocks that point the importer at the local OCI."""
+    from blocks import ImportSettings, OCICredentials, WorkerShape
+
+    with prefect_api(values["PREFECT_API_URL"]):
+        _save_blocks(server, values)
+
+
+def _save_blocks(server: process.RunningLocalOCI, values: dict[str, str]) -> None:
     from blocks import ImportSettings, OCICredentials, WorkerShape
 
     OCICredentials(auth_type="config_file", config_file=server.oci_config_file, profile=server.oci_profile,
@@ -219,7 +237,6 @@ def up() -> dict[str, str]:
     api_url = start_prefect_server(base, previous)
     values["PREFECT_API_URL"] = api_url
     values["PREFECT_UI_URL"] = api_url.removesuffix("/api")
-    os.environ["PREFECT_API_URL"] = api_url
     save_blocks(server, values)
     deploy(base, api_url)
     start_worker(base, api_url)

@@ -1,0 +1,116 @@
+"""``make demo``: the main job end to end on the local stack.
+
+Builds a sample disk (GPT; ext4, xfs and vfat partitions holding real files) as qcow2,
+uploads it through the SDK, starts ``import-virtual-disk/default``, waits, prints the
+summary and checks the result independently: the volume must read back as the
+image's guest-visible content and no worker may be left. Exit 0 only on a verified
+import.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import oci
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
+
+from deployments import local_stack
+from diskimport.sample_disk import build_disk, convert
+
+DEPLOYMENT = "import-virtual-disk/default"
+
+
+def stack_clients(env: dict[str, str]) -> tuple[oci.object_storage.ObjectStorageClient, dict[str, Any]]:
+    config = oci.config.from_file(env["OCI_CONFIG_FILE"], env["OCI_PROFILE"])
+    return oci.object_storage.ObjectStorageClient(config, service_endpoint=env["LOCALOCI_ENDPOINT"]), config
+
+
+def upload(env: dict[str, str], path: Path, object_name: str, metadata: dict[str, str] | None = None) -> str:
+    """PUT a file into the import bucket; return its ETag."""
+    client, _ = stack_clients(env)
+    with open(path, "rb") as f:
+        reply = client.put_object(env["OCI_NAMESPACE"], env["IMPORT_BUCKET"], object_name, f, opc_meta=metadata or {})
+    return reply.headers["etag"]
+
+
+def start_import(env: dict[str, str], object_name: str, **parameters: Any) -> FlowRun:
+    from prefect.deployments import run_deployment
+
+    with local_stack.prefect_api(env["PREFECT_API_URL"]):
+        return run_deployment(DEPLOYMENT, parameters={"bucket": env["IMPORT_BUCKET"], "object_name": object_name,
+                                                       **parameters}, timeout=0)
+
+
+def wait_for_run(env: dict[str, str], flow_run_id: Any, timeout: float = 600) -> FlowRun:
+    deadline = time.monotonic() + timeout
+    with local_stack.prefect_api(env["PREFECT_API_URL"]), get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"flow run {flow_run_id} still {run.state.name if run.state else '?'} "
+                                   f"after {timeout:.0f}s")
+            time.sleep(0.5)
+
+
+def run_result(env: dict[str, str], run: FlowRun) -> Any:
+    with local_stack.prefect_api(env["PREFECT_API_URL"]):
+        return run.state.result(raise_on_failure=False)
+
+
+def inventory(env: dict[str, str]) -> dict[str, Any]:
+    return httpx.get(env["LOCALOCI_ENDPOINT"] + "/_localoci/inventory", timeout=30).json()
+
+
+def volume_matches(env: dict[str, str], volume_id: str, source: Path, fmt: str) -> tuple[bool, str]:
+    """Compare the volume's backing file with the source image, as a second, independent check."""
+    backing = next(v["backingFile"] for v in inventory(env)["volumes"] if v["id"] == volume_id)
+    done = subprocess.run(["qemu-img", "compare", "-f", fmt, "-F", "raw", str(source), backing],
+                          capture_output=True, text=True)
+    return done.returncode == 0, (done.stdout + done.stderr).strip()
+
+
+def main() -> int:
+    env = local_stack.up()
+    with tempfile.TemporaryDirectory(prefix="demo-disk-") as tmp:
+        raw = Path(tmp) / "disk.raw"
+        files = {"README.txt": b"imported by oci-disk-import\n", "data.bin": os.urandom(4 * 1024 * 1024)}
+        build_disk(raw, files, table="gpt")
+        image = convert(raw, Path(tmp) / "demo-disk.qcow2", "qcow2")
+        object_name = f"demo/demo-disk-{int(time.time())}.qcow2"
+        etag = upload(env, image, object_name, {"display_name": "demo-disk"})
+        print(f"uploaded {object_name} ({image.stat().st_size:,} bytes, ETag {etag})")
+        started = start_import(env, object_name, etag=etag)
+        print(f"import running: {env['PREFECT_UI_URL']}/runs/flow-run/{started.id}")
+        run = wait_for_run(env, started.id)
+        if not run.state.is_completed():
+            print(f"import failed: {run.state.name}: {run.state.message}")
+            return 1
+        summary = run_result(env, run)
+        same, detail = volume_matches(env, summary["volume_id"], image, "qcow2")
+        live = inventory(env)
+    print()
+    print(f"volume       {summary['volume_id']} ({summary['volume_size_gb']} GB, {summary['availability_domain']})")
+    print(f"format       {summary['format']}, {summary['virtual_size']:,} bytes virtual")
+    for check in summary["filesystems"]:
+        print(f"partition {check['partition']}  {check['filesystem']}: {check['status']}")
+    print("steps        " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["steps"].items()))
+    print(f"verified     {'yes' if same else 'NO'}: {detail}")
+    print(f"workers left {len(live['instances'])}")
+    print(f"Prefect UI   {env['PREFECT_UI_URL']}/runs/flow-run/{run.id}")
+    ok = same and not live["instances"] and all(c["status"] == "clean" for c in summary["filesystems"])
+    print("demo: " + ("import verified" if ok else "FAILED"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
