@@ -32,7 +32,7 @@ uv-env:
 	@$(UV) sync --frozen --quiet
 
 test: deps
-	$(UV) run pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(UV) run pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 up: deps
 	$(UV) run python -m deployments.local_stack up

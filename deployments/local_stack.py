@@ -213,7 +213,10 @@ def deploy(base: Path, api_url: str) -> None:
 def start_worker(base: Path, api_url: str) -> None:
     pid_file = base / "prefect-worker.pid"
     if _pid_alive(pid_file) is None:
-        _spawn([PREFECT, "worker", "start", "--pool", WORK_POOL, "--type", "process", "--limit", "8"],
+        # No --limit: prefect 3.8.8's worker limiter crashes the worker when a killed run is retried
+        # ("this borrower is already holding one of this CapacityLimiter's tokens"); the global
+        # concurrency limit bounds the runs that hold a worker VM.
+        _spawn([PREFECT, "worker", "start", "--pool", WORK_POOL, "--type", "process"],
                prefect_env(base, api_url), base / "prefect-worker.log", pid_file)
 
 

@@ -9,11 +9,13 @@ are the product and are never touched.
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
+from prefect.exceptions import ObjectNotFound
 
 from blocks import ImportSettings, OCICredentials, WorkerShape
 from diskimport import cloud, naming
@@ -56,13 +58,16 @@ def sweep_run(credentials_block: str, worker_block: str, settings_block: str, fl
 
 
 def _run_is_active(flow_run_id: str) -> bool:
+    """Whether the run that tagged a resource may still be using it (unknown runs are not)."""
+    try:
+        run_id = uuid.UUID(flow_run_id)
+    except ValueError:
+        return False
     try:
         with get_client(sync_client=True) as client:
-            run = client.read_flow_run(flow_run_id)
-    except Exception as exc:  # unknown or unreadable run ids are not active
-        if "404" in str(exc) or "not found" in str(exc).lower() or "badly formed" in str(exc).lower():
-            return False
-        raise
+            run = client.read_flow_run(run_id)
+    except ObjectNotFound:
+        return False
     return run.state is not None and run.state.type in ACTIVE
 
 

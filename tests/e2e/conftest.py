@@ -1,0 +1,87 @@
+"""The local stack (local OCI, Prefect server, worker, deployments) for end-to-end tests.
+
+One stack serves every end-to-end test of a test process: its tests share the xdist
+group "stack", so they run one after another on the same worker while other tests
+run in parallel.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from deployments import demo, local_stack
+from diskimport.sample_disk import build_disk, convert
+
+FILES = {"hello.txt": b"hello from the source disk\n", "random.bin": os.urandom(2 * 1024 * 1024)}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.xdist_group("stack"))
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    base = tmp_path_factory.mktemp("stack")
+    previous = os.environ.get("LOCAL_DIR")
+    os.environ["LOCAL_DIR"] = str(base)
+    try:
+        env = local_stack.up()
+        yield env
+    finally:
+        local_stack.down()
+        if previous is None:
+            os.environ.pop("LOCAL_DIR", None)
+        else:
+            os.environ["LOCAL_DIR"] = previous
+
+
+@dataclass(frozen=True)
+class Disk:
+    raw: Path
+    table: str
+
+
+@pytest.fixture(scope="session")
+def disks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Disk]:
+    """A GPT and an MBR disk, each with ext4, xfs and vfat partitions holding FILES."""
+    tmp = tmp_path_factory.mktemp("disks")
+    made = {}
+    for table in ("gpt", "dos"):
+        raw = tmp / f"{table}.raw"
+        build_disk(raw, FILES, table=table)
+        made[table] = Disk(raw, table)
+    return made
+
+
+def image_of(disk: Disk, fmt: str, target: Path, options: str | None = None) -> Path:
+    if fmt == "raw":
+        subprocess.run(["cp", "--sparse=always", str(disk.raw), str(target)], check=True)
+        return target
+    return convert(disk.raw, target, fmt, options)
+
+
+def run_import(stack: dict[str, str], path: Path, object_name: str, metadata: dict[str, str] | None = None,
+               **parameters: Any) -> tuple[str, Any]:
+    """Upload and start an import; return (etag, flow run)."""
+    etag = demo.upload(stack, path, object_name, metadata)
+    return etag, demo.start_import(stack, object_name, etag=etag, **parameters)
+
+
+def live_inventory(stack: dict[str, str]) -> dict[str, Any]:
+    return demo.inventory(stack)
+
+
+def admin(stack: dict[str, str], method: str, path: str, body: Any = None) -> Any:
+    import httpx
+
+    reply = httpx.request(method, f"{stack['LOCALOCI_ENDPOINT']}/_localoci/{path}", json=body, timeout=30)
+    reply.raise_for_status()
+    return reply.json() if reply.content else None
