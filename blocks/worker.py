@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from prefect.blocks.core import Block
 from pydantic import Field
 
@@ -37,4 +39,7 @@ class WorkerShape(Block):
     ssh_user: str = Field(default="opc", description="User to log in as on the worker.")
     ssh_port: int = Field(default=22, description="SSH port of the worker.")
     use_sudo: bool = Field(default=True, description="Run commands on the worker with sudo (not needed as root).")
+    attachment_type: Literal["paravirtualized", "iscsi"] = Field(
+        default="paravirtualized", description="How the volume is attached to the worker; iscsi logs in with "
+        "iscsiadm on the worker.")
     boot_timeout_seconds: float = Field(default=600, description="How long a worker may take to accept SSH.")

@@ -19,11 +19,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
     update_progress_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE
+from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists
 from prefect.runtime import flow_run as current_flow_run
 
 from blocks import ImportSettings, OCICredentials, WorkerShape
-from diskimport import cloud, filesystems, inspection, metadata, naming, transfer
+from diskimport import cloud, filesystems, inspection, iscsi, metadata, naming, transfer
 from diskimport.keys import SshKeyPair, cloud_init_host_keys
 from diskimport.qemu_img import QemuImg
 from diskimport.worker import WorkerSession
@@ -142,12 +144,23 @@ def terminate_worker(credentials_block: str, instance_id: str) -> None:
 
 
 @task(name="attach-volume", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
-def attach_volume(credentials_block: str, instance_id: str, volume_id: str) -> dict[str, Any]:
-    attachment = cloud.attach_volume(clients_for(OCICredentials.load(credentials_block)), instance_id, volume_id)
+def attach_volume(credentials_block: str, instance_id: str, volume_id: str, kind: str) -> dict[str, Any]:
+    attachment = cloud.attach_volume(clients_for(OCICredentials.load(credentials_block)), instance_id, volume_id,
+                                     kind)
     details = {"id": attachment.id, "device": attachment.device, "type": attachment.attachment_type}
     if attachment.attachment_type == "iscsi":
         details.update(iqn=attachment.iqn, ipv4=attachment.ipv4, port=attachment.port)
     return details
+
+
+@task(name="iscsi-login", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def iscsi_login(session: WorkerSession, attachment: dict[str, Any]) -> str:
+    return iscsi.login(session, iscsi.IscsiTarget(attachment["iqn"], attachment["ipv4"], attachment["port"]))
+
+
+@task(name="iscsi-logout", retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def iscsi_logout(session: WorkerSession, attachment: dict[str, Any]) -> None:
+    iscsi.logout(session, iscsi.IscsiTarget(attachment["iqn"], attachment["ipv4"], attachment["port"]))
 
 
 @task(name="detach-volume", retries=5, retry_delay_seconds=[2, 5, 10, 20, 30], cache_policy=NO_CACHE)
@@ -253,6 +266,15 @@ def _availability_domains(credentials: OCICredentials, shape: WorkerShape, ad_nu
     return preferred or names
 
 
+def _ensure_worker_limit(limit: int) -> None:
+    """Create or resize the global concurrency limit that bounds running worker VMs."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.upsert_global_concurrency_limit_by_name(WORKER_LIMIT, limit)
+        except ObjectAlreadyExists:  # a concurrent run created it between our read and create
+            client.upsert_global_concurrency_limit_by_name(WORKER_LIMIT, limit)
+
+
 def cleanup_after_crash(flow: Any, flow_run: Any, state: Any) -> None:
     """on_crashed / on_cancellation: remove what this run created (the sweeper covers SIGKILL)."""
     from flows.sweep import sweep_run
@@ -318,7 +340,8 @@ def import_virtual_disk(
     client_key, host_key = SshKeyPair.generate(), SshKeyPair.generate()
     clients = clients_for(credentials)
 
-    with concurrency(WORKER_LIMIT, occupy=1, strict=False, timeout_seconds=None):
+    _ensure_worker_limit(settings.worker_concurrency_limit)
+    with concurrency(WORKER_LIMIT, occupy=1, strict=True, timeout_seconds=None):
         # A worker that an earlier, killed attempt left behind cannot be reached (its keys died
         # with that process): terminate it before starting over.
         for stale in cloud.find_instances(clients, shape.compartment_id, {naming.TAG_IMPORT_ID: import_key}):
@@ -338,13 +361,16 @@ def import_virtual_disk(
                 with timer.step("prepare-worker"):
                     qemu_version = prepare_worker(session, shape.boot_timeout_seconds)
                 with timer.step("attach"):
-                    attachment = attach_volume(credentials_block, worker["id"], volume["id"])
+                    attachment = attach_volume(credentials_block, worker["id"], volume["id"], shape.attachment_type)
+                    device = iscsi_login(session, attachment) if attachment["type"] == "iscsi" \
+                        else attachment["device"]
                 with timer.step("write-and-verify"):
                     written = write_image(session, credentials_block, version, image["format"],
-                                          image["virtual_size"], attachment["device"], import_key,
-                                          target_is_zero=volume["fresh"])
+                                          image["virtual_size"], device, import_key, target_is_zero=volume["fresh"])
                 with timer.step("check-filesystems"):
-                    checks = check_filesystems(session, attachment["device"], image["virtual_size"])
+                    checks = check_filesystems(session, device, image["virtual_size"])
+                if attachment["type"] == "iscsi":
+                    iscsi_logout(session, attachment)
             with timer.step("detach"):
                 detach_volume(credentials_block, attachment["id"])
                 attachment = None

@@ -1,8 +1,7 @@
 """The local stack (local OCI, Prefect server, worker, deployments) for end-to-end tests.
 
-One stack serves every end-to-end test of a test process: its tests share the xdist
-group "stack", so they run one after another on the same worker while other tests
-run in parallel.
+One stack serves the end-to-end tests, which live in one module so that
+``--dist loadfile`` runs them on one test worker.
 """
 
 from __future__ import annotations
@@ -19,12 +18,6 @@ from deployments import demo, local_stack
 from diskimport.sample_disk import build_disk, convert
 
 FILES = {"hello.txt": b"hello from the source disk\n", "random.bin": os.urandom(2 * 1024 * 1024)}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if "tests/e2e/" in str(item.fspath):
-            item.add_marker(pytest.mark.xdist_group("stack"))
 
 
 @pytest.fixture(scope="session")
