@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-APT_PACKAGES := qemu-utils openssh-server openssh-client e2fsprogs xfsprogs dosfstools mtools fdisk util-linux curl
+APT_PACKAGES := qemu-utils openssh-server openssh-client e2fsprogs xfsprogs dosfstools mtools fdisk util-linux curl postgresql
 # Looked up at each use, so a uv that uv-env just installed is found.
 UV = $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PYTEST_WORKERS ?= 4
@@ -32,7 +32,7 @@ uv-env:
 	@$(UV) sync --frozen --quiet
 
 test: deps
-	$(UV) run pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(UV) run pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 up: deps
 	$(UV) run python -m deployments.local_stack up

@@ -1,0 +1,297 @@
+"""End to end on the local stack (local OCI, Prefect server and worker, deployments).
+
+Everything here shares one stack and runs in one module, so that under
+``--dist loadfile`` it runs on one test worker, one test after another (fault
+injection is global to the stack), while the other modules run in parallel.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import oci
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
+
+from deployments import demo, local_stack
+from diskimport import naming
+from diskimport.keys import SshKeyPair, cloud_init_host_keys
+from tests.e2e.conftest import Disk, admin, image_of, live_inventory, run_import
+
+
+# -- Every supported format and partition table imports and reads back as the source disk.
+
+CASES = {
+    # name: (format, qemu-img -o options, partition table)
+    "qcow2-gpt": ("qcow2", None, "gpt"),
+    "vmdk-monolithicsparse-dos": ("vmdk", "subformat=monolithicSparse", "dos"),
+    "vmdk-streamoptimized-gpt": ("vmdk", "subformat=streamOptimized", "gpt"),
+    "vhdx-dos": ("vhdx", None, "dos"),
+    "vpc-gpt": ("vpc", None, "gpt"),
+    "vdi-dos": ("vdi", None, "dos"),
+    "raw-gpt": ("raw", None, "gpt"),
+}
+SUFFIX = {"qcow2": "qcow2", "vmdk": "vmdk", "vhdx": "vhdx", "vpc": "vhd", "vdi": "vdi", "raw": "raw"}
+
+
+@pytest.fixture(scope="module")
+def imports(stack: dict[str, str], disks: dict[str, Disk], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Start every case at once through the one stack, then wait for all of them."""
+    tmp = tmp_path_factory.mktemp("images")
+    started = {}
+    for case, (fmt, options, table) in CASES.items():
+        image = image_of(disks[table], fmt, tmp / f"{case}.{SUFFIX[fmt]}", options)
+        object_name = f"formats/{case}.{SUFFIX[fmt]}"
+        etag, run = run_import(stack, image, object_name)
+        started[case] = {"image": image, "etag": etag, "run": run, "object": object_name, "table": table}
+    for case, item in started.items():
+        run = demo.wait_for_run(stack, item["run"].id, timeout=900)
+        item["final"] = run
+        item["summary"] = demo.run_result(stack, run) if run.state.is_completed() else None
+    return started
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_image_imports_and_volume_holds_the_source_disk(case: str, imports: dict[str, Any], stack, disks) -> None:
+    item = imports[case]
+    run = item["final"]
+    assert run.state.is_completed(), f"{case}: {run.state.name}: {run.state.message}"
+    summary = item["summary"]
+    assert summary["format"] == CASES[case][0]
+    volume = next(v for v in live_inventory(stack)["volumes"] if v["id"] == summary["volume_id"])
+    assert volume["freeformTags"]["import-state"] == "imported"
+    assert volume["freeformTags"]["import-etag"] == item["etag"]
+    assert volume["vpusPerGB"] == 10
+    # The volume's bytes are the source disk's guest-visible bytes (and zeros beyond).
+    source_raw: Path = disks[item["table"]].raw
+    compared = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(source_raw),
+                               volume["backingFile"]], capture_output=True, text=True)
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    checks = {c["filesystem"]: c["status"] for c in summary["filesystems"]}
+    assert checks == {"ext4": "clean", "xfs": "clean", "vfat": "clean"}
+
+
+def test_no_worker_attachment_or_par_is_left(imports: dict[str, Any], stack) -> None:
+    inventory = live_inventory(stack)
+    assert inventory["instances"] == []
+    assert inventory["attachments"] == []
+    assert inventory["pars"] == []
+
+
+def test_reimport_of_same_etag_returns_existing_volume(imports: dict[str, Any], stack) -> None:
+    item = imports["qcow2-gpt"]
+    volumes_before = {v["id"] for v in live_inventory(stack)["volumes"]}
+    run = demo.start_import(stack, item["object"], etag=item["etag"])
+    final = demo.wait_for_run(stack, run.id)
+    assert final.state.is_completed(), final.state.message
+    result = demo.run_result(stack, final)
+    assert result["reused"] is True and result["volume_id"] == item["summary"]["volume_id"]
+    assert {v["id"] for v in live_inventory(stack)["volumes"]} == volumes_before
+
+
+# -- Faults at each step: each run succeeds after retry or fails naming the cause, and leaves
+# no worker (and, when it fails, no volume) behind.
+
+@pytest.fixture
+def clean_faults(stack: dict[str, str]) -> Iterator[None]:
+    admin(stack, "DELETE", "faults")
+    admin(stack, "POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": None})
+    yield
+    admin(stack, "DELETE", "faults")
+    admin(stack, "POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": None})
+
+
+@pytest.fixture(scope="module")
+def qcow2(disks: dict[str, Disk], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return image_of(disks["gpt"], "qcow2", tmp_path_factory.mktemp("faults") / "disk.qcow2")
+
+
+def resources_of(stack: dict[str, str], etag: str) -> dict[str, list[dict[str, Any]]]:
+    inventory = live_inventory(stack)
+    return {kind: [r for r in inventory[kind] if r["freeformTags"].get("import-etag") == etag]
+            for kind in ("instances", "volumes")}
+
+
+def wait_for_task(stack: dict[str, str], flow_run_id: Any, task_name: str, timeout: float = 300) -> None:
+    """Wait until a task whose name starts with ``task_name`` runs in the flow run."""
+    deadline = time.monotonic() + timeout
+    with local_stack.prefect_api(stack["PREFECT_API_URL"]), get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=task_name)))
+            if any(r.state and r.state.is_running() for r in runs):
+                return
+            time.sleep(0.2)
+    raise TimeoutError(f"task {task_name} never ran in flow run {flow_run_id}")
+
+
+def test_throttled_volume_creation_succeeds_after_retry(stack, qcow2, clean_faults):
+    admin(stack, "POST", "faults", {"operation": "CreateVolume", "count": 2, "status": 429,
+                                    "code": "TooManyRequests", "message": "Too many requests for the tenancy."})
+    etag, run = run_import(stack, qcow2, "faults/throttled.qcow2")
+    final = demo.wait_for_run(stack, run.id)
+    assert final.state.is_completed(), final.state.message
+    assert admin(stack, "GET", "faults") == []
+    left = resources_of(stack, etag)
+    assert left["instances"] == [] and len(left["volumes"]) == 1
+
+
+def test_out_of_host_capacity_moves_to_the_next_availability_domain(stack, qcow2, clean_faults):
+    admin(stack, "POST", "faults", {"operation": "LaunchInstance", "count": 10, "status": 500,
+                                    "code": "InternalError", "message": "Out of host capacity.",
+                                    "match": {"availabilityDomain": "local:LOCAL-AD-1"}})
+    etag, run = run_import(stack, qcow2, "faults/capacity.qcow2")
+    final = demo.wait_for_run(stack, run.id)
+    assert final.state.is_completed(), final.state.message
+    summary = demo.run_result(stack, final)
+    assert summary["availability_domain"] == "local:LOCAL-AD-2"
+    left = resources_of(stack, etag)
+    assert left["instances"] == []
+    assert [v["availabilityDomain"] for v in left["volumes"]] == ["local:LOCAL-AD-2"]
+
+
+def test_ssh_dropped_during_the_write_fails_naming_the_cause_and_cleans_up(stack, qcow2, clean_faults):
+    # Slow the download so the worker is still writing when its SSH goes away.
+    admin(stack, "POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": 1024 * 1024})
+    etag, run = run_import(stack, qcow2, "faults/ssh-dropped.qcow2")
+    wait_for_task(stack, run.id, "write-image")
+    time.sleep(1)
+    worker = resources_of(stack, etag)["instances"]
+    assert len(worker) == 1
+    admin(stack, "POST", f"instances/{worker[0]['id']}/crash")
+    final = demo.wait_for_run(stack, run.id)
+    assert final.state.is_failed()
+    message = final.state.message or ""
+    result = str(demo.run_result(stack, final))
+    assert any(word in (message + result) for word in ("SSH", "ssh", "Connection", "connect", "Socket", "closed")), \
+        message + result
+    assert resources_of(stack, etag) == {"instances": [], "volumes": []}
+
+
+def test_corrupted_filesystem_fails_the_import_with_the_checker_output(stack, disks, tmp_path, clean_faults):
+    raw = tmp_path / "corrupt.raw"
+    subprocess.run(["cp", "--sparse=always", str(disks["gpt"].raw), str(raw)], check=True)
+    # Clear the ext4 root inode: the image is still a valid disk, its first filesystem is not.
+    subprocess.run(["debugfs", "-w", "-R", "clri <2>", f"{raw}?offset={1024 * 1024}"], check=True,
+                   capture_output=True)
+    etag, run = run_import(stack, raw, "faults/corrupt.raw")
+    final = demo.wait_for_run(stack, run.id)
+    assert final.state.is_failed()
+    text = (final.state.message or "") + str(demo.run_result(stack, final))
+    assert "filesystem check failed" in text and "ext4" in text, text
+    assert resources_of(stack, etag) == {"instances": [], "volumes": []}
+
+
+def _flow_run_process(flow_run_id: Any) -> int | None:
+    needle = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if needle in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                    return int(entry)
+            except OSError:
+                continue
+    return None
+
+
+def test_run_killed_mid_write_and_retried_finishes_with_exactly_one_volume(stack, qcow2, clean_faults):
+    admin(stack, "POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": 1024 * 1024})
+    etag, run = run_import(stack, qcow2, "faults/killed.qcow2")
+    wait_for_task(stack, run.id, "write-image")
+    pid = _flow_run_process(run.id)
+    assert pid is not None, "flow run process not found"
+    os.kill(pid, signal.SIGKILL)
+    crashed = demo.wait_for_run(stack, run.id)
+    assert crashed.state.is_crashed(), crashed.state
+    # The process worker reaps the killed process a few seconds after the run is marked
+    # crashed, runs the flow's on_crashed hook (which removes the run's worker and volume)
+    # and reports the crash again; a retry scheduled before that report would be marked
+    # crashed by it. An operator retries later; the test waits for that report.
+    worker_log = Path(stack["PREFECT_HOME"]).parent / "prefect-worker.log"
+    reported = f"Reported flow run '{run.id}' as crashed: Flow run infrastructure exited"
+    deadline = time.monotonic() + 60
+    while reported not in worker_log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    admin(stack, "POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": None})
+
+    env = local_stack.prefect_env(Path(stack["PREFECT_HOME"]).parent, stack["PREFECT_API_URL"])
+    retried = subprocess.run([local_stack.PREFECT, "flow-run", "retry", str(run.id)], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    final = demo.wait_for_run(stack, run.id)
+    assert final.state.is_completed(), final.state.message
+    summary = demo.run_result(stack, final)
+    after = resources_of(stack, etag)
+    assert after["instances"] == []
+    assert [v["id"] for v in after["volumes"]] == [summary["volume_id"]]
+
+
+# -- sweep-orphans removes what a dead run left, and never an imported volume.
+
+def test_sweep_removes_workers_and_unfinished_volumes_of_dead_runs_only(stack):
+    config = oci.config.from_file(stack["OCI_CONFIG_FILE"], stack["OCI_PROFILE"])
+    compute = oci.core.ComputeClient(config, service_endpoint=stack["LOCALOCI_ENDPOINT"])
+    blockstorage = oci.core.BlockstorageClient(config, service_endpoint=stack["LOCALOCI_ENDPOINT"])
+    models = oci.core.models
+    dead_run = str(uuid.uuid4())
+    tags = {naming.TAG_MANAGED_BY: naming.MANAGED_BY, naming.TAG_FLOW_RUN: dead_run, naming.TAG_IMPORT_ID: "sweep"}
+    ad = "local:LOCAL-AD-3"
+    worker = compute.launch_instance(models.LaunchInstanceDetails(
+        compartment_id=stack["COMPARTMENT_ID"], availability_domain=ad, shape="VM.Standard.E4.Flex",
+        shape_config=models.LaunchInstanceShapeConfigDetails(ocpus=1, memory_in_gbs=16),
+        source_details=models.InstanceSourceViaImageDetails(image_id=stack["IMAGE_ID"]),
+        create_vnic_details=models.CreateVnicDetails(subnet_id=stack["SUBNET_ID"]),
+        metadata={"ssh_authorized_keys": SshKeyPair.generate().public_openssh,
+                  "user_data": cloud_init_host_keys(SshKeyPair.generate())},
+        freeform_tags=tags)).data
+    unfinished = blockstorage.create_volume(models.CreateVolumeDetails(
+        compartment_id=stack["COMPARTMENT_ID"], availability_domain=ad, size_in_gbs=50,
+        freeform_tags={**tags, naming.TAG_STATE: naming.STATE_WRITING})).data
+    imported = blockstorage.create_volume(models.CreateVolumeDetails(
+        compartment_id=stack["COMPARTMENT_ID"], availability_domain=ad, size_in_gbs=50,
+        freeform_tags={**tags, naming.TAG_STATE: naming.STATE_IMPORTED})).data
+    unmanaged = blockstorage.create_volume(models.CreateVolumeDetails(
+        compartment_id=stack["COMPARTMENT_ID"], availability_domain=ad, size_in_gbs=50,
+        freeform_tags={naming.TAG_FLOW_RUN: dead_run})).data
+    oci.wait_until(compute, compute.get_instance(worker.id), "lifecycle_state", "RUNNING", max_wait_seconds=60)
+    for volume in (unfinished, imported, unmanaged):
+        oci.wait_until(blockstorage, blockstorage.get_volume(volume.id), "lifecycle_state", "AVAILABLE",
+                       max_wait_seconds=60)
+
+    from flows.sweep import sweep_orphans
+
+    with local_stack.prefect_api(stack["PREFECT_API_URL"]):
+        removed = sweep_orphans(min_age_minutes=0)
+
+    assert worker.id in removed["instances"]
+    assert unfinished.id in removed["volumes"]
+    live = live_inventory(stack)
+    live_volumes = {v["id"] for v in live["volumes"]}
+    assert worker.id not in {i["id"] for i in live["instances"]}
+    assert unfinished.id not in live_volumes
+    assert {imported.id, unmanaged.id} <= live_volumes
+    for volume in (imported, unmanaged):
+        blockstorage.delete_volume(volume.id)
+
+
+# -- An upload alone starts the import: Events rule -> function (FDK runner) -> Prefect run.
+
+def test_object_put_leads_to_a_finished_import_without_any_manual_step(stack, disks, tmp_path):
+    image = image_of(disks["dos"], "vdi", tmp_path / "uploaded.vdi")
+    object_name = f"uploads/{uuid.uuid4().hex[:8]} by event.vdi"
+    etag = demo.upload(stack, image, object_name, {"vpus": "20"})
+    run = demo.run_started_by_upload(stack, object_name, etag)
+    assert run.idempotency_key == f"{stack['OCI_NAMESPACE']}/{stack['IMPORT_BUCKET']}/{object_name}@{etag}"
+    final = demo.wait_for_run(stack, run.id)
+    assert final.state.is_completed(), final.state.message
+    summary = demo.run_result(stack, final)
+    assert summary["format"] == "vdi" and summary["vpus_per_gb"] == 20
+    assert admin(stack, "GET", "events")["pending"] == []
