@@ -1,8 +1,8 @@
 """``make demo``: the main job end to end on the local stack.
 
 Builds a sample disk (GPT; ext4, xfs and vfat partitions holding real files) as qcow2,
-uploads it through the SDK, starts ``import-virtual-disk/default``, waits, prints the
-summary and checks the result independently: the volume must read back as the
+uploads it through the SDK (the upload event makes the function start
+``import-virtual-disk/default``), waits for that run, prints the summary and checks the result independently: the volume must read back as the
 image's guest-visible content and no worker may be left. Exit 0 only on a verified
 import.
 """
@@ -49,6 +49,24 @@ def start_import(env: dict[str, str], object_name: str, **parameters: Any) -> Fl
                                                        **parameters}, timeout=0)
 
 
+def run_started_by_upload(env: dict[str, str], object_name: str, etag: str, timeout: float = 120) -> FlowRun:
+    """The flow run the upload trigger started for this object version."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    deadline = time.monotonic() + timeout
+    with local_stack.prefect_api(env["PREFECT_API_URL"]), get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["default"])),
+                                         limit=200)
+            for run in runs:
+                if run.parameters.get("object_name") == object_name and run.parameters.get("etag") == etag:
+                    return run
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no flow run was started for {object_name}@{etag} within {timeout:.0f}s; "
+                                   "see function.log in the stack directory")
+            time.sleep(0.5)
+
+
 def wait_for_run(env: dict[str, str], flow_run_id: Any, timeout: float = 600) -> FlowRun:
     deadline = time.monotonic() + timeout
     with local_stack.prefect_api(env["PREFECT_API_URL"]), get_client(sync_client=True) as client:
@@ -88,8 +106,8 @@ def main() -> int:
         image = convert(raw, Path(tmp) / "demo-disk.qcow2", "qcow2")
         object_name = f"demo/demo-disk-{int(time.time())}.qcow2"
         etag = upload(env, image, object_name, {"display_name": "demo-disk"})
-        print(f"uploaded {object_name} ({image.stat().st_size:,} bytes, ETag {etag})")
-        started = start_import(env, object_name, etag=etag)
+        print(f"uploaded {object_name} ({image.stat().st_size:,} bytes, ETag {etag}); the upload event starts the import")
+        started = run_started_by_upload(env, object_name, etag)
         print(f"import running: {env['PREFECT_UI_URL']}/runs/flow-run/{started.id}")
         run = wait_for_run(env, started.id)
         if not run.state.is_completed():

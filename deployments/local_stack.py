@@ -3,9 +3,10 @@
 ``up`` starts, in the background, the local OCI (state under ``.local/localoci``) and
 prepares what an import needs on it (the import bucket with object events enabled, a
 VCN and subnet for workers), then a Prefect server (SQLite under ``.local/prefect``),
-saves the blocks for the local OCI, creates the work pool and the worker concurrency
-limit, deploys ``prefect.yaml`` and starts a Prefect worker. It writes
-``.local/stack.env`` (``KEY=value`` lines) and one ``.pid`` file per process. Running
+saves the blocks for the local OCI, creates the work pool, deploys ``prefect.yaml``,
+starts a Prefect worker, and serves the upload trigger (``function_trigger``) with the
+FDK's runner as the target of the local Events rule for the import bucket, so an upload
+starts an import. It writes ``.local/stack.env`` (``KEY=value`` lines) and one ``.pid`` file per process. Running
 ``up`` twice is harmless; ``down`` stops every process ``up`` started.
 
 Set ``LOCAL_DIR`` to keep the stack somewhere other than ``.local/``.
@@ -34,7 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 IMPORT_BUCKET = "disk-images"
 WORKER_IMAGE_ID = "ocid1.image.oc1..localoci-worker"
 WORK_POOL = "import-pool"
-WORKER_LIMIT = "oci-disk-import-workers"
 BLOCKS = {"credentials": "local-oci", "worker": "local-worker", "settings": "local-import"}
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 
@@ -206,7 +206,6 @@ def deploy(base: Path, api_url: str) -> None:
     env = prefect_env(base, api_url)
     _prefect(["block", "register", "-m", "blocks"], env)
     _prefect(["work-pool", "create", WORK_POOL, "--type", "process"], env, ok_if="already exists")
-    _prefect(["global-concurrency-limit", "create", WORKER_LIMIT, "--limit", "4"], env, ok_if="already exists")
     _prefect(["--no-prompt", "deploy", "--all"], env)
 
 
@@ -218,6 +217,51 @@ def start_worker(base: Path, api_url: str) -> None:
         # concurrency limit bounds the runs that hold a worker VM.
         _spawn([PREFECT, "worker", "start", "--pool", WORK_POOL, "--type", "process"],
                prefect_env(base, api_url), base / "prefect-worker.log", pid_file)
+
+
+def start_function(base: Path, values: dict[str, str], previous: dict[str, str]) -> str:
+    """Serve the upload trigger with the FDK's runner; return the endpoint events are delivered to."""
+    pid_file = base / "function.pid"
+    endpoint = previous.get("FUNCTION_ENDPOINT") or f"http://127.0.0.1:{_free_port()}/"
+    if _pid_alive(pid_file) is None:
+        port = endpoint.rstrip("/").rsplit(":", 1)[1]
+        env = {
+            **os.environ, "PREFECT_API_URL": values["PREFECT_API_URL"], "WATCH_BUCKETS": values["IMPORT_BUCKET"],
+            "OCI_AUTH": "config_file", "OCI_CONFIG_FILE": values["OCI_CONFIG_FILE"],
+            "OCI_PROFILE": values["OCI_PROFILE"], "OCI_ENDPOINT": values["LOCALOCI_ENDPOINT"],
+            "FLOW_PARAMETERS": json.dumps({"credentials_block": BLOCKS["credentials"],
+                                           "worker_block": BLOCKS["worker"], "settings_block": BLOCKS["settings"]}),
+        }
+        with open(base / "function.log", "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "function_trigger.local_runner", "--port", port,
+                                     "--socket-dir", str(base / "function")], stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=out, env=env, cwd=ROOT, start_new_session=True)
+        pid_file.write_text(str(proc.pid))
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", int(endpoint.rstrip("/").rsplit(":", 1)[1])), timeout=1):
+                break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the function runner did not listen; see {base / 'function.log'}") from None
+            time.sleep(0.2)
+    return endpoint
+
+
+def register_event_rule(server: process.RunningLocalOCI, bucket: str, endpoint: str) -> None:
+    """The local Events rule: object creates and updates in the import bucket go to the function."""
+    name = "import-trigger"
+    for rule in server.admin("GET", "events/rules"):
+        if rule["displayName"] == name:
+            if rule["endpoint"] == endpoint:
+                return
+            server.admin("DELETE", f"events/rules/{rule['id']}")
+    server.admin("POST", "events/rules", {
+        "displayName": name, "endpoint": endpoint, "eventVersion": "1.0",
+        "condition": {"eventType": ["com.oraclecloud.objectstorage.createobject",
+                                    "com.oraclecloud.objectstorage.updateobject"],
+                      "data": {"additionalDetails": {"bucketName": [bucket]}}}})
 
 
 def up() -> dict[str, str]:
@@ -244,6 +288,8 @@ def up() -> dict[str, str]:
     deploy(base, api_url)
     start_worker(base, api_url)
     values.update({"PREFECT_HOME": str(base / "prefect"), "WORK_POOL": WORK_POOL})
+    values["FUNCTION_ENDPOINT"] = start_function(base, values, previous)
+    register_event_rule(server, values["IMPORT_BUCKET"], values["FUNCTION_ENDPOINT"])
     write_env(env_path, values)
     return values
 

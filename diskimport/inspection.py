@@ -16,17 +16,14 @@ from typing import Callable
 
 from oslo_utils.imageutils import format_inspector as fi
 
+from function_trigger.options import FORMAT_NAMES
+
 log = logging.getLogger(__name__)
 
 HEAD_BYTES = 4 * 1024 * 1024
 TAIL_BYTES = 64 * 1024
 CHUNK = 64 * 1024
 
-# Object name suffixes and metadata values -> qemu-img format names.
-FORMAT_NAMES = {
-    "qcow2": "qcow2", "qcow": "qcow2", "vmdk": "vmdk", "vhd": "vpc", "vpc": "vpc",
-    "vhdx": "vhdx", "vdi": "vdi", "raw": "raw", "img": "raw",
-}
 # format_inspector names -> qemu-img format names
 INSPECTOR_TO_QEMU = {"qcow2": "qcow2", "vmdk": "vmdk", "vhd": "vpc", "vhdx": "vhdx", "vdi": "vdi",
                      "raw": "raw", "gpt": "raw"}

@@ -1,0 +1,102 @@
+"""A real Prefect server (SQLite or PostgreSQL, with API auth) holding the import deployment,
+and the function's configuration pointing at it and at the local OCI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+AUTH = "importer:s3cret-for-tests"
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pg_bin(name: str) -> str:
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    if not found:
+        raise RuntimeError("PostgreSQL server binaries not found (Debian package postgresql)")
+    return str(found[-1])
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on loopback, started for these tests."""
+    root = Path(tempfile.mkdtemp(prefix="prefect-pg-"))
+    os.chmod(root, 0o755)
+    data, port = root / "data", _free_port()
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    data.mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(data, "postgres", "postgres")
+    subprocess.run([*as_postgres, _pg_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"], check=True,
+                   capture_output=True)
+    subprocess.run([*as_postgres, _pg_bin("pg_ctl"), "-D", str(data), "-w", "-l", str(data / "server.log"), "-o",
+                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c max_connections=200", "start"],
+                   check=True, capture_output=True)
+    try:
+        subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c",
+                        "CREATE DATABASE prefect"], check=True, capture_output=True)
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
+    finally:
+        subprocess.run([*as_postgres, _pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def start_prefect(home: Path, database_url: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_API_AUTH_STRING": AUTH,
+           "PREFECT_API_AUTH_STRING": AUTH, "PREFECT_API_DATABASE_CONNECTION_URL": database_url,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    home.mkdir(parents=True, exist_ok=True)
+    log = open(home / "server.log", "ab")
+    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", auth=tuple(AUTH.split(":", 1)), timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"Prefect server did not start; see {home / 'server.log'}")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def prefect_api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A Prefect server with the deployment ``import-virtual-disk/default`` (no worker: runs stay scheduled)."""
+    home = tmp_path_factory.mktemp(f"prefect-{request.param}")
+    database = (f"sqlite+aiosqlite:///{home / 'prefect.db'}" if request.param == "sqlite"
+                else request.getfixturevalue("postgres_url"))
+    proc, url = start_prefect(home, database)
+    client = httpx.Client(base_url=url, auth=tuple(AUTH.split(":", 1)), timeout=30)
+    flow_id = client.post("/flows/", json={"name": "import-virtual-disk"}).json()["id"]
+    deployment = client.post("/deployments/", json={
+        "name": "default", "flow_id": flow_id, "entrypoint": "flows/import_disk.py:import_virtual_disk"}).json()
+    try:
+        yield {"url": url, "client": client, "deployment_id": deployment["id"], "database": request.param}
+    finally:
+        client.close()
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)

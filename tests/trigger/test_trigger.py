@@ -1,0 +1,163 @@
+"""The upload trigger against a real Prefect server (SQLite and PostgreSQL) and the local OCI."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+from function_trigger.func import head_object
+from function_trigger.trigger import PrefectApi, TriggerConfig, handle
+from tests.trigger.conftest import AUTH
+
+CREATE = "com.oraclecloud.objectstorage.createobject"
+
+
+def event(namespace: str, bucket: str, name: str | None, etag: str | None, kind: str = CREATE,
+          version: str = "1.0", bucket_id: str = "ocid1.bucket.oc1..x") -> bytes:
+    data: dict[str, Any] = {"compartmentId": "ocid1.tenancy.oc1..x", "resourceName": name,
+                            "additionalDetails": {"namespace": namespace, "bucketName": bucket,
+                                                  "bucketId": bucket_id, "eTag": etag}}
+    if name is None:
+        del data["resourceName"]
+    if version == "1.0":
+        body = {"eventType": kind, "cloudEventsVersion": "0.1", "eventTypeVersion": "2.0", "eventID": str(uuid.uuid4()),
+                "source": "ObjectStorage", "eventTime": "2026-11-22T00:00:00Z", "data": data}
+    else:
+        body = {"specversion": "1.0", "type": kind, "id": str(uuid.uuid4()), "source": "ObjectStorage", "data": data}
+    return json.dumps(body).encode()
+
+
+@pytest.fixture
+def config(prefect_api, localoci, bucket) -> dict[str, str]:
+    return {
+        "PREFECT_API_URL": prefect_api["url"], "PREFECT_API_AUTH_STRING": AUTH,
+        "WATCH_BUCKETS": bucket, "OCI_AUTH": "config_file", "OCI_CONFIG_FILE": localoci.oci_config_file,
+        "OCI_PROFILE": localoci.oci_profile, "OCI_ENDPOINT": localoci.endpoint,
+        "FLOW_PARAMETERS": json.dumps({"credentials_block": "local-oci"}),
+    }
+
+
+def invoke(config: dict[str, str], raw: bytes):
+    settings = TriggerConfig.from_mapping(config)
+    return handle(raw, settings, head_object(config), PrefectApi(settings))
+
+
+def runs_for(prefect_api, object_names: set[str]) -> list[dict[str, Any]]:
+    runs = prefect_api["client"].post("/flow_runs/filter", json={
+        "flow_runs": {"deployment_id": {"any_": [prefect_api["deployment_id"]]}}, "limit": 200}).json()
+    return [r for r in runs if r["parameters"].get("object_name") in object_names]
+
+
+def put(object_storage, localoci, bucket: str, name: str, metadata: dict[str, str] | None = None) -> str:
+    return object_storage.put_object(localoci.namespace, bucket, name, b"QFI\xfb" + b"\0" * 508,
+                                     opc_meta=metadata or {}).headers["etag"]
+
+
+@pytest.mark.parametrize("version", ["1.0", "2.0"])
+def test_one_event_gives_one_flow_run_with_the_right_parameters(config, prefect_api, localoci, object_storage,
+                                                                bucket, version):
+    name = f"team a/{uuid.uuid4().hex}.QCOW2"
+    etag = put(object_storage, localoci, bucket, name, {"ad_number": "2", "vpus": "20", "display_name": "web01"})
+    decision = invoke(config, event(localoci.namespace, bucket, name, etag, version=version))
+    assert decision.decision == "started" and decision.created is True, decision
+    [run] = runs_for(prefect_api, {name})
+    assert run["id"] == decision.flow_run_id
+    assert run["idempotency_key"] == f"{localoci.namespace}/{bucket}/{name}@{etag}"
+    assert run["parameters"] == {"credentials_block": "local-oci", "namespace": localoci.namespace,
+                                 "bucket": bucket, "object_name": name, "etag": etag, "ad_number": 2, "vpus": 20,
+                                 "display_name": "web01"}
+
+
+def test_the_same_event_twenty_times_at_once_gives_exactly_one_run(config, prefect_api, localoci, object_storage,
+                                                                   bucket):
+    name = f"{uuid.uuid4().hex}.vmdk"
+    raw = event(localoci.namespace, bucket, name, put(object_storage, localoci, bucket, name))
+    with ThreadPoolExecutor(20) as pool:
+        decisions = list(pool.map(lambda _: invoke(config, raw), range(20)))
+    assert all(d.decision == "started" for d in decisions), [d.reason for d in decisions if d.decision != "started"]
+    assert len({d.flow_run_id for d in decisions}) == 1
+    assert len(runs_for(prefect_api, {name})) == 1
+
+
+def test_fifty_different_events_at_once_give_fifty_runs(config, prefect_api, localoci, object_storage, bucket):
+    names = [f"burst/{i:02d}-{uuid.uuid4().hex[:8]}.qcow2" for i in range(50)]
+    events = [event(localoci.namespace, bucket, n, put(object_storage, localoci, bucket, n)) for n in names]
+    with ThreadPoolExecutor(50) as pool:
+        decisions = list(pool.map(lambda raw: invoke(config, raw), events))
+    failed = [d.reason for d in decisions if d.decision != "started"]
+    assert not failed, failed
+    assert len({d.flow_run_id for d in decisions}) == 50
+    assert len(runs_for(prefect_api, set(names))) == 50
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("delete", "is not an object create or update"),
+    ("suffix", "does not end with an image suffix"),
+    ("bucket", "is not watched"),
+])
+def test_events_not_for_the_importer_start_nothing(config, prefect_api, localoci, object_storage, bucket,
+                                                   case, expected):
+    name = f"{uuid.uuid4().hex}" + (".txt" if case == "suffix" else ".qcow2")
+    etag = put(object_storage, localoci, bucket, name)
+    kind = "com.oraclecloud.objectstorage.deleteobject" if case == "delete" else CREATE
+    target_bucket = "some-other-bucket" if case == "bucket" else bucket
+    decision = invoke(config, event(localoci.namespace, target_bucket, name, etag, kind=kind))
+    assert decision.decision == "ignored" and decision.status == 200 and expected in decision.reason
+    assert runs_for(prefect_api, {name}) == []
+
+
+@pytest.mark.parametrize("raw,expected", [
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "not a JSON object"),
+    (None, "missing data.resourceName"),
+    ("no-namespace", "missing data.additionalDetails.namespace"),
+])
+def test_malformed_events_are_refused_with_a_reason(config, prefect_api, localoci, bucket, raw, expected):
+    if raw is None:
+        raw = event(localoci.namespace, bucket, None, "etag")
+    elif raw == "no-namespace":
+        raw = event("", bucket, "x.qcow2", "etag")
+    decision = invoke(config, raw)
+    assert decision.decision == "refused" and decision.status == 400 and expected in decision.reason
+
+
+@pytest.mark.parametrize("metadata,expected", [
+    ({"ad_number": "7"}, "ad_number must be 1 to 3"),
+    ({"ad_number": "one"}, "ad_number must be a whole number"),
+    ({"vpus": "25"}, "vpus must be 0, 10, 20"),
+    ({"format": "iso"}, "format must be one of"),
+])
+def test_bad_metadata_is_refused_and_starts_nothing(config, prefect_api, localoci, object_storage, bucket,
+                                                    metadata, expected):
+    name = f"{uuid.uuid4().hex}.qcow2"
+    etag = put(object_storage, localoci, bucket, name, metadata)
+    decision = invoke(config, event(localoci.namespace, bucket, name, etag))
+    assert decision.decision == "refused" and expected in decision.reason
+    assert runs_for(prefect_api, {name}) == []
+
+
+def test_wrong_api_credential_gets_a_clear_error(config, prefect_api, localoci, object_storage, bucket):
+    name = f"{uuid.uuid4().hex}.qcow2"
+    etag = put(object_storage, localoci, bucket, name)
+    decision = invoke({**config, "PREFECT_API_AUTH_STRING": "importer:wrong"}, event(localoci.namespace, bucket,
+                                                                                      name, etag))
+    assert decision.decision == "failed" and decision.status == 502
+    assert "refused the credentials" in decision.reason and "wrong" not in decision.reason
+    assert runs_for(prefect_api, {name}) == []
+
+
+def test_unreachable_prefect_api_fails_within_the_deadline(config, localoci, object_storage, bucket):
+    name = f"{uuid.uuid4().hex}.qcow2"
+    etag = put(object_storage, localoci, bucket, name)
+    unreachable = {**config, "PREFECT_API_URL": "http://127.0.0.1:9/api", "TIMEOUT_SECONDS": "3"}
+    decision = invoke(unreachable, event(localoci.namespace, bucket, name, etag))
+    assert decision.decision == "failed" and "before the deadline" in decision.reason
+
+
+def test_prefect_api_refuses_requests_without_credentials(prefect_api):
+    assert httpx.post(prefect_api["url"] + "/flows/filter", json={}).status_code == 401
