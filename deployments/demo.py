@@ -33,20 +33,23 @@ def stack_clients(env: dict[str, str]) -> tuple[oci.object_storage.ObjectStorage
     return oci.object_storage.ObjectStorageClient(config, service_endpoint=env["LOCALOCI_ENDPOINT"]), config
 
 
-def upload(env: dict[str, str], path: Path, object_name: str, metadata: dict[str, str] | None = None) -> str:
-    """PUT a file into the import bucket; return its ETag."""
+def upload(env: dict[str, str], path: Path, object_name: str, metadata: dict[str, str] | None = None,
+           bucket: str | None = None) -> str:
+    """PUT a file (into the import bucket unless ``bucket`` names another); return its ETag."""
     client, _ = stack_clients(env)
     with open(path, "rb") as f:
-        reply = client.put_object(env["OCI_NAMESPACE"], env["IMPORT_BUCKET"], object_name, f, opc_meta=metadata or {})
+        reply = client.put_object(env["OCI_NAMESPACE"], bucket or env["IMPORT_BUCKET"], object_name, f,
+                                  opc_meta=metadata or {})
     return reply.headers["etag"]
 
 
-def start_import(env: dict[str, str], object_name: str, **parameters: Any) -> FlowRun:
+def start_import(env: dict[str, str], object_name: str, bucket: str | None = None, **parameters: Any) -> FlowRun:
+    """Start an import by hand, as ``prefect deployment run`` does."""
     from prefect.deployments import run_deployment
 
     with local_stack.prefect_api(env["PREFECT_API_URL"]):
-        return run_deployment(DEPLOYMENT, parameters={"bucket": env["IMPORT_BUCKET"], "object_name": object_name,
-                                                       **parameters}, timeout=0)
+        return run_deployment(DEPLOYMENT, parameters={"bucket": bucket or env["IMPORT_BUCKET"],
+                                                       "object_name": object_name, **parameters}, timeout=0)
 
 
 def run_started_by_upload(env: dict[str, str], object_name: str, etag: str, timeout: float = 120) -> FlowRun:

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 IMPORT_BUCKET = "disk-images"
 WORKER_IMAGE_ID = "ocid1.image.oc1..localoci-worker"
 WORK_POOL = "import-pool"
+POOL_CONCURRENCY = 6
 BLOCKS = {"credentials": "local-oci", "worker": "local-worker", "settings": "local-import"}
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 
@@ -206,6 +207,9 @@ def deploy(base: Path, api_url: str) -> None:
     env = prefect_env(base, api_url)
     _prefect(["block", "register", "-m", "blocks"], env)
     _prefect(["work-pool", "create", WORK_POOL, "--type", "process"], env, ok_if="already exists")
+    # Bounds the flow-run processes one small machine starts at once: a burst of uploads waits
+    # in the pool instead of overloading the SQLite-backed server (503s on submission).
+    _prefect(["work-pool", "set-concurrency-limit", WORK_POOL, str(POOL_CONCURRENCY)], env)
     _prefect(["--no-prompt", "deploy", "--all"], env)
 
 

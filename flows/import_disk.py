@@ -25,10 +25,11 @@ from prefect.exceptions import ObjectAlreadyExists
 from prefect.runtime import flow_run as current_flow_run
 
 from blocks import ImportSettings, OCICredentials, WorkerShape
-from diskimport import cloud, filesystems, inspection, iscsi, metadata, naming, transfer
+from diskimport import cloud, filesystems, inspection, iscsi, metadata, naming, nested, transfer
 from diskimport.keys import SshKeyPair, cloud_init_host_keys
 from diskimport.qemu_img import QemuImg
 from diskimport.worker import WorkerSession
+from flows.sweep import run_is_active, sweep_run
 
 WORKER_LIMIT = "oci-disk-import-workers"
 DETERMINISTIC = (inspection.ImageRejected, metadata.InvalidRequest, filesystems.FilesystemErrors, ValueError)
@@ -106,7 +107,8 @@ def find_previous_import(credentials_block: str, compartment_id: str, import_key
     clients = clients_for(OCICredentials.load(credentials_block))
     volumes = cloud.find_volumes(clients, compartment_id, {naming.TAG_IMPORT_ID: import_key})
     return [{"id": v.id, "state": (v.freeform_tags or {}).get(naming.TAG_STATE), "ad": v.availability_domain,
-             "size_in_gbs": v.size_in_gbs, "display_name": v.display_name} for v in volumes]
+             "size_in_gbs": v.size_in_gbs, "display_name": v.display_name,
+             "flow_run": (v.freeform_tags or {}).get(naming.TAG_FLOW_RUN)} for v in volumes]
 
 
 @task(name="create-volume", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE,
@@ -205,6 +207,7 @@ def write_image(session: WorkerSession, credentials_block: str, version: dict[st
         same, detail = qemu.compare(staged.path, fmt, device)
         if not same:
             raise transfer.VerificationFailed(f"the volume does not hold the image's content: {detail}")
+        nested.check_not_nested(session, device, info.virtual_size)
         logger.info("wrote and verified %s (%s, %d bytes virtual)", version["name"], fmt, info.virtual_size)
         return {"virtual_size": info.virtual_size, "image_bytes": staged.size}
     finally:
@@ -254,6 +257,15 @@ def discard_volume(credentials_block: str, compartment_id: str, volume_id: str, 
 
 # -- the flow ----------------------------------------------------------------------------
 
+def _refuse_if_another_run_is_importing(previous: list[dict[str, Any]], flow_run_id: str) -> None:
+    """Two runs writing the same object version would fight over one volume: the later one stops."""
+    for volume in previous:
+        owner = volume.get("flow_run")
+        if volume["state"] == naming.STATE_WRITING and owner and owner != flow_run_id and run_is_active(owner):
+            raise metadata.InvalidRequest(f"flow run {owner} is importing this object version right now "
+                                          f"(volume {volume['id']}); this run stops instead of competing with it")
+
+
 def _availability_domains(credentials: OCICredentials, shape: WorkerShape, ad_number: int | None) -> list[str]:
     identity = credentials.get_client("identity")
     names = [ad.name for ad in cloud.with_backoff(identity.list_availability_domains, shape.compartment_id).data]
@@ -277,8 +289,6 @@ def _ensure_worker_limit(limit: int) -> None:
 
 def cleanup_after_crash(flow: Any, flow_run: Any, state: Any) -> None:
     """on_crashed / on_cancellation: remove what this run created (the sweeper covers SIGKILL)."""
-    from flows.sweep import sweep_run
-
     sweep_run(flow_run.parameters.get("credentials_block", "local-oci"),
               flow_run.parameters.get("worker_block", "local-worker"),
               flow_run.parameters.get("settings_block", "local-import"), str(flow_run.id))
@@ -325,6 +335,7 @@ def import_virtual_disk(
     logger.info("%s is %s, %d bytes virtual", object_name, image["format"], image["virtual_size"])
 
     previous = find_previous_import(credentials_block, settings.compartment_id, import_key)
+    _refuse_if_another_run_is_importing(previous, flow_run_id)
     done = [v for v in previous if v["state"] == naming.STATE_IMPORTED]
     if done and not force:
         logger.info("object version already imported as %s; nothing to do", done[0]["id"])
@@ -335,17 +346,19 @@ def import_virtual_disk(
     size_gb = cloud.volume_size_gb(image["virtual_size"])
     name = options.display_name or naming.volume_display_name(settings.volume_name_template, object_name,
                                                               version["etag"])
-    resumable = [v for v in previous if v["state"] == naming.STATE_WRITING and v["size_in_gbs"] >= size_gb] \
-        if not force else []
+    resumable = [v for v in previous if v["state"] == naming.STATE_WRITING and v["size_in_gbs"] >= size_gb
+                 and (v["flow_run"] == flow_run_id or not run_is_active(v["flow_run"] or ""))] if not force else []
     client_key, host_key = SshKeyPair.generate(), SshKeyPair.generate()
     clients = clients_for(credentials)
 
     _ensure_worker_limit(settings.worker_concurrency_limit)
     with concurrency(WORKER_LIMIT, occupy=1, strict=True, timeout_seconds=None):
-        # A worker that an earlier, killed attempt left behind cannot be reached (its keys died
-        # with that process): terminate it before starting over.
+        # A worker that an earlier, killed attempt (or a dead run) left behind cannot be reached
+        # (its keys died with that process): terminate it before starting over.
         for stale in cloud.find_instances(clients, shape.compartment_id, {naming.TAG_IMPORT_ID: import_key}):
-            terminate_worker(credentials_block, stale.id)
+            owner = (stale.freeform_tags or {}).get(naming.TAG_FLOW_RUN)
+            if owner == flow_run_id or not run_is_active(owner or ""):
+                terminate_worker(credentials_block, stale.id)
 
         volume: dict[str, Any] | None = None
         worker: dict[str, Any] | None = None

@@ -57,7 +57,7 @@ def sweep_run(credentials_block: str, worker_block: str, settings_block: str, fl
     return _remove(clients, settings.compartment_id, instances, volumes, settings.keep_failed_volume)
 
 
-def _run_is_active(flow_run_id: str) -> bool:
+def run_is_active(flow_run_id: str) -> bool:
     """Whether the run that tagged a resource may still be using it (unknown runs are not)."""
     try:
         run_id = uuid.UUID(flow_run_id)
@@ -89,7 +89,7 @@ def sweep_orphans(
         run_id = (resource.freeform_tags or {}).get(naming.TAG_FLOW_RUN, "")
         created = resource.time_created
         old_enough = created is None or created <= cutoff
-        return old_enough and not _run_is_active(run_id)
+        return old_enough and not run_is_active(run_id)
 
     instances = [i for i in cloud.find_instances(clients, shape.compartment_id, managed) if orphaned(i)]
     volumes = [v for v in cloud.find_volumes(clients, settings.compartment_id, managed) if orphaned(v)]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import oci
 import pytest
 
 from deployments import demo, local_stack
@@ -20,13 +21,21 @@ from diskimport.sample_disk import build_disk, convert
 FILES = {"hello.txt": b"hello from the source disk\n", "random.bin": os.urandom(2 * 1024 * 1024)}
 
 
+MANUAL_BUCKET = "manual-imports"
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The stack, plus a bucket that no Events rule watches, for imports started by hand
+    (an upload to the import bucket starts its own run through the trigger)."""
     base = tmp_path_factory.mktemp("stack")
     previous = os.environ.get("LOCAL_DIR")
     os.environ["LOCAL_DIR"] = str(base)
     try:
         env = local_stack.up()
+        client, _ = demo.stack_clients(env)
+        client.create_bucket(env["OCI_NAMESPACE"], oci.object_storage.models.CreateBucketDetails(
+            name=MANUAL_BUCKET, compartment_id=env["COMPARTMENT_ID"]))
         yield env
     finally:
         local_stack.down()
@@ -63,9 +72,9 @@ def image_of(disk: Disk, fmt: str, target: Path, options: str | None = None) -> 
 
 def run_import(stack: dict[str, str], path: Path, object_name: str, metadata: dict[str, str] | None = None,
                **parameters: Any) -> tuple[str, Any]:
-    """Upload and start an import; return (etag, flow run)."""
-    etag = demo.upload(stack, path, object_name, metadata)
-    return etag, demo.start_import(stack, object_name, etag=etag, **parameters)
+    """Upload to the unwatched bucket and start the import by hand; return (etag, flow run)."""
+    etag = demo.upload(stack, path, object_name, metadata, bucket=MANUAL_BUCKET)
+    return etag, demo.start_import(stack, object_name, bucket=MANUAL_BUCKET, etag=etag, **parameters)
 
 
 def live_inventory(stack: dict[str, str]) -> dict[str, Any]:

@@ -23,7 +23,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskR
 from deployments import demo, local_stack
 from diskimport import naming
 from diskimport.keys import SshKeyPair, cloud_init_host_keys
-from tests.e2e.conftest import Disk, admin, image_of, live_inventory, run_import
+from tests.diskimport import test_hostile_images as hostile
+from tests.e2e.conftest import MANUAL_BUCKET, Disk, admin, image_of, live_inventory, run_import
 
 
 # -- Every supported format and partition table imports and reads back as the source disk.
@@ -88,7 +89,7 @@ def test_no_worker_attachment_or_par_is_left(imports: dict[str, Any], stack) -> 
 def test_reimport_of_same_etag_returns_existing_volume(imports: dict[str, Any], stack) -> None:
     item = imports["qcow2-gpt"]
     volumes_before = {v["id"] for v in live_inventory(stack)["volumes"]}
-    run = demo.start_import(stack, item["object"], etag=item["etag"])
+    run = demo.start_import(stack, item["object"], bucket=MANUAL_BUCKET, etag=item["etag"])
     final = demo.wait_for_run(stack, run.id)
     assert final.state.is_completed(), final.state.message
     result = demo.run_result(stack, final)
@@ -295,3 +296,67 @@ def test_object_put_leads_to_a_finished_import_without_any_manual_step(stack, di
     summary = demo.run_result(stack, final)
     assert summary["format"] == "vdi" and summary["vpus_per_gb"] == 20
     assert admin(stack, "GET", "events")["pending"] == []
+
+
+# -- Untrusted images: each hostile image fails its run with its own reason, before any
+# resource exists, and a nested image is caught after the write.
+
+@pytest.fixture(scope="module")
+def hostile_runs(stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    started = {}
+    for case, (build, reason) in hostile.CORPUS.items():
+        path, claimed = build(tmp_path_factory.mktemp(case))
+        object_name = f"hostile/{case}/{path.name}"
+        etag, run = run_import(stack, path, object_name, {"format": claimed} if claimed else None)
+        started[case] = {"etag": etag, "run": run, "reason": reason}
+    for item in started.values():
+        item["final"] = demo.wait_for_run(stack, item["run"].id)
+    return started
+
+
+@pytest.mark.parametrize("case", list(hostile.CORPUS))
+def test_hostile_upload_fails_its_run_with_its_reason_and_creates_nothing(case, hostile_runs, stack):
+    item = hostile_runs[case]
+    state = item["final"].state
+    assert state.is_failed(), f"{case}: {state.name}"
+    assert item["reason"].lower() in (state.message or "").lower(), state.message
+    ever = admin(stack, "GET", "inventory?all=true")
+    assert not [r for kind in ("instances", "volumes") for r in ever[kind]
+                if r["freeformTags"].get("import-etag") == item["etag"]]
+
+
+def test_nested_image_is_refused_after_the_write_and_cleaned_up(stack, tmp_path):
+    inner = tmp_path / "inner.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(inner), "1G"], check=True, capture_output=True)
+    outer = tmp_path / "outer.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(inner), str(outer)], check=True)
+    etag, run = run_import(stack, outer, "hostile/nested.qcow2")
+    final = demo.wait_for_run(stack, run.id)
+    assert final.state.is_failed() and "nested image" in (final.state.message or ""), final.state.message
+    left = live_inventory(stack)
+    assert not [r for kind in ("instances", "volumes") for r in left[kind]
+                if r["freeformTags"].get("import-etag") == etag]
+
+
+def test_hostile_object_names_import_and_run_no_other_command(stack, disks, tmp_path):
+    image = image_of(disks["gpt"], "qcow2", tmp_path / "disk.qcow2")
+    marker = tmp_path / "pwned"
+    names = [
+        "it's \"quoted\".qcow2",
+        f"semi;colon; touch {marker};.qcow2",
+        f"$(touch {marker}).qcow2",
+        f"`touch {marker}`.qcow2",
+        "back\\slash\\name.qcow2",
+        "percent%20%2e%2E%25.qcow2",
+        "ünïcødé 日本語 disk.qcow2",
+        "  leading and trailing spaces  .qcow2",
+    ]
+    started = {name: run_import(stack, image, name) for name in names}
+    for name, (etag, run) in started.items():
+        final = demo.wait_for_run(stack, run.id)
+        assert final.state.is_completed(), f"{name!r}: {final.state.message}"
+        summary = demo.run_result(stack, final)
+        assert summary["object"] == name
+        volume = next(v for v in live_inventory(stack)["volumes"] if v["id"] == summary["volume_id"])
+        assert volume["freeformTags"]["import-object"] == name
+    assert not marker.exists(), "an object name was executed as a command"
