@@ -179,7 +179,8 @@ def prepare_worker(session: WorkerSession, timeout: float) -> str:
 @task(name="write-image", retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE,
       retry_condition_fn=_retry_unless_deterministic)
 def write_image(session: WorkerSession, credentials_block: str, version: dict[str, Any], fmt: str,
-                virtual_size: int, device: str, import_key: str, target_is_zero: bool) -> dict[str, Any]:
+                virtual_size: int, max_virtual_size: int, device: str, import_key: str,
+                target_is_zero: bool) -> dict[str, Any]:
     """Stage the object on the worker through a short-lived read-only PAR, check it, write it."""
     logger = get_run_logger()
     clients = clients_for(OCICredentials.load(credentials_block))
@@ -193,6 +194,7 @@ def write_image(session: WorkerSession, credentials_block: str, version: dict[st
     finally:
         cloud.delete_par(clients, version["namespace"], version["bucket"], par_id)
     try:
+        nested.reinspect_staged(session, staged.path, staged.size, fmt, max_virtual_size)
         info = transfer.second_opinion(qemu, staged.path, fmt, virtual_size)
         artifact = create_progress_artifact(0.0, description=f"Writing {version['name']} onto the volume")
         last = [0.0]
@@ -379,7 +381,8 @@ def import_virtual_disk(
                         else attachment["device"]
                 with timer.step("write-and-verify"):
                     written = write_image(session, credentials_block, version, image["format"],
-                                          image["virtual_size"], device, import_key, target_is_zero=volume["fresh"])
+                                          image["virtual_size"], settings.max_virtual_size_bytes, device,
+                                          import_key, target_is_zero=volume["fresh"])
                 with timer.step("check-filesystems"):
                     checks = check_filesystems(session, device, image["virtual_size"])
                 if attachment["type"] == "iscsi":
