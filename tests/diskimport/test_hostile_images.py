@@ -147,25 +147,25 @@ def luks(tmp: Path) -> tuple[Path, str | None]:
 
 
 CORPUS: dict[str, tuple[Callable[[Path], tuple[Path, str | None]], str]] = {
-    "qcow2-backing-file": (backing_file, "backing"),
-    "qcow2-external-data-file": (data_file, "data"),
-    "qcow2-unknown-incompatible-feature": (unknown_incompatible_feature, "feature"),
-    "vmdk-flat-descriptor-naming-a-host-file": (vmdk_flat_descriptor, "vmdk"),
-    "vmdk-extent-with-a-path": (vmdk_path_extent, "vmdk"),
-    "vmdk-two-gb-extents": (vmdk_two_gb_extents, "vmdk"),
-    "qed": (qed, "QED"),
+    "qcow2-backing-file": (backing_file, "Image has a backing file"),
+    "qcow2-external-data-file": (data_file, "Image has data_file set"),
+    "qcow2-unknown-incompatible-feature": (unknown_incompatible_feature, "Unknown QCOW2 features"),
+    "vmdk-flat-descriptor-naming-a-host-file": (vmdk_flat_descriptor, "descriptor: Unsupported subformat"),
+    "vmdk-extent-with-a-path": (vmdk_path_extent, "Invalid extent filenames"),
+    "vmdk-two-gb-extents": (vmdk_two_gb_extents, "descriptor: Unsupported subformat"),
+    "qed": (qed, "QED images are not accepted"),
     "claimed-vmdk-but-qcow2": (claimed_vmdk_is_qcow2, "claims vmdk but the content is qcow2"),
     "claimed-raw-but-vdi": (claimed_raw_is_vdi, "claims raw but the content is vdi"),
     "text-file-named-qcow2": (not_a_disk, "claims qcow2 but the content is raw"),
-    "zero-bytes": (empty, "empty"),
+    "zero-bytes": (empty, "the object is empty"),
     "virtual-size-above-maximum": (too_large, "exceeds the maximum"),
     "virtual-size-zero": (zero_virtual_size, "virtual size of 0"),
-    "truncated-qcow2-header": (truncated_qcow2_header, "qcow2"),
+    "truncated-qcow2-header": (truncated_qcow2_header, "could not fully inspect the qcow2 image"),
     "bit-flipped-qcow2-magic": (bit_flipped_magic, "claims qcow2 but the content is raw"),
-    "vhdx-corrupt-region-table": (vhdx_bad_region, "vhdx"),
+    "vhdx-corrupt-region-table": (vhdx_bad_region, "claims vhdx but the content is raw"),
     "qcow2-and-vdi-in-one-file": (qcow2_and_vdi_at_once, "more than one format"),
-    "gpt-with-extra-mbr-partition": (gpt_overlapping_mbr, "gpt"),
-    "luks-container": (luks, "luks"),
+    "gpt-with-extra-mbr-partition": (gpt_overlapping_mbr, "invalid extra partitions"),
+    "luks-container": (luks, "luks images are not accepted"),
 }
 
 
