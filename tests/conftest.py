@@ -10,7 +10,7 @@ import oci
 import pytest
 
 from localoci import process
-from tests.sshkeys import KeyPair
+from diskimport.keys import SshKeyPair as KeyPair
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 import fabric
 import oci
 import paramiko
-import yaml
 
-from tests.sshkeys import KeyPair
+from diskimport.keys import SshKeyPair as KeyPair, cloud_init_host_keys
 
 WORKER_IMAGE_ID = "ocid1.image.oc1..localoci-worker"
-
-
-def cloud_init_with_host_key(host_key: KeyPair) -> str:
-    doc = {"ssh_keys": {"ed25519_private": host_key.private_openssh, "ed25519_public": host_key.public_openssh}}
-    return base64.b64encode(("#cloud-config\n" + yaml.safe_dump(doc)).encode()).decode()
 
 
 def launch_details(compartment_id: str, availability_domain: str, subnet_id: str, client_key: KeyPair,
@@ -25,7 +18,7 @@ def launch_details(compartment_id: str, availability_domain: str, subnet_id: str
     models = oci.core.models
     metadata = {"ssh_authorized_keys": client_key.public_openssh}
     if host_key is not None:
-        metadata["user_data"] = cloud_init_with_host_key(host_key)
+        metadata["user_data"] = cloud_init_host_keys(host_key)
     return models.LaunchInstanceDetails(
         compartment_id=compartment_id,
         availability_domain=availability_domain,
@@ -42,11 +35,11 @@ def connect(address: str, port: int, user: str, client_key: KeyPair, host_key: K
     """A fabric connection that accepts only ``host_key`` from the server."""
     conn = fabric.Connection(
         address, user=user, port=port,
-        connect_kwargs={"pkey": client_key.paramiko_key(), "look_for_keys": False, "allow_agent": False},
+        connect_kwargs={"pkey": client_key.pkey(), "look_for_keys": False, "allow_agent": False},
         connect_timeout=10,
         config=fabric.Config(overrides={"run": {"in_stream": False}}),
     )
     conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    pinned = host_key.paramiko_key()
+    pinned = host_key.pkey()
     conn.client.get_host_keys().add(f"[{address}]:{port}", pinned.get_name(), pinned)
     return conn

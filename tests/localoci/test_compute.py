@@ -10,7 +10,7 @@ import oci
 import paramiko
 import pytest
 
-from tests.sshkeys import KeyPair
+from diskimport.keys import SshKeyPair as KeyPair
 from tests.workers import connect, launch_details
 
 models = oci.core.models
