@@ -1,10 +1,11 @@
-"""The operator and test surface under ``/_localoci/``: inventory, faults, events, health.
+"""The operator and test surface under ``/_localoci/``: inventory, faults, latency, bandwidth, metrics, events, health.
 
 It is not part of OCI and takes no signature; the server listens on loopback only.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from .errors import invalid_parameter
@@ -16,6 +17,9 @@ if TYPE_CHECKING:
 
 ADMIN = "/_localoci"
 ENDED = ("TERMINATED", "DETACHED")
+# Bandwidth caps on object reads: each connection's own, and a worker VM's network (times its OCPUs).
+PER_CONNECTION = "objectReadBytesPerSecondPerConnection"
+PER_OCPU = "workerBytesPerSecondPerOcpu"
 
 
 def _tags_match(record: dict[str, Any], tags: dict[str, str]) -> bool:
@@ -101,15 +105,34 @@ def routes(app: "LocalOCI") -> list[Route]:
     def crash_instance(request: Request) -> Response:
         return Response.json(public(app.compute.crash(request.params["instanceId"])))
 
+    def bandwidth() -> dict[str, float | None]:
+        return {PER_CONNECTION: app.read_bps_per_connection, PER_OCPU: app.worker_bps_per_ocpu}
+
     def set_bandwidth(request: Request) -> Response:
-        rate = _spec(request).get("objectReadBytesPerSecondPerConnection")
-        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0):
-            raise invalid_parameter("objectReadBytesPerSecondPerConnection must be a positive number or null.")
-        app.read_bps_per_connection = rate
-        return Response.json({"objectReadBytesPerSecondPerConnection": rate})
+        spec = _spec(request)
+        unknown = sorted(set(spec) - {PER_CONNECTION, PER_OCPU})
+        if unknown:
+            raise invalid_parameter(f"unknown bandwidth setting(s) {', '.join(unknown)}; "
+                                    f"known are {PER_CONNECTION} and {PER_OCPU}.")
+        for key, rate in spec.items():
+            if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
+                                     or not math.isfinite(rate) or rate <= 0):
+                raise invalid_parameter(f"{key} must be a positive number or null.")
+        if PER_CONNECTION in spec:
+            app.read_bps_per_connection = spec[PER_CONNECTION]
+        if PER_OCPU in spec:
+            app.set_worker_rate(spec[PER_OCPU])
+        return Response.json(bandwidth())
 
     def get_bandwidth(request: Request) -> Response:
-        return Response.json({"objectReadBytesPerSecondPerConnection": app.read_bps_per_connection})
+        return Response.json(bandwidth())
+
+    def get_metrics(request: Request) -> Response:
+        return Response.json(app.read_metrics.snapshot())
+
+    def reset_metrics(request: Request) -> Response:
+        app.read_metrics.reset()
+        return Response.empty()
 
     def create_rule(request: Request) -> Response:
         return Response.json(app.events.create_rule(_spec(request)), status=201)
@@ -140,6 +163,8 @@ def routes(app: "LocalOCI") -> list[Route]:
         Route("POST", ADMIN + "/instances/{instanceId}/crash", crash_instance, "AdminCrashInstance", authenticated=False),
         Route("POST", ADMIN + "/bandwidth", set_bandwidth, "AdminSetBandwidth", authenticated=False),
         Route("GET", ADMIN + "/bandwidth", get_bandwidth, "AdminGetBandwidth", authenticated=False),
+        Route("GET", ADMIN + "/metrics", get_metrics, "AdminGetMetrics", authenticated=False),
+        Route("DELETE", ADMIN + "/metrics", reset_metrics, "AdminResetMetrics", authenticated=False),
         Route("POST", ADMIN + "/events/rules", create_rule, "AdminCreateRule", authenticated=False),
         Route("GET", ADMIN + "/events/rules", list_rules, "AdminListRules", authenticated=False),
         Route("DELETE", ADMIN + "/events/rules/{ruleId}", delete_rule, "AdminDeleteRule", authenticated=False),

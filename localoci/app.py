@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 from pathlib import Path
 from typing import Any
 
 from . import admin
-from .bandwidth import TokenBucket
+from .bandwidth import ReadMetrics, TokenBucket
 from .blockstorage.models import BlockStorage
 from .blockstorage.responses import routes as blockstorage_routes
 from .compute.models import Compute
@@ -53,6 +54,11 @@ class LocalOCI:
         self.scheduler = Scheduler(transition_seconds)
         self.faults = FaultInjector()
         self.read_bps_per_connection: float | None = None
+        self.worker_bps_per_ocpu: float | None = None
+        # One bucket per instance address, shared by every connection from it (the worker VM's NIC).
+        self.worker_buckets: dict[str, TokenBucket] = {}
+        self.worker_buckets_lock = threading.Lock()
+        self.read_metrics = ReadMetrics()
         self.identity = Identity(self)
         self.network = Network(self)
         self.events = Events(self)
@@ -107,13 +113,39 @@ class LocalOCI:
 
     def read_throttles(self, request: Request) -> list[TokenBucket]:
         """Token buckets an object read on this connection must pass through."""
+        buckets: list[TokenBucket] = []
         rate = self.read_bps_per_connection
-        if not rate:
-            return []
-        bucket = request.connection.get("read_bucket")
-        if not isinstance(bucket, TokenBucket) or bucket.rate != rate:
-            bucket = request.connection["read_bucket"] = TokenBucket(rate)
-        return [bucket]
+        if rate:
+            bucket = request.connection.get("read_bucket")
+            if not isinstance(bucket, TokenBucket) or bucket.rate != rate:
+                bucket = request.connection["read_bucket"] = TokenBucket(rate)
+            buckets.append(bucket)
+        worker = self.worker_bucket(request.client_address[0])
+        if worker is not None:
+            buckets.append(worker)
+        return buckets
+
+    def worker_bucket(self, address: str) -> TokenBucket | None:
+        """The bucket shared by all reads from a live instance's address, if a worker cap is set."""
+        per_ocpu = self.worker_bps_per_ocpu
+        if not per_ocpu:
+            return None
+        ocpus = next((i["shapeConfig"]["ocpus"] for i in self.store.values("instances")
+                      if i["_address"] == address and i["lifecycleState"] != "TERMINATED"), None)
+        if ocpus is None:
+            return None
+        rate = per_ocpu * ocpus
+        with self.worker_buckets_lock:
+            bucket = self.worker_buckets.get(address)
+            if bucket is None or bucket.rate != rate:
+                bucket = self.worker_buckets[address] = TokenBucket(rate)
+            return bucket
+
+    def set_worker_rate(self, per_ocpu: float | None) -> None:
+        """Cap each instance's object reads at ``per_ocpu`` times its OCPUs (None: no cap)."""
+        with self.worker_buckets_lock:
+            self.worker_bps_per_ocpu = per_ocpu
+            self.worker_buckets.clear()
 
     def serve(self, host: str, port: int) -> LocalOCIServer:
         return LocalOCIServer(self, host, port)

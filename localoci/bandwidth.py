@@ -1,13 +1,20 @@
-"""Bandwidth caps for object reads, enforced with token buckets."""
+"""Bandwidth caps for object reads, enforced with token buckets, and the bytes object reads sent."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
+from typing import Iterable
 
 
 class TokenBucket:
-    """Allows ``rate`` bytes per second on average, with a burst of a tenth of a second."""
+    """Allows ``rate`` bytes per second on average, with a burst of a tenth of a second.
+
+    A caller reserves its bytes at once, driving the balance negative, and then waits until the
+    debt is paid off. Callers sharing a bucket queue behind each other's debt, so together they
+    get exactly ``rate`` however many there are, each in turn.
+    """
 
     def __init__(self, rate: float) -> None:
         self.rate = float(rate)
@@ -16,13 +23,49 @@ class TokenBucket:
         self.stamp = time.monotonic()
         self.lock = threading.Lock()
 
-    def take(self, n: int) -> None:
-        """Block until ``n`` bytes may pass."""
+    def reserve(self, n: int) -> float:
+        """Take ``n`` bytes now; the seconds the caller must wait before sending them."""
         with self.lock:
             now = time.monotonic()
             self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
             self.stamp = now
             self.tokens -= n
-            wait = -self.tokens / self.rate if self.tokens < 0 else 0.0
-        if wait > 0:
-            time.sleep(wait)
+            return -self.tokens / self.rate if self.tokens < 0 else 0.0
+
+    def take(self, n: int) -> None:
+        """Block until ``n`` bytes may pass."""
+        take_all([self], n)
+
+
+def take_all(buckets: Iterable[TokenBucket], n: int) -> None:
+    """Block until ``n`` bytes may pass every bucket: the longest wait, not the sum of them."""
+    wait = max((bucket.reserve(n) for bucket in buckets), default=0.0)
+    if wait > 0:
+        time.sleep(wait)
+
+
+class ReadMetrics:
+    """Bytes sent and requests served by object reads, per ``namespace/bucket/object``."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.bytes_read: Counter[str] = Counter()
+        self.requests: Counter[str] = Counter()
+
+    def request(self, key: str) -> None:
+        with self.lock:
+            self.requests[key] += 1
+            self.bytes_read[key] += 0  # an empty object still shows up among the bytes
+
+    def sent(self, key: str, n: int) -> None:
+        with self.lock:
+            self.bytes_read[key] += n
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        with self.lock:
+            return {"objectBytesRead": dict(self.bytes_read), "objectReadRequests": dict(self.requests)}
+
+    def reset(self) -> None:
+        with self.lock:
+            self.bytes_read.clear()
+            self.requests.clear()

@@ -130,11 +130,15 @@ class Request:
 
 @dataclass
 class FileBody:
-    """A byte range of a file, streamed to the client (optionally throttled)."""
+    """A byte range of a file, streamed to the client (optionally throttled).
+
+    ``account`` names what the bytes sent are counted against in the read metrics, if anything.
+    """
 
     path: str
     offset: int
     length: int
+    account: str | None = None
 
 
 @dataclass

@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from .bandwidth import take_all
 from .errors import ServiceError, not_authenticated
 from .http import CHUNK, FileBody, Request, Response
 
@@ -16,6 +17,9 @@ if TYPE_CHECKING:
     from .app import LocalOCI
 
 log = logging.getLogger("localoci.server")
+
+THROTTLED_STEP = min(CHUNK, 256 * 1024)  # bytes read and sent per token-bucket reservation
+SENDFILE_STEP = CHUNK  # bytes per sendfile call when no cap applies: what a lost client cost goes uncounted
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -72,27 +76,38 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(body)
             else:
                 self._send_file(request, body)
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, FileNotFoundError):
+            # FileNotFoundError: the object was replaced since it was looked up; the headers are out, so hang up.
             self.close_connection = True
 
     def _send_file(self, request: Request, body: FileBody) -> None:
-        throttles = self.server.app.read_throttles(request)
+        app = self.server.app
+        throttles = app.read_throttles(request)
+        metrics, account = app.read_metrics, body.account
+        if account is not None:
+            metrics.request(account)
         with open(body.path, "rb") as f:
+            f.seek(body.offset)
+            offset, left = body.offset, body.length
             if not throttles:
                 self.wfile.flush()
-                self.connection.sendfile(f, body.offset, body.length)
-                return
-            f.seek(body.offset)
-            left = body.length
-            step = min(CHUNK, 256 * 1024)
             while left:
-                data = f.read(min(step, left))
-                if not data:
-                    raise ConnectionResetError("object file shorter than expected")
-                for bucket in throttles:
-                    bucket.take(len(data))
-                self.wfile.write(data)
-                left -= len(data)
+                # Piece by piece, so the metrics count what was sent even if the client goes away.
+                if throttles:
+                    data = f.read(min(THROTTLED_STEP, left))
+                    if not data:
+                        raise ConnectionResetError("object file shorter than expected")
+                    take_all(throttles, len(data))
+                    self.wfile.write(data)
+                    sent = len(data)
+                else:
+                    sent = self.connection.sendfile(f, offset, min(SENDFILE_STEP, left))
+                    if not sent:
+                        raise ConnectionResetError("object file shorter than expected")
+                if account is not None:
+                    metrics.sent(account, sent)
+                offset += sent
+                left -= sent
 
 
 class LocalOCIServer(ThreadingHTTPServer):

@@ -1,27 +1,35 @@
-"""Fault injection, injected latency, bandwidth caps and instance crashes, seen through the real SDK."""
+"""Fault injection, injected latency, bandwidth caps, read metrics and instance crashes, seen through the real SDK."""
 
 from __future__ import annotations
 
+import http.client
+import math
 import os
 import socket
 import time
 import urllib.error
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit
 
 import oci
 import pytest
 
 from localoci.process import RunningLocalOCI
+from tests.localoci.test_objectstorage import par_details
 
 NO_RETRY = oci.retry.NoneRetryStrategy()  # this SDK has no oci.retry.NO_RETRY_STRATEGY
 MiB = 1024 * 1024
 WORKER_IMAGE = "ocid1.image.oc1..localoci-worker"
+PER_CONNECTION = "objectReadBytesPerSecondPerConnection"
+PER_OCPU = "workerBytesPerSecondPerOcpu"
+NO_CAPS = {PER_CONNECTION: None, PER_OCPU: None}
 
 
 def reset_server(localoci: RunningLocalOCI) -> None:
     localoci.admin("DELETE", "faults")
     localoci.admin("DELETE", "latency")
-    localoci.admin("POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": None})
+    localoci.admin("POST", "bandwidth", NO_CAPS)
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +40,7 @@ def clean_server(localoci: RunningLocalOCI) -> Iterator[None]:
     reset_server(localoci)
     assert localoci.admin("GET", "faults") == []
     assert localoci.admin("GET", "latency") == {}
-    assert localoci.admin("GET", "bandwidth") == {"objectReadBytesPerSecondPerConnection": None}
+    assert localoci.admin("GET", "bandwidth") == NO_CAPS
 
 
 def admin_error(localoci: RunningLocalOCI, method: str, path: str, body: Any = None) -> urllib.error.HTTPError:
@@ -78,13 +86,13 @@ def instances(localoci: RunningLocalOCI, compute: oci.core.ComputeClient, compar
     """Launch worker instances (retry-free); every one is terminated (and awaited) at the end of the test."""
     launched: list[str] = []
 
-    def launch(availability_domain: str) -> Any:
+    def launch(availability_domain: str, ocpus: float = 1) -> Any:
         models = oci.core.models
         details = models.LaunchInstanceDetails(
             compartment_id=compartment_id,
             availability_domain=availability_domain,
             shape="VM.Standard.E4.Flex",
-            shape_config=models.LaunchInstanceShapeConfigDetails(ocpus=1, memory_in_gbs=16),
+            shape_config=models.LaunchInstanceShapeConfigDetails(ocpus=ocpus, memory_in_gbs=16),
             source_details=models.InstanceSourceViaImageDetails(image_id=WORKER_IMAGE),
             create_vnic_details=models.CreateVnicDetails(subnet_id=subnet_id),
             metadata={"ssh_authorized_keys": client_key.public_openssh},
@@ -234,8 +242,7 @@ def test_bandwidth_cap_slows_object_reads(localoci, object_storage, bucket):
     ns, payload = localoci.namespace, os.urandom(8 * MiB)
     object_storage.put_object(ns, bucket, "big.bin", payload)
     rate = 4 * MiB
-    assert localoci.admin("POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": rate}) == {
-        "objectReadBytesPerSecondPerConnection": rate}
+    assert localoci.admin("POST", "bandwidth", {PER_CONNECTION: rate}) == {PER_CONNECTION: rate, PER_OCPU: None}
 
     start = time.monotonic()
     data = object_storage.get_object(ns, bucket, "big.bin", retry_strategy=NO_RETRY).data.content
@@ -249,16 +256,168 @@ def test_bandwidth_cap_slows_object_reads(localoci, object_storage, bucket):
     assert part == payload[:4 * MiB]
     assert time.monotonic() - start >= 0.7
 
-    localoci.admin("POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": None})
+    localoci.admin("POST", "bandwidth", NO_CAPS)
     start = time.monotonic()
     assert object_storage.get_object(ns, bucket, "big.bin", retry_strategy=NO_RETRY).data.content == payload
     assert time.monotonic() - start < capped / 2
 
 
-@pytest.mark.parametrize("body", [{"objectReadBytesPerSecondPerConnection": rate} for rate in (0, -5, "fast", True)] + [[1024]])
+@pytest.mark.parametrize("body", [{key: rate} for key in (PER_CONNECTION, PER_OCPU) for rate in (0, -5, "fast", True, math.inf)]
+                         + [[1024], {"workerBytesPerSecond": 1024},
+                            {PER_CONNECTION: 1024, PER_OCPU: 0}])  # one bad value refuses the whole change
 def test_bad_bandwidth_is_refused(localoci, body):
     assert admin_error(localoci, "POST", "bandwidth", body).code == 400
-    assert localoci.admin("GET", "bandwidth") == {"objectReadBytesPerSecondPerConnection": None}
+    assert localoci.admin("GET", "bandwidth") == NO_CAPS
+
+
+def test_bandwidth_keys_are_set_independently(localoci):
+    assert localoci.admin("POST", "bandwidth", {PER_OCPU: 1000}) == {PER_CONNECTION: None, PER_OCPU: 1000}
+    assert localoci.admin("POST", "bandwidth", {PER_CONNECTION: 500.5}) == {PER_CONNECTION: 500.5, PER_OCPU: 1000}
+    assert localoci.admin("POST", "bandwidth", {}) == {PER_CONNECTION: 500.5, PER_OCPU: 1000}
+    assert localoci.admin("POST", "bandwidth", {PER_OCPU: None}) == {PER_CONNECTION: 500.5, PER_OCPU: None}
+    assert localoci.admin("GET", "bandwidth") == {PER_CONNECTION: 500.5, PER_OCPU: None}
+
+
+# -- a worker VM's network: one cap shared by all its connections --------------------------
+
+
+def read_from(localoci: RunningLocalOCI, address: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """GET ``path`` over a connection whose client end is bound to ``address``, as a worker's would be."""
+    server = urlsplit(localoci.endpoint)
+    conn = http.client.HTTPConnection(server.hostname, server.port, timeout=30, source_address=(address, 0))
+    try:
+        conn.request("GET", path, headers=headers or {})
+        reply = conn.getresponse()
+        return reply.status, reply.read()
+    finally:
+        conn.close()
+
+
+def parallel_reads(localoci: RunningLocalOCI, address: str, path: str, count: int) -> tuple[float, list[float], list[bytes]]:
+    """Read ``path`` on ``count`` connections at once: the total time, when each one finished, and what each got."""
+    start = time.monotonic()
+
+    def one(_: int) -> tuple[float, bytes]:
+        status, data = read_from(localoci, address, path)
+        assert status == 200
+        return time.monotonic() - start, data
+
+    with ThreadPoolExecutor(count) as pool:
+        results = list(pool.map(one, range(count)))
+    return time.monotonic() - start, [t for t, _ in results], [d for _, d in results]
+
+
+def running_worker(localoci, compute, instances, availability_domains, ocpus: float) -> tuple[Any, str]:
+    """A RUNNING instance and its loopback address."""
+    instance = instances(availability_domains[0], ocpus=ocpus)
+    wait_state(lambda: compute.get_instance(instance.id).data, "RUNNING")
+    [entry] = [i for i in localoci.inventory()["instances"] if i["id"] == instance.id]
+    return instance, entry["sshAddress"]
+
+
+def shared_object(localoci, object_storage, bucket, size: int) -> tuple[bytes, str]:
+    """An object of ``size`` random bytes and the path of a PAR that reads it."""
+    payload = os.urandom(size)
+    object_storage.put_object(localoci.namespace, bucket, "shared.bin", payload)
+    par = object_storage.create_preauthenticated_request(localoci.namespace, bucket, par_details("shared.bin")).data
+    return payload, par.access_uri
+
+
+def test_worker_cap_is_shared_by_all_connections_from_an_instance(localoci, object_storage, bucket, compute, instances,
+                                                                  availability_domains):
+    _, address = running_worker(localoci, compute, instances, availability_domains, ocpus=2)
+    payload, path = shared_object(localoci, object_storage, bucket, 2 * MiB)
+    per_ocpu = 2 * MiB  # 2 OCPUs: 4 MiB/s for the instance
+    assert localoci.admin("POST", "bandwidth", {PER_OCPU: per_ocpu}) == {PER_CONNECTION: None, PER_OCPU: per_ocpu}
+
+    # 4 connections, 8 MiB in all, through one 4 MiB/s cap: about 2 s, and every connection gets its share.
+    elapsed, finished, data = parallel_reads(localoci, address, path, 4)
+    assert data == [payload] * 4
+    assert 8 * MiB / (2 * per_ocpu) * 0.8 <= elapsed < 8 * MiB / (2 * per_ocpu) * 1.5
+    assert min(finished) >= elapsed * 0.7, f"a connection was starved or favoured: {finished}"
+
+    # The same reads from an address that is no instance's are not slowed by the worker cap.
+    elapsed, _, data = parallel_reads(localoci, "127.0.0.1", path, 4)
+    assert data == [payload] * 4
+    assert elapsed < 0.5
+
+
+def test_per_connection_cap_still_applies_to_a_worker(localoci, object_storage, bucket, compute, instances,
+                                                       availability_domains):
+    instance, address = running_worker(localoci, compute, instances, availability_domains, ocpus=1)
+    payload, path = shared_object(localoci, object_storage, bucket, 1 * MiB)
+    localoci.admin("POST", "bandwidth", {PER_CONNECTION: 1 * MiB, PER_OCPU: 4 * MiB})
+
+    # One connection: its own 1 MiB/s cap binds, not the instance's 4 MiB/s (nor the two added up).
+    elapsed, _, data = parallel_reads(localoci, address, path, 1)
+    assert data == [payload]
+    assert 0.7 <= elapsed < 1.3
+
+    # Six connections: each alone could do 1 MiB/s, together the instance's 4 MiB/s cap binds.
+    elapsed, _, data = parallel_reads(localoci, address, path, 6)
+    assert data == [payload] * 6
+    assert 6 / 4 * 0.8 <= elapsed < 6 / 4 * 1.5
+
+    # A terminated instance's address is capped no more than any other.
+    compute.terminate_instance(instance.id)
+    wait_state(lambda: compute.get_instance(instance.id).data, "TERMINATED")
+    localoci.admin("POST", "bandwidth", {PER_CONNECTION: None})
+    elapsed, _, data = parallel_reads(localoci, address, path, 6)
+    assert data == [payload] * 6
+    assert elapsed < 0.5
+
+
+# -- object read metrics ---------------------------------------------------------------
+
+
+def test_read_metrics_count_ranged_and_full_reads_exactly(localoci, object_storage, bucket):
+    ns = localoci.namespace
+    payload, path = shared_object(localoci, object_storage, bucket, 300_000)
+    object_storage.put_object(ns, bucket, "other.bin", b"x" * 777)
+    key, other = f"{ns}/{bucket}/shared.bin", f"{ns}/{bucket}/other.bin"
+
+    for rng, expected in (("bytes=0-99", payload[:100]), ("bytes=1000-10999", payload[1000:11000]),
+                          ("bytes=-2345", payload[-2345:])):
+        status, data = read_from(localoci, "127.0.0.1", path, {"Range": rng})
+        assert (status, data) == (206, expected)
+    assert object_storage.get_object(ns, bucket, "shared.bin", retry_strategy=NO_RETRY).data.content == payload
+    # Neither a HEAD, nor a refused or not-modified read, sends object bytes.
+    object_storage.head_object(ns, bucket, "shared.bin")
+    assert read_from(localoci, "127.0.0.1", path, {"If-Match": '"not-the-etag"'})[0] == 412
+    etag = object_storage.head_object(ns, bucket, "shared.bin").headers["ETag"]
+    assert read_from(localoci, "127.0.0.1", path, {"If-None-Match": etag})[0] == 304
+
+    metrics = localoci.admin("GET", "metrics")
+    assert metrics["objectBytesRead"][key] == 100 + 10_000 + 2345 + 300_000
+    assert metrics["objectReadRequests"][key] == 4
+    assert other not in metrics["objectBytesRead"] and other not in metrics["objectReadRequests"]
+
+    # Capped reads go another way through the server; they are counted all the same.
+    localoci.admin("POST", "bandwidth", {PER_CONNECTION: 64 * MiB})
+    assert read_from(localoci, "127.0.0.1", path, {"Range": "bytes=5-9"}) == (206, payload[5:10])
+    assert object_storage.get_object(ns, bucket, "other.bin", retry_strategy=NO_RETRY).data.content == b"x" * 777
+    metrics = localoci.admin("GET", "metrics")
+    assert metrics["objectBytesRead"][key] == 100 + 10_000 + 2345 + 300_000 + 5
+    assert metrics["objectReadRequests"][key] == 5
+    assert (metrics["objectBytesRead"][other], metrics["objectReadRequests"][other]) == (777, 1)
+
+    assert localoci.admin("DELETE", "metrics") is None
+    assert localoci.admin("GET", "metrics") == {"objectBytesRead": {}, "objectReadRequests": {}}
+
+
+def test_read_metrics_count_only_what_was_sent_to_a_client_that_left(localoci, object_storage, bucket):
+    _, path = shared_object(localoci, object_storage, bucket, 4 * MiB)
+    key = f"{localoci.namespace}/{bucket}/shared.bin"
+    localoci.admin("POST", "bandwidth", {PER_CONNECTION: 1 * MiB})
+    server = urlsplit(localoci.endpoint)
+    with socket.create_connection((server.hostname, server.port), timeout=10) as conn:
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {server.netloc}\r\n\r\n".encode())
+        conn.recv(64 * 1024)
+        time.sleep(0.3)
+    time.sleep(0.5)  # the server finds out at its next write
+    metrics = localoci.admin("GET", "metrics")
+    assert metrics["objectReadRequests"][key] == 1
+    assert 0 < metrics["objectBytesRead"][key] < 2 * MiB
 
 
 def _connects(address: str, port: int) -> bool:

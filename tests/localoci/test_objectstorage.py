@@ -653,6 +653,26 @@ def test_object_read_par_honours_range(object_storage: ObjectStorageClient, loca
     assert reply.headers["content-range"] == "bytes 100-199/5000"
 
 
+def test_object_read_par_honours_if_match(object_storage: ObjectStorageClient, localoci: RunningLocalOCI, bucket: str) -> None:
+    data = os.urandom(5000)
+    etag = put(object_storage, localoci.namespace, bucket, "matched", data).headers["ETag"]
+    par = object_storage.create_preauthenticated_request(localoci.namespace, bucket, par_details("matched")).data
+    url = localoci.endpoint + par.access_uri
+
+    reply = httpx.get(url, headers={"If-Match": etag, "Range": "bytes=10-19"})
+    assert (reply.status_code, reply.content) == (206, data[10:20])
+    reply = httpx.get(url, headers={"If-Match": etag})
+    assert (reply.status_code, reply.content) == (200, data)
+    reply = httpx.get(url, headers={"If-Match": '"some-other-etag"', "Range": "bytes=10-19"})
+    assert reply.status_code == 412
+    assert reply.json()["code"] == "PreconditionFailed"
+
+    # Once the object is replaced, a transfer pinned to the old ETag cannot go on with the new bytes.
+    put(object_storage, localoci.namespace, bucket, "matched", b"replaced")
+    assert httpx.get(url, headers={"If-Match": etag, "Range": "bytes=0-3"}).status_code == 412
+    assert httpx.get(url).content == b"replaced"
+
+
 def test_object_read_par_answers_head_with_size_and_md5(object_storage: ObjectStorageClient, localoci: RunningLocalOCI, bucket: str) -> None:
     data = os.urandom(3000)
     put(object_storage, localoci.namespace, bucket, "headed", data)
