@@ -9,13 +9,14 @@ UV = $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PYTEST_WORKERS ?= 4
 PYTEST_ARGS ?=
 
-.PHONY: help deps apt-deps uv-env test up down status demo
+.PHONY: help deps apt-deps uv-env test up down status demo bench
 
 help:
 	@echo "make test   install what is missing, run the whole test suite"
 	@echo "make up     start the local stack in the background (.local/stack.env)"
 	@echo "make demo   make up, then import a sample disk end to end and verify it"
 	@echo "make down   stop everything 'make up' started"
+	@echo "make bench  time imports against the floor and the reference (not part of make test)"
 
 deps: apt-deps uv-env
 
@@ -45,3 +46,6 @@ down:
 
 status:
 	@$(UV) run --frozen python -m deployments.local_stack status
+
+bench: deps
+	$(UV) run python -m deployments.bench $(BENCH_ARGS)

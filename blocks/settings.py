@@ -47,6 +47,11 @@ class ImportSettings(Block):
                                      "for inspection instead of deleting it.")
     worker_concurrency_limit: int = Field(default=4, description="How many worker VMs may run at once; further "
                                           "imports queue.")
+    transfer_connections: int = Field(default=4, ge=1, le=64, description="Parallel ranged GETs the worker "
+                                      "reads the object with (Object Storage serves about 100 MB/s per "
+                                      "connection; a worker's network about 125 MB/s per OCPU).")
+    transfer_chunk_mib: int = Field(default=8, ge=1, le=1024, description="Size of each ranged GET, and the "
+                                    "unit a failed read is retried and resumed in.")
 
     _check_during = field_validator("vpus_during_import")(classmethod(lambda cls, v: _vpus(v)))
     _check_after = field_validator("vpus_after_import")(classmethod(lambda cls, v: _vpus(v)))

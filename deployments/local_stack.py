@@ -127,7 +127,7 @@ def prefect_env(base: Path, api_url: str) -> dict[str, str]:
         "PREFECT_SERVER_API_HOST": "127.0.0.1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_QUERY_SECONDS": "0.5",
         "PREFECT_WORKER_PREFETCH_SECONDS": "5",
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         "PREFECT_LOCAL_STORAGE_PATH": str(home / "results"),
@@ -213,14 +213,45 @@ def deploy(base: Path, api_url: str) -> None:
     _prefect(["--no-prompt", "deploy", "--all"], env)
 
 
+def start_warm_runner(base: Path, api_url: str) -> str:
+    """Start :mod:`deployments.warm_runner`; return its socket (flow runs start through it)."""
+    pid_file = base / "warm-runner.pid"
+    sock = base / "warm-runner.sock"
+    if _pid_alive(pid_file) is None:
+        sock.unlink(missing_ok=True)
+        _spawn([sys.executable, "-m", "deployments.warm_runner", str(sock)], prefect_env(base, api_url),
+               base / "warm-runner.log", pid_file)
+    deadline = time.monotonic() + 120
+    while not sock.exists():
+        if time.monotonic() > deadline or _pid_alive(pid_file) is None:
+            raise RuntimeError(f"the warm runner did not start; see {base / 'warm-runner.log'}")
+        time.sleep(0.1)
+    return str(sock)
+
+
+def use_warm_client(api_url: str) -> None:
+    """Make the work pool start flow runs with :mod:`deployments.warm_client`."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolUpdate
+
+    command = f"{sys.executable} -m deployments.warm_client"
+    with prefect_api(api_url), get_client(sync_client=True) as client:
+        template = client.read_work_pool(WORK_POOL).base_job_template
+        variable = template["variables"]["properties"]["command"]
+        if variable.get("default") != command:
+            variable["default"] = command
+            client.update_work_pool(WORK_POOL, WorkPoolUpdate(base_job_template=template))
+
+
 def start_worker(base: Path, api_url: str) -> None:
     pid_file = base / "prefect-worker.pid"
     if _pid_alive(pid_file) is None:
         # No --limit: prefect 3.8.8's worker limiter crashes the worker when a killed run is retried
         # ("this borrower is already holding one of this CapacityLimiter's tokens"); the global
         # concurrency limit bounds the runs that hold a worker VM.
-        _spawn([PREFECT, "worker", "start", "--pool", WORK_POOL, "--type", "process"],
-               prefect_env(base, api_url), base / "prefect-worker.log", pid_file)
+        env = {**prefect_env(base, api_url), "IMPORT_WARM_RUNNER_SOCKET": str(base / "warm-runner.sock")}
+        _spawn([PREFECT, "worker", "start", "--pool", WORK_POOL, "--type", "process"], env,
+               base / "prefect-worker.log", pid_file)
 
 
 def start_function(base: Path, values: dict[str, str], previous: dict[str, str]) -> str:
@@ -290,6 +321,8 @@ def up() -> dict[str, str]:
     values["PREFECT_UI_URL"] = api_url.removesuffix("/api")
     save_blocks(server, values)
     deploy(base, api_url)
+    use_warm_client(api_url)
+    start_warm_runner(base, api_url)
     start_worker(base, api_url)
     values.update({"PREFECT_HOME": str(base / "prefect"), "WORK_POOL": WORK_POOL})
     values["FUNCTION_ENDPOINT"] = start_function(base, values, previous)

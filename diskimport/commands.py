@@ -3,8 +3,11 @@ built from untrusted text."""
 
 from __future__ import annotations
 
+import codecs
+import os
 import re
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
@@ -74,11 +77,30 @@ class LocalRunner:
             return CommandResult(argv, done.returncode, done.stdout, done.stderr)
         splitter = LineSplitter(on_output)
         out: list[str] = []
-        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
-            assert proc.stdout is not None and proc.stderr is not None
-            while chunk := proc.stdout.read(256):
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        with tempfile.TemporaryFile() as errors, \
+                subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors) as proc:
+            assert proc.stdout is not None
+            # os.read returns what is there: a progress line reaches the callback when printed.
+            while data := os.read(proc.stdout.fileno(), 65536):
+                chunk = decoder.decode(data)
                 out.append(chunk)
                 splitter.write(chunk)
-            stderr = proc.stderr.read()
             returncode = proc.wait(timeout=timeout)
+            errors.seek(0)
+            stderr = errors.read().decode("utf-8", "replace")
         return CommandResult(argv, returncode, "".join(out), stderr)
+
+    def put_private_file(self, content: str | bytes, path: str) -> None:
+        data = content.encode() if isinstance(content, str) else content
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+    def write_private_ranges(self, path: str, pieces: Sequence[tuple[int, bytes]]) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            for offset, data in pieces:
+                os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)

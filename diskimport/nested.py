@@ -1,6 +1,4 @@
-"""Inspection on the worker: the staged copy before conversion, the device after the write.
-
-After the write the device must hold a disk, not another image format.
+"""Inspection on the worker after the write: the device must hold a disk, not another image format.
 
 A raw upload whose content is a qcow2 (or any container) would otherwise land on the
 volume as an image nobody can boot, and would be parsed as an image by whatever reads it
@@ -23,18 +21,6 @@ def _read(runner: CommandRunner, device: str, start: int, length: int) -> bytes:
     if result.returncode != 0:
         raise CommandFailed(result, f"reading {device} back")
     return base64.b64decode(result.stdout.strip() or b"")
-
-
-def reinspect_staged(runner: CommandRunner, path: str, size: int, claimed: str, max_virtual_size: int) -> None:
-    """Inspect the staged copy on the worker once more, before qemu-img opens it.
-
-    The bytes inspected before anything was created came over the network from the
-    bucket; these are the bytes qemu-img will read.
-    """
-    def read_range(start: int, end: int) -> bytes:
-        return _read(runner, path, start, end - start + 1)
-
-    inspect(read_range, size, claimed, max_virtual_size)
 
 
 def check_not_nested(runner: CommandRunner, device: str, size: int) -> None:

@@ -3,12 +3,18 @@ the write and its verification."""
 
 from __future__ import annotations
 
+import json
+import threading
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
 
-from .commands import CommandFailed, CommandRunner
+from .commands import CommandFailed, CommandResult, CommandRunner
 from .inspection import ImageRejected
 from .qemu_img import CHECKABLE_FORMATS, ImageInfo, QemuImg
+
+
+STREAMER = Path(__file__).with_name("streamer.py")
 
 
 class VerificationFailed(Exception):
@@ -21,15 +27,15 @@ def ensure_tools(runner: CommandRunner) -> str:
     Installs them with the worker's package manager when missing (dnf/yum on Oracle Linux,
     apt-get on Debian/Ubuntu).
     """
-    needed = ["qemu-img", "curl", "e2fsck", "xfs_repair", "fsck.vfat", "sfdisk", "blkid", "losetup", "prlimit"]
+    needed = ["qemu-img", "python3", "e2fsck", "xfs_repair", "fsck.vfat", "sfdisk", "blkid", "losetup", "prlimit"]
     probe = runner.run(["sh", "-c", 'for t in "$@"; do command -v "$t" >/dev/null || echo "$t"; done', "sh", *needed])
     missing = probe.stdout.split()
     if missing:
         install = ["sh", "-c",
-                   "if command -v dnf >/dev/null; then dnf -y -q install qemu-img curl e2fsprogs xfsprogs dosfstools "
-                   "util-linux; elif command -v yum >/dev/null; then yum -y -q install qemu-img curl e2fsprogs "
+                   "if command -v dnf >/dev/null; then dnf -y -q install qemu-img python3 e2fsprogs xfsprogs "
+                   "dosfstools util-linux; elif command -v yum >/dev/null; then yum -y -q install qemu-img python3 e2fsprogs "
                    "xfsprogs dosfstools util-linux; else DEBIAN_FRONTEND=noninteractive apt-get -qq update && "
-                   "DEBIAN_FRONTEND=noninteractive apt-get -qq install -y qemu-utils curl e2fsprogs xfsprogs "
+                   "DEBIAN_FRONTEND=noninteractive apt-get -qq install -y qemu-utils python3 e2fsprogs xfsprogs "
                    "dosfstools fdisk util-linux; fi"]
         result = runner.run(install, timeout=900)
         if result.returncode != 0:
@@ -37,42 +43,156 @@ def ensure_tools(runner: CommandRunner) -> str:
     return QemuImg(runner).version()
 
 
-@dataclass(frozen=True)
-class StagedImage:
-    directory: str
-    path: str
-    size: int
+STAGING_PREFIXES = ("/dev/shm/oci-disk-import.", "/var/tmp/oci-disk-import.")
+
+# Picks where the object is kept on the worker: memory (tmpfs) when it fits in half of what
+# is free there and in memory, else the boot volume. A boot volume is network storage whose
+# throughput scales with its size (a 50 GB balanced one writes about 24 MB/s), so keeping the
+# copy in memory takes the boot volume off the import's path.
+_STAGING_SCRIPT = r"""
+size="$1"; name="$2"
+shm_free=$(df -P -B1 /dev/shm 2>/dev/null | awk 'NR==2 {print $4}')
+mem_free_kib=$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo)
+if [ -n "$shm_free" ] && [ -n "$mem_free_kib" ] && [ "$size" -le $((shm_free / 2)) ] \
+   && [ "$size" -le $((mem_free_kib * 512)) ]; then
+  exec mktemp -d "/dev/shm/oci-disk-import.$name.XXXXXX"
+fi
+exec mktemp -d "/var/tmp/oci-disk-import.$name.XXXXXX"
+"""
 
 
-def make_staging_dir(runner: CommandRunner, import_id: str) -> str:
-    result = runner.run(["mktemp", "-d", f"/var/tmp/oci-disk-import.{import_id[:16]}.XXXXXX"])
+def make_staging_dir(runner: CommandRunner, import_id: str, size: int) -> str:
+    """A private directory on the worker for the object: in memory if it fits, else on disk."""
+    result = runner.run(["sh", "-c", _STAGING_SCRIPT, "sh", str(int(size)), import_id[:16]])
     if result.returncode != 0:
-        raise CommandFailed(result, "mktemp")
+        raise CommandFailed(result, "creating the staging directory")
     return result.stdout.strip()
 
 
-def stage_object(runner: CommandRunner, put_private_file: Callable[[str, str], None], url: str, directory: str,
-                 expected_size: int) -> StagedImage:
-    """Download the object through its PAR URL onto the worker's disk.
+class WorkerFiles(Protocol):
+    """What the streaming transfer needs besides running commands: private files on the worker."""
 
-    The URL (a bearer secret) goes into a curl config file readable only by the worker
-    user, never onto a command line. curl retries transient failures and resumes.
+    def put_private_file(self, content: str | bytes, remote_path: str) -> None: ...
+
+    def write_private_ranges(self, remote_path: str, pieces: Sequence[tuple[int, bytes]]) -> None: ...
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    connections: int = 4
+    chunk_bytes: int = 8 * 1024 * 1024
+    bind: str | None = "ssh"  # connect from the address the SSH session reached the worker on
+    max_attempts: int = 10
+
+
+class ObjectStream:
+    """The object arriving on the worker through :mod:`diskimport.streamer`, served over NBD.
+
+    ``nbd_url`` is what qemu-img opens while the download runs; ``path`` is the complete
+    local copy once :meth:`finish` returns.
     """
-    config = f"{directory}/curl.conf"
-    put_private_file(f'url = "{url}"\n', config)
-    path = f"{directory}/image"
-    argv = ["curl", "--fail", "--silent", "--show-error", "--retry", "8", "--retry-all-errors",
-            "--retry-delay", "1", "--continue-at", "-", "--config", config, "--output", path]
-    try:
-        result = runner.run(argv, timeout=24 * 3600)
-    finally:
-        runner.run(["rm", "-f", config])
-    if result.returncode != 0:
-        raise CommandFailed(result, "downloading the image onto the worker")
-    size = int(runner.run(["stat", "--format=%s", path]).stdout.strip())
-    if size != expected_size:
-        raise CommandFailed(result, f"download is {size} bytes, the object {expected_size}")
-    return StagedImage(directory, path, size)
+
+    def __init__(self, runner: CommandRunner, directory: str, size: int,
+                 on_event: Callable[[dict[str, Any]], None] | None) -> None:
+        self.runner = runner
+        self.directory = directory
+        self.size = size
+        self.path = f"{directory}/image"
+        self.socket = f"{directory}/nbd.sock"
+        self.stop_file = f"{directory}/stop"
+        self.config = f"{directory}/stream.json"
+        self.script = f"{directory}/streamer.py"
+        self.events: list[dict[str, Any]] = []
+        self._on_event = on_event
+        self._ready = threading.Event()
+        self._result: CommandResult | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="object-stream", daemon=True)
+
+    @property
+    def nbd_url(self) -> str:
+        return f"nbd+unix:///?socket={self.socket}"
+
+    def _line(self, line: str) -> None:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return
+        if not isinstance(event, dict):
+            return
+        self.events.append(event)
+        if event.get("event") == "ready":
+            self._ready.set()
+        if self._on_event is not None:
+            self._on_event(event)
+
+    def _run(self) -> None:
+        try:
+            self._result = self.runner.run(["python3", self.script, self.config], timeout=24 * 3600,
+                                           on_output=self._line)
+        except BaseException as exc:  # surfaced by wait_ready / finish
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def start(self, timeout: float = 60.0) -> None:
+        self._thread.start()
+        self._ready.wait(timeout)
+        if not any(e.get("event") == "ready" for e in self.events):
+            self._thread.join(5)
+            raise self._failure("the transfer did not start")
+
+    def _failure(self, what: str) -> Exception:
+        if self._error is not None:
+            return TransferFailed(f"{what}: {self._error}")
+        failed = next((e for e in reversed(self.events) if e.get("event") == "failed"), None)
+        if failed is not None:
+            return TransferFailed(f"{what}: {failed.get('error')}")
+        if self._result is not None:
+            return TransferFailed(f"{what}: {CommandFailed(self._result, 'the transfer')}")
+        return TransferFailed(what)
+
+    def finish(self, timeout: float = 24 * 3600) -> dict[str, Any]:
+        """Wait for the last byte; return the transfer's account (bytes fetched, seconds)."""
+        self.runner.run(["sh", "-c", 'echo stop > "$1"', "sh", self.stop_file])
+        self._thread.join(timeout)
+        if self._thread.is_alive() or self._result is None or self._result.returncode != 0:
+            raise self._failure("transferring the image onto the worker failed")
+        done = next(e for e in reversed(self.events) if e.get("event") == "fetched")
+        return {"fetched_bytes": int(done["fetched"]), "seconds": float(done["seconds"]),
+                "retries": sum(1 for e in self.events if e.get("event") == "retry")}
+
+    def abort(self) -> None:
+        """Stop the download (the worker is about to be cleaned up)."""
+        if self._thread.is_alive():
+            self.runner.run(["sh", "-c", 'echo abort > "$1"', "sh", self.stop_file])
+            self._thread.join(30)
+
+
+class TransferFailed(Exception):
+    """The object could not be brought onto the worker."""
+
+
+def start_stream(runner: CommandRunner, files: WorkerFiles, url: str, etag: str, size: int, directory: str,
+                 present: Sequence[tuple[int, bytes]], settings: TransferSettings = TransferSettings(),
+                 on_event: Callable[[dict[str, Any]], None] | None = None) -> ObjectStream:
+    """Start fetching the object (minus the ``present`` pieces, written first) and serving it over NBD.
+
+    The PAR URL (a bearer secret) goes into a configuration file readable only by the
+    worker user, never onto a command line.
+    """
+    stream = ObjectStream(runner, directory, size, on_event)
+    files.put_private_file(STREAMER.read_text(), stream.script)
+    files.write_private_ranges(stream.path, present)
+    config = {
+        "url": url, "etag": etag, "size": size, "path": stream.path, "socket": stream.socket,
+        "stop_file": stream.stop_file, "present": [[start, start + len(data)] for start, data in present if data],
+        "connections": settings.connections, "chunk_bytes": settings.chunk_bytes, "bind": settings.bind,
+        "max_attempts": settings.max_attempts,
+    }
+    files.put_private_file(json.dumps(config), stream.config)
+    stream.start()
+    return stream
 
 
 def second_opinion(qemu: QemuImg, path: str, fmt: str, expected_virtual_size: int) -> ImageInfo:
@@ -98,5 +218,5 @@ def second_opinion(qemu: QemuImg, path: str, fmt: str, expected_virtual_size: in
 
 
 def remove_staging(runner: CommandRunner, directory: str) -> None:
-    if directory.startswith("/var/tmp/oci-disk-import."):
+    if directory.startswith(STAGING_PREFIXES) and "/../" not in directory:
         runner.run(["rm", "-rf", "--one-file-system", directory])

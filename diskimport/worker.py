@@ -78,12 +78,22 @@ class WorkerSession:
         result = self._connection().run(command, **kwargs)
         return CommandResult(tuple(argv), result.exited, result.stdout, result.stderr)
 
-    def put_private_file(self, content: str, remote_path: str) -> None:
+    def put_private_file(self, content: str | bytes, remote_path: str) -> None:
         """Write a file only the worker user can read (for secrets such as a PAR URL)."""
         sftp = self._connection().sftp()
         with sftp.open(remote_path, "w") as f:
             f.chmod(0o600)
             f.write(content)
+
+    def write_private_ranges(self, remote_path: str, pieces: Sequence[tuple[int, bytes]]) -> None:
+        """Create a file only the worker user can read, holding ``pieces`` at their offsets."""
+        sftp = self._connection().sftp()
+        with sftp.open(remote_path, "w") as f:
+            f.chmod(0o600)
+            f.set_pipelined(True)
+            for offset, data in pieces:
+                f.seek(offset)
+                f.write(data)
 
     def close(self) -> None:
         if self._conn is not None:

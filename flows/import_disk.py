@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import resource
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import oci
 from prefect import flow, get_run_logger, task
@@ -94,12 +95,17 @@ def inspect_image_header(credentials_block: str, namespace: str, bucket: str, ob
                          size: int, claimed: str | None, max_virtual_size: int) -> dict[str, Any]:
     clients = clients_for(OCICredentials.load(credentials_block))
 
+    pieces: list[tuple[int, bytes]] = []
+
     def read_range(start: int, end: int) -> bytes:
         reply = cloud.with_backoff(clients.object_storage.get_object, namespace, bucket, object_name,
                                    range=f"bytes={start}-{end}", if_match=etag)
-        return reply.data.content
+        pieces.append((start, reply.data.content))
+        return pieces[-1][1]
 
-    return asdict(inspection.inspect(read_range, size, claimed, max_virtual_size))
+    found = asdict(inspection.inspect(read_range, size, claimed, max_virtual_size))
+    # The bytes read here are handed to the worker, so the transfer does not fetch them again.
+    return {**found, "pieces": pieces}
 
 
 @task(name="find-previous-import", retries=3, retry_delay_seconds=2, cache_policy=NO_CACHE)
@@ -178,42 +184,106 @@ def prepare_worker(session: WorkerSession, timeout: float) -> str:
 
 @task(name="write-image", retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE,
       retry_condition_fn=_retry_unless_deterministic)
-def write_image(session: WorkerSession, credentials_block: str, version: dict[str, Any], fmt: str,
-                virtual_size: int, max_virtual_size: int, device: str, import_key: str,
-                target_is_zero: bool) -> dict[str, Any]:
-    """Stage the object on the worker through a short-lived read-only PAR, check it, write it."""
+def write_image(session: WorkerSession, credentials_block: str, version: dict[str, Any], image: dict[str, Any],
+                attach: Callable[[], str], import_key: str, target_is_zero: bool,
+                settings: transfer.TransferSettings) -> dict[str, Any]:
+    """Stream the object onto the worker while qemu-img writes it to the volume.
+
+    The worker fetches the object through a short-lived read-only PAR with parallel ranged
+    GETs (minus the head and tail inspected before, which are handed over); qemu-img reads
+    it over NBD as it arrives. ``attach`` attaches the volume (and returns its device)
+    while the first bytes arrive. The complete local copy stays in the staging directory
+    for :func:`verify_image`, so nothing is read twice from Object Storage.
+    """
     logger = get_run_logger()
     clients = clients_for(OCICredentials.load(credentials_block))
     qemu = QemuImg(session)
-    staging = transfer.make_staging_dir(session, import_key)
+    fmt, size = image["format"], version["size"]
+    staging = transfer.make_staging_dir(session, import_key, size)
     par_id, access_uri = cloud.read_only_par(clients, version["namespace"], version["bucket"], version["name"],
                                              dt.timedelta(hours=2), f"oci-disk-import-{import_key}")
+    stream: transfer.ObjectStream | None = None
+    phases = StepTimer()
+    kept = False
     try:
         url = clients.object_storage.base_client.endpoint.rstrip("/") + access_uri
-        staged = transfer.stage_object(session, session.put_private_file, url, staging, version["size"])
-    finally:
+        progress = _TransferProgress(version["name"], size)
+        with phases.step("start-transfer"):
+            stream = transfer.start_stream(session, session, url, version["etag"], size, staging,
+                                           [(start, data) for start, data in image["pieces"]], settings,
+                                           on_event=progress.event)
+        with phases.step("second-opinion"):
+            info = transfer.second_opinion(qemu, stream.nbd_url, fmt, image["virtual_size"])
+        with phases.step("attach"):
+            device = attach()
+        with phases.step("convert"):
+            qemu.convert(stream.nbd_url, fmt, device, target_is_zero=target_is_zero, on_progress=progress.written)
+        with phases.step("transfer-tail"):
+            fetched = stream.finish()
+        stream = None
         cloud.delete_par(clients, version["namespace"], version["bucket"], par_id)
+        par_id = None
+        progress.done()
+        logger.info("wrote %s (%s, %d bytes virtual); fetched %d bytes in %.1fs with %d retries",
+                    version["name"], fmt, info.virtual_size, fetched["fetched_bytes"], fetched["seconds"],
+                    fetched["retries"])
+        kept = True
+        return {"virtual_size": info.virtual_size, "image_bytes": size, "phases": phases.seconds,
+                "staging": staging, "device": device, **fetched}
+    finally:
+        if stream is not None:
+            stream.abort()
+        if par_id is not None:
+            cloud.delete_par(clients, version["namespace"], version["bucket"], par_id)
+        if not kept:
+            transfer.remove_staging(session, staging)
+
+
+@task(name="verify-image", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_unless_deterministic)
+def verify_image(session: WorkerSession, staging: str, fmt: str, device: str, virtual_size: int) -> None:
+    """The volume must read back as the image (compared with the worker's complete copy) and be no image itself."""
     try:
-        nested.reinspect_staged(session, staged.path, staged.size, fmt, max_virtual_size)
-        info = transfer.second_opinion(qemu, staged.path, fmt, virtual_size)
-        artifact = create_progress_artifact(0.0, description=f"Writing {version['name']} onto the volume")
-        last = [0.0]
-
-        def on_progress(percent: float) -> None:
-            if percent - last[0] >= 5 or percent >= 100:
-                last[0] = percent
-                update_progress_artifact(artifact, percent)
-
-        qemu.convert(staged.path, fmt, device, target_is_zero=target_is_zero, on_progress=on_progress)
-        update_progress_artifact(artifact, 100.0)
-        same, detail = qemu.compare(staged.path, fmt, device)
+        same, detail = QemuImg(session).compare(f"{staging}/image", fmt, device)
         if not same:
             raise transfer.VerificationFailed(f"the volume does not hold the image's content: {detail}")
-        nested.check_not_nested(session, device, info.virtual_size)
-        logger.info("wrote and verified %s (%s, %d bytes virtual)", version["name"], fmt, info.virtual_size)
-        return {"virtual_size": info.virtual_size, "image_bytes": staged.size}
+        nested.check_not_nested(session, device, virtual_size)
     finally:
         transfer.remove_staging(session, staging)
+
+
+class _TransferProgress:
+    """One progress artifact for the run's long step: bytes arriving and bytes written."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.size = max(size, 1)
+        self.fetched = 0
+        self.percent_written = 0.0
+        self.shown = 0.0
+        self.artifact = create_progress_artifact(0.0, description=f"Transferring {name} and writing it onto "
+                                                                  "the volume")
+
+    def _update(self, force: bool = False) -> None:
+        percent = round(min(100.0 * self.fetched / self.size, self.percent_written), 1)
+        if force or percent - self.shown >= 5:
+            self.shown = percent
+            update_progress_artifact(self.artifact, percent)
+
+    def event(self, event: dict[str, Any]) -> None:
+        if event.get("event") in ("progress", "fetched"):
+            self.fetched = int(event.get("fetched", 0))
+            self._update()
+        elif event.get("event") == "retry":
+            get_run_logger().warning("retrying bytes %s-%s of the object: %s", event.get("start"),
+                                     event.get("end"), event.get("error"))
+
+    def written(self, percent: float) -> None:
+        self.percent_written = percent
+        self._update()
+
+    def done(self) -> None:
+        self.fetched, self.percent_written = self.size, 100.0
+        self._update(force=True)
 
 
 @task(name="check-filesystems", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
@@ -375,29 +445,43 @@ def import_virtual_disk(
             with session:
                 with timer.step("prepare-worker"):
                     qemu_version = prepare_worker(session, shape.boot_timeout_seconds)
-                with timer.step("attach"):
-                    attachment = attach_volume(credentials_block, worker["id"], volume["id"], shape.attachment_type)
-                    device = iscsi_login(session, attachment) if attachment["type"] == "iscsi" \
-                        else attachment["device"]
-                with timer.step("write-and-verify"):
-                    written = write_image(session, credentials_block, version, image["format"],
-                                          image["virtual_size"], settings.max_virtual_size_bytes, device,
-                                          import_key, target_is_zero=volume["fresh"])
-                with timer.step("check-filesystems"):
-                    checks = check_filesystems(session, device, image["virtual_size"])
+                attached: dict[str, Any] = {}
+
+                def attach() -> str:
+                    attached.update(attach_volume(credentials_block, worker["id"], volume["id"],
+                                                  shape.attachment_type))
+                    return iscsi_login(session, attached) if attached["type"] == "iscsi" else attached["device"]
+
+                try:
+                    with timer.step("write"):
+                        written = write_image(session, credentials_block, version, image, attach, import_key,
+                                              target_is_zero=volume["fresh"],
+                                              settings=transfer.TransferSettings(
+                                                  connections=settings.transfer_connections,
+                                                  chunk_bytes=settings.transfer_chunk_mib * 1024 * 1024))
+                finally:
+                    attachment = attached or None
+                with timer.step("verify-and-check-filesystems"):
+                    # Both only read the device: the comparison and the filesystem checks run side by side.
+                    verified = verify_image.submit(session, written["staging"], image["format"], written["device"],
+                                                   written["virtual_size"])
+                    checked = check_filesystems.submit(session, written["device"], image["virtual_size"])
+                    checks = checked.result()
+                    verified.result()
                 if attachment["type"] == "iscsi":
                     iscsi_logout(session, attachment)
             with timer.step("detach"):
                 detach_volume(credentials_block, attachment["id"])
                 attachment = None
-            with timer.step("terminate-worker"):
-                terminate_worker(credentials_block, worker["id"])
-                worker = None
             with timer.step("finish-volume"):
                 finished = finish_volume(credentials_block, volume["id"],
                                          options.vpus if options.vpus is not None else settings.vpus_after_import,
                                          options.backup_policy or settings.backup_policy,
                                          {naming.TAG_STATE: naming.STATE_IMPORTED})
+            ready_at = dt.datetime.now(dt.timezone.utc)
+            with timer.step("terminate-worker"):
+                terminate_worker(credentials_block, worker["id"])
+                worker = None
             succeeded = True
         finally:
             if worker is not None:
@@ -413,7 +497,10 @@ def import_virtual_disk(
         "object_bytes": version["size"], "volume_id": volume["id"], "volume_size_gb": volume["size_in_gbs"],
         "availability_domain": volume["ad"], "vpus_per_gb": finished["vpus_per_gb"],
         "backup_policy_id": finished["backup_policy_id"], "qemu_img": qemu_version,
-        "bytes_written": written["virtual_size"], "steps": timer.seconds, "filesystems": checks, "reused": False,
+        "bytes_written": written["virtual_size"], "fetched_bytes": written["fetched_bytes"],
+        "transfer_seconds": written["seconds"], "write_phases": written["phases"],
+        "ready_at": ready_at.isoformat(), "transfer_retries": written["retries"],
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "steps": timer.seconds, "filesystems": checks, "reused": False,
     }
     _publish(summary)
     return summary

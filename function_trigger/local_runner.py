@@ -46,7 +46,11 @@ def start_fdk(socket_dir: Path, timeout_seconds: float) -> tuple[subprocess.Pope
 
 
 def make_handler(socket: Path, timeout_seconds: float) -> type[BaseHTTPRequestHandler]:
-    client = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)), timeout=timeout_seconds + 5)
+    # One connection per call: fdk 0.1.128's server spins its event loop on a kept-alive
+    # connection (its cached clock never advances, so a keep-alive timer re-arms at once),
+    # burning a CPU core for as long as the connection stays open.
+    client = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)), timeout=timeout_seconds + 5,
+                          limits=httpx.Limits(max_keepalive_connections=0), headers={"Connection": "close"})
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"

@@ -85,6 +85,10 @@ class SshdHost:
     def pid_path(self) -> Path:
         return self.directory / "sshd.pid"
 
+    @property
+    def home(self) -> Path:
+        return self.directory / "home"
+
     def prepare(self, authorized_keys: str, host_keys: dict[str, str], instance_id: str) -> None:
         """Write keys and config for a new instance."""
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -117,8 +121,13 @@ class SshdHost:
             "MaxSessions 50",
             "ClientAliveInterval 15",
             "Subsystem sftp internal-sftp",
-            f"SetEnv LOCALOCI_INSTANCE_ID={instance_id}",
+            # A fresh VM's home holds no shell start-up files: sessions must not run this host's.
+            f"SetEnv LOCALOCI_INSTANCE_ID={instance_id} HOME={self.home}",
+            "UseDNS no",
+            "PrintMotd no",
+            "PrintLastLog no",
         ]
+        self.home.mkdir(mode=0o700, exist_ok=True)
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def start(self, timeout: float = 15.0) -> None:

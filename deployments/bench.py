@@ -1,0 +1,240 @@
+"""``make bench``: how fast an upload becomes a checked volume, against the floor and the reference.
+
+For each benchmark image (see :mod:`deployments.bench_images`), in one run on the local stack:
+
+- **ours**: upload it to the import bucket and time the import the upload event starts,
+  from the event to the flow run's completion (the volume is ready, verified, checked);
+- **floor**: the larger of the object's size over the worker's network limit and a bare
+  local ``qemu-img convert`` of the same file onto a fresh volume file;
+- **reference**: :mod:`deployments.reference`, the sequential pipeline, same worker shape.
+
+The local OCI enforces the cloud model (:data:`MODEL`) while the benchmark runs. The last
+line of output is one JSON object; the exit status is 1 if a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from deployments import local_stack
+from deployments.bench_images import SPECS, ImageSpec, ensure_image
+from deployments.demo import inventory, run_result, run_started_by_upload, stack_clients, upload, wait_for_run
+
+MB = 1_000_000
+MODEL = {
+    "object_read_bytes_per_s_per_connection": 100 * MB,
+    "worker_network_bytes_per_s_per_ocpu": 125 * MB,
+    "worker_ocpus": 2,
+}
+WORKER_LIMIT = MODEL["worker_network_bytes_per_s_per_ocpu"] * MODEL["worker_ocpus"]
+
+
+def admin(env: dict[str, str], method: str, path: str, body: Any = None) -> Any:
+    reply = httpx.request(method, f"{env['LOCALOCI_ENDPOINT']}/_localoci/{path}", json=body, timeout=30)
+    reply.raise_for_status()
+    return reply.json() if reply.content else None
+
+
+def apply_model(env: dict[str, str]) -> dict[str, Any]:
+    """Make the local OCI enforce the model; return the settings to restore afterwards."""
+    before = admin(env, "GET", "bandwidth")
+    admin(env, "POST", "bandwidth", {
+        "objectReadBytesPerSecondPerConnection": MODEL["object_read_bytes_per_s_per_connection"],
+        "workerBytesPerSecondPerOcpu": MODEL["worker_network_bytes_per_s_per_ocpu"]})
+    return before
+
+
+def measure_ours(env: dict[str, str], spec: ImageSpec, path: Path) -> tuple[dict[str, Any], str]:
+    """Upload, then time the import the upload event starts. Returns the numbers and the object name."""
+    object_name = f"bench/{spec.name}-{int(time.time())}.{spec.suffix}"
+    admin(env, "DELETE", "metrics")
+    etag = upload(env, path, object_name)
+    event_time = dt.datetime.now(dt.timezone.utc)
+    started = run_started_by_upload(env, object_name, etag, timeout=300)
+    run = wait_for_run(env, started.id, timeout=3600)
+    if not run.state.is_completed():
+        raise RuntimeError(f"the import of {object_name} ended {run.state.name}: {run.state.message}")
+    summary = run_result(env, run)
+    # Ready: detached, tagged imported, performance and backup policy set (the worker's
+    # termination and the run's bookkeeping come after).
+    seconds = (dt.datetime.fromisoformat(summary["ready_at"]) - event_time).total_seconds()
+    key = f"{env['OCI_NAMESPACE']}/{env['IMPORT_BUCKET']}/{object_name}"
+    metrics = admin(env, "GET", "metrics")
+    backing = next(v["backingFile"] for v in inventory(env)["volumes"] if v["id"] == summary["volume_id"])
+    written = os.stat(backing).st_blocks * 512
+    _delete_volume(env, summary["volume_id"])
+    return {
+        "seconds": round(seconds, 3), "steps": summary["steps"],
+        "bytes_read": metrics["objectBytesRead"].get(key, 0), "read_requests": metrics["objectReadRequests"].get(key, 0),
+        "bytes_written": written, "peak_rss_mb": summary["peak_rss_mb"],
+        "transfer_seconds": summary["transfer_seconds"], "write_phases": summary.get("write_phases", {}),
+    }, object_name
+
+
+def _delete_volume(env: dict[str, str], volume_id: str) -> None:
+    import oci
+
+    _, config = stack_clients(env)
+    blockstorage = oci.core.BlockstorageClient(config, service_endpoint=env["LOCALOCI_ENDPOINT"])
+    blockstorage.delete_volume(volume_id)
+
+
+def measure_floor(env: dict[str, str], spec: ImageSpec, path: Path, volume_dir: Path) -> dict[str, Any]:
+    """The data's own limit: the network time of the object, or a bare local convert, whichever is longer."""
+    from diskimport.cloud import volume_size_gb
+
+    network = path.stat().st_size / WORKER_LIMIT
+    target = volume_dir / f"bench-floor-{spec.name}.img"
+    with open(target, "wb") as f:
+        f.truncate(volume_size_gb(spec.virtual_size) * 1024**3)
+    try:
+        start = time.monotonic()
+        subprocess.run(["qemu-img", "convert", "-f", spec.fmt, "-O", "raw", "-n", "--target-is-zero", "-W",
+                        "-m", "16", str(path), str(target)], check=True, capture_output=True)
+        convert = time.monotonic() - start
+    finally:
+        target.unlink(missing_ok=True)
+    return {"seconds": round(max(network, convert), 3), "network_s": round(network, 3), "convert_s": round(convert, 3)}
+
+
+def measure_reference(env: dict[str, str], spec: ImageSpec, object_name: str) -> dict[str, Any]:
+    from blocks import ImportSettings, OCICredentials, WorkerShape
+    from deployments.reference import run_reference
+
+    with local_stack.prefect_api(env["PREFECT_API_URL"]):
+        credentials = OCICredentials.load(local_stack.BLOCKS["credentials"])
+        shape = WorkerShape.load(local_stack.BLOCKS["worker"])
+        settings = ImportSettings.load(local_stack.BLOCKS["settings"])
+    if shape.ocpus != MODEL["worker_ocpus"]:
+        raise RuntimeError(f"the worker block has {shape.ocpus} OCPUs; the model says {MODEL['worker_ocpus']}")
+    admin(env, "DELETE", "metrics")
+    result = run_reference(credentials, shape, settings, env["OCI_NAMESPACE"], env["IMPORT_BUCKET"], object_name,
+                           spec.fmt)
+    key = f"{env['OCI_NAMESPACE']}/{env['IMPORT_BUCKET']}/{object_name}"
+    result["bytes_read"] = admin(env, "GET", "metrics")["objectBytesRead"].get(key, 0)
+    return result
+
+
+def _delete_object(env: dict[str, str], object_name: str) -> None:
+    client, _ = stack_clients(env)
+    client.delete_object(env["OCI_NAMESPACE"], env["IMPORT_BUCKET"], object_name)
+
+
+def bench_image(env: dict[str, str], spec: ImageSpec, path: Path, volume_dir: Path,
+                with_reference: bool) -> dict[str, Any]:
+    ours, object_name = measure_ours(env, spec, path)
+    try:
+        floor = measure_floor(env, spec, path, volume_dir)
+        reference = measure_reference(env, spec, object_name) if with_reference else None
+    finally:
+        _delete_object(env, object_name)
+    size = path.stat().st_size
+    result = {
+        "ours_s": ours["seconds"], "floor_s": floor["seconds"],
+        "reference_s": reference["seconds"] if reference else None,
+        "ours_over_floor": round(ours["seconds"] / floor["seconds"], 3),
+        "reference_over_ours": round(reference["seconds"] / ours["seconds"], 3) if reference else None,
+        "object_bytes": size, "virtual_bytes": spec.virtual_size, "bytes_read": ours["bytes_read"],
+        "read_requests": ours["read_requests"], "bytes_written": ours["bytes_written"],
+        "peak_rss_mb": ours["peak_rss_mb"], "steps": ours["steps"], "transfer_s": ours["transfer_seconds"], "write_phases": ours["write_phases"],
+        "floor": floor, "reference": reference,
+    }
+    return result
+
+
+def targets(images: dict[str, dict[str, Any]]) -> list[tuple[str, bool, str]]:
+    """The issue's targets, each with whether this run met it and the numbers behind it."""
+    found: list[tuple[str, bool, str]] = []
+    q = images.get("qcow2-8g")
+    if q:
+        found.append(("qcow2-8g ours/floor <= 1.5", q["ours_over_floor"] <= 1.5, f"{q['ours_over_floor']:.2f}"))
+        if q["reference_over_ours"] is not None:
+            found.append(("qcow2-8g reference/ours >= 2", q["reference_over_ours"] >= 2,
+                          f"{q['reference_over_ours']:.2f}"))
+    v, r = images.get("vmdk-64g-sparse"), images.get("raw-1g-dense")
+    if v and r:
+        ratio = v["ours_s"] / r["ours_s"]
+        found.append(("vmdk-64g-sparse <= 1.5 x raw-1g-dense", ratio <= 1.5, f"{ratio:.2f}"))
+    s = images.get("small-50m")
+    if s:
+        found.append(("small-50m ready within 15 s of its upload event", s["ours_s"] <= 15, f"{s['ours_s']:.1f} s"))
+    for name, image in images.items():
+        found.append((f"{name} bytes read == object size", image["bytes_read"] == image["object_bytes"],
+                      f"{image['bytes_read']:,} / {image['object_bytes']:,}"))
+    if s and q:
+        ratio = q["peak_rss_mb"] / s["peak_rss_mb"]
+        found.append(("peak orchestrator memory, largest vs smallest, within 20%", abs(ratio - 1) <= 0.2,
+                      f"{q['peak_rss_mb']:.0f} MB vs {s['peak_rss_mb']:.0f} MB"))
+    return found
+
+
+def print_table(images: dict[str, dict[str, Any]]) -> None:
+    head = f"{'image':<16} {'object':>9} {'ours s':>7} {'floor s':>8} {'ref s':>7} {'ours/floor':>10} " \
+           f"{'ref/ours':>8} {'read':>9} {'written':>9} {'rss MB':>7}"
+    print(head)
+    print("-" * len(head))
+    for name, i in images.items():
+        ref = f"{i['reference_s']:7.1f}" if i["reference_s"] is not None else f"{'-':>7}"
+        ratio = f"{i['reference_over_ours']:8.2f}" if i["reference_over_ours"] is not None else f"{'-':>8}"
+        print(f"{name:<16} {i['object_bytes'] / MB:8.0f}M {i['ours_s']:7.1f} {i['floor_s']:8.1f} {ref} "
+              f"{i['ours_over_floor']:10.2f} {ratio} {i['bytes_read'] / MB:8.0f}M {i['bytes_written'] / MB:8.0f}M "
+              f"{i['peak_rss_mb']:7.0f}")
+    print()
+    for name, i in images.items():
+        print(f"{name}: ours " + ", ".join(f"{k} {v:.1f}" for k, v in i["steps"].items()))
+        print(f"{name}: ours write-and-verify " + ", ".join(f"{k} {v:.1f}" for k, v in i["write_phases"].items()))
+        if i["reference"]:
+            print(f"{name}: reference " + ", ".join(f"{k} {v:.1f}" for k, v in i["reference"]["steps"].items()))
+        print(f"{name}: floor network {i['floor']['network_s']:.1f} s, bare convert {i['floor']['convert_s']:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", nargs="*", default=[s.name for s in SPECS],
+                        help="which images to run (default: all)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference pipeline")
+    args = parser.parse_args(argv)
+    specs = [s for s in SPECS if s.name in args.images]
+    env = local_stack.up()
+    base = local_stack.local_dir()
+    image_dir = local_stack.ROOT / ".local" / "bench" / "images"
+    print(f"model: {json.dumps(MODEL)}", flush=True)
+    paths = {}
+    for spec in specs:
+        print(f"image {spec.name}: preparing", flush=True)
+        paths[spec.name] = ensure_image(spec, image_dir)
+    volume_dir = base / "localoci" / "volumes"  # the floor's volume file sits beside the real ones
+    before = apply_model(env)
+    images: dict[str, dict[str, Any]] = {}
+    try:
+        for spec in specs:
+            print(f"image {spec.name}: running", flush=True)
+            images[spec.name] = bench_image(env, spec, paths[spec.name], volume_dir, not args.no_reference)
+            i = images[spec.name]
+            print(f"image {spec.name}: ours {i['ours_s']:.1f} s, floor {i['floor_s']:.1f} s, "
+                  f"reference {i['reference_s']} s", flush=True)
+    finally:
+        admin(env, "POST", "bandwidth", before)
+    print()
+    print_table(images)
+    print()
+    met = targets(images)
+    for name, ok, detail in met:
+        print(f"{'PASS' if ok else 'MISS'}  {name}: {detail}")
+    print(json.dumps({"model": {**MODEL, "worker_network_bytes_per_s": WORKER_LIMIT}, "images": images},
+                     sort_keys=False))
+    return 0 if all(ok for _, ok, _ in met) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

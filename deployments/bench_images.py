@@ -1,0 +1,111 @@
+"""The benchmark's images, generated once and kept under ``.local/bench/images``.
+
+Each is a partitioned disk (GPT: a small ext4 holding files, then a data partition)
+whose data is incompressible (``os.urandom``) and spread over the whole virtual disk,
+so neither compression nor a contiguous layout flatters any pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+BLOCK = 64 * MiB
+VERSION = 1  # bump when the generator changes, so cached images are made again
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    name: str
+    fmt: str            # qemu-img format of the uploaded object
+    suffix: str         # object name suffix
+    virtual_size: int
+    data_bytes: int     # incompressible bytes written into the disk
+    partitioned: bool = True
+    options: str | None = None  # qemu-img -o for the output format
+
+
+SPECS = (
+    ImageSpec("qcow2-8g", "qcow2", "qcow2", 8 * GiB, 4 * GiB),
+    ImageSpec("vmdk-64g-sparse", "vmdk", "vmdk", 64 * GiB, 1 * GiB, options="subformat=streamOptimized"),
+    ImageSpec("raw-1g-dense", "raw", "raw", 1 * GiB, 1 * GiB, partitioned=False),
+    ImageSpec("small-50m", "qcow2", "qcow2", 128 * MiB, 48 * MiB),
+)
+
+EXT4_OFFSET = MiB
+EXT4_SIZE = 16 * MiB
+
+
+def _run(*argv: str, stdin: str | None = None) -> None:
+    subprocess.run(argv, input=stdin, text=True, check=True, capture_output=True)
+
+
+def _spread(start: int, end: int, data_bytes: int, block: int) -> list[int]:
+    """Offsets of ``data_bytes / block`` blocks spread evenly over [start, end)."""
+    count = max(1, data_bytes // block)
+    span = (end - start) // block  # whole blocks that fit
+    if count > span:
+        raise ValueError(f"{data_bytes} bytes of data do not fit in {end - start} bytes")
+    return [start + (i * span // count) * block for i in range(count)]
+
+
+def build_raw(spec: ImageSpec, path: Path) -> None:
+    """The raw disk behind ``spec``: partition table, a checked ext4, incompressible data."""
+    with open(path, "wb") as f:
+        f.truncate(spec.virtual_size)
+    if not spec.partitioned:
+        with open(path, "r+b") as f:
+            for offset in range(0, spec.data_bytes, BLOCK):
+                f.seek(offset)
+                f.write(os.urandom(min(BLOCK, spec.data_bytes - offset)))
+        return
+    data_start = EXT4_OFFSET + EXT4_SIZE
+    data_end = spec.virtual_size - MiB  # the backup GPT lives in the last MiB
+    _run("sfdisk", "--quiet", str(path), stdin=(
+        "label: gpt\n"
+        f"start={EXT4_OFFSET // 512}, size={EXT4_SIZE // 512}, type=L\n"
+        f"start={data_start // 512}, size={(data_end - data_start) // 512}, type=L\n"))
+    tree = path.with_suffix(".tree")
+    tree.mkdir(exist_ok=True)
+    (tree / "README.txt").write_text(f"benchmark image {spec.name}\n")
+    (tree / "random.bin").write_bytes(os.urandom(4 * MiB))
+    _run("mke2fs", "-q", "-F", "-t", "ext4", "-E", f"offset={EXT4_OFFSET}", "-d", str(tree), str(path),
+         f"{EXT4_SIZE // 1024}k")
+    for item in tree.iterdir():
+        item.unlink()
+    tree.rmdir()
+    block = min(BLOCK, spec.data_bytes)
+    with open(path, "r+b") as f:
+        for offset in _spread(data_start, data_end, spec.data_bytes, block):
+            f.seek(offset)
+            f.write(os.urandom(block))
+
+
+def ensure_image(spec: ImageSpec, directory: Path) -> Path:
+    """The image file for ``spec``, made now unless an identical one is cached."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{spec.name}.{spec.suffix}"
+    stamp = directory / f"{spec.name}.json"
+    wanted = {"version": VERSION, **asdict(spec)}
+    if target.exists() and stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        return target
+    stamp.unlink(missing_ok=True)
+    raw = directory / f"{spec.name}.raw-source"
+    try:
+        build_raw(spec, raw)
+        if spec.fmt == "raw":
+            raw.rename(target)
+        else:
+            argv = ["qemu-img", "convert", "-f", "raw", "-O", spec.fmt]
+            if spec.options:
+                argv += ["-o", spec.options]
+            _run(*argv, str(raw), str(target))
+    finally:
+        raw.unlink(missing_ok=True)
+    stamp.write_text(json.dumps(wanted))
+    return target

@@ -1,0 +1,144 @@
+"""A warm interpreter that starts flow runs in milliseconds instead of seconds.
+
+It imports Prefect's engine and the project's flows (with the OCI SDK, fabric and the
+rest) once, then listens on a unix socket. For each :mod:`deployments.warm_client` that
+connects it forks a child, which takes over the client's environment, working directory
+and standard streams and runs ``prefect.engine`` as ``python -m prefect.engine`` would.
+
+The child dies with its client (a watchdog reads the client's socket), so killing the
+process the Prefect worker started still kills the run. When a project source file
+changes, the runner declines new runs (the client cold-starts them) and re-executes
+itself to load the new code.
+
+    python -m deployments.warm_runner /path/to/socket
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from deployments.warm_client import send_message
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("blocks", "deployments", "diskimport", "flows", "function_trigger")
+
+
+def code_stamp() -> float:
+    """The newest modification time among the project's Python files."""
+    return max((p.stat().st_mtime for pkg in PACKAGES for p in (ROOT / pkg).glob("*.py")), default=0.0)
+
+
+def preload() -> None:
+    import prefect.engine  # noqa: F401
+    import prefect.flow_engine  # noqa: F401
+    import flows.import_disk  # noqa: F401
+    import flows.sweep  # noqa: F401
+
+
+def run_child(conn: socket.socket, message: dict, fds: list[int]) -> None:
+    """In the forked child: become the flow-run process the client stands for."""
+    exit_code = 1
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for target, fd in zip((0, 1, 2), fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.environ.clear()
+        os.environ.update(message["env"])
+        os.chdir(message["cwd"])
+        sys.argv = ["prefect.engine", *message["argv"]]
+        send_message(conn, {"pid": os.getpid()})
+
+        def watchdog() -> None:  # the client went away (killed): so does the run
+            try:
+                while conn.recv(1):
+                    pass
+            except OSError:
+                pass
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=watchdog, daemon=True).start()
+
+        import prefect.context
+        import prefect.logging.configuration
+
+        prefect.context.refresh_global_settings_context()
+        prefect.logging.configuration.setup_logging()
+        try:
+            runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
+            exit_code = 0
+        except SystemExit as exc:
+            exit_code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            send_message(conn, {"exit": exit_code})
+        finally:
+            os._exit(exit_code)
+
+
+def serve(path: str) -> None:
+    preload()
+    stamp = code_stamp()
+    if os.path.exists(path):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    os.chmod(path, 0o600)
+    listener.listen(64)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
+    print(f"warm runner ready on {path} (pid {os.getpid()})", flush=True)
+    while True:
+        conn, _ = listener.accept()
+        try:
+            message, fds = _receive(conn)
+        except (OSError, ValueError):
+            conn.close()
+            continue
+        if message is None:
+            conn.close()
+            continue
+        if code_stamp() != stamp:
+            send_message(conn, {"stale": True})
+            conn.close()
+            for fd in fds:
+                os.close(fd)
+            listener.close()
+            os.execv(sys.executable, [sys.executable, "-m", "deployments.warm_runner", path])
+        if os.fork() == 0:
+            listener.close()
+            run_child(conn, message, fds)
+        conn.close()
+        for fd in fds:
+            os.close(fd)
+
+
+def _receive(conn: socket.socket) -> tuple[dict | None, list[int]]:
+    data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 20, 3)
+    if len(data) < 4:
+        return None, fds
+    length = int.from_bytes(data[:4], "big")
+    body = data[4:]
+    while len(body) < length:
+        more = conn.recv(length - len(body))
+        if not more:
+            return None, fds
+        body += more
+    import json
+
+    return json.loads(body), fds
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])

@@ -1,0 +1,138 @@
+"""The streaming transfer (diskimport.streamer + diskimport.transfer) against the real local OCI.
+
+The streamer runs as a real process (as it does on a worker); qemu-img reads the image
+over its NBD socket while the ranged GETs fill the local copy.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import oci
+import pytest
+
+from diskimport import transfer
+from diskimport.commands import LocalRunner
+from diskimport.qemu_img import QemuImg
+from localoci.process import RunningLocalOCI
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    """A qcow2 with incompressible data spread over 96 MiB of its 256 MiB virtual disk."""
+    raw = tmp_path / "disk.raw"
+    with open(raw, "wb") as f:
+        f.truncate(256 * MiB)
+        for n in range(12):
+            f.seek(n * 20 * MiB + 3 * MiB)
+            f.write(os.urandom(8 * MiB))
+    target = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(target)], check=True)
+    raw.unlink()
+    return target
+
+
+@pytest.fixture
+def uploaded(localoci: RunningLocalOCI, object_storage: oci.object_storage.ObjectStorageClient, bucket: str,
+             image: Path) -> Iterator[dict[str, Any]]:
+    with open(image, "rb") as f:
+        etag = object_storage.put_object(localoci.namespace, bucket, "disk.qcow2", f).headers["etag"]
+    details = oci.object_storage.models.CreatePreauthenticatedRequestDetails(
+        name="stream-test", object_name="disk.qcow2", access_type="ObjectRead",
+        time_expires=dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1))
+    par = object_storage.create_preauthenticated_request(localoci.namespace, bucket, details).data
+    localoci.admin("DELETE", "metrics")
+    yield {"url": localoci.endpoint + par.access_uri, "etag": etag, "size": image.stat().st_size,
+           "key": f"{localoci.namespace}/{bucket}/disk.qcow2"}
+    localoci.admin("DELETE", "faults")
+
+
+@pytest.fixture
+def staging(tmp_path: Path) -> str:
+    directory = tmp_path / "staging"
+    directory.mkdir(mode=0o700)
+    return str(directory)
+
+
+def head_and_tail(image: Path, head: int = 4 * MiB, tail: int = 64 * 1024) -> list[tuple[int, bytes]]:
+    data = image.read_bytes()
+    return [(0, data[:head]), (len(data) - tail, data[-tail:])]
+
+
+def convert_through(stream: transfer.ObjectStream, target: Path, virtual_size: int) -> None:
+    with open(target, "wb") as f:
+        f.truncate(virtual_size)
+    QemuImg(LocalRunner()).convert(stream.nbd_url, "qcow2", str(target))
+
+
+def test_stream_converts_while_fetching_and_fetches_each_byte_once(localoci, uploaded, image, staging, tmp_path):
+    runner = LocalRunner()
+    present = head_and_tail(image)
+    events: list[dict[str, Any]] = []
+    stream = transfer.start_stream(runner, runner, uploaded["url"], uploaded["etag"], uploaded["size"], staging,
+                                   present, transfer.TransferSettings(connections=3, chunk_bytes=2 * MiB),
+                                   on_event=events.append)
+    info = transfer.second_opinion(QemuImg(runner), stream.nbd_url, "qcow2", 256 * MiB)
+    assert info.virtual_size == 256 * MiB
+    convert_through(stream, tmp_path / "volume.img", info.virtual_size)
+    account = stream.finish()
+
+    assert Path(stream.path).read_bytes() == image.read_bytes()
+    assert QemuImg(runner).compare(str(image), "qcow2", str(tmp_path / "volume.img"))[0]
+    missing = uploaded["size"] - sum(len(d) for _, d in present)
+    assert account["fetched_bytes"] == missing
+    metrics = localoci.admin("GET", "metrics")
+    assert metrics["objectBytesRead"][uploaded["key"]] == missing  # the inspected head and tail were not fetched
+    assert os.stat(stream.config).st_mode & 0o077 == 0  # the PAR URL is readable by its owner alone
+    assert [e["event"] for e in events][0] == "ready"
+
+
+def test_failed_reads_are_retried_and_the_transfer_completes(localoci, uploaded, image, staging):
+    runner = LocalRunner()
+    localoci.admin("POST", "faults", {"operation": "ParGetObject", "status": 503, "code": "ServiceUnavailable",
+                                      "count": 4})
+    stream = transfer.start_stream(runner, runner, uploaded["url"], uploaded["etag"], uploaded["size"], staging,
+                                   [], transfer.TransferSettings(connections=2, chunk_bytes=4 * MiB))
+    account = stream.finish()
+    assert account["retries"] == 4
+    assert Path(stream.path).read_bytes() == image.read_bytes()
+    assert localoci.admin("GET", "metrics")["objectBytesRead"][uploaded["key"]] == uploaded["size"]
+
+
+def test_a_replaced_object_ends_the_transfer(localoci, object_storage, bucket, uploaded, staging, tmp_path):
+    runner = LocalRunner()
+    object_storage.put_object(localoci.namespace, bucket, "disk.qcow2", b"something else entirely")
+    stream = transfer.start_stream(runner, runner, uploaded["url"], uploaded["etag"], uploaded["size"], staging,
+                                   [], transfer.TransferSettings(connections=2, chunk_bytes=4 * MiB))
+    with pytest.raises(transfer.TransferFailed, match="412"):
+        stream.finish()
+
+
+def test_reads_of_a_failed_transfer_get_an_io_error(localoci, uploaded, image, staging, tmp_path):
+    runner = LocalRunner()
+    localoci.admin("POST", "faults", {"operation": "ParGetObject", "status": 404, "code": "NotFound", "count": 100})
+    stream = transfer.start_stream(runner, runner, uploaded["url"], uploaded["etag"], uploaded["size"], staging,
+                                   head_and_tail(image, head=64 * 1024), transfer.TransferSettings(connections=2))
+    with pytest.raises(Exception, match="qemu-img convert failed"):
+        convert_through(stream, tmp_path / "volume.img", 256 * MiB)
+    with pytest.raises(transfer.TransferFailed, match="HTTP 404"):
+        stream.finish()
+
+
+def test_abort_stops_an_unfinished_transfer(localoci, uploaded, staging):
+    runner = LocalRunner()
+    localoci.admin("POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": 1 * MiB})
+    try:
+        stream = transfer.start_stream(runner, runner, uploaded["url"], uploaded["etag"], uploaded["size"],
+                                       staging, [], transfer.TransferSettings(connections=1, chunk_bytes=MiB))
+        stream.abort()
+        assert not stream._thread.is_alive()
+        assert any(e["event"] == "aborted" for e in stream.events)
+    finally:
+        localoci.admin("POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": None})
