@@ -108,7 +108,7 @@ class LocalOCI:
             body = request.json_if_small()
             if isinstance(body, dict):
                 fields.update(body)
-            self.faults.check(route.operation, fields)
+            request.cut_after_bytes = self.faults.check(route.operation, fields)
         return route.handler(request)
 
     def read_throttles(self, request: Request) -> list[TokenBucket]:

@@ -24,6 +24,9 @@ class Fault:
     message: str
     count: int = 1
     match: dict[str, Any] = field(default_factory=dict)
+    # Instead of an error reply: send the reply's headers and this many body bytes, then hang up
+    # (a connection lost mid-transfer). Applies to object reads.
+    cut_after_bytes: int | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def applies(self, fields: dict[str, Any]) -> bool:
@@ -44,6 +47,7 @@ class FaultInjector:
                 message=str(spec.get("message", "Injected fault.")),
                 count=int(spec.get("count", 1)),
                 match=dict(spec.get("match") or {}),
+                cut_after_bytes=None if spec.get("cutAfterBytes") is None else int(spec["cutAfterBytes"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ServiceError(400, "InvalidParameter", f"bad fault specification: {exc!r}") from None
@@ -53,6 +57,8 @@ class FaultInjector:
             raise ServiceError(400, "InvalidParameter", "fault match must be an object of field values")
         if not 400 <= fault.status <= 599:
             raise ServiceError(400, "InvalidParameter", "fault status must be an HTTP error status, 400 to 599")
+        if fault.cut_after_bytes is not None and fault.cut_after_bytes < 0:
+            raise ServiceError(400, "InvalidParameter", "fault cutAfterBytes must be a number of bytes, at least 0")
         if fault.count < 1:
             raise ServiceError(400, "InvalidParameter", "fault count must be at least 1")
         with self._lock:
@@ -71,12 +77,18 @@ class FaultInjector:
         with self._lock:
             return any(f.operation == operation for f in self._faults)
 
-    def check(self, operation: str, fields: dict[str, Any]) -> None:
-        """Raise the first armed fault for this call, consuming one of its count."""
+    def check(self, operation: str, fields: dict[str, Any]) -> int | None:
+        """Raise the first armed fault for this call, consuming one of its count.
+
+        A fault that cuts the body short is returned (its byte count) instead of raised.
+        """
         with self._lock:
             for fault in self._faults:
                 if fault.operation == operation and fault.applies(fields):
                     fault.count -= 1
                     if fault.count <= 0:
                         self._faults.remove(fault)
+                    if fault.cut_after_bytes is not None:
+                        return fault.cut_after_bytes
                     raise ServiceError(fault.status, fault.code, fault.message)
+        return None

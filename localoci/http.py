@@ -39,6 +39,8 @@ class Request:
         self.params: dict[str, str] = {}
         # State that lives as long as the client's (keep-alive) connection.
         self.connection: dict[str, Any] = {}
+        # Set by an injected fault: send only this many body bytes, then hang up.
+        self.cut_after_bytes: int | None = None
         self._rfile = rfile
         self._body: bytes | None = None
         self._consumed = False

@@ -86,9 +86,10 @@ class _Handler(BaseHTTPRequestHandler):
         metrics, account = app.read_metrics, body.account
         if account is not None:
             metrics.request(account)
+        cut = request.cut_after_bytes
         with open(body.path, "rb") as f:
             f.seek(body.offset)
-            offset, left = body.offset, body.length
+            offset, left = body.offset, body.length if cut is None else min(cut, body.length)
             if not throttles:
                 self.wfile.flush()
             while left:
@@ -108,6 +109,8 @@ class _Handler(BaseHTTPRequestHandler):
                     metrics.sent(account, sent)
                 offset += sent
                 left -= sent
+        if cut is not None and cut < body.length:
+            raise ConnectionResetError("fault injected: connection cut mid-body")
 
 
 class LocalOCIServer(ThreadingHTTPServer):
