@@ -256,6 +256,7 @@ class _TransferProgress:
     """One progress artifact for the run's long step: bytes arriving and bytes written."""
 
     def __init__(self, name: str, size: int) -> None:
+        self.logger = get_run_logger()  # events arrive on the transfer's thread, outside the run context
         self.size = max(size, 1)
         self.fetched = 0
         self.percent_written = 0.0
@@ -267,14 +268,17 @@ class _TransferProgress:
         percent = round(min(100.0 * self.fetched / self.size, self.percent_written), 1)
         if force or percent - self.shown >= 5:
             self.shown = percent
-            update_progress_artifact(self.artifact, percent)
+            try:
+                update_progress_artifact(self.artifact, percent)
+            except Exception as exc:  # progress reporting must never break the transfer
+                self.logger.debug("progress not reported: %s", exc)
 
     def event(self, event: dict[str, Any]) -> None:
         if event.get("event") in ("progress", "fetched"):
             self.fetched = int(event.get("fetched", 0))
             self._update()
         elif event.get("event") == "retry":
-            get_run_logger().warning("retrying bytes %s-%s of the object: %s", event.get("start"),
+            self.logger.warning("retrying bytes %s-%s of the object: %s", event.get("start"),
                                      event.get("end"), event.get("error"))
 
     def written(self, percent: float) -> None:
