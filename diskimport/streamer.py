@@ -19,6 +19,8 @@ holds the PAR URL (a bearer secret) and is readable by the worker user alone:
                  head and tail it inspected, so they are not fetched again)
     socket       the NBD unix socket to serve ``path`` on
     stop_file    once this file exists and the download is complete, the program exits
+    directory    the staging directory; removed if the importer goes away (its SSH session
+                 ends) so a crashed run leaves no copy of the image on the worker
     connections  parallel HTTP connections (each a persistent keep-alive connection)
     chunk_bytes  the unit of download and of scheduling
     bind         "ssh" (the address this SSH session arrived on), an address, or null
@@ -30,6 +32,7 @@ changed) or 404 (the PAR is gone) ends the transfer. Progress goes to stdout as 
 
 import bisect
 import errno
+import shutil
 import http.client
 import json
 import os
@@ -401,10 +404,22 @@ def main(argv):
         thread.start()
     emit("ready", size=size, to_fetch=sum(c.hi - c.lo for c in download.chunks), bind=config["bind_address"])
 
+    parent = os.getppid()
+
+    def orphaned():
+        """The SSH session that started us is gone: nobody will read or stop us."""
+        if os.getppid() == parent:
+            return False
+        if config.get("directory"):
+            shutil.rmtree(config["directory"], ignore_errors=True)
+        return True
+
     interval = float(config.get("progress_seconds", 2.0))
     last = time.monotonic()
     try:
         while not download.wait_complete(0.1):
+            if orphaned():
+                return 4
             if stop_requested(config["stop_file"]) == "abort":
                 emit("aborted", fetched=download.fetched)
                 return 3
@@ -417,6 +432,8 @@ def main(argv):
         return 1
     emit("fetched", fetched=download.fetched, size=size, seconds=round(time.monotonic() - started, 3))
     while stop_requested(config["stop_file"]) is None:
+        if orphaned():
+            return 4
         time.sleep(0.05)
     os.close(fd)
     return 0

@@ -186,7 +186,7 @@ def start_stream(runner: CommandRunner, files: WorkerFiles, url: str, etag: str,
     files.write_private_ranges(stream.path, present)
     config = {
         "url": url, "etag": etag, "size": size, "path": stream.path, "socket": stream.socket,
-        "stop_file": stream.stop_file, "present": [[start, start + len(data)] for start, data in present if data],
+        "stop_file": stream.stop_file, "directory": directory, "present": [[start, start + len(data)] for start, data in present if data],
         "connections": settings.connections, "chunk_bytes": settings.chunk_bytes, "bind": settings.bind,
         "max_attempts": settings.max_attempts,
     }

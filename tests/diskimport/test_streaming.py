@@ -7,8 +7,10 @@ over its NBD socket while the ranged GETs fill the local copy.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -149,3 +151,25 @@ def test_a_connection_lost_mid_body_resumes_from_the_last_byte_received(localoci
     # Resumed, not restarted: the bytes received before each cut were not fetched again.
     assert account["fetched_bytes"] == uploaded["size"]
     assert localoci.admin("GET", "metrics")["objectBytesRead"][uploaded["key"]] == uploaded["size"]
+
+
+def test_a_streamer_whose_session_ends_removes_the_staging_copy(localoci, uploaded, staging):
+    """An importer that dies (its SSH session ends) leaves no copy of the image on the worker."""
+    runner = LocalRunner()
+    localoci.admin("POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": 1 * MiB})
+    try:
+        config = Path(staging) / "stream.json"
+        script = Path(staging) / "streamer.py"
+        script.write_text(transfer.STREAMER.read_text())
+        config.write_text(json.dumps({
+            "url": uploaded["url"], "etag": uploaded["etag"], "size": uploaded["size"],
+            "path": f"{staging}/image", "socket": f"{staging}/nbd.sock", "stop_file": f"{staging}/stop",
+            "directory": staging, "connections": 1, "chunk_bytes": MiB}))
+        # The shell stands for the SSH session: it starts the streamer and goes away.
+        runner.run(["sh", "-c", 'python3 "$1" "$2" >/dev/null 2>&1 & sleep 1', "sh", str(script), str(config)])
+        deadline = time.monotonic() + 10
+        while Path(staging).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(staging).exists()
+    finally:
+        localoci.admin("POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": None})
