@@ -15,6 +15,7 @@ itself to load the new code.
 
 from __future__ import annotations
 
+import json
 import os
 import runpy
 import signal
@@ -135,8 +136,6 @@ def _receive(conn: socket.socket) -> tuple[dict | None, list[int]]:
         if not more:
             return None, fds
         body += more
-    import json
-
     return json.loads(body), fds
 
 

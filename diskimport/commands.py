@@ -92,10 +92,7 @@ class LocalRunner:
         return CommandResult(argv, returncode, "".join(out), stderr)
 
     def put_private_file(self, content: str | bytes, path: str) -> None:
-        data = content.encode() if isinstance(content, str) else content
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        self.write_private_ranges(path, [(0, content.encode() if isinstance(content, str) else content)])
 
     def write_private_ranges(self, path: str, pieces: Sequence[tuple[int, bytes]]) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -80,10 +80,7 @@ class WorkerSession:
 
     def put_private_file(self, content: str | bytes, remote_path: str) -> None:
         """Write a file only the worker user can read (for secrets such as a PAR URL)."""
-        sftp = self._connection().sftp()
-        with sftp.open(remote_path, "w") as f:
-            f.chmod(0o600)
-            f.write(content)
+        self.write_private_ranges(remote_path, [(0, content.encode() if isinstance(content, str) else content)])
 
     def write_private_ranges(self, remote_path: str, pieces: Sequence[tuple[int, bytes]]) -> None:
         """Create a file only the worker user can read, holding ``pieces`` at their offsets."""
