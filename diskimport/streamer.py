@@ -20,7 +20,7 @@ holds the PAR URL (a bearer secret) and is readable by the worker user alone:
     socket       the NBD unix socket to serve ``path`` on
     stop_file    once this file exists and the download is complete, the program exits
     directory    the staging directory; removed if the importer goes away (its SSH session
-                 ends) so a crashed run leaves no copy of the image on the worker
+                 ends, or SIGTERM/SIGHUP arrives) so a crashed run leaves no copy of the image
     connections  parallel HTTP connections (each a persistent keep-alive connection)
     chunk_bytes  the unit of download and of scheduling
     bind         "ssh" (the address this SSH session arrived on), an address, or null
@@ -32,10 +32,11 @@ changed) or 404 (the PAR is gone) ends the transfer. Progress goes to stdout as 
 
 import bisect
 import errno
-import shutil
 import http.client
 import json
 import os
+import shutil
+import signal
 import socket
 import ssl
 import struct
@@ -405,6 +406,15 @@ def main(argv):
     emit("ready", size=size, to_fetch=sum(c.hi - c.lo for c in download.chunks), bind=config["bind_address"])
 
     parent = os.getppid()
+
+    def hung_up(signum, frame):
+        """The session or the worker is going down: leave no copy of the image behind."""
+        if config.get("directory"):
+            shutil.rmtree(config["directory"], ignore_errors=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, hung_up)
+    signal.signal(signal.SIGHUP, hung_up)
 
     def orphaned():
         """The SSH session that started us is gone: nobody will read or stop us."""

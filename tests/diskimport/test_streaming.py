@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -153,23 +154,42 @@ def test_a_connection_lost_mid_body_resumes_from_the_last_byte_received(localoci
     assert localoci.admin("GET", "metrics")["objectBytesRead"][uploaded["key"]] == uploaded["size"]
 
 
-def test_a_streamer_whose_session_ends_removes_the_staging_copy(localoci, uploaded, staging):
-    """An importer that dies (its SSH session ends) leaves no copy of the image on the worker."""
-    runner = LocalRunner()
+def _start_detached_streamer(uploaded: dict[str, Any], staging: str) -> int:
+    """Start the streamer as an SSH session would (slowly reading); return its pid."""
+    config = Path(staging) / "stream.json"
+    script = Path(staging) / "streamer.py"
+    script.write_text(transfer.STREAMER.read_text())
+    config.write_text(json.dumps({
+        "url": uploaded["url"], "etag": uploaded["etag"], "size": uploaded["size"],
+        "path": f"{staging}/image", "socket": f"{staging}/nbd.sock", "stop_file": f"{staging}/stop",
+        "directory": staging, "connections": 1, "chunk_bytes": MiB}))
+    # The shell stands for the SSH session: it starts the streamer and goes away.
+    started = LocalRunner().run(["sh", "-c", 'python3 "$1" "$2" >/dev/null 2>&1 & echo $!; sleep 1', "sh",
+                                 str(script), str(config)])
+    return int(started.stdout.split()[0])
+
+
+def _gone_within(path: Path, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not path.exists()
+
+
+@pytest.fixture
+def slow_reads(localoci: RunningLocalOCI) -> Iterator[None]:
     localoci.admin("POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": 1 * MiB})
-    try:
-        config = Path(staging) / "stream.json"
-        script = Path(staging) / "streamer.py"
-        script.write_text(transfer.STREAMER.read_text())
-        config.write_text(json.dumps({
-            "url": uploaded["url"], "etag": uploaded["etag"], "size": uploaded["size"],
-            "path": f"{staging}/image", "socket": f"{staging}/nbd.sock", "stop_file": f"{staging}/stop",
-            "directory": staging, "connections": 1, "chunk_bytes": MiB}))
-        # The shell stands for the SSH session: it starts the streamer and goes away.
-        runner.run(["sh", "-c", 'python3 "$1" "$2" >/dev/null 2>&1 & sleep 1', "sh", str(script), str(config)])
-        deadline = time.monotonic() + 10
-        while Path(staging).exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not Path(staging).exists()
-    finally:
-        localoci.admin("POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": None})
+    yield
+    localoci.admin("POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": None})
+
+
+def test_a_streamer_whose_session_ends_removes_the_staging_copy(uploaded, staging, slow_reads):
+    """An importer that dies (its SSH session ends) leaves no copy of the image on the worker."""
+    _start_detached_streamer(uploaded, staging)
+    assert _gone_within(Path(staging), 10)
+
+
+def test_a_terminated_streamer_removes_the_staging_copy(uploaded, staging, slow_reads):
+    pid = _start_detached_streamer(uploaded, staging)
+    os.kill(pid, signal.SIGTERM)
+    assert _gone_within(Path(staging), 10)
