@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("localoci.server")
 
-THROTTLED_STEP = min(CHUNK, 256 * 1024)  # bytes read and sent per token-bucket reservation
+THROTTLED_STEP = 256 * 1024  # bytes sent per token-bucket reservation
 SENDFILE_STEP = CHUNK  # bytes per sendfile call when no cap applies: what a lost client cost goes uncounted
 
 
@@ -90,21 +90,23 @@ class _Handler(BaseHTTPRequestHandler):
         with open(body.path, "rb") as f:
             f.seek(body.offset)
             offset, left = body.offset, body.length if cut is None else min(cut, body.length)
-            if not throttles:
-                self.wfile.flush()
+            self.wfile.flush()
+            step = THROTTLED_STEP if throttles else SENDFILE_STEP
             while left:
-                # Piece by piece, so the metrics count what was sent even if the client goes away.
+                # Piece by piece, so the metrics count what was sent even if the client goes away,
+                # and each piece passes the token buckets before the kernel copies it out (sendfile).
+                n = min(step, left)
                 if throttles:
-                    data = f.read(min(THROTTLED_STEP, left))
-                    if not data:
-                        raise ConnectionResetError("object file shorter than expected")
-                    take_all(throttles, len(data))
-                    self.wfile.write(data)
-                    sent = len(data)
-                else:
-                    sent = self.connection.sendfile(f, offset, min(SENDFILE_STEP, left))
-                    if not sent:
-                        raise ConnectionResetError("object file shorter than expected")
+                    take_all(throttles, n)
+                try:
+                    sent = self.connection.sendfile(f, offset, n)
+                except OSError:
+                    # The client left mid-piece; sendfile has moved the file position past what it sent.
+                    if account is not None and f.tell() > offset:
+                        metrics.sent(account, f.tell() - offset)
+                    raise
+                if not sent:
+                    raise ConnectionResetError("object file shorter than expected")
                 if account is not None:
                     metrics.sent(account, sent)
                 offset += sent
