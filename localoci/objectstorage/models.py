@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import os
 import re
 import secrets
 import uuid
@@ -27,6 +28,14 @@ BUCKET_NAME = re.compile(r"^[A-Za-z0-9._-]{1,256}$")
 MAX_OBJECT_NAME_BYTES = 1024
 PAR_ACCESS_TYPES = {"ObjectRead", "ObjectWrite", "ObjectReadWrite", "AnyObjectRead", "AnyObjectWrite", "AnyObjectReadWrite"}
 MAX_PARTS = 10000
+
+
+def _make_durable(f: BinaryIO) -> None:
+    """As Object Storage does, acknowledge a write only once its bytes are on disk.
+
+    It also keeps an upload's writeback from running on into whatever the upload starts."""
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def _new_etag() -> str:
@@ -209,6 +218,7 @@ class ObjectStorage:
         try:
             with open(path, "wb") as f:
                 size, md5 = write_body(f)
+                _make_durable(f)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -360,6 +370,7 @@ class ObjectStorage:
         try:
             with open(path, "wb") as f:
                 size, md5 = write_body(f)
+                _make_durable(f)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -399,6 +410,7 @@ class ObjectStorage:
                 with open(self.objects_dir / part["_file"], "rb") as src:
                     size += _copy(src, out)
                 digest.update(base64.b64decode(part["md5"]))
+            _make_durable(out)
         multipart_md5 = f"{base64.b64encode(digest.digest()).decode()}-{len(parts)}"
         obj = self._commit_object(
             namespace, bucket_name, name, file_id, size, None, multipart_md5,
