@@ -190,6 +190,7 @@ class Fetcher(object):
         self.max_attempts = int(config.get("max_attempts", 10))
         self.timeout = float(config.get("timeout_seconds", 60))
         self.conn = None
+        self.view = memoryview(bytearray(PIECE))  # one receive buffer, reused: no copy per piece
 
     def _connect(self):
         conn = self._connection((self.bind, 0) if self.bind else None)
@@ -263,13 +264,16 @@ class Fetcher(object):
                                                                     body.decode("utf-8", "replace")[:300]))
             raise _Retryable("HTTP %d" % reply.status)
         expected = chunk.hi - chunk.pos
+        view = self.view
         while expected:
-            data = reply.read(min(PIECE, expected))
-            if not data:
+            n = reply.readinto(view[:min(PIECE, expected)])
+            if not n:
                 raise _Retryable("connection closed with %d bytes of the range unread" % expected)
-            os.pwrite(self.fd, data, chunk.pos)
-            expected -= len(data)
-            self.download.advance(chunk, len(data))
+            written = 0
+            while written < n:
+                written += os.pwrite(self.fd, view[written:n], chunk.pos + written)
+            expected -= n
+            self.download.advance(chunk, n)
         if reply.will_close:
             self._close()
 
@@ -340,21 +344,29 @@ class NbdExport(object):
         send_lock = threading.Lock()
         fd = os.open(self.path, os.O_RDONLY)
 
-        def reply(cookie, error, data=b""):
+        def reply(cookie, error):
             with send_lock:
-                conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, cookie) + data)
+                conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, cookie))
 
         def read(cookie, offset, length):
             try:
                 self.download.wait_for(offset, offset + length)
-                data = os.pread(fd, length, offset)
-                if len(data) < length:
-                    data += b"\0" * (length - len(data))
-                reply(cookie, 0, data)
+                with send_lock:
+                    # The header, then the bytes straight from the page cache (sendfile: no copy here).
+                    conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie))
+                    sent = 0
+                    while sent < length:
+                        n = os.sendfile(conn.fileno(), fd, offset + sent, length - sent)
+                        if not n:
+                            raise EOFError("staging file shorter than the export")
+                        sent += n
             except TransferFailed:
                 reply(cookie, EIO)
-            except OSError:
-                pass
+            except (OSError, EOFError):
+                try:  # a reply cut short leaves the stream unusable: hang up so the client sees it
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
         with ThreadPoolExecutor(max_workers=16) as pool:
             try:
