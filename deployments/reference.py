@@ -71,7 +71,7 @@ def run_reference(credentials: OCICredentials, shape: WorkerShape, settings: Imp
                     attachment_id = attachment.id
                 with timer.step("convert"):
                     QemuImg(session).convert(image, fmt, attachment.device, target_is_zero=False,
-                                             out_of_order=False, coroutines=8)
+                                             out_of_order=False, coroutines=8, target_cache=None)
                 with timer.step("fsck"):
                     filesystems.check_device(session, attachment.device, info.virtual_size)
             finally:
