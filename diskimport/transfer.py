@@ -17,10 +17,6 @@ from .qemu_img import CHECKABLE_FORMATS, ImageInfo, QemuImg
 STREAMER = Path(__file__).with_name("streamer.py")
 
 
-class VerificationFailed(Exception):
-    """The volume does not read back as the image's guest-visible content."""
-
-
 def ensure_tools(runner: CommandRunner) -> str:
     """Make sure qemu-img and the filesystem checkers are on the worker; return qemu-img's version.
 

@@ -26,7 +26,7 @@ from prefect.exceptions import ObjectAlreadyExists
 from prefect.runtime import flow_run as current_flow_run
 
 from blocks import ImportSettings, OCICredentials, WorkerShape
-from diskimport import cloud, filesystems, inspection, iscsi, metadata, naming, nested, transfer
+from diskimport import cloud, filesystems, inspection, iscsi, metadata, naming, nested, slices, transfer
 from diskimport.keys import SshKeyPair, cloud_init_host_keys
 from diskimport.qemu_img import QemuImg
 from diskimport.worker import WorkerSession
@@ -187,13 +187,16 @@ def prepare_worker(session: WorkerSession, timeout: float) -> str:
 def write_image(session: WorkerSession, credentials_block: str, version: dict[str, Any], image: dict[str, Any],
                 attach: Callable[[], str], import_key: str, target_is_zero: bool,
                 settings: transfer.TransferSettings) -> dict[str, Any]:
-    """Stream the object onto the worker while qemu-img writes it to the volume.
+    """Stream the object onto the worker while qemu-img writes it to the volume, and verify it.
 
     The worker fetches the object through a short-lived read-only PAR with parallel ranged
     GETs (minus the head and tail inspected before, which are handed over); qemu-img reads
     it over NBD as it arrives. ``attach`` attaches the volume (and returns its device)
-    while the first bytes arrive. The complete local copy stays in the staging directory
-    for :func:`verify_image`, so nothing is read twice from Object Storage.
+    while the first bytes arrive. The disk is written slice by slice, and each slice is
+    compared with the worker's copy of the image while the next one is written
+    (:mod:`diskimport.slices`), so nothing is read twice from Object Storage and the
+    verification is done soon after the last byte arrives. The copy (``staging`` in the
+    result) is removed here if the step fails, else by the caller while the checks run.
     """
     logger = get_run_logger()
     clients = clients_for(OCICredentials.load(credentials_block))
@@ -216,20 +219,22 @@ def write_image(session: WorkerSession, credentials_block: str, version: dict[st
             info = transfer.second_opinion(qemu, stream.nbd_url, fmt, image["virtual_size"])
         with phases.step("attach"):
             device = attach()
-        with phases.step("convert"):
-            qemu.convert(stream.nbd_url, fmt, device, target_is_zero=target_is_zero, on_progress=progress.written)
-        with phases.step("transfer-tail"):
-            fetched = stream.finish()
+        writer = slices.SliceWriter(session, qemu, fmt, info.virtual_size, stream.socket, stream.path, device,
+                                    target_is_zero=target_is_zero, on_progress=progress.written,
+                                    direct_io=not slices.compressed_grains(fmt, info))
+        with phases.step("write-and-verify"):
+            fetched = writer.write(stream.finish)
         stream = None
         cloud.delete_par(clients, version["namespace"], version["bucket"], par_id)
         par_id = None
         progress.done()
-        logger.info("wrote %s (%s, %d bytes virtual); fetched %d bytes in %.1fs with %d retries",
-                    version["name"], fmt, info.virtual_size, fetched["fetched_bytes"], fetched["seconds"],
-                    fetched["retries"])
+        verified = writer.summary()
+        logger.info("wrote and verified %s (%s, %d bytes virtual, %d slices); fetched %d bytes in %.1fs with %d "
+                    "retries", version["name"], fmt, info.virtual_size, verified["slices"], fetched["fetched_bytes"],
+                    fetched["seconds"], fetched["retries"])
         kept = True
         return {"virtual_size": info.virtual_size, "image_bytes": size, "phases": phases.seconds,
-                "staging": staging, "device": device, **fetched}
+                "device": device, "staging": staging, **verified, **fetched}
     finally:
         if stream is not None:
             stream.abort()
@@ -239,17 +244,11 @@ def write_image(session: WorkerSession, credentials_block: str, version: dict[st
             transfer.remove_staging(session, staging)
 
 
-@task(name="verify-image", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
+@task(name="check-not-nested", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
       retry_condition_fn=_retry_unless_deterministic)
-def verify_image(session: WorkerSession, staging: str, fmt: str, device: str, virtual_size: int) -> None:
-    """The volume must read back as the image (compared with the worker's complete copy) and be no image itself."""
-    try:
-        same, detail = QemuImg(session).compare(f"{staging}/image", fmt, device)
-        if not same:
-            raise transfer.VerificationFailed(f"the volume does not hold the image's content: {detail}")
-        nested.check_not_nested(session, device, virtual_size)
-    finally:
-        transfer.remove_staging(session, staging)
+def check_not_nested(session: WorkerSession, device: str, virtual_size: int) -> None:
+    """The volume must be a disk, not another image format written out raw (a nested image)."""
+    nested.check_not_nested(session, device, virtual_size)
 
 
 class _TransferProgress:
@@ -465,13 +464,15 @@ def import_virtual_disk(
                                                   chunk_bytes=settings.transfer_chunk_mib * 1024 * 1024))
                 finally:
                     attachment = attached or None
-                with timer.step("verify-and-check-filesystems"):
-                    # Both only read the device: the comparison and the filesystem checks run side by side.
-                    verified = verify_image.submit(session, written["staging"], image["format"], written["device"],
-                                                   written["virtual_size"])
+                with timer.step("check-volume"):
+                    # Both checks only read the device and run side by side; the verified copy goes meanwhile.
+                    not_nested = check_not_nested.submit(session, written["device"], written["virtual_size"])
                     checked = check_filesystems.submit(session, written["device"], image["virtual_size"])
-                    checks = checked.result()
-                    verified.result()
+                    try:
+                        transfer.remove_staging(session, written["staging"])
+                    finally:
+                        checks = checked.result()
+                        not_nested.result()
                 if attachment["type"] == "iscsi":
                     iscsi_logout(session, attachment)
             with timer.step("detach"):
@@ -503,6 +504,7 @@ def import_virtual_disk(
         "backup_policy_id": finished["backup_policy_id"], "qemu_img": qemu_version,
         "bytes_written": written["virtual_size"], "fetched_bytes": written["fetched_bytes"],
         "transfer_seconds": written["seconds"], "write_phases": written["phases"],
+        "verified_bytes": written["verified_bytes"], "write_slices": written["slices"],
         "ready_at": ready_at.isoformat(), "transfer_retries": written["retries"],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "steps": timer.seconds, "filesystems": checks, "reused": False,
     }
