@@ -127,7 +127,7 @@ def prefect_env(base: Path, api_url: str) -> dict[str, str]:
         "PREFECT_SERVER_API_HOST": "127.0.0.1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-        "PREFECT_WORKER_QUERY_SECONDS": "0.5",
+        "PREFECT_WORKER_QUERY_SECONDS": "0.25",
         "PREFECT_WORKER_PREFETCH_SECONDS": "5",
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         "PREFECT_LOCAL_STORAGE_PATH": str(home / "results"),

@@ -7,8 +7,9 @@ and standard streams and runs ``prefect.engine`` as ``python -m prefect.engine``
 
 The child dies with its client (a watchdog reads the client's socket), so killing the
 process the Prefect worker started still kills the run. When a project source file
-changes, the runner declines new runs (the client cold-starts them) and re-executes
-itself to load the new code.
+changes, the runner re-executes itself to load the new code, at once (a watcher looks
+every second), so the next run finds it warm again; a run that arrives in between is
+declined and cold-started by its client.
 
     python -m deployments.warm_runner /path/to/socket
 """
@@ -22,6 +23,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 from deployments.warm_client import send_message
@@ -89,9 +91,25 @@ def run_child(conn: socket.socket, message: dict, fds: list[int]) -> None:
             os._exit(exit_code)
 
 
+def reload(path: str) -> None:
+    os.execv(sys.executable, [sys.executable, "-m", "deployments.warm_runner", path])
+
+
+def watch_code(path: str, stamp: float, interval: float = 1.0) -> None:
+    """Reload as soon as a project source file changes, not when the next run arrives."""
+    while True:
+        time.sleep(interval)
+        try:
+            if code_stamp() != stamp:
+                reload(path)
+        except OSError:  # a file vanished mid-edit: look again next time
+            continue
+
+
 def serve(path: str) -> None:
     preload()
     stamp = code_stamp()
+    threading.Thread(target=watch_code, args=(path, stamp), daemon=True, name="watch-code").start()
     if os.path.exists(path):
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -116,7 +134,7 @@ def serve(path: str) -> None:
             for fd in fds:
                 os.close(fd)
             listener.close()
-            os.execv(sys.executable, [sys.executable, "-m", "deployments.warm_runner", path])
+            reload(path)
         if os.fork() == 0:
             listener.close()
             run_child(conn, message, fds)

@@ -65,7 +65,7 @@ def wait_for_state(get: Callable[[], Any], wanted: str | tuple[str, ...], what: 
     """Poll ``get()`` (returning an SDK model) until its ``lifecycle_state`` is ``wanted``."""
     wanted = (wanted,) if isinstance(wanted, str) else wanted
     deadline = time.monotonic() + timeout
-    interval = min(poll, 0.2)
+    interval = min(poll, 0.05)  # a quick first look (most transitions are quick), then backing off
     while True:
         resource = with_backoff(get)
         state = resource.lifecycle_state
