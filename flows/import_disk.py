@@ -221,7 +221,7 @@ def write_image(session: WorkerSession, credentials_block: str, version: dict[st
             device = attach()
         writer = slices.SliceWriter(session, qemu, fmt, info.virtual_size, stream.socket, stream.path, device,
                                     target_is_zero=target_is_zero, on_progress=progress.written,
-                                    direct_io=not slices.compressed_grains(fmt, info))
+                                    direct_io=not slices.compressed_grains(fmt, info), image_bytes=size)
         with phases.step("write-and-verify"):
             fetched = writer.write(stream.finish)
         stream = None

@@ -47,6 +47,9 @@ def test_plan_slices_cover_the_disk_in_whole_mib_pieces():
     assert planned[0][0] == 0 and sum(length for _, length in planned) == 64 * GiB + 3 * MiB
     assert all(offset % MiB == 0 for offset, _ in planned)
     assert all(a + la == b for (a, la), (b, _) in zip(planned, planned[1:]))
+    # A sparse image gets a slice per 256 MiB of its file, not of its virtual disk.
+    assert len(slices.plan_slices(64 * GiB, image_bytes=GiB + MiB)) == 4
+    assert len(slices.plan_slices(64 * GiB, image_bytes=MiB)) == 1
 
 
 def test_pieces_split_a_slice_around_long_zero_runs():
