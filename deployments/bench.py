@@ -130,11 +130,21 @@ def _delete_object(env: dict[str, str], object_name: str) -> None:
     client.delete_object(env["OCI_NAMESPACE"], env["IMPORT_BUCKET"], object_name)
 
 
+def settle() -> None:
+    """Start a measurement with no writeback left over from the one before (the reference
+    writes gigabytes through the page cache), so each is timed on a quiet machine."""
+    os.sync()
+
+
 def bench_image(env: dict[str, str], spec: ImageSpec, path: Path, volume_dir: Path,
                 with_reference: bool) -> dict[str, Any]:
+    settle()
     ours, object_name = measure_ours(env, spec, path)
     try:
+        settle()
         floor = measure_floor(env, spec, path, volume_dir)
+        if with_reference:
+            settle()
         reference = measure_reference(env, spec, object_name) if with_reference else None
     finally:
         _delete_object(env, object_name)
