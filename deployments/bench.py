@@ -130,10 +130,19 @@ def _delete_object(env: dict[str, str], object_name: str) -> None:
     client.delete_object(env["OCI_NAMESPACE"], env["IMPORT_BUCKET"], object_name)
 
 
-def settle() -> None:
-    """Start a measurement with no writeback left over from the one before (the reference
-    writes gigabytes through the page cache), so each is timed on a quiet machine."""
+def settle(drop_caches: bool = True) -> None:
+    """Start a measurement on a quiet machine: no writeback left over from the one before (the
+    reference writes gigabytes through the page cache), and, where the benchmark may (as root),
+    no page cache either, which the kernel would otherwise be reclaiming during the next run.
+    (The floor keeps the cache: its bare convert reads the image file like a warm local copy.)"""
     os.sync()
+    if not drop_caches:
+        return
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        pass  # not root: the sync alone
 
 
 def bench_image(env: dict[str, str], spec: ImageSpec, path: Path, volume_dir: Path,
@@ -141,7 +150,7 @@ def bench_image(env: dict[str, str], spec: ImageSpec, path: Path, volume_dir: Pa
     settle()
     ours, object_name = measure_ours(env, spec, path)
     try:
-        settle()
+        settle(drop_caches=False)
         floor = measure_floor(env, spec, path, volume_dir)
         if with_reference:
             settle()
