@@ -83,6 +83,18 @@ def start_prefect(home: Path, database_url: str) -> tuple[subprocess.Popen[bytes
     raise RuntimeError(f"Prefect server did not start; see {home / 'server.log'}")
 
 
+def api_post(client: httpx.Client, path: str, body: dict[str, Any], attempts: int = 20) -> Any:
+    """POST to the Prefect API as Prefect's own client does: a 503 (SQLite busy while the new
+    server's background services start writing) means "try again shortly"."""
+    for _ in range(attempts):
+        reply = client.post(path, json=body)
+        if reply.status_code != 503:
+            break
+        time.sleep(0.25)
+    assert reply.is_success, f"POST {path}: HTTP {reply.status_code} {reply.text}"
+    return reply.json()
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def prefect_api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A Prefect server with the deployment ``import-virtual-disk/default`` (no worker: runs stay scheduled)."""
@@ -91,9 +103,9 @@ def prefect_api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
                 else request.getfixturevalue("postgres_url"))
     proc, url = start_prefect(home, database)
     client = httpx.Client(base_url=url, auth=tuple(AUTH.split(":", 1)), timeout=30)
-    flow_id = client.post("/flows/", json={"name": "import-virtual-disk"}).json()["id"]
-    deployment = client.post("/deployments/", json={
-        "name": "default", "flow_id": flow_id, "entrypoint": "flows/import_disk.py:import_virtual_disk"}).json()
+    flow_id = api_post(client, "/flows/", {"name": "import-virtual-disk"})["id"]
+    deployment = api_post(client, "/deployments/", {
+        "name": "default", "flow_id": flow_id, "entrypoint": "flows/import_disk.py:import_virtual_disk"})
     try:
         yield {"url": url, "client": client, "deployment_id": deployment["id"], "database": request.param}
     finally:

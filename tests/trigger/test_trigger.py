@@ -12,7 +12,7 @@ import pytest
 
 from function_trigger.func import head_object
 from function_trigger.trigger import PrefectApi, TriggerConfig, handle
-from tests.trigger.conftest import AUTH
+from tests.trigger.conftest import AUTH, api_post
 
 CREATE = "com.oraclecloud.objectstorage.createobject"
 
@@ -48,8 +48,8 @@ def invoke(config: dict[str, str], raw: bytes):
 
 
 def runs_for(prefect_api, object_names: set[str]) -> list[dict[str, Any]]:
-    runs = prefect_api["client"].post("/flow_runs/filter", json={
-        "flow_runs": {"deployment_id": {"any_": [prefect_api["deployment_id"]]}}, "limit": 200}).json()
+    runs = api_post(prefect_api["client"], "/flow_runs/filter", {
+        "flow_runs": {"deployment_id": {"any_": [prefect_api["deployment_id"]]}}, "limit": 200})
     return [r for r in runs if r["parameters"].get("object_name") in object_names]
 
 
