@@ -213,6 +213,14 @@ class ObjectStorage:
         _check_object_name(name)
         self.bucket(namespace, bucket_name)
         self._check_conditions(namespace, bucket_name, name, if_match, if_none_match)
+        file_id, size, md5 = self._store_body(write_body, content_md5)
+        return self._commit_object(namespace, bucket_name, name, file_id, size, md5, None, content_type, metadata, if_match, if_none_match)
+
+    def _store_body(self, write_body: Callable[[BinaryIO], tuple[int, str]],
+                    content_md5: str | None) -> tuple[str, int, str]:
+        """Write a request body into a new file, durably; ``(file id, size, base64 MD5)``.
+
+        The file is gone again if the body breaks off or does not match its Content-MD5."""
         file_id = uuid.uuid4().hex
         path = self.objects_dir / file_id
         try:
@@ -224,8 +232,9 @@ class ObjectStorage:
             raise
         if content_md5 and content_md5 != md5:
             path.unlink(missing_ok=True)
-            raise ServiceError(400, "InvalidParameter", f"The Content-MD5 you specified ({content_md5}) did not match what was received ({md5}).")
-        return self._commit_object(namespace, bucket_name, name, file_id, size, md5, None, content_type, metadata, if_match, if_none_match)
+            raise invalid_parameter(f"The Content-MD5 you specified ({content_md5}) did not match what was "
+                                    f"received ({md5}).")
+        return file_id, size, md5
 
     def _check_conditions(self, namespace: str, bucket: str, name: str, if_match: str | None, if_none_match: str | None) -> None:
         existing = self.objects.get(self._key(namespace, bucket, name))
@@ -365,18 +374,7 @@ class ObjectStorage:
         self.upload(namespace, bucket_name, name, upload_id)
         if not 1 <= part_num <= MAX_PARTS:
             raise invalid_parameter(f"uploadPartNum must be between 1 and {MAX_PARTS}.")
-        file_id = uuid.uuid4().hex
-        path = self.objects_dir / file_id
-        try:
-            with open(path, "wb") as f:
-                size, md5 = write_body(f)
-                _make_durable(f)
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        if content_md5 and content_md5 != md5:
-            path.unlink(missing_ok=True)
-            raise invalid_parameter(f"The Content-MD5 you specified ({content_md5}) did not match what was received ({md5}).")
+        file_id, size, md5 = self._store_body(write_body, content_md5)
         part = {"partNumber": part_num, "etag": _new_etag(), "md5": md5, "size": size, "_file": file_id}
         with self.store.lock:
             upload = self.upload(namespace, bucket_name, name, upload_id)
