@@ -58,7 +58,8 @@ class Compute:
             host = self.hosts.get(instance["id"])
             if host is None:
                 host = SshdHost(self.app.data_dir / "instances" / instance["id"].rsplit(".", 1)[-1],
-                                instance["_address"], self.app.meta["ssh_port"])
+                                instance["_address"], self.app.meta["ssh_port"],
+                                memory_gb=instance.get("shapeConfig", {}).get("memoryInGBs"))
                 self.hosts[instance["id"]] = host
             return host
 

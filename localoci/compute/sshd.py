@@ -70,11 +70,13 @@ def host_keys_from_cloud_config(doc: dict[str, Any]) -> dict[str, str]:
 class SshdHost:
     """The sshd of one instance, rooted at ``directory``."""
 
-    def __init__(self, directory: Path, address: str, port: int, user: str | None = None) -> None:
+    def __init__(self, directory: Path, address: str, port: int, user: str | None = None,
+                 memory_gb: float | None = None) -> None:
         self.directory = Path(directory)
         self.address = address
         self.port = port
         self.user = user or getpass.getuser()
+        self.memory_gb = memory_gb
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -136,9 +138,9 @@ class SshdHost:
         if os.geteuid() == 0:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         log = open(self.directory / "sshd.log", "ab")
+        argv = [sshd_binary(), "-D", "-f", str(self.config_path), "-E", str(self.directory / "sshd.log")]
         self.process = subprocess.Popen(
-            [sshd_binary(), "-D", "-f", str(self.config_path), "-E", str(self.directory / "sshd.log")],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            self._own_memory(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -158,6 +160,21 @@ class SshdHost:
             return (self.directory / "sshd.log").read_text()[-2000:]
         except FileNotFoundError:
             return ""
+
+    def _own_memory(self, argv: list[str]) -> list[str]:
+        """Run ``argv`` with a /dev/shm of the instance's own, where the host allows it (root).
+
+        A VM's memory (its tmpfs) dies with it: files a worker keeps there vanish when the
+        instance crashes or is terminated, however its processes were killed. sshd runs in a
+        mount namespace of its own with a fresh tmpfs, as large as the shape's memory, on
+        /dev/shm; the namespace and the tmpfs go when its last process does.
+        """
+        if os.geteuid() != 0 or not shutil.which("unshare"):
+            return argv
+        size = f"{int(self.memory_gb)}g" if self.memory_gb else "50%"
+        return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                'mount -t tmpfs -o "size=$1,mode=1777" tmpfs /dev/shm && shift && exec "$@"',
+                "sh", size, *argv]
 
     def stop(self) -> None:
         """Stop sshd and every session it spawned."""

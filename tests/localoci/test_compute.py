@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import os
 import socket
 from pathlib import Path
 
@@ -176,6 +177,30 @@ def test_crashed_instance_refuses_ssh(running_instance, compute, network, compar
     assert refuses_tcp(address, localoci.ssh_port)
     entry = next(i for i in localoci.inventory()["instances"] if i["id"] == running_instance.id)
     assert entry["crashed"] is True
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a worker gets memory of its own only where the local OCI runs as root")
+def test_a_workers_memory_is_its_own_and_goes_when_it_crashes(
+    running_instance, compute, network, compartment_id, localoci, client_key, host_key
+):
+    address = private_ip(compute, network, compartment_id, running_instance.id)
+    name = f"kept-by-{running_instance.id.rsplit('.', 1)[-1]}"
+    with connect(address, localoci.ssh_port, getpass.getuser(), client_key, host_key) as conn:
+        conn.run(f"mkdir /dev/shm/{name} && echo secret > /dev/shm/{name}/file", hide=True)
+        size = int(conn.run("df -P -B1 /dev/shm | awk 'NR==2 {print $2}'", hide=True).stdout)
+        namespace = conn.run("readlink /proc/self/ns/mnt", hide=True).stdout.strip()
+    assert size == 16 * 1024**3  # the shape's memory
+    assert not Path(f"/dev/shm/{name}").exists()  # not on the host's /dev/shm
+    localoci.admin("POST", f"instances/{running_instance.id}/crash")
+    # No process is left in the worker's mount namespace: its tmpfs, and the file, are gone.
+    left = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and os.readlink(f"/proc/{entry}/ns/mnt") == namespace:
+                left.append(entry)
+        except OSError:
+            continue
+    assert left == []
 
 
 def test_stop_and_start_actions_cycle_the_worker(running_instance, compute, network, compartment_id, localoci):
