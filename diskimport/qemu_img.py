@@ -135,47 +135,44 @@ class QemuImg:
         device instead of first filling the worker's page cache, which costs the worker CPU and
         memory it needs for the transfer.
         """
-        argv = [self.binary, "convert", "-p", "-f", _require_format(fmt), "-O", "raw", "-n"]
-        if target_is_zero:
-            argv.append("--target-is-zero")
+        options = ["-f", _require_format(fmt), "-O", "raw"]
         if source_cache:
-            argv += ["-T", source_cache]
+            options += ["-T", source_cache]
         if target_cache:
-            argv += ["-t", target_cache]
-        if out_of_order:
-            argv.append("-W")
-        argv += ["-m", str(coroutines), source, target]
-
-        self._run(argv, "qemu-img convert", on_output=self._progress(on_progress))
-
-    @staticmethod
-    def _progress(on_progress: Callable[[float], None] | None) -> Callable[[str], None]:
-        def progress(line: str) -> None:
-            if on_progress and (m := PROGRESS.search(line)):
-                on_progress(float(m.group(1)))
-        return progress
+            options += ["-t", target_cache]
+        self._convert(options, source, target, target_is_zero, out_of_order, coroutines, on_progress)
 
     def convert_nodes(self, source: str, target: str, *, target_is_zero: bool = True, coroutines: int = 16,
                       on_progress: Callable[[float], None] | None = None) -> None:
         """Like :meth:`convert`, with source and target given as ``--image-opts`` strings (windows of
         images and devices). The target's options set its cache mode."""
-        argv = [self.binary, "convert", "-p", "--image-opts", "--target-image-opts", "-n"]
+        self._convert(["--image-opts", "--target-image-opts"], source, target, target_is_zero, True, coroutines,
+                      on_progress)
+
+    def _convert(self, options: list[str], source: str, target: str, target_is_zero: bool, out_of_order: bool,
+                 coroutines: int, on_progress: Callable[[float], None] | None) -> None:
+        argv = [self.binary, "convert", "-p", *options, "-n"]
         if target_is_zero:
             argv.append("--target-is-zero")
-        argv += ["-W", "-m", str(coroutines), source, target]
-        self._run(argv, "qemu-img convert", on_output=self._progress(on_progress))
+        if out_of_order:
+            argv.append("-W")
+        argv += ["-m", str(coroutines), source, target]
 
-    def compare(self, image: str, fmt: str, device: str, *, device_direct: bool = True) -> tuple[bool, str]:
+        def progress(line: str) -> None:
+            if on_progress and (m := PROGRESS.search(line)):
+                on_progress(float(m.group(1)))
+
+        self._run(argv, "qemu-img convert", on_output=progress)
+
+    def compare(self, image: str, fmt: str, device: str) -> tuple[bool, str]:
         """Whether ``device`` (raw) holds the guest-visible content of ``image``.
 
         Not strict: the device may be larger than the image as long as the rest reads as zeros.
-        ``device_direct`` reads the device with O_DIRECT: what is on it, not what the page cache
-        remembers, and without filling the page cache with a copy of the whole disk.
+        The device is read with O_DIRECT: what is on it, not what the page cache remembers.
         """
         argv = [self.binary, "compare", "--image-opts",
                 image_opts(driver=_require_format(fmt), **{"file.filename": image}),
-                image_opts(driver="raw", **{"file.filename": device,
-                                             "cache.direct": "on" if device_direct else "off"})]
+                image_opts(driver="raw", **{"file.filename": device, "cache.direct": "on"})]
         result = self._run(argv, "qemu-img compare", ok_codes=(0, 1))
         return result.returncode == 0, (result.stdout + result.stderr).strip()
 

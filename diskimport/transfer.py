@@ -88,11 +88,10 @@ class ObjectStream:
     local copy once :meth:`finish` returns.
     """
 
-    def __init__(self, runner: CommandRunner, directory: str, size: int,
+    def __init__(self, runner: CommandRunner, directory: str,
                  on_event: Callable[[dict[str, Any]], None] | None) -> None:
         self.runner = runner
         self.directory = directory
-        self.size = size
         self.path = f"{directory}/image"
         self.socket = f"{directory}/nbd.sock"
         self.stop_file = f"{directory}/stop"
@@ -177,7 +176,7 @@ def start_stream(runner: CommandRunner, files: WorkerFiles, url: str, etag: str,
     The PAR URL (a bearer secret) goes into a configuration file readable only by the
     worker user, never onto a command line.
     """
-    stream = ObjectStream(runner, directory, size, on_event)
+    stream = ObjectStream(runner, directory, on_event)
     files.put_private_file(STREAMER.read_text(), stream.script)
     files.write_private_ranges(stream.path, present)
     config = {

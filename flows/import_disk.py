@@ -212,9 +212,8 @@ def write_image(session: WorkerSession, credentials_block: str, version: dict[st
         url = clients.object_storage.base_client.endpoint.rstrip("/") + access_uri
         progress = _TransferProgress(version["name"], size)
         with phases.step("start-transfer"):
-            stream = transfer.start_stream(session, session, url, version["etag"], size, staging,
-                                           [(start, data) for start, data in image["pieces"]], settings,
-                                           on_event=progress.event)
+            stream = transfer.start_stream(session, session, url, version["etag"], size, staging, image["pieces"],
+                                           settings, on_event=progress.event)
         with phases.step("second-opinion"):
             info = transfer.second_opinion(qemu, stream.nbd_url, fmt, image["virtual_size"])
         with phases.step("attach"):
@@ -506,7 +505,8 @@ def import_virtual_disk(
         "transfer_seconds": written["seconds"], "write_phases": written["phases"],
         "verified_bytes": written["verified_bytes"], "write_slices": written["slices"],
         "ready_at": ready_at.isoformat(), "transfer_retries": written["retries"],
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "steps": timer.seconds, "filesystems": checks, "reused": False,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "steps": timer.seconds, "filesystems": checks, "reused": False,
     }
     _publish(summary)
     return summary
