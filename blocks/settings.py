@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect.blocks.core import Block
 from pydantic import Field, field_validator
 
-VPU_LEVELS = (0, 10, 20, *range(30, 121, 10))
+from diskimport.contract import VPU_LEVELS
 
 
 def _vpus(value: int) -> int:

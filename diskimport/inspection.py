@@ -16,7 +16,7 @@ from typing import Callable
 
 from oslo_utils.imageutils import format_inspector as fi
 
-from function_trigger.options import FORMAT_NAMES
+from diskimport.contract import FORMAT_NAMES
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,12 @@
 """The uploaded object's version, and the import options its ``opc-meta-*`` metadata carries
-(validated by the same rules the upload trigger applies: :mod:`function_trigger.options`)."""
+(validated by the same rules the upload trigger applies: :mod:`diskimport.contract`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Mapping
 
-from function_trigger.options import ImportOptions, InvalidRequest, merge, parse_options
+from diskimport.contract import ImportOptions, InvalidRequest, merge, parse_options
 
 __all__ = ["ImportOptions", "InvalidRequest", "ObjectVersion", "merge", "object_version", "parse_options"]
 

@@ -3,25 +3,15 @@ resource it creates carries so that a sweeper can find what a dead run left."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 
-MANAGED_BY = "oci-disk-import"
-TAG_MANAGED_BY = "managed-by"
-TAG_IMPORT_ID = "import-id"
-TAG_OBJECT = "import-object"
-TAG_ETAG = "import-etag"
-TAG_FLOW_RUN = "import-flow-run"
-TAG_STATE = "import-state"
-STATE_WRITING = "writing"
-STATE_IMPORTED = "imported"
-STATE_FAILED = "failed"
+# The tag names and the import id are part of the contract shared with the upload function.
+from diskimport.contract import (MANAGED_BY, STATE_FAILED, STATE_IMPORTED, STATE_WRITING, TAG_ETAG, TAG_FLOW_RUN,
+                                 TAG_IMPORT_ID, TAG_MANAGED_BY, TAG_OBJECT, TAG_STATE, import_id)
 
-
-def import_id(namespace: str, bucket: str, object_name: str, etag: str) -> str:
-    """A stable id of one object version: the same upload always maps to the same import."""
-    key = f"{namespace}/{bucket}/{object_name}@{etag}"
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
+__all__ = ["MANAGED_BY", "STATE_FAILED", "STATE_IMPORTED", "STATE_WRITING", "TAG_ETAG", "TAG_FLOW_RUN",
+           "TAG_IMPORT_ID", "TAG_MANAGED_BY", "TAG_OBJECT", "TAG_STATE", "import_id", "import_tags",
+           "volume_display_name"]
 
 
 def import_tags(import_key: str, object_name: str, etag: str, flow_run_id: str, extra: dict[str, str]) -> dict[str, str]:

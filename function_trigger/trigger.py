@@ -18,12 +18,11 @@ from typing import Any, Callable, Mapping
 import httpx
 
 try:
-    from .options import InvalidRequest, parse_options
-except ImportError:  # inside the function image the modules sit side by side
-    from options import InvalidRequest, parse_options  # type: ignore[no-redef]
+    from diskimport.contract import IMAGE_SUFFIXES, InvalidRequest, idempotency_key, parse_options
+except ImportError:  # in the function's build directory contract.py sits beside this file
+    from contract import IMAGE_SUFFIXES, InvalidRequest, idempotency_key, parse_options  # type: ignore[no-redef]
 
 ACTED_ON = {"com.oraclecloud.objectstorage.createobject", "com.oraclecloud.objectstorage.updateobject"}
-DEFAULT_SUFFIXES = (".qcow2", ".qcow", ".vmdk", ".vhd", ".vpc", ".vhdx", ".vdi", ".raw", ".img")
 RETRYABLE = {429, 500, 502, 503, 504}
 
 
@@ -72,7 +71,7 @@ class TriggerConfig:
     api_key: str | None = field(default=None, repr=False)      # Prefect Cloud: bearer API key
     buckets: tuple[str, ...] = ()                               # empty: every bucket
     prefix: str = ""
-    suffixes: tuple[str, ...] = DEFAULT_SUFFIXES
+    suffixes: tuple[str, ...] = IMAGE_SUFFIXES
     ad_count: int = 3
     flow_parameters: Mapping[str, Any] = field(default_factory=dict)  # e.g. block names
     timeout_seconds: float = 60.0
@@ -95,7 +94,7 @@ class TriggerConfig:
             api_key=config.get("PREFECT_API_KEY") or None,
             buckets=listed("WATCH_BUCKETS"),
             prefix=config.get("NAME_PREFIX", ""),
-            suffixes=tuple(s.lower() for s in listed("IMAGE_SUFFIXES")) or DEFAULT_SUFFIXES,
+            suffixes=tuple(s.lower() for s in listed("IMAGE_SUFFIXES")) or IMAGE_SUFFIXES,
             ad_count=int(config.get("AD_COUNT", "3")),
             flow_parameters=extra,
             timeout_seconds=float(config.get("TIMEOUT_SECONDS", "60")),
@@ -147,10 +146,6 @@ def not_for_us(event: ObjectEvent, config: TriggerConfig) -> str | None:
     if not event.object_name.lower().endswith(config.suffixes):
         return "object name does not end with an image suffix (" + ", ".join(config.suffixes) + ")"
     return None
-
-
-def idempotency_key(event: ObjectEvent, etag: str) -> str:
-    return f"{event.namespace}/{event.bucket}/{event.object_name}@{etag}"
 
 
 class PrefectApi:
@@ -239,8 +234,9 @@ def handle(raw: bytes | str, config: TriggerConfig, head_object: HeadObject, api
         return Decision("refused", f"invalid object metadata: {exc}", **base)
     parameters = {**config.flow_parameters, "namespace": event.namespace, "bucket": event.bucket,
                   "object_name": event.object_name, "etag": etag, **options.as_parameters()}
+    key = idempotency_key(event.namespace, event.bucket, event.object_name, etag)
     try:
-        flow_run_id, created = api.create_flow_run(api.deployment_id(), parameters, idempotency_key(event, etag),
+        flow_run_id, created = api.create_flow_run(api.deployment_id(), parameters, key,
                                                    ["oci-disk-import", "upload-trigger"])
     except PrefectUnavailable as exc:
         return Decision("failed", str(exc), **base)

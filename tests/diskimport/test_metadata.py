@@ -2,24 +2,43 @@
 
 from __future__ import annotations
 
+import hashlib
+import pickle
+
 import pytest
 
-from diskimport.metadata import ImportOptions, InvalidRequest, merge, parse_options
+from diskimport.contract import (IMAGE_SUFFIXES, ImportOptions, InvalidRequest, Refusal, idempotency_key, merge,
+                                 parse_options)
 from diskimport.naming import import_id, volume_display_name
 
 
-@pytest.mark.parametrize("values,message", [
-    ({"ad_number": "two"}, "ad_number must be a whole number"),
-    ({"ad_number": "4"}, "ad_number must be 1 to 3"),
-    ({"ad_number": "0"}, "ad_number must be 1 to 3"),
-    ({"vpus": "15"}, "vpus must be 0, 10, 20"),
-    ({"display_name": "bad\nname"}, "display_name"),
-    ({"backup_policy": "gold; rm -rf /"}, "backup_policy"),
-    ({"format": "iso"}, "format must be one of"),
+@pytest.mark.parametrize("values,code,message", [
+    ({"ad_number": "two"}, "invalid-ad-number", "ad_number must be a whole number"),
+    ({"ad_number": "4"}, "invalid-ad-number", "ad_number must be 1 to 3"),
+    ({"ad_number": "0"}, "invalid-ad-number", "ad_number must be 1 to 3"),
+    ({"vpus": "15"}, "invalid-vpus", "vpus must be 0, 10, 20"),
+    ({"display_name": "bad\nname"}, "invalid-display-name", "display_name"),
+    ({"backup_policy": "gold; rm -rf /"}, "invalid-backup-policy", "backup_policy"),
+    ({"format": "iso"}, "invalid-format", "format must be one of"),
 ])
-def test_bad_option_is_refused_naming_it(values, message):
-    with pytest.raises(InvalidRequest, match=message):
+def test_bad_option_is_refused_with_its_code(values, code, message):
+    with pytest.raises(InvalidRequest) as refused:
         parse_options(values, ad_count=3)
+    assert refused.value.code == code
+    assert str(refused.value) == refused.value.message and message in refused.value.message
+
+
+def test_a_refusal_keeps_its_code_through_pickling():
+    refusal = InvalidRequest("invalid-vpus", "vpus must be 0, 10, 20 or 30 to 120 in steps of 10, not 15")
+    again = pickle.loads(pickle.dumps(refusal))
+    assert type(again) is InvalidRequest and isinstance(again, Refusal) and isinstance(again, ValueError)
+    assert (again.code, again.message, str(again)) == (refusal.code, refusal.message, str(refusal))
+
+
+def test_an_invalid_request_given_only_a_message_has_the_generic_code():
+    assert InvalidRequest("object 'x' not found").code == "invalid-request"
+    with pytest.raises(TypeError):
+        Refusal("a message without a code")
 
 
 def test_good_options_parse_and_parameters_win_over_metadata():
@@ -33,6 +52,17 @@ def test_import_id_is_stable_per_object_version():
     a = import_id("ns", "b", "disk.qcow2", "etag-1")
     assert a == import_id("ns", "b", "disk.qcow2", "etag-1")
     assert a != import_id("ns", "b", "disk.qcow2", "etag-2")
+
+
+def test_import_id_hashes_the_idempotency_key_the_function_uses():
+    key = idempotency_key("ns", "b", "dir/disk.qcow2", "etag-1")
+    assert key == "ns/b/dir/disk.qcow2@etag-1"
+    assert import_id("ns", "b", "dir/disk.qcow2", "etag-1") == hashlib.sha256(key.encode()).hexdigest()[:32]
+    assert import_id("ns", "b", "disk.qcow2", "etag-1") == "b33730285bf87d9126559453125d5dbb"  # as before the move
+
+
+def test_image_suffixes_are_the_format_names():
+    assert IMAGE_SUFFIXES == (".qcow2", ".qcow", ".vmdk", ".vhd", ".vpc", ".vhdx", ".vdi", ".raw", ".img")
 
 
 def test_volume_name_template():

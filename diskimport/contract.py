@@ -1,0 +1,153 @@
+"""The contract between the upload function and the import flow: which objects are disk
+images, which import options an upload's ``opc-meta-*`` metadata (or a flow parameter)
+may carry and their limits, the identity of one import (idempotency key and import id),
+the tags every resource an import creates carries, and the named refusals.
+
+Standard library only, and importing nothing else of the project: the function's build
+(``python -m function_trigger.build``) copies this file beside ``trigger.py``, so the
+function deploys without the rest of the repository and applies the flow's own rules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+# -- formats --------------------------------------------------------------------------------
+
+# Object name suffixes and metadata values -> qemu-img format names.
+FORMAT_NAMES = {
+    "qcow2": "qcow2", "qcow": "qcow2", "vmdk": "vmdk", "vhd": "vpc", "vpc": "vpc",
+    "vhdx": "vhdx", "vdi": "vdi", "raw": "raw", "img": "raw",
+}
+# Object names ending in one of these (case-insensitive) are disk images.
+IMAGE_SUFFIXES = tuple(f".{suffix}" for suffix in FORMAT_NAMES)
+
+# -- refusals -------------------------------------------------------------------------------
+
+
+class Refusal(Exception):
+    """A request that is not acted on, and that a retry would not change.
+
+    ``code`` is stable kebab-case for programs (decisions, logs, dashboards); ``message``
+    is for people and may change. ``str(exc)`` is the message. A class that names a
+    ``default_code`` may be raised with the message alone.
+    """
+
+    code: str
+    message: str
+    default_code: str | None = None
+
+    def __init__(self, code: str, message: str | None = None) -> None:
+        if message is None:
+            if self.default_code is None:
+                raise TypeError(f"{type(self).__name__} needs a code and a message")
+            code, message = self.default_code, code
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        # Prefect pickles exceptions into states; keep the code across the round trip.
+        return type(self), (self.code, self.message)
+
+
+class InvalidRequest(Refusal, ValueError):
+    """A parameter or metadata value is unusable; the message names it."""
+
+    default_code = "invalid-request"
+
+
+# -- import options -------------------------------------------------------------------------
+
+VPU_LEVELS = (0, 10, 20, *range(30, 121, 10))
+OPTION_KEYS = ("ad_number", "display_name", "backup_policy", "vpus", "format")
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    ad_number: int | None = None
+    display_name: str | None = None
+    backup_policy: str | None = None
+    vpus: int | None = None
+    format: str | None = None
+
+    def as_parameters(self) -> dict[str, Any]:
+        """The flow parameters these options set (``format`` travels as metadata only)."""
+        values = {"ad_number": self.ad_number, "display_name": self.display_name,
+                  "backup_policy": self.backup_policy, "vpus": self.vpus}
+        return {k: v for k, v in values.items() if v is not None}
+
+
+def _whole_number(code: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not re.fullmatch(r"\s*\d+\s*", str(value)):
+        raise InvalidRequest(code, f"{name} must be a whole number, not {value!r}")
+    return int(value)
+
+
+def parse_options(values: Mapping[str, Any], ad_count: int | None = None) -> ImportOptions:
+    """Validate import options given as flow parameters or as object metadata."""
+    ad_number = values.get("ad_number")
+    if ad_number in (None, ""):
+        ad_number = None
+    else:
+        ad_number = _whole_number("invalid-ad-number", "ad_number", ad_number)
+        if ad_number < 1 or (ad_count is not None and ad_number > ad_count):
+            limit = f"1 to {ad_count}" if ad_count else "at least 1"
+            raise InvalidRequest("invalid-ad-number", f"ad_number must be {limit}, not {ad_number}")
+    vpus = values.get("vpus")
+    if vpus in (None, ""):
+        vpus = None
+    else:
+        vpus = _whole_number("invalid-vpus", "vpus", vpus)
+        if vpus not in VPU_LEVELS:
+            raise InvalidRequest("invalid-vpus", f"vpus must be 0, 10, 20 or 30 to 120 in steps of 10, not {vpus}")
+    display_name = values.get("display_name") or None
+    if display_name is not None:
+        display_name = str(display_name)
+        if len(display_name) > 255 or re.search(r"[\x00-\x1f]", display_name):
+            raise InvalidRequest("invalid-display-name", "display_name must be at most 255 printable characters")
+    backup_policy = values.get("backup_policy") or None
+    if backup_policy is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,255}", str(backup_policy)):
+        raise InvalidRequest("invalid-backup-policy",
+                             f"backup_policy must be a policy name or OCID, not {backup_policy!r}")
+    fmt = values.get("format") or None
+    if fmt is not None and str(fmt).lower() not in FORMAT_NAMES:
+        raise InvalidRequest("invalid-format",
+                             f"format must be one of {', '.join(sorted(FORMAT_NAMES))}, not {fmt!r}")
+    return ImportOptions(ad_number, display_name, backup_policy, vpus, fmt)
+
+
+def merge(parameters: ImportOptions, metadata: ImportOptions) -> ImportOptions:
+    """Flow parameters win over object metadata."""
+    return ImportOptions(*(p if p is not None else m for p, m in zip(
+        (parameters.ad_number, parameters.display_name, parameters.backup_policy, parameters.vpus, parameters.format),
+        (metadata.ad_number, metadata.display_name, metadata.backup_policy, metadata.vpus, metadata.format))))
+
+
+# -- identity of an import ------------------------------------------------------------------
+
+def idempotency_key(namespace: str, bucket: str, object_name: str, etag: str) -> str:
+    """One object version: the function creates at most one flow run per key."""
+    return f"{namespace}/{bucket}/{object_name}@{etag}"
+
+
+def import_id(namespace: str, bucket: str, object_name: str, etag: str) -> str:
+    """A stable id of one object version: the same upload always maps to the same import."""
+    return hashlib.sha256(idempotency_key(namespace, bucket, object_name, etag).encode()).hexdigest()[:32]
+
+
+# -- tags on every resource an import creates (so a sweeper finds what a dead run left) -----
+
+MANAGED_BY = "oci-disk-import"
+TAG_MANAGED_BY = "managed-by"
+TAG_IMPORT_ID = "import-id"
+TAG_OBJECT = "import-object"
+TAG_ETAG = "import-etag"
+TAG_FLOW_RUN = "import-flow-run"
+TAG_STATE = "import-state"
+STATE_WRITING = "writing"
+STATE_IMPORTED = "imported"
+STATE_FAILED = "failed"
