@@ -1,7 +1,7 @@
 """OCI Function (Fn Project, Python FDK): an Object Storage event in, a Prefect flow run out.
 
 Configuration comes from the function's config (``fn config function <app> <fn> KEY value``),
-see README "Upload trigger". The answer is JSON ``{"decision": ..., "reason": ...}`` with
+see README "Upload trigger". The answer is JSON ``{"decision": ..., "reason": ..., "code": ...}`` with
 status 200 (started or ignored), 400 (refused: the event or the object's metadata is
 invalid) or 502 (no flow run could be created), so the platform can retry and
 dead-letter what failed.
@@ -73,14 +73,14 @@ def handler(ctx: Any, data: io.BytesIO | None = None) -> response.Response:
     try:
         settings = TriggerConfig.from_mapping(config)
     except (ValueError, TypeError) as exc:
-        decision = Decision("failed", f"function configuration is invalid: {exc}")
+        decision = Decision("failed", f"function configuration is invalid: {exc}", "invalid-configuration")
     else:
         budget = seconds_left(ctx.Deadline(), settings.timeout_seconds)
         api = PrefectApi(settings, client=_http, deadline=time.monotonic() + budget)
         try:
             decision = handle(raw, settings, head_object(config), api)
         except Exception as exc:  # an unexpected error still gets an answer and a log line
-            decision = Decision("failed", f"{type(exc).__name__}: {exc}")
+            decision = Decision("failed", f"{type(exc).__name__}: {exc}", "unexpected-error")
     # One structured line per event; no secret is part of a Decision.
     print(json.dumps({"call_id": ctx.CallID(), **decision.as_dict()}), file=sys.stderr, flush=True)
     return response.Response(ctx, response_data=json.dumps(decision.as_dict()),

@@ -3,7 +3,13 @@
 Kept apart from the FDK handler (``func.py``) so it runs and is tested as plain Python.
 Every event gets one :class:`Decision`: ``started`` (a flow run exists for the object
 version, new or already there), ``ignored`` (not for us: another event type, bucket,
-prefix or suffix) or ``refused`` (malformed or invalid; nothing started).
+prefix or suffix), ``refused`` (malformed or invalid; nothing started) or ``failed`` (no
+flow run could be created). Each but ``started`` carries a stable ``code`` besides its
+prose ``reason``: for invalid metadata the contract's own (``invalid-ad-number``, ...);
+otherwise refused ``invalid-event``, ``object-gone``, ``no-etag``; ignored ``not-an-upload``,
+``not-watched``, ``prefix-mismatch``, ``not-an-image``, ``superseded``; failed
+``prefect-unavailable`` (and, from ``func.py``, ``invalid-configuration``,
+``unexpected-error``).
 """
 
 from __future__ import annotations
@@ -18,16 +24,18 @@ from typing import Any, Callable, Mapping
 import httpx
 
 try:
-    from diskimport.contract import IMAGE_SUFFIXES, InvalidRequest, idempotency_key, parse_options
+    from diskimport.contract import IMAGE_SUFFIXES, Refusal, idempotency_key, parse_options
 except ImportError:  # in the function's build directory contract.py sits beside this file
-    from contract import IMAGE_SUFFIXES, InvalidRequest, idempotency_key, parse_options  # type: ignore[no-redef]
+    from contract import IMAGE_SUFFIXES, Refusal, idempotency_key, parse_options  # type: ignore[no-redef]
 
 ACTED_ON = {"com.oraclecloud.objectstorage.createobject", "com.oraclecloud.objectstorage.updateobject"}
 RETRYABLE = {429, 500, 502, 503, 504}
 
 
-class EventRefused(Exception):
+class EventRefused(Refusal):
     """The event cannot be acted on; the message says why."""
+
+    default_code = "invalid-event"
 
 
 class PrefectUnavailable(Exception):
@@ -48,6 +56,7 @@ class ObjectEvent:
 class Decision:
     decision: str  # started | ignored | refused | failed
     reason: str
+    code: str | None = None  # stable, for programs (the reason is prose)
     event_id: str | None = None
     object: str | None = None
     flow_run_id: str | None = None
@@ -135,16 +144,16 @@ def parse_event(raw: bytes | str) -> ObjectEvent:
     return ObjectEvent(str(event_id or ""), event_type, namespace, bucket, name, etag if isinstance(etag, str) else None)
 
 
-def not_for_us(event: ObjectEvent, config: TriggerConfig) -> str | None:
-    """Why this event starts nothing, or None when it should start an import."""
+def not_for_us(event: ObjectEvent, config: TriggerConfig) -> tuple[str, str] | None:
+    """Why this event starts nothing, as ``(code, reason)``, or None when it should start an import."""
     if event.event_type not in ACTED_ON:
-        return f"event type {event.event_type} is not an object create or update"
+        return "not-an-upload", f"event type {event.event_type} is not an object create or update"
     if config.buckets and event.bucket.lower() not in {b.lower() for b in config.buckets}:
-        return f"bucket {event.bucket} is not watched"
+        return "not-watched", f"bucket {event.bucket} is not watched"
     if config.prefix and not event.object_name.lower().startswith(config.prefix.lower()):
-        return f"object name does not start with {config.prefix!r}"
+        return "prefix-mismatch", f"object name does not start with {config.prefix!r}"
     if not event.object_name.lower().endswith(config.suffixes):
-        return "object name does not end with an image suffix (" + ", ".join(config.suffixes) + ")"
+        return "not-an-image", "object name does not end with an image suffix (" + ", ".join(config.suffixes) + ")"
     return None
 
 
@@ -212,26 +221,27 @@ def handle(raw: bytes | str, config: TriggerConfig, head_object: HeadObject, api
     try:
         event = parse_event(raw)
     except EventRefused as exc:
-        return Decision("refused", str(exc))
+        return Decision("refused", str(exc), exc.code)
     base = {"event_id": event.event_id, "object": f"{event.namespace}/{event.bucket}/{event.object_name}"}
-    reason = not_for_us(event, config)
-    if reason:
-        return Decision("ignored", reason, **base)
+    ignored = not_for_us(event, config)
+    if ignored:
+        code, reason = ignored
+        return Decision("ignored", reason, code, **base)
     try:
         headers = {k.lower(): v for k, v in head_object(event.namespace, event.bucket, event.object_name).items()}
     except LookupError as exc:
-        return Decision("refused", f"the object is gone: {exc}", **base)
+        return Decision("refused", f"the object is gone: {exc}", "object-gone", **base)
     etag = headers.get("etag") or event.etag
     if not etag:
-        return Decision("refused", "neither the event nor the object has an ETag", **base)
+        return Decision("refused", "neither the event nor the object has an ETag", "no-etag", **base)
     if event.etag and headers.get("etag") and headers["etag"] != event.etag:
         return Decision("ignored", f"the object changed since the event (ETag {headers['etag']}, event "
-                        f"{event.etag}); its own event starts that version", **base)
+                        f"{event.etag}); its own event starts that version", "superseded", **base)
     metadata = {k[len("opc-meta-"):]: v for k, v in headers.items() if k.startswith("opc-meta-")}
     try:
         options = parse_options(metadata, ad_count=config.ad_count)
-    except InvalidRequest as exc:
-        return Decision("refused", f"invalid object metadata: {exc}", **base)
+    except Refusal as exc:
+        return Decision("refused", f"invalid object metadata: {exc}", exc.code, **base)
     parameters = {**config.flow_parameters, "namespace": event.namespace, "bucket": event.bucket,
                   "object_name": event.object_name, "etag": etag, **options.as_parameters()}
     key = idempotency_key(event.namespace, event.bucket, event.object_name, etag)
@@ -239,6 +249,6 @@ def handle(raw: bytes | str, config: TriggerConfig, head_object: HeadObject, api
         flow_run_id, created = api.create_flow_run(api.deployment_id(), parameters, key,
                                                    ["oci-disk-import", "upload-trigger"])
     except PrefectUnavailable as exc:
-        return Decision("failed", str(exc), **base)
+        return Decision("failed", str(exc), "prefect-unavailable", **base)
     return Decision("started", "flow run created" if created else "flow run already existed for this version",
                     flow_run_id=flow_run_id, created=created, **base)

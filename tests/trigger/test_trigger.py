@@ -96,9 +96,9 @@ def test_fifty_different_events_at_once_give_fifty_runs(config, prefect_api, loc
 
 
 @pytest.mark.parametrize("case,expected", [
-    ("delete", "is not an object create or update"),
-    ("suffix", "does not end with an image suffix"),
-    ("bucket", "is not watched"),
+    ("delete", "not-an-upload"),
+    ("suffix", "not-an-image"),
+    ("bucket", "not-watched"),
 ])
 def test_events_not_for_the_importer_start_nothing(config, prefect_api, localoci, object_storage, bucket,
                                                    case, expected):
@@ -107,7 +107,7 @@ def test_events_not_for_the_importer_start_nothing(config, prefect_api, localoci
     kind = "com.oraclecloud.objectstorage.deleteobject" if case == "delete" else CREATE
     target_bucket = "some-other-bucket" if case == "bucket" else bucket
     decision = invoke(config, event(localoci.namespace, target_bucket, name, etag, kind=kind))
-    assert decision.decision == "ignored" and decision.status == 200 and expected in decision.reason
+    assert decision.decision == "ignored" and decision.status == 200 and decision.code == expected
     assert runs_for(prefect_api, {name}) == []
 
 
@@ -123,21 +123,22 @@ def test_malformed_events_are_refused_with_a_reason(config, prefect_api, localoc
     elif raw == "no-namespace":
         raw = event("", bucket, "x.qcow2", "etag")
     decision = invoke(config, raw)
-    assert decision.decision == "refused" and decision.status == 400 and expected in decision.reason
+    assert decision.decision == "refused" and decision.status == 400 and decision.code == "invalid-event"
+    assert expected in decision.reason  # one code for every malformed event; the reason says what is wrong
 
 
 @pytest.mark.parametrize("metadata,expected", [
-    ({"ad_number": "7"}, "ad_number must be 1 to 3"),
-    ({"ad_number": "one"}, "ad_number must be a whole number"),
-    ({"vpus": "25"}, "vpus must be 0, 10, 20"),
-    ({"format": "iso"}, "format must be one of"),
+    ({"ad_number": "7"}, "invalid-ad-number"),
+    ({"ad_number": "one"}, "invalid-ad-number"),
+    ({"vpus": "25"}, "invalid-vpus"),
+    ({"format": "iso"}, "invalid-format"),
 ])
 def test_bad_metadata_is_refused_and_starts_nothing(config, prefect_api, localoci, object_storage, bucket,
                                                     metadata, expected):
     name = f"{uuid.uuid4().hex}.qcow2"
     etag = put(object_storage, localoci, bucket, name, metadata)
     decision = invoke(config, event(localoci.namespace, bucket, name, etag))
-    assert decision.decision == "refused" and expected in decision.reason
+    assert decision.decision == "refused" and decision.status == 400 and decision.code == expected
     assert runs_for(prefect_api, {name}) == []
 
 
@@ -146,7 +147,7 @@ def test_wrong_api_credential_gets_a_clear_error(config, prefect_api, localoci, 
     etag = put(object_storage, localoci, bucket, name)
     decision = invoke({**config, "PREFECT_API_AUTH_STRING": "importer:wrong"}, event(localoci.namespace, bucket,
                                                                                       name, etag))
-    assert decision.decision == "failed" and decision.status == 502
+    assert decision.decision == "failed" and decision.status == 502 and decision.code == "prefect-unavailable"
     assert "refused the credentials" in decision.reason and "wrong" not in decision.reason
     assert runs_for(prefect_api, {name}) == []
 
@@ -156,7 +157,8 @@ def test_unreachable_prefect_api_fails_within_the_deadline(config, localoci, obj
     etag = put(object_storage, localoci, bucket, name)
     unreachable = {**config, "PREFECT_API_URL": "http://127.0.0.1:9/api", "TIMEOUT_SECONDS": "3"}
     decision = invoke(unreachable, event(localoci.namespace, bucket, name, etag))
-    assert decision.decision == "failed" and "before the deadline" in decision.reason
+    assert decision.decision == "failed" and decision.code == "prefect-unavailable"
+    assert "before the deadline" in decision.reason
 
 
 def test_prefect_api_refuses_requests_without_credentials(prefect_api):
