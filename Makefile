@@ -1,4 +1,4 @@
-# The local stack contract: make test | demo | up | down | bench.
+# The local stack contract: make test | demo | up | down | bench; make function builds the OCI Function.
 # Every target installs what is missing: Debian packages, uv, the locked Python environment.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -8,8 +8,9 @@ APT_PACKAGES := qemu-utils openssh-server openssh-client e2fsprogs xfsprogs dosf
 UV = $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PYTEST_WORKERS ?= 4
 PYTEST_ARGS ?=
+FUNCTION_BUILD_DIR ?= .local/function-build
 
-.PHONY: help deps apt-deps uv-env test up down status demo bench
+.PHONY: help deps apt-deps uv-env test up down status demo bench function
 
 help:
 	@echo "make test   install what is missing, run the whole test suite"
@@ -17,6 +18,7 @@ help:
 	@echo "make demo   make up, then import a sample disk end to end and verify it"
 	@echo "make down   stop everything 'make up' started"
 	@echo "make bench  time imports against the floor and the reference (not part of make test)"
+	@echo "make function  write the upload function's build directory (FUNCTION_BUILD_DIR, default .local/function-build)"
 
 deps: apt-deps uv-env
 
@@ -49,3 +51,7 @@ status:
 
 bench: deps
 	$(UV) run python -m deployments.bench $(BENCH_ARGS)
+
+# What `fn deploy` builds the function image from: function_trigger/ plus diskimport/contract.py.
+function: deps
+	$(UV) run python -m function_trigger.build $(FUNCTION_BUILD_DIR)
