@@ -4,7 +4,8 @@
 prepares what an import needs on it (the import bucket with object events enabled, a
 VCN and subnet for workers), then a Prefect server (SQLite under ``.local/prefect``),
 saves the blocks for the local OCI, creates the work pool, deploys ``prefect.yaml``,
-starts a Prefect worker, and serves the upload trigger (``function_trigger``) with the
+starts a Prefect worker, and serves the upload trigger's build directory
+(``python -m function_trigger.build``, written to ``.local/function-build``) with the
 FDK's runner as the target of the local Events rule for the import bucket, so an upload
 starts an import. It writes ``.local/stack.env`` (``KEY=value`` lines) and one ``.pid`` file per process. Running
 ``up`` twice is harmless; ``down`` stops every process ``up`` started.
@@ -29,6 +30,7 @@ from typing import Iterator
 
 import oci
 
+from function_trigger.build import build as build_function
 from localoci import process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -255,10 +257,12 @@ def start_worker(base: Path, api_url: str) -> None:
 
 
 def start_function(base: Path, values: dict[str, str], previous: dict[str, str]) -> str:
-    """Serve the upload trigger with the FDK's runner; return the endpoint events are delivered to."""
+    """Build the upload trigger (as ``make function`` does) and serve its build directory with
+    the FDK's runner; return the endpoint events are delivered to."""
     pid_file = base / "function.pid"
     endpoint = previous.get("FUNCTION_ENDPOINT") or f"http://127.0.0.1:{_free_port()}/"
     if _pid_alive(pid_file) is None:
+        function_dir = build_function(base / "function-build")
         port = endpoint.rstrip("/").rsplit(":", 1)[1]
         env = {
             **os.environ, "PREFECT_API_URL": values["PREFECT_API_URL"], "WATCH_BUCKETS": values["IMPORT_BUCKET"],
@@ -269,8 +273,9 @@ def start_function(base: Path, values: dict[str, str], previous: dict[str, str])
         }
         with open(base / "function.log", "ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", "function_trigger.local_runner", "--port", port,
-                                     "--socket-dir", str(base / "function")], stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=out, env=env, cwd=ROOT, start_new_session=True)
+                                     "--socket-dir", str(base / "function"), "--function-dir", str(function_dir)],
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, cwd=ROOT,
+                                    start_new_session=True)
         pid_file.write_text(str(proc.pid))
     deadline = time.monotonic() + 60
     while True:
