@@ -1,8 +1,9 @@
 """A real Prefect server (SQLite or PostgreSQL, with API auth) holding the import deployment,
-and the function's configuration pointing at it and at the local OCI."""
+the function's configuration pointing at it and at the local OCI, and Object Storage events."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -112,3 +114,42 @@ def prefect_api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
         client.close()
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
+
+
+CREATE = "com.oraclecloud.objectstorage.createobject"
+
+
+def event(namespace: str, bucket: str, name: str | None, etag: str | None, kind: str = CREATE,
+          version: str = "1.0", bucket_id: str = "ocid1.bucket.oc1..x") -> bytes:
+    data: dict[str, Any] = {"compartmentId": "ocid1.tenancy.oc1..x", "resourceName": name,
+                            "additionalDetails": {"namespace": namespace, "bucketName": bucket,
+                                                  "bucketId": bucket_id, "eTag": etag}}
+    if name is None:
+        del data["resourceName"]
+    if version == "1.0":
+        body = {"eventType": kind, "cloudEventsVersion": "0.1", "eventTypeVersion": "2.0", "eventID": str(uuid.uuid4()),
+                "source": "ObjectStorage", "eventTime": "2026-11-22T00:00:00Z", "data": data}
+    else:
+        body = {"specversion": "1.0", "type": kind, "id": str(uuid.uuid4()), "source": "ObjectStorage", "data": data}
+    return json.dumps(body).encode()
+
+
+@pytest.fixture
+def config(prefect_api, localoci, bucket) -> dict[str, str]:
+    return {
+        "PREFECT_API_URL": prefect_api["url"], "PREFECT_API_AUTH_STRING": AUTH,
+        "WATCH_BUCKETS": bucket, "OCI_AUTH": "config_file", "OCI_CONFIG_FILE": localoci.oci_config_file,
+        "OCI_PROFILE": localoci.oci_profile, "OCI_ENDPOINT": localoci.endpoint,
+        "FLOW_PARAMETERS": json.dumps({"credentials_block": "local-oci"}),
+    }
+
+
+def runs_for(prefect_api, object_names: set[str]) -> list[dict[str, Any]]:
+    runs = api_post(prefect_api["client"], "/flow_runs/filter", {
+        "flow_runs": {"deployment_id": {"any_": [prefect_api["deployment_id"]]}}, "limit": 200})
+    return [r for r in runs if r["parameters"].get("object_name") in object_names]
+
+
+def put(object_storage, localoci, bucket: str, name: str, metadata: dict[str, str] | None = None) -> str:
+    return object_storage.put_object(localoci.namespace, bucket, name, b"QFI\xfb" + b"\0" * 508,
+                                     opc_meta=metadata or {}).headers["etag"]

@@ -2,60 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import httpx
 import pytest
 
 from function_trigger.func import head_object
 from function_trigger.trigger import PrefectApi, TriggerConfig, handle
-from tests.trigger.conftest import AUTH, api_post
-
-CREATE = "com.oraclecloud.objectstorage.createobject"
-
-
-def event(namespace: str, bucket: str, name: str | None, etag: str | None, kind: str = CREATE,
-          version: str = "1.0", bucket_id: str = "ocid1.bucket.oc1..x") -> bytes:
-    data: dict[str, Any] = {"compartmentId": "ocid1.tenancy.oc1..x", "resourceName": name,
-                            "additionalDetails": {"namespace": namespace, "bucketName": bucket,
-                                                  "bucketId": bucket_id, "eTag": etag}}
-    if name is None:
-        del data["resourceName"]
-    if version == "1.0":
-        body = {"eventType": kind, "cloudEventsVersion": "0.1", "eventTypeVersion": "2.0", "eventID": str(uuid.uuid4()),
-                "source": "ObjectStorage", "eventTime": "2026-11-22T00:00:00Z", "data": data}
-    else:
-        body = {"specversion": "1.0", "type": kind, "id": str(uuid.uuid4()), "source": "ObjectStorage", "data": data}
-    return json.dumps(body).encode()
-
-
-@pytest.fixture
-def config(prefect_api, localoci, bucket) -> dict[str, str]:
-    return {
-        "PREFECT_API_URL": prefect_api["url"], "PREFECT_API_AUTH_STRING": AUTH,
-        "WATCH_BUCKETS": bucket, "OCI_AUTH": "config_file", "OCI_CONFIG_FILE": localoci.oci_config_file,
-        "OCI_PROFILE": localoci.oci_profile, "OCI_ENDPOINT": localoci.endpoint,
-        "FLOW_PARAMETERS": json.dumps({"credentials_block": "local-oci"}),
-    }
+from tests.trigger.conftest import CREATE, event, put, runs_for
 
 
 def invoke(config: dict[str, str], raw: bytes):
     settings = TriggerConfig.from_mapping(config)
     return handle(raw, settings, head_object(config), PrefectApi(settings))
-
-
-def runs_for(prefect_api, object_names: set[str]) -> list[dict[str, Any]]:
-    runs = api_post(prefect_api["client"], "/flow_runs/filter", {
-        "flow_runs": {"deployment_id": {"any_": [prefect_api["deployment_id"]]}}, "limit": 200})
-    return [r for r in runs if r["parameters"].get("object_name") in object_names]
-
-
-def put(object_storage, localoci, bucket: str, name: str, metadata: dict[str, str] | None = None) -> str:
-    return object_storage.put_object(localoci.namespace, bucket, name, b"QFI\xfb" + b"\0" * 508,
-                                     opc_meta=metadata or {}).headers["etag"]
 
 
 @pytest.mark.parametrize("version", ["1.0", "2.0"])
