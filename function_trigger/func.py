@@ -4,7 +4,9 @@ Configuration comes from the function's config (``fn config function <app> <fn> 
 see README "Upload trigger". The answer is JSON ``{"decision": ..., "reason": ..., "code": ...}`` with
 status 200 (started or ignored), 400 (refused: the event or the object's metadata is
 invalid) or 502 (no flow run could be created), so the platform can retry and
-dead-letter what failed.
+dead-letter what failed. (The FDK passes 200, 502 and 504 on as they are and any other
+status as 200, except to API Gateway, which gets it in ``Fn-Http-Status``: a refusal
+reaches Events as a 200 and is not retried.)
 """
 
 from __future__ import annotations

@@ -221,7 +221,7 @@ def handle(raw: bytes | str, config: TriggerConfig, head_object: HeadObject, api
     try:
         event = parse_event(raw)
     except EventRefused as exc:
-        return Decision("refused", str(exc), exc.code)
+        return Decision("refused", exc.message, exc.code)
     base = {"event_id": event.event_id, "object": f"{event.namespace}/{event.bucket}/{event.object_name}"}
     ignored = not_for_us(event, config)
     if ignored:
