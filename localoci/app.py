@@ -16,7 +16,7 @@ from .compute.models import Compute
 from .compute.responses import routes as compute_routes
 from .errors import ServiceError
 from .events.models import Events
-from .faults import FaultInjector
+from .faults import AFTER, BEFORE, Fault, FaultInjector
 from .http import Request, Response, Router
 from .identity.models import Identity
 from .identity.responses import routes as identity_routes
@@ -96,6 +96,7 @@ class LocalOCI:
         self.scheduler.stop()
 
     def handle(self, request: Request) -> Response:
+        """Route and authenticate a call; run it between its faults."""
         matched = self.router.match(request.method, request.raw_path)
         if matched is None:
             raise ServiceError(404, "NotFound", f"No API serves {request.method} {request.raw_path}")
@@ -103,13 +104,24 @@ class LocalOCI:
         request.params = params
         if route.authenticated:
             require_signature(request)
-        if self.faults.wanted(route.operation):
-            fields: dict[str, Any] = {**request.query, **params}
-            body = request.json_if_small()
-            if isinstance(body, dict):
-                fields.update(body)
-            request.cut_after_bytes = self.faults.check(route.operation, fields)
-        return route.handler(request)
+        fault = self._take_fault(route.operation, request)
+        if fault is not None:
+            request.cut_after_bytes = fault.cut_after_bytes
+            request.fail_resource = fault.fail_resource
+            fault.strike(BEFORE)
+        response = route.handler(request)
+        if fault is not None:
+            fault.strike(AFTER)
+        return response
+
+    def _take_fault(self, operation: str, request: Request) -> Fault | None:
+        if not self.faults.wanted(operation):
+            return None
+        fields: dict[str, Any] = {**request.query, **request.params}
+        body = request.json_if_small()
+        if isinstance(body, dict):
+            fields.update(body)
+        return self.faults.take(operation, fields)
 
     def read_throttles(self, request: Request) -> list[TokenBucket]:
         """Token buckets an object read on this connection must pass through."""

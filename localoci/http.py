@@ -41,6 +41,8 @@ class Request:
         self.connection: dict[str, Any] = {}
         # Set by an injected fault: send only this many body bytes, then hang up.
         self.cut_after_bytes: int | None = None
+        # Set by an injected fault: the resource this call creates fails to provision.
+        self.fail_resource = False
         self._rfile = rfile
         self._body: bytes | None = None
         self._consumed = False

@@ -62,7 +62,8 @@ class BlockStorage:
         except FileNotFoundError:
             return 0
 
-    def create_volume(self, details: dict[str, Any]) -> dict[str, Any]:
+    def create_volume(self, details: dict[str, Any], fails: bool = False) -> dict[str, Any]:
+        """A new PROVISIONING volume; it becomes AVAILABLE, or FAULTY if it ``fails`` (an injected fault)."""
         compartment = self.app.identity.check_compartment(details.get("compartmentId"))
         ad = self.app.identity.check_availability_domain(details.get("availabilityDomain"))
         if details.get("sizeInGBs") is None and details.get("sizeInMBs") is not None:
@@ -80,7 +81,7 @@ class BlockStorage:
             "sizeInMBs": size_gb * 1024, "vpusPerGB": vpus, "isHydrated": True, "isAutoTuneEnabled": False,
             "lifecycleState": "PROVISIONING", "timeCreated": now_iso(),
             "freeformTags": details.get("freeformTags") or {}, "definedTags": details.get("definedTags") or {},
-            "_file": volume_id.rsplit(".", 1)[-1] + ".img",
+            "_file": volume_id.rsplit(".", 1)[-1] + ".img", "_fails": fails,
         }
         with open(self.backing_file(volume), "wb") as f:
             f.truncate(size_gb * GB)
@@ -90,8 +91,11 @@ class BlockStorage:
         policy = details.get("backupPolicyId")
         if policy:
             self.assign_policy({"assetId": volume_id, "policyId": policy})
-        self.app.scheduler.transition("volume:AVAILABLE", lambda: self._set_state(volume_id, "PROVISIONING", "AVAILABLE"))
+        self.app.scheduler.transition("volume:AVAILABLE", lambda: self._provisioned(volume_id))
         return volume
+
+    def _provisioned(self, volume_id: str) -> None:
+        self._set_state(volume_id, "PROVISIONING", "FAULTY" if self.volumes[volume_id].get("_fails") else "AVAILABLE")
 
     def _set_state(self, volume_id: str, expected: str, state: str) -> None:
         with self.store.lock:
@@ -144,7 +148,7 @@ class BlockStorage:
         """Finish transitions that a stopped process left half done."""
         for volume in self.store.values("volumes"):
             if volume["lifecycleState"] == "PROVISIONING":
-                self._set_state(volume["id"], "PROVISIONING", "AVAILABLE")
+                self._provisioned(volume["id"])
             elif volume["lifecycleState"] == "TERMINATING":
                 self._terminate(volume["id"])
 

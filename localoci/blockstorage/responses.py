@@ -18,7 +18,7 @@ def routes(app: "LocalOCI") -> list[Route]:
     bs = app.blockstorage
 
     def create_volume(request: Request) -> Response:
-        return Response.json(public(bs.create_volume(request.json())))
+        return Response.json(public(bs.create_volume(request.json(), fails=request.fail_resource)))
 
     def get_volume(request: Request) -> Response:
         return Response.json(public(bs.volume(request.params["volumeId"])))

@@ -77,7 +77,8 @@ class Compute:
             return address
         raise ServiceError(500, "InternalError", "Out of host capacity.")
 
-    def launch(self, details: dict[str, Any]) -> dict[str, Any]:
+    def launch(self, details: dict[str, Any], fails: bool = False) -> dict[str, Any]:
+        """A new PROVISIONING instance; it boots RUNNING, or ends TERMINATED if it ``fails`` (an injected fault)."""
         identity = self.app.identity
         compartment = identity.check_compartment(details.get("compartmentId"))
         ad = identity.check_availability_domain(details.get("availabilityDomain"))
@@ -115,14 +116,23 @@ class Compute:
                 "lifecycleState": "PROVISIONING", "timeCreated": now_iso(), "metadata": metadata,
                 "extendedMetadata": details.get("extendedMetadata") or {},
                 "freeformTags": details.get("freeformTags") or {}, "definedTags": details.get("definedTags") or {},
-                "launchMode": "PARAVIRTUALIZED", "_address": address, "_crashed": False,
+                "launchMode": "PARAVIRTUALIZED", "_address": address, "_crashed": False, "_fails": fails,
             }
             self.app.network.create_instance_vnic(instance, subnet, address, bool(vnic_details.get("assignPublicIp", False)))
             self.instances[instance_id] = instance
             self.store.save()
         self._host(instance).prepare(metadata.get("ssh_authorized_keys", ""), host_keys, instance_id)
-        self.app.scheduler.transition("instance:RUNNING", lambda: self._boot(instance_id, "PROVISIONING"))
+        self.app.scheduler.transition("instance:RUNNING", lambda: self._provision(instance_id))
         return instance
+
+    def _provision(self, instance_id: str) -> None:
+        with self.store.lock:
+            instance = self.instances[instance_id]
+            fails = instance.get("_fails") and instance["lifecycleState"] == "PROVISIONING"
+        if fails:
+            self._finish_termination(instance_id)
+        else:
+            self._boot(instance_id, "PROVISIONING")
 
     def _boot(self, instance_id: str, expected: str) -> None:
         with self.store.lock:
@@ -222,7 +232,9 @@ class Compute:
             if state == "RUNNING" and not instance["_crashed"]:
                 instance["lifecycleState"] = "STARTING"
                 self._boot(instance["id"], "STARTING")
-            elif state in ("PROVISIONING", "STARTING"):
+            elif state == "PROVISIONING":
+                self._provision(instance["id"])
+            elif state == "STARTING":
                 self._boot(instance["id"], state)
             elif state == "TERMINATING":
                 self._finish_termination(instance["id"])

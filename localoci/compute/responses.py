@@ -19,7 +19,7 @@ def routes(app: "LocalOCI") -> list[Route]:
     compute = app.compute
 
     def launch_instance(request: Request) -> Response:
-        return Response.json(public(compute.launch(request.json())))
+        return Response.json(public(compute.launch(request.json(), fails=request.fail_resource)))
 
     def get_instance(request: Request) -> Response:
         return Response.json(public(compute.instance(request.params["instanceId"])))
