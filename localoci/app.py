@@ -25,6 +25,7 @@ from .network.models import Network
 from .network.responses import routes as network_routes
 from .objectstorage.models import ObjectStorage
 from .objectstorage.responses import routes as objectstorage_routes
+from .retrytokens import HEADER as RETRY_TOKEN, RetryTokens
 from .server import LocalOCIServer, require_signature
 from .store import Store
 
@@ -53,6 +54,7 @@ class LocalOCI:
         self.meta = meta
         self.scheduler = Scheduler(transition_seconds)
         self.faults = FaultInjector()
+        self.retry_tokens = RetryTokens(self.store)
         self.read_bps_per_connection: float | None = None
         self.worker_bps_per_ocpu: float | None = None
         # One bucket per instance address, shared by every connection from it (the worker VM's NIC).
@@ -96,7 +98,7 @@ class LocalOCI:
         self.scheduler.stop()
 
     def handle(self, request: Request) -> Response:
-        """Route and authenticate a call; run it between its faults."""
+        """Route and authenticate a call; run it (or replay it, by its retry token) between its faults."""
         matched = self.router.match(request.method, request.raw_path)
         if matched is None:
             raise ServiceError(404, "NotFound", f"No API serves {request.method} {request.raw_path}")
@@ -109,7 +111,12 @@ class LocalOCI:
             request.cut_after_bytes = fault.cut_after_bytes
             request.fail_resource = fault.fail_resource
             fault.strike(BEFORE)
-        response = route.handler(request)
+        token = request.headers.get(RETRY_TOKEN) if route.retry_token else None
+        if token is None:
+            response = route.handler(request)
+        else:
+            # Kept before an after-fault strikes: a retry with the token gets what this call did.
+            response = self.retry_tokens.once(token, route.operation, request, route.handler)
         if fault is not None:
             fault.strike(AFTER)
         return response

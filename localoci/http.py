@@ -172,6 +172,8 @@ class Route:
     handler: Handler
     operation: str
     authenticated: bool = True
+    # Whether the operation honours opc-retry-token (see retrytokens.py).
+    retry_token: bool = False
     regex: re.Pattern[str] = field(init=False)
 
     def __post_init__(self) -> None:

@@ -56,7 +56,7 @@ def routes(app: "LocalOCI") -> list[Route]:
         return Response.empty()
 
     return [
-        Route("POST", BASE + "/volumes", create_volume, "CreateVolume"),
+        Route("POST", BASE + "/volumes", create_volume, "CreateVolume", retry_token=True),
         Route("GET", BASE + "/volumes", list_volumes, "ListVolumes"),
         Route("GET", BASE + "/volumes/{volumeId}", get_volume, "GetVolume"),
         Route("PUT", BASE + "/volumes/{volumeId}", update_volume, "UpdateVolume"),

@@ -76,16 +76,16 @@ def routes(app: "LocalOCI") -> list[Route]:
         return Response.empty()
 
     return [
-        Route("POST", BASE + "/instances", launch_instance, "LaunchInstance"),
+        Route("POST", BASE + "/instances", launch_instance, "LaunchInstance", retry_token=True),
         Route("GET", BASE + "/instances", list_instances, "ListInstances"),
         Route("GET", BASE + "/instances/{instanceId}", get_instance, "GetInstance"),
         Route("DELETE", BASE + "/instances/{instanceId}", terminate_instance, "TerminateInstance"),
-        Route("POST", BASE + "/instances/{instanceId}", instance_action, "InstanceAction"),
+        Route("POST", BASE + "/instances/{instanceId}", instance_action, "InstanceAction", retry_token=True),
         Route("GET", BASE + "/instances/{instanceId}/devices", list_devices, "ListInstanceDevices"),
         Route("GET", BASE + "/images", list_images, "ListImages"),
         Route("GET", BASE + "/images/{imageId}", get_image, "GetImage"),
         Route("GET", BASE + "/shapes", list_shapes, "ListShapes"),
-        Route("POST", BASE + "/volumeAttachments", attach_volume, "AttachVolume"),
+        Route("POST", BASE + "/volumeAttachments", attach_volume, "AttachVolume", retry_token=True),
         Route("GET", BASE + "/volumeAttachments", list_attachments, "ListVolumeAttachments"),
         Route("GET", BASE + "/volumeAttachments/{volumeAttachmentId}", get_attachment, "GetVolumeAttachment"),
         Route("DELETE", BASE + "/volumeAttachments/{volumeAttachmentId}", detach_volume, "DetachVolume"),

@@ -50,10 +50,10 @@ def routes(app: "LocalOCI") -> list[Route]:
         return Response.json(lookup(net.vnic_attachments, request.params["vnicAttachmentId"], "VnicAttachment"))
 
     return [
-        Route("POST", BASE + "/vcns", create_vcn, "CreateVcn"),
+        Route("POST", BASE + "/vcns", create_vcn, "CreateVcn", retry_token=True),
         Route("GET", BASE + "/vcns", list_vcns, "ListVcns"),
         Route("GET", BASE + "/vcns/{vcnId}", get_vcn, "GetVcn"),
-        Route("POST", BASE + "/subnets", create_subnet, "CreateSubnet"),
+        Route("POST", BASE + "/subnets", create_subnet, "CreateSubnet", retry_token=True),
         Route("GET", BASE + "/subnets", list_subnets, "ListSubnets"),
         Route("GET", BASE + "/subnets/{subnetId}", get_subnet, "GetSubnet"),
         Route("GET", BASE + "/vnics/{vnicId}", get_vnic, "GetVnic"),
