@@ -7,7 +7,8 @@ saves the blocks for the local OCI, creates the work pool, deploys ``prefect.yam
 starts a Prefect worker, and serves the upload trigger's build directory
 (``python -m function_trigger.build``, written to ``.local/function-build``) with the
 FDK's runner as the target of the local Events rule for the import bucket, so an upload
-starts an import. It writes ``.local/stack.env`` (``KEY=value`` lines) and one ``.pid`` file per process. Running
+starts an import. It writes ``.local/stack.env`` (``export KEY=value`` lines, and the
+environment's ``bin`` first on ``PATH``, for ``source``) and one ``.pid`` file per process. Running
 ``up`` twice is harmless; ``down`` stops every process ``up`` started.
 
 Set ``LOCAL_DIR`` to keep the stack somewhere other than ``.local/``.
@@ -20,6 +21,7 @@ import contextlib
 import getpass
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -47,15 +49,33 @@ def local_dir() -> Path:
 
 
 def read_env(path: Path) -> dict[str, str]:
+    """The settings :func:`write_env` wrote; also reads the older plain ``KEY=value`` lines.
+
+    ``PATH`` is not a setting of the stack (it is there for shells that ``source`` the file),
+    so it is left out."""
     if not path.exists():
         return {}
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#"))
-    return {k.strip(): v.strip() for k, v in pairs}
+    values = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if "=" not in line or line.startswith("#"):
+            continue
+        exported = line.startswith("export ")
+        key, value = line.removeprefix("export ").split("=", 1)
+        key = key.strip()
+        if key != "PATH":
+            values[key] = " ".join(shlex.split(value)) if exported else value.strip()
+    return values
 
 
 def write_env(path: Path, values: dict[str, str]) -> None:
+    """``export KEY=value`` lines a fresh shell can ``source``, then the environment's ``bin``
+    (where ``prefect`` and ``oci`` are) first on ``PATH``."""
+    lines = [f"# source {path} to use the local stack from a shell\n"]
+    lines += [f"export {key}={shlex.quote(value)}\n" for key, value in values.items()]
+    lines.append(f'export PATH={shlex.quote(str(Path(PREFECT).parent))}:"$PATH"\n')
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    tmp.write_text("".join(lines))
     tmp.replace(path)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -22,6 +24,13 @@ REQUIRED_KEYS = {
 def make(target: str, local_dir: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["make", "-s", target], cwd=ROOT, env={**os.environ, "LOCAL_DIR": str(local_dir)},
                           capture_output=True, text=True, timeout=300)
+
+
+def readme_import_commands() -> list[list[str]]:
+    """The commands of README's "Importing a disk" block, each as its words."""
+    section = (ROOT / "README.md").read_text().split("\n## Importing a disk\n", 1)[1]
+    block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    return [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines()]
 
 
 def processes_using(path: Path) -> list[int]:
@@ -53,6 +62,17 @@ def test_make_up_writes_stack_env_and_make_down_leaves_no_process(tmp_path):
     again = make("up", local)
     assert again.returncode == 0, again.stderr
     assert read_env(local / "stack.env") == env
+
+    # README's commands, in a fresh shell that has nothing of this one: source stack.env, then prefect.
+    source, (prefect, noun, verb, deployment, *_) = readme_import_commands()
+    assert source == ["source", ".local/stack.env"] and (prefect, noun, verb) == ("prefect", "deployment", "run")
+    fresh = subprocess.run(
+        ["bash", "-c", f"{shlex.join(['source', str(local / 'stack.env')])} && "
+                       f"{shlex.join([prefect, noun, 'inspect', deployment])}"],
+        env={"HOME": os.environ["HOME"], "PATH": "/usr/bin:/bin"}, cwd=ROOT, capture_output=True, text=True,
+        timeout=120)
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    assert "'name': 'default'" in fresh.stdout and "'work_pool_name': 'import-pool'" in fresh.stdout, fresh.stdout
     assert processes_using(local)
 
     down = make("down", local)
