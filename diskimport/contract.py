@@ -32,8 +32,9 @@ class Refusal(Exception):
     """A request that is not acted on, and that a retry would not change.
 
     ``code`` is stable kebab-case for programs (decisions, logs, dashboards); ``message``
-    is for people and may change. ``str(exc)`` is the message. A class that names a
-    ``default_code`` may be raised with the message alone.
+    is for people and may change. ``str(exc)`` is ``code: message``, so a failed flow run's
+    state message carries the code. A class that names a ``default_code`` may be raised
+    with the message alone.
     """
 
     code: str
@@ -48,6 +49,9 @@ class Refusal(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
 
     def __reduce__(self) -> tuple[Any, tuple[str, str]]:
         # Prefect pickles exceptions into states; keep the code across the round trip.

@@ -83,7 +83,3 @@ def check_partition(runner: CommandRunner, device: str, number: int, offset: int
     output = (result.stdout + result.stderr).strip()
     status = "clean" if result.returncode == 0 else "errors"
     return FilesystemCheck(number, offset, size, fs, status, output[-4000:])
-
-
-class FilesystemErrors(Exception):
-    """A read-only check found errors in a filesystem of the imported disk."""

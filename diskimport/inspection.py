@@ -16,7 +16,8 @@ from typing import Callable
 
 from oslo_utils.imageutils import format_inspector as fi
 
-from diskimport.contract import FORMAT_NAMES
+from .contract import FORMAT_NAMES, InvalidRequest
+from .errors import ImageRejected
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,6 @@ INSPECTOR_TO_QEMU = {"qcow2": "qcow2", "vmdk": "vmdk", "vhd": "vpc", "vhdx": "vh
 ReadRange = Callable[[int, int], bytes]  # (start, end inclusive) -> bytes
 
 
-class ImageRejected(Exception):
-    """The image is not one the importer accepts; the message says why."""
-
-
 @dataclass(frozen=True)
 class Inspection:
     format: str          # qemu-img format name
@@ -47,7 +44,8 @@ def claimed_format(object_name: str, metadata_format: str | None = None) -> str 
     if metadata_format:
         name = FORMAT_NAMES.get(metadata_format.strip().lower())
         if name is None:
-            raise ImageRejected(f"metadata format {metadata_format!r} is not one of: {', '.join(sorted(FORMAT_NAMES))}")
+            raise InvalidRequest("invalid-format", f"metadata format {metadata_format!r} is not one of: "
+                                 f"{', '.join(sorted(FORMAT_NAMES))}")
         return name
     suffix = object_name.rsplit(".", 1)[-1].lower() if "." in object_name else ""
     return FORMAT_NAMES.get(suffix)
@@ -69,7 +67,7 @@ def _feed(inspectors: list[fi.FileInspector], errored: set[fi.FileInspector], da
 def inspect(read_range: ReadRange, size: int, claimed: str | None, max_virtual_size: int) -> Inspection:
     """Detect, check and size the image whose bytes ``read_range`` serves."""
     if size == 0:
-        raise ImageRejected("the object is empty (0 bytes)")
+        raise ImageRejected("empty", "the object is empty (0 bytes)")
     head = read_range(0, min(size, HEAD_BYTES) - 1)
     tail_start = max(len(head), size - TAIL_BYTES)
     tail = read_range(tail_start, size - 1) if tail_start < size else b""
@@ -87,37 +85,41 @@ def inspect(read_range: ReadRange, size: int, claimed: str | None, max_virtual_s
     candidates = [i for i in inspectors if i.NAME != "raw" and i not in errored]
     matches = [i for i in candidates if i.complete and i.format_match]
     if len(matches) > 1:
-        raise ImageRejected("more than one format detected: " + ", ".join(sorted(i.NAME for i in matches)))
+        raise ImageRejected("multiple-formats", "more than one format detected: " + ", ".join(sorted(i.NAME for i in matches)))
     if not matches:
         unsure = [i.NAME for i in candidates if not i.complete and _signature_seen(i, head)]
         if unsure:
-            raise ImageRejected(f"could not fully inspect the {unsure[0]} image from its header")
+            raise ImageRejected("incomplete-header", f"could not fully inspect the {unsure[0]} image from its header")
         inspector = next(i for i in inspectors if i.NAME == "raw")
     else:
         inspector = matches[0]
 
     name = inspector.NAME
     if name == "qed":
-        raise ImageRejected("QED images are not accepted")
+        raise ImageRejected("unsupported-format", "QED images are not accepted")
+    if name == "luks":
+        raise ImageRejected("encrypted", "luks images are not accepted: an encrypted disk cannot be checked")
     if name not in INSPECTOR_TO_QEMU:
-        raise ImageRejected(f"{name} images are not accepted")
+        raise ImageRejected("unsupported-format", f"{name} images are not accepted")
     fmt = INSPECTOR_TO_QEMU[name]
     try:
         inspector.safety_check()
     except fi.SafetyCheckFailed as exc:
+        # oslo names each failed check; the first one's name is the refusal's code.
         reasons = "; ".join(f"{check}: {failure}" for check, failure in exc.failures.items())
-        raise ImageRejected(f"{name} image failed safety checks: {reasons}") from None
+        raise ImageRejected(next(iter(exc.failures), "safety-check"),
+                            f"{name} image failed safety checks: {reasons}") from None
     except fi.ImageFormatError as exc:
-        raise ImageRejected(f"{name} image could not be checked: {exc}") from None
+        raise ImageRejected("unreadable-header", f"{name} image could not be checked: {exc}") from None
 
     if claimed is not None and claimed != fmt:
-        raise ImageRejected(f"the upload claims {claimed} but the content is {fmt}"
+        raise ImageRejected("claimed-format-mismatch", f"the upload claims {claimed} but the content is {fmt}"
                             + (f" ({name})" if name != fmt else ""))
     virtual_size = size if fmt == "raw" else int(inspector.virtual_size)
     if virtual_size <= 0:
-        raise ImageRejected(f"{name} image reports a virtual size of {virtual_size} bytes")
+        raise ImageRejected("zero-virtual-size", f"{name} image reports a virtual size of {virtual_size} bytes")
     if virtual_size > max_virtual_size:
-        raise ImageRejected(f"virtual size {virtual_size} bytes exceeds the maximum of {max_virtual_size} bytes")
+        raise ImageRejected("too-large", f"virtual size {virtual_size} bytes exceeds the maximum of {max_virtual_size} bytes")
     return Inspection(fmt, virtual_size, name)
 
 

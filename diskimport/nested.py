@@ -11,7 +11,8 @@ from __future__ import annotations
 import base64
 
 from .commands import CommandFailed, CommandRunner
-from .inspection import ImageRejected, inspect
+from .errors import ImageRejected
+from .inspection import inspect
 
 
 def _read(runner: CommandRunner, device: str, start: int, length: int) -> bytes:
@@ -31,8 +32,8 @@ def check_not_nested(runner: CommandRunner, device: str, size: int) -> None:
     try:
         found = inspect(read_range, size, None, max_virtual_size=2**63)
     except ImageRejected as exc:
-        raise ImageRejected(f"the written disk is not a plain disk: {exc}") from None
+        raise ImageRejected("nested-image", f"the written disk is not a plain disk: {exc}") from None
     if found.format != "raw":
-        raise ImageRejected(f"the written disk is itself a {found.detected_as} image (a nested image)")
+        raise ImageRejected("nested-image", f"the written disk is itself a {found.detected_as} image (a nested image)")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from .commands import CommandFailed, CommandResult, CommandRunner
-from .inspection import ImageRejected
+from .errors import ImageRejected
 from .qemu_img import CHECKABLE_FORMATS, ImageInfo, QemuImg
 
 
@@ -195,20 +195,20 @@ def second_opinion(qemu: QemuImg, path: str, fmt: str, expected_virtual_size: in
     try:
         info = qemu.info(path, fmt)
     except CommandFailed as exc:
-        raise ImageRejected(f"qemu-img cannot read the image as {fmt}: {exc}") from None
+        raise ImageRejected("qemu-cannot-read", f"qemu-img cannot read the image as {fmt}: {exc}") from None
     if info.format != fmt:
-        raise ImageRejected(f"qemu-img reads the image as {info.format}, not {fmt}")
+        raise ImageRejected("qemu-disagrees", f"qemu-img reads the image as {info.format}, not {fmt}")
     if info.backing_filename:
-        raise ImageRejected(f"the image has a backing file ({info.backing_filename!r})")
+        raise ImageRejected("backing_file", f"the image has a backing file ({info.backing_filename!r})")
     if info.data_file:
-        raise ImageRejected(f"the image has an external data file ({info.data_file!r})")
+        raise ImageRejected("data_file", f"the image has an external data file ({info.data_file!r})")
     if info.virtual_size != expected_virtual_size:
-        raise ImageRejected(f"qemu-img reports a virtual size of {info.virtual_size} bytes, the header "
+        raise ImageRejected("qemu-disagrees", f"qemu-img reports a virtual size of {info.virtual_size} bytes, the header "
                             f"{expected_virtual_size}")
     if fmt in CHECKABLE_FORMATS:
         check = qemu.check(path, fmt)
         if not check.ok:
-            raise ImageRejected(f"qemu-img check found {check.corruptions} corruption(s): {check.output[-2000:]}")
+            raise ImageRejected("qemu-check-failed", f"qemu-img check found {check.corruptions} corruption(s): {check.output[-2000:]}")
     return info
 
 

@@ -241,7 +241,7 @@ def handle(raw: bytes | str, config: TriggerConfig, head_object: HeadObject, api
     try:
         options = parse_options(metadata, ad_count=config.ad_count)
     except Refusal as exc:
-        return Decision("refused", f"invalid object metadata: {exc}", exc.code, **base)
+        return Decision("refused", f"invalid object metadata: {exc.message}", exc.code, **base)
     parameters = {**config.flow_parameters, "namespace": event.namespace, "bucket": event.bucket,
                   "object_name": event.object_name, "etag": etag, **options.as_parameters()}
     key = idempotency_key(event.namespace, event.bucket, event.object_name, etag)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from diskimport.inspection import ImageRejected, claimed_format, inspect
+from diskimport.contract import InvalidRequest
+from diskimport.errors import ImageRejected
+from diskimport.inspection import claimed_format, inspect
 
 TIB = 1024**4
 
@@ -44,21 +46,21 @@ def test_backing_file_is_refused(tmp_path):
     image = tmp_path / "overlay.qcow2"
     subprocess.run(["qemu-img", "create", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw", str(image), "1G"],
                    check=True, capture_output=True)
-    with pytest.raises(ImageRejected, match="backing"):
+    with pytest.raises(ImageRejected, match="^backing_file: "):
         inspect_file(image)
 
 
 def test_claimed_and_detected_format_must_agree(gpt_disk, tmp_path):
     image = tmp_path / "d.qcow2"
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(gpt_disk), str(image)], check=True)
-    with pytest.raises(ImageRejected, match="claims vmdk but the content is qcow2"):
+    with pytest.raises(ImageRejected, match="^claimed-format-mismatch: "):
         inspect_file(image, claimed="vmdk")
 
 
 def test_empty_object_and_oversized_images_are_refused(tmp_path, gpt_disk):
-    with pytest.raises(ImageRejected, match="empty"):
+    with pytest.raises(ImageRejected, match="^empty: "):
         inspect(lambda a, b: b"", 0, None, TIB)
-    with pytest.raises(ImageRejected, match="exceeds the maximum"):
+    with pytest.raises(ImageRejected, match="^too-large: "):
         inspect_file(gpt_disk, max_virtual=1024)
 
 
@@ -66,5 +68,5 @@ def test_claimed_format_comes_from_metadata_then_suffix():
     assert claimed_format("a/b/disk.VHD") == "vpc"
     assert claimed_format("disk.bin") is None
     assert claimed_format("disk.bin", "QCOW2") == "qcow2"
-    with pytest.raises(ImageRejected, match="metadata format 'iso'"):
+    with pytest.raises(InvalidRequest, match="^invalid-format: metadata format 'iso'"):
         claimed_format("disk.iso", "iso")

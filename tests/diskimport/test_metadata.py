@@ -25,7 +25,7 @@ def test_bad_option_is_refused_with_its_code(values, code, message):
     with pytest.raises(InvalidRequest) as refused:
         parse_options(values, ad_count=3)
     assert refused.value.code == code
-    assert str(refused.value) == refused.value.message and message in refused.value.message
+    assert str(refused.value) == f"{code}: {refused.value.message}" and message in refused.value.message
 
 
 def test_a_refusal_keeps_its_code_through_pickling():

@@ -1,0 +1,48 @@
+"""How an import fails, by class: refusals (deterministic) and everything else (transient).
+
+A :class:`~diskimport.contract.Refusal` says what was wrong with the request, the image
+or the disk, with a stable ``code``; doing the same thing again fails the same way, so
+it is never retried. Any other exception (a 5xx that outlived its backoff, a dropped SSH
+session, a worker that did not boot) may pass on another attempt.
+
+Codes, by where they arise (oslo.utils' safety check names pass through unchanged:
+``backing_file``, ``data_file``, ``unknown_features``, ``descriptor``, ``footer``,
+``mbr``, ``version``, ``passphrase``, ``inner_safety``):
+
+- request: ``object-not-found``, ``object-changed``, ``invalid-ad-number``,
+  ``invalid-vpus``, ``invalid-display-name``, ``invalid-backup-policy``,
+  ``invalid-format``, ``unknown-backup-policy``, ``invalid-setting``;
+- image header: ``empty``, ``multiple-formats``, ``incomplete-header``,
+  ``unsupported-format``, ``unreadable-header``, ``claimed-format-mismatch``,
+  ``zero-virtual-size``, ``too-large``;
+- on the worker VM: ``qemu-cannot-read``, ``qemu-disagrees``, ``qemu-check-failed``,
+  ``nested-image``, ``filesystem-errors``.
+"""
+
+from __future__ import annotations
+
+from .contract import InvalidRequest, Refusal
+
+__all__ = ["FilesystemErrors", "ImageRejected", "InvalidRequest", "OutOfCapacity", "Refusal", "ResourceFailed",
+           "is_deterministic"]
+
+
+class ImageRejected(Refusal):
+    """The image is not one the importer accepts."""
+
+
+class FilesystemErrors(Refusal):
+    """A read-only check found errors in a filesystem of the written disk."""
+
+
+class OutOfCapacity(Exception):
+    """The availability domain has no capacity for the shape right now (try another one)."""
+
+
+class ResourceFailed(Exception):
+    """A resource reached a state it cannot come back from (e.g. FAULTY, TERMINATED)."""
+
+
+def is_deterministic(exc: BaseException) -> bool:
+    """Whether another attempt would fail the same way (a refusal), so it is not retried."""
+    return isinstance(exc, Refusal)
