@@ -9,6 +9,8 @@ import oci
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, model_validator
 
+from diskimport import cloud
+
 SERVICES = {
     "compute": oci.core.ComputeClient,
     "blockstorage": oci.core.BlockstorageClient,
@@ -28,6 +30,7 @@ class OCICredentials(Block):
 
         credentials = OCICredentials.load("BLOCK_NAME")
         compute = credentials.get_client("compute")
+        clients = credentials.clients()  # every client an import uses
         ```
     """
 
@@ -94,3 +97,9 @@ class OCICredentials(Block):
         if self.endpoint:
             kwargs.setdefault("service_endpoint", self.endpoint)
         return client_class(config, **kwargs)
+
+    def clients(self) -> cloud.Clients:
+        """The SDK clients an import uses, all from these credentials."""
+        return cloud.Clients(compute=self.get_client("compute"), blockstorage=self.get_client("blockstorage"),
+                             network=self.get_client("network"), object_storage=self.get_client("object_storage"),
+                             identity=self.get_client("identity"))

@@ -40,7 +40,10 @@ IMPORT_BUCKET = "disk-images"
 WORKER_IMAGE_ID = "ocid1.image.oc1..localoci-worker"
 WORK_POOL = "import-pool"
 POOL_CONCURRENCY = 6
-BLOCKS = {"credentials": "local-oci", "worker": "local-worker", "settings": "local-import"}
+# The local stack saves its blocks under the product's default name (``blocks.DEFAULT_BLOCK``;
+# not imported here, as importing Prefect must wait for the stack's environment), so runs
+# need not name them.
+BLOCKS = dict.fromkeys(("credentials", "worker", "settings"), "oci-disk-import")
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 

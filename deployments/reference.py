@@ -13,26 +13,40 @@ qemu-img writes a zero region by punching a hole instead of writing zeros.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import secrets
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 from blocks import ImportSettings, OCICredentials, WorkerShape
 from diskimport import cloud, filesystems
 from diskimport.keys import SshKeyPair, cloud_init_host_keys
 from diskimport.qemu_img import QemuImg
 from diskimport.worker import WorkerSession
-from flows.import_disk import StepTimer, clients_for
 
 TAGS = {"managed-by": "oci-disk-import-benchmark", "pipeline": "reference"}
+
+
+@dataclass
+class StepTimer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.monotonic() - start, 3)
 
 
 def run_reference(credentials: OCICredentials, shape: WorkerShape, settings: ImportSettings, namespace: str,
                   bucket: str, object_name: str, fmt: str) -> dict[str, Any]:
     """Import ``object_name`` the reference's way; return its total and per-step seconds."""
-    clients = clients_for(credentials)
-    identity = credentials.get_client("identity")
-    ad = cloud.with_backoff(identity.list_availability_domains, shape.compartment_id).data[0].name
+    clients = credentials.clients()
+    ad = cloud.with_backoff(clients.identity.list_availability_domains, shape.compartment_id).data[0].name
     timer = StepTimer()
     client_key, host_key = SshKeyPair.generate(), SshKeyPair.generate()
     instance_id = volume_id = attachment_id = None
@@ -44,7 +58,7 @@ def run_reference(credentials: OCICredentials, shape: WorkerShape, settings: Imp
                 image_id=shape.image_id, shape=shape.shape, ocpus=shape.ocpus, memory_in_gbs=shape.memory_in_gbs,
                 boot_volume_size_gb=shape.boot_volume_size_gb, assign_public_ip=shape.assign_public_ip,
                 display_name="reference-worker", ssh_public_key=client_key.public_openssh,
-                user_data=cloud_init_host_keys(host_key), tags=TAGS)
+                user_data=cloud_init_host_keys(host_key), tags=TAGS, retry_token=secrets.token_hex(16))
             instance_id = instance.id
             cloud.wait_instance_running(clients, instance_id)
             address = cloud.worker_address(clients, shape.compartment_id, instance_id, shape.assign_public_ip)
@@ -63,12 +77,15 @@ def run_reference(credentials: OCICredentials, shape: WorkerShape, settings: Imp
                 with timer.step("create-volume"):
                     volume = cloud.create_volume(clients, settings.compartment_id, ad,
                                                  cloud.volume_size_gb(info.virtual_size),
-                                                 settings.vpus_during_import, "reference-volume", TAGS)
+                                                 settings.vpus_during_import, "reference-volume", TAGS,
+                                                 secrets.token_hex(16))
                     volume_id = volume.id
                     cloud.wait_volume_available(clients, volume_id)
                 with timer.step("attach"):
-                    attachment = cloud.attach_volume(clients, instance_id, volume_id, "paravirtualized")
+                    attachment = cloud.attach_volume(clients, instance_id, volume_id, "paravirtualized",
+                                                     secrets.token_hex(16))
                     attachment_id = attachment.id
+                    attachment = cloud.wait_attached(clients, attachment_id)
                 with timer.step("convert"):
                     QemuImg(session).convert(image, fmt, attachment.device, target_is_zero=False,
                                              out_of_order=False, coroutines=8, target_cache=None)

@@ -4,6 +4,18 @@ Each call retries throttling (429) and transient server errors (5xx) with capped
 jittered exponential backoff, except "Out of host capacity.", which retrying in the
 same place cannot fix: it raises :class:`OutOfCapacity` so the caller can move to
 another availability domain.
+
+Every create that OCI lets carry an ``opc-retry-token`` (volumes, instances,
+attachments) carries one, so a retry after a reply that was lost (a 500 or a dropped
+connection after the create took effect) returns the resource already made instead of
+a second one. The SDK's CreatePreauthenticatedRequest and
+CreateVolumeBackupPolicyAssignment take no token: a PAR is named for its import and a
+lost one is found by name and deleted; an assignment is looked up before it is made.
+
+The undos (:func:`terminate_worker`, :func:`discard_volume`, :func:`detach_volume`,
+:func:`delete_par`) are the same functions whether a failed import unwinds, a crashed
+run's hook cleans up or the sweeper removes what a dead run left; each treats "already
+gone" as done.
 """
 
 from __future__ import annotations
@@ -18,22 +30,16 @@ from typing import Any, Callable, TypeVar
 import oci
 import requests
 
+from . import contract
+from .errors import ImageRejected, InvalidRequest, OutOfCapacity, ResourceFailed
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 models = oci.core.models
 
-MANAGED_BY = "oci-disk-import"
 GB = 1024**3
 MIN_VOLUME_GB = 50
 MAX_VOLUME_GB = 32768
-
-
-class OutOfCapacity(Exception):
-    """The availability domain has no capacity for the shape right now."""
-
-
-class ResourceFailed(Exception):
-    """A resource reached a state it cannot come back from (e.g. FAULTY, TERMINATED)."""
 
 
 def with_backoff(call: Callable[..., T], *args: Any, attempts: int = 8, base: float = 0.5, cap: float = 20.0,
@@ -83,7 +89,8 @@ def volume_size_gb(virtual_size: int) -> int:
     """The volume size for an image: its virtual size rounded up to whole GB, at least 50 GB."""
     size = max(MIN_VOLUME_GB, -(-virtual_size // GB))
     if size > MAX_VOLUME_GB:
-        raise ValueError(f"virtual size {virtual_size} bytes exceeds the largest block volume ({MAX_VOLUME_GB} GB)")
+        raise ImageRejected("too-large", f"virtual size {virtual_size} bytes exceeds the largest block volume "
+                            f"({MAX_VOLUME_GB} GB)")
     return size
 
 
@@ -93,16 +100,17 @@ class Clients:
     blockstorage: oci.core.BlockstorageClient
     network: oci.core.VirtualNetworkClient
     object_storage: oci.object_storage.ObjectStorageClient
+    identity: oci.identity.IdentityClient
 
 
 # -- volumes ---------------------------------------------------------------------
 
 def create_volume(clients: Clients, compartment_id: str, availability_domain: str, size_gb: int, vpus_per_gb: int,
-                  display_name: str, tags: dict[str, str]) -> Any:
+                  display_name: str, tags: dict[str, str], retry_token: str) -> Any:
     details = models.CreateVolumeDetails(
         compartment_id=compartment_id, availability_domain=availability_domain, size_in_gbs=size_gb,
         vpus_per_gb=vpus_per_gb, display_name=display_name, freeform_tags=tags)
-    return with_backoff(clients.blockstorage.create_volume, details).data
+    return with_backoff(clients.blockstorage.create_volume, details, opc_retry_token=retry_token).data
 
 
 def wait_volume_available(clients: Clients, volume_id: str, timeout: float = 900.0) -> Any:
@@ -118,6 +126,34 @@ def delete_volume(clients: Clients, volume_id: str) -> None:
         if exc.status == 404 or (exc.status == 409 and "TERMINAT" in (exc.message or "")):
             return
         raise
+
+
+def discard_volume(clients: Clients, compartment_id: str, volume_id: str, keep: bool = False) -> str:
+    """Undo of a volume's creation: detach it everywhere, then delete it, or keep it tagged failed.
+
+    Returns ``"deleted"`` or ``"kept"``.
+    """
+    for attachment in live_attachments(clients, compartment_id, volume_id):
+        detach_volume(clients, attachment.id)
+    if keep:
+        try:
+            volume = with_backoff(clients.blockstorage.get_volume, volume_id).data
+        except oci.exceptions.ServiceError as exc:
+            if exc.status == 404:
+                return "deleted"
+            raise
+        tags = {**(volume.freeform_tags or {}), contract.TAG_STATE: contract.STATE_FAILED}
+        with_backoff(clients.blockstorage.update_volume, volume_id, models.UpdateVolumeDetails(freeform_tags=tags))
+        return "kept"
+    delete_volume(clients, volume_id)
+    return "deleted"
+
+
+def tag_volume(clients: Clients, volume_id: str, tags: dict[str, str]) -> Any:
+    """Add ``tags`` to a volume's freeform tags (keeping the others)."""
+    volume = with_backoff(clients.blockstorage.get_volume, volume_id).data
+    details = models.UpdateVolumeDetails(freeform_tags={**(volume.freeform_tags or {}), **tags})
+    return with_backoff(clients.blockstorage.update_volume, volume_id, details).data
 
 
 def set_volume_performance(clients: Clients, volume_id: str, vpus_per_gb: int) -> Any:
@@ -144,7 +180,8 @@ def backup_policy_id(clients: Clients, name_or_id: str) -> str:
     for policy in policies:
         if policy.display_name.lower() == name_or_id.lower():
             return policy.id
-    raise ValueError(f"no backup policy named {name_or_id!r}; known: {', '.join(p.display_name for p in policies)}")
+    raise InvalidRequest("unknown-backup-policy", f"no backup policy named {name_or_id!r}; known: "
+                         f"{', '.join(p.display_name for p in policies)}")
 
 
 def find_volumes(clients: Clients, compartment_id: str, tags: dict[str, str]) -> list[Any]:
@@ -160,7 +197,7 @@ def find_volumes(clients: Clients, compartment_id: str, tags: dict[str, str]) ->
 def launch_worker(clients: Clients, *, compartment_id: str, availability_domain: str, subnet_id: str, image_id: str,
                   shape: str, ocpus: float | None, memory_in_gbs: float | None, boot_volume_size_gb: int | None,
                   assign_public_ip: bool, display_name: str, ssh_public_key: str, user_data: str,
-                  tags: dict[str, str]) -> Any:
+                  tags: dict[str, str], retry_token: str) -> Any:
     shape_config = (models.LaunchInstanceShapeConfigDetails(ocpus=ocpus, memory_in_gbs=memory_in_gbs)
                     if ocpus is not None else None)
     details = models.LaunchInstanceDetails(
@@ -172,7 +209,7 @@ def launch_worker(clients: Clients, *, compartment_id: str, availability_domain:
         metadata={"ssh_authorized_keys": ssh_public_key, "user_data": user_data},
         freeform_tags=tags,
     )
-    return with_backoff(clients.compute.launch_instance, details).data
+    return with_backoff(clients.compute.launch_instance, details, opc_retry_token=retry_token).data
 
 
 def wait_instance_running(clients: Clients, instance_id: str, timeout: float = 900.0) -> Any:
@@ -213,25 +250,30 @@ def find_instances(clients: Clients, compartment_id: str, tags: dict[str, str]) 
 
 # -- attachments -------------------------------------------------------------------
 
-def attach_volume(clients: Clients, instance_id: str, volume_id: str, kind: str = "paravirtualized") -> Any:
-    """Attach (or find the existing attachment of) a volume to a worker and wait until ATTACHED."""
+def existing_attachment(clients: Clients, instance_id: str, volume_id: str) -> Any | None:
+    """The live attachment of ``volume_id`` to ``instance_id``, if there is one."""
     existing = [a for a in with_backoff(clients.compute.list_volume_attachments,
                                         compartment_id=_compartment_of_instance(clients, instance_id),
                                         instance_id=instance_id, volume_id=volume_id).data
                 if a.lifecycle_state in ("ATTACHING", "ATTACHED")]
-    if existing:
-        attachment = existing[0]
+    return existing[0] if existing else None
+
+
+def attach_volume(clients: Clients, instance_id: str, volume_id: str, kind: str, retry_token: str) -> Any:
+    """Attach a volume to a worker VM at a free consistent device path (no wait)."""
+    free = with_backoff(clients.compute.list_instance_devices, instance_id, is_available=True).data
+    device = free[0].name if free else None
+    if kind == "iscsi":
+        details = models.AttachIScsiVolumeDetails(instance_id=instance_id, volume_id=volume_id, device=device)
     else:
-        free = with_backoff(clients.compute.list_instance_devices, instance_id, is_available=True).data
-        device = free[0].name if free else None
-        if kind == "iscsi":
-            details = models.AttachIScsiVolumeDetails(instance_id=instance_id, volume_id=volume_id, device=device)
-        else:
-            details = models.AttachParavirtualizedVolumeDetails(instance_id=instance_id, volume_id=volume_id,
-                                                                device=device)
-        attachment = with_backoff(clients.compute.attach_volume, details).data
-    return wait_for_state(lambda: clients.compute.get_volume_attachment(attachment.id).data, "ATTACHED",
-                          f"attachment of {volume_id}", failed=("DETACHING", "DETACHED"))
+        details = models.AttachParavirtualizedVolumeDetails(instance_id=instance_id, volume_id=volume_id,
+                                                            device=device)
+    return with_backoff(clients.compute.attach_volume, details, opc_retry_token=retry_token).data
+
+
+def wait_attached(clients: Clients, attachment_id: str, timeout: float = 900.0) -> Any:
+    return wait_for_state(lambda: clients.compute.get_volume_attachment(attachment_id).data, "ATTACHED",
+                          f"attachment {attachment_id}", timeout, failed=("DETACHING", "DETACHED"))
 
 
 def _compartment_of_instance(clients: Clients, instance_id: str) -> str:
@@ -263,12 +305,34 @@ def live_attachments(clients: Clients, compartment_id: str, volume_id: str) -> l
 
 def read_only_par(clients: Clients, namespace: str, bucket: str, object_name: str, lifetime: dt.timedelta,
                   name: str) -> tuple[str, str]:
-    """A read-only pre-authenticated request for one object: ``(par id, access URI)``."""
+    """A read-only pre-authenticated request for one object: ``(par id, access URI)``.
+
+    The access URI is shown only in the create's reply, so a PAR whose reply was lost is of
+    no use: every PAR of this ``name`` that exists when a create fails is deleted before
+    the create is tried again.
+    """
     details = oci.object_storage.models.CreatePreauthenticatedRequestDetails(
         name=name, object_name=object_name, access_type="ObjectRead",
         time_expires=dt.datetime.now(dt.timezone.utc) + lifetime)
-    par = with_backoff(clients.object_storage.create_preauthenticated_request, namespace, bucket, details).data
+
+    def create() -> Any:
+        try:
+            # No SDK retry inside: each attempt is one create, so each lost one is cleaned up here.
+            return clients.object_storage.create_preauthenticated_request(
+                namespace, bucket, details, retry_strategy=oci.retry.NoneRetryStrategy()).data
+        except Exception:
+            for lost in pars_named(clients, namespace, bucket, object_name, name):
+                delete_par(clients, namespace, bucket, lost.id)
+            raise
+
+    par = with_backoff(create)
     return par.id, par.access_uri
+
+
+def pars_named(clients: Clients, namespace: str, bucket: str, object_name: str, name: str) -> list[Any]:
+    pars = oci.pagination.list_call_get_all_results(clients.object_storage.list_preauthenticated_requests,
+                                                    namespace, bucket, object_name_prefix=object_name).data
+    return [p for p in pars if p.name == name and p.object_name == object_name]
 
 
 def delete_par(clients: Clients, namespace: str, bucket: str, par_id: str) -> None:

@@ -187,7 +187,7 @@ def test_corrupted_filesystem_fails_the_import_with_the_checker_output(stack, di
     final = demo.wait_for_run(stack, run.id)
     assert final.state.is_failed()
     text = (final.state.message or "") + str(demo.run_result(stack, final))
-    assert "filesystem check failed" in text and "ext4" in text, text
+    assert "FilesystemErrors: filesystem-errors: " in text and "ext4" in text, text
     assert resources_of(stack, etag) == {"instances": [], "volumes": []}
 
 
@@ -304,22 +304,22 @@ def test_object_put_leads_to_a_finished_import_without_any_manual_step(stack, di
 @pytest.fixture(scope="module")
 def hostile_runs(stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     started = {}
-    for case, (build, reason) in hostile.CORPUS.items():
+    for case, (build, code) in hostile.CORPUS.items():
         path, claimed = build(tmp_path_factory.mktemp(case))
         object_name = f"hostile/{case}/{path.name}"
         etag, run = run_import(stack, path, object_name, {"format": claimed} if claimed else None)
-        started[case] = {"etag": etag, "run": run, "reason": reason}
+        started[case] = {"etag": etag, "run": run, "code": code}
     for item in started.values():
         item["final"] = demo.wait_for_run(stack, item["run"].id)
     return started
 
 
 @pytest.mark.parametrize("case", list(hostile.CORPUS))
-def test_hostile_upload_fails_its_run_with_its_reason_and_creates_nothing(case, hostile_runs, stack):
+def test_hostile_upload_fails_its_run_with_its_code_and_creates_nothing(case, hostile_runs, stack):
     item = hostile_runs[case]
     state = item["final"].state
     assert state.is_failed(), f"{case}: {state.name}"
-    assert item["reason"].lower() in (state.message or "").lower(), state.message
+    assert f"ImageRejected: {item['code']}: " in (state.message or ""), state.message
     ever = admin(stack, "GET", "inventory?all=true")
     assert not [r for kind in ("instances", "volumes") for r in ever[kind]
                 if r["freeformTags"].get("import-etag") == item["etag"]]
@@ -332,7 +332,7 @@ def test_nested_image_is_refused_after_the_write_and_cleaned_up(stack, tmp_path)
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(inner), str(outer)], check=True)
     etag, run = run_import(stack, outer, "hostile/nested.qcow2")
     final = demo.wait_for_run(stack, run.id)
-    assert final.state.is_failed() and "nested image" in (final.state.message or ""), final.state.message
+    assert final.state.is_failed() and "nested-image: " in (final.state.message or ""), final.state.message
     left = live_inventory(stack)
     assert not [r for kind in ("instances", "volumes") for r in left[kind]
                 if r["freeformTags"].get("import-etag") == etag]
@@ -360,3 +360,23 @@ def test_hostile_object_names_import_and_run_no_other_command(stack, disks, tmp_
         volume = next(v for v in live_inventory(stack)["volumes"] if v["id"] == summary["volume_id"])
         assert volume["freeformTags"]["import-object"] == name
     assert not marker.exists(), "an object name was executed as a command"
+
+
+# -- An upload starts an import and an operator starts the same one by hand: two green runs,
+# one volume.
+
+def test_a_run_started_by_hand_beside_the_upload_run_waits_and_returns_its_volume(stack, disks, tmp_path):
+    image = image_of(disks["gpt"], "qcow2", tmp_path / "twice.qcow2")
+    object_name = f"uploads/{uuid.uuid4().hex[:8]}-twice.qcow2"
+    etag = demo.upload(stack, image, object_name)
+    by_upload = demo.run_started_by_upload(stack, object_name, etag)
+    by_hand = demo.start_import(stack, object_name, etag=etag)
+    finals = [demo.wait_for_run(stack, run.id) for run in (by_upload, by_hand)]
+    assert all(final.state.is_completed() for final in finals), [f.state.message for f in finals]
+    summaries = [demo.run_result(stack, final) for final in finals]
+    assert {s["volume_id"] for s in summaries} == {summaries[0]["volume_id"]}
+    assert sorted(s["reused"] for s in summaries) == [False, True]
+    assert [v["id"] for v in resources_of(stack, etag)["volumes"]] == [summaries[0]["volume_id"]]
+    assert resources_of(stack, etag)["instances"] == []
+    names = {final.name for final in finals}
+    assert names == {f"{object_name.rsplit('/', 1)[-1]}@{etag.strip(chr(34))[:8]}"}, names

@@ -1,0 +1,668 @@
+"""The import of one object version, step by step, with no orchestrator in sight.
+
+:class:`Importer` holds what one import needs across its steps (SDK clients, the
+settings, the run's identity, its SSH keys and the :class:`~diskimport.ledger.Ledger` of
+undos) and offers each step as a method; a flow calls them in order, and a test calls
+them directly. :class:`VolumeWrite` is the unit a machine import repeats: write one object
+onto one volume on one worker VM (attach, stream, write, verify, check, detach); several
+may run at once on one worker.
+
+Used as a context manager, an importer unwinds its ledger when the block fails: the
+attachment is detached, the worker VM terminated and the volume deleted (or kept,
+tagged failed, with ``keep_failed_volume``), newest first.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime as dt
+import functools
+import hashlib
+import logging
+import resource
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence, TypeVar
+
+import oci
+
+from . import cloud, contract, filesystems, inspection, iscsi, naming, nested, slices, transfer
+from .contract import ImportOptions
+from .errors import FilesystemErrors, InvalidRequest, OutOfCapacity
+from .keys import SshKeyPair, cloud_init_host_keys
+from .ledger import Ledger, Undo
+from .qemu_img import QemuImg
+from .records import (Attachment, FinishedVolume, FoundVolume, InspectedImage, ObjectVersion, Volume, WorkerVM,
+                      WriteResult)
+from .worker import WorkerSession
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PAR_LIFETIME = dt.timedelta(hours=2)
+COMPETING_POLL_SECONDS = 2.0
+
+
+class ImportSettingsLike(Protocol):
+    """The settings an import reads (the ``ImportSettings`` block has them)."""
+
+    compartment_id: str
+    vpus_during_import: int
+    vpus_after_import: int
+    backup_policy: str | None
+    volume_name_template: str
+    max_virtual_size_bytes: int
+    extra_tags: dict[str, str]
+    keep_failed_volume: bool
+    transfer_connections: int
+    transfer_chunk_mib: int
+
+
+class WorkerShapeLike(Protocol):
+    """Where and how worker VMs are launched (the ``WorkerShape`` block has it)."""
+
+    compartment_id: str
+    subnet_id: str
+    image_id: str
+    shape: str
+    ocpus: float | None
+    memory_in_gbs: float | None
+    boot_volume_size_gb: int | None
+    availability_domains: list[str]
+    assign_public_ip: bool
+    ssh_user: str
+    ssh_port: int
+    use_sudo: bool
+    attachment_type: str
+    boot_timeout_seconds: float
+
+
+class TransferProgress(Protocol):
+    """Where a write reports progress: transfer events, percent written, the end."""
+
+    def event(self, event: dict[str, Any]) -> None: ...
+
+    def written(self, percent: float) -> None: ...
+
+    def done(self) -> None: ...
+
+
+class CompetingImport(Exception):
+    """Another live run is writing the same object version; this run yields to it."""
+
+    def __init__(self, flow_run: str, volume_id: str) -> None:
+        super().__init__(f"flow run {flow_run} is importing this object version (volume {volume_id})")
+        self.flow_run = flow_run
+        self.volume_id = volume_id
+
+
+@dataclass(frozen=True)
+class PreviousImports:
+    """What earlier or concurrent runs of the import left: an imported volume, or ones to resume."""
+
+    imported: FoundVolume | None
+    resumable: tuple[FoundVolume, ...]
+
+
+# The head and tail the inspection read, kept for the transfer of the same process so no
+# byte is fetched twice (a resumed run in a new process reads them again).
+_HEADERS: collections.OrderedDict[str, list[tuple[int, bytes]]] = collections.OrderedDict()
+_HEADERS_KEPT = 8
+_HEADERS_LOCK = threading.Lock()
+
+
+def _keep_header(key: str, pieces: list[tuple[int, bytes]]) -> None:
+    with _HEADERS_LOCK:
+        _HEADERS[key] = pieces
+        _HEADERS.move_to_end(key)
+        while len(_HEADERS) > _HEADERS_KEPT:
+            _HEADERS.popitem(last=False)
+
+
+def _kept_header(key: str) -> list[tuple[int, bytes]] | None:
+    with _HEADERS_LOCK:
+        return _HEADERS.get(key)
+
+
+def step(name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Count the seconds an importer's step takes into ``importer.steps[name]``."""
+    def decorate(method: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(method)
+        def timed(self: Any, *args: Any, **kwargs: Any) -> T:
+            importer = self if isinstance(self, Importer) else self.importer
+            start = time.monotonic()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                with importer._steps_lock:
+                    importer.steps[name] = round(importer.steps.get(name, 0.0) + time.monotonic() - start, 3)
+        return timed
+    return decorate
+
+
+class Importer:
+    """One import run's steps. ``run_id`` names the run in tags; ``attempt`` counts its tries."""
+
+    def __init__(self, clients: cloud.Clients, settings: ImportSettingsLike, shape: WorkerShapeLike, *,
+                 run_id: str, attempt: int = 1, run_is_active: Callable[[str], bool] = lambda run: False,
+                 logger: logging.Logger | logging.LoggerAdapter | None = None,
+                 competing_poll_seconds: float = COMPETING_POLL_SECONDS) -> None:
+        self.clients = clients
+        self.settings = settings
+        self.shape = shape
+        self.run_id = run_id
+        self.attempt = attempt
+        self.run_is_active = run_is_active
+        self.log = logger or log
+        self.ledger = Ledger(self.log)
+        self.client_key = SshKeyPair.generate()
+        self.host_key = SshKeyPair.generate()
+        self.competing_poll_seconds = competing_poll_seconds
+        self._generations: collections.Counter[str] = collections.Counter()
+        self._attach_lock = threading.Lock()
+        self.steps: dict[str, float] = {}
+        self._yielding = False
+        self._steps_lock = threading.Lock()
+
+    # -- identity -------------------------------------------------------------------
+
+    def retry_token(self, step: str) -> str:
+        """The ``opc-retry-token`` of one create: the same for retries of that create, new after its undo."""
+        scope = f"{self.run_id}/{self.attempt}/{step}/{self._generations[step]}"
+        return hashlib.sha256(scope.encode()).hexdigest()
+
+    def _undone(self, step: str) -> None:
+        self._generations[step] += 1
+
+    def tags(self, version: ObjectVersion) -> dict[str, str]:
+        return naming.import_tags(version.import_id, version.name, version.etag, self.run_id,
+                                  self.settings.extra_tags)
+
+    def __enter__(self) -> "Importer":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if isinstance(exc, CompetingImport):
+            self.log.info("%s; this run yields and removes what it created", exc)
+            self._yielding = True  # not a failed import: nothing is kept for inspection
+            self.ledger.unwind()
+            self._yielding = False
+        elif exc is not None:
+            self.log.warning("import failed (%s); removing what it created", exc)
+            self.ledger.unwind()
+
+    # -- before anything is created ------------------------------------------------------
+
+    @step("read-metadata")
+    def read_object(self, namespace: str | None, bucket: str, object_name: str, etag: str | None) -> ObjectVersion:
+        """HEAD the object; refuse a missing one, or one whose ETag is not the one asked for."""
+        storage = self.clients.object_storage
+        ns = namespace or cloud.with_backoff(storage.get_namespace).data
+        try:
+            head = cloud.with_backoff(storage.head_object, ns, bucket, object_name)
+        except oci.exceptions.ServiceError as exc:
+            if exc.status == 404:  # HEAD 404s carry no error code
+                raise InvalidRequest("object-not-found", f"object {object_name!r} not found in bucket {bucket!r} "
+                                     f"of namespace {ns!r}") from None
+            raise
+        headers = head.headers
+        version = ObjectVersion(
+            namespace=ns, bucket=bucket, name=object_name, etag=headers["etag"],
+            size=int(headers["content-length"]),
+            md5=headers.get("content-md5") or headers.get("opc-multipart-md5"),
+            metadata={k.lower()[len("opc-meta-"):]: v for k, v in headers.items()
+                      if k.lower().startswith("opc-meta-")})
+        if etag and version.etag != etag:
+            raise InvalidRequest("object-changed", f"object {object_name!r} changed: its current ETag is "
+                                 f"{version.etag}, not {etag} that this import was asked for")
+        return version
+
+    @staticmethod
+    def options(version: ObjectVersion, parameters: ImportOptions) -> ImportOptions:
+        """The import's options: the run's parameters win over the object's ``opc-meta-*`` metadata."""
+        return contract.merge(parameters, contract.parse_options(version.metadata))
+
+    @step("inspect-header")
+    def inspect(self, version: ObjectVersion, options: ImportOptions) -> InspectedImage:
+        """Learn format and virtual size from the object's head and tail; refuse dangerous images."""
+        claimed = inspection.claimed_format(version.name, options.format)
+        pieces: list[tuple[int, bytes]] = []
+
+        def read_range(start: int, end: int) -> bytes:
+            reply = cloud.with_backoff(self.clients.object_storage.get_object, version.namespace, version.bucket,
+                                       version.name, range=f"bytes={start}-{end}", if_match=version.etag)
+            pieces.append((start, reply.data.content))
+            return pieces[-1][1]
+
+        found = inspection.inspect(read_range, version.size, claimed, self.settings.max_virtual_size_bytes)
+        _keep_header(version.key, pieces)
+        return InspectedImage(found.format, found.virtual_size, found.detected_as)
+
+    def header_pieces(self, version: ObjectVersion) -> list[tuple[int, bytes]]:
+        """The bytes the inspection read, or (in a new process) the same ranges read again."""
+        kept = _kept_header(version.key)
+        if kept is not None:
+            return kept
+        pieces = []
+        head_end = min(version.size, inspection.HEAD_BYTES) - 1
+        tail_start = max(head_end + 1, version.size - inspection.TAIL_BYTES)
+        for start, end in ((0, head_end), (tail_start, version.size - 1)):
+            if start <= end:
+                reply = cloud.with_backoff(self.clients.object_storage.get_object, version.namespace,
+                                           version.bucket, version.name, range=f"bytes={start}-{end}",
+                                           if_match=version.etag)
+                pieces.append((start, reply.data.content))
+        return pieces
+
+    def found_volumes(self, version: ObjectVersion) -> list[FoundVolume]:
+        volumes = cloud.find_volumes(self.clients, self.settings.compartment_id,
+                                     {contract.TAG_IMPORT_ID: version.import_id})
+        return [FoundVolume(v.id, (v.freeform_tags or {}).get(contract.TAG_STATE), v.availability_domain,
+                            v.size_in_gbs, v.display_name, (v.freeform_tags or {}).get(contract.TAG_FLOW_RUN),
+                            v.time_created.isoformat() if v.time_created else "")
+                for v in volumes]
+
+    def _competitor(self, found: Sequence[FoundVolume], own: FoundVolume | None = None) -> FoundVolume | None:
+        """A volume of this import that another live run is writing: the run this one yields to.
+
+        When two runs have created volumes, the one whose volume the service created first
+        goes on; both runs see the same creation times, so exactly one yields.
+        """
+        rivals = [v for v in found if v.state == contract.STATE_WRITING and v.flow_run and v.flow_run != self.run_id
+                  and (own is None or (v.created, v.id) < (own.created, own.id)) and self.run_is_active(v.flow_run)]
+        return rivals[0] if rivals else None
+
+    @step("find-previous-import")
+    def previous_imports(self, version: ObjectVersion, force: bool = False) -> PreviousImports:
+        """What other runs of this import did. Waits while another live run writes the same version.
+
+        Returns the imported volume to reuse (none with ``force``) and volumes left half
+        written by runs that are gone, which this run resumes.
+        """
+        while True:
+            found = self.found_volumes(version)
+            imported = next((v for v in found if v.state == contract.STATE_IMPORTED), None)
+            competitor = self._competitor(found)
+            if competitor is None or (imported is not None and not force):
+                break
+            self.log.info("flow run %s is importing this object version (volume %s); waiting for it",
+                          competitor.flow_run, competitor.id)
+            time.sleep(self.competing_poll_seconds)
+        resumable = () if force else tuple(
+            v for v in found if v.state == contract.STATE_WRITING
+            and (v.flow_run == self.run_id or not self.run_is_active(v.flow_run or "")))
+        return PreviousImports(None if force else imported, resumable)
+
+    def availability_domains(self, ad_number: int | None) -> list[str]:
+        identity = self.clients.identity
+        names = [ad.name for ad in cloud.with_backoff(identity.list_availability_domains,
+                                                      self.shape.compartment_id).data]
+        if ad_number is not None:
+            if ad_number > len(names):
+                raise InvalidRequest("invalid-ad-number", f"ad_number {ad_number} is out of range: the region has "
+                                     f"{len(names)} availability domains")
+            return [names[ad_number - 1]]
+        preferred = [ad for ad in self.shape.availability_domains if ad in names]
+        return preferred or names
+
+    # -- resources -------------------------------------------------------------------
+
+    @step("remove-stale-workers")
+    def remove_stale_workers(self, version: ObjectVersion) -> list[str]:
+        """Terminate worker VMs this import's dead runs (or this run's killed attempt) left.
+
+        Their SSH keys died with the process that made them, so they cannot be used.
+        """
+        removed = []
+        for stale in cloud.find_instances(self.clients, self.shape.compartment_id,
+                                          {contract.TAG_IMPORT_ID: version.import_id}):
+            owner = (stale.freeform_tags or {}).get(contract.TAG_FLOW_RUN) or ""
+            if owner == self.run_id or not self.run_is_active(owner):
+                cloud.terminate_worker(self.clients, stale.id)
+                removed.append(stale.id)
+        return removed
+
+    def volume_name(self, version: ObjectVersion, options: ImportOptions) -> str:
+        if options.display_name:
+            return options.display_name
+        try:
+            return naming.volume_display_name(self.settings.volume_name_template, version.name, version.etag)
+        except ValueError as exc:
+            raise InvalidRequest("invalid-setting", str(exc)) from None
+
+    def create_volume(self, version: ObjectVersion, availability_domain: str, size_gb: int, name: str) -> Volume:
+        """Create the volume (tagged ``writing``) and wait until it is available.
+
+        Its undo is registered as soon as the create returns; a volume whose wait fails is
+        deleted at once (the next try creates another, with a new retry token).
+        """
+        step = f"create-volume/{availability_domain}"
+        tags = {**self.tags(version), contract.TAG_STATE: contract.STATE_WRITING}
+        created = cloud.create_volume(self.clients, self.settings.compartment_id, availability_domain, size_gb,
+                                      self.settings.vpus_during_import, name, tags, self.retry_token(step))
+        undo = self._register_volume(created.id)
+        try:
+            ready = cloud.wait_volume_available(self.clients, created.id)
+        except BaseException:
+            self.ledger.release(undo)
+            cloud.discard_volume(self.clients, self.settings.compartment_id, created.id, keep=False)
+            self._undone(step)
+            raise
+        return Volume(ready.id, ready.availability_domain, ready.size_in_gbs, ready.display_name, fresh=True)
+
+    def _register_volume(self, volume_id: str) -> Any:
+        return self.ledger.register("volume", volume_id, lambda: cloud.discard_volume(
+            self.clients, self.settings.compartment_id, volume_id,
+            keep=self.settings.keep_failed_volume and not self._yielding))
+
+    def adopt_volume(self, found: FoundVolume) -> Volume:
+        """Resume a half-written volume of a dead run: tag it as this run's, undo it like a new one."""
+        cloud.tag_volume(self.clients, found.id, {contract.TAG_FLOW_RUN: self.run_id})
+        self._register_volume(found.id)
+        return found.as_volume()
+
+    def launch_worker(self, version: ObjectVersion, availability_domain: str) -> WorkerVM:
+        """Launch a worker VM whose host key is this run's, wait until it runs, learn its address."""
+        step = f"launch-worker/{availability_domain}"
+        shape = self.shape
+        instance = cloud.launch_worker(
+            self.clients, compartment_id=shape.compartment_id, availability_domain=availability_domain,
+            subnet_id=shape.subnet_id, image_id=shape.image_id, shape=shape.shape, ocpus=shape.ocpus,
+            memory_in_gbs=shape.memory_in_gbs, boot_volume_size_gb=shape.boot_volume_size_gb,
+            assign_public_ip=shape.assign_public_ip, display_name=f"import-worker-{version.import_id[:12]}",
+            ssh_public_key=self.client_key.public_openssh, user_data=cloud_init_host_keys(self.host_key),
+            tags=self.tags(version), retry_token=self.retry_token(step))
+        undo = self.ledger.register("worker VM", instance.id, lambda: cloud.terminate_worker(self.clients, instance.id))
+        try:
+            cloud.wait_instance_running(self.clients, instance.id)
+            address = cloud.worker_address(self.clients, shape.compartment_id, instance.id, shape.assign_public_ip)
+        except BaseException:
+            self.ledger.release(undo)
+            cloud.terminate_worker(self.clients, instance.id, wait=False)
+            self._undone(step)
+            raise
+        return WorkerVM(instance.id, address, availability_domain)
+
+    @step("provision")
+    def provision(self, version: ObjectVersion, image: InspectedImage, options: ImportOptions,
+                  previous: PreviousImports) -> tuple[WorkerVM, Volume]:
+        """The worker VM and the volume, made side by side; the next AD when one is out of capacity.
+
+        A volume left half written by a dead run is resumed in its own AD. Raises
+        :class:`CompetingImport` when another live run created its volume at the same time
+        and goes on instead of this one.
+        """
+        ads = self.availability_domains(options.ad_number)
+        size_gb = cloud.volume_size_gb(image.virtual_size)
+        name = self.volume_name(version, options)
+        resumable = [v for v in previous.resumable if v.size_in_gbs >= size_gb]
+        candidates = [v.availability_domain for v in resumable]
+        candidates += [ad for ad in ads if ad not in candidates]
+        last_error: Exception | None = None
+        for ad in candidates:
+            reuse = next((v for v in resumable if v.availability_domain == ad), None)
+            with ThreadPoolExecutor(2, thread_name_prefix="provision") as pool:
+                launch = pool.submit(self.launch_worker, version, ad)
+                create = None if reuse else pool.submit(self.create_volume, version, ad, size_gb, name)
+                try:
+                    worker = launch.result()
+                except OutOfCapacity as exc:
+                    self.log.warning("%s is out of capacity for the worker shape; trying the next availability "
+                                     "domain", ad)
+                    last_error = exc
+                    if create is not None and create.exception() is None:
+                        self._discard_now(create.result().id, f"create-volume/{ad}")
+                    continue
+                volume = self.adopt_volume(reuse) if reuse else create.result()  # type: ignore[union-attr]
+            found = self.found_volumes(version)
+            own = next((v for v in found if v.id == volume.id), None)
+            rival = self._competitor(found, own) if own is not None else None
+            if rival is not None:
+                raise CompetingImport(rival.flow_run or "", rival.id)
+            return worker, volume
+        raise OutOfCapacity(f"no availability domain had capacity for the worker ({', '.join(candidates)}): "
+                            f"{last_error}")
+
+    def _discard_now(self, volume_id: str, step: str) -> None:
+        self.ledger.release(self.ledger.find("volume", volume_id))
+        cloud.discard_volume(self.clients, self.settings.compartment_id, volume_id, keep=False)
+        self._undone(step)
+
+    def session(self, worker: WorkerVM) -> WorkerSession:
+        """An SSH session to the worker VM that accepts only the host key this run gave it."""
+        return WorkerSession(worker.address, self.shape.ssh_port, self.shape.ssh_user, self.client_key,
+                             self.host_key, sudo=self.shape.use_sudo)
+
+    @step("prepare-worker")
+    def prepare_worker(self, session: WorkerSession) -> str:
+        """Connect (retrying while the VM boots) and make sure its tools are there; qemu-img's version."""
+        session.connect(timeout=self.shape.boot_timeout_seconds)
+        return transfer.ensure_tools(session)
+
+    def volume_write(self, session: WorkerSession, worker: WorkerVM, volume: Volume, version: ObjectVersion,
+                     image: InspectedImage) -> "VolumeWrite":
+        return VolumeWrite(self, session, worker, volume, version, image)
+
+    @step("finish-volume")
+    def finish_volume(self, volume: Volume, options: ImportOptions) -> FinishedVolume:
+        """Set the volume's lasting performance and backup policy, tag it imported: it is ready.
+
+        From here on the volume is the product, no longer this run's to remove.
+        """
+        vpus = options.vpus if options.vpus is not None else self.settings.vpus_after_import
+        policy = options.backup_policy or self.settings.backup_policy
+        cloud.set_volume_performance(self.clients, volume.id, vpus)
+        policy_id = None
+        if policy:
+            policy_id = cloud.backup_policy_id(self.clients, policy)
+            cloud.assign_backup_policy(self.clients, volume.id, policy_id)
+        cloud.tag_volume(self.clients, volume.id, {contract.TAG_STATE: contract.STATE_IMPORTED})
+        self.ledger.release(self.ledger.find("volume", volume.id))
+        return FinishedVolume(vpus, policy_id)
+
+    @step("terminate-worker")
+    def terminate_worker(self, worker: WorkerVM) -> None:
+        """Terminate the worker VM (and its boot volume) now that its work is done."""
+        undo = self.ledger.find("worker VM", worker.id)
+        if undo is not None:
+            self.ledger.undo(undo)
+        else:
+            cloud.terminate_worker(self.clients, worker.id)
+
+    def summary(self, version: ObjectVersion, image: InspectedImage, volume: Volume, finished: FinishedVolume,
+                written: WriteResult, checks: Sequence[filesystems.FilesystemCheck], qemu_img: str,
+                ready_at: dt.datetime) -> dict[str, Any]:
+        """The finished import's account: the flow run's result, and what its summary shows."""
+        return {
+            "import_id": version.import_id, "object": version.name, "bucket": version.bucket,
+            "namespace": version.namespace, "etag": version.etag, "format": image.format,
+            "virtual_size": image.virtual_size, "object_bytes": version.size, "volume_id": volume.id,
+            "volume_size_gb": volume.size_in_gbs, "availability_domain": volume.availability_domain,
+            "resumed": not volume.fresh, "vpus_per_gb": finished.vpus_per_gb,
+            "backup_policy_id": finished.backup_policy_id, "qemu_img": qemu_img,
+            "bytes_written": written.virtual_size, "fetched_bytes": written.fetched_bytes,
+            "transfer_seconds": written.seconds, "write_phases": written.phases,
+            "verified_bytes": written.verified_bytes, "write_slices": written.slices,
+            "transfer_retries": written.retries, "ready_at": ready_at.isoformat(),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "steps": dict(self.steps), "filesystems": [dataclasses.asdict(c) for c in checks], "reused": False,
+        }
+
+    @staticmethod
+    def reused_summary(version: ObjectVersion, volume: FoundVolume) -> dict[str, Any]:
+        """The result of a run that found the object version imported already (by itself or another run)."""
+        return {"import_id": version.import_id, "object": version.name, "bucket": version.bucket,
+                "namespace": version.namespace, "etag": version.etag, "volume_id": volume.id,
+                "volume_size_gb": volume.size_in_gbs, "availability_domain": volume.availability_domain,
+                "imported_by_run": volume.flow_run, "reused": True}
+
+    def par_name(self, version: ObjectVersion) -> str:
+        return f"oci-disk-import-{version.import_id[:24]}-{self.retry_token('par')[:12]}"
+
+
+class VolumeWrite:
+    """Write one object onto one volume on one worker VM: attach, write and verify, check, detach.
+
+    The steps are methods so an orchestrator can run (and retry) each; :meth:`run` does all
+    of them. Several writes may share a worker VM and its session at once.
+    """
+
+    def __init__(self, importer: Importer, session: WorkerSession, worker: WorkerVM, volume: Volume,
+                 version: ObjectVersion, image: InspectedImage) -> None:
+        self.importer = importer
+        self.session = session
+        self.worker = worker
+        self.volume = volume
+        self.version = version
+        self.image = image
+        self.attachment: Attachment | None = None
+        self.device: str | None = None
+        self.staging: str | None = None
+        self.result: WriteResult | None = None
+        self._undos: list[Undo] = []  # the attachment's, then the iSCSI session's
+
+    @property
+    def clients(self) -> cloud.Clients:
+        return self.importer.clients
+
+    def attach(self) -> str:
+        """Attach the volume (registering its detach) and return its device on the worker VM."""
+        importer, ledger = self.importer, self.importer.ledger
+        with importer._attach_lock:  # one free device path per attachment
+            found = cloud.existing_attachment(self.clients, self.worker.id, self.volume.id)
+            made = found or cloud.attach_volume(self.clients, self.worker.id, self.volume.id,
+                                                importer.shape.attachment_type,
+                                                importer.retry_token(f"attach/{self.volume.id}"))
+        self._undos.append(ledger.register("attachment", made.id, lambda: cloud.detach_volume(self.clients, made.id)))
+        ready = cloud.wait_attached(self.clients, made.id)
+        self.attachment = Attachment(ready.id, self.volume.id, self.worker.id, ready.attachment_type, ready.device,
+                                     getattr(ready, "iqn", None), getattr(ready, "ipv4", None),
+                                     getattr(ready, "port", None))
+        if self.attachment.type == "iscsi":
+            target = self._iscsi_target()
+            self.device = iscsi.login(self.session, target)
+            self._undos.append(ledger.register("iscsi session", target.iqn, lambda: iscsi.logout(self.session, target)))
+        else:
+            self.device = ready.device
+        assert self.device is not None
+        return self.device
+
+    def _iscsi_target(self) -> iscsi.IscsiTarget:
+        assert self.attachment is not None and self.attachment.iqn and self.attachment.ipv4
+        return iscsi.IscsiTarget(self.attachment.iqn, self.attachment.ipv4, int(self.attachment.port or 3260))
+
+    @step("write")
+    def write(self, progress: TransferProgress | None = None) -> WriteResult:
+        """Stream the object onto the worker VM while qemu-img writes it, verifying each slice.
+
+        The worker fetches the object through a short-lived read-only PAR with parallel
+        ranged GETs (minus the head and tail the inspection read, handed over); qemu-img
+        reads it over NBD as it arrives. The volume is attached while the first bytes
+        arrive. The worker's copy of the image (``staging``) stays for :meth:`check`.
+        """
+        importer, version, session = self.importer, self.version, self.session
+        settings = importer.settings
+        qemu = QemuImg(session)
+        phases: dict[str, float] = {}
+        stream: transfer.ObjectStream | None = None
+        staging = transfer.make_staging_dir(session, version.import_id, version.size)
+        par_id, access_uri = cloud.read_only_par(self.clients, version.namespace, version.bucket, version.name,
+                                                 PAR_LIFETIME, importer.par_name(version))
+        par = importer.ledger.register("PAR", par_id, lambda: cloud.delete_par(
+            self.clients, version.namespace, version.bucket, par_id))
+        kept = False
+        try:
+            url = self.clients.object_storage.base_client.endpoint.rstrip("/") + access_uri
+            with _phase(phases, "start-transfer"):
+                stream = transfer.start_stream(
+                    session, session, url, version.etag, version.size, staging, importer.header_pieces(version),
+                    transfer.TransferSettings(connections=settings.transfer_connections,
+                                              chunk_bytes=settings.transfer_chunk_mib * 1024 * 1024),
+                    on_event=progress.event if progress else None)
+            with _phase(phases, "second-opinion"):
+                info = transfer.second_opinion(qemu, stream.nbd_url, self.image.format, self.image.virtual_size)
+            with _phase(phases, "attach"):
+                device = self.attach()
+            writer = slices.SliceWriter(session, qemu, self.image.format, info.virtual_size, stream.socket,
+                                        stream.path, device, target_is_zero=self.volume.fresh,
+                                        on_progress=progress.written if progress else None,
+                                        direct_io=not slices.compressed_grains(self.image.format, info),
+                                        image_bytes=version.size)
+            with _phase(phases, "write-and-verify"):
+                fetched = writer.write(stream.finish)
+            stream = None
+            importer.ledger.undo(par)
+            if progress:
+                progress.done()
+            verified = writer.summary()
+            importer.log.info("wrote and verified %s (%s, %d bytes virtual, %d slices); fetched %d bytes in %.1fs "
+                              "with %d retries", version.name, self.image.format, info.virtual_size,
+                              verified["slices"], fetched["fetched_bytes"], fetched["seconds"], fetched["retries"])
+            self.staging = staging
+            kept = True
+            self.result = WriteResult(device, info.virtual_size, version.size, fetched["fetched_bytes"],
+                                      fetched["seconds"], fetched["retries"], verified["verified_bytes"],
+                                      verified["slices"], phases)
+            return self.result
+        finally:
+            if stream is not None:
+                stream.abort()
+            if not par.done:
+                importer.ledger.undo(par)
+            if not kept:
+                transfer.remove_staging(session, staging)
+
+    @step("check-volume")
+    def check(self) -> list[filesystems.FilesystemCheck]:
+        """The written disk must not be an image itself, and every filesystem must check clean.
+
+        Both checks only read the device and run side by side; the worker's copy of the
+        image is removed meanwhile.
+        """
+        assert self.result is not None, "check() follows write()"
+        device, size = self.result.device, self.result.virtual_size
+        with ThreadPoolExecutor(2, thread_name_prefix="check-volume") as pool:
+            not_nested = pool.submit(nested.check_not_nested, self.session, device, size)
+            checked = pool.submit(filesystems.check_device, self.session, device, size)
+            try:
+                if self.staging is not None:
+                    transfer.remove_staging(self.session, self.staging)
+                    self.staging = None
+            finally:
+                results = checked.result()
+                not_nested.result()
+        failed = [r for r in results if r.failed]
+        if failed:
+            detail = "\n".join(f"partition {r.partition} ({r.filesystem}): {r.detail}" for r in failed)
+            raise FilesystemErrors("filesystem-errors", f"filesystem check failed:\n{detail}")
+        return results
+
+    @step("detach")
+    def detach(self) -> None:
+        """Log out of an iSCSI target, then detach the volume from the worker VM."""
+        while self._undos:
+            undo = self._undos.pop()
+            if not undo.done:
+                self.importer.ledger.undo(undo)
+
+    def run(self, progress: TransferProgress | None = None) -> tuple[WriteResult, list[filesystems.FilesystemCheck]]:
+        result = self.write(progress)
+        checks = self.check()
+        self.detach()
+        return result, checks
+
+
+class _phase:
+    """Adds the seconds a block takes to ``phases[name]``."""
+
+    def __init__(self, phases: dict[str, float], name: str) -> None:
+        self.phases, self.name = phases, name
+
+    def __enter__(self) -> None:
+        self.start = time.monotonic()
+
+    def __exit__(self, *exc: object) -> None:
+        self.phases[self.name] = round(self.phases.get(self.name, 0.0) + time.monotonic() - self.start, 3)

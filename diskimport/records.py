@@ -1,0 +1,116 @@
+"""What the steps of an import hand each other: small typed records, nothing bulky.
+
+Each record is what a flow persists between its steps to resume, so none holds bytes
+of the image or a client: the head and tail the inspection read are kept where the
+transfer finds them (:mod:`diskimport.inspection`), clients are rebuilt from the blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import contract
+
+
+@dataclass(frozen=True)
+class ObjectVersion:
+    """One version (ETag) of an uploaded object, as its HEAD described it."""
+
+    namespace: str
+    bucket: str
+    name: str
+    etag: str
+    size: int
+    md5: str | None
+    metadata: dict[str, str]
+
+    @property
+    def key(self) -> str:
+        """``namespace/bucket/object@etag``: what identifies the import (and its flow runs)."""
+        return contract.idempotency_key(self.namespace, self.bucket, self.name, self.etag)
+
+    @property
+    def import_id(self) -> str:
+        return contract.import_id(self.namespace, self.bucket, self.name, self.etag)
+
+
+@dataclass(frozen=True)
+class InspectedImage:
+    """What the header inspection learned: the qemu-img format and the virtual size."""
+
+    format: str          # qemu-img format name
+    virtual_size: int    # bytes
+    detected_as: str     # format_inspector's name (e.g. "gpt" for a raw disk with a GPT)
+
+
+@dataclass(frozen=True)
+class WorkerVM:
+    """A worker VM: the OCI instance that writes images onto volumes, reached over SSH."""
+
+    id: str
+    address: str
+    availability_domain: str
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A block volume an import writes; ``fresh`` when it was just created (it reads as zeros)."""
+
+    id: str
+    availability_domain: str
+    size_in_gbs: int
+    display_name: str
+    fresh: bool
+
+
+@dataclass(frozen=True)
+class FoundVolume:
+    """A volume an earlier (or concurrent) run of the same import left, found by its tags."""
+
+    id: str
+    state: str | None    # contract.STATE_*
+    availability_domain: str
+    size_in_gbs: int
+    display_name: str
+    flow_run: str | None
+    created: str = ""    # the service's creation time (ISO 8601), which orders competing runs
+
+    def as_volume(self) -> Volume:
+        return Volume(self.id, self.availability_domain, self.size_in_gbs, self.display_name, fresh=False)
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A volume attached to a worker VM, and the device it appears as there."""
+
+    id: str
+    volume_id: str
+    instance_id: str
+    type: str            # "paravirtualized" or "iscsi"
+    device: str | None   # the consistent device path (an iSCSI one is known after login)
+    iqn: str | None = None
+    ipv4: str | None = None
+    port: int | None = None
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """The account of one object written onto one volume and verified."""
+
+    device: str
+    virtual_size: int
+    image_bytes: int
+    fetched_bytes: int
+    seconds: float
+    retries: int
+    verified_bytes: int
+    slices: int
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FinishedVolume:
+    """The volume's performance and backup policy once the import is done."""
+
+    vpus_per_gb: int
+    backup_policy_id: str | None

@@ -1,0 +1,72 @@
+"""What people see of an import in the Prefect UI: a progress bar while the image is written,
+and a summary with a table of the time each step took."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
+    update_progress_artifact
+
+
+class TransferProgress:
+    """One progress artifact for the write: the lesser of bytes arrived and bytes written."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.logger = get_run_logger()  # events arrive on the transfer's thread, outside the run context
+        self.size = max(size, 1)
+        self.fetched = 0
+        self.percent_written = 0.0
+        self.shown = 0.0
+        self.artifact = create_progress_artifact(0.0, description=f"Transferring {name} and writing it onto "
+                                                                  "the volume")
+
+    def _update(self, force: bool = False) -> None:
+        percent = round(min(100.0 * self.fetched / self.size, self.percent_written), 1)
+        if force or percent - self.shown >= 5:
+            self.shown = percent
+            try:
+                update_progress_artifact(self.artifact, percent)
+            except Exception as exc:  # progress reporting must never break the transfer
+                self.logger.debug("progress not reported: %s", exc)
+
+    def event(self, event: dict[str, Any]) -> None:
+        if event.get("event") in ("progress", "fetched"):
+            self.fetched = int(event.get("fetched", 0))
+            self._update()
+        elif event.get("event") == "retry":
+            self.logger.warning("retrying bytes %s-%s of the object: %s", event.get("start"), event.get("end"),
+                                event.get("error"))
+
+    def written(self, percent: float) -> None:
+        self.percent_written = percent
+        self._update()
+
+    def done(self) -> None:
+        self.fetched, self.percent_written = self.size, 100.0
+        self._update(force=True)
+
+
+def publish_summary(summary: dict[str, Any]) -> None:
+    rows = [{"step": step, "seconds": seconds} for step, seconds in summary["steps"].items()]
+    create_table_artifact(rows, key="import-steps", description=f"Time per step of {summary['object']}")
+    lines = [
+        f"# Imported `{summary['object']}`",
+        "",
+        "| | |", "|---|---|",
+        f"| object | `{summary['namespace']}/{summary['bucket']}/{summary['object']}` @ `{summary['etag']}` |",
+        f"| format | {summary['format']} |",
+        f"| virtual size | {summary['virtual_size']:,} bytes |",
+        f"| volume | `{summary['volume_id']}` ({summary['volume_size_gb']} GB, {summary['availability_domain']}, "
+        f"{summary['vpus_per_gb']} VPUs/GB) |",
+        f"| bytes written | {summary['bytes_written']:,} |",
+        f"| total time | {sum(summary['steps'].values()):.1f} s |",
+        "",
+        "## Filesystems",
+        "",
+        "| partition | filesystem | result | detail |", "|---|---|---|---|",
+        *[f"| {c['partition']} | {c['filesystem'] or '-'} | {c['status']} | "
+          f"{(c['detail'].splitlines() or [''])[-1][:120]} |" for c in summary["filesystems"]],
+    ]
+    create_markdown_artifact("\n".join(lines), key="import-summary", description="Import summary")

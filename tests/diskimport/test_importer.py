@@ -1,0 +1,382 @@
+"""The import core's decisions, against the local OCI with the real SDK and sshd worker VMs,
+without Prefect: idempotent creates, the ledger of undos, resume, force, competing runs,
+options, block validation and refusal codes.
+
+``import_object`` runs the importer's steps in the order the ``import-virtual-disk`` flow
+calls them (the flow adds retries, the worker slot and the UI around them).
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import oci
+import pydantic
+import pytest
+
+from blocks import ImportSettings, OCICredentials, WorkerShape
+from diskimport import cloud, contract
+from diskimport.contract import ImportOptions, InvalidRequest
+from diskimport.errors import ImageRejected, ResourceFailed, is_deterministic
+from diskimport.importer import CompetingImport, Importer, PreviousImports
+from diskimport.records import FoundVolume, ObjectVersion
+from localoci.process import RunningLocalOCI
+from tests.workers import WORKER_IMAGE_ID
+
+GiB = 1024**3
+
+
+# -- fixtures ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def credentials(localoci: RunningLocalOCI) -> OCICredentials:
+    return OCICredentials(auth_type="config_file", config_file=localoci.oci_config_file, profile=localoci.oci_profile,
+                          endpoint=localoci.endpoint)
+
+
+@pytest.fixture(scope="module")
+def shape(localoci: RunningLocalOCI, compartment_id: str, subnet_id: str) -> WorkerShape:
+    return WorkerShape(compartment_id=compartment_id, subnet_id=subnet_id, image_id=WORKER_IMAGE_ID, ocpus=1,
+                       memory_in_gbs=16, ssh_user=getpass.getuser(), ssh_port=localoci.ssh_port,
+                       use_sudo=os.geteuid() != 0, boot_timeout_seconds=60)
+
+
+@pytest.fixture
+def active_runs() -> set[str]:
+    """Flow runs the importer is told are alive (standing in for Prefect's view of runs)."""
+    return set()
+
+
+@pytest.fixture
+def make_importer(credentials: OCICredentials, shape: WorkerShape, compartment_id: str,
+                  active_runs: set[str]) -> Iterator[Any]:
+    def make(**settings: Any) -> Importer:
+        run_id = str(uuid.uuid4())
+        active_runs.add(run_id)
+        return Importer(credentials.clients(), ImportSettings(compartment_id=compartment_id, **settings), shape,
+                        run_id=run_id, run_is_active=active_runs.__contains__, competing_poll_seconds=0.1)
+    yield make
+
+
+@pytest.fixture(autouse=True)
+def no_faults(localoci: RunningLocalOCI) -> Iterator[None]:
+    localoci.admin("DELETE", "faults")
+    yield
+    localoci.admin("DELETE", "faults")
+
+
+@pytest.fixture
+def web01(localoci: RunningLocalOCI, object_storage: Any, bucket: str, gpt_disk: Path,
+             tmp_path: Path) -> tuple[str, Path]:
+    """The test disk as a qcow2 in the bucket: ``(object name, the raw disk it holds)``."""
+    image = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(gpt_disk), str(image)], check=True)
+    with open(image, "rb") as f:
+        object_storage.put_object(localoci.namespace, bucket, "team/web01.qcow2", f)
+    return "team/web01.qcow2", gpt_disk
+
+
+def live(localoci: RunningLocalOCI, kind: str, version: ObjectVersion) -> list[dict[str, Any]]:
+    """The import's resources that exist and are not on their way out."""
+    return [r for r in localoci.inventory(**{contract.TAG_IMPORT_ID: version.import_id})[kind]
+            if r["lifecycleState"] not in ("TERMINATING", "TERMINATED")]
+
+
+def version_of(importer: Importer, localoci: RunningLocalOCI, bucket: str, name: str = "team/web01.qcow2"
+               ) -> ObjectVersion:
+    return importer.read_object(localoci.namespace, bucket, name, None)
+
+
+def import_object(importer: Importer, version: ObjectVersion, parameters: ImportOptions = ImportOptions(),
+                  force: bool = False) -> dict[str, Any]:
+    """The flow's order of steps, without Prefect."""
+    options = importer.options(version, parameters)
+    image = importer.inspect(version, options)
+    previous = importer.previous_imports(version, force)
+    if previous.imported is not None:
+        return importer.reused_summary(version, previous.imported)
+    with importer:
+        importer.remove_stale_workers(version)
+        worker, volume = importer.provision(version, image, options, previous)
+        with importer.session(worker) as session:
+            qemu_img = importer.prepare_worker(session)
+            write = importer.volume_write(session, worker, volume, version, image)
+            written = write.write()
+            checks = write.check()
+            write.detach()
+        finished = importer.finish_volume(volume, options)
+        importer.terminate_worker(worker)
+    return importer.summary(version, image, volume, finished, written, checks, qemu_img, dt_now())
+
+
+def dt_now() -> Any:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def volume_holds(localoci: RunningLocalOCI, volume_id: str, raw: Path) -> bool:
+    backing = next(v["backingFile"] for v in localoci.inventory()["volumes"] if v["id"] == volume_id)
+    size = raw.stat().st_size
+    done = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(raw),
+                           f"json:{{\"driver\":\"raw\",\"size\":{size},\"file\":{{\"driver\":\"file\","
+                           f"\"filename\":\"{backing}\"}}}}"], capture_output=True, text=True)
+    return done.returncode == 0
+
+
+def tagged_volume(blockstorage: Any, compartment_id: str, ad: str, version: ObjectVersion, state: str,
+                  flow_run: str) -> Any:
+    tags = {contract.TAG_MANAGED_BY: contract.MANAGED_BY, contract.TAG_IMPORT_ID: version.import_id,
+            contract.TAG_FLOW_RUN: flow_run, contract.TAG_STATE: state}
+    volume = blockstorage.create_volume(oci.core.models.CreateVolumeDetails(
+        compartment_id=compartment_id, availability_domain=ad, size_in_gbs=50, freeform_tags=tags)).data
+    return oci.wait_until(blockstorage, blockstorage.get_volume(volume.id), "lifecycle_state", "AVAILABLE",
+                          max_wait_seconds=30, max_interval_seconds=0.1).data
+
+
+# -- idempotent creates: a reply lost after the create took effect ----------------------------------
+
+def test_lost_reply_on_create_volume_gives_exactly_one_volume(localoci, make_importer, bucket, web01,
+                                                                availability_domains):
+    importer = make_importer()
+    version = version_of(importer, localoci, bucket)
+    localoci.admin("POST", "faults", {"operation": "CreateVolume", "phase": "after", "status": 500,
+                                      "code": "InternalError", "message": "reply lost"})
+    localoci.admin("POST", "faults", {"operation": "CreateVolume", "phase": "after", "drop": True})
+    volume = importer.create_volume(version, availability_domains[0], 50, "lost-reply")
+    assert localoci.admin("GET", "faults") == []  # both lost replies happened
+    assert [v["id"] for v in live(localoci, "volumes", version)] == [volume.id]
+    importer.ledger.unwind()
+    assert live(localoci, "volumes", version) == []
+
+
+def test_lost_reply_on_launch_instance_gives_exactly_one_worker_vm(localoci, make_importer, bucket, web01,
+                                                                    availability_domains):
+    importer = make_importer()
+    version = version_of(importer, localoci, bucket)
+    localoci.admin("POST", "faults", {"operation": "LaunchInstance", "phase": "after", "drop": True})
+    worker = importer.launch_worker(version, availability_domains[0])
+    assert localoci.admin("GET", "faults") == []
+    assert [i["id"] for i in live(localoci, "instances", version)] == [worker.id]
+    importer.terminate_worker(worker)
+    assert live(localoci, "instances", version) == []
+    assert importer.ledger.pending() == []
+
+
+def test_lost_reply_on_attach_volume_gives_exactly_one_attachment(localoci, make_importer, bucket, web01,
+                                                                   availability_domains, compute):
+    importer = make_importer()
+    version = version_of(importer, localoci, bucket)
+    with importer:
+        volume = importer.create_volume(version, availability_domains[0], 50, "attach-once")
+        worker = importer.launch_worker(version, availability_domains[0])
+        localoci.admin("POST", "faults", {"operation": "AttachVolume", "phase": "after", "status": 500,
+                                          "code": "InternalError", "message": "reply lost"})
+        with importer.session(worker) as session:
+            write = importer.volume_write(session, worker, volume, version, None)  # type: ignore[arg-type]
+            device = write.attach()
+            assert localoci.admin("GET", "faults") == []
+            attachments = [a for a in localoci.inventory()["attachments"] if a["volumeId"] == volume.id]
+            assert [a["id"] for a in attachments] == [write.attachment.id]
+            assert device == attachments[0]["device"]
+            write.detach()
+        assert [a for a in localoci.inventory()["attachments"] if a["volumeId"] == volume.id] == []
+        importer.terminate_worker(worker)
+    importer.ledger.unwind()
+    assert live(localoci, "volumes", version) == []
+
+
+def test_a_create_volume_whose_wait_fails_leaves_no_volume_at_once(localoci, make_importer, bucket, web01,
+                                                                    availability_domains):
+    importer = make_importer()
+    version = version_of(importer, localoci, bucket)
+    localoci.admin("POST", "faults", {"operation": "CreateVolume", "failResource": True})
+    with pytest.raises(ResourceFailed, match="FAULTY"):
+        importer.create_volume(version, availability_domains[0], 50, "faulty")
+    assert live(localoci, "volumes", version) == []  # not left for the sweeper
+    assert importer.ledger.pending() == []
+    # The next try is a new create (a new retry token), not the faulty volume again.
+    volume = importer.create_volume(version, availability_domains[0], 50, "second")
+    assert [v["id"] for v in live(localoci, "volumes", version)] == [volume.id]
+    importer.ledger.unwind()
+    assert live(localoci, "volumes", version) == []
+
+
+# -- the whole import, and the options that change it ------------------------------------------
+
+def test_import_writes_the_disk_and_leaves_only_the_volume(localoci, make_importer, bucket, web01):
+    importer = make_importer(backup_policy="silver")
+    version = version_of(importer, localoci, bucket)
+    summary = import_object(importer, version, ImportOptions(ad_number=2, vpus=20))
+    assert summary["availability_domain"].endswith("AD-2")
+    assert summary["vpus_per_gb"] == 20 and summary["backup_policy_id"].endswith("silver")
+    assert {c["status"] for c in summary["filesystems"]} == {"clean"}
+    assert volume_holds(localoci, summary["volume_id"], web01[1])
+    volumes = live(localoci, "volumes", version)
+    assert [(v["id"], v["freeformTags"][contract.TAG_STATE]) for v in volumes] == [
+        (summary["volume_id"], contract.STATE_IMPORTED)]
+    assert live(localoci, "instances", version) == [] and importer.ledger.pending() == []
+    assert not [p for p in localoci.inventory()["pars"] if p["objectName"] == version.name]
+
+    again = make_importer()
+    assert import_object(again, version)["reused"] is True
+    forced = make_importer()
+    redone = import_object(forced, version, force=True)
+    assert redone["reused"] is False and redone["volume_id"] != summary["volume_id"]
+    assert len(live(localoci, "volumes", version)) == 2
+
+
+def test_a_failed_import_deletes_its_volume_or_keeps_it_tagged_failed(localoci, make_importer, bucket, web01,
+                                                                       availability_domains):
+    for keep in (False, True):
+        importer = make_importer(keep_failed_volume=keep)
+        version = version_of(importer, localoci, bucket)
+        options = importer.options(version, ImportOptions())
+        image = importer.inspect(version, options)
+        with pytest.raises(RuntimeError, match="injected"):
+            with importer:
+                worker, volume = importer.provision(version, image, options, PreviousImports(None, ()))
+                raise RuntimeError("injected failure after provisioning")
+        assert live(localoci, "instances", version) == []
+        left = live(localoci, "volumes", version)
+        if keep:
+            assert [(v["id"], v["freeformTags"][contract.TAG_STATE]) for v in left] == [
+                (volume.id, contract.STATE_FAILED)]
+            localoci_delete_volume(importer, volume.id)
+        else:
+            assert left == []
+
+
+def localoci_delete_volume(importer: Importer, volume_id: str) -> None:
+    cloud.delete_volume(importer.clients, volume_id)
+
+
+def test_a_half_written_volume_of_a_dead_run_is_resumed(localoci, make_importer, bucket, web01, blockstorage,
+                                                         compartment_id, availability_domains):
+    importer = make_importer()
+    version = version_of(importer, localoci, bucket)
+    dead_run = str(uuid.uuid4())
+    half = tagged_volume(blockstorage, compartment_id, availability_domains[2], version, contract.STATE_WRITING,
+                         dead_run)
+    backing = next(v["backingFile"] for v in localoci.inventory()["volumes"] if v["id"] == half.id)
+    with open(backing, "r+b") as f:  # what the dead run wrote, and garbage where zeros belong
+        f.seek(0)
+        f.write(web01[1].read_bytes()[:1024 * 1024])
+        f.seek(40 * 1024 * 1024)
+        f.write(os.urandom(1024 * 1024))
+    summary = import_object(importer, version)
+    assert summary["volume_id"] == half.id and summary["resumed"] is True
+    assert summary["availability_domain"] == availability_domains[2]
+    assert volume_holds(localoci, half.id, web01[1])
+    [volume] = live(localoci, "volumes", version)
+    assert volume["freeformTags"][contract.TAG_FLOW_RUN] == importer.run_id
+
+
+# -- competing runs ----------------------------------------------------------------------------
+
+def test_a_run_meeting_a_live_run_of_the_same_version_waits_and_returns_its_volume(
+        localoci, make_importer, bucket, web01, blockstorage, compartment_id, availability_domains, active_runs):
+    importer = make_importer()
+    version = version_of(importer, localoci, bucket)
+    other = str(uuid.uuid4())
+    active_runs.add(other)
+    theirs = tagged_volume(blockstorage, compartment_id, availability_domains[0], version, contract.STATE_WRITING,
+                           other)
+    result: dict[str, Any] = {}
+    waiting = threading.Thread(target=lambda: result.update(summary=import_object(importer, version)))
+    waiting.start()
+    time.sleep(1.0)
+    assert waiting.is_alive(), "the run did not wait for the other one"
+    assert live(localoci, "instances", version) == []  # it created nothing meanwhile
+    cloud.tag_volume(importer.clients, theirs.id, {contract.TAG_STATE: contract.STATE_IMPORTED})
+    waiting.join(30)
+    assert result["summary"]["reused"] is True and result["summary"]["volume_id"] == theirs.id
+    assert [v["id"] for v in live(localoci, "volumes", version)] == [theirs.id]
+    blockstorage.delete_volume(theirs.id)
+
+
+def test_of_two_runs_that_created_volumes_at_once_the_later_yields(localoci, make_importer, bucket, web01,
+                                                                    blockstorage, compartment_id,
+                                                                    availability_domains, active_runs):
+    importer = make_importer()
+    version = version_of(importer, localoci, bucket)
+    rival_run = "00000000-0000-0000-0000-000000000000"  # sorts before any uuid4 the importer has
+    active_runs.add(rival_run)
+    theirs = tagged_volume(blockstorage, compartment_id, availability_domains[0], version, contract.STATE_WRITING,
+                           rival_run)
+    options = importer.options(version, ImportOptions())
+    image = importer.inspect(version, options)
+    with pytest.raises(CompetingImport) as yielded:
+        with importer:
+            importer.provision(version, image, options, PreviousImports(None, ()))
+    assert yielded.value.flow_run == rival_run
+    assert [v["id"] for v in live(localoci, "volumes", version)] == [theirs.id]
+    assert live(localoci, "instances", version) == []
+    blockstorage.delete_volume(theirs.id)
+
+
+# -- options, settings and refusals -------------------------------------------------------------
+
+def test_ad_number_picks_the_availability_domain_and_is_checked(make_importer, availability_domains):
+    importer = make_importer()
+    assert importer.availability_domains(3) == [availability_domains[2]]
+    assert importer.availability_domains(None) == availability_domains
+    with pytest.raises(InvalidRequest) as refused:
+        importer.availability_domains(len(availability_domains) + 1)
+    assert refused.value.code == "invalid-ad-number"
+
+
+def test_blocks_refuse_invalid_settings(compartment_id):
+    for bad in ({"vpus_during_import": 7}, {"vpus_after_import": 130}, {"transfer_connections": 0},
+                {"transfer_chunk_mib": 2048}):
+        with pytest.raises(pydantic.ValidationError):
+            ImportSettings(compartment_id=compartment_id, **bad)
+    with pytest.raises(pydantic.ValidationError):
+        WorkerShape(compartment_id=compartment_id, subnet_id="s", image_id="i", attachment_type="nvme")
+    with pytest.raises(pydantic.ValidationError, match="api_key needs tenancy_ocid, user_ocid"):
+        OCICredentials(auth_type="api_key")
+    secret = OCICredentials(auth_type="api_key", tenancy_ocid="t", user_ocid="u", fingerprint="f",
+                            region="r", private_key="-----BEGIN PRIVATE KEY-----")
+    assert "BEGIN PRIVATE KEY" not in repr(secret) and "BEGIN PRIVATE KEY" not in str(secret.model_dump())
+
+
+@pytest.mark.parametrize("case", ["object-not-found", "object-changed", "unknown-backup-policy",
+                                  "invalid-setting", "too-large", "invalid-format", "invalid-vpus"])
+def test_each_request_refusal_has_its_code(case, localoci, make_importer, bucket, web01):
+    importer = make_importer(volume_name_template="{nope}")
+    version = version_of(importer, localoci, bucket)
+    attempts = {
+        "object-not-found": lambda: importer.read_object(localoci.namespace, bucket, "missing.qcow2", None),
+        "object-changed": lambda: importer.read_object(localoci.namespace, bucket, version.name, '"other"'),
+        "unknown-backup-policy": lambda: cloud.backup_policy_id(importer.clients, "platinum"),
+        "invalid-setting": lambda: importer.volume_name(version, ImportOptions()),
+        "too-large": lambda: cloud.volume_size_gb(32769 * GiB),
+        "invalid-format": lambda: importer.inspect(version, ImportOptions(format="iso")),
+        "invalid-vpus": lambda: importer.options(version, contract.parse_options({"vpus": 15})),
+    }
+    with pytest.raises(contract.Refusal) as refused:
+        attempts[case]()
+    assert refused.value.code == case
+    assert is_deterministic(refused.value)
+    assert str(refused.value).startswith(f"{case}: ")
+
+
+def test_metadata_options_apply_and_parameters_win(localoci, make_importer, bucket, object_storage, gpt_disk):
+    with open(gpt_disk, "rb") as f:
+        object_storage.put_object(localoci.namespace, bucket, "meta.raw", f,
+                                  opc_meta={"vpus": "30", "display_name": "from-metadata", "format": "raw"})
+    importer = make_importer()
+    version = version_of(importer, localoci, bucket, "meta.raw")
+    options = importer.options(version, ImportOptions(vpus=0))
+    assert (options.vpus, options.display_name, options.format) == (0, "from-metadata", "raw")
+    assert importer.inspect(version, options).format == "raw"
+    with pytest.raises(ImageRejected) as refused:
+        importer.inspect(version, ImportOptions(format="qcow2"))
+    assert refused.value.code == "claimed-format-mismatch"
