@@ -3,9 +3,9 @@ images, which import options an upload's ``opc-meta-*`` metadata (or a flow para
 may carry and their limits, the identity of one import (idempotency key and import id),
 the tags every resource an import creates carries, and the named refusals.
 
-Standard library only, and importing nothing else of the project: the function's build
-(``python -m function_trigger.build``) copies this file beside ``trigger.py``, so the
-function deploys without the rest of the repository and applies the flow's own rules.
+Standard library only, and importing nothing else of the project: the upload function's
+build step copies this file beside its ``trigger.py``, so the function deploys without the
+rest of the repository and applies the flow's own rules.
 """
 
 from __future__ import annotations
