@@ -339,7 +339,7 @@ class Importer:
         Its undo is registered as soon as the create returns; a volume whose wait fails is
         deleted at once (the next try creates another, with a new retry token).
         """
-        step = f"create-volume/{availability_domain}"
+        step = f"create-volume/{version.import_id}/{availability_domain}"
         tags = {**self.tags(version), contract.TAG_STATE: contract.STATE_WRITING}
         created = cloud.create_volume(self.clients, self.settings.compartment_id, availability_domain, size_gb,
                                       self.settings.vpus_during_import, name, tags, self.retry_token(step))
@@ -366,7 +366,7 @@ class Importer:
 
     def launch_worker(self, version: ObjectVersion, availability_domain: str) -> WorkerVM:
         """Launch a worker VM whose host key is this run's, wait until it runs, learn its address."""
-        step = f"launch-worker/{availability_domain}"
+        step = f"launch-worker/{version.import_id}/{availability_domain}"
         shape = self.shape
         instance = cloud.launch_worker(
             self.clients, compartment_id=shape.compartment_id, availability_domain=availability_domain,
@@ -414,7 +414,7 @@ class Importer:
                                      "domain", ad)
                     last_error = exc
                     if create is not None and create.exception() is None:
-                        self._discard_now(create.result().id, f"create-volume/{ad}")
+                        self._discard_now(create.result().id, f"create-volume/{version.import_id}/{ad}")
                     continue
                 volume = self.adopt_volume(reuse) if reuse else create.result()  # type: ignore[union-attr]
             found = self.found_volumes(version)

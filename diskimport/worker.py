@@ -9,6 +9,7 @@ shell string.
 from __future__ import annotations
 
 import shlex
+import threading
 import time
 from typing import Sequence
 
@@ -34,8 +35,15 @@ class WorkerSession:
         self._host_key = host_key
         self._connect_timeout = connect_timeout
         self._conn: fabric.Connection | None = None
+        # Several writes may share one session: commands open channels of their own, but the
+        # connection and its one SFTP channel are made and used one thread at a time.
+        self._lock = threading.RLock()
 
     def _connection(self) -> fabric.Connection:
+        with self._lock:
+            return self._connection_locked()
+
+    def _connection_locked(self) -> fabric.Connection:
         if self._conn is None:
             conn = fabric.Connection(
                 self.address, user=self.user, port=self.port, connect_timeout=self._connect_timeout,
@@ -84,13 +92,14 @@ class WorkerSession:
 
     def write_private_ranges(self, remote_path: str, pieces: Sequence[tuple[int, bytes]]) -> None:
         """Create a file only the worker user can read, holding ``pieces`` at their offsets."""
-        sftp = self._connection().sftp()
-        with sftp.open(remote_path, "w") as f:
-            f.chmod(0o600)
-            f.set_pipelined(True)
-            for offset, data in pieces:
-                f.seek(offset)
-                f.write(data)
+        with self._lock:
+            sftp = self._connection().sftp()
+            with sftp.open(remote_path, "w") as f:
+                f.chmod(0o600)
+                f.set_pipelined(True)
+                for offset, data in pieces:
+                    f.seek(offset)
+                    f.write(data)
 
     def close(self) -> None:
         if self._conn is not None:

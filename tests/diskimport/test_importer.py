@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -368,8 +369,10 @@ def test_each_request_refusal_has_its_code(case, localoci, make_importer, bucket
     assert str(refused.value).startswith(f"{case}: ")
 
 
-def test_metadata_options_apply_and_parameters_win(localoci, make_importer, bucket, object_storage, gpt_disk):
-    with open(gpt_disk, "rb") as f:
+def test_metadata_options_apply_and_parameters_win(localoci, make_importer, bucket, object_storage, tmp_path):
+    small = tmp_path / "meta.raw"
+    small.write_bytes(os.urandom(2 * 1024 * 1024))
+    with open(small, "rb") as f:
         object_storage.put_object(localoci.namespace, bucket, "meta.raw", f,
                                   opc_meta={"vpus": "30", "display_name": "from-metadata", "format": "raw"})
     importer = make_importer()
@@ -380,3 +383,36 @@ def test_metadata_options_apply_and_parameters_win(localoci, make_importer, buck
     with pytest.raises(ImageRejected) as refused:
         importer.inspect(version, ImportOptions(format="qcow2"))
     assert refused.value.code == "claimed-format-mismatch"
+
+
+# -- the unit a machine import repeats ----------------------------------------------------------
+
+def test_two_objects_are_written_at_once_onto_two_volumes_of_one_worker_vm(
+        localoci, make_importer, bucket, web01, object_storage, tmp_path, availability_domains):
+    second = tmp_path / "second.raw"
+    with open(second, "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+        f.seek(5 * 1024 * 1024)
+        f.write(os.urandom(3 * 1024 * 1024))
+    with open(second, "rb") as f:
+        object_storage.put_object(localoci.namespace, bucket, "team/data.raw", f)
+    importer = make_importer()
+    ad = availability_domains[0]
+    versions = [version_of(importer, localoci, bucket), version_of(importer, localoci, bucket, "team/data.raw")]
+    images = [importer.inspect(v, ImportOptions()) for v in versions]
+    with importer:
+        worker = importer.launch_worker(versions[0], ad)
+        volumes = [importer.create_volume(v, ad, 50, v.name.rsplit("/", 1)[-1]) for v in versions]
+        with importer.session(worker) as session:
+            importer.prepare_worker(session)
+            writes = [importer.volume_write(session, worker, volume, version, image)
+                      for volume, version, image in zip(volumes, versions, images)]
+            with ThreadPoolExecutor(2) as pool:
+                results = list(pool.map(lambda write: write.run(), writes))
+        assert {r.device for r, _ in results} == {w.device for w in writes} and len({w.device for w in writes}) == 2
+        importer.terminate_worker(worker)
+        assert volume_holds(localoci, volumes[0].id, web01[1])
+        assert volume_holds(localoci, volumes[1].id, second)
+        assert [a for a in localoci.inventory()["attachments"] if a["instanceId"] == worker.id] == []
+    importer.ledger.unwind()
+    assert all(live(localoci, "volumes", v) == [] for v in versions)
