@@ -22,7 +22,7 @@ from diskimport.filesystems import FilesystemCheck
 from diskimport.importer import CompetingImport, Importer, PreviousImports, VolumeWrite
 from diskimport.records import FinishedVolume, InspectedImage, ObjectVersion, Volume, WorkerVM
 from diskimport.worker import WorkerSession
-from flows.reporting import TransferProgress, publish_summary
+from flows.reporting import TransferProgress, publish_summary, refusal_reported
 from flows.runs import run_is_active, worker_slot
 from flows.sweep import sweep_run
 
@@ -135,29 +135,30 @@ def import_virtual_disk(
     backup_policy, vpus, format). ``etag`` pins the object version to import. A run that
     meets another run importing the same version waits for it and returns its volume.
     """
-    settings = ImportSettings.load(settings_block)
-    importer = Importer(OCICredentials.load(credentials_block).clients(), settings,
-                        WorkerShape.load(worker_block), run_id=str(current_flow_run.id or "local"),
-                        attempt=current_flow_run.run_count or 1, run_is_active=run_is_active,
-                        logger=get_run_logger())
-    version = read_object(importer, namespace, bucket, object_name, etag)
-    parameters = parse_options({"ad_number": ad_number, "display_name": display_name,
-                                "backup_policy": backup_policy, "vpus": vpus})
-    options = importer.options(version, parameters)
-    image = inspect_image(importer, version, options)
-    while True:
-        previous = find_previous_import(importer, version, force)
-        if previous.imported is not None:
-            get_run_logger().info("object version already imported as %s", previous.imported.id)
-            return importer.reused_summary(version, previous.imported)
-        try:
-            with worker_slot(settings.worker_concurrency_limit):
-                summary = _import(importer, version, image, options, previous)
-        except CompetingImport as exc:
-            get_run_logger().info("%s; waiting for it", exc)
-            continue
-        publish_summary(summary)
-        return summary
+    with refusal_reported(object_name):
+        settings = ImportSettings.load(settings_block)
+        importer = Importer(OCICredentials.load(credentials_block).clients(), settings,
+                            WorkerShape.load(worker_block), run_id=str(current_flow_run.id or "local"),
+                            attempt=current_flow_run.run_count or 1, run_is_active=run_is_active,
+                            logger=get_run_logger())
+        version = read_object(importer, namespace, bucket, object_name, etag)
+        parameters = parse_options({"ad_number": ad_number, "display_name": display_name,
+                                    "backup_policy": backup_policy, "vpus": vpus})
+        options = importer.options(version, parameters)
+        image = inspect_image(importer, version, options)
+        while True:
+            previous = find_previous_import(importer, version, force)
+            if previous.imported is not None:
+                get_run_logger().info("object version already imported as %s", previous.imported.id)
+                return importer.reused_summary(version, previous.imported)
+            try:
+                with worker_slot(settings.worker_concurrency_limit):
+                    summary = _import(importer, version, image, options, previous)
+            except CompetingImport as exc:
+                get_run_logger().info("%s; waiting for it", exc)
+                continue
+            publish_summary(summary)
+            return summary
 
 
 def _import(importer: Importer, version: ObjectVersion, image: InspectedImage, options: ImportOptions,

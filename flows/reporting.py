@@ -3,9 +3,11 @@ and a summary with a table of the time each step took."""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 from prefect import get_run_logger
+from diskimport.contract import Refusal
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
     update_progress_artifact
 
@@ -70,3 +72,14 @@ def publish_summary(summary: dict[str, Any]) -> None:
           f"{(c['detail'].splitlines() or [''])[-1][:120]} |" for c in summary["filesystems"]],
     ]
     create_markdown_artifact("\n".join(lines), key="import-summary", description="Import summary")
+
+
+@contextlib.contextmanager
+def refusal_reported(object_name: str) -> Iterator[None]:
+    """A refused import's summary: its code and reason, beside the run's failed state."""
+    try:
+        yield
+    except Refusal as exc:
+        create_markdown_artifact(f"# Refused `{object_name}`\n\ncode: `{exc.code}`\n\n{exc.message}\n",
+                                 key="import-refused", description=f"Import refused: {exc.code}")
+        raise

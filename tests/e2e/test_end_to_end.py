@@ -18,7 +18,8 @@ from typing import Any, Iterator
 import oci
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey, FlowRunFilter,
+                                           FlowRunFilterId, TaskRunFilter, TaskRunFilterName)
 
 from deployments import demo, local_stack
 from diskimport import naming
@@ -320,6 +321,10 @@ def test_hostile_upload_fails_its_run_with_its_code_and_creates_nothing(case, ho
     state = item["final"].state
     assert state.is_failed(), f"{case}: {state.name}"
     assert f"ImageRejected: {item['code']}: " in (state.message or ""), state.message
+    with local_stack.prefect_api(stack["PREFECT_API_URL"]), get_client(sync_client=True) as client:
+        summaries = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["import-refused"]), flow_run_id=ArtifactFilterFlowRunId(any_=[item["run"].id])))
+    assert [f"code: `{item['code']}`" in str(a.data) for a in summaries] == [True]
     ever = admin(stack, "GET", "inventory?all=true")
     assert not [r for kind in ("instances", "volumes") for r in ever[kind]
                 if r["freeformTags"].get("import-etag") == item["etag"]]
