@@ -41,6 +41,9 @@ class CommandRunner(Protocol):
     ) -> CommandResult:
         """Run ``argv``; ``on_output`` receives stdout piece by piece (split on CR and LF)."""
 
+    def read_bytes(self, argv: Sequence[str], *, timeout: float | None = None) -> bytes:
+        """Run ``argv`` and return its standard output as bytes; raise :class:`CommandFailed` on failure."""
+
 
 class LineSplitter:
     """Feeds text written in arbitrary pieces to a callback one line (CR or LF ended) at a time."""
@@ -90,6 +93,13 @@ class LocalRunner:
             errors.seek(0)
             stderr = errors.read().decode("utf-8", "replace")
         return CommandResult(argv, returncode, "".join(out), stderr)
+
+    def read_bytes(self, argv: Sequence[str], *, timeout: float | None = None) -> bytes:
+        argv = tuple(argv)
+        done = subprocess.run(argv, capture_output=True, timeout=timeout)
+        if done.returncode != 0:
+            raise CommandFailed(CommandResult(argv, done.returncode, "", done.stderr.decode("utf-8", "replace")))
+        return done.stdout
 
     def put_private_file(self, content: str | bytes, path: str) -> None:
         self.write_private_ranges(path, [(0, content.encode() if isinstance(content, str) else content)])

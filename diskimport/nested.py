@@ -8,20 +8,14 @@ with the same format inspector as the upload.
 
 from __future__ import annotations
 
-import base64
-
-from .commands import CommandFailed, CommandRunner
+from .commands import CommandRunner
 from .errors import ImageRejected
 from .inspection import inspect
 
 
 def _read(runner: CommandRunner, device: str, start: int, length: int) -> bytes:
-    argv = ["dd", f"if={device}", "iflag=skip_bytes,count_bytes", f"skip={start}", f"count={length}",
-            "bs=65536", "status=none"]
-    result = runner.run(["sh", "-c", '"$@" | base64 -w0', "sh", *argv])
-    if result.returncode != 0:
-        raise CommandFailed(result, f"reading {device} back")
-    return base64.b64decode(result.stdout.strip() or b"")
+    return runner.read_bytes(["dd", f"if={device}", "iflag=skip_bytes,count_bytes", f"skip={start}",
+                              f"count={length}", "bs=65536", "status=none"])
 
 
 def check_not_nested(runner: CommandRunner, device: str, size: int) -> None:
