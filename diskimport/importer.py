@@ -162,6 +162,7 @@ class Importer:
         self.host_key = SshKeyPair.generate()
         self.competing_poll_seconds = competing_poll_seconds
         self._generations: collections.Counter[str] = collections.Counter()
+        self._unwound = 0  # after an unwind, creates are new creates (new retry tokens)
         self._attach_lock = threading.Lock()
         self.steps: dict[str, float] = {}
         self._yielding = False
@@ -171,7 +172,7 @@ class Importer:
 
     def retry_token(self, step: str) -> str:
         """The ``opc-retry-token`` of one create: the same for retries of that create, new after its undo."""
-        scope = f"{self.run_id}/{self.attempt}/{step}/{self._generations[step]}"
+        scope = f"{self.run_id}/{self.attempt}/{self._unwound}/{step}/{self._generations[step]}"
         return hashlib.sha256(scope.encode()).hexdigest()
 
     def _undone(self, step: str) -> None:
@@ -190,9 +191,11 @@ class Importer:
             self._yielding = True  # not a failed import: nothing is kept for inspection
             self.ledger.unwind()
             self._yielding = False
+            self._unwound += 1
         elif exc is not None:
             self.log.warning("import failed (%s); removing what it created", exc)
             self.ledger.unwind()
+            self._unwound += 1
 
     # -- before anything is created ------------------------------------------------------
 
