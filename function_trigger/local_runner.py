@@ -70,7 +70,10 @@ def start_fdk(function_dir: Path, socket_dir: Path, config: Mapping[str, str] | 
     function_dir = Path(function_dir).resolve()
     socket_dir.mkdir(parents=True, exist_ok=True)
     socket = socket_dir / "lsnr.sock"
-    socket.unlink(missing_ok=True)
+    # The FDK binds "phony" + the socket's name, then links the socket to it; a process that
+    # was killed leaves both behind, and a phony one left makes the next bind fail.
+    for stale in (socket, socket_dir / f"phony{socket.name}"):
+        stale.unlink(missing_ok=True)
     command, env = function_process(function_dir, socket_dir, os.environ if config is None else config)
     env.update({"FN_FORMAT": "http-stream", "FN_LISTENER": f"unix:{socket}", "FN_APP_NAME": "local",
                 "FN_FN_NAME": "import-trigger"})

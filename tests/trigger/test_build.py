@@ -125,3 +125,17 @@ def test_the_built_function_answers_events_on_its_own(standalone, prefect_api, l
 
     logged = {line["object"].rsplit("/", 1)[-1]: line for line in log_lines(log)}
     assert logged[bad]["code"] == "invalid-ad-number" and logged[good]["flow_run_id"] == run["id"]
+
+
+def test_the_function_starts_again_where_a_killed_one_left_its_sockets(function_dir, config, tmp_path):
+    sockets = tmp_path / "fn"
+    first, _ = local_runner.start_fdk(function_dir, sockets, config, subprocess.DEVNULL)
+    first.kill()
+    first.wait(timeout=10)
+    assert list(sockets.glob("*.sock"))  # what a killed FDK leaves
+    again, socket = local_runner.start_fdk(function_dir, sockets, config, subprocess.DEVNULL)
+    try:
+        assert socket.exists() and again.poll() is None
+    finally:
+        again.terminate()
+        again.wait(timeout=10)
