@@ -4,15 +4,25 @@ holds while its worker VM exists."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import random
+import threading
+import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from typing import Iterator
 
+import httpx
+
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import StateType
-from prefect.concurrency.sync import concurrency
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder, StateType
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.runtime import flow_run
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
 WORKER_LIMIT = "oci-disk-import-workers"
+log = logging.getLogger(__name__)
+HEDGE_SECONDS = 0.3
 ACTIVE = {StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING}
 
 
@@ -40,8 +50,79 @@ def _ensure_worker_limit(limit: int) -> None:
 
 
 @contextlib.contextmanager
-def worker_slot(limit: int) -> Iterator[None]:
-    """Hold one of ``limit`` worker VM slots: a burst of uploads queues instead of hitting service limits."""
+def worker_slot(limit: int, lease_seconds: float = 300.0) -> Iterator[None]:
+    """Hold one of ``limit`` worker VM slots: a burst of uploads queues instead of hitting service limits.
+
+    The slot is a lease on the global concurrency limit, renewed while the run holds it, so
+    a run whose process is killed gives its slot back when the lease runs out.
+    """
     _ensure_worker_limit(limit)
-    with concurrency(WORKER_LIMIT, occupy=1, strict=True, timeout_seconds=None):
+    holder = ConcurrencyLeaseHolder(type="flow_run", id=flow_run.id) if flow_run.id else None
+    lease_id = _take_lease(holder, lease_seconds)
+    released = threading.Event()
+    renewal = threading.Thread(target=_renew_lease, args=(lease_id, lease_seconds, released), daemon=True,
+                               name="worker-slot-lease")
+    renewal.start()
+    try:
         yield
+    finally:
+        released.set()
+        _release_lease(lease_id)
+
+
+def _take_lease(holder: ConcurrencyLeaseHolder | None, lease_seconds: float) -> uuid.UUID:
+    """A lease on one slot. A SQLite-backed server sometimes sits on a request for about two
+    seconds when another write holds the database, then answers 503, where the same request
+    sent again passes at once; so a request unanswered after ``HEDGE_SECONDS`` gets a twin,
+    the first lease granted is kept and the other one is given back."""
+    pool = ThreadPoolExecutor(2, thread_name_prefix="worker-slot")
+    requests = [pool.submit(_increment, holder, lease_seconds)]
+    if not wait(requests, timeout=HEDGE_SECONDS).done:
+        requests.append(pool.submit(_increment, holder, lease_seconds))
+    pool.shutdown(wait=False)
+    failures: list[BaseException] = []
+    for request in as_completed(requests):
+        if request.exception() is None:
+            for other in requests:
+                if other is not request:
+                    other.add_done_callback(_give_back)
+            return request.result()
+        failures.append(request.exception())  # type: ignore[arg-type]
+    raise failures[0]
+
+
+def _increment(holder: ConcurrencyLeaseHolder | None, lease_seconds: float) -> uuid.UUID:
+    while True:
+        # The client's own retries would wait seconds after a 503; a 503 here is retried at once.
+        with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}), get_client(sync_client=True) as client:
+            try:
+                reply = client.increment_concurrency_slots_with_lease(
+                    names=[WORKER_LIMIT], slots=1, mode="concurrency", lease_duration=lease_seconds, holder=holder)
+                return uuid.UUID(reply.json()["lease_id"])
+            except httpx.HTTPStatusError as exc:
+                status = exc.response.status_code
+                if status == 423:  # every slot is taken: wait as long as the server says
+                    time.sleep(float(exc.response.headers.get("Retry-After", 1.0)))
+                elif status == 503:
+                    time.sleep(random.uniform(0.02, 0.2))
+                else:
+                    raise
+
+
+def _give_back(request: Future[uuid.UUID]) -> None:
+    if request.exception() is None:
+        _release_lease(request.result())
+
+
+def _release_lease(lease_id: uuid.UUID) -> None:
+    with get_client(sync_client=True) as client:
+        client.release_concurrency_slots_with_lease(lease_id)
+
+
+def _renew_lease(lease_id: uuid.UUID, lease_seconds: float, released: threading.Event) -> None:
+    while not released.wait(lease_seconds / 4):
+        try:
+            with get_client(sync_client=True) as client:
+                client.renew_concurrency_lease(lease_id, lease_seconds)
+        except Exception as exc:  # the next renewal may pass; the lease outlives three misses
+            log.warning("could not renew the worker VM slot's lease %s: %s", lease_id, exc)

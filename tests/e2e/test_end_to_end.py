@@ -23,6 +23,7 @@ from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRu
 
 from deployments import demo, local_stack
 from diskimport import naming
+from flows.runs import WORKER_LIMIT
 from diskimport.keys import SshKeyPair, cloud_init_host_keys
 from tests.diskimport import test_hostile_images as hostile
 from tests.e2e.conftest import MANUAL_BUCKET, Disk, admin, image_of, live_inventory, run_import
@@ -80,11 +81,13 @@ def test_image_imports_and_volume_holds_the_source_disk(case: str, imports: dict
     assert checks == {"ext4": "clean", "xfs": "clean", "vfat": "clean"}
 
 
-def test_no_worker_attachment_or_par_is_left(imports: dict[str, Any], stack) -> None:
+def test_no_worker_attachment_par_or_worker_slot_is_left(imports: dict[str, Any], stack) -> None:
     inventory = live_inventory(stack)
     assert inventory["instances"] == []
     assert inventory["attachments"] == []
     assert inventory["pars"] == []
+    with local_stack.prefect_api(stack["PREFECT_API_URL"]), get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(WORKER_LIMIT).active_slots == 0
 
 
 def test_reimport_of_same_etag_returns_existing_volume(imports: dict[str, Any], stack) -> None:
