@@ -44,6 +44,7 @@ T = TypeVar("T")
 
 PAR_LIFETIME = dt.timedelta(hours=2)
 COMPETING_POLL_SECONDS = 2.0
+COMPETING_WAIT_SECONDS = 24 * 3600.0  # how long a run waits for another run of the same version
 
 
 class ImportSettingsLike(Protocol):
@@ -149,7 +150,8 @@ class Importer:
     def __init__(self, clients: cloud.Clients, settings: ImportSettingsLike, shape: WorkerShapeLike, *,
                  run_id: str, attempt: int = 1, run_is_active: Callable[[str], bool] = lambda run: False,
                  logger: logging.Logger | logging.LoggerAdapter | None = None,
-                 competing_poll_seconds: float = COMPETING_POLL_SECONDS) -> None:
+                 competing_poll_seconds: float = COMPETING_POLL_SECONDS,
+                 competing_wait_seconds: float = COMPETING_WAIT_SECONDS) -> None:
         self.clients = clients
         self.settings = settings
         self.shape = shape
@@ -161,6 +163,7 @@ class Importer:
         self.client_key = SshKeyPair.generate()
         self.host_key = SshKeyPair.generate()
         self.competing_poll_seconds = competing_poll_seconds
+        self.competing_wait_seconds = competing_wait_seconds
         self._generations: collections.Counter[str] = collections.Counter()
         self._unwound = 0  # after an unwind, creates are new creates (new retry tokens)
         self._attach_lock = threading.Lock()
@@ -285,12 +288,17 @@ class Importer:
         Returns the imported volume to reuse (none with ``force``) and volumes left half
         written by runs that are gone, which this run resumes.
         """
+        deadline = time.monotonic() + self.competing_wait_seconds
         while True:
             found = self.found_volumes(version)
             imported = next((v for v in found if v.state == contract.STATE_IMPORTED), None)
             competitor = self._competitor(found)
             if competitor is None or (imported is not None and not force):
                 break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"flow run {competitor.flow_run} has been importing this object version "
+                                   f"(volume {competitor.id}) for longer than {self.competing_wait_seconds:.0f}s "
+                                   "that this run waits; retry this run once it has ended")
             self.log.info("flow run %s is importing this object version (volume %s); waiting for it",
                           competitor.flow_run, competitor.id)
             time.sleep(self.competing_poll_seconds)

@@ -303,6 +303,21 @@ def test_a_run_meeting_a_live_run_of_the_same_version_waits_and_returns_its_volu
     blockstorage.delete_volume(theirs.id)
 
 
+def test_a_run_waits_for_another_run_only_so_long(localoci, make_importer, bucket, web01, blockstorage,
+                                                   compartment_id, availability_domains, active_runs):
+    importer = make_importer()
+    importer.competing_wait_seconds = 0.3
+    version = version_of(importer, localoci, bucket)
+    other = str(uuid.uuid4())
+    active_runs.add(other)
+    theirs = tagged_volume(blockstorage, compartment_id, availability_domains[0], version, contract.STATE_WRITING,
+                           other)
+    with pytest.raises(TimeoutError, match=f"flow run {other} has been importing"):
+        importer.previous_imports(version)
+    assert not is_deterministic(TimeoutError())  # a retry of the run may find the other one done
+    blockstorage.delete_volume(theirs.id)
+
+
 def test_of_two_runs_that_created_volumes_at_once_the_later_yields(localoci, make_importer, bucket, web01,
                                                                     blockstorage, compartment_id,
                                                                     availability_domains, active_runs):
