@@ -14,7 +14,9 @@ Codes, by where they arise (oslo.utils' safety check names pass through unchange
   ``invalid-format``, ``unknown-backup-policy``, ``invalid-setting``;
 - image header: ``empty``, ``multiple-formats``, ``incomplete-header``,
   ``unsupported-format``, ``unreadable-header``, ``claimed-format-mismatch``,
-  ``zero-virtual-size``, ``too-large``;
+  ``zero-virtual-size``, ``too-large``; a VHD's footer (:mod:`diskimport.inspection`):
+  ``vhd-footer-checksum``, ``vhd-not-fixed``, ``vhd-differencing``, ``vhd-size-mismatch``,
+  and ``nested-image`` for a fixed VHD whose data is itself an image;
 - on the worker VM: ``qemu-cannot-read``, ``qemu-disagrees``, ``qemu-check-failed``,
   ``nested-image``, ``filesystem-errors``.
 """

@@ -150,6 +150,92 @@ def luks(tmp: Path) -> tuple[Path, str | None]:
     return path, None
 
 
+# -- VHDs: a fixed VHD is found by the footer in its last 512 bytes ---------------------------
+
+def vhd_checksum(footer: bytes) -> int:
+    """One's complement of the byte sum of the footer with its checksum field zero."""
+    return ~sum(footer[:64] + bytes(4) + footer[68:]) & 0xFFFFFFFF
+
+
+def rewrite_vhd_footer(path: Path, offset: int | None = None, *, creator: bytes | None = None,
+                       disk_type: int | None = None, current_size: int | None = None,
+                       geometry: tuple[int, int, int] | None = None, data_offset: int | None = None) -> Path:
+    """Change fields of the VHD footer at ``offset`` (the last 512 bytes by default), checksum recomputed."""
+    with open(path, "r+b") as f:
+        f.seek(offset if offset is not None else f.seek(0, 2) - 512)
+        start = f.tell()
+        footer = bytearray(f.read(512))
+        if data_offset is not None:
+            footer[16:24] = struct.pack(">Q", data_offset)
+        if creator is not None:
+            footer[28:32] = creator
+        if current_size is not None:
+            footer[48:56] = struct.pack(">Q", current_size)
+        if geometry is not None:
+            footer[56:60] = struct.pack(">HBB", *geometry)
+        if disk_type is not None:
+            footer[60:64] = struct.pack(">I", disk_type)
+        footer[64:68] = struct.pack(">I", vhd_checksum(bytes(footer)))
+        f.seek(start)
+        f.write(footer)
+    return path
+
+
+def fixed_vhd(tmp: Path, size: str = "8M", name: str = "image.vhd") -> Path:
+    path = tmp / name
+    qemu_img("create", "-f", "vpc", "-o", "subformat=fixed", str(path), size)
+    return path
+
+
+def fixed_vhd_of(tmp: Path, source: Path, fmt: str = "raw") -> Path:
+    """A fixed VHD made by qemu-img whose data is ``source`` read as ``fmt``."""
+    path = tmp / "image.vhd"
+    qemu_img("convert", "-f", fmt, "-O", "vpc", "-o", "subformat=fixed", str(source), str(path))
+    return path
+
+
+def fixed_vhd_wrong_checksum(tmp: Path) -> tuple[Path, str | None]:
+    path = fixed_vhd(tmp)
+    uuid_byte = path.stat().st_size - 512 + 68
+    with open(path, "rb") as f:
+        f.seek(uuid_byte)
+        flipped = f.read(1)[0] ^ 0xFF
+    return patch(path, uuid_byte, bytes([flipped])), None  # the stored checksum no longer matches
+
+
+def fixed_vhd_larger_than_the_object(tmp: Path) -> tuple[Path, str | None]:
+    path = fixed_vhd(tmp)
+    return rewrite_vhd_footer(path, current_size=path.stat().st_size - 512 + 1024 * 1024), None
+
+
+def dynamic_vhd_footer_without_its_header(tmp: Path) -> tuple[Path, str | None]:
+    path = tmp / "image.vhd"
+    qemu_img("create", "-f", "vpc", "-o", "subformat=dynamic", str(path), "8M")
+    return patch(path, 0, bytes(512)), None  # the footer's copy at the start is gone; its end stays
+
+
+def differencing_vhd(tmp: Path) -> tuple[Path, str | None]:
+    path = tmp / "image.vhd"
+    qemu_img("create", "-f", "vpc", "-o", "subformat=dynamic", str(path), "8M")
+    return rewrite_vhd_footer(rewrite_vhd_footer(path, 0, disk_type=4), disk_type=4), None
+
+
+def differencing_vhd_footer_only(tmp: Path) -> tuple[Path, str | None]:
+    return rewrite_vhd_footer(fixed_vhd(tmp), disk_type=4), None
+
+
+def fixed_vhd_holding_a_qcow2(tmp: Path) -> tuple[Path, str | None]:
+    return fixed_vhd_of(tmp, qcow2(tmp)), None  # the VHD's data is the qcow2 file's bytes
+
+
+def fixed_vhd_holding_a_bad_gpt(tmp: Path) -> tuple[Path, str | None]:
+    return fixed_vhd_of(tmp, gpt_overlapping_mbr(tmp)[0]), "vpc"
+
+
+def fixed_vhd_named_raw(tmp: Path) -> tuple[Path, str | None]:
+    return fixed_vhd(tmp, name="image.raw"), "raw"
+
+
 # Each hostile image and the code it is refused with.
 CORPUS: dict[str, tuple[Callable[[Path], tuple[Path, str | None]], str]] = {
     "qcow2-backing-file": (backing_file, "backing_file"),
@@ -171,6 +257,14 @@ CORPUS: dict[str, tuple[Callable[[Path], tuple[Path, str | None]], str]] = {
     "qcow2-and-vdi-in-one-file": (qcow2_and_vdi_at_once, "multiple-formats"),
     "gpt-with-extra-mbr-partition": (gpt_overlapping_mbr, "mbr"),
     "luks-container": (luks, "encrypted"),
+    "fixed-vhd-footer-checksum-wrong": (fixed_vhd_wrong_checksum, "vhd-footer-checksum"),
+    "fixed-vhd-footer-larger-than-the-object": (fixed_vhd_larger_than_the_object, "vhd-size-mismatch"),
+    "dynamic-vhd-footer-without-its-header": (dynamic_vhd_footer_without_its_header, "vhd-not-fixed"),
+    "differencing-vhd": (differencing_vhd, "vhd-differencing"),
+    "differencing-vhd-footer-only": (differencing_vhd_footer_only, "vhd-differencing"),
+    "fixed-vhd-holding-a-qcow2": (fixed_vhd_holding_a_qcow2, "nested-image"),
+    "fixed-vhd-holding-a-gpt-with-extra-mbr-partition": (fixed_vhd_holding_a_bad_gpt, "mbr"),
+    "fixed-vhd-uploaded-as-raw": (fixed_vhd_named_raw, "claimed-format-mismatch"),
 }
 
 

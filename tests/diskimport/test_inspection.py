@@ -22,7 +22,7 @@ def inspect_file(path: Path, claimed: str | None = None, max_virtual: int = 32 *
 @pytest.mark.parametrize("fmt,options,expected", [
     ("qcow2", None, "qcow2"), ("vmdk", "subformat=monolithicSparse", "vmdk"),
     ("vmdk", "subformat=streamOptimized", "vmdk"), ("vhdx", None, "vhdx"), ("vpc", None, "vpc"),
-    ("vdi", None, "vdi"),
+    ("vpc", "subformat=fixed", "vpc"), ("vdi", None, "vdi"),
 ])
 def test_each_format_is_detected_with_its_virtual_size(gpt_disk, tmp_path, fmt, options, expected):
     image = tmp_path / f"d.{fmt}"
