@@ -245,7 +245,7 @@ class Importer:
 
         found = inspection.inspect(read_range, version.size, claimed, self.settings.max_virtual_size_bytes)
         _keep_header(version.key, pieces)
-        return InspectedImage(found.format, found.virtual_size, found.detected_as)
+        return InspectedImage(found.format, found.virtual_size, found.detected_as, found.driver)
 
     def header_pieces(self, version: ObjectVersion) -> list[tuple[int, bytes]]:
         """The bytes the inspection read, or (in a new process) the same ranges read again."""
@@ -594,10 +594,11 @@ class VolumeWrite:
                                               chunk_bytes=settings.transfer_chunk_mib * 1024 * 1024),
                     on_event=progress.event if progress else None)
             with _phase(phases, "second-opinion"):
-                info = transfer.second_opinion(qemu, stream.nbd_url, self.image.format, self.image.virtual_size)
+                info = transfer.second_opinion(qemu, stream.nbd_url, self.image.format, self.image.virtual_size,
+                                               self.image.driver)
             with _phase(phases, "attach"):
                 device = self.attach()
-            writer = slices.SliceWriter(session, qemu, self.image.format, info.virtual_size, stream.socket,
+            writer = slices.SliceWriter(session, qemu, self.image.qemu_driver, info.virtual_size, stream.socket,
                                         stream.path, device, target_is_zero=self.volume.fresh,
                                         on_progress=progress.written if progress else None,
                                         direct_io=not slices.compressed_grains(self.image.format, info),

@@ -100,6 +100,12 @@ class QemuImg:
         result = self._run(argv, "qemu-img info")
         return ImageInfo.from_json(json.loads(result.stdout))
 
+    def info_node(self, node: str) -> ImageInfo:
+        """``qemu-img info`` of an ``--image-opts`` node (a window of an image, a driver's options)."""
+        argv = [*self.limits.prefix(), self.binary, "info", "--output=json", "--image-opts", node]
+        result = self._run(argv, "qemu-img info")
+        return ImageInfo.from_json(json.loads(result.stdout))
+
     def check(self, path: str, fmt: str) -> CheckResult:
         """Exit codes: 0 clean, 2 corrupted, 3 leaked clusters only, 63 format cannot be checked."""
         argv = [*self.limits.prefix(), self.binary, "check", "-f", _require_format(fmt), "--output=json", path]

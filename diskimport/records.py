@@ -36,11 +36,22 @@ class ObjectVersion:
 
 @dataclass(frozen=True)
 class InspectedImage:
-    """What the header inspection learned: the qemu-img format and the virtual size."""
+    """What the header inspection learned: the qemu-img format and the virtual size.
+
+    ``driver`` names the qemu driver that reads the disk when it is not ``format``'s own: a
+    fixed VHD (``format`` vpc) is read as ``raw``, its disk being the object's first
+    ``virtual_size`` bytes (:mod:`diskimport.inspection` says why).
+    """
 
     format: str          # qemu-img format name
     virtual_size: int    # bytes
-    detected_as: str     # format_inspector's name (e.g. "gpt" for a raw disk with a GPT)
+    detected_as: str     # format_inspector's name (e.g. "gpt" for a raw disk with a GPT), or "vhd-fixed"
+    driver: str | None = None
+
+    @property
+    def qemu_driver(self) -> str:
+        """The driver qemu-img writes the disk through."""
+        return self.driver or self.format
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import threading
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from .commands import CommandFailed, CommandResult, CommandRunner
 from .errors import ImageRejected
-from .qemu_img import CHECKABLE_FORMATS, ImageInfo, QemuImg
+from .qemu_img import CHECKABLE_FORMATS, ImageInfo, QemuImg, image_opts
+from .slices import format_node, nbd_protocol
 
 
 STREAMER = Path(__file__).with_name("streamer.py")
@@ -190,8 +192,17 @@ def start_stream(runner: CommandRunner, files: WorkerFiles, url: str, etag: str,
     return stream
 
 
-def second_opinion(qemu: QemuImg, path: str, fmt: str, expected_virtual_size: int) -> ImageInfo:
-    """``qemu-img info`` and ``check`` on the worker, under resource limits; refuse disagreements."""
+def second_opinion(qemu: QemuImg, path: str, fmt: str, expected_virtual_size: int,
+                   driver: str | None = None) -> ImageInfo:
+    """``qemu-img info`` and ``check`` on the worker, under resource limits; refuse disagreements.
+
+    ``driver`` is the one the disk is written through when it is not ``fmt``'s own
+    (``InspectedImage.driver``): a fixed VHD's, ``raw``, gets :func:`fixed_vhd_opinion`.
+    """
+    if driver is not None and driver != fmt:
+        if (fmt, driver) != ("vpc", "raw"):
+            raise ValueError(f"no second opinion for {fmt} read as {driver}")
+        return fixed_vhd_opinion(qemu, path, expected_virtual_size)
     try:
         info = qemu.info(path, fmt)
     except CommandFailed as exc:
@@ -215,3 +226,40 @@ def second_opinion(qemu: QemuImg, path: str, fmt: str, expected_virtual_size: in
 def remove_staging(runner: CommandRunner, directory: str) -> None:
     if directory.startswith(STAGING_PREFIXES) and "/../" not in directory:
         runner.run(["rm", "-rf", "--one-file-system", directory])
+
+
+# qemu's vpc driver opens no VHD above 0xff000000 sectors (2040 GiB; "File too large").
+QEMU_VPC_MAX_BYTES = 0xFF000000 * 512
+
+
+def fixed_vhd_opinion(qemu: QemuImg, path: str, data_size: int) -> ImageInfo:
+    """qemu-img's reading of a fixed VHD whose first ``data_size`` bytes are the disk.
+
+    The window the write reads (raw, bytes [0, data_size)) must open, which qemu refuses
+    when it reaches past the object's end; and qemu's ``vpc`` driver, told to size by the
+    footer's current size rather than the geometry, must find a fixed VHD of that size
+    (above its 2040 GiB limit that reading is skipped). Returns the window's info.
+    """
+    protocol = _protocol(path)
+    vpc = image_opts(driver="vpc", force_size_calc="current_size", **{f"file.{k}": v for k, v in protocol.items()})
+    try:
+        window = qemu.info_node(format_node("raw", 0, data_size, **protocol))
+        footer = qemu.info_node(vpc) if data_size <= QEMU_VPC_MAX_BYTES else None
+    except CommandFailed as exc:
+        raise ImageRejected("qemu-cannot-read", f"qemu-img cannot read the image as a fixed VHD of {data_size} bytes: "
+                            f"{exc}") from None
+    if footer is not None and (footer.format, footer.virtual_size) != ("vpc", data_size):
+        raise ImageRejected("qemu-disagrees", f"qemu-img reads the VHD footer as {footer.format} of "
+                            f"{footer.virtual_size} bytes, the header inspection as a fixed VHD of {data_size}")
+    if window.virtual_size != data_size:
+        raise ImageRejected("qemu-disagrees", f"qemu-img reads {window.virtual_size} bytes of disk, the header "
+                            f"{data_size}")
+    return window
+
+
+def _protocol(path: str) -> dict[str, str]:
+    """``--image-opts`` protocol options for ``path``: a file, or the streamer's ``nbd+unix://`` URL."""
+    url = urllib.parse.urlsplit(path)
+    if url.scheme == "nbd+unix":
+        return nbd_protocol(urllib.parse.parse_qs(url.query)["socket"][0])
+    return {"filename": path}
