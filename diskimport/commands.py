@@ -45,6 +45,12 @@ class CommandRunner(Protocol):
         """Run ``argv`` and return its standard output as bytes; raise :class:`CommandFailed` on failure."""
 
 
+def read_range(runner: CommandRunner, device: str, start: int, length: int) -> bytes:
+    """``length`` bytes of ``device`` from byte ``start`` (fewer where the device ends), read with dd."""
+    return runner.read_bytes(["dd", f"if={device}", "iflag=skip_bytes,count_bytes", f"skip={start}",
+                              f"count={length}", "bs=65536", "status=none"])
+
+
 class LineSplitter:
     """Feeds text written in arbitrary pieces to a callback one line (CR or LF ended) at a time."""
 

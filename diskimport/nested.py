@@ -8,23 +8,18 @@ with the same format inspector as the upload.
 
 from __future__ import annotations
 
-from .commands import CommandRunner
+from .commands import CommandRunner, read_range
 from .errors import ImageRejected
 from .inspection import inspect
 
 
-def _read(runner: CommandRunner, device: str, start: int, length: int) -> bytes:
-    return runner.read_bytes(["dd", f"if={device}", "iflag=skip_bytes,count_bytes", f"skip={start}",
-                              f"count={length}", "bs=65536", "status=none"])
-
-
 def check_not_nested(runner: CommandRunner, device: str, size: int) -> None:
     """Refuse a written device whose content is itself an image container (e.g. qcow2 in raw)."""
-    def read_range(start: int, end: int) -> bytes:
-        return _read(runner, device, start, end - start + 1)
+    def read_inclusive(start: int, end: int) -> bytes:
+        return read_range(runner, device, start, end - start + 1)
 
     try:
-        found = inspect(read_range, size, None, max_virtual_size=2**63)
+        found = inspect(read_inclusive, size, None, max_virtual_size=2**63)
     except ImageRejected as exc:
         raise ImageRejected("nested-image", f"the written disk is not a plain disk: {exc}") from None
     if found.format != "raw":
