@@ -18,7 +18,7 @@ Codes, by where they arise (oslo.utils' safety check names pass through unchange
   ``vhd-footer-checksum``, ``vhd-not-fixed``, ``vhd-differencing``, ``vhd-size-mismatch``,
   and ``nested-image`` for a fixed VHD whose data is itself an image;
 - on the worker VM: ``qemu-cannot-read``, ``qemu-disagrees``, ``qemu-check-failed``,
-  ``nested-image``, ``filesystem-errors``.
+  ``nested-image``, ``filesystem-errors``, ``unchecked-filesystems``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ class ImageRejected(Refusal):
 
 
 class FilesystemErrors(Refusal):
-    """A read-only check found errors in a filesystem of the written disk."""
+    """A read-only check found errors in a filesystem of the written disk (``filesystem-errors``),
+    or could not check something on it while ``unchecked_filesystems`` is ``"fail"``
+    (``unchecked-filesystems``)."""
 
 
 class OutOfCapacity(Exception):
