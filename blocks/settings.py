@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from prefect.blocks.core import Block
 from pydantic import Field, field_validator
 
@@ -52,6 +54,11 @@ class ImportSettings(Block):
                                       "connection; a worker's network about 125 MB/s per OCPU).")
     transfer_chunk_mib: int = Field(default=8, ge=1, le=1024, description="Size of each ranged GET, and the "
                                     "unit a failed read is retried and resumed in.")
+
+    unchecked_filesystems: Literal["allow", "fail"] = Field(
+        default="allow", description="What an import does when the disk holds something the read-only checks "
+        "cannot check (an encrypted volume, an unknown filesystem, an LVM volume that needs device-mapper): "
+        "'allow' reports it in the summary, 'fail' fails the import naming it.")
 
     _check_during = field_validator("vpus_during_import")(classmethod(lambda cls, v: _vpus(v)))
     _check_after = field_validator("vpus_after_import")(classmethod(lambda cls, v: _vpus(v)))

@@ -60,6 +60,7 @@ class ImportSettingsLike(Protocol):
     keep_failed_volume: bool
     transfer_connections: int
     transfer_chunk_mib: int
+    unchecked_filesystems: str  # "allow" or "fail"
 
 
 class WorkerShapeLike(Protocol):
@@ -646,10 +647,7 @@ class VolumeWrite:
             finally:
                 results = checked.result()
                 not_nested.result()
-        failed = [r for r in results if r.failed]
-        if failed:
-            detail = "\n".join(f"partition {r.partition} ({r.filesystem}): {r.detail}" for r in failed)
-            raise FilesystemErrors("filesystem-errors", f"filesystem check failed:\n{detail}")
+        filesystems.refuse(results, self.importer.settings.unchecked_filesystems)
         return results
 
     @step("detach")
