@@ -19,23 +19,39 @@ from .slices import format_node, nbd_protocol
 STREAMER = Path(__file__).with_name("streamer.py")
 
 
+# Installs what ensure_tools misses with the worker's package manager. The tools every import
+# needs must install; the checkers of NTFS and btrfs are tried one package at a time (on Oracle
+# Linux ntfsprogs is in EPEL, btrfs-progs in the UEK repositories, which a worker may lack), and
+# a filesystem whose checker is missing is then reported "not checked".
+_INSTALL_SCRIPT = r"""
+if command -v dnf >/dev/null; then pm="dnf -y -q"; elif command -v yum >/dev/null; then pm="yum -y -q"; else pm=; fi
+if [ -n "$pm" ]; then
+  $pm install qemu-img python3 e2fsprogs xfsprogs dosfstools util-linux || exit $?
+  for p in ntfsprogs btrfs-progs; do
+    $pm install "$p" || $pm --enablerepo='*EPEL*' install "$p" || echo "could not install $p" >&2
+  done
+else
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get -qq update && apt-get -qq install -y qemu-utils python3 e2fsprogs xfsprogs dosfstools fdisk util-linux \
+    || exit $?
+  for p in ntfs-3g btrfs-progs; do apt-get -qq install -y "$p" || echo "could not install $p" >&2; done
+fi
+"""
+
+
 def ensure_tools(runner: CommandRunner) -> str:
     """Make sure qemu-img and the filesystem checkers are on the worker; return qemu-img's version.
 
     Installs them with the worker's package manager when missing (dnf/yum on Oracle Linux,
-    apt-get on Debian/Ubuntu).
+    apt-get on Debian/Ubuntu): the NTFS checker (``ntfsfix``: ntfsprogs on dnf/yum, ntfs-3g on
+    apt) and btrfs's (btrfs-progs) when the worker's repositories have them.
     """
-    needed = ["qemu-img", "python3", "e2fsck", "xfs_repair", "fsck.vfat", "sfdisk", "blkid", "losetup", "prlimit"]
+    needed = ["qemu-img", "python3", "e2fsck", "xfs_repair", "fsck.vfat", "ntfsfix", "btrfs", "sfdisk", "blkid",
+              "losetup", "prlimit"]
     probe = runner.run(["sh", "-c", 'for t in "$@"; do command -v "$t" >/dev/null || echo "$t"; done', "sh", *needed])
     missing = probe.stdout.split()
     if missing:
-        install = ["sh", "-c",
-                   "if command -v dnf >/dev/null; then dnf -y -q install qemu-img python3 e2fsprogs xfsprogs "
-                   "dosfstools util-linux; elif command -v yum >/dev/null; then yum -y -q install qemu-img python3 e2fsprogs "
-                   "xfsprogs dosfstools util-linux; else DEBIAN_FRONTEND=noninteractive apt-get -qq update && "
-                   "DEBIAN_FRONTEND=noninteractive apt-get -qq install -y qemu-utils python3 e2fsprogs xfsprogs "
-                   "dosfstools fdisk util-linux; fi"]
-        result = runner.run(install, timeout=900)
+        result = runner.run(["sh", "-c", _INSTALL_SCRIPT], timeout=900)
         if result.returncode != 0:
             raise CommandFailed(result, f"installing {' '.join(missing)} on the worker")
     return QemuImg(runner).version()
