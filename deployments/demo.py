@@ -123,7 +123,7 @@ def main() -> int:
     print(f"volume       {summary['volume_id']} ({summary['volume_size_gb']} GB, {summary['availability_domain']})")
     print(f"format       {summary['format']}, {summary['virtual_size']:,} bytes virtual")
     for check in summary["filesystems"]:
-        print(f"partition {check['partition']}  {check['filesystem']}: {check['status']}")
+        print(f"filesystem   {check['location']} ({check['filesystem'] or 'unknown'}): {check['status']}")
     print("steps        " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["steps"].items()))
     print(f"verified     {'yes' if same else 'NO'}: {detail}")
     print(f"workers left {len(live['instances'])}")

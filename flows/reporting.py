@@ -67,11 +67,24 @@ def publish_summary(summary: dict[str, Any]) -> None:
         "",
         "## Filesystems",
         "",
-        "| partition | filesystem | result | detail |", "|---|---|---|---|",
-        *[f"| {c['partition']} | {c['filesystem'] or '-'} | {c['status']} | "
-          f"{(c['detail'].splitlines() or [''])[-1][:120]} |" for c in summary["filesystems"]],
+        "| location | type | label | size | result | detail |", "|---|---|---|---|---|---|",
+        *[f"| `{c['location']}` | {c['filesystem'] or '-'} | {_cell(c.get('label') or '')} | {_size(c['size'])} | "
+          f"{c['status']} | {_cell(' / '.join(c['detail'].splitlines()[-2:]))} |" for c in summary["filesystems"]],
     ]
     create_markdown_artifact("\n".join(lines), key="import-summary", description="Import summary")
+
+
+def _cell(text: str, limit: int = 200) -> str:
+    """Text that stays in one markdown table cell."""
+    text = text.replace("|", "\\|").strip()
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _size(size: int) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}".replace(".0 ", " ")
+    return f"{size} B"
 
 
 @contextlib.contextmanager
