@@ -38,6 +38,7 @@ CASES = {
     "vmdk-streamoptimized-gpt": ("vmdk", "subformat=streamOptimized", "gpt"),
     "vhdx-dos": ("vhdx", None, "dos"),
     "vpc-gpt": ("vpc", None, "gpt"),
+    "vpc-fixed-dos": ("vpc", "subformat=fixed", "dos"),  # Azure's VHD: the disk, then a footer
     "vdi-dos": ("vdi", None, "dos"),
     "raw-gpt": ("raw", None, "gpt"),
 }
