@@ -10,6 +10,7 @@ rest of the repository and applies the flow's own rules.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass
@@ -22,8 +23,41 @@ FORMAT_NAMES = {
     "qcow2": "qcow2", "qcow": "qcow2", "vmdk": "vmdk", "vhd": "vpc", "vpc": "vpc",
     "vhdx": "vhdx", "vdi": "vdi", "raw": "raw", "img": "raw",
 }
-# Object names ending in one of these (case-insensitive) are disk images.
-IMAGE_SUFFIXES = tuple(f".{suffix}" for suffix in FORMAT_NAMES)
+# Compressions an image name may end with (``disk.raw.gz``) -> container kind.
+COMPRESSIONS = {"gz": "gzip", "xz": "xz", "zst": "zstd", "bz2": "bzip2"}
+# Archives holding exactly one disk image -> container kind.
+PACKED = {".tar.gz": "tar.gz", ".tgz": "tar.gz", ".tar": "tar"}
+CONTAINERS = ("gzip", "xz", "zstd", "bzip2", "tar", "tar.gz")
+# Object names ending in one of these (case-insensitive) are disk images: an image name, an
+# image name compressed (``web.img.xz``), or a tar holding one image.
+IMAGE_SUFFIXES = (tuple(f".{suffix}" for suffix in FORMAT_NAMES)
+                  + tuple(f".{suffix}.{ext}" for ext in COMPRESSIONS for suffix in FORMAT_NAMES)
+                  + tuple(PACKED))
+# The largest block volume OCI makes (32 TiB): no virtual size may exceed it.
+MAX_VOLUME_BYTES = 32 * 1024 ** 4
+
+
+def split_name(object_name: str) -> tuple[str | None, str | None]:
+    """(inner format claim, container) of an object name, e.g. ``("raw", "gzip")`` for
+    ``disk.raw.gz``, ``(None, "tar")`` for ``vm.tar``, ``("qcow2", None)`` for ``a.qcow2``.
+
+    The claim is a qemu-img format name (``None`` when the name does not tell); the container
+    one of :data:`CONTAINERS` (``None`` for a plain image). A compression suffix after a name
+    that is not an image's (``notes.txt.gz``) is no container of ours: ``(None, None)``.
+    """
+    lower = object_name.lower().rsplit("/", 1)[-1]
+    for suffix, container in PACKED.items():
+        if lower.endswith(suffix):
+            return None, container
+    stem, dot, ext = lower.rpartition(".")
+    if not dot:
+        return None, None
+    if ext in COMPRESSIONS:
+        inner_stem, inner_dot, inner = stem.rpartition(".")
+        if inner_dot and inner in FORMAT_NAMES:
+            return FORMAT_NAMES[inner], COMPRESSIONS[ext]
+        return None, None
+    return FORMAT_NAMES.get(ext), None
 
 # -- refusals -------------------------------------------------------------------------------
 
@@ -67,7 +101,7 @@ class InvalidRequest(Refusal, ValueError):
 # -- import options -------------------------------------------------------------------------
 
 VPU_LEVELS = (0, 10, 20, *range(30, 121, 10))
-OPTION_KEYS = ("ad_number", "display_name", "backup_policy", "vpus", "format")
+OPTION_KEYS = ("ad_number", "display_name", "backup_policy", "vpus", "format", "virtual_size")
 
 
 @dataclass(frozen=True)
@@ -77,9 +111,10 @@ class ImportOptions:
     backup_policy: str | None = None
     vpus: int | None = None
     format: str | None = None
+    virtual_size: int | None = None  # bytes: the inner disk's size, for a compressed raw dump
 
     def as_parameters(self) -> dict[str, Any]:
-        """The flow parameters these options set (``format`` travels as metadata only)."""
+        """The flow parameters these options set (``format`` and ``virtual_size`` travel as metadata only)."""
         values = {"ad_number": self.ad_number, "display_name": self.display_name,
                   "backup_policy": self.backup_policy, "vpus": self.vpus}
         return {k: v for k, v in values.items() if v is not None}
@@ -91,8 +126,14 @@ def _whole_number(code: str, name: str, value: Any) -> int:
     return int(value)
 
 
-def parse_options(values: Mapping[str, Any], ad_count: int | None = None) -> ImportOptions:
-    """Validate import options given as flow parameters or as object metadata."""
+def parse_options(values: Mapping[str, Any], ad_count: int | None = None,
+                  max_virtual_size: int = MAX_VOLUME_BYTES) -> ImportOptions:
+    """Validate import options given as flow parameters or as object metadata.
+
+    Metadata keys come without their ``opc-meta-`` prefix, with ``-`` or ``_``
+    (``opc-meta-virtual-size`` is ``virtual-size``).
+    """
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
     ad_number = values.get("ad_number")
     if ad_number in (None, ""):
         ad_number = None
@@ -121,14 +162,21 @@ def parse_options(values: Mapping[str, Any], ad_count: int | None = None) -> Imp
     if fmt is not None and str(fmt).lower() not in FORMAT_NAMES:
         raise InvalidRequest("invalid-format",
                              f"format must be one of {', '.join(sorted(FORMAT_NAMES))}, not {fmt!r}")
-    return ImportOptions(ad_number, display_name, backup_policy, vpus, fmt)
+    virtual_size = values.get("virtual_size")
+    if virtual_size in (None, ""):
+        virtual_size = None
+    else:
+        virtual_size = _whole_number("invalid-virtual-size", "virtual_size", virtual_size)
+        if not 0 < virtual_size <= max_virtual_size:
+            raise InvalidRequest("invalid-virtual-size", f"virtual_size must be 1 to {max_virtual_size} bytes, "
+                                 f"not {virtual_size}")
+    return ImportOptions(ad_number, display_name, backup_policy, vpus, fmt, virtual_size)
 
 
 def merge(parameters: ImportOptions, metadata: ImportOptions) -> ImportOptions:
     """Flow parameters win over object metadata."""
     return ImportOptions(*(p if p is not None else m for p, m in zip(
-        (parameters.ad_number, parameters.display_name, parameters.backup_policy, parameters.vpus, parameters.format),
-        (metadata.ad_number, metadata.display_name, metadata.backup_policy, metadata.vpus, metadata.format))))
+        dataclasses.astuple(parameters), dataclasses.astuple(metadata))))
 
 
 # -- identity of an import ------------------------------------------------------------------

@@ -7,8 +7,8 @@ import pickle
 
 import pytest
 
-from diskimport.contract import (IMAGE_SUFFIXES, ImportOptions, InvalidRequest, Refusal, idempotency_key, merge,
-                                 parse_options)
+from diskimport.contract import (IMAGE_SUFFIXES, MAX_VOLUME_BYTES, ImportOptions, InvalidRequest, Refusal,
+                                 idempotency_key, merge, parse_options, split_name)
 from diskimport.naming import import_id, volume_display_name
 
 
@@ -61,8 +61,41 @@ def test_import_id_hashes_the_idempotency_key_the_function_uses():
     assert import_id("ns", "b", "disk.qcow2", "etag-1") == "b33730285bf87d9126559453125d5dbb"  # as before the move
 
 
-def test_image_suffixes_are_the_format_names():
-    assert IMAGE_SUFFIXES == (".qcow2", ".qcow", ".vmdk", ".vhd", ".vpc", ".vhdx", ".vdi", ".raw", ".img")
+def test_image_suffixes_are_the_format_names_plain_compressed_and_packed():
+    assert IMAGE_SUFFIXES[:9] == (".qcow2", ".qcow", ".vmdk", ".vhd", ".vpc", ".vhdx", ".vdi", ".raw", ".img")
+    for name in ("disk.raw.gz", "web.img.xz", "db.qcow2.zst", "old.vmdk.bz2", "vm.tar", "vm.tar.gz", "vm.tgz"):
+        assert name.endswith(IMAGE_SUFFIXES), name
+    for name in ("notes.txt.gz", "backup.gz", "disk.raw.lz4", "archive.zip"):
+        assert not name.endswith(IMAGE_SUFFIXES), name
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("disk.raw.gz", ("raw", "gzip")),
+    ("web.img.xz", ("raw", "xz")),
+    ("DB.QCOW2.ZST", ("qcow2", "zstd")),
+    ("dir.d/old.vhd.bz2", ("vpc", "bzip2")),
+    ("vm.tar", (None, "tar")),
+    ("vm.tar.gz", (None, "tar.gz")),
+    ("vm.tgz", (None, "tar.gz")),
+    ("disk.qcow2", ("qcow2", None)),
+    ("notes.txt.gz", (None, None)),
+    ("noextension", (None, None)),
+])
+def test_a_name_splits_into_the_inner_format_claim_and_the_container(name, expected):
+    assert split_name(name) == expected
+
+
+def test_virtual_size_is_whole_positive_bytes_within_the_maximum():
+    assert parse_options({"virtual-size": "8589934592"}).virtual_size == 8 * 1024 ** 3
+    assert parse_options({"virtual_size": 512}, max_virtual_size=512).virtual_size == 512
+    for bad in ("0", "-1", "1.5", "8G", str(MAX_VOLUME_BYTES + 1)):
+        with pytest.raises(InvalidRequest) as refused:
+            parse_options({"virtual-size": bad})
+        assert refused.value.code == "invalid-virtual-size" and "virtual_size" in refused.value.message
+    with pytest.raises(InvalidRequest, match="1 to 1024 bytes"):
+        parse_options({"virtual-size": "2048"}, max_virtual_size=1024)
+    assert merge(ImportOptions(virtual_size=None), ImportOptions(virtual_size=4096)).virtual_size == 4096
+    assert "virtual_size" not in ImportOptions(vpus=10, virtual_size=4096).as_parameters()
 
 
 def test_volume_name_template():

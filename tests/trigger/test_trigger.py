@@ -71,6 +71,22 @@ def test_events_not_for_the_importer_start_nothing(config, prefect_api, localoci
     assert runs_for(prefect_api, {name}) == []
 
 
+@pytest.mark.parametrize("suffix", [".raw.gz", ".img.xz", ".qcow2.zst", ".tar", ".TGZ"])
+def test_compressed_and_packed_images_start_a_run(config, prefect_api, localoci, object_storage, bucket, suffix):
+    name = f"{uuid.uuid4().hex}{suffix}"
+    etag = put(object_storage, localoci, bucket, name, {"virtual-size": "8589934592"})
+    decision = invoke(config, event(localoci.namespace, bucket, name, etag))
+    assert decision.decision == "started", decision
+    [run] = runs_for(prefect_api, {name})
+    assert "virtual_size" not in run["parameters"]  # it travels as the object's metadata
+
+
+def test_a_compressed_file_that_is_no_image_starts_nothing(config, prefect_api, localoci, object_storage, bucket):
+    name = f"{uuid.uuid4().hex}.txt.gz"
+    decision = invoke(config, event(localoci.namespace, bucket, name, put(object_storage, localoci, bucket, name)))
+    assert decision.decision == "ignored" and decision.code == "not-an-image"
+
+
 @pytest.mark.parametrize("raw,expected", [
     (b"{not json", "not valid JSON"),
     (b"[1, 2]", "not a JSON object"),
@@ -92,6 +108,7 @@ def test_malformed_events_are_refused_with_a_reason(config, prefect_api, localoc
     ({"ad_number": "one"}, "invalid-ad-number"),
     ({"vpus": "25"}, "invalid-vpus"),
     ({"format": "iso"}, "invalid-format"),
+    ({"virtual-size": "0"}, "invalid-virtual-size"),
 ])
 def test_bad_metadata_is_refused_and_starts_nothing(config, prefect_api, localoci, object_storage, bucket,
                                                     metadata, expected):
