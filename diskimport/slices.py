@@ -218,7 +218,7 @@ class SliceWriter:
         verifier = ThreadPoolExecutor(max_workers=VERIFIERS, thread_name_prefix="verify-slice")
         checks: list[tuple[tuple[int, int], Future[str | None]]] = []
         try:
-            verifier.submit(self.plan_zeros)  # the map runs while the first slice converts
+            zeros = verifier.submit(self.plan_zeros)  # the map runs while the first slice converts
             count = len(self.slices)
             for index, (offset, length) in enumerate(self.slices):
                 def progress(percent: float, index: int = index) -> None:
@@ -231,6 +231,7 @@ class SliceWriter:
                 failed = [f for _, f in checks if f.done() and f.exception() is not None]
                 if failed:
                     raise failed[0].exception()  # type: ignore[misc]
+            zeros.result()  # the map reads over NBD, which ends once the download completes
             completed = wait_complete()
             differing = [(window, f.result()) for window, f in checks]
         finally:
