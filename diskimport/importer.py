@@ -31,7 +31,7 @@ import oci
 
 from . import cloud, contract, filesystems, inspection, iscsi, naming, nested, slices, transfer
 from .contract import ImportOptions
-from .errors import FilesystemErrors, InvalidRequest, OutOfCapacity
+from .errors import InvalidRequest, OutOfCapacity
 from .keys import SshKeyPair, cloud_init_host_keys
 from .ledger import Ledger, Undo
 from .qemu_img import QemuImg
