@@ -11,13 +11,17 @@ Codes, by where they arise (oslo.utils' safety check names pass through unchange
 
 - request: ``object-not-found``, ``object-changed``, ``invalid-ad-number``,
   ``invalid-vpus``, ``invalid-display-name``, ``invalid-backup-policy``,
-  ``invalid-format``, ``unknown-backup-policy``, ``invalid-setting``;
+  ``invalid-format``, ``invalid-virtual-size``, ``unknown-backup-policy``, ``invalid-setting``;
 - image header: ``empty``, ``multiple-formats``, ``incomplete-header``,
   ``unsupported-format``, ``unreadable-header``, ``claimed-format-mismatch``,
   ``zero-virtual-size``, ``too-large``; a VHD's footer (:mod:`diskimport.inspection`):
   ``vhd-footer-checksum``, ``vhd-not-fixed``, ``vhd-differencing``, ``vhd-size-mismatch``,
-  and ``nested-image`` for a fixed VHD whose data is itself an image;
-- on the worker VM: ``qemu-cannot-read``, ``qemu-disagrees``, ``qemu-check-failed``,
+  and ``nested-image`` for a fixed VHD whose data is itself an image; a compressed or
+  packed upload (:mod:`diskimport.packed`): ``decompression-failed``,
+  ``decompression-bomb``, ``virtual-size-unknown``, ``virtual-size-mismatch``,
+  ``tar-not-one-image``;
+- on the worker VM: ``decompression-failed`` and ``decompression-bomb`` (the data runs
+  past its size, or ends short), ``qemu-cannot-read``, ``qemu-disagrees``, ``qemu-check-failed``,
   ``nested-image``, ``filesystem-errors``, ``unchecked-filesystems``.
 """
 

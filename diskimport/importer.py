@@ -29,7 +29,7 @@ from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 import oci
 
-from . import cloud, contract, filesystems, inspection, iscsi, naming, nested, slices, transfer
+from . import cloud, contract, filesystems, inspection, iscsi, naming, nested, packed, slices, transfer
 from .contract import ImportOptions
 from .errors import InvalidRequest, OutOfCapacity
 from .keys import SshKeyPair, cloud_init_host_keys
@@ -235,7 +235,6 @@ class Importer:
     @step("inspect-header")
     def inspect(self, version: ObjectVersion, options: ImportOptions) -> InspectedImage:
         """Learn format and virtual size from the object's head and tail; refuse dangerous images."""
-        claimed = inspection.claimed_format(version.name, options.format)
         pieces: list[tuple[int, bytes]] = []
 
         def read_range(start: int, end: int) -> bytes:
@@ -244,9 +243,13 @@ class Importer:
             pieces.append((start, reply.data.content))
             return pieces[-1][1]
 
-        found = inspection.inspect(read_range, version.size, claimed, self.settings.max_virtual_size_bytes)
+        found, inner = packed.inspect_object(read_range, version.size, version.name, options.format,
+                                             options.virtual_size, self.settings.max_virtual_size_bytes)
         _keep_header(version.key, pieces)
-        return InspectedImage(found.format, found.virtual_size, found.detected_as, found.driver)
+        if inner is None:
+            return InspectedImage(found.format, found.virtual_size, found.detected_as, found.driver)
+        return InspectedImage(found.format, found.virtual_size, found.detected_as, found.driver, inner.container,
+                              inner.inner_offset, inner.inner_size)
 
     def header_pieces(self, version: ObjectVersion) -> list[tuple[int, bytes]]:
         """The bytes the inspection read, or (in a new process) the same ranges read again."""

@@ -41,12 +41,19 @@ class InspectedImage:
     ``driver`` names the qemu driver that reads the disk when it is not ``format``'s own: a
     fixed VHD (``format`` vpc) is read as ``raw``, its disk being the object's first
     ``virtual_size`` bytes (:mod:`diskimport.inspection` says why).
+
+    A compressed or packed upload (:mod:`diskimport.packed`) names its ``container``; the
+    image inside is ``inner_size`` bytes starting at ``inner_offset`` (of the object for a
+    tar, of the decompressed data for a tar.gz), and ``format``/``virtual_size`` are its own.
     """
 
     format: str          # qemu-img format name
     virtual_size: int    # bytes
     detected_as: str     # format_inspector's name (e.g. "gpt" for a raw disk with a GPT), or "vhd-fixed"
     driver: str | None = None
+    container: str | None = None   # contract.CONTAINERS, or None for a plain image
+    inner_offset: int = 0
+    inner_size: int | None = None
 
     @property
     def qemu_driver(self) -> str:
