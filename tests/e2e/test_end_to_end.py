@@ -7,13 +7,14 @@ injection is global to the stack), while the other modules run in parallel.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import oci
 import pytest
@@ -25,6 +26,7 @@ from deployments import demo, local_stack
 from diskimport import naming
 from flows.runs import WORKER_LIMIT
 from diskimport.keys import SshKeyPair, cloud_init_host_keys
+from tests import guest_disks
 from tests.diskimport import test_hostile_images as hostile
 from tests.e2e.conftest import MANUAL_BUCKET, Disk, admin, image_of, live_inventory, run_import
 
@@ -389,3 +391,67 @@ def test_a_run_started_by_hand_beside_the_upload_run_waits_and_returns_its_volum
     assert resources_of(stack, etag)["instances"] == []
     names = {final.name for final in finals}
     assert names == {f"{object_name.rsplit('/', 1)[-1]}@{etag.strip(chr(34))[:8]}"}, names
+
+
+# -- Disks laid out like real guests go end to end in several formats: the good ones bit-exact
+# with every place reported as the check of the disk alone reports it, the damaged ones
+# failing with the place named and nothing left behind.
+
+GUESTS: dict[str, tuple[Callable[[Path], guest_disks.GuestDisk], str, str | None]] = {
+    "oracle-linux-qcow2": (guest_disks.oracle_linux, "qcow2", None),
+    "oracle-linux-fixed-vhd": (guest_disks.oracle_linux, "vpc", "subformat=fixed"),
+    "windows-vhdx": (guest_disks.windows, "vhdx", None),
+    "windows-stream-vmdk": (guest_disks.windows, "vmdk", "subformat=streamOptimized"),
+    "btrfs-root-vdi": (guest_disks.btrfs_root, "vdi", None),
+    "whole-device-ext4-raw": (guest_disks.whole_device_ext4, "raw", None),
+    "mbr-logical-qcow2": (guest_disks.mbr_logical, "qcow2", None),
+}
+DAMAGED: dict[str, tuple[Callable[[Path], guest_disks.GuestDisk], str, str | None, str]] = {
+    "oracle-linux-damaged-root-qcow2": (functools.partial(guest_disks.oracle_linux, damaged_root="agf"), "qcow2",
+                                        None, "p3:ocivolume/root (xfs)"),
+    "windows-damaged-ntfs-fixed-vhd": (functools.partial(guest_disks.windows, damaged_partition=2), "vpc",
+                                       "subformat=fixed", "p2 (ntfs)"),
+}
+
+
+@pytest.fixture(scope="module")
+def guest_imports(stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Build each layout once, convert it, start every import at once, then wait for all."""
+    tmp = tmp_path_factory.mktemp("guests")
+    built: dict[Any, guest_disks.GuestDisk] = {}
+    started = {}
+    for case, (build, fmt, options, *_) in {**GUESTS, **DAMAGED}.items():
+        if build not in built:
+            built[build] = build(tmp / f"{case}.disk")
+        disk = built[build]
+        image = image_of(Disk(disk.path, "guest"), fmt, tmp / f"{case}.{SUFFIX[fmt]}", options)
+        etag, run = run_import(stack, image, f"guests/{case}.{SUFFIX[fmt]}")
+        started[case] = {"disk": disk, "etag": etag, "run": run}
+    for item in started.values():
+        item["final"] = demo.wait_for_run(stack, item["run"].id, timeout=900)
+    return started
+
+
+@pytest.mark.parametrize("case", list(GUESTS))
+def test_a_guest_disk_imports_bit_exact_with_every_place_checked(case, guest_imports, stack):
+    item = guest_imports[case]
+    final = item["final"]
+    assert final.state.is_completed(), f"{case}: {final.state.message}"
+    summary = demo.run_result(stack, final)
+    volume = next(v for v in live_inventory(stack)["volumes"] if v["id"] == summary["volume_id"])
+    compared = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(item["disk"].path),
+                               volume["backingFile"]], capture_output=True, text=True)
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    reported = {c["location"]: (c["filesystem"], c["status"]) for c in summary["filesystems"]}
+    expected = {e.location: (e.filesystem, e.status) for e in item["disk"].expected}
+    assert {k: reported.get(k) for k in expected} == expected, summary["filesystems"]
+
+
+@pytest.mark.parametrize("case", list(DAMAGED))
+def test_a_damaged_guest_disk_fails_naming_the_place_and_leaves_nothing(case, guest_imports, stack):
+    item = guest_imports[case]
+    state = item["final"].state
+    assert state.is_failed(), f"{case}: {state.name}"
+    assert "FilesystemErrors: filesystem-errors: " in (state.message or ""), state.message
+    assert DAMAGED[case][3] in (state.message or ""), state.message
+    assert resources_of(stack, item["etag"]) == {"instances": [], "volumes": []}
