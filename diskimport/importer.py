@@ -583,7 +583,12 @@ class VolumeWrite:
         qemu = QemuImg(session)
         phases: dict[str, float] = {}
         stream: transfer.ObjectStream | None = None
-        staging = transfer.make_staging_dir(session, version.import_id, version.size)
+        image = self.image
+        inner = (transfer.Inner(image.container, image.inner_offset, image.inner_size)
+                 if image.container and image.inner_size is not None else None)
+        image_bytes = inner.size if inner is not None else version.size
+        kept_bytes = image_bytes + (version.size if inner is not None and inner.container != "tar" else 0)
+        staging = transfer.make_staging_dir(session, version.import_id, kept_bytes)
         par_id, access_uri = cloud.read_only_par(self.clients, version.namespace, version.bucket, version.name,
                                                  PAR_LIFETIME, importer.par_name(version))
         par = importer.ledger.register("PAR", par_id, lambda: cloud.delete_par(
@@ -596,7 +601,7 @@ class VolumeWrite:
                     session, session, url, version.etag, version.size, staging, importer.header_pieces(version),
                     transfer.TransferSettings(connections=settings.transfer_connections,
                                               chunk_bytes=settings.transfer_chunk_mib * 1024 * 1024),
-                    on_event=progress.event if progress else None)
+                    on_event=progress.event if progress else None, inner=inner)
             with _phase(phases, "second-opinion"):
                 info = transfer.second_opinion(qemu, stream.nbd_url, self.image.format, self.image.virtual_size,
                                                self.image.driver)
@@ -606,7 +611,7 @@ class VolumeWrite:
                                         stream.path, device, target_is_zero=self.volume.fresh,
                                         on_progress=progress.written if progress else None,
                                         direct_io=not slices.compressed_grains(self.image.format, info),
-                                        image_bytes=version.size)
+                                        image_bytes=image_bytes)
             with _phase(phases, "write-and-verify"):
                 fetched = writer.write(stream.finish)
             stream = None

@@ -25,9 +25,24 @@ holds the PAR URL (a bearer secret) and is readable by the worker user alone:
     chunk_bytes  the unit of download and of scheduling
     bind         "ssh" (the address this SSH session arrived on), an address, or null
 
+    base         (a tar's member) the object offset of ``path``'s byte 0: only the object's
+                 bytes [base, base + size) are fetched, and ``present`` is given in ``path``'s
+                 offsets
+    container    (compressed uploads) "gzip", "xz", "zstd", "bzip2" or "tar.gz": the object
+                 (``object_size`` bytes) is fetched into ``object_path`` and decompressed in
+                 order as it arrives, by the worker's ``gzip``/``xz``/``zstd``/``bzip2 -dc``
+                 (a process of its own, so it runs beside the fetching); its output from byte
+                 ``skip`` (a tar.gz's member) fills ``path``, whose ``size`` is the image's
+                 length. ``present`` is then given in the object's offsets.
+
 Every transient failure (a 429 or 5xx reply, a reset connection, a short body) is retried
 with backoff, and a retried chunk resumes from its last written byte. A 412 (the object
 changed) or 404 (the PAR is gone) ends the transfer. Progress goes to stdout as JSON lines.
+
+A decompression that yields more than ``size`` bytes (a bomb, or a wrong size record) ends
+the transfer with code ``decompression-bomb``; one that fails or ends short with
+``decompression-failed``; a tar.gz with more than zeros after its member with
+``tar-not-one-image``. The ``failed`` event carries the code; NBD reads then get EIO.
 """
 
 import bisect
@@ -40,6 +55,7 @@ import signal
 import socket
 import ssl
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -66,6 +82,16 @@ MAX_READ = 32 * 1024 * 1024
 
 class TransferFailed(Exception):
     """The object cannot be fetched (changed, gone, or failing beyond the retry budget)."""
+
+    code = None
+
+
+class Refused(TransferFailed):
+    """The object's data is not what the inspection said (a ``code`` the importer refuses with)."""
+
+    def __init__(self, code, message):
+        TransferFailed.__init__(self, message)
+        self.code = code
 
 
 def emit(event, **fields):
@@ -184,6 +210,7 @@ class Fetcher(object):
     def __init__(self, config, download, fd):
         self.url = urlsplit(config["url"])
         self.etag = config.get("etag")
+        self.base = int(config.get("base", 0))
         self.download = download
         self.fd = fd
         self.bind = config.get("bind_address")
@@ -252,7 +279,7 @@ class Fetcher(object):
         if self.conn is None:
             self.conn = self._connect()
         path = self.url.path + ("?" + self.url.query if self.url.query else "")
-        headers = {"Range": "bytes=%d-%d" % (chunk.pos, chunk.hi - 1)}
+        headers = {"Range": "bytes=%d-%d" % (self.base + chunk.pos, self.base + chunk.hi - 1)}
         if self.etag:
             headers["If-Match"] = self.etag
         self.conn.request("GET", path, headers=headers)
@@ -280,6 +307,137 @@ class Fetcher(object):
 
 class _Retryable(Exception):
     pass
+
+
+DECOMPRESSORS = {"gzip": ["gzip", "-dc"], "tar.gz": ["gzip", "-dc"], "xz": ["xz", "-dc"],
+                 "zstd": ["zstd", "-dcq"], "bzip2": ["bzip2", "-dc"]}
+TAR_TRAILER_MAX = 1024 * 1024  # a tar.gz's end-of-archive blocks and record padding
+
+
+class Inflow(object):
+    """The object's bytes decompressed in order as they arrive: ``path`` fills from its start.
+
+    Readers wait (:meth:`wait_for`) for the decompressed bytes as they wait for fetched ones
+    in a plain transfer; a failure of the fetch or of the decompression reaches them.
+    """
+
+    def __init__(self, config, download, object_fd, fd):
+        self.container = config["container"]
+        self.size = int(config["size"])
+        self.skip = int(config.get("skip", 0))
+        self.object_size = int(config["object_size"])
+        self.download, self.object_fd, self.fd = download, object_fd, fd
+        self.cond = threading.Condition()
+        self.produced = 0      # bytes of ``path`` written
+        self.done = False
+        self.error = None
+        self.process = None
+
+    def start(self):
+        self.process = subprocess.Popen(DECOMPRESSORS[self.container], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+        threading.Thread(target=self._feed, daemon=True).start()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def fail(self, error):
+        with self.cond:
+            if self.error is None:
+                self.error = error
+            self.cond.notify_all()
+        self.download.fail(error)
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+
+    def _feed(self):
+        """The object's bytes, in order, into the decompressor as they arrive."""
+        pos = 0
+        try:
+            while pos < self.object_size and self.error is None:
+                end = min(self.object_size, pos + PIECE)
+                self.download.wait_for(pos, end)
+                data = os.pread(self.object_fd, end - pos, pos)
+                self.process.stdin.write(data)
+                pos += len(data)
+        except TransferFailed as exc:
+            self.fail(exc)
+        except (OSError, ValueError):
+            pass  # the decompressor stopped reading: _drain reports why
+        finally:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
+
+    def _drain(self):
+        """The decompressor's output into ``path``; the checks on its length."""
+        buf = bytearray(PIECE)
+        view = memoryview(buf)
+        total = 0  # decompressed bytes, counting the skipped ones
+        limit = self.skip + self.size
+        try:
+            while True:
+                n = self.process.stdout.readinto(buf)
+                if not n:
+                    break
+                start, end = total, total + n
+                total = end
+                lo, hi = max(start, self.skip), min(end, limit)
+                if hi > lo:
+                    data = view[lo - start:hi - start]
+                    written = 0
+                    while written < len(data):
+                        written += os.pwrite(self.fd, data[written:], lo - self.skip + written)
+                    with self.cond:
+                        self.produced = hi - self.skip
+                        self.cond.notify_all()
+                if end > limit:
+                    extra = view[max(0, limit - start):n]
+                    if self.container != "tar.gz":
+                        raise Refused("decompression-bomb", "the data decompresses to more than the %d bytes "
+                                      "its size says (set opc-meta-virtual-size if the size record is wrong)"
+                                      % self.size)
+                    if any(extra.tobytes()) or total - limit > TAR_TRAILER_MAX:
+                        raise Refused("tar-not-one-image", "the tar holds more after its disk image")
+            code = self.process.wait()
+            if code != 0 and self.error is None:
+                message = self.process.stderr.read(2000).decode("utf-8", "replace").strip()
+                raise Refused("decompression-failed", "%s failed (exit %d): %s"
+                              % (DECOMPRESSORS[self.container][0], code, message))
+            if self.error is None and total < limit:
+                raise Refused("decompression-failed", "the data decompresses to %d bytes, %d expected"
+                              % (total - self.skip, self.size))
+        except TransferFailed as exc:
+            self.fail(exc)
+            return
+        except Exception as exc:  # a bug must not leave readers waiting forever
+            self.fail(TransferFailed("decompressing failed: %r" % (exc,)))
+            return
+        with self.cond:
+            if self.error is not None:  # the fetch failed and the decompressor was stopped
+                return
+            self.done = True
+            self.cond.notify_all()
+
+    def wait_for(self, start, end):
+        with self.cond:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                if self.produced >= end or self.done:
+                    return
+                self.cond.wait(1.0)
+
+    def wait_complete(self, timeout):
+        with self.cond:
+            if not self.done and self.error is None:
+                self.cond.wait(timeout)
+            if self.error is not None:
+                raise self.error
+            return self.done
+
+    @property
+    def fetched(self):
+        return self.download.fetched
 
 
 def _recv_exact(sock, n):
@@ -401,17 +559,26 @@ def main(argv):
     size, path = int(config["size"]), config["path"]
     bind = config.get("bind")
     config["bind_address"] = ssh_server_address() if bind == "ssh" else bind
-    download = Download(size, config.get("present", []), int(config.get("chunk_bytes", 8 * PIECE)))
+    compressed = config.get("container") in DECOMPRESSORS
+    fetch_size = int(config["object_size"]) if compressed else size
+    download = Download(fetch_size, config.get("present", []), int(config.get("chunk_bytes", 8 * PIECE)))
 
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     os.ftruncate(fd, size)
+    source = download  # what readers and the end of the transfer wait for
+    fetch_fd = fd
+    if compressed:
+        fetch_fd = os.open(config["object_path"], os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(fetch_fd, fetch_size)
+        source = Inflow(config, download, fetch_fd, fd)
+        source.start()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(config["socket"])
     listener.listen(16)
-    threading.Thread(target=NbdExport(path, size, download).serve, args=(listener,), daemon=True).start()
+    threading.Thread(target=NbdExport(path, size, source).serve, args=(listener,), daemon=True).start()
 
     started = time.monotonic()
-    fetchers = [threading.Thread(target=Fetcher(config, download, fd).run, daemon=True)
+    fetchers = [threading.Thread(target=Fetcher(config, download, fetch_fd).run, daemon=True)
                 for _ in range(max(1, int(config.get("connections", 4))))]
     for thread in fetchers:
         thread.start()
@@ -439,7 +606,7 @@ def main(argv):
     interval = float(config.get("progress_seconds", 2.0))
     last = time.monotonic()
     try:
-        while not download.wait_complete(0.1):
+        while not source.wait_complete(0.1):
             if orphaned():
                 return 4
             if stop_requested(config["stop_file"]) == "abort":
@@ -449,7 +616,7 @@ def main(argv):
                 last = time.monotonic()
                 emit("progress", fetched=download.fetched, size=size)
     except TransferFailed as exc:
-        emit("failed", error=str(exc), fetched=download.fetched)
+        emit("failed", error=str(exc), fetched=download.fetched, code=exc.code)
         sys.stderr.write("transfer failed: %s\n" % exc)
         return 1
     emit("fetched", fetched=download.fetched, size=size, seconds=round(time.monotonic() - started, 3))

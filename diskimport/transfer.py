@@ -26,13 +26,14 @@ STREAMER = Path(__file__).with_name("streamer.py")
 _INSTALL_SCRIPT = r"""
 if command -v dnf >/dev/null; then pm="dnf -y -q"; elif command -v yum >/dev/null; then pm="yum -y -q"; else pm=; fi
 if [ -n "$pm" ]; then
-  $pm install qemu-img python3 e2fsprogs xfsprogs dosfstools util-linux || exit $?
+  $pm install qemu-img python3 e2fsprogs xfsprogs dosfstools util-linux gzip xz zstd bzip2 || exit $?
   for p in ntfsprogs btrfs-progs; do
     $pm install "$p" || $pm --enablerepo='*EPEL*' install "$p" || echo "could not install $p" >&2
   done
 else
   export DEBIAN_FRONTEND=noninteractive
   apt-get -qq update && apt-get -qq install -y qemu-utils python3 e2fsprogs xfsprogs dosfstools fdisk util-linux \
+    gzip xz-utils zstd bzip2 \
     || exit $?
   for p in ntfs-3g btrfs-progs; do apt-get -qq install -y "$p" || echo "could not install $p" >&2; done
 fi
@@ -47,7 +48,7 @@ def ensure_tools(runner: CommandRunner) -> str:
     apt) and btrfs's (btrfs-progs) when the worker's repositories have them.
     """
     needed = ["qemu-img", "python3", "e2fsck", "xfs_repair", "fsck.vfat", "ntfsfix", "btrfs", "sfdisk", "blkid",
-              "losetup", "prlimit"]
+              "losetup", "prlimit", "gzip", "xz", "zstd", "bzip2"]
     probe = runner.run(["sh", "-c", 'for t in "$@"; do command -v "$t" >/dev/null || echo "$t"; done', "sh", *needed])
     missing = probe.stdout.split()
     if missing:
@@ -159,6 +160,8 @@ class ObjectStream:
         if self._error is not None:
             return TransferFailed(f"{what}: {self._error}")
         failed = next((e for e in reversed(self.events) if e.get("event") == "failed"), None)
+        if failed is not None and failed.get("code"):  # the data is not what the inspection said: a refusal
+            return ImageRejected(str(failed["code"]), str(failed.get("error")))
         if failed is not None:
             return TransferFailed(f"{what}: {failed.get('error')}")
         if self._result is not None:
@@ -186,22 +189,48 @@ class TransferFailed(Exception):
     """The object could not be brought onto the worker."""
 
 
+@dataclass(frozen=True)
+class Inner:
+    """The image inside a compressed or packed object (``InspectedImage``'s container fields)."""
+
+    container: str   # contract.CONTAINERS
+    offset: int      # a tar member's offset in the object; a tar.gz member's in the decompressed data
+    size: int        # the image's length: what ``ObjectStream.path`` holds
+
+
 def start_stream(runner: CommandRunner, files: WorkerFiles, url: str, etag: str, size: int, directory: str,
                  present: Sequence[tuple[int, bytes]], settings: TransferSettings = TransferSettings(),
-                 on_event: Callable[[dict[str, Any]], None] | None = None) -> ObjectStream:
+                 on_event: Callable[[dict[str, Any]], None] | None = None, inner: Inner | None = None) -> ObjectStream:
     """Start fetching the object (minus the ``present`` pieces, written first) and serving it over NBD.
 
+    With ``inner``, what is served (and kept at ``path``) is the image inside: a tar's
+    member is fetched alone; a compressed object is fetched whole beside it
+    (``{directory}/object``) and decompressed in order as it arrives.
     The PAR URL (a bearer secret) goes into a configuration file readable only by the
     worker user, never onto a command line.
     """
     stream = ObjectStream(runner, directory, on_event)
     files.put_private_file(STREAMER.read_text(), stream.script)
-    files.write_private_ranges(stream.path, present)
+    extra: dict[str, Any] = {}
+    fetched_into = stream.path
+    if inner is not None and inner.container == "tar":
+        present = [(max(start, inner.offset) - inner.offset,
+                    data[max(0, inner.offset - start):max(0, inner.offset + inner.size - start)])
+                   for start, data in present]
+        extra = {"base": inner.offset}
+        size = inner.size
+    elif inner is not None:
+        fetched_into = f"{directory}/object"
+        extra = {"container": inner.container, "object_size": size, "object_path": fetched_into,
+                 "skip": inner.offset}
+        size = inner.size
+    present = [(start, data) for start, data in present if data]
+    files.write_private_ranges(fetched_into, present)
     config = {
         "url": url, "etag": etag, "size": size, "path": stream.path, "socket": stream.socket,
-        "stop_file": stream.stop_file, "directory": directory, "present": [[start, start + len(data)] for start, data in present if data],
+        "stop_file": stream.stop_file, "directory": directory, "present": [[start, start + len(data)] for start, data in present],
         "connections": settings.connections, "chunk_bytes": settings.chunk_bytes, "bind": settings.bind,
-        "max_attempts": settings.max_attempts,
+        "max_attempts": settings.max_attempts, **extra,
     }
     files.put_private_file(json.dumps(config), stream.config)
     stream.start()

@@ -1,0 +1,148 @@
+"""The streaming transfer of compressed and packed objects: decompressed (or cut out of a tar)
+on the worker while the object arrives, each object byte fetched once, against the local OCI."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import oci
+import pytest
+
+from diskimport import transfer
+from diskimport.commands import LocalRunner
+from diskimport.errors import ImageRejected
+from diskimport.packed import inspect_object
+from diskimport.qemu_img import QemuImg
+from localoci.process import RunningLocalOCI
+
+from .conftest import head_and_tail
+from .test_packed import compress, small_disk
+
+MiB = 1024 * 1024
+
+
+def upload(localoci: RunningLocalOCI, object_storage: oci.object_storage.ObjectStorageClient, bucket: str,
+           path: Path, name: str) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        etag = object_storage.put_object(localoci.namespace, bucket, name, f).headers["etag"]
+    details = oci.object_storage.models.CreatePreauthenticatedRequestDetails(
+        name="stream-test", object_name=name, access_type="ObjectRead",
+        time_expires=dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1))
+    par = object_storage.create_preauthenticated_request(localoci.namespace, bucket, details).data
+    localoci.admin("DELETE", "metrics")
+    return {"url": localoci.endpoint + par.access_uri, "etag": etag, "size": path.stat().st_size,
+            "key": f"{localoci.namespace}/{bucket}/{name}"}
+
+
+def inner_of(path: Path, name: str, declared: int | None = None) -> tuple[Any, transfer.Inner]:
+    data = path.read_bytes()
+    found, packed = inspect_object(lambda a, b: data[a:b + 1], len(data), name, None, declared, 1 << 45)
+    assert packed is not None
+    return found, transfer.Inner(packed.container, packed.inner_offset, packed.inner_size)
+
+
+def convert_through(stream: transfer.ObjectStream, target: Path, virtual_size: int, fmt: str = "raw") -> None:
+    with open(target, "wb") as f:
+        f.truncate(virtual_size)
+    QemuImg(LocalRunner()).convert(stream.nbd_url, fmt, str(target))
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    return small_disk(tmp_path / "disk.raw", size=16 * MiB, random_mib=6)  # compressed, more than the 4 MiB head
+
+
+def stream_object(localoci, object_storage, bucket, path: Path, name: str, staging: str, inner: transfer.Inner,
+                  present: list[tuple[int, bytes]]) -> tuple[transfer.ObjectStream, dict[str, Any]]:
+    uploaded = upload(localoci, object_storage, bucket, path, name)
+    runner = LocalRunner()
+    stream = transfer.start_stream(runner, runner, uploaded["url"], uploaded["etag"], uploaded["size"], staging,
+                                   present, transfer.TransferSettings(connections=3, chunk_bytes=MiB), inner=inner)
+    return stream, uploaded
+
+
+@pytest.mark.parametrize("tool", ["gzip", "xz", "zstd", "bzip2"])
+def test_a_compressed_raw_disk_is_decompressed_while_it_streams(localoci, object_storage, bucket, disk, staging,
+                                                                 tmp_path, tool):
+    packed = compress(disk, tool, "-0" if tool == "xz" else "-1")
+    found, inner = inner_of(packed, packed.name, declared=disk.stat().st_size if tool == "bzip2" else None)
+    present = head_and_tail(packed)
+    stream, uploaded = stream_object(localoci, object_storage, bucket, packed, packed.name, staging, inner, present)
+    info = transfer.second_opinion(QemuImg(LocalRunner()), stream.nbd_url, "raw", found.virtual_size)
+    convert_through(stream, tmp_path / "volume.img", info.virtual_size)
+    account = stream.finish()
+    assert Path(stream.path).read_bytes() == disk.read_bytes() == (tmp_path / "volume.img").read_bytes()
+    missing = uploaded["size"] - sum(len(d) for _, d in present)
+    assert account["fetched_bytes"] == missing
+    assert localoci.admin("GET", "metrics")["objectBytesRead"][uploaded["key"]] == missing
+
+
+def test_a_compressed_qcow2_is_read_by_qemu_as_it_decompresses(localoci, object_storage, bucket, disk, staging,
+                                                               tmp_path):
+    image = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(disk), str(image)], check=True)
+    packed = compress(image, "zstd", "-q")
+    found, inner = inner_of(packed, packed.name)
+    stream, _ = stream_object(localoci, object_storage, bucket, packed, packed.name, staging, inner,
+                              head_and_tail(packed))
+    info = transfer.second_opinion(QemuImg(LocalRunner()), stream.nbd_url, "qcow2", found.virtual_size)
+    convert_through(stream, tmp_path / "volume.img", info.virtual_size, "qcow2")
+    stream.finish()
+    assert Path(stream.path).read_bytes() == image.read_bytes()
+    assert QemuImg(LocalRunner()).compare(str(image), "qcow2", str(tmp_path / "volume.img"))[0]
+
+
+@pytest.mark.parametrize("mode,name", [("w", "vm.tar"), ("w:gz", "vm.tar.gz")])
+def test_a_tar_member_is_fetched_alone_or_decompressed_past_its_header(localoci, object_storage, bucket, disk,
+                                                                       staging, tmp_path, mode, name):
+    packed = tmp_path / name
+    with tarfile.open(packed, mode) as tar:
+        tar.add(str(disk), arcname="disk.raw")
+    found, inner = inner_of(packed, name)
+    present = head_and_tail(packed)
+    stream, uploaded = stream_object(localoci, object_storage, bucket, packed, name, staging, inner, present)
+    convert_through(stream, tmp_path / "volume.img", found.virtual_size)
+    account = stream.finish()
+    assert Path(stream.path).read_bytes() == disk.read_bytes() == (tmp_path / "volume.img").read_bytes()
+    read = localoci.admin("GET", "metrics")["objectBytesRead"][uploaded["key"]]
+    if mode == "w":  # only the member's bytes the inspection did not read
+        data = packed.read_bytes()
+        member = range(inner.offset, inner.offset + inner.size)
+        known = {i for start, piece in present for i in range(start, start + len(piece)) if i in member}
+        assert account["fetched_bytes"] == read == inner.size - len(known)
+    else:
+        assert read == uploaded["size"] - sum(len(d) for _, d in present)
+
+
+def test_more_data_than_its_size_says_is_a_bomb_and_stops_the_transfer(localoci, object_storage, bucket, disk,
+                                                                       staging, tmp_path):
+    packed = compress(disk, "gzip", "-1")
+    bomb = transfer.Inner("gzip", 0, 4 * MiB)  # as if its size record said 8 MiB
+    stream, _ = stream_object(localoci, object_storage, bucket, packed, packed.name, staging, bomb, [])
+    with pytest.raises(ImageRejected, match="^decompression-bomb: "):
+        stream.finish()
+    with pytest.raises(Exception, match="qemu-img convert failed"):
+        convert_through(stream, tmp_path / "volume.img", 4 * MiB)
+
+
+def test_a_corrupt_stream_fails_the_transfer(localoci, object_storage, bucket, disk, staging, tmp_path):
+    packed = compress(disk, "xz", "-0")
+    found, inner = inner_of(packed, packed.name)
+    data = bytearray(packed.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    packed.write_bytes(bytes(data))
+    stream, _ = stream_object(localoci, object_storage, bucket, packed, packed.name, staging, inner, [])
+    with pytest.raises(ImageRejected, match="^decompression-failed: xz failed"):
+        stream.finish()
+
+
+def test_data_ending_short_of_its_size_fails(localoci, object_storage, bucket, disk, staging):
+    packed = compress(disk, "zstd", "-q")
+    short = transfer.Inner("zstd", 0, disk.stat().st_size + MiB)
+    stream, _ = stream_object(localoci, object_storage, bucket, packed, packed.name, staging, short, [])
+    with pytest.raises(ImageRejected, match="^decompression-failed: .*expected"):
+        stream.finish()
