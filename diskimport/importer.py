@@ -613,7 +613,15 @@ class VolumeWrite:
                                         direct_io=not slices.compressed_grains(self.image.format, info),
                                         image_bytes=image_bytes)
             with _phase(phases, "write-and-verify"):
-                fetched = writer.write(stream.finish)
+                try:
+                    fetched = writer.write(stream.finish)
+                except Exception as exc:
+                    # qemu-img's read error may be the first sign of a refusal the transfer holds (a bomb)
+                    stream.abort()
+                    refused = stream.refusal()
+                    if refused is None:
+                        raise
+                    raise refused from exc
             stream = None
             importer.ledger.undo(par)
             if progress:

@@ -159,14 +159,20 @@ class ObjectStream:
     def _failure(self, what: str) -> Exception:
         if self._error is not None:
             return TransferFailed(f"{what}: {self._error}")
+        refused = self.refusal()
+        if refused is not None:
+            return refused
         failed = next((e for e in reversed(self.events) if e.get("event") == "failed"), None)
-        if failed is not None and failed.get("code"):  # the data is not what the inspection said: a refusal
-            return ImageRejected(str(failed["code"]), str(failed.get("error")))
         if failed is not None:
             return TransferFailed(f"{what}: {failed.get('error')}")
         if self._result is not None:
             return TransferFailed(f"{what}: {CommandFailed(self._result, 'the transfer')}")
         return TransferFailed(what)
+
+    def refusal(self) -> ImageRejected | None:
+        """The data was not what the inspection said (a decompression bomb, a corrupt stream): the refusal."""
+        failed = next((e for e in reversed(self.events) if e.get("event") == "failed" and e.get("code")), None)
+        return None if failed is None else ImageRejected(str(failed["code"]), str(failed.get("error")))
 
     def finish(self, timeout: float = 24 * 3600) -> dict[str, Any]:
         """Wait for the last byte; return the transfer's account (bytes fetched, seconds)."""
