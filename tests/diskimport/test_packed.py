@@ -189,3 +189,26 @@ def test_a_tar_of_more_than_one_image_or_of_links_is_refused(tmp_path, disk):
     not_tar.write_bytes(disk.read_bytes())
     with pytest.raises(ImageRejected, match="^tar-not-one-image: "):
         inspect_file(not_tar)
+
+
+def test_gzip_isize_is_trusted_only_when_it_can_be_right():
+    from diskimport.packed import gzip_size
+
+    isize = (24 * MiB).to_bytes(4, "little")
+    assert gzip_size(isize, 13 * MiB, 4 * MiB) == 24 * MiB
+    assert gzip_size(isize, 5 * 1024**3, 4 * MiB) is None        # the object is 4 GiB or more: modulo 2^32
+    assert gzip_size(isize, 30 * MiB, 4 * MiB) is None           # less than the compressed data could hold
+    assert gzip_size(isize, 13 * MiB, 25 * MiB) is None          # less than the head already gave
+    assert gzip_size((24 * MiB + 1).to_bytes(4, "little"), 13 * MiB, 0) is None  # no whole number of sectors
+
+
+def test_zstd_of_several_frames_records_no_single_size(tmp_path):
+    first = small_disk(tmp_path / "a.raw", size=2 * MiB, random_mib=0)
+    frame = subprocess.run(["zstd", "-q", "-c", str(first)], capture_output=True, check=True).stdout
+    noise = tmp_path / "noise"
+    noise.write_bytes(os.urandom(5 * MiB))
+    rest = subprocess.run(["zstd", "-q", "-c", str(noise)], capture_output=True, check=True).stdout
+    target = tmp_path / "frames.raw.zst"
+    target.write_bytes(frame + rest)
+    with pytest.raises(ImageRejected, match="^virtual-size-unknown: "):
+        inspect_file(target)
