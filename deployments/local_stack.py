@@ -204,8 +204,6 @@ def prefect_api(api_url: str) -> Iterator[None]:
 
 def save_blocks(server: process.RunningLocalOCI, values: dict[str, str]) -> None:
     """Blocks that point the importer at the local OCI."""
-    from blocks import ImportSettings, OCICredentials, WorkerShape
-
     with prefect_api(values["PREFECT_API_URL"]):
         _save_blocks(server, values)
 

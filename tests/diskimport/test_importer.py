@@ -27,7 +27,7 @@ from diskimport import cloud, contract
 from diskimport.contract import ImportOptions, InvalidRequest
 from diskimport.errors import ImageRejected, ResourceFailed, is_deterministic
 from diskimport.importer import CompetingImport, Importer, PreviousImports
-from diskimport.records import FoundVolume, ObjectVersion
+from diskimport.records import ObjectVersion
 from localoci.process import RunningLocalOCI
 from tests.workers import WORKER_IMAGE_ID
 

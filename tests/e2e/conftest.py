@@ -1,7 +1,7 @@
 """The local stack (local OCI, Prefect server, worker, deployments) for end-to-end tests.
 
-One stack serves the end-to-end tests, which live in one module so that
-``--dist loadfile`` runs them on one test worker.
+One stack serves each test worker: ``--dist loadfile`` runs each end-to-end module on one
+worker, so the modules run side by side, each on its own stack.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ FILES = {"hello.txt": b"hello from the source disk\n", "random.bin": os.urandom(
 
 
 MANUAL_BUCKET = "manual-imports"
+SUFFIX = {"qcow2": "qcow2", "vmdk": "vmdk", "vhdx": "vhdx", "vpc": "vhd", "vdi": "vdi", "raw": "raw"}
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +88,9 @@ def admin(stack: dict[str, str], method: str, path: str, body: Any = None) -> An
     reply = httpx.request(method, f"{stack['LOCALOCI_ENDPOINT']}/_localoci/{path}", json=body, timeout=30)
     reply.raise_for_status()
     return reply.json() if reply.content else None
+
+
+def resources_of(stack: dict[str, str], etag: str) -> dict[str, list[dict[str, Any]]]:
+    inventory = live_inventory(stack)
+    return {kind: [r for r in inventory[kind] if r["freeformTags"].get("import-etag") == etag]
+            for kind in ("instances", "volumes")}

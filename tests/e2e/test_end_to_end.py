@@ -7,28 +7,25 @@ injection is global to the stack), while the other modules run in parallel.
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import oci
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey, FlowRunFilter,
-                                           FlowRunFilterId, TaskRunFilter, TaskRunFilterName)
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
 
 from deployments import demo, local_stack
 from diskimport import naming
 from flows.runs import WORKER_LIMIT
 from diskimport.keys import SshKeyPair, cloud_init_host_keys
-from tests import guest_disks
-from tests.diskimport import test_hostile_images as hostile
-from tests.e2e.conftest import MANUAL_BUCKET, Disk, admin, image_of, live_inventory, run_import
+from tests.e2e.conftest import (MANUAL_BUCKET, SUFFIX, Disk, admin, image_of, live_inventory, resources_of,
+                               run_import)
 
 
 # -- Every supported format and partition table imports and reads back as the source disk.
@@ -44,7 +41,6 @@ CASES = {
     "vdi-dos": ("vdi", None, "dos"),
     "raw-gpt": ("raw", None, "gpt"),
 }
-SUFFIX = {"qcow2": "qcow2", "vmdk": "vmdk", "vhdx": "vhdx", "vpc": "vhd", "vdi": "vdi", "raw": "raw"}
 
 
 @pytest.fixture(scope="module")
@@ -119,12 +115,6 @@ def clean_faults(stack: dict[str, str]) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def qcow2(disks: dict[str, Disk], tmp_path_factory: pytest.TempPathFactory) -> Path:
     return image_of(disks["gpt"], "qcow2", tmp_path_factory.mktemp("faults") / "disk.qcow2")
-
-
-def resources_of(stack: dict[str, str], etag: str) -> dict[str, list[dict[str, Any]]]:
-    inventory = live_inventory(stack)
-    return {kind: [r for r in inventory[kind] if r["freeformTags"].get("import-etag") == etag]
-            for kind in ("instances", "volumes")}
 
 
 def wait_for_task(stack: dict[str, str], flow_run_id: Any, task_name: str, timeout: float = 300) -> None:
@@ -305,74 +295,6 @@ def test_object_put_leads_to_a_finished_import_without_any_manual_step(stack, di
     assert admin(stack, "GET", "events")["pending"] == []
 
 
-# -- Untrusted images: each hostile image fails its run with its own reason, before any
-# resource exists, and a nested image is caught after the write.
-
-@pytest.fixture(scope="module")
-def hostile_runs(stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    started = {}
-    for case, (build, code) in hostile.CORPUS.items():
-        path, claimed = build(tmp_path_factory.mktemp(case))
-        object_name = f"hostile/{case}/{path.name}"
-        etag, run = run_import(stack, path, object_name, {"format": claimed} if claimed else None)
-        started[case] = {"etag": etag, "run": run, "code": code}
-    for item in started.values():
-        item["final"] = demo.wait_for_run(stack, item["run"].id)
-    return started
-
-
-@pytest.mark.parametrize("case", list(hostile.CORPUS))
-def test_hostile_upload_fails_its_run_with_its_code_and_creates_nothing(case, hostile_runs, stack):
-    item = hostile_runs[case]
-    state = item["final"].state
-    assert state.is_failed(), f"{case}: {state.name}"
-    assert f"ImageRejected: {item['code']}: " in (state.message or ""), state.message
-    with local_stack.prefect_api(stack["PREFECT_API_URL"]), get_client(sync_client=True) as client:
-        summaries = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["import-refused"]), flow_run_id=ArtifactFilterFlowRunId(any_=[item["run"].id])))
-    assert [f"code: `{item['code']}`" in str(a.data) for a in summaries] == [True]
-    ever = admin(stack, "GET", "inventory?all=true")
-    assert not [r for kind in ("instances", "volumes") for r in ever[kind]
-                if r["freeformTags"].get("import-etag") == item["etag"]]
-
-
-def test_nested_image_is_refused_after_the_write_and_cleaned_up(stack, tmp_path):
-    inner = tmp_path / "inner.qcow2"
-    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(inner), "1G"], check=True, capture_output=True)
-    outer = tmp_path / "outer.qcow2"
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(inner), str(outer)], check=True)
-    etag, run = run_import(stack, outer, "hostile/nested.qcow2")
-    final = demo.wait_for_run(stack, run.id)
-    assert final.state.is_failed() and "nested-image: " in (final.state.message or ""), final.state.message
-    left = live_inventory(stack)
-    assert not [r for kind in ("instances", "volumes") for r in left[kind]
-                if r["freeformTags"].get("import-etag") == etag]
-
-
-def test_hostile_object_names_import_and_run_no_other_command(stack, disks, tmp_path):
-    image = image_of(disks["gpt"], "qcow2", tmp_path / "disk.qcow2")
-    marker = tmp_path / "pwned"
-    names = [
-        "it's \"quoted\".qcow2",
-        f"semi;colon; touch {marker};.qcow2",
-        f"$(touch {marker}).qcow2",
-        f"`touch {marker}`.qcow2",
-        "back\\slash\\name.qcow2",
-        "percent%20%2e%2E%25.qcow2",
-        "ünïcødé 日本語 disk.qcow2",
-        "  leading and trailing spaces  .qcow2",
-    ]
-    started = {name: run_import(stack, image, name) for name in names}
-    for name, (etag, run) in started.items():
-        final = demo.wait_for_run(stack, run.id)
-        assert final.state.is_completed(), f"{name!r}: {final.state.message}"
-        summary = demo.run_result(stack, final)
-        assert summary["object"] == name
-        volume = next(v for v in live_inventory(stack)["volumes"] if v["id"] == summary["volume_id"])
-        assert volume["freeformTags"]["import-object"] == name
-    assert not marker.exists(), "an object name was executed as a command"
-
-
 # -- An upload starts an import and an operator starts the same one by hand: two green runs,
 # one volume.
 
@@ -391,67 +313,3 @@ def test_a_run_started_by_hand_beside_the_upload_run_waits_and_returns_its_volum
     assert resources_of(stack, etag)["instances"] == []
     names = {final.name for final in finals}
     assert names == {f"{object_name.rsplit('/', 1)[-1]}@{etag.strip(chr(34))[:8]}"}, names
-
-
-# -- Disks laid out like real guests go end to end in several formats: the good ones bit-exact
-# with every place reported as the check of the disk alone reports it, the damaged ones
-# failing with the place named and nothing left behind.
-
-GUESTS: dict[str, tuple[Callable[[Path], guest_disks.GuestDisk], str, str | None]] = {
-    "oracle-linux-qcow2": (guest_disks.oracle_linux, "qcow2", None),
-    "oracle-linux-fixed-vhd": (guest_disks.oracle_linux, "vpc", "subformat=fixed"),
-    "windows-vhdx": (guest_disks.windows, "vhdx", None),
-    "windows-stream-vmdk": (guest_disks.windows, "vmdk", "subformat=streamOptimized"),
-    "btrfs-root-vdi": (guest_disks.btrfs_root, "vdi", None),
-    "whole-device-ext4-raw": (guest_disks.whole_device_ext4, "raw", None),
-    "mbr-logical-qcow2": (guest_disks.mbr_logical, "qcow2", None),
-}
-DAMAGED: dict[str, tuple[Callable[[Path], guest_disks.GuestDisk], str, str | None, str]] = {
-    "oracle-linux-damaged-root-qcow2": (functools.partial(guest_disks.oracle_linux, damaged_root="agf"), "qcow2",
-                                        None, "p3:ocivolume/root (xfs)"),
-    "windows-damaged-ntfs-fixed-vhd": (functools.partial(guest_disks.windows, damaged_partition=2), "vpc",
-                                       "subformat=fixed", "p2 (ntfs)"),
-}
-
-
-@pytest.fixture(scope="module")
-def guest_imports(stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Build each layout once, convert it, start every import at once, then wait for all."""
-    tmp = tmp_path_factory.mktemp("guests")
-    built: dict[Any, guest_disks.GuestDisk] = {}
-    started = {}
-    for case, (build, fmt, options, *_) in {**GUESTS, **DAMAGED}.items():
-        if build not in built:
-            built[build] = build(tmp / f"{case}.disk")
-        disk = built[build]
-        image = image_of(Disk(disk.path, "guest"), fmt, tmp / f"{case}.{SUFFIX[fmt]}", options)
-        etag, run = run_import(stack, image, f"guests/{case}.{SUFFIX[fmt]}")
-        started[case] = {"disk": disk, "etag": etag, "run": run}
-    for item in started.values():
-        item["final"] = demo.wait_for_run(stack, item["run"].id, timeout=900)
-    return started
-
-
-@pytest.mark.parametrize("case", list(GUESTS))
-def test_a_guest_disk_imports_bit_exact_with_every_place_checked(case, guest_imports, stack):
-    item = guest_imports[case]
-    final = item["final"]
-    assert final.state.is_completed(), f"{case}: {final.state.message}"
-    summary = demo.run_result(stack, final)
-    volume = next(v for v in live_inventory(stack)["volumes"] if v["id"] == summary["volume_id"])
-    compared = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(item["disk"].path),
-                               volume["backingFile"]], capture_output=True, text=True)
-    assert compared.returncode == 0, compared.stdout + compared.stderr
-    reported = {c["location"]: (c["filesystem"], c["status"]) for c in summary["filesystems"]}
-    expected = {e.location: (e.filesystem, e.status) for e in item["disk"].expected}
-    assert {k: reported.get(k) for k in expected} == expected, summary["filesystems"]
-
-
-@pytest.mark.parametrize("case", list(DAMAGED))
-def test_a_damaged_guest_disk_fails_naming_the_place_and_leaves_nothing(case, guest_imports, stack):
-    item = guest_imports[case]
-    state = item["final"].state
-    assert state.is_failed(), f"{case}: {state.name}"
-    assert "FilesystemErrors: filesystem-errors: " in (state.message or ""), state.message
-    assert DAMAGED[case][3] in (state.message or ""), state.message
-    assert resources_of(stack, item["etag"]) == {"instances": [], "volumes": []}
