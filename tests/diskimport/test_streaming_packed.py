@@ -146,3 +146,14 @@ def test_data_ending_short_of_its_size_fails(localoci, object_storage, bucket, d
     stream, _ = stream_object(localoci, object_storage, bucket, packed, packed.name, staging, short, [])
     with pytest.raises(ImageRejected, match="^decompression-failed: .*expected"):
         stream.finish()
+
+
+def test_fed_bytes_are_punched_out_of_the_objects_file(tmp_path):
+    from diskimport.streamer import punch_hole
+
+    path = tmp_path / "object"
+    path.write_bytes(b"\x01" * (8 * MiB))
+    with open(path, "r+b") as f:
+        punch_hole(f.fileno(), 0, 6 * MiB)
+    assert path.stat().st_size == 8 * MiB and path.stat().st_blocks * 512 <= 2 * MiB + 65536
+    assert path.read_bytes() == bytes(6 * MiB) + b"\x01" * (2 * MiB)
