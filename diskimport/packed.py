@@ -19,7 +19,8 @@ staging copy holds (:mod:`diskimport.streamer`):
 - gzip: ISIZE, the last 4 bytes, is the length modulo 2^32; trusted only when the object is
   under 4 GiB and the value is consistent (a whole number of sectors, not below the head's
   output, not below the compressed size less deflate's overhead). A wrong guess cannot
-  pass: the worker stops when the output runs past it;
+  pass: the worker stops when the output runs past it; an ``opc-meta-virtual-size`` equal to
+  ISIZE modulo 4 GiB wins over it;
 - bzip2: no record;
 - tar: the member's size in its header (ustar, pax, GNU long names); its data is a
   512-byte aligned byte range of the object, fetched alone with no decompression.
@@ -90,6 +91,9 @@ def inspect_object(read_range: ReadRange, size: int, object_name: str, metadata_
     else:
         offset = 0
         record = len(inflated) if whole else _record(container, reader, inflated)
+        if container == "gzip" and not whole and record is not None and declared_size is not None \
+                and declared_size % GIB4 == record:
+            record = declared_size  # ISIZE is the size modulo 4 GiB: the uploader's size agrees with it
         inner_head = inflated
     return _inner(container, offset, inner_head, record, claimed, declared_size, max_virtual_size)
 

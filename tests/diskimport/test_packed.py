@@ -212,3 +212,12 @@ def test_zstd_of_several_frames_records_no_single_size(tmp_path):
     target.write_bytes(frame + rest)
     with pytest.raises(ImageRejected, match="^virtual-size-unknown: "):
         inspect_file(target)
+
+
+def test_a_declared_size_agreeing_with_gzip_isize_modulo_4_gib_wins(tmp_path):
+    """A 4 GiB + 24 MiB disk compressed below 4 GiB records 24 MiB: the uploader's size corrects it."""
+    disk = small_disk(tmp_path / "d.raw", size=24 * MiB, random_mib=12)
+    target = compress(disk, "gzip", "-1")
+    assert inspect_file(target, declared=24 * MiB + 4 * 1024**3)[0].virtual_size == 24 * MiB + 4 * 1024**3
+    with pytest.raises(ImageRejected, match="^virtual-size-mismatch: "):
+        inspect_file(target, declared=25 * MiB)
