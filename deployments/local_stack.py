@@ -157,6 +157,10 @@ def prefect_env(base: Path, api_url: str) -> dict[str, str]:
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         "PREFECT_LOCAL_STORAGE_PATH": str(home / "results"),
         "PREFECT_LOGGING_LEVEL": "INFO",
+        # A SQLite-backed server answers 503 while another write holds the database; with many
+        # runs starting at once (and two stacks on one machine in the tests) the default five
+        # retries were seen to run out, crashing a run the worker was submitting.
+        "PREFECT_CLIENT_MAX_RETRIES": "12",
     }
 
 
