@@ -358,13 +358,11 @@ class Importer:
         tags = {**self.tags(version), contract.TAG_STATE: contract.STATE_WRITING}
         created = cloud.create_volume(self.clients, self.settings.compartment_id, availability_domain, size_gb,
                                       self.settings.vpus_during_import, name, tags, self.retry_token(step))
-        undo = self._register_volume(created.id)
+        self._register_volume(created.id)
         try:
             ready = cloud.wait_volume_available(self.clients, created.id)
         except BaseException:
-            self.ledger.release(undo)
-            cloud.discard_volume(self.clients, self.settings.compartment_id, created.id, keep=False)
-            self._undone(step)
+            self._discard_now(created.id, step)
             raise
         return Volume(ready.id, ready.availability_domain, ready.size_in_gbs, ready.display_name, fresh=True)
 
@@ -442,6 +440,7 @@ class Importer:
                             f"{last_error}")
 
     def _discard_now(self, volume_id: str, step: str) -> None:
+        """Delete a volume this run just created and is giving up (its next create is a new one)."""
         self.ledger.release(self.ledger.find("volume", volume_id))
         cloud.discard_volume(self.clients, self.settings.compartment_id, volume_id, keep=False)
         self._undone(step)
