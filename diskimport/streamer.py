@@ -29,11 +29,14 @@ holds the PAR URL (a bearer secret) and is readable by the worker user alone:
                  bytes [base, base + size) are fetched, and ``present`` is given in ``path``'s
                  offsets
     container    (compressed uploads) "gzip", "xz", "zstd", "bzip2" or "tar.gz": the object
-                 (``object_size`` bytes) is fetched into ``object_path`` and decompressed in
-                 order as it arrives, by the worker's ``gzip``/``xz``/``zstd``/``bzip2 -dc``
-                 (a process of its own, so it runs beside the fetching); its output from byte
-                 ``skip`` (a tar.gz's member) fills ``path``, whose ``size`` is the image's
-                 length. ``present`` is then given in the object's offsets.
+                 (``object_size`` bytes) is fetched into memory, a few chunks per connection
+                 ahead of the decompression, and decompressed in order as it arrives by the
+                 worker's ``gzip``/``xz``/``zstd``/``bzip2 -dc`` (a process of its own, so it
+                 runs beside the fetching); its output from byte ``skip`` (a tar.gz's member)
+                 fills ``path``, whose ``size`` is the image's length. ``present`` is then
+                 given in the object's offsets, and its bytes are in ``object_path``.
+                 Decompressed zeros stay holes in ``path``, and the NBD export reports them
+                 (``base:allocation``), so qemu-img does not read them.
 
 Every transient failure (a 429 or 5xx reply, a reset connection, a short body) is retried
 with backoff, and a retried chunk resumes from its last written byte. A 412 (the object
@@ -70,14 +73,24 @@ IHAVEOPT = b"IHAVEOPT"
 OPT_REPLY_MAGIC = 0x3E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
 FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES = 1, 2
 OPT_EXPORT_NAME, OPT_ABORT, OPT_INFO, OPT_GO = 1, 2, 6, 7
-REP_ACK, REP_INFO, REP_ERR_UNSUP = 1, 3, 0x80000001
+OPT_STRUCTURED_REPLY, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT = 8, 9, 10
+REP_ACK, REP_INFO, REP_META_CONTEXT = 1, 3, 4
+REP_ERR_UNSUP, REP_ERR_INVALID = 0x80000001, 0x80000003
 INFO_EXPORT, INFO_BLOCK_SIZE = 0, 3
 TFLAG_HAS_FLAGS, TFLAG_READ_ONLY, TFLAG_CAN_MULTI_CONN = 1, 2, 1 << 8
-CMD_READ, CMD_DISC, CMD_FLUSH = 0, 2, 3
+CMD_READ, CMD_DISC, CMD_FLUSH, CMD_BLOCK_STATUS = 0, 2, 3, 7
+CMD_FLAG_REQ_ONE = 1 << 3
+REPLY_FLAG_DONE = 1
+REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE, REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR = 1, 2, 5, (1 << 15) | 1
+STATE_HOLE, STATE_ZERO = 1, 2
+BASE_ALLOCATION, BASE_ALLOCATION_ID = b"base:allocation", 1
+MAX_EXTENTS = 1024  # descriptors in one block status reply
 EPERM, EIO, EINVAL = 1, 5, 22
 MAX_READ = 32 * 1024 * 1024
+F_SETPIPE_SZ = 1031
 
 
 class TransferFailed(Exception):
@@ -113,16 +126,22 @@ def missing_intervals(size, present):
 
 
 class Chunk(object):
-    __slots__ = ("lo", "hi", "pos", "state")
+    __slots__ = ("lo", "hi", "pos", "state", "buf")
 
     def __init__(self, lo, hi):
-        self.lo, self.hi, self.pos, self.state = lo, hi, lo, "todo"
+        self.lo, self.hi, self.pos, self.state, self.buf = lo, hi, lo, "todo", None
 
 
 class Download(object):
-    """The chunks still to fetch, which of them readers wait for, and what has arrived."""
+    """The chunks still to fetch, which of them readers wait for, and what has arrived.
 
-    def __init__(self, size, present, chunk_bytes):
+    With ``buffers``, the chunks are received into memory (a pool of that many chunk-sized
+    buffers, reused) instead of a file: for an object that is only read once, in order (a
+    compressed one), the fetchers then run at most that many chunks ahead of the reader,
+    and no byte of the object goes through the page cache.
+    """
+
+    def __init__(self, size, present, chunk_bytes, buffers=0):
         self.size = size
         self.chunks = []
         for start, end in missing_intervals(size, present):
@@ -135,10 +154,23 @@ class Download(object):
         self.remaining = len(self.chunks)
         self.fetched = 0
         self.error = None
+        self.in_memory = buffers > 0
+        self.pool = [bytearray(chunk_bytes) for _ in range(min(buffers, len(self.chunks)))]
 
     def take(self):
-        """The next chunk to fetch: one a reader waits for, else the next in file order."""
+        """The next chunk to fetch: one a reader waits for, else the next in file order.
+
+        In memory, the next in file order once a buffer is free for it (None once failed)."""
         with self.cond:
+            if self.in_memory:
+                while self.next_index < len(self.chunks) and not self.pool and self.error is None:
+                    self.cond.wait(1.0)
+                if self.next_index >= len(self.chunks) or self.error is not None:
+                    return None
+                chunk = self.chunks[self.next_index]
+                self.next_index += 1
+                chunk.state, chunk.buf = "active", self.pool.pop()
+                return chunk
             while self.wanted:
                 chunk = self.wanted.pop(0)
                 if chunk.state == "todo":
@@ -152,6 +184,21 @@ class Download(object):
                     return chunk
             return None
 
+    def chunk_at(self, pos):
+        """The chunk holding object byte ``pos``, or None (a ``present`` byte)."""
+        i = bisect.bisect_right(self.starts, pos) - 1
+        if i >= 0 and self.chunks[i].hi > pos:
+            return self.chunks[i]
+        return None
+
+    def release(self, chunk):
+        """The reader is done with an in-memory chunk: its buffer goes back to the pool."""
+        with self.cond:
+            if chunk.buf is not None:
+                self.pool.append(chunk.buf)
+                chunk.buf = None
+                self.cond.notify_all()
+
     def advance(self, chunk, n):
         with self.cond:
             chunk.pos += n
@@ -159,7 +206,9 @@ class Download(object):
             if chunk.pos >= chunk.hi:
                 chunk.state = "done"
                 self.remaining -= 1
-            self.cond.notify_all()
+                self.cond.notify_all()
+            elif not self.in_memory:  # readers of a file may wait for part of a chunk
+                self.cond.notify_all()
 
     def fail(self, error):
         with self.cond:
@@ -199,6 +248,9 @@ class Download(object):
                 blocking = self._blocking(start, end)
                 if not blocking:
                     return
+                if self.in_memory:  # fetched in order anyway
+                    self.cond.wait(1.0)
+                    continue
                 urgent = [c for c in blocking if c.state == "todo" and c not in self.wanted]
                 self.wanted[0:0] = urgent
                 self.cond.wait(1.0)
@@ -293,10 +345,14 @@ class Fetcher(object):
         expected = chunk.hi - chunk.pos
         view = self.view
         while expected:
-            n = reply.readinto(view[:min(PIECE, expected)])
+            if chunk.buf is not None:  # straight into the chunk's buffer
+                at = chunk.pos - chunk.lo
+                n = reply.readinto(memoryview(chunk.buf)[at:at + min(PIECE, expected)])
+            else:
+                n = reply.readinto(view[:min(PIECE, expected)])
             if not n:
                 raise _Retryable("connection closed with %d bytes of the range unread" % expected)
-            written = 0
+            written = n if chunk.buf is not None else 0
             while written < n:
                 written += os.pwrite(self.fd, view[written:n], chunk.pos + written)
             expected -= n
@@ -317,9 +373,16 @@ TAR_TRAILER_MAX = 1024 * 1024  # a tar.gz's end-of-archive blocks and record pad
 class Inflow(object):
     """The object's bytes decompressed in order as they arrive: ``path`` fills from its start.
 
-    Readers wait (:meth:`wait_for`) for the decompressed bytes as they wait for fetched ones
-    in a plain transfer; a failure of the fetch or of the decompression reaches them.
+    The object arrives in memory (a :class:`Download` with buffers) and goes into the
+    decompressor in order; only the pieces the importer wrote beforehand (``present``)
+    are read from the object's file. Readers wait (:meth:`wait_for`) for the decompressed
+    bytes as they wait for fetched ones in a plain transfer; a failure of the fetch or of
+    the decompression reaches them. Decompressed zeros are not written (``path`` starts as
+    a hole) and are remembered, so the NBD export can report them (:meth:`extents`) and
+    qemu-img need not read them.
     """
+
+    ZERO_GRAIN = PIECE  # zeros are found (and reported) in runs of whole MiB
 
     def __init__(self, config, download, object_fd, fd):
         self.container = config["container"]
@@ -329,6 +392,8 @@ class Inflow(object):
         self.download, self.object_fd, self.fd = download, object_fd, fd
         self.cond = threading.Condition()
         self.produced = 0      # bytes of ``path`` written
+        self.run_starts = [0]  # ``path`` as runs: where each starts, and whether it is zeros
+        self.run_zero = [False]
         self.done = False
         self.error = None
         self.process = None
@@ -336,6 +401,12 @@ class Inflow(object):
     def start(self):
         self.process = subprocess.Popen(DECOMPRESSORS[self.container], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+        for pipe in (self.process.stdin, self.process.stdout):
+            try:  # fewer, larger pipe transfers (1 MiB is what an unprivileged process may ask)
+                import fcntl
+                fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, PIECE)
+            except (ImportError, OSError):
+                pass
         threading.Thread(target=self._feed, daemon=True).start()
         threading.Thread(target=self._drain, daemon=True).start()
 
@@ -349,23 +420,28 @@ class Inflow(object):
             self.process.kill()
 
     def _feed(self):
-        """The object's bytes, in order, into the decompressor as they arrive.
-
-        What has been fed is no longer needed (the staging copy that is verified is the
-        decompressed image): it is punched out of the object's file, so the compressed
-        copy does not take room (or disk writes) beside the image.
-        """
-        pos = punched = 0
+        """The object's bytes, in order, into the decompressor as they arrive."""
+        pos = 0
+        download = self.download
         try:
             while pos < self.object_size and self.error is None:
-                end = min(self.object_size, pos + 4 * PIECE)
-                self.download.wait_for(pos, end)
-                data = os.pread(self.object_fd, end - pos, pos)
-                self.process.stdin.write(data)
-                pos += len(data)
-                if pos - punched >= 64 * PIECE:
-                    punch_hole(self.object_fd, punched, pos - punched)
-                    punched = pos
+                chunk = download.chunk_at(pos)
+                if chunk is None:  # a piece the importer wrote into the object's file
+                    following = bisect.bisect_right(download.starts, pos)
+                    end = download.starts[following] if following < len(download.starts) else self.object_size
+                    data = os.pread(self.object_fd, min(end - pos, 4 * PIECE), pos)
+                    if not data:
+                        raise TransferFailed("the object's file ends at %d" % pos)
+                    self._give(data)
+                    pos += len(data)
+                    continue
+                download.wait_for(chunk.lo, chunk.hi)
+                if chunk.buf is not None:
+                    self._give(memoryview(chunk.buf)[:chunk.hi - chunk.lo])
+                    download.release(chunk)
+                else:
+                    self._give(os.pread(self.object_fd, chunk.hi - chunk.lo, chunk.lo))
+                pos = chunk.hi
         except TransferFailed as exc:
             self.fail(exc)
         except (OSError, ValueError):
@@ -376,32 +452,66 @@ class Inflow(object):
             except OSError:
                 pass
 
+    def _give(self, data):
+        view, given = memoryview(data), 0
+        while given < len(view):
+            given += self.process.stdin.write(view[given:])
+
+    def _read_block(self, view):
+        """Fill ``view`` from the decompressor (less only at its end); the bytes read."""
+        filled = 0
+        while filled < len(view):
+            n = self.process.stdout.readinto(view[filled:])
+            if not n:
+                break
+            filled += n
+        return filled
+
+    def _store(self, buf, view, a, b, offset):
+        """Write ``buf[a:b]`` at ``path`` offset ``offset``, leaving whole zero grains as holes."""
+        grain = self.ZERO_GRAIN
+        kinds = []  # (path offset, zeros?) of each grain
+        data_from = None  # the buffer offset where unwritten data starts
+        for i in range(a, b, grain):
+            j = min(b, i + grain)
+            zero = j - i == grain and buf.startswith(ZERO_GRAIN_BYTES, i, j)
+            kinds.append((offset + i - a, zero))
+            if zero and data_from is not None:
+                self._write(view, data_from, i, offset + data_from - a)
+                data_from = None
+            elif not zero and data_from is None:
+                data_from = i
+        if data_from is not None:
+            self._write(view, data_from, b, offset + data_from - a)
+        with self.cond:
+            for start, zero in kinds:
+                if zero != self.run_zero[-1]:
+                    self.run_starts.append(start)
+                    self.run_zero.append(zero)
+            self.produced = offset + b - a
+            self.cond.notify_all()
+
+    def _write(self, view, i, j, at):
+        written = 0
+        while written < j - i:
+            written += os.pwrite(self.fd, view[i + written:j], at + written)
+
     def _drain(self):
         """The decompressor's output into ``path``; the checks on its length."""
         buf = bytearray(4 * PIECE)
         view = memoryview(buf)
-        zeros = bytes(len(buf))
         total = 0  # decompressed bytes, counting the skipped ones
         limit = self.skip + self.size
         try:
             while True:
-                n = self.process.stdout.readinto(buf)
+                n = self._read_block(view)
                 if not n:
                     break
                 start, end = total, total + n
                 total = end
                 lo, hi = max(start, self.skip), min(end, limit)
                 if hi > lo:
-                    data = view[lo - start:hi - start]
-                    written = 0
-                    # the file starts as a hole: zeros (most of a disk) are not written, only skipped
-                    if buf[lo - start:hi - start] == zeros[:hi - lo]:
-                        written = len(data)
-                    while written < len(data):
-                        written += os.pwrite(self.fd, data[written:], lo - self.skip + written)
-                    with self.cond:
-                        self.produced = hi - self.skip
-                        self.cond.notify_all()
+                    self._store(buf, view, lo - start, hi - start, lo - self.skip)
                 if end > limit:
                     extra = view[max(0, limit - start):n]
                     if self.container != "tar.gz":
@@ -410,6 +520,8 @@ class Inflow(object):
                                       % self.size)
                     if extra.tobytes().count(0) != len(extra) or total - limit > TAR_TRAILER_MAX:
                         raise Refused("tar-not-one-image", "the tar holds more after its disk image")
+                if n < len(buf):
+                    break  # the decompressor's end
             code = self.process.wait()
             if code != 0 and self.error is None:
                 message = self.process.stderr.read(2000).decode("utf-8", "replace").strip()
@@ -439,6 +551,26 @@ class Inflow(object):
                     return
                 self.cond.wait(1.0)
 
+    def extents(self, offset, length, limit=MAX_EXTENTS):
+        """``[(length, zero?)]`` from ``offset``: what is known of up to ``length`` bytes.
+
+        Waits until ``offset`` has been decompressed; covers at most what has been so far.
+        """
+        self.wait_for(offset, offset + 1)
+        with self.cond:
+            end = min(offset + length, self.size if self.done else self.produced)
+            i = bisect.bisect_right(self.run_starts, offset) - 1
+            out, pos = [], offset
+            while pos < end and len(out) < limit:
+                run_end = self.run_starts[i + 1] if i + 1 < len(self.run_starts) else end
+                stop = min(end, run_end)
+                if out and out[-1][1] == self.run_zero[i]:
+                    out[-1] = (out[-1][0] + stop - pos, self.run_zero[i])
+                else:
+                    out.append((stop - pos, self.run_zero[i]))
+                pos, i = stop, i + 1
+            return out
+
     def wait_complete(self, timeout):
         with self.cond:
             if not self.done and self.error is None:
@@ -452,22 +584,7 @@ class Inflow(object):
         return self.download.fetched
 
 
-_FALLOCATE = []
-
-
-def punch_hole(fd, offset, length):
-    """Free [offset, offset + length) of a file (Linux ``fallocate`` PUNCH_HOLE); nothing elsewhere."""
-    if not _FALLOCATE:
-        try:
-            import ctypes
-            import ctypes.util
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-            _FALLOCATE.append(libc.fallocate)
-        except (OSError, AttributeError):
-            _FALLOCATE.append(None)
-    if _FALLOCATE[0] is not None:
-        _FALLOCATE[0](fd, 0x01 | 0x02, offset, length)  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+ZERO_GRAIN_BYTES = bytes(Inflow.ZERO_GRAIN)
 
 
 def _recv_exact(sock, n):
@@ -481,11 +598,17 @@ def _recv_exact(sock, n):
 
 
 class NbdExport(object):
-    """A read-only NBD export of the file being downloaded (fixed newstyle handshake)."""
+    """A read-only NBD export of the file being downloaded (fixed newstyle handshake).
+
+    Structured replies are offered; with them, a source that knows where its zeros are
+    (:meth:`Inflow.extents`) answers ``NBD_CMD_BLOCK_STATUS`` in the ``base:allocation``
+    context, so qemu-img skips those runs instead of reading them.
+    """
 
     def __init__(self, path, size, download):
         self.path, self.size, self.download = path, size, download
         self.tflags = TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_CAN_MULTI_CONN
+        self.knows_zeros = hasattr(download, "extents")
 
     def serve(self, listener):
         while True:
@@ -495,8 +618,9 @@ class NbdExport(object):
     def _client(self, conn):
         try:
             with conn:
-                if self._handshake(conn):
-                    self._transmission(conn)
+                session = self._handshake(conn)
+                if session is not None:
+                    self._transmission(conn, *session)
         except (EOFError, OSError):
             pass
 
@@ -504,44 +628,74 @@ class NbdExport(object):
         conn.sendall(struct.pack(">QIII", OPT_REPLY_MAGIC, option, reply, len(data)) + data)
 
     def _handshake(self, conn):
+        """Option haggling; ``(structured, block_status)`` to go on with, None to hang up."""
         conn.sendall(NBDMAGIC + IHAVEOPT + struct.pack(">H", FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
         (client_flags,) = struct.unpack(">I", _recv_exact(conn, 4))
+        structured = block_status = False
         while True:
             magic, option, length = struct.unpack(">8sII", _recv_exact(conn, 16))
             if magic != IHAVEOPT or length > 65536:
-                return False
-            _recv_exact(conn, length)
+                return None
+            data = _recv_exact(conn, length)
             if option == OPT_EXPORT_NAME:
                 zeroes = b"" if client_flags & FLAG_NO_ZEROES else b"\0" * 124
                 conn.sendall(struct.pack(">QH", self.size, self.tflags) + zeroes)
-                return True
+                return structured, block_status
             if option in (OPT_INFO, OPT_GO):
                 self._reply_option(conn, option, REP_INFO, struct.pack(">HQH", INFO_EXPORT, self.size, self.tflags))
                 self._reply_option(conn, option, REP_INFO,
                                    struct.pack(">HIII", INFO_BLOCK_SIZE, 1, 4096, MAX_READ))
                 self._reply_option(conn, option, REP_ACK)
                 if option == OPT_GO:
-                    return True
+                    return structured, block_status
+            elif option == OPT_STRUCTURED_REPLY and not data:
+                structured = True
+                self._reply_option(conn, option, REP_ACK)
+            elif option in (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
+                queries = _meta_queries(data) if structured else None
+                if queries is None:
+                    self._reply_option(conn, option, REP_ERR_INVALID)
+                    continue
+                # base:allocation, asked for by name (or by "base:" or, to list, by nothing)
+                offered = self.knows_zeros and (
+                    any(q in (BASE_ALLOCATION, b"base:") for q in queries)
+                    or (option == OPT_LIST_META_CONTEXT and not queries))
+                if offered:
+                    context_id = BASE_ALLOCATION_ID if option == OPT_SET_META_CONTEXT else 0
+                    self._reply_option(conn, option, REP_META_CONTEXT,
+                                       struct.pack(">I", context_id) + BASE_ALLOCATION)
+                if option == OPT_SET_META_CONTEXT:
+                    block_status = offered
+                self._reply_option(conn, option, REP_ACK)
             elif option == OPT_ABORT:
                 self._reply_option(conn, option, REP_ACK)
-                return False
+                return None
             else:
                 self._reply_option(conn, option, REP_ERR_UNSUP)
 
-    def _transmission(self, conn):
+    def _transmission(self, conn, structured, block_status):
         send_lock = threading.Lock()
         fd = os.open(self.path, os.O_RDONLY)
 
-        def reply(cookie, error):
+        def reply(cookie, error, kind=CMD_FLUSH):
             with send_lock:
-                conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, cookie))
+                if structured and (error or kind in (CMD_READ, CMD_BLOCK_STATUS)):
+                    message = os.strerror(error).encode()
+                    conn.sendall(struct.pack(">IHHQIIH", STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR,
+                                             cookie, 6 + len(message), error, len(message)) + message)
+                else:
+                    conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, cookie))
 
         def read(cookie, offset, length):
             try:
                 self.download.wait_for(offset, offset + length)
                 with send_lock:
                     # The header, then the bytes straight from the page cache (sendfile: no copy here).
-                    conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie))
+                    if structured:
+                        conn.sendall(struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
+                                                 REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset))
+                    else:
+                        conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie))
                     sent = 0
                     while sent < length:
                         n = os.sendfile(conn.fileno(), fd, offset + sent, length - sent)
@@ -549,32 +703,70 @@ class NbdExport(object):
                             raise EOFError("staging file shorter than the export")
                         sent += n
             except TransferFailed:
-                reply(cookie, EIO)
+                reply(cookie, EIO, CMD_READ)
             except (OSError, EOFError):
-                try:  # a reply cut short leaves the stream unusable: hang up so the client sees it
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                hang_up()
+
+        def status(cookie, flags, offset, length):
+            try:
+                extents = self.download.extents(offset, length, 1 if flags & CMD_FLAG_REQ_ONE else MAX_EXTENTS)
+                body = b"".join(struct.pack(">II", n, (STATE_HOLE | STATE_ZERO) if zero else 0)
+                                for n, zero in extents)
+                with send_lock:
+                    conn.sendall(struct.pack(">IHHQII", STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
+                                             REPLY_TYPE_BLOCK_STATUS, cookie, 4 + len(body), BASE_ALLOCATION_ID)
+                                 + body)
+            except TransferFailed:
+                reply(cookie, EIO, CMD_BLOCK_STATUS)
+            except (OSError, EOFError):
+                hang_up()
+
+        def hang_up():
+            try:  # a reply cut short leaves the stream unusable: hang up so the client sees it
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
         with ThreadPoolExecutor(max_workers=16) as pool:
             try:
                 while True:
-                    magic, _flags, kind, cookie, offset, length = struct.unpack(">IHHQQI", _recv_exact(conn, 28))
+                    magic, flags, kind, cookie, offset, length = struct.unpack(">IHHQQI", _recv_exact(conn, 28))
                     if magic != REQUEST_MAGIC:
                         return
                     if kind == CMD_DISC:
                         return
-                    if kind == CMD_READ:
-                        if length > MAX_READ or offset + length > self.size:
-                            reply(cookie, EINVAL)
+                    if kind in (CMD_READ, CMD_BLOCK_STATUS) and (offset + length > self.size or not length):
+                        reply(cookie, EINVAL, kind)
+                    elif kind == CMD_READ:
+                        if length > MAX_READ:
+                            reply(cookie, EINVAL, kind)
                         else:
                             pool.submit(read, cookie, offset, length)
+                    elif kind == CMD_BLOCK_STATUS and block_status:
+                        pool.submit(status, cookie, flags, offset, length)
                     elif kind == CMD_FLUSH:
                         reply(cookie, 0)
                     else:
-                        reply(cookie, EPERM)
+                        reply(cookie, EINVAL if kind == CMD_BLOCK_STATUS else EPERM, kind)
             finally:
                 os.close(fd)
+
+
+def _meta_queries(data):
+    """The queries of a LIST/SET_META_CONTEXT option (export name, then counted strings); None if malformed."""
+    try:
+        (name_length,) = struct.unpack_from(">I", data, 0)
+        pos = 4 + name_length
+        (count,) = struct.unpack_from(">I", data, pos)
+        pos += 4
+        queries = []
+        for _ in range(count):
+            (n,) = struct.unpack_from(">I", data, pos)
+            queries.append(data[pos + 4:pos + 4 + n])
+            pos += 4 + n
+        return queries if pos == len(data) and all(len(q) <= 4096 for q in queries) else None
+    except struct.error:
+        return None
 
 
 def ssh_server_address():
@@ -591,7 +783,10 @@ def main(argv):
     config["bind_address"] = ssh_server_address() if bind == "ssh" else bind
     compressed = config.get("container") in DECOMPRESSORS
     fetch_size = int(config["object_size"]) if compressed else size
-    download = Download(fetch_size, config.get("present", []), int(config.get("chunk_bytes", 8 * PIECE)))
+    # A compressed object is read once, in order: it arrives in memory, a few chunks per connection ahead
+    connections = max(1, int(config.get("connections", 4)))
+    download = Download(fetch_size, config.get("present", []), int(config.get("chunk_bytes", 8 * PIECE)),
+                        buffers=3 * connections if compressed else 0)
 
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     os.ftruncate(fd, size)
@@ -609,7 +804,7 @@ def main(argv):
 
     started = time.monotonic()
     fetchers = [threading.Thread(target=Fetcher(config, download, fetch_fd).run, daemon=True)
-                for _ in range(max(1, int(config.get("connections", 4))))]
+                for _ in range(connections)]
     for thread in fetchers:
         thread.start()
     emit("ready", size=size, to_fetch=sum(c.hi - c.lo for c in download.chunks), bind=config["bind_address"])

@@ -4,8 +4,11 @@ on the worker while the object arrives, each object byte fetched once, against t
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
 import subprocess
 import tarfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -148,12 +151,40 @@ def test_data_ending_short_of_its_size_fails(localoci, object_storage, bucket, d
         stream.finish()
 
 
-def test_fed_bytes_are_punched_out_of_the_objects_file(tmp_path):
-    from diskimport.streamer import punch_hole
+def test_decompressed_zeros_are_reported_as_holes_over_nbd_and_the_object_stays_off_disk(
+        localoci, object_storage, bucket, disk, staging, tmp_path):
+    packed = compress(disk, "zstd", "-q")
+    found, inner = inner_of(packed, packed.name)
+    present = head_and_tail(packed)
+    stream, _ = stream_object(localoci, object_storage, bucket, packed, packed.name, staging, inner, present)
+    mapped = subprocess.run(["qemu-img", "map", "--output=json", "--image-opts",
+                             f"driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={stream.socket}"],
+                            capture_output=True, text=True, check=True)
+    convert_through(stream, tmp_path / "volume.img", found.virtual_size)
+    stream.finish()
+    assert (tmp_path / "volume.img").read_bytes() == disk.read_bytes()
+    # the disk: GPT in its first MiB, zeros, 6 MiB of data from 2 MiB, zeros, the backup GPT in its last MiB
+    zeros = [(e["start"], e["start"] + e["length"]) for e in json.loads(mapped.stdout) if e["zero"]]
+    assert zeros == [(1 * MiB, 2 * MiB), (8 * MiB, 15 * MiB)]
+    # the staging copy keeps those holes, and the object's fetched bytes went through memory only
+    assert os.stat(stream.path).st_blocks * 512 <= 8 * MiB + 64 * 1024
+    object_file = Path(staging) / "object"
+    assert object_file.stat().st_blocks * 512 <= sum(len(d) for _, d in present) + 64 * 1024
 
-    path = tmp_path / "object"
-    path.write_bytes(b"\x01" * (8 * MiB))
-    with open(path, "r+b") as f:
-        punch_hole(f.fileno(), 0, 6 * MiB)
-    assert path.stat().st_size == 8 * MiB and path.stat().st_blocks * 512 <= 2 * MiB + 65536
-    assert path.read_bytes() == bytes(6 * MiB) + b"\x01" * (2 * MiB)
+
+def test_an_object_read_in_order_is_fetched_at_most_its_buffers_ahead():
+    from diskimport import streamer
+
+    download = streamer.Download(10 * MiB, [(0, MiB)], MiB, buffers=2)
+    first, second = download.take(), download.take()
+    assert (first.lo, second.lo) == (MiB, 2 * MiB) and first.buf is not None
+    taken: list[Any] = []
+    third = threading.Thread(target=lambda: taken.append(download.take()))
+    third.start()
+    third.join(1.5)
+    assert third.is_alive() and not taken  # no buffer free: the third chunk waits
+    download.release(first)
+    third.join(5)
+    assert taken[0].lo == 3 * MiB and taken[0].buf is not None
+    download.fail(streamer.TransferFailed("gone"))
+    assert download.take() is None  # a failed download hands out nothing, even with a buffer free
