@@ -368,6 +368,14 @@ class _Retryable(Exception):
 DECOMPRESSORS = {"gzip": ["gzip", "-dc"], "tar.gz": ["gzip", "-dc"], "xz": ["xz", "-dc"],
                  "zstd": ["zstd", "-dcq"], "bzip2": ["bzip2", "-dc"]}
 TAR_TRAILER_MAX = 1024 * 1024  # a tar.gz's end-of-archive blocks and record padding
+# Decompressors that can write the image file themselves, leaving its zeros as holes.
+SPARSE_DECOMPRESSORS = {"zstd": ["zstd", "-dcq", "--sparse"]}
+SEEK_DATA, SEEK_HOLE = getattr(os, "SEEK_DATA", 3), getattr(os, "SEEK_HOLE", 4)
+
+
+def _limit_file_size(size):
+    import resource
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
 class Inflow(object):
@@ -388,6 +396,9 @@ class Inflow(object):
         self.container = config["container"]
         self.size = int(config["size"])
         self.skip = int(config.get("skip", 0))
+        self.path = config["path"]
+        self.direct = self.container in SPARSE_DECOMPRESSORS and not self.skip
+        self.seek_lock = threading.Lock()
         self.object_size = int(config["object_size"])
         self.download, self.object_fd, self.fd = download, object_fd, fd
         self.cond = threading.Condition()
@@ -399,16 +410,62 @@ class Inflow(object):
         self.process = None
 
     def start(self):
-        self.process = subprocess.Popen(DECOMPRESSORS[self.container], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+        if self.direct:
+            # zstd writes ``path`` itself, leaving zeros as holes: no decompressed byte crosses a
+            # pipe. Its offset (shared with ``out_fd``) is how far it got; writing past ``size``
+            # kills it (SIGXFSZ), which is a bomb.
+            self.out_fd = os.open(self.path, os.O_WRONLY)
+            size = self.size
+            self.process = subprocess.Popen(SPARSE_DECOMPRESSORS[self.container], stdin=subprocess.PIPE,
+                                            stdout=self.out_fd, stderr=subprocess.PIPE, bufsize=0,
+                                            preexec_fn=lambda: _limit_file_size(size))
+        else:
+            self.process = subprocess.Popen(DECOMPRESSORS[self.container], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
         for pipe in (self.process.stdin, self.process.stdout):
             try:  # fewer, larger pipe transfers (1 MiB is what an unprivileged process may ask)
                 import fcntl
                 fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, PIECE)
-            except (ImportError, OSError):
+            except (AttributeError, ImportError, OSError):
                 pass
         threading.Thread(target=self._feed, daemon=True).start()
-        threading.Thread(target=self._drain, daemon=True).start()
+        threading.Thread(target=self._watch if self.direct else self._drain, daemon=True).start()
+
+    def _watch(self):
+        """Follow the decompressor writing ``path`` by its file offset; the checks on its length."""
+        try:
+            while True:
+                code = self.process.poll()
+                pos = os.lseek(self.out_fd, 0, os.SEEK_CUR)
+                with self.cond:
+                    if min(pos, self.size) > self.produced:
+                        self.produced = min(pos, self.size)
+                        self.cond.notify_all()
+                if code is not None:
+                    break
+                time.sleep(0.02)
+            if code == -signal.SIGXFSZ or pos > self.size:
+                raise Refused("decompression-bomb", "the data decompresses to more than the %d bytes its size "
+                              "says (set opc-meta-virtual-size if the size record is wrong)" % self.size)
+            if code != 0 and self.error is None:
+                message = self.process.stderr.read(2000).decode("utf-8", "replace").strip()
+                raise Refused("decompression-failed", "%s failed (exit %d): %s"
+                              % (SPARSE_DECOMPRESSORS[self.container][0], code, message))
+            if self.error is None and pos < self.size:
+                raise Refused("decompression-failed", "the data decompresses to %d bytes, %d expected"
+                              % (pos, self.size))
+        except TransferFailed as exc:
+            self.fail(exc)
+            return
+        except Exception as exc:  # a bug must not leave readers waiting forever
+            self.fail(TransferFailed("decompressing failed: %r" % (exc,)))
+            return
+        finally:
+            os.close(self.out_fd)
+        with self.cond:
+            if self.error is None:
+                self.done = True
+            self.cond.notify_all()
 
     def fail(self, error):
         with self.cond:
@@ -557,6 +614,10 @@ class Inflow(object):
         Waits until ``offset`` has been decompressed; covers at most what has been so far.
         """
         self.wait_for(offset, offset + 1)
+        if self.direct:
+            with self.cond:
+                end = min(offset + length, self.size if self.done else self.produced)
+            return self._file_extents(offset, end, limit)
         with self.cond:
             end = min(offset + length, self.size if self.done else self.produced)
             i = bisect.bisect_right(self.run_starts, offset) - 1
@@ -570,6 +631,26 @@ class Inflow(object):
                     out.append((stop - pos, self.run_zero[i]))
                 pos, i = stop, i + 1
             return out
+
+    def _file_extents(self, offset, end, limit):
+        """The holes the decompressor left in ``path`` (before its offset: zeros it skipped)."""
+        out, pos = [], offset
+        with self.seek_lock:
+            while pos < end and len(out) < limit:
+                try:
+                    data = min(end, os.lseek(self.fd, pos, SEEK_DATA))
+                except OSError as exc:
+                    if exc.errno != errno.ENXIO:
+                        raise
+                    data = end  # only a hole after pos
+                if data > pos:
+                    out.append((data - pos, True))
+                    pos = data
+                    continue
+                hole = min(end, os.lseek(self.fd, pos, SEEK_HOLE))
+                out.append((hole - pos, False))
+                pos = hole
+        return out[:limit]
 
     def wait_complete(self, timeout):
         with self.cond:
