@@ -432,6 +432,9 @@ class Inflow(object):
         threading.Thread(target=self._watch if self.direct else self._drain, daemon=True).start()
 
     def _watch(self):
+        self._outcome(self._follow_file)
+
+    def _follow_file(self):
         """Follow the decompressor writing ``path`` by its file offset; the checks on its length."""
         try:
             while True:
@@ -444,26 +447,34 @@ class Inflow(object):
                 if code is not None:
                     break
                 time.sleep(0.02)
-            if code == -signal.SIGXFSZ or pos > self.size:
-                raise Refused("decompression-bomb", "the data decompresses to more than the %d bytes its size "
-                              "says (set opc-meta-virtual-size if the size record is wrong)" % self.size)
-            if code != 0 and self.error is None:
-                message = self.process.stderr.read(2000).decode("utf-8", "replace").strip()
-                raise Refused("decompression-failed", "%s failed (exit %d): %s"
-                              % (SPARSE_DECOMPRESSORS[self.container][0], code, message))
-            if self.error is None and pos < self.size:
-                raise Refused("decompression-failed", "the data decompresses to %d bytes, %d expected"
-                              % (pos, self.size))
+        finally:
+            os.close(self.out_fd)
+        if code == -signal.SIGXFSZ or pos > self.size:
+            raise Refused("decompression-bomb", "the data decompresses to more than the %d bytes its size "
+                          "says (set opc-meta-virtual-size if the size record is wrong)" % self.size)
+        self._check_end(code, SPARSE_DECOMPRESSORS[self.container][0], pos)
+
+    def _check_end(self, code, tool, length):
+        """The decompressor ended having given ``length`` bytes of the image: a failure, or short."""
+        if code != 0 and self.error is None:
+            message = self.process.stderr.read(2000).decode("utf-8", "replace").strip()
+            raise Refused("decompression-failed", "%s failed (exit %d): %s" % (tool, code, message))
+        if self.error is None and length < self.size:
+            raise Refused("decompression-failed", "the data decompresses to %d bytes, %d expected"
+                          % (length, self.size))
+
+    def _outcome(self, follow):
+        """Run ``follow`` (which reads the decompression to its end); done, or the failure for readers."""
+        try:
+            follow()
         except TransferFailed as exc:
             self.fail(exc)
             return
         except Exception as exc:  # a bug must not leave readers waiting forever
             self.fail(TransferFailed("decompressing failed: %r" % (exc,)))
             return
-        finally:
-            os.close(self.out_fd)
         with self.cond:
-            if self.error is None:
+            if self.error is None:  # else the fetch failed and the decompressor was stopped
                 self.done = True
             self.cond.notify_all()
 
@@ -554,50 +565,34 @@ class Inflow(object):
             written += os.pwrite(self.fd, view[i + written:j], at + written)
 
     def _drain(self):
+        self._outcome(self._read_pipe)
+
+    def _read_pipe(self):
         """The decompressor's output into ``path``; the checks on its length."""
         buf = bytearray(4 * PIECE)
         view = memoryview(buf)
         total = 0  # decompressed bytes, counting the skipped ones
         limit = self.skip + self.size
-        try:
-            while True:
-                n = self._read_block(view)
-                if not n:
-                    break
-                start, end = total, total + n
-                total = end
-                lo, hi = max(start, self.skip), min(end, limit)
-                if hi > lo:
-                    self._store(buf, view, lo - start, hi - start, lo - self.skip)
-                if end > limit:
-                    extra = view[max(0, limit - start):n]
-                    if self.container != "tar.gz":
-                        raise Refused("decompression-bomb", "the data decompresses to more than the %d bytes "
-                                      "its size says (set opc-meta-virtual-size if the size record is wrong)"
-                                      % self.size)
-                    if extra.tobytes().count(0) != len(extra) or total - limit > TAR_TRAILER_MAX:
-                        raise Refused("tar-not-one-image", "the tar holds more after its disk image")
-                if n < len(buf):
-                    break  # the decompressor's end
-            code = self.process.wait()
-            if code != 0 and self.error is None:
-                message = self.process.stderr.read(2000).decode("utf-8", "replace").strip()
-                raise Refused("decompression-failed", "%s failed (exit %d): %s"
-                              % (DECOMPRESSORS[self.container][0], code, message))
-            if self.error is None and total < limit:
-                raise Refused("decompression-failed", "the data decompresses to %d bytes, %d expected"
-                              % (total - self.skip, self.size))
-        except TransferFailed as exc:
-            self.fail(exc)
-            return
-        except Exception as exc:  # a bug must not leave readers waiting forever
-            self.fail(TransferFailed("decompressing failed: %r" % (exc,)))
-            return
-        with self.cond:
-            if self.error is not None:  # the fetch failed and the decompressor was stopped
-                return
-            self.done = True
-            self.cond.notify_all()
+        while True:
+            n = self._read_block(view)
+            if not n:
+                break
+            start, end = total, total + n
+            total = end
+            lo, hi = max(start, self.skip), min(end, limit)
+            if hi > lo:
+                self._store(buf, view, lo - start, hi - start, lo - self.skip)
+            if end > limit:
+                extra = view[max(0, limit - start):n]
+                if self.container != "tar.gz":
+                    raise Refused("decompression-bomb", "the data decompresses to more than the %d bytes "
+                                  "its size says (set opc-meta-virtual-size if the size record is wrong)"
+                                  % self.size)
+                if extra.tobytes().count(0) != len(extra) or total - limit > TAR_TRAILER_MAX:
+                    raise Refused("tar-not-one-image", "the tar holds more after its disk image")
+            if n < len(buf):
+                break  # the decompressor's end
+        self._check_end(self.process.wait(), DECOMPRESSORS[self.container][0], total - self.skip)
 
     def wait_for(self, start, end):
         with self.cond:
