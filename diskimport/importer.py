@@ -586,7 +586,10 @@ class VolumeWrite:
         inner = (transfer.Inner(image.container, image.inner_offset, image.inner_size)
                  if image.container and image.inner_size is not None else None)
         image_bytes = inner.size if inner is not None else version.size
-        kept_bytes = image_bytes + (version.size if inner is not None and inner.container != "tar" else 0)
+        pieces = importer.header_pieces(version)
+        # a compressed object is fetched into memory: beside the image only the pieces handed over are kept
+        kept_bytes = image_bytes + (sum(len(data) for _, data in pieces)
+                                    if inner is not None and inner.container != "tar" else 0)
         staging = transfer.make_staging_dir(session, version.import_id, kept_bytes)
         par_id, access_uri = cloud.read_only_par(self.clients, version.namespace, version.bucket, version.name,
                                                  PAR_LIFETIME, importer.par_name(version))
@@ -597,7 +600,7 @@ class VolumeWrite:
             url = self.clients.object_storage.base_client.endpoint.rstrip("/") + access_uri
             with _phase(phases, "start-transfer"):
                 stream = transfer.start_stream(
-                    session, session, url, version.etag, version.size, staging, importer.header_pieces(version),
+                    session, session, url, version.etag, version.size, staging, pieces,
                     transfer.TransferSettings(connections=settings.transfer_connections,
                                               chunk_bytes=settings.transfer_chunk_mib * 1024 * 1024),
                     on_event=progress.event if progress else None, inner=inner)
