@@ -43,7 +43,7 @@ import lzma
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import inspection
 from .contract import FORMAT_NAMES, split_name
@@ -321,52 +321,60 @@ def gzip_size(isize_bytes: bytes, object_size: int, head_output: int) -> int | N
 
 # -- tar --------------------------------------------------------------------------------------
 
-def tar_member(get: Callable[[int, int], bytes | None]) -> tuple[int, int, str]:
-    """(data offset, size, name) of the one regular file in the tar whose bytes ``get`` serves
-    (``None`` past what is known: the walk stops there, having found the member)."""
-    pos, found, pax_size, long_name = 0, None, None, None
+def tar_members(get: Callable[[int, int], bytes | None], code: str = "tar-not-one-image",
+                what: str = "the object") -> Iterator[tuple[int, int, str]]:
+    """(data offset, size, name) of each regular file in the tar whose bytes ``get`` serves,
+    reading only headers (``None`` past what is known ends the walk). Links, devices, FIFOs
+    and sparse members are refused with ``code``."""
+    pos, pax_size, long_name = 0, None, None
     while True:
         header = get(pos, pos + BLOCK)
-        if header is None and found is not None:
-            break
         if not header or len(header) < BLOCK or header == bytes(BLOCK):
-            break
+            return
         stored = _octal(header[148:156])
         if stored is None or stored != sum(header[:148]) + 256 + sum(header[156:]):
-            raise ImageRejected("tar-not-one-image", f"the tar header at byte {pos} is damaged (bad checksum)"
-                                if pos else "the object is not a tar archive")
+            raise ImageRejected(code, f"the tar header at byte {pos} of {what} is damaged (bad checksum)"
+                                if pos else f"{what} is not a tar archive")
         kind = header[156:157]
-        size = _tar_number(header[124:136])
+        size = _tar_number(header[124:136], code)
         data = pos + BLOCK
         if kind in (b"x", b"g", b"L", b"K"):
             if size > 1024 * 1024:
-                raise ImageRejected("tar-not-one-image", f"a tar extended header of {size} bytes")
+                raise ImageRejected(code, f"a tar extended header of {size} bytes in {what}")
             body = get(data, data + size)
             if body is None:
-                raise ImageRejected("incomplete-header", "the tar's extended headers run past what was read")
+                raise ImageRejected("incomplete-header", f"the extended headers of {what} run past what was read")
             if kind == b"x":
-                records = _pax(body)
+                records = _pax(body, code)
                 pax_size = int(records["size"]) if "size" in records else None
                 long_name = records.get("path", long_name)
             elif kind == b"L":
                 long_name = body.rstrip(b"\0").decode("utf-8", "replace")
         elif kind in (b"0", b"\0", b"7"):
-            if found is not None:
-                raise ImageRejected("tar-not-one-image", "the tar holds more than one file: upload one disk image "
-                                    "per tar")
             if pax_size is not None:
                 size = pax_size
-            name = long_name or _tar_name(header)
-            found = (data, size, name)
+            yield data, size, long_name or _tar_name(header)
             pax_size = long_name = None
         elif kind == b"5":
             pax_size = long_name = None
         else:
-            what = {b"1": "a hard link", b"2": "a symbolic link", b"3": "a character device", b"4": "a block device",
-                    b"6": "a FIFO", b"S": "a sparse file"}.get(kind, f"a member of type {kind!r}")
-            raise ImageRejected("tar-not-one-image", f"the tar holds {what}: only one regular file, the disk image, "
-                                "is accepted")
+            kind_name = {b"1": "a hard link", b"2": "a symbolic link", b"3": "a character device",
+                         b"4": "a block device", b"6": "a FIFO", b"S": "a sparse file"}.get(kind,
+                                                                                          f"a member of type {kind!r}")
+            raise ImageRejected(code, f"{what} holds {kind_name} ({_tar_name(header)!r}): only regular files, "
+                                "such as one disk image, are accepted")
         pos = data + (size + BLOCK - 1) // BLOCK * BLOCK
+
+
+def tar_member(get: Callable[[int, int], bytes | None]) -> tuple[int, int, str]:
+    """(data offset, size, name) of the one regular file in the tar whose bytes ``get`` serves
+    (``None`` past what is known: the walk stops there, having found the member)."""
+    found = None
+    for member in tar_members(get):
+        if found is not None:
+            raise ImageRejected("tar-not-one-image", "the tar holds more than one file: upload one disk image "
+                                "per tar")
+        found = member
     if found is None:
         raise ImageRejected("tar-not-one-image", "the tar holds no file")
     return found
@@ -380,12 +388,12 @@ def _octal(field: bytes) -> int | None:
         return None
 
 
-def _tar_number(field: bytes) -> int:
+def _tar_number(field: bytes, code: str) -> int:
     if field[0] & 0x80:  # GNU base-256
         return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
     value = _octal(field)
     if value is None:
-        raise ImageRejected("tar-not-one-image", "a tar header holds a malformed size")
+        raise ImageRejected(code, "a tar header holds a malformed size")
     return value
 
 
@@ -397,7 +405,7 @@ def _tar_name(header: bytes) -> str:
     return name.decode("utf-8", "replace")
 
 
-def _pax(body: bytes) -> dict[str, str]:
+def _pax(body: bytes, code: str) -> dict[str, str]:
     records, pos = {}, 0
     while pos < len(body):
         space = body.find(b" ", pos)
@@ -406,7 +414,7 @@ def _pax(body: bytes) -> dict[str, str]:
         try:
             length = int(body[pos:space])
         except ValueError:
-            raise ImageRejected("tar-not-one-image", "a malformed pax header") from None
+            raise ImageRejected(code, "a malformed pax header") from None
         if length <= 0:
             break
         key, _, value = body[space + 1:pos + length - 1].partition(b"=")
