@@ -23,7 +23,7 @@ Codes, by where they arise (oslo.utils' safety check names pass through unchange
 - a machine (:mod:`diskimport.machine`: an OVA, an OVF, a machine manifest):
   ``ova-malformed``, ``ovf-invalid``, ``ovf-unsupported``, ``ova-missing-file``,
   ``ova-size-mismatch``, ``ova-manifest-invalid``, ``ova-digest-mismatch``,
-  ``machine-manifest-invalid``;
+  ``ova-capacity-mismatch``, ``machine-manifest-invalid``;
 - on the worker VM: ``decompression-failed`` and ``decompression-bomb`` (the data runs
   past its size, or ends short), ``qemu-cannot-read``, ``qemu-disagrees``, ``qemu-check-failed``,
   ``nested-image``, ``filesystem-errors``, ``unchecked-filesystems``.

@@ -24,7 +24,9 @@ Every refusal is an :class:`~diskimport.errors.ImageRejected` whose message name
 member or field: ``ova-malformed`` (the tar; not one descriptor), ``ovf-invalid`` (the
 descriptor), ``ovf-unsupported`` (chunked or compressed files), ``ova-missing-file``,
 ``ova-size-mismatch``, ``ova-manifest-invalid``, ``ova-digest-mismatch``,
-``machine-manifest-invalid``.
+``ova-capacity-mismatch`` (a disk's header against the descriptor),
+``machine-manifest-invalid``; a disk's own refusal (every hostile-image check)
+keeps its code, its message then naming the disk.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import contract
+from . import contract, inspection
 from .errors import ImageRejected
-from .packed import tar_members
+from .inspection import Inspection
+from .packed import Packed, tar_members
 
 MAX_DESCRIPTOR = 4 * 1024 * 1024
 MAX_MANIFEST = 1024 * 1024
@@ -73,6 +76,7 @@ class MachineDisk:
     name: str                     # the descriptor's disk id, or the object's name for a manifest
     file: str                     # the OVA member, or the object in the bucket
     capacity: int | None = None   # bytes, as the descriptor states (the header must agree)
+    capacity_unit: int = 1        # the unit the descriptor states it in: the header may round within it
     format: str | None = None     # as the descriptor's format URI says (the header must agree)
     digest: tuple[str, str] | None = None  # (hashlib name, hex) from the manifest
     offset: int | None = None     # an OVA member's data offset in the OVA
@@ -195,6 +199,39 @@ def _check_digest(name: str, data: bytes, digests: dict[str, tuple[str, str]]) -
                                 "manifest")
 
 
+# -- the disks' headers ---------------------------------------------------------------------------
+
+def inspect_ova_disks(machine: Machine, get: Callable[[int, int], bytes | None],
+                      max_virtual_size: int) -> list[tuple[MachineDisk, Inspection, Packed]]:
+    """Every disk of an OVA inspected as a plain upload is (every hostile-image check, on its
+    head and tail only), then held against what the descriptor says of it. Each disk is a
+    byte range of the OVA, as a tar's member is (:class:`~diskimport.packed.Packed` ``tar``)."""
+    found = []
+    for disk in machine.disks:
+        assert disk.offset is not None and disk.size is not None
+        offset = disk.offset
+        image = about_disk(disk, lambda: inspection.inspect(
+            lambda lo, hi: get(offset + lo, offset + hi + 1), disk.size or 0,
+            disk.format or inspection.claimed_format(disk.file), max_virtual_size))
+        found.append((disk, image, Packed("tar", disk.offset, disk.size)))
+    return found
+
+
+def about_disk(disk: MachineDisk, inspect: Callable[[], Inspection]) -> Inspection:
+    """``inspect()``'s finding for one disk (which claims the descriptor's format, so a header of
+    another is ``claimed-format-mismatch``), its size checked against the descriptor's capacity;
+    a refusal names the disk."""
+    where = f"disk {disk.position + 1} ({disk.file})"
+    try:
+        image = inspect()
+    except ImageRejected as exc:
+        raise ImageRejected(exc.code, f"{where}: {exc.message}") from None
+    if disk.capacity is not None and abs(disk.capacity - image.virtual_size) >= disk.capacity_unit:
+        raise ImageRejected("ova-capacity-mismatch", f"{where}: the descriptor says {disk.capacity} bytes, the "
+                            f"header {image.virtual_size}")
+    return image
+
+
 # -- the manifest --------------------------------------------------------------------------------
 
 def parse_manifest(data: bytes) -> dict[str, tuple[str, str]]:
@@ -277,6 +314,7 @@ def parse_ovf(data: bytes, default_name: str = "machine", source: str = "ovf") -
         disks[disk_id] = MachineDisk(
             position=0, name=disk_id, file=href,
             capacity=_capacity(attr(disk, "capacity"), attr(disk, "capacityAllocationUnits"), disk_id),
+            capacity_unit=_units(attr(disk, "capacityAllocationUnits") or "byte", f"the capacity units of {disk_id!r}"),
             format=_format_of(attr(disk, "format")),
             size=_integer(attr(file, "size"), f"the size of {href!r}"))
     if not disks:

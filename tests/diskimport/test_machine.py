@@ -18,6 +18,8 @@ import pytest
 from diskimport import machine
 from diskimport.errors import ImageRejected
 
+from . import test_hostile_images as hostile
+
 MiB = 1024 * 1024
 DATA = Path(__file__).with_name("data")
 
@@ -266,3 +268,46 @@ def test_a_machine_manifest_that_is_wrong_is_refused_naming_the_field(doc: Any, 
 def test_a_machine_manifest_that_is_not_json_is_refused():
     with pytest.raises(ImageRejected, match="^machine-manifest-invalid: the manifest is not JSON"):
         machine.parse_machine_manifest(b"{disks: [", "m.machine.json")
+
+
+def test_every_disk_of_an_ova_is_inspected_from_its_head_and_tail_and_sized(three_disks, tmp_path):
+    ova = make_ova(tmp_path, "web-01", vmware_descriptor(three_disks), [p for p, _ in three_disks])
+    reads = Reads(ova)
+    found = machine.describe_ova(reads, ova.stat().st_size, "web-01.ova")
+    inspected = machine.inspect_ova_disks(found, reads, 1 << 40)
+    assert [(image.format, image.virtual_size) for _, image, _ in inspected] == \
+        [("vmdk", size * MiB) for _, size in three_disks]
+    assert [(packed.container, packed.inner_offset, packed.inner_size) for _, _, packed in inspected] == \
+        [("tar", d.offset, d.size) for d in found.disks]
+    assert reads.bytes < 3 * 4 * MiB  # heads and tails, not the disks
+
+
+def test_a_disk_larger_than_the_descriptor_says_is_refused_naming_it(three_disks, tmp_path):
+    descriptor = vmware_descriptor(three_disks[:2]).replace('ovf:capacity="16"', 'ovf:capacity="15"')
+    ova = make_ova(tmp_path, "vm", descriptor, [p for p, _ in three_disks[:2]])
+    reads = Reads(ova)
+    with pytest.raises(ImageRejected, match=r"^ova-capacity-mismatch: disk 2 \(web-01-disk2.vmdk\): the descriptor "
+                                            r"says 15728640 bytes, the header 16777216"):
+        machine.inspect_ova_disks(machine.describe_ova(reads, ova.stat().st_size, "vm.ova"), reads, 1 << 40)
+
+
+SUFFIX = {"qcow2": "qcow2", "vmdk": "vmdk", "vhdx": "vhdx", "vpc": "vhd", "vdi": "vdi", "raw": "raw"}
+
+
+@pytest.mark.parametrize("case", list(hostile.CORPUS))
+def test_a_hostile_disk_inside_an_ova_is_refused_with_its_code_naming_the_disk(case, three_disks, tmp_path):
+    build, code = hostile.CORPUS[case]
+    work = tmp_path / "hostile"
+    work.mkdir()
+    path, claimed = build(work)
+    if claimed:  # the member's name claims what the plain upload claimed; the descriptor claims nothing
+        path = path.rename(work / f"disk2.{SUFFIX[claimed]}")
+    disks = [three_disks[0], (path, 64)]
+    descriptor = vmware_descriptor(disks).replace(
+        'ovf:fileRef="file2" ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"',
+        'ovf:fileRef="file2"')
+    ova = make_ova(tmp_path, "vm", descriptor, [d for d, _ in disks])
+    reads = Reads(ova)
+    with pytest.raises(ImageRejected) as refused:
+        machine.inspect_ova_disks(machine.describe_ova(reads, ova.stat().st_size, "vm.ova"), reads, 32 * 1024**4)
+    assert refused.value.code == code and f"disk 2 ({path.name}): " in str(refused.value), str(refused.value)
