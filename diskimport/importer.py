@@ -107,6 +107,7 @@ class PreviousImports:
 
     imported: FoundVolume | None
     resumable: tuple[FoundVolume, ...]
+    force: bool = False  # a new volume is wanted even if one was imported
 
 
 # The head and tail the inspection read, kept for the transfer of the same process so no
@@ -309,7 +310,7 @@ class Importer:
         resumable = () if force else tuple(
             v for v in found if v.state == contract.STATE_WRITING
             and (v.flow_run == self.run_id or not self.run_is_active(v.flow_run or "")))
-        return PreviousImports(None if force else imported, resumable)
+        return PreviousImports(None if force else imported, resumable, force)
 
     def availability_domains(self, ad_number: int | None) -> list[str]:
         identity = self.clients.identity
@@ -406,7 +407,9 @@ class Importer:
 
         A volume left half written by a dead run is resumed in its own AD. Raises
         :class:`CompetingImport` when another live run created its volume at the same time
-        and goes on instead of this one.
+        and goes on instead of this one, or another run finished the import meanwhile (a run
+        may wait long for a worker VM slot; not with ``previous.force``): the caller then looks
+        for previous imports again, and returns that volume.
         """
         ads = self.availability_domains(options.ad_number)
         size_gb = cloud.volume_size_gb(image.virtual_size)
@@ -433,6 +436,9 @@ class Importer:
             found = self.found_volumes(version)
             own = next((v for v in found if v.id == volume.id), None)
             rival = self._competitor(found, own) if own is not None else None
+            # another run may have finished the import while this one waited for a worker VM slot
+            rival = rival or (None if previous.force else next(
+                (v for v in found if v.state == contract.STATE_IMPORTED and v.id != volume.id), None))
             if rival is not None:
                 raise CompetingImport(rival.flow_run or "", rival.id)
             return worker, volume

@@ -28,9 +28,12 @@ from flows.sweep import sweep_run
 
 
 def _retry_unless_deterministic(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry transient failures only: a refusal (bad image, bad input) fails the same way every time."""
+    """Retry transient failures only: a refusal (bad image, bad input) fails the same way every
+    time, and a run that yields to a competing one must look for its volume, not make another."""
     try:
         state.result()
+    except CompetingImport:
+        return False
     except Exception as exc:
         return not is_deterministic(exc)
     return False

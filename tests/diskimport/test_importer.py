@@ -338,6 +338,47 @@ def test_of_two_runs_that_created_volumes_at_once_the_later_yields(localoci, mak
     blockstorage.delete_volume(theirs.id)
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_a_run_whose_import_another_run_finished_meanwhile_yields_to_it(localoci, make_importer, bucket, web01,
+                                                                        blockstorage, compartment_id,
+                                                                        availability_domains, force):
+    # this run found nothing, then waited (for a worker VM slot) while another run imported the version
+    importer = make_importer()
+    version = version_of(importer, localoci, bucket)
+    theirs = tagged_volume(blockstorage, compartment_id, availability_domains[0], version, contract.STATE_IMPORTED,
+                           str(uuid.uuid4()))
+    options = importer.options(version, ImportOptions())
+    image = importer.inspect(version, options)
+    if force:  # a forced import makes its own volume whatever was imported
+        with importer:
+            worker, volume = importer.provision(version, image, options, PreviousImports(None, (), force=True))
+            importer.terminate_worker(worker)
+        assert volume.id != theirs.id
+        blockstorage.delete_volume(volume.id)
+    else:
+        with pytest.raises(CompetingImport) as yielded:
+            with importer:
+                importer.provision(version, image, options, PreviousImports(None, ()))
+        assert yielded.value.volume_id == theirs.id
+        assert [v["id"] for v in live(localoci, "volumes", version)] == [theirs.id]
+        assert importer.previous_imports(version).imported.id == theirs.id  # where the flow looks next
+    assert live(localoci, "instances", version) == []
+    blockstorage.delete_volume(theirs.id)
+
+
+def test_a_yielding_run_is_not_retried_by_its_task():
+    """A task retry would provision again, after the run it yielded to may be done: a second volume."""
+    from prefect.states import Failed
+
+    from flows.import_disk import _retry_unless_deterministic
+
+    def failed_with(exc: Exception) -> Any:
+        return Failed(data=exc)
+
+    assert _retry_unless_deterministic(None, None, failed_with(CompetingImport("run", "vol"))) is False
+    assert _retry_unless_deterministic(None, None, failed_with(ConnectionError("reset"))) is True
+
+
 # -- options, settings and refusals -------------------------------------------------------------
 
 def test_ad_number_picks_the_availability_domain_and_is_checked(make_importer, availability_domains):
