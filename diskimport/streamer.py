@@ -24,6 +24,9 @@ holds the PAR URL (a bearer secret) and is readable by the worker user alone:
     connections  parallel HTTP connections (each a persistent keep-alive connection)
     chunk_bytes  the unit of download and of scheduling
     bind         "ssh" (the address this SSH session arrived on), an address, or null
+    digest       [hashlib name, hex digest, what]: the fetched bytes (a tar's member; a compressed
+                 object's own bytes) must hash to it, or the transfer fails with code
+                 ``ova-digest-mismatch`` (an OVA's manifest); hashed in order as they arrive
 
     base         (a tar's member) the object offset of ``path``'s byte 0: only the object's
                  bytes [base, base + size) are fetched, and ``present`` is given in ``path``'s
@@ -50,6 +53,7 @@ the transfer with code ``decompression-bomb``; one that fails or ends short with
 
 import bisect
 import errno
+import hashlib
 import http.client
 import json
 import os
@@ -365,6 +369,55 @@ class _Retryable(Exception):
     pass
 
 
+class Digest(object):
+    """The fetched bytes hashed in order as they arrive, against the digest the importer was
+    given (an OVA's manifest): a mismatch fails the transfer (``ova-digest-mismatch``).
+
+    It follows the file as the download fills it (page cache, no second fetch); readers are
+    not held back by it, but the transfer ends only once the digest is known to match.
+    """
+
+    STEP = 8 * PIECE
+
+    def __init__(self, spec, source, fd, size):
+        self.algorithm, self.expected, self.what = spec
+        self.source, self.fd, self.size = source, fd, size
+        self.matched = threading.Event()
+
+    def start(self):
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        hasher = hashlib.new(self.algorithm)
+        pos = 0
+        try:
+            while pos < self.size:
+                end = min(self.size, pos + self.STEP)
+                self.source.wait_for(pos, end)
+                data = os.pread(self.fd, end - pos, pos)
+                if len(data) != end - pos:
+                    raise TransferFailed("the staging file ends at %d while hashing it" % (pos + len(data)))
+                hasher.update(data)
+                pos = end
+            check_digest(hasher, self.expected, self.what)
+        except TransferFailed as exc:
+            self.source.fail(exc)
+            return
+        except Exception as exc:  # a bug must not leave the transfer waiting forever
+            self.source.fail(TransferFailed("hashing failed: %r" % (exc,)))
+            return
+        self.matched.set()
+
+    def wait_complete(self, timeout):
+        return self.source.wait_complete(timeout) and self.matched.wait(timeout)
+
+
+def check_digest(hasher, expected, what):
+    if hasher.hexdigest() != expected.lower():
+        raise Refused("ova-digest-mismatch", "the bytes of %s do not match their %s in the manifest"
+                      % (what, hasher.name.upper()))
+
+
 DECOMPRESSORS = {"gzip": ["gzip", "-dc"], "tar.gz": ["gzip", "-dc"], "xz": ["xz", "-dc"],
                  "zstd": ["zstd", "-dcq"], "bzip2": ["bzip2", "-dc"]}
 TAR_TRAILER_MAX = 1024 * 1024  # a tar.gz's end-of-archive blocks and record padding
@@ -398,6 +451,8 @@ class Inflow(object):
         self.skip = int(config.get("skip", 0))
         self.path = config["path"]
         self.direct = self.container in SPARSE_DECOMPRESSORS and not self.skip
+        digest = config.get("digest")
+        self.digest = (hashlib.new(digest[0]), digest[1], digest[2]) if digest else None
         self.seek_lock = threading.Lock()
         self.object_size = int(config["object_size"])
         self.download, self.object_fd, self.fd = download, object_fd, fd
@@ -510,6 +565,8 @@ class Inflow(object):
                 else:
                     self._give(os.pread(self.object_fd, chunk.hi - chunk.lo, chunk.lo))
                 pos = chunk.hi
+            if self.digest is not None and self.error is None:
+                check_digest(*self.digest)
         except TransferFailed as exc:
             self.fail(exc)
         except (OSError, ValueError):
@@ -521,6 +578,8 @@ class Inflow(object):
                 pass
 
     def _give(self, data):
+        if self.digest is not None:
+            self.digest[0].update(data)
         view, given = memoryview(data), 0
         while given < len(view):
             given += self.process.stdin.write(view[given:])
@@ -873,6 +932,10 @@ def main(argv):
         os.ftruncate(fetch_fd, fetch_size)
         source = Inflow(config, download, fetch_fd, fd)
         source.start()
+    ending = source  # what the end of the transfer waits for
+    if config.get("digest") and not compressed:
+        ending = Digest(config["digest"], source, fd, size)
+        ending.start()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(config["socket"])
     listener.listen(16)
@@ -907,7 +970,7 @@ def main(argv):
     interval = float(config.get("progress_seconds", 2.0))
     last = time.monotonic()
     try:
-        while not source.wait_complete(0.1):
+        while not ending.wait_complete(0.1):
             if orphaned():
                 return 4
             if stop_requested(config["stop_file"]) == "abort":

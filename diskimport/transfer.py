@@ -206,14 +206,16 @@ class Inner:
 
 def start_stream(runner: CommandRunner, files: WorkerFiles, url: str, etag: str, size: int, directory: str,
                  present: Sequence[tuple[int, bytes]], settings: TransferSettings = TransferSettings(),
-                 on_event: Callable[[dict[str, Any]], None] | None = None, inner: Inner | None = None) -> ObjectStream:
+                 on_event: Callable[[dict[str, Any]], None] | None = None, inner: Inner | None = None,
+                 digest: tuple[str, str, str] | None = None) -> ObjectStream:
     """Start fetching the object (minus the ``present`` pieces, written first) and serving it over NBD.
 
     With ``inner``, what is served (and kept at ``path``) is the image inside: a tar's
     member is fetched alone; a compressed object is fetched whole beside it
     (``{directory}/object``) and decompressed in order as it arrives.
     The PAR URL (a bearer secret) goes into a configuration file readable only by the
-    worker user, never onto a command line.
+    worker user, never onto a command line. ``digest`` (hashlib name, hex, what it is of: an
+    OVA manifest's line) is checked against the fetched bytes as they arrive.
     """
     stream = ObjectStream(runner, directory, on_event)
     files.put_private_file(STREAMER.read_text(), stream.script)
@@ -238,6 +240,8 @@ def start_stream(runner: CommandRunner, files: WorkerFiles, url: str, etag: str,
         "connections": settings.connections, "chunk_bytes": settings.chunk_bytes, "bind": settings.bind,
         "max_attempts": settings.max_attempts, **extra,
     }
+    if digest is not None:
+        config["digest"] = list(digest)
     files.put_private_file(json.dumps(config), stream.config)
     stream.start()
     return stream

@@ -9,6 +9,7 @@ from typing import Any, Iterator
 import oci
 import pytest
 
+from diskimport.errors import ImageRejected
 from diskimport.sample_disk import build_disk
 from localoci.process import RunningLocalOCI
 
@@ -66,3 +67,14 @@ def staging(tmp_path: Path) -> str:
 def head_and_tail(image: Path, head: int = 4 * MiB, tail: int = 64 * 1024) -> list[tuple[int, bytes]]:
     data = image.read_bytes()
     return [(0, data[:head]), (len(data) - tail, data[-tail:])]
+
+
+def finish_against_digest(stream: Any, right: bool, content: bytes, what: str, algorithm: str) -> None:
+    """Finish a transfer given a manifest digest: the staged image if ``right``, else the refusal."""
+    if right:
+        stream.finish()
+        assert Path(stream.path).read_bytes() == content
+    else:
+        with pytest.raises(ImageRejected, match=f"^ova-digest-mismatch: the bytes of {what} do not match their "
+                                                f"{algorithm} in the manifest"):
+            stream.finish()

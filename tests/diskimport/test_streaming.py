@@ -6,6 +6,7 @@ over its NBD socket while the ranged GETs fill the local copy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ from diskimport.commands import LocalRunner
 from diskimport.qemu_img import QemuImg
 from localoci.process import RunningLocalOCI
 
-from .conftest import head_and_tail
+from .conftest import finish_against_digest, head_and_tail
 
 MiB = 1024 * 1024
 
@@ -150,3 +151,13 @@ def test_a_terminated_streamer_removes_the_staging_copy(uploaded, staging, slow_
     pid = _start_detached_streamer(uploaded, staging)
     os.kill(pid, signal.SIGTERM)
     assert _gone_within(Path(staging), 10)
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_the_fetched_bytes_are_held_against_a_manifests_digest(localoci, uploaded, image, staging, right):
+    runner = LocalRunner()
+    digest = hashlib.sha256(image.read_bytes()).hexdigest() if right else "ab" * 32
+    stream = transfer.start_stream(runner, runner, uploaded["url"], uploaded["etag"], uploaded["size"], staging,
+                                   head_and_tail(image), transfer.TransferSettings(connections=2, chunk_bytes=4 * MiB),
+                                   digest=("sha256", digest, "'disk1.vmdk'"))
+    finish_against_digest(stream, right, image.read_bytes(), "'disk1.vmdk'", "SHA256")

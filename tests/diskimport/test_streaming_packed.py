@@ -4,6 +4,7 @@ on the worker while the object arrives, each object byte fetched once, against t
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ from diskimport.packed import inspect_object
 from diskimport.qemu_img import QemuImg
 from localoci.process import RunningLocalOCI
 
-from .conftest import head_and_tail
+from .conftest import finish_against_digest, head_and_tail
 from .test_packed import compress, small_disk
 
 MiB = 1024 * 1024
@@ -194,3 +195,24 @@ def test_an_object_read_in_order_is_fetched_at_most_its_buffers_ahead():
     assert taken[0].lo == 3 * MiB and taken[0].buf is not None
     download.fail(streamer.TransferFailed("gone"))
     assert download.take() is None  # a failed download hands out nothing, even with a buffer free
+
+
+@pytest.mark.parametrize("container,right", [("tar", True), ("tar", False), ("zstd", True), ("zstd", False)])
+def test_a_member_or_a_compressed_object_is_held_against_a_manifests_digest(
+        localoci, object_storage, bucket, disk, staging, tmp_path, container, right):
+    if container == "tar":
+        packed = tmp_path / "vm.ova"
+        with tarfile.open(packed, "w") as tar:
+            tar.add(str(disk), arcname="disk1.raw")
+        hashed = disk.read_bytes()  # an OVA manifest's digest is of the member
+    else:
+        packed = compress(disk, "zstd", "-q")
+        hashed = packed.read_bytes()  # of the object as uploaded
+    found, inner = inner_of(packed, "vm.tar" if container == "tar" else packed.name)
+    uploaded = upload(localoci, object_storage, bucket, packed, packed.name)
+    runner = LocalRunner()
+    digest = hashlib.sha1(hashed).hexdigest() if right else "0" * 40
+    stream = transfer.start_stream(runner, runner, uploaded["url"], uploaded["etag"], uploaded["size"], staging,
+                                   head_and_tail(packed), transfer.TransferSettings(connections=3, chunk_bytes=MiB),
+                                   inner=inner, digest=("sha1", digest, "'disk1.raw'"))
+    finish_against_digest(stream, right, disk.read_bytes(), "'disk1.raw'", "SHA1")
