@@ -42,6 +42,7 @@ def inventory(app: "LocalOCI", include_ended: bool = False, tags: dict[str, str]
         {**public(v), "backingFile": str(bs.backing_file(v)), "allocatedBytes": bs.allocated_bytes(v)}
         for v in app.store.values("volumes") if wanted(v)
     ]
+    volume_groups = [bs.render_group(g) for g in app.store.values("volume_groups") if wanted(g)]
     attachments = [public(a) for a in app.store.values("volume_attachments")
                    if include_ended or a["lifecycleState"] not in ENDED]
     pars = [{**{k: v for k, v in public(p).items() if k != "accessUri"}, "namespace": p["_namespace"], "bucketName": p["_bucket"]}
@@ -50,6 +51,7 @@ def inventory(app: "LocalOCI", include_ended: bool = False, tags: dict[str, str]
         "namespace": app.namespace,
         "instances": instances,
         "volumes": volumes,
+        "volumeGroups": volume_groups,
         "attachments": attachments,
         "pars": pars,
         "backupPolicyAssignments": list(app.store.values("backup_policy_assignments")),

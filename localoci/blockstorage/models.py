@@ -1,4 +1,4 @@
-"""Block Storage: volumes backed by sparse files, backup policies and their assignments."""
+"""Block Storage: volumes backed by sparse files, volume groups, backup policies and their assignments."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ServiceError, conflict, incorrect_state, invalid_parameter
+from ..errors import ServiceError, conflict, incorrect_state, invalid_parameter, missing_parameter
 from ..ids import new_ocid, now_iso
-from ..resources import lookup
+from ..resources import lookup, public
 
 if TYPE_CHECKING:
     from ..app import LocalOCI
@@ -20,6 +20,9 @@ DEFAULT_SIZE_GB = 1024
 VALID_VPUS = (0, 10, 20, *range(30, 121, 10))
 ORACLE_POLICIES = ("gold", "silver", "bronze")
 LIVE_ATTACHMENT_STATES = ("ATTACHING", "ATTACHED", "DETACHING")
+ENDED_STATES = ("TERMINATING", "TERMINATED")
+# Volume group sources that make copies of volumes (clones, restores); the local OCI makes none.
+COPYING_GROUP_SOURCES = ("volumeGroupId", "volumeGroupBackupId", "volumeGroupReplicaId")
 
 
 def _check_size(size_gb: Any) -> int:
@@ -42,6 +45,7 @@ class BlockStorage:
         self.volumes_dir.mkdir(exist_ok=True)
         self.volumes = self.store.collection("volumes")
         self.assignments = self.store.collection("backup_policy_assignments")
+        self.groups = self.store.collection("volume_groups")
         self.policies = {
             f"ocid1.volumebackuppolicy.oc1..{name}": {
                 "id": f"ocid1.volumebackuppolicy.oc1..{name}", "displayName": name, "compartmentId": None,
@@ -79,7 +83,7 @@ class BlockStorage:
             "id": volume_id, "compartmentId": compartment, "availabilityDomain": ad,
             "displayName": details.get("displayName") or volume_id[-12:], "sizeInGBs": size_gb,
             "sizeInMBs": size_gb * 1024, "vpusPerGB": vpus, "isHydrated": True, "isAutoTuneEnabled": False,
-            "lifecycleState": "PROVISIONING", "timeCreated": now_iso(),
+            "lifecycleState": "PROVISIONING", "timeCreated": now_iso(), "volumeGroupId": None,
             "freeformTags": details.get("freeformTags") or {}, "definedTags": details.get("definedTags") or {},
             "_file": volume_id.rsplit(".", 1)[-1] + ".img", "_fails": fails,
         }
@@ -95,13 +99,13 @@ class BlockStorage:
         return volume
 
     def _provisioned(self, volume_id: str) -> None:
-        self._set_state(volume_id, "PROVISIONING", "FAULTY" if self.volumes[volume_id].get("_fails") else "AVAILABLE")
+        self._set_state(self.volumes, volume_id, "PROVISIONING", "FAULTY" if self.volumes[volume_id].get("_fails") else "AVAILABLE")
 
-    def _set_state(self, volume_id: str, expected: str, state: str) -> None:
+    def _set_state(self, records: dict[str, dict[str, Any]], record_id: str, expected: str, state: str) -> None:
         with self.store.lock:
-            volume = self.volumes[volume_id]
-            if volume["lifecycleState"] == expected:
-                volume["lifecycleState"] = state
+            record = records[record_id]
+            if record["lifecycleState"] == expected:
+                record["lifecycleState"] = state
                 self.store.save()
 
     def update_volume(self, volume_id: str, details: dict[str, Any]) -> dict[str, Any]:
@@ -127,11 +131,16 @@ class BlockStorage:
     def delete_volume(self, volume_id: str) -> None:
         with self.store.lock:
             volume = self.volume(volume_id)
-            if volume["lifecycleState"] in ("TERMINATING", "TERMINATED"):
+            if volume["lifecycleState"] in ENDED_STATES:
                 raise incorrect_state(f"Volume {volume_id} is already {volume['lifecycleState']}.")
             if any(a["volumeId"] == volume_id and a["lifecycleState"] in LIVE_ATTACHMENT_STATES for a in self.app.compute.attachments.values()):
                 raise conflict(f"Volume {volume_id} is attached to an instance; detach it first.")
             volume["lifecycleState"] = "TERMINATING"
+            # A deleted volume leaves its volume group, which lives on with the others.
+            group_id = volume.get("volumeGroupId")
+            if group_id:
+                group = self.groups[group_id]
+                self._set_members(group, [v for v in group["volumeIds"] if v != volume_id])
             for assignment_id in [a["id"] for a in self.assignments.values() if a["assetId"] == volume_id]:
                 del self.assignments[assignment_id]
             self.store.save()
@@ -151,6 +160,123 @@ class BlockStorage:
                 self._provisioned(volume["id"])
             elif volume["lifecycleState"] == "TERMINATING":
                 self._terminate(volume["id"])
+        for group in self.store.values("volume_groups"):
+            if group["lifecycleState"] == "PROVISIONING":
+                self._group_provisioned(group["id"])
+            elif group["lifecycleState"] == "TERMINATING":
+                self._terminate_group(group["id"])
+
+    # -- volume groups -------------------------------------------------------------
+
+    def volume_group(self, group_id: str) -> dict[str, Any]:
+        return lookup(self.groups, group_id, "VolumeGroup")
+
+    def render_group(self, group: dict[str, Any]) -> dict[str, Any]:
+        """A volume group as OCI shows it, its size the sum of its volumes' sizes as they are now."""
+        with self.store.lock:
+            size_mb = sum(self.volumes[v]["sizeInMBs"] for v in group["volumeIds"])
+            return {**public(group), "sizeInMBs": size_mb, "sizeInGBs": size_mb // 1024}
+
+    def _check_members(self, volume_ids: Any, availability_domain: str, group_id: str | None) -> list[str]:
+        """``volume_ids`` if they may make up the group ``group_id`` (None: a new one) in ``availability_domain``."""
+        if not isinstance(volume_ids, list) or not volume_ids or not all(isinstance(v, str) for v in volume_ids):
+            raise invalid_parameter(f"volumeIds must be a non-empty list of volume OCIDs, not {volume_ids!r}.")
+        if len(set(volume_ids)) != len(volume_ids):
+            raise invalid_parameter("volumeIds names a volume more than once.")
+        for volume_id in volume_ids:
+            volume = self.volume(volume_id)
+            if volume["lifecycleState"] != "AVAILABLE":
+                raise incorrect_state(f"Volume {volume_id} is {volume['lifecycleState']}, not AVAILABLE.")
+            if volume["availabilityDomain"] != availability_domain:
+                raise invalid_parameter(f"Volume {volume_id} is in {volume['availabilityDomain']} but the volume group "
+                                        f"is in {availability_domain}.")
+            if volume.get("volumeGroupId") not in (None, group_id):
+                raise conflict(f"Volume {volume_id} is already in volume group {volume['volumeGroupId']}; "
+                               "a volume can be in one volume group only.")
+        return list(volume_ids)
+
+    def _set_members(self, group: dict[str, Any], volume_ids: list[str]) -> None:
+        """Make ``volume_ids`` the group's volumes: those left out leave it, the others name it."""
+        for volume_id in group["volumeIds"]:
+            self.volumes[volume_id]["volumeGroupId"] = None
+        for volume_id in volume_ids:
+            self.volumes[volume_id]["volumeGroupId"] = group["id"]
+        group["volumeIds"] = volume_ids
+
+    @staticmethod
+    def _refuse_unsupported_group_fields(details: dict[str, Any]) -> None:
+        if details.get("volumeGroupReplicas"):
+            raise invalid_parameter("Volume group replicas are not supported by the local OCI.")
+
+    def create_volume_group(self, details: dict[str, Any]) -> dict[str, Any]:
+        """A new PROVISIONING volume group of existing volumes; it becomes AVAILABLE."""
+        compartment = self.app.identity.check_compartment(details.get("compartmentId"))
+        ad = self.app.identity.check_availability_domain(details.get("availabilityDomain"))
+        source = details.get("sourceDetails")
+        if not source:
+            raise missing_parameter("sourceDetails")
+        kind = source.get("type") if isinstance(source, dict) else None
+        if kind in COPYING_GROUP_SOURCES:
+            raise invalid_parameter(f"Creating a volume group from a {kind} source (a copy of volumes) is not supported "
+                                    "by the local OCI; use sourceDetails of type volumeIds.")
+        if kind != "volumeIds":
+            raise invalid_parameter(f"sourceDetails.type must be one of volumeIds, {', '.join(COPYING_GROUP_SOURCES)}, "
+                                    f"not {kind!r}.")
+        self._refuse_unsupported_group_fields(details)
+        if details.get("backupPolicyId"):
+            raise invalid_parameter("Assigning a backup policy to a volume group is not supported by the local OCI; "
+                                    "assign it to each volume.")
+        with self.store.lock:
+            volume_ids = self._check_members(source.get("volumeIds"), ad, None)
+            group_id = new_ocid("volumegroup")
+            group = {
+                "id": group_id, "compartmentId": compartment, "availabilityDomain": ad,
+                "displayName": details.get("displayName") or group_id[-12:], "lifecycleState": "PROVISIONING",
+                "timeCreated": now_iso(), "volumeIds": [], "isHydrated": True,
+                "sourceDetails": {"type": "volumeIds", "volumeIds": list(volume_ids)},
+                "freeformTags": details.get("freeformTags") or {}, "definedTags": details.get("definedTags") or {},
+            }
+            self._set_members(group, volume_ids)
+            self.groups[group_id] = group
+            self.store.save()
+            rendered = self.render_group(group)
+        self.app.scheduler.transition("volumegroup:AVAILABLE", lambda: self._group_provisioned(group_id))
+        return rendered
+
+    def _group_provisioned(self, group_id: str) -> None:
+        self._set_state(self.groups, group_id, "PROVISIONING", "AVAILABLE")
+
+    def update_volume_group(self, group_id: str, details: dict[str, Any]) -> dict[str, Any]:
+        """Rename, retag, or give the group a new list of volumes (those left out leave it)."""
+        with self.store.lock:
+            group = self.volume_group(group_id)
+            if group["lifecycleState"] != "AVAILABLE":
+                raise incorrect_state(f"Volume group {group_id} is {group['lifecycleState']}, not AVAILABLE.")
+            self._refuse_unsupported_group_fields(details)
+            if details.get("volumeIds") is not None:
+                self._set_members(group, self._check_members(details["volumeIds"], group["availabilityDomain"], group_id))
+            for key in ("displayName", "freeformTags", "definedTags"):
+                if details.get(key) is not None:
+                    group[key] = details[key]
+            self.store.save()
+            return self.render_group(group)
+
+    def delete_volume_group(self, group_id: str) -> None:
+        """Delete the group, not its volumes: they leave it once it is TERMINATED."""
+        with self.store.lock:
+            group = self.volume_group(group_id)
+            if group["lifecycleState"] in ENDED_STATES:
+                raise incorrect_state(f"Volume group {group_id} is already {group['lifecycleState']}.")
+            group["lifecycleState"] = "TERMINATING"
+            self.store.save()
+        self.app.scheduler.transition("volumegroup:TERMINATED", lambda: self._terminate_group(group_id))
+
+    def _terminate_group(self, group_id: str) -> None:
+        with self.store.lock:
+            group = self.groups[group_id]
+            self._set_members(group, [])
+            group["lifecycleState"] = "TERMINATED"
+            self.store.save()
 
     # -- backup policies ---------------------------------------------------------
 
@@ -160,7 +286,7 @@ class BlockStorage:
             raise invalid_parameter(f"Unknown backup policy {policy_id!r}.")
         with self.store.lock:
             volume = self.volume(asset_id or "")
-            if volume["lifecycleState"] in ("TERMINATING", "TERMINATED"):
+            if volume["lifecycleState"] in ENDED_STATES:
                 raise incorrect_state(f"Volume {asset_id} is {volume['lifecycleState']}.")
             if any(a["assetId"] == asset_id for a in self.assignments.values()):
                 raise ServiceError(409, "Conflict", f"Volume {asset_id} already has a backup policy assigned.")

@@ -1,4 +1,4 @@
-"""Block Storage REST API."""
+"""Block Storage REST API: volumes, volume groups, backup policies."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ if TYPE_CHECKING:
     from ..app import LocalOCI
 
 BASE = "/20160918"
+# List filters of volumes and volume groups: query parameter -> field.
+LIST_FILTERS = {"compartmentId": "compartmentId", "availabilityDomain": "availabilityDomain",
+                "displayName": "displayName", "lifecycleState": "lifecycleState"}
 
 
 def routes(app: "LocalOCI") -> list[Route]:
@@ -31,9 +34,26 @@ def routes(app: "LocalOCI") -> list[Route]:
         return Response.empty()
 
     def list_volumes(request: Request) -> Response:
-        fields = {"compartmentId": "compartmentId", "availabilityDomain": "availabilityDomain",
-                  "displayName": "displayName", "lifecycleState": "lifecycleState"}
+        fields = {**LIST_FILTERS, "volumeGroupId": "volumeGroupId"}
         return paged(request, (v for v in bs.volumes.values() if matches(v, request.query, fields)), public)
+
+    def create_volume_group(request: Request) -> Response:
+        return Response.json(bs.create_volume_group(request.json()))
+
+    def get_volume_group(request: Request) -> Response:
+        return Response.json(bs.render_group(bs.volume_group(request.params["volumeGroupId"])))
+
+    def update_volume_group(request: Request) -> Response:
+        return Response.json(bs.update_volume_group(request.params["volumeGroupId"], request.json()))
+
+    def delete_volume_group(request: Request) -> Response:
+        bs.delete_volume_group(request.params["volumeGroupId"])
+        return Response.empty()
+
+    def list_volume_groups(request: Request) -> Response:
+        require(request, "compartmentId")
+        groups = bs.store.values("volume_groups")
+        return paged(request, (g for g in groups if matches(g, request.query, LIST_FILTERS)), bs.render_group)
 
     def list_policies(request: Request) -> Response:
         return paged(request, bs.policies.values(), dict)
@@ -61,6 +81,11 @@ def routes(app: "LocalOCI") -> list[Route]:
         Route("GET", BASE + "/volumes/{volumeId}", get_volume, "GetVolume"),
         Route("PUT", BASE + "/volumes/{volumeId}", update_volume, "UpdateVolume"),
         Route("DELETE", BASE + "/volumes/{volumeId}", delete_volume, "DeleteVolume"),
+        Route("POST", BASE + "/volumeGroups", create_volume_group, "CreateVolumeGroup", retry_token=True),
+        Route("GET", BASE + "/volumeGroups", list_volume_groups, "ListVolumeGroups"),
+        Route("GET", BASE + "/volumeGroups/{volumeGroupId}", get_volume_group, "GetVolumeGroup"),
+        Route("PUT", BASE + "/volumeGroups/{volumeGroupId}", update_volume_group, "UpdateVolumeGroup"),
+        Route("DELETE", BASE + "/volumeGroups/{volumeGroupId}", delete_volume_group, "DeleteVolumeGroup"),
         Route("GET", BASE + "/volumeBackupPolicies", list_policies, "ListVolumeBackupPolicies"),
         Route("GET", BASE + "/volumeBackupPolicies/{policyId}", get_policy, "GetVolumeBackupPolicy"),
         Route("POST", BASE + "/volumeBackupPolicyAssignments", create_assignment, "CreateVolumeBackupPolicyAssignment"),

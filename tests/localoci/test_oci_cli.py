@@ -1,8 +1,9 @@
-"""The real ``oci`` CLI against the local OCI: large multipart uploads and parallel multipart downloads."""
+"""The real ``oci`` CLI against the local OCI: large multipart uploads, parallel multipart downloads, volume groups."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import oci
 import pytest
 
 from localoci.process import RunningLocalOCI
+# new_volume, tag: AVAILABLE volumes for a test, deleted with its volume groups at its end.
+from tests.localoci.test_volume_groups import new_volume, tag  # noqa: F401
 
 MiB = 1024 * 1024
 OCI_CLI = Path(sys.executable).with_name("oci")
@@ -74,3 +77,26 @@ def test_cli_multipart_put_and_parallel_multipart_get_of_300_mib_preserve_md5(
         assert f"bytes {first}-{last}/{300 * MiB}" in debug, f"no ranged GET of bytes {first}-{last}"
     assert target.stat().st_size == 300 * MiB
     assert file_md5(target) == source_md5
+
+
+@pytest.mark.timeout(120)
+def test_cli_volume_group_create_get_delete(localoci: RunningLocalOCI, blockstorage: oci.core.BlockstorageClient,
+                                            compartment_id: str, availability_domains: list[str], new_volume, tag) -> None:
+    ids = [new_volume(50).id, new_volume(60).id]
+    source = json.dumps({"type": "volumeIds", "volumeIds": ids})
+    created = json.loads(run_oci(
+        localoci, "bv", "volume-group", "create", "--compartment-id", compartment_id,
+        "--availability-domain", availability_domains[0], "--source-details", source, "--display-name", "cli-group",
+        "--freeform-tags", json.dumps({"test": tag}), "--wait-for-state", "AVAILABLE", "--wait-interval-seconds", "1",
+    ).stdout)["data"]
+    assert (created["lifecycle-state"], created["display-name"], created["volume-ids"]) == ("AVAILABLE", "cli-group", ids)
+    assert created["size-in-gbs"] == 110
+
+    got = json.loads(run_oci(localoci, "bv", "volume-group", "get", "--volume-group-id", created["id"]).stdout)["data"]
+    assert got["volume-ids"] == ids and got["source-details"] == {"type": "volumeIds", "volume-ids": ids}
+    assert blockstorage.get_volume(ids[0]).data.volume_group_id == created["id"]
+
+    run_oci(localoci, "bv", "volume-group", "delete", "--volume-group-id", created["id"], "--force",
+            "--wait-for-state", "TERMINATED", "--wait-interval-seconds", "1")
+    assert blockstorage.get_volume_group(created["id"]).data.lifecycle_state == "TERMINATED"
+    assert [blockstorage.get_volume(v).data.volume_group_id for v in ids] == [None, None]

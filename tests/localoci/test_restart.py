@@ -50,6 +50,10 @@ def test_restart_keeps_every_resource_and_restarts_running_workers(tmp_path, cli
         instance = compute.launch_instance(launch_details(compartment, ad, subnet.id, client_key, host_key)).data
         volume = bs.create_volume(models.CreateVolumeDetails(compartment_id=compartment, availability_domain=ad, size_in_gbs=50)).data
         _wait(bs, bs.get_volume(volume.id), "AVAILABLE")
+        group = bs.create_volume_group(models.CreateVolumeGroupDetails(
+            compartment_id=compartment, availability_domain=ad,
+            source_details=models.VolumeGroupSourceFromVolumesDetails(volume_ids=[volume.id]))).data
+        _wait(bs, bs.get_volume_group(group.id), "AVAILABLE")
         _wait(compute, compute.get_instance(instance.id), "RUNNING")
         attachment = compute.attach_volume(models.AttachParavirtualizedVolumeDetails(instance_id=instance.id, volume_id=volume.id)).data
         attachment = _wait(compute, compute.get_volume_attachment(attachment.id), "ATTACHED")
@@ -64,7 +68,7 @@ def test_restart_keeps_every_resource_and_restarts_running_workers(tmp_path, cli
     try:
         assert server.namespace == ns and server.ssh_port == before["instances"][0]["sshPort"]
         after = server.inventory()
-        for kind in ("instances", "volumes", "attachments", "pars"):
+        for kind in ("instances", "volumes", "volumeGroups", "attachments", "pars"):
             assert {r["id"]: r["lifecycleState"] if "lifecycleState" in r else r["timeExpires"] for r in after[kind]} == \
                    {r["id"]: r["lifecycleState"] if "lifecycleState" in r else r["timeExpires"] for r in before[kind]}, kind
         config = oci.config.from_file(server.oci_config_file, server.oci_profile)
@@ -72,6 +76,9 @@ def test_restart_keeps_every_resource_and_restarts_running_workers(tmp_path, cli
         got = os_client.get_object(ns, "keep", "disk.qcow2")
         assert got.data.content == b"image-bytes" and got.headers["etag"] == etag
         assert httpx.get(server.endpoint + par.access_uri).content == b"image-bytes"
+        bs = oci.core.BlockstorageClient(config, service_endpoint=server.endpoint)
+        assert bs.get_volume_group(group.id).data.volume_ids == [volume.id]
+        assert bs.get_volume(volume.id).data.volume_group_id == group.id
         with connect(address, server.ssh_port, getpass.getuser(), client_key, host_key) as conn:
             assert conn.run(f"head -c 9 {attachment.device}", hide=True).stdout == "persisted"
     finally:
