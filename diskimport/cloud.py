@@ -113,19 +113,45 @@ def create_volume(clients: Clients, compartment_id: str, availability_domain: st
     return with_backoff(clients.blockstorage.create_volume, details, opc_retry_token=retry_token).data
 
 
-def wait_volume_available(clients: Clients, volume_id: str, timeout: float = 900.0) -> Any:
-    return wait_for_state(lambda: clients.blockstorage.get_volume(volume_id).data, "AVAILABLE",
-                          f"volume {volume_id}", timeout, failed=("FAULTY", "TERMINATING", "TERMINATED"))
+def create_volume_group(clients: Clients, compartment_id: str, availability_domain: str, display_name: str,
+                        volume_ids: list[str], tags: dict[str, str], retry_token: str) -> Any:
+    details = models.CreateVolumeGroupDetails(
+        compartment_id=compartment_id, availability_domain=availability_domain, display_name=display_name,
+        source_details=models.VolumeGroupSourceFromVolumesDetails(volume_ids=volume_ids), freeform_tags=tags)
+    return with_backoff(clients.blockstorage.create_volume_group, details, opc_retry_token=retry_token).data
 
 
-def delete_volume(clients: Clients, volume_id: str) -> None:
-    """Delete a volume; a volume already gone counts as deleted."""
+def wait_volume_group_available(clients: Clients, group_id: str, timeout: float = 900.0) -> Any:
+    return _wait_available(clients.blockstorage.get_volume_group, group_id, "volume group", timeout)
+
+
+def _wait_available(get: Callable[[str], Any], resource_id: str, what: str, timeout: float) -> Any:
+    return wait_for_state(lambda: get(resource_id).data, "AVAILABLE", f"{what} {resource_id}", timeout,
+                          failed=("FAULTY", "TERMINATING", "TERMINATED"))
+
+
+def delete_volume_group(clients: Clients, group_id: str) -> None:
+    """Delete a volume group (its volumes stay); one already gone counts as deleted."""
+    _delete(clients.blockstorage.delete_volume_group, group_id)
+
+
+def _delete(delete: Callable[[str], Any], resource_id: str) -> None:
+    """Call ``delete``; a resource already gone (404, or 409 while terminating) counts as deleted."""
     try:
-        with_backoff(clients.blockstorage.delete_volume, volume_id)
+        with_backoff(delete, resource_id)
     except oci.exceptions.ServiceError as exc:
         if exc.status == 404 or (exc.status == 409 and "TERMINAT" in (exc.message or "")):
             return
         raise
+
+
+def wait_volume_available(clients: Clients, volume_id: str, timeout: float = 900.0) -> Any:
+    return _wait_available(clients.blockstorage.get_volume, volume_id, "volume", timeout)
+
+
+def delete_volume(clients: Clients, volume_id: str) -> None:
+    """Delete a volume; a volume already gone counts as deleted."""
+    _delete(clients.blockstorage.delete_volume, volume_id)
 
 
 def discard_volume(clients: Clients, compartment_id: str, volume_id: str, keep: bool = False) -> str:

@@ -23,13 +23,13 @@ import logging
 import resource
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 import oci
 
-from . import cloud, contract, filesystems, inspection, iscsi, naming, nested, packed, slices, transfer
+from . import cloud, contract, filesystems, inspection, iscsi, machine, naming, nested, packed, slices, transfer
 from .contract import ImportOptions
 from .errors import InvalidRequest, OutOfCapacity
 from .keys import SshKeyPair, cloud_init_host_keys
@@ -252,6 +252,59 @@ class Importer:
         return InspectedImage(found.format, found.virtual_size, found.detected_as, found.driver, inner.container,
                               inner.inner_offset, inner.inner_size)
 
+    @step("inspect-machine")
+    def inspect_machine(self, version: ObjectVersion) -> tuple[machine.Machine, list[InspectedImage]]:
+        """An OVA's machine: its descriptor and manifest read, every disk inspected (a byte
+        range of the OVA each, with the manifest's digest for the transfer to check)."""
+        pieces: list[tuple[int, bytes]] = []
+
+        def get(start: int, end: int) -> bytes:
+            if end <= start:
+                return b""
+            reply = cloud.with_backoff(self.clients.object_storage.get_object, version.namespace, version.bucket,
+                                       version.name, range=f"bytes={start}-{end - 1}", if_match=version.etag)
+            pieces.append((start, reply.data.content))
+            return pieces[-1][1]
+
+        described = machine.describe_ova(get, version.size, version.name)
+        images = []
+        for disk, found, packed_as in machine.inspect_ova_disks(described, get, self.settings.max_virtual_size_bytes):
+            digest = (disk.digest[0], disk.digest[1], repr(disk.file)) if disk.digest else None
+            images.append(InspectedImage(found.format, found.virtual_size, found.detected_as, found.driver,
+                                         packed_as.container, packed_as.inner_offset, packed_as.inner_size, digest))
+        _keep_header(version.key, sorted(pieces))
+        return described, images
+
+    @step("provision")
+    def provision_machine(self, version: ObjectVersion, images: Sequence[InspectedImage], machine_name: str,
+                          ad_number: int | None = None) -> tuple[WorkerVM, list[Volume]]:
+        """One worker VM and a volume per disk, all made at once, in the first availability
+        domain with capacity for the worker; each volume tagged with its disk's position."""
+        last_error: Exception | None = None
+        ads = self.availability_domains(ad_number)
+        for ad in ads:
+            with ThreadPoolExecutor(len(images), thread_name_prefix="provision") as pool:
+                creates = [pool.submit(self.create_volume, version, ad, cloud.volume_size_gb(image.virtual_size),
+                                       f"{machine_name}-disk{position + 1}",
+                                       {contract.TAG_DISK: str(position), contract.TAG_MACHINE: machine_name[:255]})
+                           for position, image in enumerate(images)]
+                worker, last_error = self._worker_beside(version, ad, creates)
+                if worker is not None:
+                    return worker, [create.result() for create in creates]
+        raise OutOfCapacity(f"no availability domain had capacity for the worker ({', '.join(ads)}): {last_error}")
+
+    @step("group-volumes")
+    def group_volumes(self, version: ObjectVersion, machine_name: str, volumes: Sequence[Volume]) -> str:
+        """The machine's volumes in one volume group named after it; its undo deletes the group only."""
+        step_name = f"volume-group/{version.import_id}"
+        group = cloud.create_volume_group(self.clients, self.settings.compartment_id, volumes[0].availability_domain,
+                                          machine_name, [v.id for v in volumes],
+                                          {**self.tags(version), contract.TAG_MACHINE: machine_name[:255]},
+                                          self.retry_token(step_name))
+        self.ledger.register("volume group", group.id, lambda: cloud.delete_volume_group(self.clients, group.id))
+        cloud.wait_volume_group_available(self.clients, group.id)
+        return group.id
+
     def header_pieces(self, version: ObjectVersion) -> list[tuple[int, bytes]]:
         """The bytes the inspection read, or (in a new process) the same ranges read again."""
         kept = _kept_header(version.key)
@@ -349,14 +402,17 @@ class Importer:
         except ValueError as exc:
             raise InvalidRequest("invalid-setting", str(exc)) from None
 
-    def create_volume(self, version: ObjectVersion, availability_domain: str, size_gb: int, name: str) -> Volume:
+    def create_volume(self, version: ObjectVersion, availability_domain: str, size_gb: int, name: str,
+                      extra_tags: dict[str, str] | None = None) -> Volume:
         """Create the volume (tagged ``writing``) and wait until it is available.
 
         Its undo is registered as soon as the create returns; a volume whose wait fails is
         deleted at once (the next try creates another, with a new retry token).
         """
         step = f"create-volume/{version.import_id}/{availability_domain}"
-        tags = {**self.tags(version), contract.TAG_STATE: contract.STATE_WRITING}
+        if extra_tags and contract.TAG_DISK in extra_tags:  # a machine's disks: one create each
+            step += f"/disk{extra_tags[contract.TAG_DISK]}"
+        tags = {**self.tags(version), **(extra_tags or {}), contract.TAG_STATE: contract.STATE_WRITING}
         created = cloud.create_volume(self.clients, self.settings.compartment_id, availability_domain, size_gb,
                                       self.settings.vpus_during_import, name, tags, self.retry_token(step))
         self._register_volume(created.id)
@@ -420,17 +476,10 @@ class Importer:
         last_error: Exception | None = None
         for ad in candidates:
             reuse = next((v for v in resumable if v.availability_domain == ad), None)
-            with ThreadPoolExecutor(2, thread_name_prefix="provision") as pool:
-                launch = pool.submit(self.launch_worker, version, ad)
+            with ThreadPoolExecutor(1, thread_name_prefix="provision") as pool:
                 create = None if reuse else pool.submit(self.create_volume, version, ad, size_gb, name)
-                try:
-                    worker = launch.result()
-                except OutOfCapacity as exc:
-                    self.log.warning("%s is out of capacity for the worker shape; trying the next availability "
-                                     "domain", ad)
-                    last_error = exc
-                    if create is not None and create.exception() is None:
-                        self._discard_now(create.result().id, f"create-volume/{version.import_id}/{ad}")
+                worker, last_error = self._worker_beside(version, ad, [create] if create else [])
+                if worker is None:
                     continue
                 volume = self.adopt_volume(reuse) if reuse else create.result()  # type: ignore[union-attr]
             found = self.found_volumes(version)
@@ -444,6 +493,19 @@ class Importer:
             return worker, volume
         raise OutOfCapacity(f"no availability domain had capacity for the worker ({', '.join(candidates)}): "
                             f"{last_error}")
+
+    def _worker_beside(self, version: ObjectVersion, ad: str, creates: Sequence[Future[Volume]]
+                       ) -> tuple[WorkerVM | None, OutOfCapacity | None]:
+        """Launch the worker VM in ``ad`` while its volumes are created (``creates``); when ``ad``
+        has no capacity for the worker, None and why, the volumes made there given up."""
+        try:
+            return self.launch_worker(version, ad), None
+        except OutOfCapacity as exc:
+            self.log.warning("%s is out of capacity for the worker shape; trying the next availability domain", ad)
+            for create in creates:
+                if create.exception() is None:
+                    self._discard_now(create.result().id, f"create-volume/{version.import_id}/{ad}")
+            return None, exc
 
     def _discard_now(self, volume_id: str, step: str) -> None:
         """Delete a volume this run just created and is giving up (its next create is a new one)."""
@@ -609,27 +671,28 @@ class VolumeWrite:
                     session, session, url, version.etag, version.size, staging, pieces,
                     transfer.TransferSettings(connections=settings.transfer_connections,
                                               chunk_bytes=settings.transfer_chunk_mib * 1024 * 1024),
-                    on_event=progress.event if progress else None, inner=inner)
-            with _phase(phases, "second-opinion"):
-                info = transfer.second_opinion(qemu, stream.nbd_url, self.image.format, self.image.virtual_size,
-                                               self.image.driver)
-            with _phase(phases, "attach"):
-                device = self.attach()
-            writer = slices.SliceWriter(session, qemu, self.image.qemu_driver, info.virtual_size, stream.socket,
-                                        stream.path, device, target_is_zero=self.volume.fresh,
-                                        on_progress=progress.written if progress else None,
-                                        direct_io=not slices.compressed_grains(self.image.format, info),
-                                        image_bytes=image_bytes)
-            with _phase(phases, "write-and-verify"):
-                try:
+                    on_event=progress.event if progress else None, inner=inner, digest=image.digest)
+            try:
+                with _phase(phases, "second-opinion"):
+                    info = transfer.second_opinion(qemu, stream.nbd_url, self.image.format, self.image.virtual_size,
+                                                   self.image.driver)
+                with _phase(phases, "attach"):
+                    device = self.attach()
+                writer = slices.SliceWriter(session, qemu, self.image.qemu_driver, info.virtual_size, stream.socket,
+                                            stream.path, device, target_is_zero=self.volume.fresh,
+                                            on_progress=progress.written if progress else None,
+                                            direct_io=not slices.compressed_grains(self.image.format, info),
+                                            image_bytes=image_bytes)
+                with _phase(phases, "write-and-verify"):
                     fetched = writer.write(stream.finish)
-                except Exception as exc:
-                    # qemu-img's read error may be the first sign of a refusal the transfer holds (a bomb)
-                    stream.abort()
-                    refused = stream.refusal()
-                    if refused is None:
-                        raise
-                    raise refused from exc
+            except Exception as exc:
+                # qemu-img's read error may be the first sign of a refusal the transfer holds (a bomb,
+                # a digest that does not match): the transfer may have ended before qemu-img connected
+                stream.abort()
+                refused = stream.refusal()
+                if refused is None:
+                    raise
+                raise refused from exc
             stream = None
             importer.ledger.undo(par)
             if progress:

@@ -54,6 +54,7 @@ class InspectedImage:
     container: str | None = None   # contract.CONTAINERS, or None for a plain image
     inner_offset: int = 0
     inner_size: int | None = None
+    digest: tuple[str, str, str] | None = None  # (hashlib name, hex, what): a machine manifest's, for the bytes
 
     @property
     def qemu_driver(self) -> str:

@@ -472,3 +472,87 @@ def test_two_objects_are_written_at_once_onto_two_volumes_of_one_worker_vm(
         assert [a for a in localoci.inventory()["attachments"] if a["instanceId"] == worker.id] == []
     importer.ledger.unwind()
     assert all(live(localoci, "volumes", v) == [] for v in versions)
+
+
+# -- machines: one worker VM, a volume per disk, written at once, kept together --------------------
+
+def machine_ova(tmp_path: Path, wrong_digest_of: int | None = None) -> tuple[Path, list[Path]]:
+    """A three-disk OVA as ovftool writes it (streamOptimized VMDKs, a SHA256 manifest); the raw disks."""
+    from tests.diskimport.test_machine import make_ova, manifest_for, vmware_descriptor
+
+    raws, vmdks = [], []
+    for i, (size_mib, data_mib) in enumerate([(64, 6), (32, 3), (16, 1)]):
+        raw = tmp_path / f"web-01-disk{i + 1}.raw"
+        with open(raw, "wb") as f:
+            f.truncate(size_mib * 1024 * 1024)
+            f.seek((i + 1) * 1024 * 1024)
+            f.write(os.urandom(data_mib * 1024 * 1024))
+        vmdk = raw.with_suffix(".vmdk")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized",
+                        str(raw), str(vmdk)], check=True)
+        raws.append(raw)
+        vmdks.append((vmdk, size_mib))
+    manifest = manifest_for([p for p, _ in vmdks])
+    if wrong_digest_of is not None:
+        line = manifest.splitlines()[wrong_digest_of]
+        manifest = manifest.replace(line, line[:line.index("= ") + 2] + "0" * 64)
+    return make_ova(tmp_path, "web-01", vmware_descriptor(vmdks), [p for p, _ in vmdks], manifest=manifest), raws
+
+
+def write_machine(importer: Importer, version: ObjectVersion, images: list[Any], name: str) -> tuple[Any, Any, Any]:
+    """One worker VM, a volume per disk, every disk written and checked at once (the flow's order)."""
+    worker, volumes = importer.provision_machine(version, images, name)
+    with importer.session(worker) as session:
+        importer.prepare_worker(session)
+        writes = [importer.volume_write(session, worker, volume, version, image)
+                  for volume, image in zip(volumes, images)]
+        with ThreadPoolExecutor(len(writes)) as pool:
+            list(pool.map(lambda write: write.run(), writes))
+    return worker, volumes, writes
+
+
+def test_a_machines_disks_are_written_at_once_on_one_worker_vm_and_grouped(
+        localoci, make_importer, bucket, object_storage, blockstorage, tmp_path):
+    ova, raws = machine_ova(tmp_path)
+    with open(ova, "rb") as f:
+        object_storage.put_object(localoci.namespace, bucket, "machines/web-01.ova", f)
+    localoci.admin("DELETE", "metrics")
+    importer = make_importer()
+    version = version_of(importer, localoci, bucket, "machines/web-01.ova")
+    described, images = importer.inspect_machine(version)
+    assert [(i.format, i.virtual_size, i.container) for i in images] == \
+        [("vmdk", raw.stat().st_size, "tar") for raw in raws]
+    with importer:
+        worker, volumes, writes = write_machine(importer, version, images, described.name)
+        for volume in volumes:
+            importer.finish_volume(volume, ImportOptions())
+        group_id = importer.group_volumes(version, described.name, volumes)
+        importer.terminate_worker(worker)
+    assert len({w.device for w in writes}) == 3  # three attachments, three device paths, one worker VM
+    assert [i["id"] for i in live(localoci, "instances", version)] == []
+    assert all(volume_holds(localoci, volume.id, raw) for volume, raw in zip(volumes, raws))
+    group = blockstorage.get_volume_group(group_id).data
+    assert (group.display_name, sorted(group.volume_ids)) == ("web-01", sorted(v.id for v in volumes))
+    tagged = {v["id"]: v["freeformTags"] for v in live(localoci, "volumes", version)}
+    assert [tagged[v.id][contract.TAG_DISK] for v in volumes] == ["0", "1", "2"]
+    assert {tagged[v.id][contract.TAG_MACHINE] for v in volumes} == {"web-01"}
+    # every byte of the OVA fetched at most once: the inspection's pieces, then each disk's rest
+    read = localoci.admin("GET", "metrics")["objectBytesRead"][f"{localoci.namespace}/{bucket}/machines/web-01.ova"]
+    assert sum(i.inner_size for i in images) <= read <= ova.stat().st_size
+    blockstorage.delete_volume_group(group_id)
+    for volume in volumes:
+        blockstorage.delete_volume(volume.id)
+
+
+def test_a_disk_of_a_machine_that_does_not_match_its_digest_fails_naming_it_and_leaves_nothing(
+        localoci, make_importer, bucket, object_storage, tmp_path):
+    ova, _ = machine_ova(tmp_path, wrong_digest_of=1)
+    with open(ova, "rb") as f:
+        object_storage.put_object(localoci.namespace, bucket, "machines/bad.ova", f)
+    importer = make_importer()
+    version = version_of(importer, localoci, bucket, "machines/bad.ova")
+    described, images = importer.inspect_machine(version)
+    with pytest.raises(ImageRejected, match="^ova-digest-mismatch: the bytes of 'web-01-disk2.vmdk' do not match"):
+        with importer:
+            write_machine(importer, version, images, described.name)
+    assert live(localoci, "volumes", version) == [] and live(localoci, "instances", version) == []
