@@ -911,8 +911,20 @@ def ssh_server_address():
 
 
 def main(argv):
+    # Who started us, learned first: a session that ends while we start up (python's own start
+    # can take a second on a busy worker) must still be noticed. Parent 1: it has already ended.
+    parent = os.getppid()
     with open(argv[1]) as f:
         config = json.load(f)
+
+    def hung_up(signum, frame):
+        """The session or the worker is going down: leave no copy of the image behind."""
+        if config.get("directory"):
+            shutil.rmtree(config["directory"], ignore_errors=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, hung_up)
+    signal.signal(signal.SIGHUP, hung_up)
     size, path = int(config["size"]), config["path"]
     bind = config.get("bind")
     config["bind_address"] = ssh_server_address() if bind == "ssh" else bind
@@ -948,20 +960,9 @@ def main(argv):
         thread.start()
     emit("ready", size=size, to_fetch=sum(c.hi - c.lo for c in download.chunks), bind=config["bind_address"])
 
-    parent = os.getppid()
-
-    def hung_up(signum, frame):
-        """The session or the worker is going down: leave no copy of the image behind."""
-        if config.get("directory"):
-            shutil.rmtree(config["directory"], ignore_errors=True)
-        os._exit(128 + signum)
-
-    signal.signal(signal.SIGTERM, hung_up)
-    signal.signal(signal.SIGHUP, hung_up)
-
     def orphaned():
         """The SSH session that started us is gone: nobody will read or stop us."""
-        if os.getppid() == parent:
+        if os.getppid() == parent != 1:
             return False
         if config.get("directory"):
             shutil.rmtree(config["directory"], ignore_errors=True)

@@ -112,8 +112,9 @@ def test_a_connection_lost_mid_body_resumes_from_the_last_byte_received(localoci
     assert localoci.admin("GET", "metrics")["objectBytesRead"][uploaded["key"]] == uploaded["size"]
 
 
-def _start_detached_streamer(uploaded: dict[str, Any], staging: str) -> int:
-    """Start the streamer as an SSH session would (slowly reading); return its pid."""
+def _start_detached_streamer(uploaded: dict[str, Any], staging: str, linger: float = 1) -> int:
+    """Start the streamer as an SSH session would (slowly reading), the session going away
+    ``linger`` seconds later; return its pid."""
     config = Path(staging) / "stream.json"
     script = Path(staging) / "streamer.py"
     script.write_text(transfer.STREAMER.read_text())
@@ -122,8 +123,8 @@ def _start_detached_streamer(uploaded: dict[str, Any], staging: str) -> int:
         "path": f"{staging}/image", "socket": f"{staging}/nbd.sock", "stop_file": f"{staging}/stop",
         "directory": staging, "connections": 1, "chunk_bytes": MiB}))
     # The shell stands for the SSH session: it starts the streamer and goes away.
-    started = LocalRunner().run(["sh", "-c", 'python3 "$1" "$2" >/dev/null 2>&1 & echo $!; sleep 1', "sh",
-                                 str(script), str(config)])
+    started = LocalRunner().run(["sh", "-c", 'python3 "$1" "$2" >/dev/null 2>&1 & echo $!; sleep "$3"', "sh",
+                                 str(script), str(config), str(linger)])
     return int(started.stdout.split()[0])
 
 
@@ -141,9 +142,10 @@ def slow_reads(localoci: RunningLocalOCI) -> Iterator[None]:
     localoci.admin("POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": None})
 
 
-def test_a_streamer_whose_session_ends_removes_the_staging_copy(uploaded, staging, slow_reads):
+@pytest.mark.parametrize("linger", [1, 0])  # 0: the session is gone before the streamer has started
+def test_a_streamer_whose_session_ends_removes_the_staging_copy(uploaded, staging, slow_reads, linger):
     """An importer that dies (its SSH session ends) leaves no copy of the image on the worker."""
-    _start_detached_streamer(uploaded, staging)
+    _start_detached_streamer(uploaded, staging, linger)
     assert _gone_within(Path(staging), 10)
 
 
