@@ -43,13 +43,15 @@ def upload(env: dict[str, str], path: Path, object_name: str, metadata: dict[str
     return reply.headers["etag"]
 
 
-def start_import(env: dict[str, str], object_name: str, bucket: str | None = None, **parameters: Any) -> FlowRun:
-    """Start an import by hand, as ``prefect deployment run`` does."""
+def start_import(env: dict[str, str], object_name: str, bucket: str | None = None, deployment: str = DEPLOYMENT,
+                 **parameters: Any) -> FlowRun:
+    """Start an import by hand, as ``prefect deployment run`` does (``deployment``: a machine's is
+    ``import-machine/default``)."""
     from prefect.deployments import run_deployment
 
     with local_stack.prefect_api(env["PREFECT_API_URL"]):
-        return run_deployment(DEPLOYMENT, parameters={"bucket": bucket or env["IMPORT_BUCKET"],
-                                                       "object_name": object_name, **parameters}, timeout=0)
+        return run_deployment(deployment, parameters={"bucket": bucket or env["IMPORT_BUCKET"],
+                                                      "object_name": object_name, **parameters}, timeout=0)
 
 
 def run_started_by_upload(env: dict[str, str], object_name: str, etag: str, timeout: float = 120) -> FlowRun:

@@ -41,6 +41,7 @@ def preload() -> None:
     import prefect.engine  # noqa: F401
     import prefect.flow_engine  # noqa: F401
     import flows.import_disk  # noqa: F401
+    import flows.import_machine  # noqa: F401
     import flows.sweep  # noqa: F401
 
 

@@ -31,7 +31,7 @@ import oci
 
 from . import cloud, contract, filesystems, inspection, iscsi, machine, naming, nested, packed, slices, transfer
 from .contract import ImportOptions
-from .errors import InvalidRequest, OutOfCapacity
+from .errors import ImageRejected, InvalidRequest, OutOfCapacity
 from .keys import SshKeyPair, cloud_init_host_keys
 from .ledger import Ledger, Undo
 from .qemu_img import QemuImg
@@ -123,6 +123,14 @@ def _keep_header(key: str, pieces: list[tuple[int, bytes]]) -> None:
         _HEADERS.move_to_end(key)
         while len(_HEADERS) > _HEADERS_KEPT:
             _HEADERS.popitem(last=False)
+
+
+def _position(tag: str | None) -> int | None:
+    return int(tag) if tag is not None and tag.isdigit() else None
+
+
+def _digest_of(disk: machine.MachineDisk) -> tuple[str, str, str] | None:
+    return (disk.digest[0], disk.digest[1], repr(disk.file.rsplit("/", 1)[-1])) if disk.digest else None
 
 
 def _kept_header(key: str) -> list[tuple[int, bytes]] | None:
@@ -253,11 +261,49 @@ class Importer:
                               inner.inner_offset, inner.inner_size)
 
     @step("inspect-machine")
-    def inspect_machine(self, version: ObjectVersion) -> tuple[machine.Machine, list[InspectedImage]]:
-        """An OVA's machine: its descriptor and manifest read, every disk inspected (a byte
-        range of the OVA each, with the manifest's digest for the transfer to check)."""
-        pieces: list[tuple[int, bytes]] = []
+    def inspect_machine(self, version: ObjectVersion
+                        ) -> tuple[machine.Machine, list[tuple[ObjectVersion, InspectedImage]]]:
+        """The machine an OVA, an OVF or a ``*.machine.json`` describes, and each disk's object
+        version and inspection (every hostile-image check, the descriptor's capacity, the
+        manifest's digest for the transfer to check), in boot order. Reads headers and small
+        ranges only; the pieces read are kept for the transfers."""
+        kind = machine.kind_of(version.name)
+        if kind == "ova":
+            pieces: list[tuple[int, bytes]] = []
+            get = self._range_reader(version, pieces)
+            described = machine.describe_ova(get, version.size, version.name)
+            disks = []
+            for disk, found, packed_as in machine.inspect_ova_disks(described, get,
+                                                                    self.settings.max_virtual_size_bytes):
+                disks.append((version, InspectedImage(found.format, found.virtual_size, found.detected_as,
+                                                      found.driver, packed_as.container, packed_as.inner_offset,
+                                                      packed_as.inner_size, _digest_of(disk))))
+            _keep_header(version.key, sorted(pieces))
+            return described, disks
+        text = self._whole_object(version, machine.MAX_DESCRIPTOR, "machine-manifest-invalid" if kind == "manifest"
+                                  else "ovf-invalid")
+        if kind == "manifest":
+            described = machine.parse_machine_manifest(text, version.name)
+        elif kind == "ovf":
+            prefix, manifest_name = machine.ovf_companions(version.name)
+            manifest = self._object_or_none(version, manifest_name)
+            files = [d.file for d in machine.parse_ovf(text).disks]
+            sizes = {prefix + f: self._size_or_none(version, prefix + f) for f in files}
+            described = machine.describe_ovf(text, version.name, manifest, sizes)
+        else:
+            raise InvalidRequest("not-a-machine", f"{version.name!r} is not an .ova, .ovf or .machine.json object")
+        disks = []
+        for disk in described.disks:
+            disk_version = machine.naming_disk(disk, lambda disk=disk: self.read_object(
+                version.namespace, version.bucket, disk.file, None))
+            image = machine.about_disk(disk, lambda disk_version=disk_version: self.inspect(
+                disk_version, self.options(disk_version, ImportOptions())))
+            disks.append((disk_version, dataclasses.replace(image, digest=_digest_of(disk))))
+        return described, disks
 
+    def _range_reader(self, version: ObjectVersion, pieces: list[tuple[int, bytes]]
+                      ) -> Callable[[int, int], bytes]:
+        """``get(start, end)``: bytes [start, end) of the object version, each piece kept in ``pieces``."""
         def get(start: int, end: int) -> bytes:
             if end <= start:
                 return b""
@@ -265,29 +311,48 @@ class Importer:
                                        version.name, range=f"bytes={start}-{end - 1}", if_match=version.etag)
             pieces.append((start, reply.data.content))
             return pieces[-1][1]
+        return get
 
-        described = machine.describe_ova(get, version.size, version.name)
-        images = []
-        for disk, found, packed_as in machine.inspect_ova_disks(described, get, self.settings.max_virtual_size_bytes):
-            digest = (disk.digest[0], disk.digest[1], repr(disk.file)) if disk.digest else None
-            images.append(InspectedImage(found.format, found.virtual_size, found.detected_as, found.driver,
-                                         packed_as.container, packed_as.inner_offset, packed_as.inner_size, digest))
-        _keep_header(version.key, sorted(pieces))
-        return described, images
+    def _whole_object(self, version: ObjectVersion, limit: int, code: str) -> bytes:
+        if version.size > limit:
+            raise ImageRejected(code, f"{version.name!r} is {version.size} bytes; at most {limit} are read")
+        return self._range_reader(version, [])(0, version.size)
+
+    def _object_or_none(self, beside: ObjectVersion, name: str) -> bytes | None:
+        size = self._size_or_none(beside, name)
+        if size is None:
+            return None
+        reply = cloud.with_backoff(self.clients.object_storage.get_object, beside.namespace, beside.bucket, name)
+        return reply.data.content[:machine.MAX_MANIFEST + 1]
+
+    def _size_or_none(self, beside: ObjectVersion, name: str) -> int | None:
+        try:
+            head = cloud.with_backoff(self.clients.object_storage.head_object, beside.namespace, beside.bucket, name)
+        except oci.exceptions.ServiceError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return int(head.headers["content-length"])
+
+    def imported_disks(self, version: ObjectVersion) -> dict[int, FoundVolume]:
+        """A machine import's disks another run (or an earlier attempt) finished, by position."""
+        return {v.disk: v for v in self.found_volumes(version)
+                if v.state == contract.STATE_IMPORTED and v.disk is not None}
 
     @step("provision")
-    def provision_machine(self, version: ObjectVersion, images: Sequence[InspectedImage], machine_name: str,
-                          ad_number: int | None = None) -> tuple[WorkerVM, list[Volume]]:
-        """One worker VM and a volume per disk, all made at once, in the first availability
-        domain with capacity for the worker; each volume tagged with its disk's position."""
+    def provision_machine(self, version: ObjectVersion, disks: Sequence[tuple[int, InspectedImage]],
+                          machine_name: str, availability_domain: str | None = None) -> tuple[WorkerVM, list[Volume]]:
+        """One worker VM and a volume per disk (``(position, image)``), all made at once, in the
+        first availability domain with capacity for the worker (or in ``availability_domain``,
+        where volumes of the machine already are); each volume tagged with its disk's position."""
         last_error: Exception | None = None
-        ads = self.availability_domains(ad_number)
+        ads = [availability_domain] if availability_domain else self.availability_domains(None)
         for ad in ads:
-            with ThreadPoolExecutor(len(images), thread_name_prefix="provision") as pool:
+            with ThreadPoolExecutor(max(1, len(disks)), thread_name_prefix="provision") as pool:
                 creates = [pool.submit(self.create_volume, version, ad, cloud.volume_size_gb(image.virtual_size),
                                        f"{machine_name}-disk{position + 1}",
                                        {contract.TAG_DISK: str(position), contract.TAG_MACHINE: machine_name[:255]})
-                           for position, image in enumerate(images)]
+                           for position, image in disks]
                 worker, last_error = self._worker_beside(version, ad, creates)
                 if worker is not None:
                     return worker, [create.result() for create in creates]
@@ -295,7 +360,12 @@ class Importer:
 
     @step("group-volumes")
     def group_volumes(self, version: ObjectVersion, machine_name: str, volumes: Sequence[Volume]) -> str:
-        """The machine's volumes in one volume group named after it; its undo deletes the group only."""
+        """The machine's volumes in one volume group named after it (the one they are in already,
+        after a repeat); its undo deletes the group only."""
+        groups = {cloud.with_backoff(self.clients.blockstorage.get_volume, v.id).data.volume_group_id
+                  for v in volumes}
+        if len(groups) == 1 and None not in groups:
+            return groups.pop()  # type: ignore[return-value]
         step_name = f"volume-group/{version.import_id}"
         group = cloud.create_volume_group(self.clients, self.settings.compartment_id, volumes[0].availability_domain,
                                           machine_name, [v.id for v in volumes],
@@ -326,7 +396,8 @@ class Importer:
                                      {contract.TAG_IMPORT_ID: version.import_id})
         return [FoundVolume(v.id, (v.freeform_tags or {}).get(contract.TAG_STATE), v.availability_domain,
                             v.size_in_gbs, v.display_name, (v.freeform_tags or {}).get(contract.TAG_FLOW_RUN),
-                            v.time_created.isoformat() if v.time_created else "")
+                            v.time_created.isoformat() if v.time_created else "",
+                            _position((v.freeform_tags or {}).get(contract.TAG_DISK)))
                 for v in volumes]
 
     def _competitor(self, found: Sequence[FoundVolume], own: FoundVolume | None = None) -> FoundVolume | None:
@@ -571,6 +642,30 @@ class Importer:
             "transfer_retries": written.retries, "ready_at": ready_at.isoformat(),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "steps": dict(self.steps), "filesystems": [dataclasses.asdict(c) for c in checks], "reused": False,
+        }
+
+    def machine_summary(self, version: ObjectVersion, described: machine.Machine,
+                        disks: Sequence[tuple[ObjectVersion, InspectedImage]], volumes: Sequence[Volume],
+                        written: dict[int, Any], group_id: str, qemu_img: str | None,
+                        ready_at: dt.datetime) -> dict[str, Any]:
+        """A machine import's account: the machine as described, and each disk with its volume."""
+        rows = []
+        for position, ((disk_version, image), volume) in enumerate(zip(disks, volumes)):
+            done = written.get(position)
+            rows.append({
+                "position": position, "name": described.disks[position].name,
+                "object": disk_version.name, "file": described.disks[position].file, "format": image.format,
+                "virtual_size": image.virtual_size, "volume_id": volume.id, "volume_size_gb": volume.size_in_gbs,
+                "digest_checked": image.digest is not None, "reused": done is None,
+                "fetched_bytes": done["written"].fetched_bytes if done else 0,
+                "filesystems": [dataclasses.asdict(c) for c in done["checks"]] if done else []})
+        return {
+            "import_id": version.import_id, "object": version.name, "bucket": version.bucket,
+            "namespace": version.namespace, "etag": version.etag, "machine": described.summary(),
+            "volume_group_id": group_id, "availability_domain": volumes[0].availability_domain,
+            "disks": rows, "qemu_img": qemu_img, "ready_at": ready_at.isoformat(), "reused": not written,
+            "steps": dict(self.steps),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
 
     @staticmethod

@@ -36,12 +36,14 @@ import json
 import re
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from . import contract, inspection
 from .errors import ImageRejected
 from .inspection import Inspection
 from .packed import Packed, tar_members
+
+T = TypeVar("T", bound=Any)
 
 MAX_DESCRIPTOR = 4 * 1024 * 1024
 MAX_MANIFEST = 1024 * 1024
@@ -67,6 +69,7 @@ DISK_RESOURCE_TYPE, CPU_RESOURCE_TYPE, MEMORY_RESOURCE_TYPE = "17", "3", "4"
 DIGEST_ALGORITHMS = {"SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
 MANIFEST_LINE = re.compile(r"^(SHA1|SHA256|SHA512)\s*\((.+)\)\s*=\s*([0-9a-fA-F]+)\s*$")
 UNITS = re.compile(r"^\s*byte\s*(?:\*\s*(\d+)\s*\^\s*(\d+)\s*)?$", re.IGNORECASE)
+MACHINE_SUFFIXES = {".ova": "ova", ".ovf": "ovf", ".machine.json": "manifest"}
 MACHINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
@@ -103,6 +106,15 @@ class Machine:
 
 
 # -- OVA ---------------------------------------------------------------------------------------
+
+def kind_of(object_name: str) -> str | None:
+    """"ova", "ovf" or "manifest" for an object that describes a machine, else None."""
+    lower = object_name.lower()
+    for suffix, kind in MACHINE_SUFFIXES.items():
+        if lower.endswith(suffix):
+            return kind
+    return None
+
 
 def ova_members(get: Callable[[int, int], bytes | None], size: int) -> dict[str, tuple[int, int]]:
     """``{name: (data offset, length)}`` of the OVA's files, from its tar headers."""
@@ -217,19 +229,27 @@ def inspect_ova_disks(machine: Machine, get: Callable[[int, int], bytes | None],
     return found
 
 
-def about_disk(disk: MachineDisk, inspect: Callable[[], Inspection]) -> Inspection:
+def about_disk(disk: MachineDisk, inspect: Callable[[], T]) -> T:
     """``inspect()``'s finding for one disk (which claims the descriptor's format, so a header of
     another is ``claimed-format-mismatch``), its size checked against the descriptor's capacity;
     a refusal names the disk."""
-    where = f"disk {disk.position + 1} ({disk.file})"
-    try:
-        image = inspect()
-    except ImageRejected as exc:
-        raise ImageRejected(exc.code, f"{where}: {exc.message}") from None
+    image = naming_disk(disk, inspect)
     if disk.capacity is not None and abs(disk.capacity - image.virtual_size) >= disk.capacity_unit:
-        raise ImageRejected("ova-capacity-mismatch", f"{where}: the descriptor says {disk.capacity} bytes, the "
-                            f"header {image.virtual_size}")
+        raise ImageRejected("ova-capacity-mismatch", f"{_where(disk)}: the descriptor says {disk.capacity} bytes, "
+                            f"the header {image.virtual_size}")
     return image
+
+
+def naming_disk(disk: MachineDisk, call: Callable[[], T]) -> T:
+    """``call()``, a refusal it raises naming the disk."""
+    try:
+        return call()
+    except ImageRejected as exc:
+        raise ImageRejected(exc.code, f"{_where(disk)}: {exc.message}") from None
+
+
+def _where(disk: MachineDisk) -> str:
+    return f"disk {disk.position + 1} ({disk.file})"
 
 
 # -- the manifest --------------------------------------------------------------------------------

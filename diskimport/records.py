@@ -93,6 +93,7 @@ class FoundVolume:
     display_name: str
     flow_run: str | None
     created: str = ""    # the service's creation time (ISO 8601), which orders competing runs
+    disk: int | None = None  # a machine import's volume: its disk's position
 
     def as_volume(self) -> Volume:
         return Volume(self.id, self.availability_domain, self.size_in_gbs, self.display_name, fresh=False)

@@ -96,3 +96,21 @@ def refusal_reported(object_name: str) -> Iterator[None]:
         create_markdown_artifact(f"# Refused `{object_name}`\n\ncode: `{exc.code}`\n\n{exc.message}\n",
                                  key="import-refused", description=f"Import refused: {exc.code}")
         raise
+
+
+def publish_machine_summary(summary: dict[str, Any]) -> None:
+    """The machine, and each disk in boot order with its volume, as the run's artifacts."""
+    described = summary["machine"]
+    rows = [{"disk": d["position"] + 1, "name": d["name"], "file": d["file"], "format": d["format"],
+             "virtual size": d["virtual_size"], "volume": d["volume_id"], "digest checked": d["digest_checked"],
+             "reused": d["reused"],
+             "filesystems": ", ".join(f"{c['location']} {c['filesystem']} {c['status']}" for c in d["filesystems"])}
+            for d in summary["disks"]]
+    create_table_artifact(rows, key="machine-disks", description=f"Disks of {described['name']}")
+    hints = ", ".join(f"{k} {described[k]}" for k in ("firmware", "cpus", "memory_mb", "os", "shape")
+                      if described.get(k))
+    create_markdown_artifact("\n".join([
+        f"# Imported machine `{described['name']}`", "",
+        f"From `{summary['namespace']}/{summary['bucket']}/{summary['object']}` ({described['source']}), "
+        f"{len(summary['disks'])} disks in volume group `{summary['volume_group_id']}`"
+        + (f"; hints: {hints}" if hints else "") + "."]), key="machine-summary")

@@ -499,13 +499,13 @@ def machine_ova(tmp_path: Path, wrong_digest_of: int | None = None) -> tuple[Pat
     return make_ova(tmp_path, "web-01", vmware_descriptor(vmdks), [p for p, _ in vmdks], manifest=manifest), raws
 
 
-def write_machine(importer: Importer, version: ObjectVersion, images: list[Any], name: str) -> tuple[Any, Any, Any]:
+def write_machine(importer: Importer, version: ObjectVersion, disks: list[Any], name: str) -> tuple[Any, Any, Any]:
     """One worker VM, a volume per disk, every disk written and checked at once (the flow's order)."""
-    worker, volumes = importer.provision_machine(version, images, name)
+    worker, volumes = importer.provision_machine(version, list(enumerate(image for _, image in disks)), name)
     with importer.session(worker) as session:
         importer.prepare_worker(session)
-        writes = [importer.volume_write(session, worker, volume, version, image)
-                  for volume, image in zip(volumes, images)]
+        writes = [importer.volume_write(session, worker, volume, disk_version, image)
+                  for volume, (disk_version, image) in zip(volumes, disks)]
         with ThreadPoolExecutor(len(writes)) as pool:
             list(pool.map(lambda write: write.run(), writes))
     return worker, volumes, writes
@@ -519,11 +519,12 @@ def test_a_machines_disks_are_written_at_once_on_one_worker_vm_and_grouped(
     localoci.admin("DELETE", "metrics")
     importer = make_importer()
     version = version_of(importer, localoci, bucket, "machines/web-01.ova")
-    described, images = importer.inspect_machine(version)
+    described, disks = importer.inspect_machine(version)
+    images = [image for _, image in disks]
     assert [(i.format, i.virtual_size, i.container) for i in images] == \
         [("vmdk", raw.stat().st_size, "tar") for raw in raws]
     with importer:
-        worker, volumes, writes = write_machine(importer, version, images, described.name)
+        worker, volumes, writes = write_machine(importer, version, disks, described.name)
         for volume in volumes:
             importer.finish_volume(volume, ImportOptions())
         group_id = importer.group_volumes(version, described.name, volumes)
@@ -551,8 +552,8 @@ def test_a_disk_of_a_machine_that_does_not_match_its_digest_fails_naming_it_and_
         object_storage.put_object(localoci.namespace, bucket, "machines/bad.ova", f)
     importer = make_importer()
     version = version_of(importer, localoci, bucket, "machines/bad.ova")
-    described, images = importer.inspect_machine(version)
+    described, disks = importer.inspect_machine(version)
     with pytest.raises(ImageRejected, match="^ova-digest-mismatch: the bytes of 'web-01-disk2.vmdk' do not match"):
         with importer:
-            write_machine(importer, version, images, described.name)
+            write_machine(importer, version, disks, described.name)
     assert live(localoci, "volumes", version) == [] and live(localoci, "instances", version) == []

@@ -5,6 +5,7 @@ like real guests."""
 from __future__ import annotations
 
 import functools
+import json
 import subprocess
 from pathlib import Path
 from typing import Any, Callable
@@ -16,7 +17,9 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from deployments import demo, local_stack
 from tests import guest_disks
 from tests.diskimport import test_hostile_images as hostile
-from tests.e2e.conftest import SUFFIX, Disk, admin, image_of, live_inventory, resources_of, run_import
+from diskimport.sample_disk import convert
+from tests.e2e.conftest import (MANUAL_BUCKET, SUFFIX, Disk, admin, image_of, live_inventory, resources_of,
+                               run_import)
 
 
 # -- Untrusted images: each hostile image fails its run with its own reason, before any
@@ -134,15 +137,25 @@ def packed(image: Path, container: str | None) -> Path:
 
 
 @pytest.fixture(scope="module")
-def guest_imports(stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def guests_built(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Any], guest_disks.GuestDisk]:
+    """Each guest layout built once for the module."""
+    tmp = tmp_path_factory.mktemp("guest-disks")
+    built: dict[Any, guest_disks.GuestDisk] = {}
+
+    def get(build: Any) -> guest_disks.GuestDisk:
+        if build not in built:
+            built[build] = build(tmp / f"guest{len(built)}.disk")
+        return built[build]
+    return get
+
+
+@pytest.fixture(scope="module")
+def guest_imports(stack, guests_built, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Build each layout once, convert it, start every import at once, then wait for all."""
     tmp = tmp_path_factory.mktemp("guests")
-    built: dict[Any, guest_disks.GuestDisk] = {}
     started = {}
     for case, (build, fmt, options, *_) in {**GUESTS, **DAMAGED}.items():
-        if build not in built:
-            built[build] = build(tmp / f"{case}.disk")
-        disk = built[build]
+        disk = guests_built(build)
         image = packed(image_of(Disk(disk.path, "guest"), fmt, tmp / f"{case}.{SUFFIX[fmt]}", options),
                        PACKED.get(case))
         etag, run = run_import(stack, image, f"guests/{image.name}")
@@ -175,3 +188,104 @@ def test_a_damaged_guest_disk_fails_naming_the_place_and_leaves_nothing(case, gu
     assert "FilesystemErrors: filesystem-errors: " in (state.message or ""), state.message
     assert DAMAGED[case][3] in (state.message or ""), state.message
     assert resources_of(stack, item["etag"]) == {"instances": [], "volumes": []}
+
+
+# -- Whole machines: an OVA (its boot disk laid out like a real guest), an OVF with its disks
+# beside it, and a machine manifest, each onto one volume per disk, written at once from one
+# worker VM and kept in one volume group; a disk that does not match the manifest's digest
+# fails naming it, a hostile disk is refused before anything exists.
+
+MACHINE = "import-machine/default"
+MACHINE_DISKS = [guest_disks.oracle_linux, guest_disks.whole_device_ext4, guest_disks.mbr_logical]
+
+
+@pytest.fixture(scope="module")
+def machine_imports(stack, guests_built, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from tests.diskimport.test_hostile_images import backing_file
+    from tests.diskimport.test_machine import make_ova, manifest_for, vmware_descriptor
+
+    tmp = tmp_path_factory.mktemp("machines")
+    guests = [guests_built(build) for build in MACHINE_DISKS]
+    vmdks = []
+    for i, guest in enumerate(guests):
+        vmdk = convert(guest.path, tmp / f"web-01-disk{i + 1}.vmdk", "vmdk", "subformat=streamOptimized")
+        vmdks.append((vmdk, guest.size // (1024 * 1024)))
+    paths = [p for p, _ in vmdks]
+    good_manifest = "SHA256(web-01.ovf)= __OVF__\n" + manifest_for(paths)
+    cases: dict[str, Any] = {}
+    work = tmp / "ova"
+    work.mkdir()
+    cases["ova"] = make_ova(work, "web-01", vmware_descriptor(vmdks), paths, manifest=good_manifest)
+    wrong = manifest_for(paths).replace(manifest_for(paths[1:2]).split("= ")[1].strip(), "0" * 64)
+    work = tmp / "digest"
+    work.mkdir()
+    cases["digest"] = make_ova(work, "web-01", vmware_descriptor(vmdks), paths, manifest=wrong)
+    work = tmp / "hostile"
+    work.mkdir()
+    hostile_disk = backing_file(work)[0].rename(work / "web-01-disk2.qcow2")
+    descriptor = vmware_descriptor([vmdks[0], (hostile_disk, 64)]).replace(
+        'ovf:fileRef="file2" ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"',
+        'ovf:fileRef="file2"')
+    cases["hostile"] = make_ova(work, "web-01", descriptor, [paths[0], hostile_disk])
+
+    started = {}
+    for case in ("ova", "digest", "hostile"):
+        etag, run = run_import(stack, cases[case], f"machines/{case}/web-01.ova", deployment=MACHINE)
+        started[case] = {"etag": etag, "run": run}
+    # an OVF with its disks and manifest beside it
+    ovf_dir = tmp / "ova"
+    for path in [*paths, ovf_dir / "web-01.mf"]:
+        demo.upload(stack, path, f"machines/ovf/{path.name}", bucket=MANUAL_BUCKET)
+    etag, run = run_import(stack, ovf_dir / "web-01.ovf", "machines/ovf/web-01.ovf", deployment=MACHINE)
+    started["ovf"] = {"etag": etag, "run": run}
+    # a manifest naming disks uploaded in other formats
+    names = []
+    for i, guest in enumerate(guests):
+        fmt = ("qcow2", "vhdx", "raw")[i]
+        image = image_of(Disk(guest.path, "guest"), fmt, tmp / f"db-{i}.{SUFFIX[fmt]}")
+        names.append(f"machines/manifest/{image.name}")
+        demo.upload(stack, image, names[-1], bucket=MANUAL_BUCKET)
+    manifest = tmp / "db-01.machine.json"
+    manifest.write_text(json.dumps({"disks": names, "firmware": "UEFI_64"}))
+    etag, run = run_import(stack, manifest, "machines/manifest/db-01.machine.json", deployment=MACHINE)
+    started["manifest"] = {"etag": etag, "run": run}
+    for item in started.values():
+        item["final"] = demo.wait_for_run(stack, item["run"].id, timeout=900)
+    return {"cases": started, "guests": guests}
+
+
+@pytest.mark.parametrize("case,name", [("ova", "web-01"), ("ovf", "web-01"), ("manifest", "db-01")])
+def test_a_machine_imports_every_disk_bit_exact_into_one_volume_group(case, name, machine_imports, stack):
+    final = machine_imports["cases"][case]["final"]
+    assert final.state.is_completed(), f"{case}: {final.state.message}"
+    summary = demo.run_result(stack, final)
+    assert summary["machine"]["name"] == name and len(summary["disks"]) == 3
+    volumes = {v["id"]: v for v in live_inventory(stack)["volumes"]}
+    group = admin(stack, "GET", "inventory")["volumeGroups"]
+    group = next(g for g in group if g["id"] == summary["volume_group_id"])
+    assert sorted(group["volumeIds"]) == sorted(d["volume_id"] for d in summary["disks"])
+    for disk, guest in zip(summary["disks"], machine_imports["guests"]):
+        volume = volumes[disk["volume_id"]]
+        assert volume["freeformTags"]["import-disk"] == str(disk["position"])
+        compared = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(guest.path),
+                                   volume["backingFile"]], capture_output=True, text=True)
+        assert compared.returncode == 0, compared.stdout + compared.stderr
+        reported = {c["location"]: (c["filesystem"], c["status"]) for c in disk["filesystems"]}
+        expected = {e.location: (e.filesystem, e.status) for e in guest.expected}
+        assert {k: reported.get(k) for k in expected} == expected, disk["filesystems"]
+    assert all(d["digest_checked"] for d in summary["disks"]) == (case != "manifest")
+    assert resources_of(stack, machine_imports["cases"][case]["etag"])["instances"] == []
+
+
+@pytest.mark.parametrize("case,code,named", [("digest", "ova-digest-mismatch", "'web-01-disk2.vmdk'"),
+                                             ("hostile", "backing_file", "disk 2 (web-01-disk2.qcow2)")])
+def test_a_machine_with_a_bad_disk_fails_naming_it_and_leaves_nothing(case, code, named, machine_imports, stack):
+    item = machine_imports["cases"][case]
+    state = item["final"].state
+    assert state.is_failed(), f"{case}: {state.name}"
+    assert f"ImageRejected: {code}: " in (state.message or "") and named in (state.message or ""), state.message
+    assert resources_of(stack, item["etag"]) == {"instances": [], "volumes": []}
+    if case == "hostile":  # refused from the headers: nothing was ever created
+        ever = admin(stack, "GET", "inventory?all=true")
+        assert not [r for kind in ("instances", "volumes") for r in ever[kind]
+                    if r["freeformTags"].get("import-etag") == item["etag"]]

@@ -1,0 +1,135 @@
+"""The ``import-machine`` flow: a whole machine (an OVA, an OVF with its disks beside it, or a
+``*.machine.json``) onto one volume per disk, from one worker VM, kept in one volume group.
+
+The steps are :mod:`diskimport.importer`'s, as for one disk: the machine is read and every
+disk inspected before anything is created; one worker VM boots while every volume is
+created; the disks are written, verified and checked at once on it, each as a single-disk
+import is (:class:`~diskimport.importer.VolumeWrite`); then the volumes are finished, put in
+a volume group named after the machine, and the worker VM is terminated. A disk another run
+or an earlier attempt finished is not written again; a repeat of the same object version
+returns what was imported.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run as current_flow_run
+
+from blocks import DEFAULT_BLOCK, ImportSettings, OCICredentials, WorkerShape
+from diskimport import machine
+from diskimport.contract import ImportOptions
+from diskimport.importer import CompetingImport, Importer, VolumeWrite
+from diskimport.records import InspectedImage, ObjectVersion
+from flows.import_disk import (_retry_unless_deterministic, cleanup_after_crash, find_previous_import, read_object,
+                               run_name, terminate_worker)
+from flows.reporting import publish_machine_summary, refusal_reported
+from flows.runs import run_is_active, worker_slot
+
+
+def _step(name: str, retries: int = 0, delays: list[int] | int = 0) -> Any:
+    return task(name=name, retries=retries, retry_delay_seconds=delays, cache_policy=NO_CACHE,
+                retry_condition_fn=_retry_unless_deterministic)
+
+
+@_step("inspect-machine", retries=4, delays=[1, 2, 5, 10])
+def inspect_machine(importer: Importer, version: ObjectVersion
+                    ) -> tuple[machine.Machine, list[tuple[ObjectVersion, InspectedImage]]]:
+    return importer.inspect_machine(version)
+
+
+@_step("provision", retries=2, delays=[5, 15])
+def provision_machine(importer: Importer, version: ObjectVersion, disks: list[tuple[int, InspectedImage]],
+                      name: str, availability_domain: str | None) -> Any:
+    return importer.provision_machine(version, disks, name, availability_domain)
+
+
+@_step("prepare-worker", retries=2, delays=5)
+def prepare_worker(importer: Importer, session: Any) -> str:
+    return importer.prepare_worker(session)
+
+
+@_step("write-disk", retries=2, delays=[5, 15])
+def write_disk(write: VolumeWrite) -> dict[str, Any]:
+    """One disk: written and verified, checked, detached (as a single-disk import does it)."""
+    written, checks = write.run()
+    return {"written": written, "checks": checks}
+
+
+@_step("finish-volumes", retries=4, delays=[2, 5, 10, 20])
+def finish_volumes(importer: Importer, volumes: list[Any]) -> None:
+    for volume in volumes:
+        importer.finish_volume(volume, ImportOptions())
+
+
+@_step("group-volumes", retries=3, delays=[2, 5, 10])
+def group_volumes(importer: Importer, version: ObjectVersion, name: str, volumes: list[Any]) -> str:
+    return importer.group_volumes(version, name, volumes)
+
+
+@flow(name="import-machine", flow_run_name=run_name, on_crashed=[cleanup_after_crash],
+      on_cancellation=[cleanup_after_crash])
+def import_machine(
+    bucket: str,
+    object_name: str,
+    namespace: str | None = None,
+    etag: str | None = None,
+    force: bool = False,
+    credentials_block: str = DEFAULT_BLOCK,
+    worker_block: str = DEFAULT_BLOCK,
+    settings_block: str = DEFAULT_BLOCK,
+) -> dict[str, Any]:
+    """Import a machine: an ``.ova``, an ``.ovf`` (its disks beside it) or a ``*.machine.json``.
+
+    ``etag`` pins the object version. A run that meets another run importing the same
+    version waits for it; disks already imported are not written again.
+    """
+    with refusal_reported(object_name):
+        settings = ImportSettings.load(settings_block)
+        importer = Importer(OCICredentials.load(credentials_block).clients(), settings,
+                            WorkerShape.load(worker_block), run_id=str(current_flow_run.id or "local"),
+                            attempt=current_flow_run.run_count or 1, run_is_active=run_is_active,
+                            logger=get_run_logger())
+        version = read_object(importer, namespace, bucket, object_name, etag)
+        described, disks = inspect_machine(importer, version)
+        while True:
+            find_previous_import(importer, version, force)  # waits while another live run writes this machine
+            done = {} if force else importer.imported_disks(version)
+            try:
+                with worker_slot(settings.worker_concurrency_limit):
+                    summary = _import(importer, version, described, disks, done)
+            except CompetingImport as exc:
+                get_run_logger().info("%s; waiting for it", exc)
+                continue
+            publish_machine_summary(summary)
+            return summary
+
+
+def _import(importer: Importer, version: ObjectVersion, described: machine.Machine,
+            disks: list[tuple[ObjectVersion, InspectedImage]], done: dict[int, Any]) -> dict[str, Any]:
+    """Provision, write every disk not yet imported at once, finish, group; unwound on failure."""
+    todo = [(position, image) for position, (_, image) in enumerate(disks) if position not in done]
+    written: dict[int, Any] = {}
+    volumes: dict[int, Any] = {position: found.as_volume() for position, found in done.items()}
+    qemu_img = None
+    with importer:
+        if todo:
+            ad = next(iter(done.values())).availability_domain if done else None
+            worker, made = provision_machine(importer, version, todo, described.name, ad)
+            with importer.session(worker) as session:
+                qemu_img = prepare_worker(importer, session)
+                writes = {position: importer.volume_write(session, worker, volume, disks[position][0], image)
+                          for (position, image), volume in zip(todo, made)}
+                futures = {position: write_disk.submit(write) for position, write in writes.items()}
+                written = {position: future.result() for position, future in futures.items()}
+            volumes.update({position: volume for (position, _), volume in zip(todo, made)})
+            finish_volumes(importer, made)
+            terminate_worker(importer, worker)
+        ordered = [volumes[position] for position in range(len(disks))]
+        group_id = group_volumes(importer, version, described.name, ordered)
+    return importer.machine_summary(version, described, disks, ordered, written, group_id, qemu_img,
+                                    dt.datetime.now(dt.timezone.utc))
+
