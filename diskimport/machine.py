@@ -69,7 +69,7 @@ DISK_RESOURCE_TYPE, CPU_RESOURCE_TYPE, MEMORY_RESOURCE_TYPE = "17", "3", "4"
 DIGEST_ALGORITHMS = {"SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
 MANIFEST_LINE = re.compile(r"^(SHA1|SHA256|SHA512)\s*\((.+)\)\s*=\s*([0-9a-fA-F]+)\s*$")
 UNITS = re.compile(r"^\s*byte\s*(?:\*\s*(\d+)\s*\^\s*(\d+)\s*)?$", re.IGNORECASE)
-MACHINE_SUFFIXES = {".ova": "ova", ".ovf": "ovf", ".machine.json": "manifest"}
+MACHINE_KINDS = dict(zip(contract.MACHINE_SUFFIXES, ("ova", "ovf", "manifest")))
 MACHINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
@@ -110,7 +110,7 @@ class Machine:
 def kind_of(object_name: str) -> str | None:
     """"ova", "ovf" or "manifest" for an object that describes a machine, else None."""
     lower = object_name.lower()
-    for suffix, kind in MACHINE_SUFFIXES.items():
+    for suffix, kind in MACHINE_KINDS.items():
         if lower.endswith(suffix):
             return kind
     return None

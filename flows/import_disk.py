@@ -9,7 +9,7 @@ tagged and found by the crash hook or by ``sweep-orphans``.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -25,6 +25,9 @@ from diskimport.worker import WorkerSession
 from flows.reporting import TransferProgress, publish_summary, refusal_reported
 from flows.runs import run_is_active, worker_slot
 from flows.sweep import sweep_run
+
+
+T = TypeVar("T")
 
 
 def _retry_unless_deterministic(task: Any, task_run: Any, state: Any) -> bool:
@@ -139,29 +142,41 @@ def import_virtual_disk(
     meets another run importing the same version waits for it and returns its volume.
     """
     with refusal_reported(object_name):
-        settings = ImportSettings.load(settings_block)
-        importer = Importer(OCICredentials.load(credentials_block).clients(), settings,
-                            WorkerShape.load(worker_block), run_id=str(current_flow_run.id or "local"),
-                            attempt=current_flow_run.run_count or 1, run_is_active=run_is_active,
-                            logger=get_run_logger())
+        settings, importer = run_importer(credentials_block, worker_block, settings_block)
         version = read_object(importer, namespace, bucket, object_name, etag)
         parameters = parse_options({"ad_number": ad_number, "display_name": display_name,
                                     "backup_policy": backup_policy, "vpus": vpus})
         options = importer.options(version, parameters)
         image = inspect_image(importer, version, options)
-        while True:
+
+        def attempt() -> dict[str, Any]:
             previous = find_previous_import(importer, version, force)
             if previous.imported is not None:
                 get_run_logger().info("object version already imported as %s", previous.imported.id)
                 return importer.reused_summary(version, previous.imported)
-            try:
-                with worker_slot(settings.worker_concurrency_limit):
-                    summary = _import(importer, version, image, options, previous)
-            except CompetingImport as exc:
-                get_run_logger().info("%s; waiting for it", exc)
-                continue
+            with worker_slot(settings.worker_concurrency_limit):
+                summary = _import(importer, version, image, options, previous)
             publish_summary(summary)
             return summary
+        return until_not_yielding(attempt)
+
+
+def run_importer(credentials_block: str, worker_block: str, settings_block: str) -> tuple[ImportSettings, Importer]:
+    """The import settings and an importer for this flow run, from its blocks."""
+    settings = ImportSettings.load(settings_block)
+    return settings, Importer(OCICredentials.load(credentials_block).clients(), settings,
+                              WorkerShape.load(worker_block), run_id=str(current_flow_run.id or "local"),
+                              attempt=current_flow_run.run_count or 1, run_is_active=run_is_active,
+                              logger=get_run_logger())
+
+
+def until_not_yielding(attempt: Callable[[], T]) -> T:
+    """``attempt()`` again each time the run yields to a competing run (it then waits for that one)."""
+    while True:
+        try:
+            return attempt()
+        except CompetingImport as exc:
+            get_run_logger().info("%s; waiting for it", exc)
 
 
 def _import(importer: Importer, version: ObjectVersion, image: InspectedImage, options: ImportOptions,

@@ -15,24 +15,17 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run as current_flow_run
+from prefect import flow
 
-from blocks import DEFAULT_BLOCK, ImportSettings, OCICredentials, WorkerShape
+from blocks import DEFAULT_BLOCK
 from diskimport import machine
 from diskimport.contract import ImportOptions
-from diskimport.importer import CompetingImport, Importer, VolumeWrite
+from diskimport.importer import Importer, VolumeWrite
 from diskimport.records import InspectedImage, ObjectVersion
-from flows.import_disk import (_retry_unless_deterministic, cleanup_after_crash, find_previous_import, read_object,
-                               run_name, terminate_worker)
+from flows.import_disk import (_step, cleanup_after_crash, find_previous_import, read_object, run_importer, run_name,
+                               terminate_worker, until_not_yielding)
 from flows.reporting import publish_machine_summary, refusal_reported
-from flows.runs import run_is_active, worker_slot
-
-
-def _step(name: str, retries: int = 0, delays: list[int] | int = 0) -> Any:
-    return task(name=name, retries=retries, retry_delay_seconds=delays, cache_policy=NO_CACHE,
-                retry_condition_fn=_retry_unless_deterministic)
+from flows.runs import worker_slot
 
 
 @_step("inspect-machine", retries=4, delays=[1, 2, 5, 10])
@@ -88,24 +81,18 @@ def import_machine(
     version waits for it; disks already imported are not written again.
     """
     with refusal_reported(object_name):
-        settings = ImportSettings.load(settings_block)
-        importer = Importer(OCICredentials.load(credentials_block).clients(), settings,
-                            WorkerShape.load(worker_block), run_id=str(current_flow_run.id or "local"),
-                            attempt=current_flow_run.run_count or 1, run_is_active=run_is_active,
-                            logger=get_run_logger())
+        settings, importer = run_importer(credentials_block, worker_block, settings_block)
         version = read_object(importer, namespace, bucket, object_name, etag)
         described, disks = inspect_machine(importer, version)
-        while True:
+
+        def attempt() -> dict[str, Any]:
             find_previous_import(importer, version, force)  # waits while another live run writes this machine
             done = {} if force else importer.imported_disks(version)
-            try:
-                with worker_slot(settings.worker_concurrency_limit):
-                    summary = _import(importer, version, described, disks, done)
-            except CompetingImport as exc:
-                get_run_logger().info("%s; waiting for it", exc)
-                continue
+            with worker_slot(settings.worker_concurrency_limit):
+                summary = _import(importer, version, described, disks, done)
             publish_machine_summary(summary)
             return summary
+        return until_not_yielding(attempt)
 
 
 def _import(importer: Importer, version: ObjectVersion, described: machine.Machine,

@@ -7,7 +7,8 @@ prefix or suffix), ``refused`` (malformed or invalid; nothing started) or ``fail
 flow run could be created). Each but ``started`` carries a stable ``code`` besides its
 prose ``reason``: for invalid metadata the contract's own (``invalid-ad-number``, ...);
 otherwise refused ``invalid-event``, ``object-gone``, ``no-etag``; ignored ``not-an-upload``,
-``not-watched``, ``prefix-mismatch``, ``not-an-image``, ``superseded``; failed
+``not-watched``, ``prefix-mismatch``, ``not-an-image`` (neither an image nor a machine),
+``superseded``; failed
 ``prefect-unavailable`` (and, from ``func.py``, ``invalid-configuration``,
 ``unexpected-error``).
 """
@@ -24,9 +25,10 @@ from typing import Any, Callable, Mapping
 import httpx
 
 try:
-    from diskimport.contract import IMAGE_SUFFIXES, Refusal, idempotency_key, parse_options
+    from diskimport.contract import IMAGE_SUFFIXES, MACHINE_SUFFIXES, Refusal, idempotency_key, parse_options
 except ImportError:  # in the function's build directory contract.py sits beside this file
-    from contract import IMAGE_SUFFIXES, Refusal, idempotency_key, parse_options  # type: ignore[no-redef]
+    from contract import (IMAGE_SUFFIXES, MACHINE_SUFFIXES, Refusal, idempotency_key,  # type: ignore[no-redef]
+                          parse_options)
 
 ACTED_ON = {"com.oraclecloud.objectstorage.createobject", "com.oraclecloud.objectstorage.updateobject"}
 RETRYABLE = {429, 500, 502, 503, 504}
@@ -76,11 +78,13 @@ class TriggerConfig:
 
     prefect_api_url: str
     deployment: str = "import-virtual-disk/default"
+    machine_deployment: str = "import-machine/default"          # for .ova, .ovf and *.machine.json
     auth_string: str | None = field(default=None, repr=False)  # self-hosted: "user:password" (HTTP basic)
     api_key: str | None = field(default=None, repr=False)      # Prefect Cloud: bearer API key
     buckets: tuple[str, ...] = ()                               # empty: every bucket
     prefix: str = ""
     suffixes: tuple[str, ...] = IMAGE_SUFFIXES
+    machine_suffixes: tuple[str, ...] = MACHINE_SUFFIXES
     ad_count: int = 3
     flow_parameters: Mapping[str, Any] = field(default_factory=dict)  # e.g. block names
     timeout_seconds: float = 60.0
@@ -99,11 +103,14 @@ class TriggerConfig:
         return cls(
             prefect_api_url=url,
             deployment=config.get("PREFECT_DEPLOYMENT", cls.deployment),
+            machine_deployment=config.get("PREFECT_MACHINE_DEPLOYMENT", cls.machine_deployment),
             auth_string=config.get("PREFECT_API_AUTH_STRING") or None,
             api_key=config.get("PREFECT_API_KEY") or None,
             buckets=listed("WATCH_BUCKETS"),
             prefix=config.get("NAME_PREFIX", ""),
             suffixes=tuple(s.lower() for s in listed("IMAGE_SUFFIXES")) or IMAGE_SUFFIXES,
+            machine_suffixes=(tuple(s.lower() for s in listed("MACHINE_SUFFIXES")) or MACHINE_SUFFIXES)
+            if config.get("MACHINE_SUFFIXES") != "none" else (),
             ad_count=int(config.get("AD_COUNT", "3")),
             flow_parameters=extra,
             timeout_seconds=float(config.get("TIMEOUT_SECONDS", "60")),
@@ -152,8 +159,9 @@ def not_for_us(event: ObjectEvent, config: TriggerConfig) -> tuple[str, str] | N
         return "not-watched", f"bucket {event.bucket} is not watched"
     if config.prefix and not event.object_name.lower().startswith(config.prefix.lower()):
         return "prefix-mismatch", f"object name does not start with {config.prefix!r}"
-    if not event.object_name.lower().endswith(config.suffixes):
-        return "not-an-image", "object name does not end with an image suffix (" + ", ".join(config.suffixes) + ")"
+    if not event.object_name.lower().endswith(config.suffixes + config.machine_suffixes):
+        return "not-an-image", ("object name does not end with an image or machine suffix ("
+                                + ", ".join(config.suffixes + config.machine_suffixes) + ")")
     return None
 
 
@@ -195,13 +203,14 @@ class PrefectApi:
                                          f"({attempt} attempts, last: {problem})")
             self.sleep(delay)
 
-    def deployment_id(self) -> str:
-        flow_name, _, deployment_name = self.config.deployment.partition("/")
+    def deployment_id(self, deployment: str | None = None) -> str:
+        deployment = deployment or self.config.deployment
+        flow_name, _, deployment_name = deployment.partition("/")
         reply = self._request("GET", f"/deployments/name/{flow_name}/{deployment_name}")
         if reply.status_code == 404:
-            raise PrefectUnavailable(f"deployment {self.config.deployment!r} does not exist")
+            raise PrefectUnavailable(f"deployment {deployment!r} does not exist")
         if reply.status_code != 200:
-            raise PrefectUnavailable(f"reading deployment {self.config.deployment!r} failed: HTTP {reply.status_code}")
+            raise PrefectUnavailable(f"reading deployment {deployment!r} failed: HTTP {reply.status_code}")
         return reply.json()["id"]
 
     def create_flow_run(self, deployment_id: str, parameters: dict[str, Any], key: str,
@@ -237,16 +246,19 @@ def handle(raw: bytes | str, config: TriggerConfig, head_object: HeadObject, api
     if event.etag and headers.get("etag") and headers["etag"] != event.etag:
         return Decision("ignored", f"the object changed since the event (ETag {headers['etag']}, event "
                         f"{event.etag}); its own event starts that version", "superseded", **base)
-    metadata = {k[len("opc-meta-"):]: v for k, v in headers.items() if k.startswith("opc-meta-")}
-    try:
-        options = parse_options(metadata, ad_count=config.ad_count)
-    except Refusal as exc:
-        return Decision("refused", f"invalid object metadata: {exc.message}", exc.code, **base)
     parameters = {**config.flow_parameters, "namespace": event.namespace, "bucket": event.bucket,
-                  "object_name": event.object_name, "etag": etag, **options.as_parameters()}
+                  "object_name": event.object_name, "etag": etag}
+    machine = event.object_name.lower().endswith(config.machine_suffixes) if config.machine_suffixes else False
+    if not machine:  # a disk's options travel as its metadata; a machine's disks take the defaults
+        metadata = {k[len("opc-meta-"):]: v for k, v in headers.items() if k.startswith("opc-meta-")}
+        try:
+            parameters.update(parse_options(metadata, ad_count=config.ad_count).as_parameters())
+        except Refusal as exc:
+            return Decision("refused", f"invalid object metadata: {exc.message}", exc.code, **base)
     key = idempotency_key(event.namespace, event.bucket, event.object_name, etag)
+    deployment = config.machine_deployment if machine else config.deployment
     try:
-        flow_run_id, created = api.create_flow_run(api.deployment_id(), parameters, key,
+        flow_run_id, created = api.create_flow_run(api.deployment_id(deployment), parameters, key,
                                                    ["oci-disk-import", "upload-trigger"])
     except PrefectUnavailable as exc:
         return Decision("failed", str(exc), "prefect-unavailable", **base)

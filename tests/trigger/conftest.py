@@ -108,8 +108,12 @@ def prefect_api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     flow_id = api_post(client, "/flows/", {"name": "import-virtual-disk"})["id"]
     deployment = api_post(client, "/deployments/", {
         "name": "default", "flow_id": flow_id, "entrypoint": "flows/import_disk.py:import_virtual_disk"})
+    machine_flow_id = api_post(client, "/flows/", {"name": "import-machine"})["id"]
+    machine = api_post(client, "/deployments/", {
+        "name": "default", "flow_id": machine_flow_id, "entrypoint": "flows/import_machine.py:import_machine"})
     try:
-        yield {"url": url, "client": client, "deployment_id": deployment["id"], "database": request.param}
+        yield {"url": url, "client": client, "deployment_id": deployment["id"], "database": request.param,
+               "machine_deployment_id": machine["id"]}
     finally:
         client.close()
         os.killpg(proc.pid, 15)
@@ -144,9 +148,9 @@ def config(prefect_api, localoci, bucket) -> dict[str, str]:
     }
 
 
-def runs_for(prefect_api, object_names: set[str]) -> list[dict[str, Any]]:
+def runs_for(prefect_api, object_names: set[str], deployment: str = "deployment_id") -> list[dict[str, Any]]:
     runs = api_post(prefect_api["client"], "/flow_runs/filter", {
-        "flow_runs": {"deployment_id": {"any_": [prefect_api["deployment_id"]]}}, "limit": 200})
+        "flow_runs": {"deployment_id": {"any_": [prefect_api[deployment]]}}, "limit": 200})
     return [r for r in runs if r["parameters"].get("object_name") in object_names]
 
 

@@ -81,6 +81,19 @@ def test_compressed_and_packed_images_start_a_run(config, prefect_api, localoci,
     assert "virtual_size" not in run["parameters"]  # it travels as the object's metadata
 
 
+@pytest.mark.parametrize("suffix", [".ova", ".OVF", ".machine.json"])
+def test_a_machine_starts_a_machine_import_with_its_metadata_left_aside(config, prefect_api, localoci, object_storage,
+                                                                        bucket, suffix):
+    name = f"machines/{uuid.uuid4().hex}{suffix}"
+    etag = put(object_storage, localoci, bucket, name, {"vpus": "20"})
+    decision = invoke(config, event(localoci.namespace, bucket, name, etag))
+    assert decision.decision == "started", decision
+    [run] = runs_for(prefect_api, {name}, "machine_deployment_id")
+    assert run["parameters"] == {"credentials_block": "local-oci", "namespace": localoci.namespace,
+                                 "bucket": bucket, "object_name": name, "etag": etag}
+    assert runs_for(prefect_api, {name}) == []  # not a disk import
+
+
 def test_a_compressed_file_that_is_no_image_starts_nothing(config, prefect_api, localoci, object_storage, bucket):
     name = f"{uuid.uuid4().hex}.txt.gz"
     decision = invoke(config, event(localoci.namespace, bucket, name, put(object_storage, localoci, bucket, name)))
