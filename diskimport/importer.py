@@ -465,6 +465,18 @@ class Importer:
                 removed.append(stale.id)
         return removed
 
+    @step("remove-unfinished-volumes")
+    def remove_unfinished_volumes(self, version: ObjectVersion) -> list[str]:
+        """Delete the volumes a machine import's dead runs (or this run's killed attempt) left
+        half written; those disks are written again. Finished ones are kept and reused."""
+        removed = []
+        for found in self.found_volumes(version):
+            if found.state == contract.STATE_WRITING and (found.flow_run == self.run_id
+                                                          or not self.run_is_active(found.flow_run or "")):
+                cloud.discard_volume(self.clients, self.settings.compartment_id, found.id, keep=False)
+                removed.append(found.id)
+        return removed
+
     def volume_name(self, version: ObjectVersion, options: ImportOptions) -> str:
         if options.display_name:
             return options.display_name

@@ -22,8 +22,8 @@ from diskimport import machine
 from diskimport.contract import ImportOptions
 from diskimport.importer import Importer, VolumeWrite
 from diskimport.records import InspectedImage, ObjectVersion
-from flows.import_disk import (_step, cleanup_after_crash, find_previous_import, read_object, run_importer, run_name,
-                               terminate_worker, until_not_yielding)
+from flows.import_disk import (_step, cleanup_after_crash, find_previous_import, read_object, remove_stale_workers,
+                               run_importer, run_name, terminate_worker, until_not_yielding)
 from flows.reporting import publish_machine_summary, refusal_reported
 from flows.runs import worker_slot
 
@@ -32,6 +32,11 @@ from flows.runs import worker_slot
 def inspect_machine(importer: Importer, version: ObjectVersion
                     ) -> tuple[machine.Machine, list[tuple[ObjectVersion, InspectedImage]]]:
     return importer.inspect_machine(version)
+
+
+@_step("remove-unfinished-volumes", retries=3, delays=[2, 5, 10])
+def remove_unfinished_volumes(importer: Importer, version: ObjectVersion) -> list[str]:
+    return importer.remove_unfinished_volumes(version)
 
 
 @_step("provision", retries=2, delays=[5, 15])
@@ -103,6 +108,8 @@ def _import(importer: Importer, version: ObjectVersion, described: machine.Machi
     volumes: dict[int, Any] = {position: found.as_volume() for position, found in done.items()}
     qemu_img = None
     with importer:
+        remove_stale_workers(importer, version)  # a killed attempt's worker VM and half-written volumes
+        remove_unfinished_volumes(importer, version)
         if todo:
             ad = next(iter(done.values())).availability_domain if done else None
             worker, made = provision_machine(importer, version, todo, described.name, ad)

@@ -557,3 +557,20 @@ def test_a_disk_of_a_machine_that_does_not_match_its_digest_fails_naming_it_and_
         with importer:
             write_machine(importer, version, disks, described.name)
     assert live(localoci, "volumes", version) == [] and live(localoci, "instances", version) == []
+
+
+def test_a_retried_machine_import_removes_what_its_killed_attempt_left_half_written(
+        localoci, make_importer, bucket, web01, blockstorage, compartment_id, availability_domains, active_runs):
+    importer = make_importer()
+    version = version_of(importer, localoci, bucket)
+    ad = availability_domains[0]
+    other = str(uuid.uuid4())
+    active_runs.add(other)
+    mine = tagged_volume(blockstorage, compartment_id, ad, version, contract.STATE_WRITING, importer.run_id)
+    dead = tagged_volume(blockstorage, compartment_id, ad, version, contract.STATE_WRITING, str(uuid.uuid4()))
+    finished = tagged_volume(blockstorage, compartment_id, ad, version, contract.STATE_IMPORTED, str(uuid.uuid4()))
+    live_other = tagged_volume(blockstorage, compartment_id, ad, version, contract.STATE_WRITING, other)
+    assert sorted(importer.remove_unfinished_volumes(version)) == sorted([mine.id, dead.id])
+    assert sorted(v["id"] for v in live(localoci, "volumes", version)) == sorted([finished.id, live_other.id])
+    for volume in (finished, live_other):
+        blockstorage.delete_volume(volume.id)
