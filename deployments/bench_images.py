@@ -131,3 +131,88 @@ def ensure_image(spec: ImageSpec, directory: Path) -> Path:
         raw.unlink(missing_ok=True)
     stamp.write_text(json.dumps(wanted))
     return target
+
+
+# -- the machine: three streamOptimized disks in an OVA, as an exporter writes it ---------------
+
+MACHINE = "machine-3-disks"
+MACHINE_DISKS = (
+    ImageSpec("machine-disk1", "vmdk", "vmdk", 8 * GiB, 4 * GiB, options="subformat=streamOptimized"),
+    ImageSpec("machine-disk2", "vmdk", "vmdk", 4 * GiB, 2 * GiB, options="subformat=streamOptimized"),
+    ImageSpec("machine-disk3", "vmdk", "vmdk", 2 * GiB, 1 * GiB, options="subformat=streamOptimized"),
+)
+OVF_TEMPLATE = """<?xml version="1.0" encoding="UTF-8"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"
+  xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
+  xmlns:vmw="http://www.vmware.com/schema/ovf">
+  <References>
+{files}
+  </References>
+  <DiskSection>
+    <Info>Virtual disk information</Info>
+{disks}
+  </DiskSection>
+  <VirtualSystem ovf:id="{name}">
+    <Info>A virtual machine</Info>
+    <Name>{name}</Name>
+    <VirtualHardwareSection>
+      <Info>Virtual hardware requirements</Info>
+      <Item>
+        <rasd:InstanceID>1</rasd:InstanceID><rasd:ResourceType>3</rasd:ResourceType>
+        <rasd:VirtualQuantity>2</rasd:VirtualQuantity>
+      </Item>
+      <Item>
+        <rasd:AllocationUnits>byte * 2^20</rasd:AllocationUnits><rasd:InstanceID>2</rasd:InstanceID>
+        <rasd:ResourceType>4</rasd:ResourceType><rasd:VirtualQuantity>8192</rasd:VirtualQuantity>
+      </Item>
+      <Item>
+        <rasd:Address>0</rasd:Address><rasd:InstanceID>3</rasd:InstanceID>
+        <rasd:ResourceSubType>VirtualSCSI</rasd:ResourceSubType><rasd:ResourceType>6</rasd:ResourceType>
+      </Item>
+{items}
+      <vmw:Config ovf:required="false" vmw:key="firmware" vmw:value="efi"/>
+    </VirtualHardwareSection>
+  </VirtualSystem>
+</Envelope>
+"""
+STREAM_OPTIMIZED = "http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"
+
+
+def ensure_machine(directory: Path) -> tuple[Path, list[Path]]:
+    """The OVA of :data:`MACHINE_DISKS` (descriptor, SHA256 manifest, disks) and the disks themselves."""
+    import hashlib
+    import tarfile
+
+    disks = [ensure_image(spec, directory) for spec in MACHINE_DISKS]
+    ova = directory / f"{MACHINE}.ova"
+    stamp = directory / f"{MACHINE}.json"
+    wanted = {"version": VERSION, "disks": [[p.name, p.stat().st_size, p.stat().st_mtime] for p in disks]}
+    if ova.exists() and stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        return ova, disks
+    stamp.unlink(missing_ok=True)
+    descriptor = OVF_TEMPLATE.format(
+        name=MACHINE,
+        files="\n".join(f'    <File ovf:href="{p.name}" ovf:id="file{i}" ovf:size="{p.stat().st_size}"/>'
+                        for i, p in enumerate(disks, 1)),
+        disks="\n".join(f'    <Disk ovf:capacity="{s.virtual_size}" ovf:diskId="vmdisk{i}" ovf:fileRef="file{i}" '
+                        f'ovf:format="{STREAM_OPTIMIZED}"/>' for i, s in enumerate(MACHINE_DISKS, 1)),
+        items="\n".join(f"      <Item><rasd:AddressOnParent>{i - 1}</rasd:AddressOnParent>"
+                        f"<rasd:HostResource>ovf:/disk/vmdisk{i}</rasd:HostResource><rasd:InstanceID>{10 + i}"
+                        f"</rasd:InstanceID><rasd:Parent>3</rasd:Parent><rasd:ResourceType>17</rasd:ResourceType>"
+                        f"</Item>" for i in range(1, len(disks) + 1))).encode()
+    ovf = directory / f"{MACHINE}.ovf"
+    ovf.write_bytes(descriptor)
+    lines = [f"SHA256({ovf.name})= {hashlib.sha256(descriptor).hexdigest()}"]
+    for path in disks:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(8 * MiB), b""):
+                digest.update(block)
+        lines.append(f"SHA256({path.name})= {digest.hexdigest()}")
+    manifest = directory / f"{MACHINE}.mf"
+    manifest.write_text("\n".join(lines) + "\n")
+    with tarfile.open(ova, "w", format=tarfile.USTAR_FORMAT) as tar:  # the descriptor first, as OVF asks
+        for member in (ovf, manifest, *disks):
+            tar.add(str(member), arcname=member.name)
+    stamp.write_text(json.dumps(wanted))
+    return ova, disks
