@@ -6,6 +6,7 @@ import http.client
 import math
 import os
 import socket
+import threading
 import time
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor
@@ -281,11 +282,16 @@ def test_bandwidth_keys_are_set_independently(localoci):
 # -- a worker VM's network: one cap shared by all its connections --------------------------
 
 
-def read_from(localoci: RunningLocalOCI, address: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    """GET ``path`` over a connection whose client end is bound to ``address``, as a worker's would be."""
+def read_from(localoci: RunningLocalOCI, address: str, path: str, headers: dict[str, str] | None = None,
+              connected: Callable[[], Any] | None = None) -> tuple[int, bytes]:
+    """GET ``path`` over a connection whose client end is bound to ``address``, as a worker's would be
+    (``connected`` is called once the connection is up, before the request goes out)."""
     server = urlsplit(localoci.endpoint)
     conn = http.client.HTTPConnection(server.hostname, server.port, timeout=30, source_address=(address, 0))
     try:
+        if connected is not None:
+            conn.connect()
+            connected()
         conn.request("GET", path, headers=headers or {})
         reply = conn.getresponse()
         return reply.status, reply.read()
@@ -294,16 +300,26 @@ def read_from(localoci: RunningLocalOCI, address: str, path: str, headers: dict[
 
 
 def parallel_reads(localoci: RunningLocalOCI, address: str, path: str, count: int) -> tuple[float, list[float], list[bytes]]:
-    """Read ``path`` on ``count`` connections at once: the total time, when each one finished, and what each got."""
-    start = time.monotonic()
+    """Read ``path`` on ``count`` connections at once: the total time, when each one finished, and what each got.
+
+    The connections are all made first and the requests sent together, so what is measured is
+    how the server shares its caps, not how quickly a busy machine starts threads and connects.
+    """
+    ready = threading.Barrier(count + 1)
+    begun: list[float] = []
 
     def one(_: int) -> tuple[float, bytes]:
-        status, data = read_from(localoci, address, path)
+        status, data = read_from(localoci, address, path, connected=ready.wait)
         assert status == 200
-        return time.monotonic() - start, data
+        return time.monotonic() - begun[0], data
 
     with ThreadPoolExecutor(count) as pool:
-        results = list(pool.map(one, range(count)))
+        futures = [pool.submit(one, i) for i in range(count)]
+        ready.wait(timeout=30)
+        begun.append(time.monotonic())
+        results = [f.result() for f in futures]
+    start = begun[0]
+
     return time.monotonic() - start, [t for t, _ in results], [d for _, d in results]
 
 
