@@ -325,3 +325,17 @@ def test_a_machine_import_killed_mid_write_and_retried_ends_with_one_set_of_volu
     assert after["instances"] == []
     assert sorted(v["id"] for v in after["volumes"]) == sorted(d["volume_id"] for d in summary["disks"])
     assert len(after["volumes"]) == 3
+
+
+def test_a_machine_imported_again_reuses_its_volumes_and_group(machine_imports, stack):
+    first = demo.run_result(stack, machine_imports["cases"]["ova"]["final"])
+    etag = machine_imports["cases"]["ova"]["etag"]
+    run = demo.start_import(stack, "machines/ova/web-01.ova", bucket=MANUAL_BUCKET, deployment=MACHINE, etag=etag)
+    final = demo.wait_for_run(stack, run.id)
+    assert final.state.is_completed(), final.state.message
+    again = demo.run_result(stack, final)
+    assert again["reused"] is True and again["volume_group_id"] == first["volume_group_id"]
+    assert [d["volume_id"] for d in again["disks"]] == [d["volume_id"] for d in first["disks"]]
+    assert all(d["reused"] for d in again["disks"])
+    assert sorted(v["id"] for v in resources_of(stack, etag)["volumes"]) == \
+        sorted(d["volume_id"] for d in first["disks"])
