@@ -688,8 +688,11 @@ class Importer:
                 "volume_size_gb": volume.size_in_gbs, "availability_domain": volume.availability_domain,
                 "imported_by_run": volume.flow_run, "reused": True}
 
-    def par_name(self, version: ObjectVersion) -> str:
-        return f"oci-disk-import-{version.import_id[:24]}-{self.retry_token('par')[:12]}"
+    def par_name(self, version: ObjectVersion, part: str = "") -> str:
+        """The name of this run's PAR for the object (``part``: which byte range, for a machine's
+        disks in one OVA, whose transfers each have a PAR): a PAR lost by a failed create is
+        found and deleted by its name, which must not be another live transfer's."""
+        return f"oci-disk-import-{version.import_id[:24]}-{self.retry_token('par' + part)[:12]}"
 
 
 class VolumeWrite:
@@ -716,6 +719,11 @@ class VolumeWrite:
     @property
     def clients(self) -> cloud.Clients:
         return self.importer.clients
+
+    @property
+    def _part(self) -> str:
+        """Which part of the object this write reads: an OVA's disk is a byte range of it."""
+        return f"@{self.image.inner_offset}" if self.image.container == "tar" else ""
 
     def attach(self) -> str:
         """Attach the volume (registering its detach) and return its device on the worker VM."""
@@ -767,7 +775,7 @@ class VolumeWrite:
                                     if inner is not None and inner.container != "tar" else 0)
         staging = transfer.make_staging_dir(session, version.import_id, kept_bytes)
         par_id, access_uri = cloud.read_only_par(self.clients, version.namespace, version.bucket, version.name,
-                                                 PAR_LIFETIME, importer.par_name(version))
+                                                 PAR_LIFETIME, importer.par_name(version, self._part))
         par = importer.ledger.register("PAR", par_id, lambda: cloud.delete_par(
             self.clients, version.namespace, version.bucket, par_id))
         kept = False

@@ -530,6 +530,9 @@ def test_a_machines_disks_are_written_at_once_on_one_worker_vm_and_grouped(
         group_id = importer.group_volumes(version, described.name, volumes)
         importer.terminate_worker(worker)
     assert len({w.device for w in writes}) == 3  # three attachments, three device paths, one worker VM
+    # three transfers of one object, each with a PAR of its own name: a create that fails deletes
+    # the PARs of its name it may have left, never another disk's
+    assert len({importer.par_name(version, w._part) for w in writes}) == 3
     assert [i["id"] for i in live(localoci, "instances", version)] == []
     assert all(volume_holds(localoci, volume.id, raw) for volume, raw in zip(volumes, raws))
     group = blockstorage.get_volume_group(group_id).data
