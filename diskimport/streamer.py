@@ -975,6 +975,10 @@ def main(argv):
             if orphaned():
                 return 4
             if stop_requested(config["stop_file"]) == "abort":
+                # the importer stops us because a read failed: the failure that made it fail is the news
+                failure = download.error or getattr(source, "error", None)
+                if failure is not None:
+                    raise failure
                 emit("aborted", fetched=download.fetched)
                 return 3
             if time.monotonic() - last >= interval:

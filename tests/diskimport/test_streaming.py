@@ -163,3 +163,18 @@ def test_the_fetched_bytes_are_held_against_a_manifests_digest(localoci, uploade
                                    head_and_tail(image), transfer.TransferSettings(connections=2, chunk_bytes=4 * MiB),
                                    digest=("sha256", digest, "'disk1.vmdk'"))
     finish_against_digest(stream, right, image.read_bytes(), "'disk1.vmdk'", "SHA256")
+
+
+def test_a_transfer_stopped_after_its_digest_failed_still_reports_the_refusal(localoci, uploaded, image, staging):
+    """The importer stops the transfer as soon as qemu-img's read fails; the refusal behind that
+    read error (here a digest that does not match) must still be what the transfer reports."""
+    runner = LocalRunner()
+    stream = transfer.start_stream(runner, runner, uploaded["url"], uploaded["etag"], uploaded["size"], staging,
+                                   head_and_tail(image), transfer.TransferSettings(connections=2, chunk_bytes=4 * MiB),
+                                   digest=("sha256", "cd" * 32, "'disk1.vmdk'"))
+    with pytest.raises(Exception, match="Input/output error"):
+        while True:  # qemu-img reads until the digest has failed the transfer
+            transfer.second_opinion(QemuImg(runner), stream.nbd_url, "qcow2", 256 * MiB)
+    stream.abort()
+    refused = stream.refusal()
+    assert refused is not None and refused.code == "ova-digest-mismatch", stream.events[-3:]
