@@ -200,30 +200,37 @@ def _flow_run_process(flow_run_id: Any) -> int | None:
     return None
 
 
+def kill_and_retry(stack: dict[str, str], flow_run_id: Any, task_name: str) -> None:
+    """SIGKILL the flow run's process once ``task_name`` runs, lift the read cap the caller set
+    to slow it down, and retry the run as an operator would."""
+    try:
+        wait_for_task(stack, flow_run_id, task_name)
+        pid = _flow_run_process(flow_run_id)
+        assert pid is not None, "flow run process not found"
+        os.kill(pid, signal.SIGKILL)
+        crashed = demo.wait_for_run(stack, flow_run_id)
+        assert crashed.state.is_crashed(), crashed.state
+        # The process worker reaps the killed process a few seconds after the run is marked
+        # crashed, runs the flow's on_crashed hook (which removes the run's workers and volumes)
+        # and reports the crash again; a retry scheduled before that report would be marked
+        # crashed by it. An operator retries later; the test waits for that report.
+        worker_log = Path(stack["PREFECT_HOME"]).parent / "prefect-worker.log"
+        reported = f"Reported flow run '{flow_run_id}' as crashed: Flow run infrastructure exited"
+        deadline = time.monotonic() + 60
+        while reported not in worker_log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        admin(stack, "POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": None})
+    env = local_stack.prefect_env(Path(stack["PREFECT_HOME"]).parent, stack["PREFECT_API_URL"])
+    retried = subprocess.run([local_stack.PREFECT, "flow-run", "retry", str(flow_run_id)], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+
+
 def test_run_killed_mid_write_and_retried_finishes_with_exactly_one_volume(stack, qcow2, clean_faults):
     admin(stack, "POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": 1024 * 1024})
     etag, run = run_import(stack, qcow2, "faults/killed.qcow2")
-    wait_for_task(stack, run.id, "write-image")
-    pid = _flow_run_process(run.id)
-    assert pid is not None, "flow run process not found"
-    os.kill(pid, signal.SIGKILL)
-    crashed = demo.wait_for_run(stack, run.id)
-    assert crashed.state.is_crashed(), crashed.state
-    # The process worker reaps the killed process a few seconds after the run is marked
-    # crashed, runs the flow's on_crashed hook (which removes the run's worker and volume)
-    # and reports the crash again; a retry scheduled before that report would be marked
-    # crashed by it. An operator retries later; the test waits for that report.
-    worker_log = Path(stack["PREFECT_HOME"]).parent / "prefect-worker.log"
-    reported = f"Reported flow run '{run.id}' as crashed: Flow run infrastructure exited"
-    deadline = time.monotonic() + 60
-    while reported not in worker_log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    admin(stack, "POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": None})
-
-    env = local_stack.prefect_env(Path(stack["PREFECT_HOME"]).parent, stack["PREFECT_API_URL"])
-    retried = subprocess.run([local_stack.PREFECT, "flow-run", "retry", str(run.id)], env=env,
-                             capture_output=True, text=True, timeout=120)
-    assert retried.returncode == 0, retried.stdout + retried.stderr
+    kill_and_retry(stack, run.id, "write-image")
     final = demo.wait_for_run(stack, run.id)
     assert final.state.is_completed(), final.state.message
     summary = demo.run_result(stack, final)

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -295,29 +292,11 @@ def test_a_machine_with_a_bad_disk_fails_naming_it_and_leaves_nothing(case, code
 
 
 def test_a_machine_import_killed_mid_write_and_retried_ends_with_one_set_of_volumes(machine_imports, stack):
-    from tests.e2e.test_end_to_end import _flow_run_process, wait_for_task
+    from tests.e2e.test_end_to_end import kill_and_retry
 
     admin(stack, "POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": 256 * 1024})
-    try:
-        etag, run = run_import(stack, machine_imports["ova"], "machines/killed/web-01.ova", deployment=MACHINE)
-        wait_for_task(stack, run.id, "write-disk")
-        pid = _flow_run_process(run.id)
-        assert pid is not None, "flow run process not found"
-        os.kill(pid, signal.SIGKILL)
-        crashed = demo.wait_for_run(stack, run.id)
-        assert crashed.state.is_crashed(), crashed.state
-        # as for a disk: wait until the process worker has reported the crash, then retry
-        worker_log = Path(stack["PREFECT_HOME"]).parent / "prefect-worker.log"
-        reported = f"Reported flow run '{run.id}' as crashed: Flow run infrastructure exited"
-        deadline = time.monotonic() + 60
-        while reported not in worker_log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.5)
-    finally:
-        admin(stack, "POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": None})
-    env = local_stack.prefect_env(Path(stack["PREFECT_HOME"]).parent, stack["PREFECT_API_URL"])
-    retried = subprocess.run([local_stack.PREFECT, "flow-run", "retry", str(run.id)], env=env,
-                             capture_output=True, text=True, timeout=120)
-    assert retried.returncode == 0, retried.stdout + retried.stderr
+    etag, run = run_import(stack, machine_imports["ova"], "machines/killed/web-01.ova", deployment=MACHINE)
+    kill_and_retry(stack, run.id, "write-disk")
     final = demo.wait_for_run(stack, run.id, timeout=900)
     assert final.state.is_completed(), final.state.message
     summary = demo.run_result(stack, final)
