@@ -287,6 +287,27 @@ def test_sweep_removes_workers_and_unfinished_volumes_of_dead_runs_only(stack):
         blockstorage.delete_volume(volume.id)
 
 
+def test_the_sweeper_deployment_gets_its_scheduled_runs(stack):
+    """The server's scheduler turns the hourly cron of ``sweep-orphans/hourly`` into scheduled
+    runs (the sweeper is the last line against leaks only if it actually runs)."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilterState
+    from prefect.client.schemas.filters import FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    deadline = time.monotonic() + 150  # the scheduler service looks every 60 s
+    with local_stack.prefect_api(stack["PREFECT_API_URL"]), get_client(sync_client=True) as client:
+        while True:
+            scheduled = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["hourly"])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))), limit=5)
+            if scheduled or time.monotonic() > deadline:
+                break
+            time.sleep(3)
+    assert scheduled, "the scheduler made no run of sweep-orphans/hourly"
+    assert {run.expected_start_time.minute for run in scheduled} == {17}
+
+
 # -- An upload alone starts the import: Events rule -> function (FDK runner) -> Prefect run.
 
 def test_object_put_leads_to_a_finished_import_without_any_manual_step(stack, disks, tmp_path):
