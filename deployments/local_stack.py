@@ -142,6 +142,14 @@ def prepare_cloud(server: process.RunningLocalOCI, previous: dict[str, str]) -> 
     return {"IMPORT_BUCKET": IMPORT_BUCKET, "SUBNET_ID": subnet_id}
 
 
+# A SQLite-backed server answers 503 while another write holds the database, and creating a
+# flow run (read the deployment, then insert) fails at once whenever another write lands between
+# the two. With many runs going (and several stacks on one machine in the tests) the default
+# five retries, about a minute, were seen to run out: in a worker submitting a run, and in a
+# run started by hand. Every client of the stack gets more, backing off as Prefect does.
+CLIENT_RETRIES = "12"
+
+
 def prefect_env(base: Path, api_url: str) -> dict[str, str]:
     """Environment of every Prefect process of the stack (server, CLI, worker, flow runs)."""
     home = base / "prefect"
@@ -157,10 +165,7 @@ def prefect_env(base: Path, api_url: str) -> dict[str, str]:
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         "PREFECT_LOCAL_STORAGE_PATH": str(home / "results"),
         "PREFECT_LOGGING_LEVEL": "INFO",
-        # A SQLite-backed server answers 503 while another write holds the database; with many
-        # runs starting at once (and two stacks on one machine in the tests) the default five
-        # retries were seen to run out, crashing a run the worker was submitting.
-        "PREFECT_CLIENT_MAX_RETRIES": "12",
+        "PREFECT_CLIENT_MAX_RETRIES": CLIENT_RETRIES,
     }
 
 
@@ -199,10 +204,11 @@ def start_prefect_server(base: Path, previous: dict[str, str]) -> str:
 
 @contextlib.contextmanager
 def prefect_api(api_url: str) -> Iterator[None]:
-    """Point this process's Prefect client at ``api_url`` (settings are read once, at import)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    """Point this process's Prefect client at ``api_url`` (settings are read once, at import),
+    with the stack's client retries."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+    with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_CLIENT_MAX_RETRIES: int(CLIENT_RETRIES)}):
         yield
 
 

@@ -94,3 +94,36 @@ def resources_of(stack: dict[str, str], etag: str) -> dict[str, list[dict[str, A
     inventory = live_inventory(stack)
     return {kind: [r for r in inventory[kind] if r["freeformTags"].get("import-etag") == etag]
             for kind in ("instances", "volumes")}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A failed end-to-end test shows the errors its stack's Prefect server and worker logged
+    while it ran: CI keeps only the test output, and the stack is gone afterwards."""
+    outcome = yield
+    report = outcome.get_result()
+    env = getattr(item, "funcargs", {}).get("stack")
+    if not report.failed or not isinstance(env, dict) or "PREFECT_HOME" not in env:
+        return
+    base = Path(env["PREFECT_HOME"]).parent
+    started = call.start
+    for log in ("prefect-server.log", "prefect-worker.log"):
+        path = base / log
+        if path.exists():
+            report.sections.append((f"{log}: errors during the test", _errors_since(path, started)))
+
+
+def _errors_since(path: Path, since: float, limit: int = 60) -> str:
+    """The ERROR lines (with their exception's last line) a stack log gained since ``since``."""
+    import datetime
+
+    first = datetime.datetime.fromtimestamp(since).strftime("%H:%M:%S")
+    picked: list[str] = []
+    lines = path.read_text(errors="replace").splitlines()
+    for number, line in enumerate(lines):
+        if line[:8] >= first and "| ERROR" in line:
+            cause = next((later for later in lines[number + 1:number + 400]
+                          if later and not later.startswith((" ", "Traceback", "The above", "During"))
+                          and "| " not in later[:16]), "")
+            picked.append(f"{line[:220]}\n    {cause[:220]}")
+    return "\n".join(picked[-limit:]) or "(none)"
