@@ -4,6 +4,8 @@ holds while its worker VM exists."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import logging
 import random
 import threading
@@ -23,6 +25,7 @@ from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 WORKER_LIMIT = "oci-disk-import-workers"
 log = logging.getLogger(__name__)
 HEDGE_SECONDS = 0.3
+UNREACHABLE_SECONDS = 600.0  # how long a run keeps asking a server it cannot reach for a worker VM slot
 ACTIVE = {StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING}
 
 
@@ -60,7 +63,9 @@ def worker_slot(limit: int, lease_seconds: float = 300.0) -> Iterator[None]:
     holder = ConcurrencyLeaseHolder(type="flow_run", id=flow_run.id) if flow_run.id else None
     lease_id = _take_lease(holder, lease_seconds)
     released = threading.Event()
-    renewal = threading.Thread(target=_renew_lease, args=(lease_id, lease_seconds, released), daemon=True,
+    # the threads talk to the server this run's settings name (which may be a context's, not the environment's)
+    renewal = threading.Thread(target=contextvars.copy_context().run,
+                               args=(_renew_lease, lease_id, lease_seconds, released), daemon=True,
                                name="worker-slot-lease")
     renewal.start()
     try:
@@ -76,23 +81,28 @@ def _take_lease(holder: ConcurrencyLeaseHolder | None, lease_seconds: float) -> 
     sent again passes at once; so a request unanswered after ``HEDGE_SECONDS`` gets a twin,
     the first lease granted is kept and the other one is given back."""
     pool = ThreadPoolExecutor(2, thread_name_prefix="worker-slot")
-    requests = [pool.submit(_increment, holder, lease_seconds)]
+    settled = threading.Event()  # one request has its lease: the other stops asking
+    requests = [pool.submit(contextvars.copy_context().run, _increment, holder, lease_seconds, settled)]
     if not wait(requests, timeout=HEDGE_SECONDS).done:
-        requests.append(pool.submit(_increment, holder, lease_seconds))
+        requests.append(pool.submit(contextvars.copy_context().run, _increment, holder, lease_seconds, settled))
     pool.shutdown(wait=False)
     failures: list[BaseException] = []
     for request in as_completed(requests):
-        if request.exception() is None:
+        if request.exception() is None and request.result() is not None:
+            settled.set()
             for other in requests:
                 if other is not request:
-                    other.add_done_callback(_give_back)
+                    other.add_done_callback(functools.partial(contextvars.copy_context().run, _give_back))
             return request.result()
         failures.append(request.exception())  # type: ignore[arg-type]
-    raise failures[0]
+    raise failures[0]  # the requests end with a lease or an error, and none had a lease
 
 
-def _increment(holder: ConcurrencyLeaseHolder | None, lease_seconds: float) -> uuid.UUID:
-    while True:
+def _increment(holder: ConcurrencyLeaseHolder | None, lease_seconds: float, settled: threading.Event,
+               patience: float = UNREACHABLE_SECONDS) -> uuid.UUID | None:
+    """A lease, or ``None`` once ``settled`` says another request has one."""
+    unreachable_since: float | None = None
+    while not settled.is_set():
         # The client's own retries would wait seconds after a 503; a 503 here is retried at once.
         with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}), get_client(sync_client=True) as client:
             try:
@@ -107,11 +117,21 @@ def _increment(holder: ConcurrencyLeaseHolder | None, lease_seconds: float) -> u
                     time.sleep(random.uniform(0.02, 0.2))
                 else:
                     raise
+            except httpx.TransportError as exc:
+                # A stalled or restarting server. Had it granted a lease we never heard of, that
+                # lease runs out by itself (nobody renews it); the run asks again.
+                now = time.monotonic()
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > patience:
+                    raise
+                log.warning("asking for a worker VM slot failed (%s: %s); asking again", type(exc).__name__, exc)
+                time.sleep(random.uniform(0.5, 2.0))
+    return None
 
 
-def _give_back(request: Future[uuid.UUID]) -> None:
-    if request.exception() is None:
-        _release_lease(request.result())
+def _give_back(request: Future[uuid.UUID | None]) -> None:
+    if request.exception() is None and (lease_id := request.result()) is not None:
+        _release_lease(lease_id)
 
 
 def _release_lease(lease_id: uuid.UUID) -> None:

@@ -239,6 +239,82 @@ def test_run_killed_mid_write_and_retried_finishes_with_exactly_one_volume(stack
     assert [v["id"] for v in after["volumes"]] == [summary["volume_id"]]
 
 
+# -- A run asking for its worker VM slot while the server stalls keeps asking.
+
+class StallingProxy:
+    """A TCP proxy in front of the Prefect server that leaves the first ``stalls`` requests for a
+    worker VM slot unanswered: a server sitting on requests, as a SQLite-backed one does under load."""
+
+    def __init__(self, target_port: int, stalls: int) -> None:
+        import socket
+        import threading
+
+        self.target_port, self.stalls, self.stalled, self.held = target_port, stalls, 0, []
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, a: Any, b: Any, from_client: bool) -> None:
+        try:
+            while data := a.recv(65536):
+                if from_client and b"increment-with-lease" in data:
+                    with self.lock:
+                        stall = self.stalled < self.stalls
+                        self.stalled += stall
+                    if stall:
+                        self.held.append((a, b))  # open and silent: the client times out
+                        return
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(2)
+            except OSError:
+                pass
+
+
+def test_a_worker_slot_asked_of_a_stalled_server_is_granted_once_it_answers(stack):
+    from prefect.settings import PREFECT_API_REQUEST_TIMEOUT, PREFECT_API_URL, temporary_settings
+
+    from prefect.exceptions import ObjectNotFound
+
+    from blocks.settings import ImportSettings
+    from flows.runs import worker_slot
+
+    server = stack["PREFECT_API_URL"]
+    with local_stack.prefect_api(server), get_client(sync_client=True) as client:
+        try:  # as the imports before this test left it, else as the first import makes it
+            limit = client.read_global_concurrency_limit_by_name(WORKER_LIMIT).limit
+        except ObjectNotFound:
+            limit = ImportSettings.model_fields["worker_concurrency_limit"].default
+    proxy = StallingProxy(int(server.rsplit(":", 1)[1].split("/")[0]), stalls=3)
+    held: dict[str, int] = {}
+    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{proxy.port}/api",
+                                     PREFECT_API_REQUEST_TIMEOUT: 1.0}):
+        with worker_slot(limit):
+            with local_stack.prefect_api(server), get_client(sync_client=True) as client:
+                held["active"] = client.read_global_concurrency_limit_by_name(WORKER_LIMIT).active_slots
+    assert proxy.stalled == 3  # asked (and its hedge), timed out, asked again
+    assert held["active"] >= 1
+    with local_stack.prefect_api(server), get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(WORKER_LIMIT).active_slots == 0
+
+
 # -- sweep-orphans removes what a dead run left, and never an imported volume.
 
 def test_sweep_removes_workers_and_unfinished_volumes_of_dead_runs_only(stack):
