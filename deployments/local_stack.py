@@ -148,6 +148,10 @@ def prepare_cloud(server: process.RunningLocalOCI, previous: dict[str, str]) -> 
 # five retries, about a minute, were seen to run out: in a worker submitting a run, and in a
 # run started by hand. Every client of the stack gets more, backing off as Prefect does.
 CLIENT_RETRIES = "12"
+# The server can also sit on a write for its SQLite busy timeout (60 s) and then commit it.
+# A client that gives up first sends the request again and the write happens twice (two
+# refusal artifacts for one run were seen): clients wait longer than the server does.
+CLIENT_TIMEOUT = "150"
 
 
 def prefect_env(base: Path, api_url: str) -> dict[str, str]:
@@ -166,6 +170,7 @@ def prefect_env(base: Path, api_url: str) -> dict[str, str]:
         "PREFECT_LOCAL_STORAGE_PATH": str(home / "results"),
         "PREFECT_LOGGING_LEVEL": "INFO",
         "PREFECT_CLIENT_MAX_RETRIES": CLIENT_RETRIES,
+        "PREFECT_API_REQUEST_TIMEOUT": CLIENT_TIMEOUT,
     }
 
 
@@ -205,10 +210,12 @@ def start_prefect_server(base: Path, previous: dict[str, str]) -> str:
 @contextlib.contextmanager
 def prefect_api(api_url: str) -> Iterator[None]:
     """Point this process's Prefect client at ``api_url`` (settings are read once, at import),
-    with the stack's client retries."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+    with the stack's client retries and timeout."""
+    from prefect.settings import (PREFECT_API_REQUEST_TIMEOUT, PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES,
+                                  temporary_settings)
 
-    with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_CLIENT_MAX_RETRIES: int(CLIENT_RETRIES)}):
+    with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_CLIENT_MAX_RETRIES: int(CLIENT_RETRIES),
+                                     PREFECT_API_REQUEST_TIMEOUT: float(CLIENT_TIMEOUT)}):
         yield
 
 
