@@ -53,7 +53,7 @@ def _ensure_worker_limit(limit: int) -> None:
 
 
 @contextlib.contextmanager
-def worker_slot(limit: int, lease_seconds: float = 300.0) -> Iterator[None]:
+def worker_slot(limit: int, lease_seconds: float = 300.0) -> Iterator[uuid.UUID]:
     """Hold one of ``limit`` worker VM slots: a burst of uploads queues instead of hitting service limits.
 
     The slot is a lease on the global concurrency limit, renewed while the run holds it, so
@@ -69,7 +69,7 @@ def worker_slot(limit: int, lease_seconds: float = 300.0) -> Iterator[None]:
                                name="worker-slot-lease")
     renewal.start()
     try:
-        yield
+        yield lease_id
     finally:
         released.set()
         _release_lease(lease_id)

@@ -305,8 +305,8 @@ def parallel_reads(localoci: RunningLocalOCI, address: str, path: str, count: in
     The connections are all made first and the requests sent together, so what is measured is
     how the server shares its caps, not how quickly a busy machine starts threads and connects.
     """
-    ready = threading.Barrier(count + 1)
     begun: list[float] = []
+    ready = threading.Barrier(count + 1, action=lambda: begun.append(time.monotonic()))  # before anyone goes on
 
     def one(_: int) -> tuple[float, bytes]:
         status, data = read_from(localoci, address, path, connected=ready.wait)
@@ -316,7 +316,6 @@ def parallel_reads(localoci: RunningLocalOCI, address: str, path: str, count: in
     with ThreadPoolExecutor(count) as pool:
         futures = [pool.submit(one, i) for i in range(count)]
         ready.wait(timeout=30)
-        begun.append(time.monotonic())
         results = [f.result() for f in futures]
     start = begun[0]
 
