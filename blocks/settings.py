@@ -47,6 +47,9 @@ class ImportSettings(Block):
                                        "and worker.")
     keep_failed_volume: bool = Field(default=False, description="Keep (detached) the volume of a failed import "
                                      "for inspection instead of deleting it.")
+    crash_retries: int = Field(default=2, ge=0, le=10, description="How many times a run whose process dies "
+                               "(killed, out of memory) is started again after its cleanup; it resumes from "
+                               "the steps that finished.")
     worker_concurrency_limit: int = Field(default=4, description="How many worker VMs may run at once; further "
                                           "imports queue.")
     transfer_connections: int = Field(default=4, ge=1, le=64, description="Parallel ranged GETs the worker "

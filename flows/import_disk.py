@@ -23,7 +23,7 @@ from diskimport.importer import CompetingImport, Importer, PreviousImports, Volu
 from diskimport.records import FinishedVolume, InspectedImage, ObjectVersion, Volume, WorkerVM
 from diskimport.worker import WorkerSession
 from flows.reporting import TransferProgress, publish_summary, refusal_reported
-from flows.runs import run_is_active, worker_slot
+from flows.runs import retry_after_crash, run_is_active, worker_slot
 from flows.sweep import sweep_run
 
 
@@ -113,10 +113,20 @@ def run_name() -> str:
 
 
 def cleanup_after_crash(flow: Any, flow_run: Any, state: Any) -> None:
-    """on_crashed / on_cancellation: remove what this run created (the sweeper covers SIGKILL)."""
+    """on_crashed / on_cancellation: remove what this run created, then (a crash only) run it again.
+
+    The hook runs in the Prefect worker once the run's process is gone (killed, out of memory):
+    its worker VM and unfinished volume are removed first, so the next attempt, which resumes
+    from the tasks that finished, never races this cleanup. A run crashes at most
+    ``crash_retries`` times before it stays Crashed. (A host that dies takes its Prefect worker
+    and this hook with it: such a run stays Running until someone acts; the sweeper removes what
+    it left.)
+    """
+    settings_block = flow_run.parameters.get("settings_block", DEFAULT_BLOCK)
     sweep_run(flow_run.parameters.get("credentials_block", DEFAULT_BLOCK),
-              flow_run.parameters.get("worker_block", DEFAULT_BLOCK),
-              flow_run.parameters.get("settings_block", DEFAULT_BLOCK), str(flow_run.id))
+              flow_run.parameters.get("worker_block", DEFAULT_BLOCK), settings_block, str(flow_run.id))
+    if state.is_crashed():
+        retry_after_crash(flow_run.id, ImportSettings.load(settings_block).crash_retries)
 
 
 @flow(name="import-virtual-disk", flow_run_name=run_name, on_crashed=[cleanup_after_crash],

@@ -21,6 +21,7 @@ from prefect.client.schemas.objects import ConcurrencyLeaseHolder, StateType
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+from prefect.states import Scheduled
 
 WORKER_LIMIT = "oci-disk-import-workers"
 log = logging.getLogger(__name__)
@@ -146,3 +147,45 @@ def _renew_lease(lease_id: uuid.UUID, lease_seconds: float, released: threading.
                 client.renew_concurrency_lease(lease_id, lease_seconds)
         except Exception as exc:  # the next renewal may pass; the lease outlives three misses
             log.warning("could not renew the worker VM slot's lease %s: %s", lease_id, exc)
+
+
+WORKER_CRASH_REPORT = "Flow run infrastructure exited"
+
+
+def retry_after_crash(flow_run_id: uuid.UUID, retries: int) -> threading.Thread:
+    """From the crash hook: schedule the run again once the worker has reported the crash.
+
+    The Prefect worker runs the hook, then reports the crash a second time ("Flow run
+    infrastructure exited ..."), which would mark a run already scheduled again as Crashed;
+    so a thread of the worker's process waits for that report first (or a while)."""
+    thread = threading.Thread(target=contextvars.copy_context().run,
+                              args=(reschedule_crashed_run, flow_run_id, retries), daemon=True,
+                              name=f"retry-{flow_run_id}")
+    thread.start()
+    return thread
+
+
+def reschedule_crashed_run(flow_run_id: uuid.UUID, retries: int, wait: float = 20.0) -> bool:
+    """Schedule a crashed run to run again, as ``prefect flow-run retry`` does, unless it has
+    already started ``retries + 1`` times or is no longer crashed. Whether it was scheduled."""
+    deadline = time.monotonic() + wait
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            state = run.state
+            if state is None or not state.is_crashed():
+                log.info("flow run %s is %s, not crashed: not scheduled again", flow_run_id,
+                         state.name if state else "without a state")
+                return False
+            if (state.message or "").startswith(WORKER_CRASH_REPORT) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if run.run_count > retries:
+            log.warning("flow run %s crashed on attempt %d of %d: it stays crashed", flow_run_id, run.run_count,
+                        retries + 1)
+            return False
+        client.set_flow_run_state(flow_run_id, Scheduled(
+            name="AwaitingRetry", message=f"crashed on attempt {run.run_count} of {retries + 1}; run again"),
+            force=True)
+    log.info("flow run %s crashed on attempt %d of %d: scheduled again", flow_run_id, run.run_count, retries + 1)
+    return True

@@ -20,6 +20,7 @@ import oci
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
+from prefect.client.schemas.objects import StateType
 
 from deployments import demo, local_stack
 from diskimport import naming
@@ -201,43 +202,50 @@ def _flow_run_process(flow_run_id: Any) -> int | None:
     return None
 
 
-def kill_and_retry(stack: dict[str, str], flow_run_id: Any, task_name: str) -> None:
-    """SIGKILL the flow run's process once ``task_name`` runs, lift the read cap the caller set
-    to slow it down, and retry the run as an operator would."""
+def killed_mid_task_finishes_by_itself(stack: dict[str, str], flow_run_id: Any, task_name: str,
+                                       timeout: float = 900) -> Any:
+    """SIGKILL the flow run's process once ``task_name`` runs and lift the read cap the caller set
+    to slow it down; nobody retries it: the run must come back by itself (the crash hook cleans
+    up and schedules it again) and end. Returns the ended run, having seen the crash."""
     try:
         wait_for_task(stack, flow_run_id, task_name)
         pid = _flow_run_process(flow_run_id)
         assert pid is not None, "flow run process not found"
         os.kill(pid, signal.SIGKILL)
-        crashed = demo.wait_for_run(stack, flow_run_id)
-        assert crashed.state.is_crashed(), crashed.state
-        # The process worker reaps the killed process a few seconds after the run is marked
-        # crashed, runs the flow's on_crashed hook (which removes the run's workers and volumes)
-        # and reports the crash again; a retry scheduled before that report would be marked
-        # crashed by it. An operator retries later; the test waits for that report.
-        worker_log = Path(stack["PREFECT_HOME"]).parent / "prefect-worker.log"
-        reported = f"Reported flow run '{flow_run_id}' as crashed: Flow run infrastructure exited"
-        deadline = time.monotonic() + 60
-        while reported not in worker_log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.5)
     finally:
         admin(stack, "POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": None})
-    env = local_stack.prefect_env(Path(stack["PREFECT_HOME"]).parent, stack["PREFECT_API_URL"])
-    retried = subprocess.run([local_stack.PREFECT, "flow-run", "retry", str(flow_run_id)], env=env,
-                             capture_output=True, text=True, timeout=120)
-    assert retried.returncode == 0, retried.stdout + retried.stderr
+    deadline = time.monotonic() + timeout
+    with local_stack.prefect_api(stack["PREFECT_API_URL"]), get_client(sync_client=True) as client:
+        while True:  # Crashed is a final state, but here only on the way to the next attempt
+            run = client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final() and not run.state.is_crashed():
+                break
+            assert time.monotonic() < deadline, f"flow run {flow_run_id} still {run.state.name} after {timeout:.0f}s"
+            time.sleep(1)
+        history = [state.type for state in client.read_flow_run_states(flow_run_id)]
+    assert StateType.CRASHED in history, history
+    assert run.run_count == 2, run.run_count  # the killed attempt and the one that finished
+    return run
 
 
-def test_run_killed_mid_write_and_retried_finishes_with_exactly_one_volume(stack, qcow2, clean_faults):
+def test_run_killed_mid_write_finishes_by_itself_with_exactly_one_volume(stack, qcow2, clean_faults):
     admin(stack, "POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": 1024 * 1024})
     etag, run = run_import(stack, qcow2, "faults/killed.qcow2")
-    kill_and_retry(stack, run.id, "write-image")
-    final = demo.wait_for_run(stack, run.id)
+    final = killed_mid_task_finishes_by_itself(stack, run.id, "write-image")
     assert final.state.is_completed(), final.state.message
     summary = demo.run_result(stack, final)
     after = resources_of(stack, etag)
     assert after["instances"] == []
     assert [v["id"] for v in after["volumes"]] == [summary["volume_id"]]
+    # The bound: a run that has already started retries + 1 times stays crashed.
+    from prefect.states import Crashed
+
+    from flows.runs import WORKER_CRASH_REPORT, reschedule_crashed_run
+
+    with local_stack.prefect_api(stack["PREFECT_API_URL"]), get_client(sync_client=True) as client:
+        client.set_flow_run_state(run.id, Crashed(message=f"{WORKER_CRASH_REPORT} (a third crash)"), force=True)
+        assert reschedule_crashed_run(run.id, retries=1, wait=0) is False
+        assert client.read_flow_run(run.id).state.is_crashed()
 
 
 # -- A run asking for its worker VM slot while the server stalls keeps asking.

@@ -291,13 +291,12 @@ def test_a_machine_with_a_bad_disk_fails_naming_it_and_leaves_nothing(case, code
                     if r["freeformTags"].get("import-etag") == item["etag"]]
 
 
-def test_a_machine_import_killed_mid_write_and_retried_ends_with_one_set_of_volumes(machine_imports, stack):
-    from tests.e2e.test_end_to_end import kill_and_retry
+def test_a_machine_import_killed_mid_write_finishes_by_itself_with_one_set_of_volumes(machine_imports, stack):
+    from tests.e2e.test_end_to_end import killed_mid_task_finishes_by_itself
 
     admin(stack, "POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": 256 * 1024})
     etag, run = run_import(stack, machine_imports["ova"], "machines/killed/web-01.ova", deployment=MACHINE)
-    kill_and_retry(stack, run.id, "write-disk")
-    final = demo.wait_for_run(stack, run.id, timeout=900)
+    final = killed_mid_task_finishes_by_itself(stack, run.id, "write-disk")
     assert final.state.is_completed(), final.state.message
     summary = demo.run_result(stack, final)
     after = resources_of(stack, etag)
