@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -255,9 +257,6 @@ class StallingProxy:
     worker VM slot unanswered: a server sitting on requests, as a SQLite-backed one does under load."""
 
     def __init__(self, target_port: int, stalls: int) -> None:
-        import socket
-        import threading
-
         self.target_port, self.stalls, self.stalled, self.held = target_port, stalls, 0, []
         self.lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -265,9 +264,6 @@ class StallingProxy:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
-        import socket
-        import threading
-
         while True:
             try:
                 client, _ = self.listener.accept()
@@ -375,9 +371,8 @@ def test_sweep_removes_workers_and_unfinished_volumes_of_dead_runs_only(stack):
 def test_the_sweeper_deployment_gets_its_scheduled_runs(stack):
     """The server's scheduler turns the hourly cron of ``sweep-orphans/hourly`` into scheduled
     runs (the sweeper is the last line against leaks only if it actually runs)."""
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilterState
-    from prefect.client.schemas.filters import FlowRunFilterStateType
-    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterName, FlowRunFilterState,
+                                                FlowRunFilterStateType)
 
     deadline = time.monotonic() + 150  # the scheduler service looks every 60 s
     with local_stack.prefect_api(stack["PREFECT_API_URL"]), get_client(sync_client=True) as client:
