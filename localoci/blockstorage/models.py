@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from ..app import LocalOCI
 
 GB = 1024**3
+MiB = 1024**2
 MIN_SIZE_GB = 50
 MAX_SIZE_GB = 32768
 DEFAULT_SIZE_GB = 1024
@@ -23,6 +24,10 @@ LIVE_ATTACHMENT_STATES = ("ATTACHING", "ATTACHED", "DETACHING")
 ENDED_STATES = ("TERMINATING", "TERMINATED")
 # Volume group sources that make copies of volumes (clones, restores); the local OCI makes none.
 COPYING_GROUP_SOURCES = ("volumeGroupId", "volumeGroupBackupId", "volumeGroupReplicaId")
+# A boot volume made by a launch from an image starts with this, a MiB of it: not zeros, as a
+# platform image's boot volume is not, so a write that leaves some of it behind shows.
+IMAGE_CONTENT = b"localoci platform image boot volume\n"
+DEFAULT_BOOT_SIZE_GB = 47
 
 
 def _check_size(size_gb: Any) -> int:
@@ -46,6 +51,7 @@ class BlockStorage:
         self.volumes = self.store.collection("volumes")
         self.assignments = self.store.collection("backup_policy_assignments")
         self.groups = self.store.collection("volume_groups")
+        self.boot_volumes = self.store.collection("boot_volumes")
         self.policies = {
             f"ocid1.volumebackuppolicy.oc1..{name}": {
                 "id": f"ocid1.volumebackuppolicy.oc1..{name}", "displayName": name, "compartmentId": None,
@@ -56,6 +62,12 @@ class BlockStorage:
 
     def volume(self, volume_id: str) -> dict[str, Any]:
         return lookup(self.volumes, volume_id, "Volume")
+
+    def attachable(self, volume_id: str) -> dict[str, Any]:
+        """A block volume, or a boot volume (attachable to another instance as a data volume)."""
+        if volume_id in self.boot_volumes:
+            return self.boot_volumes[volume_id]
+        return self.volume(volume_id)
 
     def backing_file(self, volume: dict[str, Any]) -> Path:
         return self.volumes_dir / volume["_file"]
@@ -153,8 +165,67 @@ class BlockStorage:
             volume["lifecycleState"] = "TERMINATED"
             self.store.save()
 
+    # -- boot volumes ----------------------------------------------------------------
+
+    def boot_volume(self, boot_volume_id: str) -> dict[str, Any]:
+        return lookup(self.boot_volumes, boot_volume_id, "BootVolume")
+
+    def create_boot_volume(self, instance: dict[str, Any], size_gb: Any, image_id: str) -> dict[str, Any]:
+        """The boot volume a launch from ``image_id`` makes (called with the store locked)."""
+        size_gb = DEFAULT_BOOT_SIZE_GB if size_gb is None else _check_size(size_gb)
+        boot_volume_id = new_ocid("bootvolume")
+        boot_volume = {
+            "id": boot_volume_id, "compartmentId": instance["compartmentId"],
+            "availabilityDomain": instance["availabilityDomain"],
+            "displayName": f"{instance['displayName']} (Boot Volume)", "sizeInGBs": size_gb, "sizeInMBs": size_gb * 1024,
+            "imageId": image_id, "vpusPerGB": 10, "isHydrated": True, "lifecycleState": "PROVISIONING",
+            "timeCreated": now_iso(), "volumeGroupId": None, "freeformTags": {}, "definedTags": {},
+            "_file": "boot-" + boot_volume_id.rsplit(".", 1)[-1] + ".img", "_image": image_id,
+        }
+        with open(self.backing_file(boot_volume), "wb") as f:
+            f.write(IMAGE_CONTENT * (MiB // len(IMAGE_CONTENT)))
+            f.truncate(size_gb * GB)
+        self.boot_volumes[boot_volume_id] = boot_volume
+        self.app.scheduler.transition("bootvolume:AVAILABLE", lambda: self._set_state(
+            self.boot_volumes, boot_volume_id, "PROVISIONING", "AVAILABLE"))
+        return boot_volume
+
+    def update_boot_volume(self, boot_volume_id: str, details: dict[str, Any]) -> dict[str, Any]:
+        with self.store.lock:
+            boot_volume = self.boot_volume(boot_volume_id)
+            if boot_volume["lifecycleState"] in ENDED_STATES:
+                raise incorrect_state(f"Boot volume {boot_volume_id} is {boot_volume['lifecycleState']}.")
+            for key in ("displayName", "freeformTags", "definedTags"):
+                if details.get(key) is not None:
+                    boot_volume[key] = details[key]
+            self.store.save()
+            return boot_volume
+
+    def delete_boot_volume(self, boot_volume_id: str) -> None:
+        with self.store.lock:
+            boot_volume = self.boot_volume(boot_volume_id)
+            if boot_volume["lifecycleState"] in ENDED_STATES:
+                raise incorrect_state(f"Boot volume {boot_volume_id} is already {boot_volume['lifecycleState']}.")
+            if self.app.compute.attached(boot_volume_id):
+                raise conflict(f"Boot volume {boot_volume_id} is attached to an instance; detach it first.")
+            boot_volume["lifecycleState"] = "TERMINATING"
+            self.store.save()
+        self.app.scheduler.transition("bootvolume:TERMINATED", lambda: self.terminate_boot_volume(boot_volume_id))
+
+    def terminate_boot_volume(self, boot_volume_id: str) -> None:
+        with self.store.lock:
+            boot_volume = self.boot_volumes[boot_volume_id]
+            self.backing_file(boot_volume).unlink(missing_ok=True)
+            boot_volume["lifecycleState"] = "TERMINATED"
+            self.store.save()
+
     def resume(self) -> None:
         """Finish transitions that a stopped process left half done."""
+        for boot_volume in self.store.values("boot_volumes"):
+            if boot_volume["lifecycleState"] == "PROVISIONING":
+                self._set_state(self.boot_volumes, boot_volume["id"], "PROVISIONING", "AVAILABLE")
+            elif boot_volume["lifecycleState"] == "TERMINATING":
+                self.terminate_boot_volume(boot_volume["id"])
         for volume in self.store.values("volumes"):
             if volume["lifecycleState"] == "PROVISIONING":
                 self._provisioned(volume["id"])

@@ -55,6 +55,20 @@ def routes(app: "LocalOCI") -> list[Route]:
         groups = bs.store.values("volume_groups")
         return paged(request, (g for g in groups if matches(g, request.query, LIST_FILTERS)), bs.render_group)
 
+    def get_boot_volume(request: Request) -> Response:
+        return Response.json(public(bs.boot_volume(request.params["bootVolumeId"])))
+
+    def list_boot_volumes(request: Request) -> Response:
+        fields = {**LIST_FILTERS, "volumeGroupId": "volumeGroupId"}
+        return paged(request, (v for v in bs.store.values("boot_volumes") if matches(v, request.query, fields)), public)
+
+    def update_boot_volume(request: Request) -> Response:
+        return Response.json(public(bs.update_boot_volume(request.params["bootVolumeId"], request.json())))
+
+    def delete_boot_volume(request: Request) -> Response:
+        bs.delete_boot_volume(request.params["bootVolumeId"])
+        return Response.empty()
+
     def list_policies(request: Request) -> Response:
         return paged(request, bs.policies.values(), dict)
 
@@ -86,6 +100,10 @@ def routes(app: "LocalOCI") -> list[Route]:
         Route("GET", BASE + "/volumeGroups/{volumeGroupId}", get_volume_group, "GetVolumeGroup"),
         Route("PUT", BASE + "/volumeGroups/{volumeGroupId}", update_volume_group, "UpdateVolumeGroup"),
         Route("DELETE", BASE + "/volumeGroups/{volumeGroupId}", delete_volume_group, "DeleteVolumeGroup"),
+        Route("GET", BASE + "/bootVolumes", list_boot_volumes, "ListBootVolumes"),
+        Route("GET", BASE + "/bootVolumes/{bootVolumeId}", get_boot_volume, "GetBootVolume"),
+        Route("PUT", BASE + "/bootVolumes/{bootVolumeId}", update_boot_volume, "UpdateBootVolume"),
+        Route("DELETE", BASE + "/bootVolumes/{bootVolumeId}", delete_boot_volume, "DeleteBootVolume"),
         Route("GET", BASE + "/volumeBackupPolicies", list_policies, "ListVolumeBackupPolicies"),
         Route("GET", BASE + "/volumeBackupPolicies/{policyId}", get_policy, "GetVolumeBackupPolicy"),
         Route("POST", BASE + "/volumeBackupPolicyAssignments", create_assignment, "CreateVolumeBackupPolicyAssignment"),

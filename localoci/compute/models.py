@@ -1,4 +1,5 @@
-"""Compute: instances (real sshd workers), images, shapes, devices and volume attachments."""
+"""Compute: instances (real sshd workers, or their own disk under qemu), images, shapes, devices,
+volume and boot volume attachments, and console histories."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ServiceError, conflict, incorrect_state, invalid_parameter
 from ..ids import new_ocid, now_iso
 from ..resources import lookup
+from .machine import BOOT_VOLUME_TYPES, FIRMWARES, NETWORK_TYPES, MachineHost
 from .sshd import SshdHost, host_keys_from_cloud_config, parse_user_data
 
 if TYPE_CHECKING:
@@ -29,6 +31,11 @@ DEVICE_NAMES = [f"/dev/oracleoci/oraclevd{c}" for c in "bcdefghijklmnopqrstuvwxy
 ATTACHMENT_TYPES = ("paravirtualized", "iscsi", "emulated")
 LIVE_ATTACHMENT_STATES = ("ATTACHING", "ATTACHED", "DETACHING")
 ENDED_INSTANCE_STATES = ("TERMINATING", "TERMINATED")
+# What a launch from a platform image gets; a launch from a boot volume may say otherwise.
+IMAGE_LAUNCH_OPTIONS = {"firmware": "UEFI_64", "bootVolumeType": "PARAVIRTUALIZED", "networkType": "PARAVIRTUALIZED",
+                        "remoteDataVolumeType": "PARAVIRTUALIZED", "isPvEncryptionInTransitEnabled": False,
+                        "isConsistentVolumeNamingEnabled": True}
+CONSOLE_HISTORY_BYTES = 1024 * 1024  # what one capture keeps, as OCI's
 
 
 class Compute:
@@ -37,6 +44,8 @@ class Compute:
         self.store = app.store
         self.instances = self.store.collection("instances")
         self.attachments = self.store.collection("volume_attachments")
+        self.boot_attachments = self.store.collection("boot_volume_attachments")
+        self.console_histories = self.store.collection("console_histories")
         self.images = {
             WORKER_IMAGE_ID: {
                 "id": WORKER_IMAGE_ID, "displayName": "localoci-worker", "compartmentId": None,
@@ -45,7 +54,7 @@ class Compute:
                 "freeformTags": {}, "definedTags": {},
             }
         }
-        self.hosts: dict[str, SshdHost] = {}
+        self.hosts: dict[str, SshdHost | MachineHost] = {}
         self._hosts_lock = threading.Lock()
 
     # -- instances -------------------------------------------------------------
@@ -53,15 +62,39 @@ class Compute:
     def instance(self, instance_id: str) -> dict[str, Any]:
         return lookup(self.instances, instance_id, "Instance")
 
-    def _host(self, instance: dict[str, Any]) -> SshdHost:
+    def _host(self, instance: dict[str, Any]) -> SshdHost | MachineHost:
         with self._hosts_lock:
             host = self.hosts.get(instance["id"])
             if host is None:
-                host = SshdHost(self.app.data_dir / "instances" / instance["id"].rsplit(".", 1)[-1],
-                                instance["_address"], self.app.meta["ssh_port"],
-                                memory_gb=instance.get("shapeConfig", {}).get("memoryInGBs"))
+                directory = self.app.data_dir / "instances" / instance["id"].rsplit(".", 1)[-1]
+                if instance.get("_body") == "machine":
+                    host = MachineHost(directory, lambda: self._boot_file(instance["id"]), instance["launchOptions"],
+                                       lambda: self._data_files(instance["id"]))
+                else:
+                    host = SshdHost(directory, instance["_address"], self.app.meta["ssh_port"],
+                                    memory_gb=instance.get("shapeConfig", {}).get("memoryInGBs"))
                 self.hosts[instance["id"]] = host
             return host
+
+    def _boot_attachment(self, instance_id: str) -> dict[str, Any] | None:
+        return next((a for a in self.boot_attachments.values()
+                     if a["instanceId"] == instance_id and a["lifecycleState"] in LIVE_ATTACHMENT_STATES), None)
+
+    def _boot_file(self, instance_id: str) -> Any:
+        attachment = self._boot_attachment(instance_id)
+        if attachment is None:
+            raise incorrect_state(f"Instance {instance_id} has no boot volume attached.")
+        return self.app.blockstorage.backing_file(self.app.blockstorage.boot_volumes[attachment["bootVolumeId"]])
+
+    def _data_files(self, instance_id: str) -> list[tuple[Any, bool]]:
+        bs = self.app.blockstorage
+        return [(bs.backing_file(bs.attachable(a["volumeId"])), a["isReadOnly"]) for a in self.attachments.values()
+                if a["instanceId"] == instance_id and a["lifecycleState"] == "ATTACHED"]
+
+    def attached(self, volume_id: str) -> bool:
+        """Whether a volume or boot volume is attached (as a data or a boot volume) anywhere."""
+        return any(a.get("volumeId", a.get("bootVolumeId")) == volume_id and a["lifecycleState"] in LIVE_ATTACHMENT_STATES
+                   for a in [*self.attachments.values(), *self.boot_attachments.values()])
 
     def _allocate_address(self) -> str:
         """A loopback address no live instance uses and whose ssh port is free."""
@@ -93,10 +126,18 @@ class Compute:
         if not isinstance(ocpus, (int, float)) or not 1 <= ocpus <= 64:
             raise invalid_parameter(f"shapeConfig.ocpus must be from 1 to 64, not {ocpus!r}.")
         source = details.get("sourceDetails") or {}
+        kind = source.get("sourceType", "image")
         image_id = source.get("imageId") or details.get("imageId")
-        if source and source.get("sourceType") != "image":
-            raise invalid_parameter("sourceDetails.sourceType must be 'image'.")
-        lookup(self.images, image_id or "", "Image")
+        boot_volume = None
+        if kind == "image":
+            lookup(self.images, image_id or "", "Image")
+            options = dict(IMAGE_LAUNCH_OPTIONS)
+        elif kind == "bootVolume":
+            boot_volume = self._launchable_boot_volume(source.get("bootVolumeId") or "", ad)
+            image_id = boot_volume.get("imageId")
+            options = {**IMAGE_LAUNCH_OPTIONS, **_launch_options(details.get("launchOptions") or {})}
+        else:
+            raise invalid_parameter(f"sourceDetails.sourceType must be 'image' or 'bootVolume', not {kind!r}.")
         vnic_details = details.get("createVnicDetails") or {}
         subnet = self.app.network.subnet(vnic_details.get("subnetId") or details.get("subnetId") or "")
         fault_domain = details.get("faultDomain") or "FAULT-DOMAIN-1"
@@ -111,13 +152,21 @@ class Compute:
                 "id": instance_id, "compartmentId": compartment, "availabilityDomain": ad, "faultDomain": fault_domain,
                 "displayName": details.get("displayName") or f"instance-{instance_id[-8:]}", "shape": shape,
                 "shapeConfig": {"ocpus": float(ocpus), "memoryInGBs": float(memory)}, "region": "local-1",
-                "imageId": image_id, "sourceDetails": {"sourceType": "image", "imageId": image_id,
-                                                       "bootVolumeSizeInGBs": source.get("bootVolumeSizeInGBs")},
-                "lifecycleState": "PROVISIONING", "timeCreated": now_iso(), "metadata": metadata,
+                "imageId": image_id, "lifecycleState": "PROVISIONING", "timeCreated": now_iso(), "metadata": metadata,
                 "extendedMetadata": details.get("extendedMetadata") or {},
                 "freeformTags": details.get("freeformTags") or {}, "definedTags": details.get("definedTags") or {},
-                "launchMode": "PARAVIRTUALIZED", "_address": address, "_crashed": False, "_fails": fails,
+                "launchMode": "PARAVIRTUALIZED" if options["bootVolumeType"] == "PARAVIRTUALIZED" else "CUSTOM",
+                "launchOptions": options, "_address": address, "_crashed": False, "_fails": fails,
             }
+            if boot_volume is None:
+                boot_volume = self.app.blockstorage.create_boot_volume(instance, source.get("bootVolumeSizeInGBs"), image_id)
+                instance["sourceDetails"] = {"sourceType": "image", "imageId": image_id,
+                                             "bootVolumeSizeInGBs": source.get("bootVolumeSizeInGBs")}
+            else:
+                instance["sourceDetails"] = {"sourceType": "bootVolume", "bootVolumeId": boot_volume["id"]}
+            # The worker image boots the worker (an sshd); any other disk boots itself under qemu.
+            instance["_body"] = "sshd" if boot_volume.get("_image") == WORKER_IMAGE_ID else "machine"
+            self._new_boot_attachment(instance, boot_volume["id"], "ATTACHED")
             self.app.network.create_instance_vnic(instance, subnet, address, bool(vnic_details.get("assignPublicIp", False)))
             self.instances[instance_id] = instance
             self.store.save()
@@ -156,13 +205,78 @@ class Compute:
                 return
         host.stop()
 
-    def terminate(self, instance_id: str) -> None:
+    def _launchable_boot_volume(self, boot_volume_id: str, availability_domain: str) -> dict[str, Any]:
+        boot_volume = self.app.blockstorage.boot_volume(boot_volume_id)
+        if boot_volume["lifecycleState"] != "AVAILABLE":
+            raise incorrect_state(f"Boot volume {boot_volume_id} is {boot_volume['lifecycleState']}, not AVAILABLE.")
+        if boot_volume["availabilityDomain"] != availability_domain:
+            raise invalid_parameter(f"Boot volume {boot_volume_id} is in {boot_volume['availabilityDomain']}, "
+                                    f"not {availability_domain}.")
+        if self.attached(boot_volume_id):
+            raise conflict(f"Boot volume {boot_volume_id} is attached to an instance.")
+        return boot_volume
+
+    def _new_boot_attachment(self, instance: dict[str, Any], boot_volume_id: str, state: str) -> dict[str, Any]:
+        attachment_id = new_ocid("instance")  # OCI's boot volume attachments carry instance-kind OCIDs
+        attachment = {
+            "id": attachment_id, "availabilityDomain": instance["availabilityDomain"],
+            "compartmentId": instance["compartmentId"], "instanceId": instance["id"], "bootVolumeId": boot_volume_id,
+            "displayName": f"Remote boot attachment for instance {instance['id'][-8:]}", "lifecycleState": state,
+            "timeCreated": now_iso(), "isPvEncryptionInTransitEnabled": False, "encryptionInTransitType": "NONE",
+        }
+        self.boot_attachments[attachment_id] = attachment
+        return attachment
+
+    def boot_attachment(self, attachment_id: str) -> dict[str, Any]:
+        return lookup(self.boot_attachments, attachment_id, "BootVolumeAttachment")
+
+    def attach_boot_volume(self, details: dict[str, Any]) -> dict[str, Any]:
+        """AttachBootVolume: a STOPPED instance without a boot volume gets one."""
+        with self.store.lock:
+            instance = self.instance(details.get("instanceId") or "")
+            if instance["lifecycleState"] != "STOPPED":
+                raise incorrect_state(f"Instance {instance['id']} is {instance['lifecycleState']}; a boot volume "
+                                      "attaches to a STOPPED instance only.")
+            if self._boot_attachment(instance["id"]) is not None:
+                raise conflict(f"Instance {instance['id']} already has a boot volume attached.")
+            boot_volume = self._launchable_boot_volume(details.get("bootVolumeId") or "", instance["availabilityDomain"])
+            attachment = self._new_boot_attachment(instance, boot_volume["id"], "ATTACHING")
+            instance["_body"] = "sshd" if boot_volume.get("_image") == WORKER_IMAGE_ID else "machine"
+            self.store.save()
+        with self._hosts_lock:
+            self.hosts.pop(instance["id"], None)  # the next start boots what is attached now
+        self.app.scheduler.transition("bootvolumeattachment:ATTACHED", lambda: self._set_state(
+            self.boot_attachments, attachment["id"], "ATTACHING", "ATTACHED"))
+        return attachment
+
+    def detach_boot_volume(self, attachment_id: str) -> None:
+        """DetachBootVolume: only from a STOPPED instance."""
+        with self.store.lock:
+            attachment = self.boot_attachment(attachment_id)
+            if attachment["lifecycleState"] != "ATTACHED":
+                raise incorrect_state(f"Boot volume attachment {attachment_id} is {attachment['lifecycleState']}, not ATTACHED.")
+            state = self.instances[attachment["instanceId"]]["lifecycleState"]
+            if state != "STOPPED":
+                raise incorrect_state(f"Instance {attachment['instanceId']} is {state}; stop it before detaching its boot volume.")
+            attachment["lifecycleState"] = "DETACHING"
+            self.store.save()
+        self.app.scheduler.transition("bootvolumeattachment:DETACHED", lambda: self._set_state(
+            self.boot_attachments, attachment_id, "DETACHING", "DETACHED"))
+
+    def _set_state(self, records: dict[str, dict[str, Any]], record_id: str, expected: str, state: str) -> None:
+        with self.store.lock:
+            if records[record_id]["lifecycleState"] == expected:
+                records[record_id]["lifecycleState"] = state
+                self.store.save()
+
+    def terminate(self, instance_id: str, preserve_boot_volume: bool = False) -> None:
         with self.store.lock:
             instance = self.instance(instance_id)
             if instance["lifecycleState"] in ENDED_INSTANCE_STATES:
                 return
             instance["lifecycleState"] = "TERMINATING"
-            for attachment in self.attachments.values():
+            instance["_preserveBootVolume"] = bool(preserve_boot_volume)
+            for attachment in [*self.attachments.values(), *self.boot_attachments.values()]:
                 if attachment["instanceId"] == instance_id and attachment["lifecycleState"] in LIVE_ATTACHMENT_STATES:
                     attachment["lifecycleState"] = "DETACHING"
             self.store.save()
@@ -175,6 +289,14 @@ class Compute:
             for attachment in self.attachments.values():
                 if attachment["instanceId"] == instance_id and attachment["lifecycleState"] in LIVE_ATTACHMENT_STATES:
                     attachment["lifecycleState"] = "DETACHED"
+            for attachment in self.boot_attachments.values():
+                if attachment["instanceId"] == instance_id and attachment["lifecycleState"] in LIVE_ATTACHMENT_STATES:
+                    attachment["lifecycleState"] = "DETACHED"
+                    boot_volume = self.app.blockstorage.boot_volumes[attachment["bootVolumeId"]]
+                    if not instance.get("_preserveBootVolume") and boot_volume["lifecycleState"] == "AVAILABLE":
+                        boot_volume["lifecycleState"] = "TERMINATING"
+                        self.app.scheduler.transition("bootvolume:TERMINATED", lambda b=boot_volume["id"]:
+                                                      self.app.blockstorage.terminate_boot_volume(b))
             self.app.network.release_instance_vnics(instance_id)
             instance["lifecycleState"] = "TERMINATED"
             instance["timeTerminated"] = now_iso()
@@ -194,6 +316,8 @@ class Compute:
             elif action == "START":
                 if state != "STOPPED":
                     raise incorrect_state(f"Instance {instance_id} is {state}; only a STOPPED instance can start.")
+                if self._boot_attachment(instance_id) is None:
+                    raise incorrect_state(f"Instance {instance_id} has no boot volume attached; attach one to start it.")
                 instance["lifecycleState"] = "STARTING"
                 self.app.scheduler.transition("instance:RUNNING", lambda: self._boot(instance_id, "STARTING"))
             elif action in ("RESET", "SOFTRESET", "REBOOTMIGRATE"):
@@ -240,7 +364,7 @@ class Compute:
                 self._finish_termination(instance["id"])
             elif state == "STOPPING":
                 self._stop(instance["id"])
-        for attachment in self.store.values("volume_attachments"):
+        for attachment in [*self.store.values("volume_attachments"), *self.store.values("boot_volume_attachments")]:
             if attachment["lifecycleState"] == "ATTACHING":
                 self._set_attachment_state(attachment["id"], "ATTACHING", "ATTACHED")
             elif attachment["lifecycleState"] == "DETACHING":
@@ -252,6 +376,63 @@ class Compute:
             hosts = list(self.hosts.values())
         for host in hosts:
             host.stop()
+
+    # -- console histories ---------------------------------------------------------
+
+    def capture_console_history(self, details: dict[str, Any]) -> dict[str, Any]:
+        """CaptureConsoleHistory: a snapshot of the last MiB the instance wrote to its serial console."""
+        with self.store.lock:
+            instance = self.instance(details.get("instanceId") or "")
+            if instance["lifecycleState"] != "RUNNING":
+                raise incorrect_state(f"Instance {instance['id']} is {instance['lifecycleState']}, not RUNNING.")
+            history_id = new_ocid("consolehistory")
+            history = {
+                "id": history_id, "availabilityDomain": instance["availabilityDomain"],
+                "compartmentId": instance["compartmentId"], "instanceId": instance["id"],
+                "displayName": details.get("displayName") or f"console-history-{history_id[-8:]}",
+                "lifecycleState": "REQUESTED", "timeCreated": now_iso(),
+                "freeformTags": details.get("freeformTags") or {}, "definedTags": details.get("definedTags") or {},
+            }
+            self.console_histories[history_id] = history
+            self.store.save()
+        self.app.scheduler.transition("consolehistory:SUCCEEDED", lambda: self._capture(history_id))
+        return history
+
+    def _console_file(self, history_id: str) -> Any:
+        return self.app.data_dir / "console-histories" / (history_id.rsplit(".", 1)[-1] + ".log")
+
+    def _capture(self, history_id: str) -> None:
+        with self.store.lock:
+            history = self.console_histories.get(history_id)
+            if history is None or history["lifecycleState"] != "REQUESTED":
+                return
+            instance = self.instances[history["instanceId"]]
+        host = self._host(instance) if instance["lifecycleState"] not in ENDED_INSTANCE_STATES else None
+        content = host.console(CONSOLE_HISTORY_BYTES) if isinstance(host, MachineHost) else b""
+        path = self._console_file(history_id)
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(content)
+        self._set_state(self.console_histories, history_id, "REQUESTED", "SUCCEEDED")
+
+    def console_history(self, history_id: str) -> dict[str, Any]:
+        return lookup(self.console_histories, history_id, "ConsoleHistory")
+
+    def console_history_content(self, history_id: str, offset: int, length: int) -> bytes:
+        history = self.console_history(history_id)
+        if history["lifecycleState"] != "SUCCEEDED":
+            raise incorrect_state(f"Console history {history_id} is {history['lifecycleState']}, not SUCCEEDED.")
+        if offset < 0 or not 0 < length <= CONSOLE_HISTORY_BYTES:
+            raise invalid_parameter(f"offset must be 0 or more and length from 1 to {CONSOLE_HISTORY_BYTES}.")
+        with open(self._console_file(history_id), "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def delete_console_history(self, history_id: str) -> None:
+        with self.store.lock:
+            self.console_history(history_id)
+            del self.console_histories[history_id]
+            self.store.save()
+        self._console_file(history_id).unlink(missing_ok=True)
 
     # -- devices and volume attachments ------------------------------------------
 
@@ -267,13 +448,16 @@ class Compute:
             raise invalid_parameter(f"type must be one of {ATTACHMENT_TYPES}, not {kind!r}.")
         with self.store.lock:
             instance = self.instance(details.get("instanceId") or "")
-            volume = self.app.blockstorage.volume(details.get("volumeId") or "")
+            volume = self.app.blockstorage.attachable(details.get("volumeId") or "")
             if instance["lifecycleState"] != "RUNNING":
                 raise incorrect_state(f"Instance {instance['id']} is {instance['lifecycleState']}, not RUNNING.")
             if volume["lifecycleState"] != "AVAILABLE":
                 raise incorrect_state(f"Volume {volume['id']} is {volume['lifecycleState']}, not AVAILABLE.")
             if volume["availabilityDomain"] != instance["availabilityDomain"]:
                 raise invalid_parameter(f"Volume {volume['id']} is in {volume['availabilityDomain']} but the instance is in {instance['availabilityDomain']}.")
+            if any(a["bootVolumeId"] == volume["id"] and a["lifecycleState"] in LIVE_ATTACHMENT_STATES
+                   for a in self.boot_attachments.values()):
+                raise conflict(f"Boot volume {volume['id']} is attached to an instance as its boot volume; detach it first.")
             live = [a for a in self.attachments.values() if a["volumeId"] == volume["id"] and a["lifecycleState"] in LIVE_ATTACHMENT_STATES]
             if any(a["instanceId"] == instance["id"] for a in live):
                 raise conflict(f"Volume {volume['id']} is already attached to instance {instance['id']}.")
@@ -304,16 +488,15 @@ class Compute:
                     attachment["chapUsername"] = attachment_id
                     attachment["chapSecret"] = new_ocid("chap")[-24:]
             self.attachments[attachment_id] = attachment
+            if volume["id"] in self.app.blockstorage.boot_volumes and not attachment["isReadOnly"]:
+                volume["_image"] = None  # written elsewhere: it no longer boots the worker image
             self.store.save()
         self.app.scheduler.transition("attachment:ATTACHED", lambda: self._set_attachment_state(attachment_id, "ATTACHING", "ATTACHED"))
         return attachment
 
     def _set_attachment_state(self, attachment_id: str, expected: str, state: str) -> None:
-        with self.store.lock:
-            attachment = self.attachments[attachment_id]
-            if attachment["lifecycleState"] == expected:
-                attachment["lifecycleState"] = state
-                self.store.save()
+        self._set_state(self.boot_attachments if attachment_id in self.boot_attachments else self.attachments,
+                        attachment_id, expected, state)
 
     def attachment(self, attachment_id: str) -> dict[str, Any]:
         return lookup(self.attachments, attachment_id, "VolumeAttachment")
@@ -336,3 +519,19 @@ def _port_free(address: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def _launch_options(given: dict[str, Any]) -> dict[str, Any]:
+    """The launch options a launch from a boot volume asks for, checked."""
+    allowed = {"firmware": FIRMWARES, "bootVolumeType": BOOT_VOLUME_TYPES, "networkType": NETWORK_TYPES,
+               "remoteDataVolumeType": BOOT_VOLUME_TYPES}
+    options = {}
+    for key, value in given.items():
+        if value is None:
+            continue
+        if key in allowed and value not in allowed[key]:
+            raise invalid_parameter(f"launchOptions.{key} must be one of {', '.join(allowed[key])}, not {value!r}.")
+        if key not in allowed and key not in IMAGE_LAUNCH_OPTIONS:
+            raise invalid_parameter(f"Unknown launch option {key!r}.")
+        options[key] = value
+    return options

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..errors import invalid_parameter
 from ..http import Request, Response, Route
 from ..paging import paged, require
 from ..resources import lookup, matches, public
@@ -31,7 +32,8 @@ def routes(app: "LocalOCI") -> list[Route]:
         return paged(request, (i for i in compute.instances.values() if matches(i, request.query, fields)), public)
 
     def terminate_instance(request: Request) -> Response:
-        compute.terminate(request.params["instanceId"])
+        compute.terminate(request.params["instanceId"],
+                          preserve_boot_volume=request.query.get("preserveBootVolume", "false").lower() == "true")
         return Response.empty()
 
     def instance_action(request: Request) -> Response:
@@ -75,6 +77,49 @@ def routes(app: "LocalOCI") -> list[Route]:
         compute.detach(request.params["volumeAttachmentId"])
         return Response.empty()
 
+    def list_boot_attachments(request: Request) -> Response:
+        require(request, "compartmentId")
+        fields = {"compartmentId": "compartmentId", "availabilityDomain": "availabilityDomain",
+                  "instanceId": "instanceId", "bootVolumeId": "bootVolumeId"}
+        return paged(request, (a for a in compute.store.values("boot_volume_attachments")
+                               if matches(a, request.query, fields)), public)
+
+    def get_boot_attachment(request: Request) -> Response:
+        return Response.json(public(compute.boot_attachment(request.params["bootVolumeAttachmentId"])))
+
+    def attach_boot_volume(request: Request) -> Response:
+        return Response.json(public(compute.attach_boot_volume(request.json())))
+
+    def detach_boot_volume(request: Request) -> Response:
+        compute.detach_boot_volume(request.params["bootVolumeAttachmentId"])
+        return Response.empty()
+
+    def capture_console_history(request: Request) -> Response:
+        return Response.json(public(compute.capture_console_history(request.json())))
+
+    def get_console_history(request: Request) -> Response:
+        return Response.json(public(compute.console_history(request.params["instanceConsoleHistoryId"])))
+
+    def list_console_histories(request: Request) -> Response:
+        require(request, "compartmentId")
+        fields = {"compartmentId": "compartmentId", "availabilityDomain": "availabilityDomain",
+                  "instanceId": "instanceId", "lifecycleState": "lifecycleState"}
+        return paged(request, (h for h in compute.store.values("console_histories")
+                               if matches(h, request.query, fields)), public)
+
+    def console_history_content(request: Request) -> Response:
+        try:
+            offset = int(request.query.get("offset", "0"))
+            length = int(request.query.get("length", "10240"))
+        except ValueError:
+            raise invalid_parameter("offset and length must be whole numbers.") from None
+        data = compute.console_history_content(request.params["instanceConsoleHistoryId"], offset, length)
+        return Response(200, data, {"Content-Type": "application/octet-stream"})
+
+    def delete_console_history(request: Request) -> Response:
+        compute.delete_console_history(request.params["instanceConsoleHistoryId"])
+        return Response.empty()
+
     return [
         Route("POST", BASE + "/instances", launch_instance, "LaunchInstance", retry_token=True),
         Route("GET", BASE + "/instances", list_instances, "ListInstances"),
@@ -89,4 +134,18 @@ def routes(app: "LocalOCI") -> list[Route]:
         Route("GET", BASE + "/volumeAttachments", list_attachments, "ListVolumeAttachments"),
         Route("GET", BASE + "/volumeAttachments/{volumeAttachmentId}", get_attachment, "GetVolumeAttachment"),
         Route("DELETE", BASE + "/volumeAttachments/{volumeAttachmentId}", detach_volume, "DetachVolume"),
+        Route("POST", BASE + "/bootVolumeAttachments", attach_boot_volume, "AttachBootVolume", retry_token=True),
+        Route("GET", BASE + "/bootVolumeAttachments", list_boot_attachments, "ListBootVolumeAttachments"),
+        Route("GET", BASE + "/bootVolumeAttachments/{bootVolumeAttachmentId}", get_boot_attachment,
+              "GetBootVolumeAttachment"),
+        Route("DELETE", BASE + "/bootVolumeAttachments/{bootVolumeAttachmentId}", detach_boot_volume, "DetachBootVolume"),
+        Route("POST", BASE + "/instanceConsoleHistories", capture_console_history, "CaptureConsoleHistory",
+              retry_token=True),
+        Route("GET", BASE + "/instanceConsoleHistories", list_console_histories, "ListConsoleHistories"),
+        Route("GET", BASE + "/instanceConsoleHistories/{instanceConsoleHistoryId}", get_console_history,
+              "GetConsoleHistory"),
+        Route("GET", BASE + "/instanceConsoleHistories/{instanceConsoleHistoryId}/data", console_history_content,
+              "GetConsoleHistoryContent"),
+        Route("DELETE", BASE + "/instanceConsoleHistories/{instanceConsoleHistoryId}", delete_console_history,
+              "DeleteConsoleHistory"),
     ]

@@ -1,0 +1,173 @@
+"""Bootable raw disks built from Debian packages, for the boot tests.
+
+Each disk boots Debian's cloud kernel (``linux-image-*-cloud-amd64``, unpacked from its
+package) with an initramfs whose ``/init`` is a shell script run by ``busybox-static``: it
+prints an issue line and a login prompt on the serial console, then waits. Nothing is
+mounted and nothing is faked: the firmware loads the bootloader from the disk, the
+bootloader the kernel, and the prompt appears only if all of it worked.
+
+- :func:`bios_disk`: an MBR disk, its one FAT partition active, SYSLINUX's ``mbr.bin`` in the
+  boot sector and ``syslinux`` installed in the partition (``syslinux-common``, ``syslinux``).
+- :func:`uefi_disk`: a GPT disk with an EFI System Partition holding ``/EFI/BOOT/BOOTX64.EFI``,
+  a unified kernel image made from systemd's EFI stub (``systemd-boot-efi``) with the kernel,
+  the initramfs and the command line in its sections.
+- :func:`unbootable_disk`: an MBR disk with a FAT partition and no boot code at all.
+
+Filesystems are made and filled on the disk file itself (``mkfs.vfat --offset``, mtools'
+``image@@offset``), so no loop device or mount is needed.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from tests.guest_disks import GPT_EFI, MiB, SECTOR, _layout, _run, _write
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".local" / "boot-disks"
+LOGIN_PROMPT = "bootdisk login: "
+ISSUE_LINE = "Debian GNU/Linux 12 bootdisk ttyS0"
+MBR_BOOT_CODE = "/usr/lib/syslinux/mbr/mbr.bin"
+EFI_STUB = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub"
+BUSYBOX = "/bin/busybox"
+KERNEL_COMMAND_LINE = "console=ttyS0,115200 panic=-1 quiet"
+MBR_FAT16 = "e"
+
+INIT = f"""#!/bin/sh
+/bin/busybox mkdir -p /proc
+/bin/busybox mount -t proc proc /proc
+echo
+echo "{ISSUE_LINE}"
+echo
+echo -n "{LOGIN_PROMPT}"
+exec /bin/busybox sleep 2147483647
+"""
+
+
+def tools_missing() -> list[str]:
+    missing = [t for t in ("sfdisk", "mkfs.vfat", "mcopy", "mmd", "syslinux", "objcopy", "dpkg-deb", "apt-get")
+               if shutil.which(t) is None]
+    return missing + [f for f in (MBR_BOOT_CODE, EFI_STUB, BUSYBOX) if not os.path.exists(f)]
+
+
+def kernel() -> Path:
+    """Debian's cloud kernel, unpacked from its package (downloaded once into the cache)."""
+    found = sorted(glob.glob(str(CACHE / "kernel" / "boot" / "vmlinuz-*")))
+    if found:
+        return Path(found[-1])
+    CACHE.mkdir(parents=True, exist_ok=True)
+    depends = _run("apt-cache", "depends", "linux-image-cloud-amd64")
+    package = next(line.split(":", 1)[1].strip() for line in depends.splitlines()
+                   if line.strip().startswith("Depends:") and "linux-image-" in line)
+    with tempfile.TemporaryDirectory(dir=CACHE) as work:
+        os.chmod(work, 0o755)  # apt's download user writes here
+        subprocess.run(["apt-get", "download", "-qq", package], cwd=work, check=True, capture_output=True)
+        deb = next(Path(work).glob("*.deb"))
+        unpacked = Path(work) / "kernel"
+        _run("dpkg-deb", "-x", str(deb), str(unpacked))
+        shutil.rmtree(CACHE / "kernel", ignore_errors=True)
+        os.replace(unpacked, CACHE / "kernel")
+    return kernel()
+
+
+def _newc(entries: list[tuple[str, int, bytes]]) -> bytes:
+    """A cpio archive in the kernel's ``newc`` format: (name, mode, data) entries."""
+    out = bytearray()
+    for ino, (name, mode, data) in enumerate([*entries, ("TRAILER!!!", 0, b"")], start=1):
+        encoded = name.encode() + b"\0"
+        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
+        out += b"070701" + b"".join(b"%08X" % f for f in fields) + encoded
+        out += b"\0" * (-len(out) % 4)
+        out += data
+        out += b"\0" * (-len(out) % 4)
+    return bytes(out)
+
+
+def initramfs() -> Path:
+    path = CACHE / "initrd.img"
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        directory, executable = 0o040755, 0o100755
+        archive = _newc([("bin", directory, b""), ("dev", directory, b""), ("proc", directory, b""),
+                         ("bin/busybox", executable, Path(BUSYBOX).read_bytes()),
+                         ("bin/sh", 0o120777, b"busybox"), ("init", executable, INIT.encode())])
+        path.with_suffix(".tmp").write_bytes(archive)
+        os.replace(path.with_suffix(".tmp"), path)
+    return path
+
+
+def _fat(disk: Path, offset: int, size: int, label: str) -> str:
+    """Make a FAT filesystem in the partition at ``offset``; return its mtools image name."""
+    _run("mkfs.vfat", "-n", label, "--offset", str(offset // SECTOR), str(disk), str(size // 1024))
+    return f"{disk}@@{offset}"
+
+
+def _copy(image: str, source: Path, target: str) -> None:
+    _run("mcopy", "-o", "-i", image, str(source), target)
+
+
+def bios_disk(path: Path, size_mib: int = 48) -> Path:
+    """An MBR disk that boots by BIOS: SYSLINUX from the active FAT partition."""
+    [(offset, size)] = _layout(path, "dos", [(size_mib - 2, MBR_FAT16)])
+    _run("sfdisk", "--quiet", "--activate", str(path), "1")
+    image = _fat(path, offset, size, "BOOT")
+    with tempfile.TemporaryDirectory() as work:
+        config = Path(work) / "syslinux.cfg"
+        config.write_text(f"SERIAL 0 115200\nDEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n"
+                          f"  KERNEL vmlinuz\n  APPEND initrd=initrd.img {KERNEL_COMMAND_LINE}\n")
+        _copy(image, config, "::/syslinux.cfg")
+    _copy(image, kernel(), "::/vmlinuz")
+    _copy(image, initramfs(), "::/initrd.img")
+    _run("syslinux", "--offset", str(offset), "--install", str(path))
+    _write(path, 0, Path(MBR_BOOT_CODE).read_bytes()[:440])
+    return path
+
+
+def unified_kernel_image(target: Path) -> Path:
+    """``BOOTX64.EFI``: systemd's EFI stub with the kernel, initramfs and command line in it."""
+    with tempfile.TemporaryDirectory() as work:
+        cmdline, osrel = Path(work) / "cmdline", Path(work) / "os-release"
+        cmdline.write_text(KERNEL_COMMAND_LINE + "\0")
+        osrel.write_text('ID=bootdisk\nPRETTY_NAME="boot test disk"\n')
+        _run("objcopy",
+             "--add-section", f".osrel={osrel}", "--change-section-vma", ".osrel=0x20000",
+             "--add-section", f".cmdline={cmdline}", "--change-section-vma", ".cmdline=0x30000",
+             "--add-section", f".linux={kernel()}", "--change-section-vma", ".linux=0x2000000",
+             "--add-section", f".initrd={initramfs()}", "--change-section-vma", ".initrd=0x3000000",
+             EFI_STUB, str(target))
+    return target
+
+
+def uefi_disk(path: Path, size_mib: int = 64) -> Path:
+    """A GPT disk that boots by UEFI: the removable-media loader on its EFI System Partition."""
+    [(offset, size)] = _layout(path, "gpt", [(size_mib - 3, GPT_EFI)])
+    image = _fat(path, offset, size, "ESP")
+    _run("mmd", "-i", image, "::/EFI", "::/EFI/BOOT")
+    with tempfile.TemporaryDirectory() as work:
+        _copy(image, unified_kernel_image(Path(work) / "BOOTX64.EFI"), "::/EFI/BOOT/BOOTX64.EFI")
+    return path
+
+
+def unbootable_disk(path: Path, size_mib: int = 16) -> Path:
+    """An MBR disk with a FAT partition and no boot code: no firmware can start it."""
+    [(offset, size)] = _layout(path, "dos", [(size_mib - 2, MBR_FAT16)])
+    _fat(path, offset, size, "DATA")
+    return path
+
+
+def build_all(directory: Path) -> dict[str, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    return {"bios": bios_disk(directory / "bios.raw"), "uefi": uefi_disk(directory / "uefi.raw"),
+            "unbootable": unbootable_disk(directory / "unbootable.raw")}
+
+
+if __name__ == "__main__":
+    import sys
+
+    for name, built in build_all(Path(sys.argv[1] if len(sys.argv) > 1 else "boot-disks")).items():
+        print(name, built, built.stat().st_size)
