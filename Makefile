@@ -3,7 +3,8 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-APT_PACKAGES := qemu-utils openssh-server openssh-client e2fsprogs xfsprogs dosfstools mtools ntfs-3g btrfs-progs lvm2 fdisk util-linux curl postgresql
+APT_PACKAGES := qemu-utils openssh-server openssh-client e2fsprogs xfsprogs dosfstools mtools ntfs-3g btrfs-progs lvm2 fdisk util-linux curl postgresql \
+	qemu-system-x86 ovmf syslinux syslinux-common busybox-static systemd-boot-efi binutils
 # Looked up at each use, so a uv that uv-env just installed is found.
 UV = $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PYTEST_WORKERS ?= 4

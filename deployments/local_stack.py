@@ -43,7 +43,7 @@ POOL_CONCURRENCY = 6
 # The local stack saves its blocks under the product's default name (``blocks.DEFAULT_BLOCK``;
 # not imported here, as importing Prefect must wait for the stack's environment), so runs
 # need not name them.
-BLOCKS = dict.fromkeys(("credentials", "worker", "settings"), "oci-disk-import")
+BLOCKS = dict.fromkeys(("credentials", "worker", "settings", "target"), "oci-disk-import")
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 
@@ -226,7 +226,7 @@ def save_blocks(server: process.RunningLocalOCI, values: dict[str, str]) -> None
 
 
 def _save_blocks(server: process.RunningLocalOCI, values: dict[str, str]) -> None:
-    from blocks import ImportSettings, OCICredentials, WorkerShape
+    from blocks import ImportSettings, OCICredentials, TargetMachine, WorkerShape
 
     OCICredentials(auth_type="config_file", config_file=server.oci_config_file, profile=server.oci_profile,
                    endpoint=server.endpoint).save(BLOCKS["credentials"], overwrite=True)
@@ -235,6 +235,9 @@ def _save_blocks(server: process.RunningLocalOCI, values: dict[str, str]) -> Non
                 ssh_port=int(values["LOCALOCI_SSH_PORT"]), use_sudo=os.geteuid() != 0,
                 boot_timeout_seconds=60).save(BLOCKS["worker"], overwrite=True)
     ImportSettings(compartment_id=values["COMPARTMENT_ID"]).save(BLOCKS["settings"], overwrite=True)
+    # Imported machines start in the same local network; TCG boots take seconds, not minutes.
+    TargetMachine(compartment_id=values["COMPARTMENT_ID"], subnet_id=values["SUBNET_ID"], image_id=WORKER_IMAGE_ID,
+                  boot_timeout_seconds=180, console_poll_seconds=2).save(BLOCKS["target"], overwrite=True)
 
 
 def _prefect(args: list[str], env: dict[str, str], ok_if: str | None = None) -> None:

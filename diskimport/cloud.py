@@ -145,13 +145,34 @@ def _delete(delete: Callable[[str], Any], resource_id: str) -> None:
         raise
 
 
+def is_boot_volume(volume_id: str) -> bool:
+    """Whether the OCID names a boot volume (the boot disk of a bootable machine import)."""
+    return volume_id.startswith("ocid1.bootvolume.")
+
+
+def get_volume(clients: Clients, volume_id: str) -> Any:
+    get = clients.blockstorage.get_boot_volume if is_boot_volume(volume_id) else clients.blockstorage.get_volume
+    return with_backoff(get, volume_id).data
+
+
+def update_volume(clients: Clients, volume_id: str, **fields: Any) -> Any:
+    """UpdateVolume, or UpdateBootVolume for a boot volume, with ``fields`` (snake_case)."""
+    if is_boot_volume(volume_id):
+        return with_backoff(clients.blockstorage.update_boot_volume, volume_id,
+                            models.UpdateBootVolumeDetails(**fields)).data
+    return with_backoff(clients.blockstorage.update_volume, volume_id, models.UpdateVolumeDetails(**fields)).data
+
+
 def wait_volume_available(clients: Clients, volume_id: str, timeout: float = 900.0) -> Any:
+    if is_boot_volume(volume_id):
+        return _wait_available(clients.blockstorage.get_boot_volume, volume_id, "boot volume", timeout)
     return _wait_available(clients.blockstorage.get_volume, volume_id, "volume", timeout)
 
 
 def delete_volume(clients: Clients, volume_id: str) -> None:
-    """Delete a volume; a volume already gone counts as deleted."""
-    _delete(clients.blockstorage.delete_volume, volume_id)
+    """Delete a volume (or boot volume); one already gone counts as deleted."""
+    _delete(clients.blockstorage.delete_boot_volume if is_boot_volume(volume_id)
+            else clients.blockstorage.delete_volume, volume_id)
 
 
 def discard_volume(clients: Clients, compartment_id: str, volume_id: str, keep: bool = False) -> str:
@@ -163,13 +184,13 @@ def discard_volume(clients: Clients, compartment_id: str, volume_id: str, keep: 
         detach_volume(clients, attachment.id)
     if keep:
         try:
-            volume = with_backoff(clients.blockstorage.get_volume, volume_id).data
+            volume = get_volume(clients, volume_id)
         except oci.exceptions.ServiceError as exc:
             if exc.status == 404:
                 return "deleted"
             raise
-        tags = {**(volume.freeform_tags or {}), contract.TAG_STATE: contract.STATE_FAILED}
-        with_backoff(clients.blockstorage.update_volume, volume_id, models.UpdateVolumeDetails(freeform_tags=tags))
+        update_volume(clients, volume_id, freeform_tags={**(volume.freeform_tags or {}),
+                                                         contract.TAG_STATE: contract.STATE_FAILED})
         return "kept"
     delete_volume(clients, volume_id)
     return "deleted"
@@ -177,14 +198,12 @@ def discard_volume(clients: Clients, compartment_id: str, volume_id: str, keep: 
 
 def tag_volume(clients: Clients, volume_id: str, tags: dict[str, str]) -> Any:
     """Add ``tags`` to a volume's freeform tags (keeping the others)."""
-    volume = with_backoff(clients.blockstorage.get_volume, volume_id).data
-    details = models.UpdateVolumeDetails(freeform_tags={**(volume.freeform_tags or {}), **tags})
-    return with_backoff(clients.blockstorage.update_volume, volume_id, details).data
+    volume = get_volume(clients, volume_id)
+    return update_volume(clients, volume_id, freeform_tags={**(volume.freeform_tags or {}), **tags})
 
 
 def set_volume_performance(clients: Clients, volume_id: str, vpus_per_gb: int) -> Any:
-    details = models.UpdateVolumeDetails(vpus_per_gb=vpus_per_gb)
-    with_backoff(clients.blockstorage.update_volume, volume_id, details)
+    update_volume(clients, volume_id, vpus_per_gb=vpus_per_gb)
     return wait_volume_available(clients, volume_id)
 
 
@@ -211,9 +230,11 @@ def backup_policy_id(clients: Clients, name_or_id: str) -> str:
 
 
 def find_volumes(clients: Clients, compartment_id: str, tags: dict[str, str]) -> list[Any]:
-    """Live volumes in the compartment carrying every one of ``tags``."""
+    """Live volumes and boot volumes in the compartment carrying every one of ``tags``."""
     volumes = oci.pagination.list_call_get_all_results(clients.blockstorage.list_volumes,
                                                        compartment_id=compartment_id).data
+    volumes += oci.pagination.list_call_get_all_results(clients.blockstorage.list_boot_volumes,
+                                                        compartment_id=compartment_id).data
     return [v for v in volumes if v.lifecycle_state not in ("TERMINATING", "TERMINATED")
             and all((v.freeform_tags or {}).get(k) == val for k, val in tags.items())]
 
@@ -254,10 +275,12 @@ def worker_address(clients: Clients, compartment_id: str, instance_id: str, publ
     raise ResourceFailed(f"worker {instance_id} has no {'public' if public else 'private'} IP address")
 
 
-def terminate_worker(clients: Clients, instance_id: str, wait: bool = True, timeout: float = 900.0) -> None:
-    """Terminate a worker (and its boot volume); an instance already gone counts as terminated."""
+def terminate_worker(clients: Clients, instance_id: str, wait: bool = True, timeout: float = 900.0,
+                     preserve_boot_volume: bool = False) -> None:
+    """Terminate a worker (and its boot volume, unless ``preserve_boot_volume``); an instance
+    already gone counts as terminated."""
     try:
-        with_backoff(clients.compute.terminate_instance, instance_id, preserve_boot_volume=False)
+        with_backoff(clients.compute.terminate_instance, instance_id, preserve_boot_volume=preserve_boot_volume)
     except oci.exceptions.ServiceError as exc:
         if exc.status != 404:
             raise
@@ -265,6 +288,77 @@ def terminate_worker(clients: Clients, instance_id: str, wait: bool = True, time
     if wait:
         wait_for_state(lambda: clients.compute.get_instance(instance_id).data, "TERMINATED",
                        f"worker {instance_id}", timeout)
+
+
+# -- boot volumes and launched machines ------------------------------------------------
+
+def launch_for_boot_volume(clients: Clients, *, compartment_id: str, availability_domain: str, subnet_id: str,
+                           image_id: str, shape: str, ocpus: float | None, memory_in_gbs: float | None,
+                           size_gb: int, display_name: str, tags: dict[str, str], retry_token: str) -> Any:
+    """Launch an instance from a platform image only for the boot volume of ``size_gb`` it makes."""
+    details = models.LaunchInstanceDetails(
+        compartment_id=compartment_id, availability_domain=availability_domain, shape=shape,
+        shape_config=_shape_config(ocpus, memory_in_gbs), display_name=display_name,
+        source_details=models.InstanceSourceViaImageDetails(image_id=image_id, boot_volume_size_in_gbs=size_gb),
+        create_vnic_details=models.CreateVnicDetails(subnet_id=subnet_id, assign_public_ip=False),
+        freeform_tags=tags)
+    return with_backoff(clients.compute.launch_instance, details, opc_retry_token=retry_token).data
+
+
+def _shape_config(ocpus: float | None, memory_in_gbs: float | None) -> Any:
+    return (models.LaunchInstanceShapeConfigDetails(ocpus=ocpus, memory_in_gbs=memory_in_gbs)
+            if ocpus is not None else None)
+
+
+def boot_volume_of(clients: Clients, instance: Any) -> str:
+    attachments = with_backoff(clients.compute.list_boot_volume_attachments, instance.availability_domain,
+                               instance.compartment_id, instance_id=instance.id).data
+    if not attachments:
+        raise ResourceFailed(f"instance {instance.id} has no boot volume attachment")
+    return attachments[0].boot_volume_id
+
+
+def terminate_keeping_boot_volume(clients: Clients, instance_id: str, timeout: float = 900.0) -> None:
+    """Terminate an instance, its boot volume preserved; one already gone counts as terminated."""
+    terminate_worker(clients, instance_id, timeout=timeout, preserve_boot_volume=True)
+
+
+def launch_machine(clients: Clients, *, compartment_id: str, availability_domain: str, subnet_id: str,
+                   boot_volume_id: str, shape: str, ocpus: float | None, memory_in_gbs: float | None,
+                   firmware: str, boot_volume_type: str, network_type: str, display_name: str,
+                   tags: dict[str, str], retry_token: str) -> Any:
+    """Launch the imported machine from its boot volume."""
+    details = models.LaunchInstanceDetails(
+        compartment_id=compartment_id, availability_domain=availability_domain, shape=shape,
+        shape_config=_shape_config(ocpus, memory_in_gbs), display_name=display_name,
+        source_details=models.InstanceSourceViaBootVolumeDetails(boot_volume_id=boot_volume_id),
+        launch_options=models.LaunchOptions(firmware=firmware, boot_volume_type=boot_volume_type,
+                                            network_type=network_type, remote_data_volume_type="PARAVIRTUALIZED"),
+        create_vnic_details=models.CreateVnicDetails(subnet_id=subnet_id, assign_public_ip=False),
+        freeform_tags=tags)
+    return with_backoff(clients.compute.launch_instance, details, opc_retry_token=retry_token).data
+
+
+def stop_instance(clients: Clients, instance_id: str, timeout: float = 900.0) -> None:
+    state = with_backoff(clients.compute.get_instance, instance_id).data.lifecycle_state
+    if state == "RUNNING":
+        with_backoff(clients.compute.instance_action, instance_id, "STOP")
+    wait_for_state(lambda: clients.compute.get_instance(instance_id).data, ("STOPPED", "TERMINATED"),
+                   f"instance {instance_id}", timeout)
+
+
+def console_text(clients: Clients, instance_id: str, timeout: float = 120.0) -> str:
+    """The instance's serial console as OCI captured it just now (the capture is deleted after)."""
+    history = with_backoff(clients.compute.capture_console_history,
+                           models.CaptureConsoleHistoryDetails(instance_id=instance_id)).data
+    try:
+        wait_for_state(lambda: clients.compute.get_console_history(history.id).data, "SUCCEEDED",
+                       f"console history {history.id}", timeout, failed=("FAILED",))
+        data = with_backoff(clients.compute.get_console_history_content, history.id, offset=0,
+                            length=1024 * 1024).data
+        return data.decode("utf-8", errors="replace") if isinstance(data, bytes) else str(data)
+    finally:
+        _delete(clients.compute.delete_console_history, history.id)
 
 
 def find_instances(clients: Clients, compartment_id: str, tags: dict[str, str]) -> list[Any]:

@@ -26,14 +26,17 @@ Codes, by where they arise (oslo.utils' safety check names pass through unchange
   ``ova-capacity-mismatch``, ``machine-manifest-invalid``;
 - on the worker VM: ``decompression-failed`` and ``decompression-bomb`` (the data runs
   past its size, or ends short), ``qemu-cannot-read``, ``qemu-disagrees``, ``qemu-check-failed``,
-  ``nested-image``, ``filesystem-errors``, ``unchecked-filesystems``.
+  ``nested-image``, ``filesystem-errors``, ``unchecked-filesystems``;
+- a bootable machine (:mod:`diskimport.boot`): ``machine-did-not-boot`` (with
+  ``boot_check: require``), ``no-target-machine`` (a bootable import without a
+  TargetMachine block).
 """
 
 from __future__ import annotations
 
 from .contract import InvalidRequest, Refusal
 
-__all__ = ["FilesystemErrors", "ImageRejected", "InvalidRequest", "OutOfCapacity", "Refusal", "ResourceFailed",
+__all__ = ["BootFailed", "FilesystemErrors", "ImageRejected", "InvalidRequest", "OutOfCapacity", "Refusal", "ResourceFailed",
            "is_deterministic"]
 
 
@@ -45,6 +48,11 @@ class FilesystemErrors(Refusal):
     """A read-only check found errors in a filesystem of the written disk (``filesystem-errors``),
     or could not check something on it while ``unchecked_filesystems`` is ``"fail"``
     (``unchecked-filesystems``)."""
+
+
+class BootFailed(Refusal):
+    """The started machine did not show its boot milestone on the console in time
+    (``machine-did-not-boot``); the machine is stopped and its volumes are kept."""
 
 
 class OutOfCapacity(Exception):

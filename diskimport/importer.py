@@ -29,9 +29,10 @@ from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 import oci
 
-from . import cloud, contract, filesystems, inspection, iscsi, machine, naming, nested, packed, slices, transfer
+from . import boot, cloud, contract, filesystems, inspection, iscsi, machine, naming, nested, packed, slices, transfer
+from .commands import read_range
 from .contract import ImportOptions
-from .errors import ImageRejected, InvalidRequest, OutOfCapacity
+from .errors import BootFailed, ImageRejected, InvalidRequest, OutOfCapacity
 from .keys import SshKeyPair, cloud_init_host_keys
 from .ledger import Ledger, Undo
 from .qemu_img import QemuImg
@@ -80,6 +81,24 @@ class WorkerShapeLike(Protocol):
     use_sudo: bool
     attachment_type: str
     boot_timeout_seconds: float
+
+
+class TargetMachineLike(Protocol):
+    """Where a bootable machine import starts the machine (the ``TargetMachine`` block has it)."""
+
+    compartment_id: str
+    subnet_id: str
+    image_id: str
+    shape: str
+    ocpus: float | None
+    memory_in_gbs: float | None
+    firmware: str
+    boot_volume_type: str
+    network_type: str
+    boot_check: str
+    boot_pattern: str
+    boot_timeout_seconds: float
+    console_poll_seconds: float
 
 
 class TransferProgress(Protocol):
@@ -180,6 +199,7 @@ class Importer:
         self.steps: dict[str, float] = {}
         self._yielding = False
         self._steps_lock = threading.Lock()
+        self.target: TargetMachineLike | None = None  # where a bootable machine import starts the machine
 
     # -- identity -------------------------------------------------------------------
 
@@ -341,15 +361,18 @@ class Importer:
 
     @step("provision")
     def provision_machine(self, version: ObjectVersion, disks: Sequence[tuple[int, InspectedImage]],
-                          machine_name: str, availability_domain: str | None = None) -> tuple[WorkerVM, list[Volume]]:
+                          machine_name: str, availability_domain: str | None = None,
+                          bootable: bool = False) -> tuple[WorkerVM, list[Volume]]:
         """One worker VM and a volume per disk (``(position, image)``), all made at once, in the
         first availability domain with capacity for the worker (or in ``availability_domain``,
-        where volumes of the machine already are); each volume tagged with its disk's position."""
+        where volumes of the machine already are); each volume tagged with its disk's position.
+        With ``bootable``, the boot disk (position 0) gets a boot volume instead."""
         last_error: Exception | None = None
         ads = [availability_domain] if availability_domain else self.availability_domains(None)
         for ad in ads:
             with ThreadPoolExecutor(max(1, len(disks)), thread_name_prefix="provision") as pool:
-                creates = [pool.submit(self.create_volume, version, ad, cloud.volume_size_gb(image.virtual_size),
+                creates = [pool.submit(self.obtain_boot_volume if bootable and position == 0 else self.create_volume,
+                                       version, ad, cloud.volume_size_gb(image.virtual_size),
                                        f"{machine_name}-disk{position + 1}",
                                        {contract.TAG_DISK: str(position), contract.TAG_MACHINE: machine_name[:255]})
                            for position, image in disks]
@@ -361,8 +384,8 @@ class Importer:
     @step("group-volumes")
     def group_volumes(self, version: ObjectVersion, machine_name: str, volumes: Sequence[Volume]) -> str:
         """The machine's volumes in one volume group named after it (the one they are in already,
-        after a repeat); its undo deletes the group only."""
-        groups = {cloud.with_backoff(self.clients.blockstorage.get_volume, v.id).data.volume_group_id
+        after a repeat); until it is available its undo deletes the group only."""
+        groups = {cloud.get_volume(self.clients, v.id).volume_group_id
                   for v in volumes}
         if len(groups) == 1 and None not in groups:
             return groups.pop()  # type: ignore[return-value]
@@ -371,8 +394,9 @@ class Importer:
                                           machine_name, [v.id for v in volumes],
                                           {**self.tags(version), contract.TAG_MACHINE: machine_name[:255]},
                                           self.retry_token(step_name))
-        self.ledger.register("volume group", group.id, lambda: cloud.delete_volume_group(self.clients, group.id))
+        undo = self.ledger.register("volume group", group.id, lambda: cloud.delete_volume_group(self.clients, group.id))
         cloud.wait_volume_group_available(self.clients, group.id)
+        self.ledger.release(undo)  # the machine's finished volumes stay together from here on
         return group.id
 
     def header_pieces(self, version: ObjectVersion) -> list[tuple[int, bytes]]:
@@ -505,6 +529,44 @@ class Importer:
             self._discard_now(created.id, step)
             raise
         return Volume(ready.id, ready.availability_domain, ready.size_in_gbs, ready.display_name, fresh=True)
+
+    def target_machine(self) -> TargetMachineLike:
+        if self.target is None:
+            raise InvalidRequest("no-target-machine", "a bootable machine import needs a TargetMachine block "
+                                 "(compartment, subnet, shape and a platform image of the machine's region)")
+        return self.target
+
+    def obtain_boot_volume(self, version: ObjectVersion, availability_domain: str, size_gb: int, name: str,
+                           extra_tags: dict[str, str]) -> Volume:
+        """A boot volume of at least ``size_gb`` for the boot disk, tagged ``writing``.
+
+        OCI makes boot volumes only from images and other boot volumes: an instance is launched
+        from the target's platform image with the size asked for, then terminated with its boot
+        volume preserved. Each step's undo is registered the moment it exists. The volume holds
+        the platform image, not zeros, so the write writes the disk's zeros too.
+        """
+        target = self.target_machine()
+        step = f"boot-volume/{version.import_id}/{availability_domain}"
+        maker = cloud.launch_for_boot_volume(
+            self.clients, compartment_id=target.compartment_id, availability_domain=availability_domain,
+            subnet_id=target.subnet_id, image_id=target.image_id, shape=target.shape, ocpus=target.ocpus,
+            memory_in_gbs=target.memory_in_gbs, size_gb=max(cloud.MIN_VOLUME_GB, size_gb),
+            display_name=f"boot-volume-for-{version.import_id[:12]}", tags=self.tags(version),
+            retry_token=self.retry_token(step))
+        undo = self.ledger.register("boot volume maker", maker.id, lambda: cloud.terminate_worker(self.clients, maker.id))
+        try:
+            running = cloud.wait_instance_running(self.clients, maker.id)
+            boot_volume_id = cloud.boot_volume_of(self.clients, running)
+            cloud.update_volume(self.clients, boot_volume_id, display_name=name, freeform_tags={
+                **self.tags(version), **extra_tags, contract.TAG_STATE: contract.STATE_WRITING})
+            cloud.terminate_keeping_boot_volume(self.clients, maker.id)
+        except BaseException:
+            self._undone(step)
+            raise
+        self._register_volume(boot_volume_id)
+        self.ledger.release(undo)
+        ready = cloud.wait_volume_available(self.clients, boot_volume_id)
+        return Volume(ready.id, availability_domain, ready.size_in_gbs, ready.display_name, fresh=False)
 
     def _register_volume(self, volume_id: str) -> Any:
         return self.ledger.register("volume", volume_id, lambda: cloud.discard_volume(
@@ -688,6 +750,76 @@ class Importer:
                 "volume_size_gb": volume.size_in_gbs, "availability_domain": volume.availability_domain,
                 "imported_by_run": volume.flow_run, "reused": True}
 
+    # -- a bootable machine ------------------------------------------------------------
+
+    def choose_firmware(self, described: machine.Machine, detected: boot.Firmware | None,
+                        boot_volume: str) -> boot.Firmware:
+        """The firmware to launch with: the target block's, the OVF's or manifest's, the disk's
+        (as detected now, or by the run that wrote it, from the boot volume's tag), else BIOS."""
+        target = self.target_machine()
+        if target.firmware != "auto":
+            return boot.Firmware(target.firmware, "target", "set in the TargetMachine block")
+        if described.firmware:
+            return boot.Firmware(described.firmware, "ovf" if described.source != "manifest" else "manifest",
+                                 f"given by the {described.source}")
+        if detected is None:
+            tagged = (cloud.get_volume(self.clients, boot_volume).freeform_tags or {}).get(contract.TAG_FIRMWARE)
+            if tagged:
+                return boot.Firmware(tagged, "disk", "detected when the boot disk was written")
+        if detected is not None and detected.firmware:
+            return detected
+        why = detected.reason if detected is not None else "the boot disk was not examined"
+        return boot.Firmware(boot.BIOS, "default", f"not detected ({why}); BIOS assumed")
+
+    @step("launch-machine")
+    def launch_machine(self, version: ObjectVersion, described: machine.Machine, volumes: Sequence[Volume],
+                       firmware: boot.Firmware) -> Any:
+        """Start the machine from its boot volume, its data volumes attached in disk order at
+        consistent device paths. A repeat finds the instance an earlier attempt started."""
+        target = self.target_machine()
+        # Not the run's tags: the machine is the product, which no cleanup or sweep may take for a worker VM.
+        tags = {contract.TAG_MACHINE: described.name[:255], contract.TAG_MACHINE_OF: version.import_id}
+        found = cloud.find_instances(self.clients, target.compartment_id, {contract.TAG_MACHINE_OF: version.import_id})
+        if found:
+            instance = found[0]
+        else:
+            step = f"launch-machine/{version.import_id}"
+            ocpus = described.hints.get("ocpus", target.ocpus) if described.shape else target.ocpus
+            memory = described.hints.get("memory_gbs", target.memory_in_gbs) if described.shape else target.memory_in_gbs
+            instance = cloud.launch_machine(
+                self.clients, compartment_id=target.compartment_id, availability_domain=volumes[0].availability_domain,
+                subnet_id=target.subnet_id, boot_volume_id=volumes[0].id, shape=described.shape or target.shape,
+                ocpus=ocpus, memory_in_gbs=memory, firmware=firmware.firmware or boot.BIOS,
+                boot_volume_type=target.boot_volume_type, network_type=target.network_type,
+                display_name=described.name, tags=tags, retry_token=self.retry_token(step))
+        undo = self.ledger.register("machine instance", instance.id,
+                                    lambda: cloud.terminate_keeping_boot_volume(self.clients, instance.id))
+        cloud.wait_instance_running(self.clients, instance.id)
+        for volume in volumes[1:]:
+            if cloud.existing_attachment(self.clients, instance.id, volume.id) is None:
+                made = cloud.attach_volume(self.clients, instance.id, volume.id, "paravirtualized",
+                                           self.retry_token(f"attach-to-machine/{volume.id}"))
+                cloud.wait_attached(self.clients, made.id)
+        self.ledger.release(undo)  # the machine is the product now
+        return cloud.with_backoff(self.clients.compute.get_instance, instance.id).data
+
+    @step("boot-check")
+    def check_boot(self, instance_id: str, volumes: Sequence[Volume]) -> boot.BootCheck:
+        """Watch the machine's serial console (OCI's console history) for its boot milestone.
+        With ``boot_check: require`` a machine that does not show it is stopped, its volumes
+        kept and tagged, and the run fails (``machine-did-not-boot``)."""
+        target = self.target_machine()
+        checked = boot.watch_console(lambda: cloud.console_text(self.clients, instance_id), target.boot_pattern,
+                                     target.boot_timeout_seconds, target.console_poll_seconds)
+        result = "booted" if checked.booted else "not-booted"
+        for volume in volumes:
+            cloud.tag_volume(self.clients, volume.id, {contract.TAG_BOOT: result})
+        if not checked.booted and target.boot_check == "require":
+            cloud.stop_instance(self.clients, instance_id)
+            raise BootFailed("machine-did-not-boot", f"instance {instance_id} {checked.describe()}; "
+                             "it is stopped, its volumes are kept")
+        return checked
+
     def par_name(self, version: ObjectVersion, part: str = "") -> str:
         """The name of this run's PAR for the object (``part``: which byte range, for a machine's
         disks in one OVA, whose transfers each have a PAR): a PAR lost by a failed create is
@@ -714,6 +846,7 @@ class VolumeWrite:
         self.device: str | None = None
         self.staging: str | None = None
         self.result: WriteResult | None = None
+        self.firmware: boot.Firmware | None = None  # a boot volume's disk: what it boots by
         self._undos: list[Undo] = []  # the attachment's, then the iSCSI session's
 
     @property
@@ -850,6 +983,10 @@ class VolumeWrite:
                 results = checked.result()
                 not_nested.result()
         filesystems.refuse(results, self.importer.settings.unchecked_filesystems)
+        if cloud.is_boot_volume(self.volume.id):
+            self.firmware = boot.detect_firmware(lambda start, length: read_range(self.session, device, start, length))
+            if self.firmware.firmware:
+                cloud.tag_volume(self.clients, self.volume.id, {contract.TAG_FIRMWARE: self.firmware.firmware})
         return results
 
     @step("detach")

@@ -113,4 +113,22 @@ def publish_machine_summary(summary: dict[str, Any]) -> None:
         f"# Imported machine `{described['name']}`", "",
         f"From `{summary['namespace']}/{summary['bucket']}/{summary['object']}` ({described['source']}), "
         f"{len(summary['disks'])} disks in volume group `{summary['volume_group_id']}`"
-        + (f"; hints: {hints}" if hints else "") + "."]), key="machine-summary")
+        + (f"; hints: {hints}" if hints else "") + ".", *_boot_lines(summary.get("boot"))]), key="machine-summary")
+
+
+def _boot_lines(started: dict[str, Any] | None) -> list[str]:
+    """The bootable import's part of the machine summary: firmware, instance, boot check."""
+    if not started:
+        return []
+    lines = ["", f"Boot volume `{started['boot_volume_id']}`, firmware **{started['firmware']}** "
+             f"({started['firmware_source']}: {started['firmware_reason']})."]
+    if started["instance_id"] is None:
+        return lines + ["Not started (`launch: false`): the boot volume is ready to launch from."]
+    lines.append(f"Started as instance `{started['instance_id']}`.")
+    checked = started.get("boot_check")
+    if checked is None:
+        return lines + ["Boot check: off."]
+    if checked["booted"]:
+        return lines + [f"Boot check: **booted in {checked['seconds']:.0f} s**."]
+    return lines + [f"Boot check: **did not boot** (no `{checked['pattern']}` within {checked['seconds']:.0f} s). "
+                    "Last console lines:", "", "```", *checked["console_tail"], "```"]

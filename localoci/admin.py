@@ -42,17 +42,25 @@ def inventory(app: "LocalOCI", include_ended: bool = False, tags: dict[str, str]
         {**public(v), "backingFile": str(bs.backing_file(v)), "allocatedBytes": bs.allocated_bytes(v)}
         for v in app.store.values("volumes") if wanted(v)
     ]
+    boot_volumes = [
+        {**public(v), "backingFile": str(bs.backing_file(v)), "allocatedBytes": bs.allocated_bytes(v)}
+        for v in app.store.values("boot_volumes") if wanted(v)
+    ]
     volume_groups = [bs.render_group(g) for g in app.store.values("volume_groups") if wanted(g)]
     attachments = [public(a) for a in app.store.values("volume_attachments")
                    if include_ended or a["lifecycleState"] not in ENDED]
+    boot_attachments = [public(a) for a in app.store.values("boot_volume_attachments")
+                        if include_ended or a["lifecycleState"] not in ENDED]
     pars = [{**{k: v for k, v in public(p).items() if k != "accessUri"}, "namespace": p["_namespace"], "bucketName": p["_bucket"]}
             for p in app.store.values("pars")]
     return {
         "namespace": app.namespace,
         "instances": instances,
         "volumes": volumes,
+        "bootVolumes": boot_volumes,
         "volumeGroups": volume_groups,
         "attachments": attachments,
+        "bootVolumeAttachments": boot_attachments,
         "pars": pars,
         "backupPolicyAssignments": list(app.store.values("backup_policy_assignments")),
         "multipartUploads": [public(u) for u in app.store.values("multipart_uploads")],

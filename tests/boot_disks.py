@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.guest_disks import GPT_EFI, MiB, SECTOR, _layout, _run, _write
+from tests.guest_disks import GPT_EFI, SECTOR, _layout, _run, _write
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".local" / "boot-disks"
@@ -61,7 +61,11 @@ def kernel() -> Path:
     if found:
         return Path(found[-1])
     CACHE.mkdir(parents=True, exist_ok=True)
-    depends = _run("apt-cache", "depends", "linux-image-cloud-amd64")
+    try:
+        depends = _run("apt-cache", "depends", "linux-image-cloud-amd64")
+    except RuntimeError:  # no package lists yet on a fresh machine
+        subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
+        depends = _run("apt-cache", "depends", "linux-image-cloud-amd64")
     package = next(line.split(":", 1)[1].strip() for line in depends.splitlines()
                    if line.strip().startswith("Depends:") and "linux-image-" in line)
     with tempfile.TemporaryDirectory(dir=CACHE) as work:

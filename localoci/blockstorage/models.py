@@ -149,14 +149,17 @@ class BlockStorage:
                 raise conflict(f"Volume {volume_id} is attached to an instance; detach it first.")
             volume["lifecycleState"] = "TERMINATING"
             # A deleted volume leaves its volume group, which lives on with the others.
-            group_id = volume.get("volumeGroupId")
-            if group_id:
-                group = self.groups[group_id]
-                self._set_members(group, [v for v in group["volumeIds"] if v != volume_id])
+            self._leave_group(volume_id)
             for assignment_id in [a["id"] for a in self.assignments.values() if a["assetId"] == volume_id]:
                 del self.assignments[assignment_id]
             self.store.save()
         self.app.scheduler.transition("volume:TERMINATED", lambda: self._terminate(volume_id))
+
+    def _leave_group(self, volume_id: str) -> None:
+        group_id = self.attachable(volume_id).get("volumeGroupId")
+        if group_id:
+            group = self.groups[group_id]
+            self._set_members(group, [v for v in group["volumeIds"] if v != volume_id])
 
     def _terminate(self, volume_id: str) -> None:
         with self.store.lock:
@@ -195,6 +198,8 @@ class BlockStorage:
             boot_volume = self.boot_volume(boot_volume_id)
             if boot_volume["lifecycleState"] in ENDED_STATES:
                 raise incorrect_state(f"Boot volume {boot_volume_id} is {boot_volume['lifecycleState']}.")
+            if details.get("vpusPerGB") is not None:
+                boot_volume["vpusPerGB"] = _check_vpus(details["vpusPerGB"])
             for key in ("displayName", "freeformTags", "definedTags"):
                 if details.get(key) is not None:
                     boot_volume[key] = details[key]
@@ -209,6 +214,7 @@ class BlockStorage:
             if self.app.compute.attached(boot_volume_id):
                 raise conflict(f"Boot volume {boot_volume_id} is attached to an instance; detach it first.")
             boot_volume["lifecycleState"] = "TERMINATING"
+            self._leave_group(boot_volume_id)
             self.store.save()
         self.app.scheduler.transition("bootvolume:TERMINATED", lambda: self.terminate_boot_volume(boot_volume_id))
 
@@ -245,7 +251,7 @@ class BlockStorage:
     def render_group(self, group: dict[str, Any]) -> dict[str, Any]:
         """A volume group as OCI shows it, its size the sum of its volumes' sizes as they are now."""
         with self.store.lock:
-            size_mb = sum(self.volumes[v]["sizeInMBs"] for v in group["volumeIds"])
+            size_mb = sum(self.attachable(v)["sizeInMBs"] for v in group["volumeIds"])
             return {**public(group), "sizeInMBs": size_mb, "sizeInGBs": size_mb // 1024}
 
     def _check_members(self, volume_ids: Any, availability_domain: str, group_id: str | None) -> list[str]:
@@ -255,7 +261,7 @@ class BlockStorage:
         if len(set(volume_ids)) != len(volume_ids):
             raise invalid_parameter("volumeIds names a volume more than once.")
         for volume_id in volume_ids:
-            volume = self.volume(volume_id)
+            volume = self.attachable(volume_id)
             if volume["lifecycleState"] != "AVAILABLE":
                 raise incorrect_state(f"Volume {volume_id} is {volume['lifecycleState']}, not AVAILABLE.")
             if volume["availabilityDomain"] != availability_domain:
@@ -269,9 +275,9 @@ class BlockStorage:
     def _set_members(self, group: dict[str, Any], volume_ids: list[str]) -> None:
         """Make ``volume_ids`` the group's volumes: those left out leave it, the others name it."""
         for volume_id in group["volumeIds"]:
-            self.volumes[volume_id]["volumeGroupId"] = None
+            self.attachable(volume_id)["volumeGroupId"] = None
         for volume_id in volume_ids:
-            self.volumes[volume_id]["volumeGroupId"] = group["id"]
+            self.attachable(volume_id)["volumeGroupId"] = group["id"]
         group["volumeIds"] = volume_ids
 
     @staticmethod
@@ -356,7 +362,7 @@ class BlockStorage:
         if policy_id not in self.policies:
             raise invalid_parameter(f"Unknown backup policy {policy_id!r}.")
         with self.store.lock:
-            volume = self.volume(asset_id or "")
+            volume = self.attachable(asset_id or "")
             if volume["lifecycleState"] in ENDED_STATES:
                 raise incorrect_state(f"Volume {asset_id} is {volume['lifecycleState']}.")
             if any(a["assetId"] == asset_id for a in self.assignments.values()):

@@ -84,9 +84,11 @@ class MachineHost:
             variables = self.directory / "OVMF_VARS.fd"
             if not variables.exists():
                 shutil.copyfile(_first(OVMF_VARS, "OVMF"), variables)
-            argv += ["-machine", "q35",
+            argv += ["-machine", "q35,graphics=off",
                      "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_first(OVMF_CODE, 'OVMF')}",
                      "-drive", f"if=pflash,format=raw,unit=1,file={variables}"]
+        else:
+            argv += ["-machine", "pc,graphics=off"]  # SeaBIOS writes to the serial console too
         argv += boot_drive(str(self.boot_file()), self.launch_options.get("bootVolumeType") or "PARAVIRTUALIZED")
         for index, (path, read_only) in enumerate(self.data_files()):
             argv += ["-drive", f"file={path},format=raw,if=none,id=data{index}{',readonly=on' if read_only else ''}",

@@ -1,0 +1,49 @@
+"""Where a bootable machine import puts the machine it starts: compartment, network, shape, and
+how it proves that the machine boots."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect.blocks.core import Block
+from pydantic import Field
+
+
+class TargetMachine(Block):
+    """The instance an imported machine runs as, and the boot check.
+
+    Example:
+        ```python
+        from blocks import TargetMachine
+
+        target = TargetMachine.load("BLOCK_NAME")
+        ```
+    """
+
+    _block_type_name = "OCI Import Target Machine"
+    _block_type_slug = "oci-import-target-machine"
+    _description = "Compartment, subnet and shape of imported machines, and how their boot is checked."
+
+    compartment_id: str = Field(description="Compartment the imported machine's instance is launched in.")
+    subnet_id: str = Field(description="Subnet of the machine's primary VNIC.")
+    image_id: str = Field(description="A platform image in the machine's region. Its only use: a launch from it, "
+                          "terminated at once with its boot volume preserved, is how a boot volume of the boot "
+                          "disk's size is obtained (OCI makes boot volumes from images or other boot volumes only).")
+    shape: str = Field(default="VM.Standard.E4.Flex", description="Compute shape (a manifest's shape hint wins).")
+    ocpus: float | None = Field(default=1, description="OCPUs of a flexible shape (None for fixed shapes).")
+    memory_in_gbs: float | None = Field(default=8, description="Memory of a flexible shape, in GB.")
+    firmware: Literal["auto", "BIOS", "UEFI_64"] = Field(
+        default="auto", description="auto: from the OVF or manifest, else detected from the boot disk.")
+    boot_volume_type: Literal["PARAVIRTUALIZED", "SCSI", "IDE", "ISCSI"] = Field(
+        default="PARAVIRTUALIZED", description="How the boot volume is presented (emulated IDE or SCSI for guests "
+        "without virtio drivers).")
+    network_type: Literal["PARAVIRTUALIZED", "E1000", "VFIO"] = Field(
+        default="PARAVIRTUALIZED", description="How the VNIC is presented (E1000 for guests without virtio-net).")
+    boot_check: Literal["warn", "require", "off"] = Field(
+        default="warn", description="warn: report whether the machine booted; require: a machine that does not "
+        "boot fails the run (the instance is stopped, its volumes kept and tagged); off: no check.")
+    boot_pattern: str = Field(default=r"login:\s*$", description="Regular expression (multiline) on the serial "
+                              "console that means the machine booted.")
+    boot_timeout_seconds: float = Field(default=600, gt=0, description="How long the machine has to show it.")
+    console_poll_seconds: float = Field(default=10, gt=0, description="How often the console history is captured "
+                                        "while waiting.")
