@@ -414,7 +414,7 @@ def test_a_bootable_machine_is_started_from_its_boot_volume_and_seen_booting(cas
     inventory = admin(stack, "GET", "inventory")
     instance = next(i for i in inventory["instances"] if i["id"] == started["instance_id"])
     assert instance["lifecycleState"] == "RUNNING" and instance["launchOptions"]["firmware"] == firmware
-    assert instance["displayName"] == case
+    assert instance["displayName"] == summary["machine"]["name"]
     # every volume in the machine's group; data volumes attached to it in disk order
     group = next(g for g in inventory["volumeGroups"] if g["id"] == summary["volume_group_id"])
     assert group["volumeIds"][0] == started["boot_volume_id"] and len(group["volumeIds"]) == len(summary["disks"])
