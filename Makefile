@@ -11,7 +11,7 @@ PYTEST_WORKERS ?= 4
 PYTEST_ARGS ?=
 FUNCTION_BUILD_DIR ?= .local/function-build
 
-.PHONY: help deps apt-deps uv-env test up down status demo bench function
+.PHONY: help deps apt-deps uv-env test up down status demo bench fleet function
 
 help:
 	@echo "make test   install what is missing, run the whole test suite"
@@ -19,6 +19,7 @@ help:
 	@echo "make demo   make up, then import a sample disk end to end and verify it"
 	@echo "make down   stop everything 'make up' started"
 	@echo "make bench  time imports against the floor and the reference (not part of make test)"
+	@echo "make fleet  a burst of uploads through a schedule of faults, on PostgreSQL and two hosts (FLEET_ARGS)"
 	@echo "make function  write the upload function's build directory (FUNCTION_BUILD_DIR, default .local/function-build)"
 
 deps: apt-deps uv-env
@@ -52,6 +53,9 @@ status:
 
 bench: deps
 	$(UV) run python -m deployments.bench $(BENCH_ARGS)
+
+fleet: deps
+	$(UV) run python -m deployments.fleet $(FLEET_ARGS)
 
 # What `fn deploy` builds the function image from: function_trigger/ plus diskimport/contract.py.
 function: deps

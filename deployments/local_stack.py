@@ -19,12 +19,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
+import glob
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -152,6 +155,10 @@ CLIENT_RETRIES = "12"
 # A client that gives up first sends the request again and the write happens twice (two
 # refusal artifacts for one run were seen): clients wait longer than the server does.
 CLIENT_TIMEOUT = "150"
+# Flow runs send a heartbeat this often (Prefect's smallest); a run silent for SILENT_HEARTBEATS
+# of them is taken for dead by the automations of deployments/automations.py.
+HEARTBEAT_SECONDS = "30"
+SILENT_HEARTBEATS = 2
 
 
 def prefect_env(base: Path, api_url: str) -> dict[str, str]:
@@ -163,7 +170,7 @@ def prefect_env(base: Path, api_url: str) -> dict[str, str]:
         "PREFECT_API_URL": api_url,
         "PREFECT_SERVER_API_HOST": "127.0.0.1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_API_DATABASE_CONNECTION_URL": database_url(base),
         "PREFECT_WORKER_QUERY_SECONDS": "0.25",
         "PREFECT_WORKER_PREFETCH_SECONDS": "5",
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
@@ -171,6 +178,7 @@ def prefect_env(base: Path, api_url: str) -> dict[str, str]:
         "PREFECT_LOGGING_LEVEL": "INFO",
         "PREFECT_CLIENT_MAX_RETRIES": CLIENT_RETRIES,
         "PREFECT_API_REQUEST_TIMEOUT": CLIENT_TIMEOUT,
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": HEARTBEAT_SECONDS,
     }
 
 
@@ -187,12 +195,63 @@ def _wait_http(url: str, timeout: float, what: str, log: Path) -> None:
     raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f}s; see {log}")
 
 
-def _spawn(argv: list[str], env: dict[str, str], log: Path, pid_file: Path) -> int:
+def _spawn(argv: list[str], env: dict[str, str], log: Path, pid_file: Path, cwd: Path = ROOT) -> int:
     with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, cwd=ROOT,
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, cwd=cwd,
                                 start_new_session=True)
     pid_file.write_text(str(proc.pid))
     return proc.pid
+
+
+def database_url(base: Path) -> str:
+    """The Prefect server's database: SQLite under ``base``, or the PostgreSQL cluster that
+    :func:`start_postgres` started for this stack (``make fleet``)."""
+    chosen = base / "database.url"
+    if chosen.exists():
+        return chosen.read_text().strip()
+    return f"sqlite+aiosqlite:///{base / 'prefect' / 'prefect.db'}"
+
+
+def _as_postgres(argv: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: as root, run its tools as Debian's ``postgres`` user."""
+    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
+
+
+def start_postgres(base: Path) -> str:
+    """A private PostgreSQL cluster (Debian's postgresql) on a loopback port for the Prefect
+    server, started now and stopped by :func:`down`; the server's database URL, which every
+    Prefect process of the stack then uses."""
+    bindir = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))[-1]).parent
+    pointer = base / "postgres.dir"
+    if pointer.exists():
+        data = Path(pointer.read_text().strip())
+    else:
+        # The postgres user must reach the cluster's directory, which a root-only path would not allow.
+        data = Path(tempfile.mkdtemp(prefix="oci-import-postgres-"))
+        os.chmod(data, 0o700)
+        if os.geteuid() == 0:
+            shutil.chown(data, "postgres", "postgres")
+        subprocess.run(_as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                                     "-E", "UTF8"]), check=True, capture_output=True)
+        pointer.write_text(str(data))
+    port_file = base / "postgres.port"
+    port = int(port_file.read_text()) if port_file.exists() else _free_port()
+    port_file.write_text(str(port))
+    pid_file = base / "postgres.pid"
+    if _pid_alive(pid_file) is None:
+        log = data / "server.log"
+        subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
+                                     "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1 "
+                                           "-c max_connections=300 -c shared_buffers=256MB -c fsync=off", "start"]),
+                       check=True, capture_output=True)
+        pid_file.write_text((data / "postmaster.pid").read_text().split()[0])
+        created = subprocess.run(_as_postgres([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port),
+                                               "-U", "postgres", "prefect"]), capture_output=True, text=True)
+        if created.returncode != 0 and "already exists" not in created.stderr:
+            raise RuntimeError(f"createdb failed: {created.stderr}")
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
+    (base / "database.url").write_text(url)
+    return url
 
 
 def start_prefect_server(base: Path, previous: dict[str, str]) -> str:
@@ -272,6 +331,16 @@ def start_warm_runner(base: Path, api_url: str) -> str:
     return str(sock)
 
 
+def set_up_automations(api_url: str) -> None:
+    """The automations that crash and retry import runs whose host died (deployments/automations.py)."""
+    from blocks import ImportSettings
+    from deployments import automations
+
+    with prefect_api(api_url):
+        automations.ensure(int(HEARTBEAT_SECONDS), ImportSettings.model_fields["crash_retries"].default,
+                           SILENT_HEARTBEATS)
+
+
 def use_warm_client(api_url: str) -> None:
     """Make the work pool start flow runs with :mod:`deployments.warm_client`."""
     from prefect.client.orchestration import get_client
@@ -345,7 +414,9 @@ def register_event_rule(server: process.RunningLocalOCI, bucket: str, endpoint: 
                       "data": {"additionalDetails": {"bucketName": [bucket]}}}})
 
 
-def up() -> dict[str, str]:
+def up(database: str = "sqlite") -> dict[str, str]:
+    """Start (or find running) every process of the stack; ``database``: the Prefect server's,
+    ``sqlite`` or ``postgres`` (a private cluster, as ``make fleet`` uses)."""
     base = local_dir()
     base.mkdir(parents=True, exist_ok=True)
     env_path = base / "stack.env"
@@ -362,11 +433,14 @@ def up() -> dict[str, str]:
         "LOCALOCI_SSH_PORT": str(server.ssh_port),
     }
     values.update(prepare_cloud(server, previous))
+    if database == "postgres":
+        values["PREFECT_DATABASE"] = start_postgres(base)
     api_url = start_prefect_server(base, previous)
     values["PREFECT_API_URL"] = api_url
     values["PREFECT_UI_URL"] = api_url.removesuffix("/api")
     save_blocks(server, values)
     deploy(base, api_url)
+    set_up_automations(api_url)
     use_warm_client(api_url)
     start_warm_runner(base, api_url)
     start_worker(base, api_url)
@@ -381,7 +455,8 @@ def down() -> list[str]:
     """Stop every process of the stack; return what was stopped."""
     base = local_dir()
     stopped = []
-    for pid_file in sorted(base.glob("*.pid")):
+    # PostgreSQL last: a smart shutdown waits for its clients (the Prefect server) to go.
+    for pid_file in sorted(base.glob("*.pid"), key=lambda p: (p.stem == "postgres", p.stem)):
         pid = _pid_alive(pid_file)
         if pid is not None:
             process.stop_pid(pid)

@@ -450,9 +450,14 @@ def read_only_par(clients: Clients, namespace: str, bucket: str, object_name: st
 
 
 def pars_named(clients: Clients, namespace: str, bucket: str, object_name: str, name: str) -> list[Any]:
+    return [p for p in pars_of(clients, namespace, bucket, object_name) if p.name == name]
+
+
+def pars_of(clients: Clients, namespace: str, bucket: str, object_name: str) -> list[Any]:
+    """The PARs of one object."""
     pars = oci.pagination.list_call_get_all_results(clients.object_storage.list_preauthenticated_requests,
                                                     namespace, bucket, object_name_prefix=object_name).data
-    return [p for p in pars if p.name == name and p.object_name == object_name]
+    return [p for p in pars if p.object_name == object_name]
 
 
 def delete_par(clients: Clients, namespace: str, bucket: str, par_id: str) -> None:

@@ -476,7 +476,8 @@ class Importer:
 
     @step("remove-stale-workers")
     def remove_stale_workers(self, version: ObjectVersion) -> list[str]:
-        """Terminate worker VMs this import's dead runs (or this run's killed attempt) left.
+        """Terminate worker VMs this import's dead runs (or this run's killed attempt) left,
+        and delete the PARs they left on the object.
 
         Their SSH keys died with the process that made them, so they cannot be used.
         """
@@ -487,6 +488,7 @@ class Importer:
             if owner == self.run_id or not self.run_is_active(owner):
                 cloud.terminate_worker(self.clients, stale.id)
                 removed.append(stale.id)
+        self.remove_stale_pars(version)
         return removed
 
     @step("remove-unfinished-volumes")
@@ -824,7 +826,23 @@ class Importer:
         """The name of this run's PAR for the object (``part``: which byte range, for a machine's
         disks in one OVA, whose transfers each have a PAR): a PAR lost by a failed create is
         found and deleted by its name, which must not be another live transfer's."""
-        return f"oci-disk-import-{version.import_id[:24]}-{self.retry_token('par' + part)[:12]}"
+        return f"{self._par_prefix(version)}{self.run_id}-{self.retry_token('par' + part)[:12]}"
+
+    @staticmethod
+    def _par_prefix(version: ObjectVersion) -> str:
+        return f"oci-disk-import-{version.import_id[:24]}-"
+
+    def remove_stale_pars(self, version: ObjectVersion) -> list[str]:
+        """Delete the PARs this import's dead runs (or this run's killed attempt) left on the
+        object: a bearer secret nobody will use again. The run is in each PAR's name."""
+        removed = []
+        prefix = self._par_prefix(version)
+        for par in cloud.pars_of(self.clients, version.namespace, version.bucket, version.name):
+            owner = par.name[len(prefix):-13] if par.name.startswith(prefix) else None
+            if owner and (owner == self.run_id or not self.run_is_active(owner)):
+                cloud.delete_par(self.clients, version.namespace, version.bucket, par.id)
+                removed.append(par.id)
+        return removed
 
 
 class VolumeWrite:

@@ -390,14 +390,15 @@ class Digest(object):
     def _run(self):
         hasher = hashlib.new(self.algorithm)
         pos = 0
+        buf = memoryview(bytearray(self.STEP))  # reused: no fresh pages per step
         try:
             while pos < self.size:
                 end = min(self.size, pos + self.STEP)
                 self.source.wait_for(pos, end)
-                data = os.pread(self.fd, end - pos, pos)
-                if len(data) != end - pos:
-                    raise TransferFailed("the staging file ends at %d while hashing it" % (pos + len(data)))
-                hasher.update(data)
+                got = pread_into(self.fd, buf[:end - pos], pos)
+                if got != end - pos:
+                    raise TransferFailed("the staging file ends at %d while hashing it" % (pos + got))
+                hasher.update(buf[:got])
                 pos = end
             check_digest(hasher, self.expected, self.what)
         except TransferFailed as exc:
@@ -410,6 +411,15 @@ class Digest(object):
 
     def wait_complete(self, timeout):
         return self.source.wait_complete(timeout) and self.matched.wait(timeout)
+
+
+def pread_into(fd, view, pos):
+    """Read into ``view`` at file offset ``pos``; the byte count (``os.preadv`` from Python 3.7)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], pos)
+    data = os.pread(fd, len(view), pos)
+    view[:len(data)] = data
+    return len(data)
 
 
 def check_digest(hasher, expected, what):

@@ -143,6 +143,9 @@ def _import(importer: Importer, version: ObjectVersion, described: machine.Machi
     qemu_img = None
     with importer:
         remove_stale_workers(importer, version)  # a killed attempt's worker VM and half-written volumes
+        for disk_version, _ in disks:
+            if disk_version.key != version.key:  # an OVF's or a manifest's disks are objects of their own
+                importer.remove_stale_pars(disk_version)
         remove_unfinished_volumes(importer, version)
         if todo:
             ad = next(iter(done.values())).availability_domain if done else None

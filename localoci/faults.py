@@ -11,11 +11,16 @@ retry token exists for). It strikes with an error reply, or with ``drop`` by han
 up without any reply. Two faults touch no reply: ``cutAfterBytes`` cuts an object
 read short, and ``failResource`` lets a create succeed but its resource fail to
 provision (a volume ends FAULTY, an instance TERMINATED).
+
+A fault strikes each matching call (``probability`` 1), or a random share of them; it is
+spent after ``count`` strikes, or once ``seconds`` have passed since it was added.
 """
 
 from __future__ import annotations
 
+import random
 import threading
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -45,7 +50,13 @@ class Fault:
     # (a connection lost mid-transfer). Applies to object reads.
     cut_after_bytes: int | None = None
     fail_resource: bool = False
+    probability: float = 1.0
+    seconds: float | None = None  # how long the fault is armed (None: until spent)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    added: float = field(default_factory=time.monotonic)
+
+    def expired(self) -> bool:
+        return self.seconds is not None and time.monotonic() - self.added > self.seconds
 
     def applies(self, fields: dict[str, Any]) -> bool:
         return all(k in fields and str(fields[k]) == str(v) for k, v in self.match.items())
@@ -67,6 +78,10 @@ def _flag(spec: dict[str, Any], key: str) -> bool:
 
 
 def _check(fault: Fault, spec: dict[str, Any]) -> None:
+    if not 0.0 < fault.probability <= 1.0:
+        raise invalid_parameter("fault probability must be above 0 and at most 1")
+    if fault.seconds is not None and fault.seconds <= 0:
+        raise invalid_parameter("fault seconds must be above 0")
     if not 400 <= fault.status <= 599:
         raise invalid_parameter("fault status must be an HTTP error status, 400 to 599")
     if fault.count < 1:
@@ -107,6 +122,8 @@ class FaultInjector:
                 drop=_flag(spec, "drop"),
                 cut_after_bytes=None if spec.get("cutAfterBytes") is None else int(spec["cutAfterBytes"]),
                 fail_resource=_flag(spec, "failResource"),
+                probability=float(spec.get("probability", 1.0)),
+                seconds=None if spec.get("seconds") is None else float(spec["seconds"]),
             )
         except (TypeError, ValueError) as exc:
             raise invalid_parameter(f"bad fault specification: {exc!r}") from None
@@ -130,8 +147,11 @@ class FaultInjector:
     def take(self, operation: str, fields: dict[str, Any]) -> Fault | None:
         """The first armed fault for this call, with one of its count consumed."""
         with self._lock:
+            self._faults = [f for f in self._faults if not f.expired()]
             for fault in self._faults:
                 if fault.operation == operation and fault.applies(fields):
+                    if fault.probability < 1.0 and random.random() >= fault.probability:
+                        return None
                     fault.count -= 1
                     if fault.count <= 0:
                         self._faults.remove(fault)

@@ -1,0 +1,173 @@
+"""Bootable machines end to end: the boot disk on a boot volume, the machine started from it,
+its boot seen through the console history. The disks boot Debian's cloud kernel for real
+(tests/boot_disks.py), under qemu in the local OCI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployments import demo, local_stack
+from diskimport.sample_disk import convert
+from tests import guest_disks
+from tests.e2e.conftest import MANUAL_BUCKET, SUFFIX, Disk, admin, image_of, resources_of, run_import
+
+MACHINE = "import-machine/default"
+
+
+SHORT_CHECK = "short-boot-check"
+
+
+@pytest.fixture(scope="module")
+def boot_imports(stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from tests import boot_disks
+    from tests.diskimport.test_machine import make_ova, manifest_for, vmware_descriptor
+
+    missing = boot_disks.tools_missing()
+    if missing:
+        pytest.skip(f"boot disk tools missing: {missing}")
+    tmp = tmp_path_factory.mktemp("boot")
+    built = boot_disks.build_all(tmp / "disks")
+    data = guest_disks.whole_device_ext4(tmp / "data.raw")
+    with local_stack.prefect_api(stack["PREFECT_API_URL"]):
+        from blocks import TargetMachine
+
+        short = TargetMachine.load(local_stack.BLOCKS["target"])
+        short.boot_timeout_seconds = 20
+        short.save(SHORT_CHECK, overwrite=True)
+        short.boot_check = "require"
+        short.save(SHORT_CHECK + "-required", overwrite=True)
+
+    def ova(name: str, disk: Path, firmware: str) -> Path:
+        """An OVA whose descriptor gives the firmware (VMware's ``firmware`` config: efi or bios)."""
+        vmdk = convert(disk, tmp / f"{name}-disk1.vmdk", "vmdk", "subformat=streamOptimized")
+        work = tmp / name
+        work.mkdir()
+        pairs = [(vmdk, disk.stat().st_size // (1024 * 1024))]
+        descriptor = vmware_descriptor(pairs).replace('vmw:value="efi"', f'vmw:value="{firmware}"')
+        return make_ova(work, name, descriptor, [vmdk], manifest=manifest_for([vmdk]))
+
+    def manifest(name: str, disks: list[tuple[Path, str]]) -> Path:
+        names = []
+        for i, (disk, fmt) in enumerate(disks):
+            image = image_of(Disk(disk, "boot"), fmt, tmp / f"{name}-{i}.{SUFFIX[fmt]}")
+            names.append(f"machines/boot/{image.name}")
+            demo.upload(stack, image, names[-1], bucket=MANUAL_BUCKET)
+        path = tmp / f"{name}.machine.json"
+        path.write_text(json.dumps({"name": name, "disks": names}))
+        return path
+
+    cases = {
+        # name: (object, parameters)
+        "bios-qcow2": (manifest("bios-qcow2", [(built["bios"], "qcow2"), (data.path, "raw")]), {}),
+        "bios-ova": (ova("bios-ova", built["bios"], "bios"), {}),
+        "uefi-vhdx": (manifest("uefi-vhdx", [(built["uefi"], "vhdx")]), {}),
+        "uefi-ova": (ova("uefi-ova", built["uefi"], "efi"), {}),
+        "uefi-not-launched": (manifest("uefi-not-launched", [(built["uefi"], "raw")]), {"launch": False}),
+        "unbootable": (manifest("unbootable", [(built["unbootable"], "raw")]), {"target_block": SHORT_CHECK}),
+        "unbootable-required": (manifest("unbootable-required", [(built["unbootable"], "qcow2")]),
+                                {"target_block": SHORT_CHECK + "-required"}),
+    }
+    started = {}
+    for case, (path, parameters) in cases.items():
+        suffix = ".ova" if path.suffix == ".ova" else ".machine.json"
+        etag, run = run_import(stack, path, f"machines/boot/{case}{suffix}", deployment=MACHINE, bootable=True,
+                               **parameters)
+        started[case] = {"etag": etag, "run": run}
+    for item in started.values():
+        item["final"] = demo.wait_for_run(stack, item["run"].id, timeout=900)
+    return {"cases": started, "disks": {**built, "data": data.path}}
+
+
+def boot_volume(stack, volume_id: str) -> dict[str, Any]:
+    return next(v for v in admin(stack, "GET", "inventory")["bootVolumes"] if v["id"] == volume_id)
+
+
+@pytest.mark.parametrize("case,firmware,source", [("bios-qcow2", "BIOS", "disk"), ("bios-ova", "BIOS", "ovf"),
+                                                  ("uefi-vhdx", "UEFI_64", "disk"), ("uefi-ova", "UEFI_64", "ovf")])
+def test_a_bootable_machine_is_started_from_its_boot_volume_and_seen_booting(case, firmware, source, boot_imports,
+                                                                             stack):
+    from tests import boot_disks
+
+    final = boot_imports["cases"][case]["final"]
+    assert final.state.is_completed(), f"{case}: {final.state.message}"
+    summary = demo.run_result(stack, final)
+    started = summary["boot"]
+    assert (started["firmware"], started["firmware_source"]) == (firmware, source), started
+    checked = started["boot_check"]
+    assert checked["booted"], checked
+    assert boot_disks.ISSUE_LINE in checked["console_tail"], checked["console_tail"]
+    # the boot volume holds the disk bit-exact, the platform image it came with overwritten
+    volume = boot_volume(stack, started["boot_volume_id"])
+    disk = boot_imports["disks"][case.split("-")[0]]
+    compared = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(disk), volume["backingFile"]],
+                              capture_output=True, text=True)
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    assert volume["freeformTags"]["import-state"] == "imported" and volume["freeformTags"]["import-boot"] == "booted"
+    inventory = admin(stack, "GET", "inventory")
+    instance = next(i for i in inventory["instances"] if i["id"] == started["instance_id"])
+    assert instance["lifecycleState"] == "RUNNING" and instance["launchOptions"]["firmware"] == firmware
+    assert instance["displayName"] == summary["machine"]["name"]
+    # every volume in the machine's group; data volumes attached to it in disk order
+    group = next(g for g in inventory["volumeGroups"] if g["id"] == summary["volume_group_id"])
+    assert group["volumeIds"][0] == started["boot_volume_id"] and len(group["volumeIds"]) == len(summary["disks"])
+    attached = sorted((a["device"], a["volumeId"]) for a in inventory["attachments"]
+                      if a["instanceId"] == instance["id"])
+    assert [v for _, v in attached] == group["volumeIds"][1:]
+    # nothing of the import's own is left: no worker VM, no boot volume maker
+    assert resources_of(stack, boot_imports["cases"][case]["etag"])["instances"] == []
+
+
+def test_the_sweeper_leaves_started_machines_and_their_boot_volumes_alone(boot_imports, stack):
+    from blocks import OCICredentials
+    from diskimport import contract, sweeper
+
+    for item in boot_imports["cases"].values():  # every run has ended (the fixture waited)
+        assert item["final"].state.is_final()
+    with local_stack.prefect_api(stack["PREFECT_API_URL"]):
+        clients = OCICredentials.load(local_stack.BLOCKS["credentials"]).clients()
+    before = admin(stack, "GET", "inventory")
+    removed = sweeper.sweep(clients, stack["COMPARTMENT_ID"], stack["COMPARTMENT_ID"],
+                            {contract.TAG_MANAGED_BY: contract.MANAGED_BY}, keep_failed=True)
+    after = admin(stack, "GET", "inventory")
+    machines = {i["id"] for i in before["instances"] if "imported-machine-of" in i["freeformTags"]}
+    assert machines and machines <= {i["id"] for i in after["instances"]}
+    assert {v["id"] for v in before["bootVolumes"] if "import-etag" in v["freeformTags"]} <= \
+        {v["id"] for v in after["bootVolumes"]}
+    assert not set(removed["instances"]) & machines
+
+
+def test_a_bootable_machine_not_launched_stops_at_a_ready_boot_volume(boot_imports, stack):
+    final = boot_imports["cases"]["uefi-not-launched"]["final"]
+    assert final.state.is_completed(), final.state.message
+    started = demo.run_result(stack, final)["boot"]
+    assert started["instance_id"] is None and started["firmware"] == "UEFI_64"
+    volume = boot_volume(stack, started["boot_volume_id"])
+    assert volume["lifecycleState"] == "AVAILABLE" and volume["freeformTags"]["import-firmware"] == "UEFI_64"
+    assert not [a for a in admin(stack, "GET", "inventory")["bootVolumeAttachments"]
+                if a["bootVolumeId"] == volume["id"]]
+
+
+def test_a_disk_without_a_bootloader_is_reported_as_not_booting_with_its_console(boot_imports, stack):
+    final = boot_imports["cases"]["unbootable"]["final"]
+    assert final.state.is_completed(), final.state.message  # boot_check: warn
+    started = demo.run_result(stack, final)["boot"]
+    assert started["firmware_source"] == "default" and "without boot code" in started["firmware_reason"]
+    checked = started["boot_check"]
+    assert not checked["booted"] and any("Booting from Hard Disk" in line for line in checked["console_tail"]), checked
+    assert boot_volume(stack, started["boot_volume_id"])["freeformTags"]["import-boot"] == "not-booted"
+
+
+def test_a_machine_that_must_boot_and_does_not_fails_stopped_with_its_volumes_kept(boot_imports, stack):
+    item = boot_imports["cases"]["unbootable-required"]
+    state = item["final"].state
+    assert state.is_failed() and "machine-did-not-boot" in (state.message or ""), state.message
+    inventory = admin(stack, "GET", "inventory")
+    [instance] = [i for i in inventory["instances"] if i["displayName"] == "unbootable-required"]
+    assert instance["lifecycleState"] == "STOPPED"
+    [kept] = [v for v in inventory["bootVolumes"] if v["freeformTags"].get("import-etag") == item["etag"]]
+    assert kept["freeformTags"]["import-boot"] == "not-booted" and kept["freeformTags"]["import-state"] == "imported"
