@@ -50,6 +50,9 @@ class ImportSettings(Block):
     crash_retries: int = Field(default=2, ge=0, le=10, description="How many times a run whose process dies "
                                "(killed, out of memory) is started again after its cleanup; it resumes from "
                                "the steps that finished.")
+    worker_lost_retries: int = Field(default=1, ge=0, le=5, description="How many times an import whose worker "
+                                     "VM is lost mid-import (SSH refused or cut off) starts again on a new worker VM, "
+                                     "after removing what the lost attempt made.")
     worker_concurrency_limit: int = Field(default=4, description="How many worker VMs may run at once; further "
                                           "imports queue.")
     transfer_connections: int = Field(default=4, ge=1, le=64, description="Parallel ranged GETs the worker "

@@ -162,6 +162,13 @@ def _all_pids() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
 
+def _is_flow_run(pid: int) -> bool:
+    try:
+        return any(v.startswith(b"PREFECT__FLOW_RUN_ID=") for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+    except OSError:
+        return False
+
+
 def _parent(pid: int) -> int | None:
     try:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
@@ -206,7 +213,7 @@ class Schedule:
     def _host(self) -> str:
         runner = int((self.base / "host-2-warm-runner.pid").read_text())
         for _ in range(300):  # until host 2 runs a flow run, which then dies with it
-            if any(_parent(pid) == runner for pid in _all_pids()):
+            if any(_parent(pid) == runner and _is_flow_run(pid) for pid in _all_pids()):
                 break
             time.sleep(1)
         time.sleep(5)

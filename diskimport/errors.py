@@ -37,7 +37,7 @@ from __future__ import annotations
 from .contract import InvalidRequest, Refusal
 
 __all__ = ["BootFailed", "FilesystemErrors", "ImageRejected", "InvalidRequest", "OutOfCapacity", "Refusal", "ResourceFailed",
-           "is_deterministic"]
+           "is_deterministic", "is_worker_lost"]
 
 
 class ImageRejected(Refusal):
@@ -61,6 +61,22 @@ class OutOfCapacity(Exception):
 
 class ResourceFailed(Exception):
     """A resource reached a state it cannot come back from (e.g. FAULTY, TERMINATED)."""
+
+
+def is_worker_lost(exc: BaseException) -> bool:
+    """Whether the failure is the worker VM gone (its SSH refused, reset or cut off), which a
+    new worker VM can get past; a refusal never is."""
+    import paramiko  # the orchestrator's SSH library; the contract module stays without it
+
+    seen: BaseException | None = exc
+    for _ in range(8):  # the exception and what caused it
+        if seen is None or isinstance(seen, Refusal):
+            return False
+        if isinstance(seen, (paramiko.SSHException, paramiko.ssh_exception.NoValidConnectionsError, EOFError,
+                             ConnectionError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def is_deterministic(exc: BaseException) -> bool:

@@ -17,7 +17,7 @@ from prefect.runtime import flow_run as current_flow_run
 
 from blocks import DEFAULT_BLOCK, ImportSettings, OCICredentials, WorkerShape
 from diskimport.contract import ImportOptions, parse_options
-from diskimport.errors import is_deterministic
+from diskimport.errors import is_deterministic, is_worker_lost
 from diskimport.filesystems import FilesystemCheck
 from diskimport.importer import CompetingImport, Importer, PreviousImports, VolumeWrite
 from diskimport.records import FinishedVolume, InspectedImage, ObjectVersion, Volume, WorkerVM
@@ -168,7 +168,7 @@ def import_virtual_disk(
                 summary = _import(importer, version, image, options, previous)
             publish_summary(summary)
             return summary
-        return until_not_yielding(attempt)
+        return until_not_yielding(attempt, settings.worker_lost_retries)
 
 
 def run_importer(credentials_block: str, worker_block: str, settings_block: str) -> tuple[ImportSettings, Importer]:
@@ -180,13 +180,23 @@ def run_importer(credentials_block: str, worker_block: str, settings_block: str)
                               logger=get_run_logger())
 
 
-def until_not_yielding(attempt: Callable[[], T]) -> T:
-    """``attempt()`` again each time the run yields to a competing run (it then waits for that one)."""
+def until_not_yielding(attempt: Callable[[], T], worker_lost_retries: int = 0) -> T:
+    """``attempt()`` again each time the run yields to a competing run (it then waits for that
+    one), and after a lost worker VM (its SSH refused or cut off: a crashed or vanished VM) up
+    to ``worker_lost_retries`` times: the failed attempt has removed what it made, so the next
+    one starts on a new worker VM."""
+    lost = 0
     while True:
         try:
             return attempt()
         except CompetingImport as exc:
             get_run_logger().info("%s; waiting for it", exc)
+        except Exception as exc:
+            if not is_worker_lost(exc) or lost >= worker_lost_retries:
+                raise
+            lost += 1
+            get_run_logger().warning("the worker VM was lost (%s: %s); the import runs again on a new one "
+                                     "(%d of %d)", type(exc).__name__, exc, lost, worker_lost_retries)
 
 
 def _import(importer: Importer, version: ObjectVersion, image: InspectedImage, options: ImportOptions,

@@ -129,7 +129,7 @@ def import_machine(
                 summary = _import(importer, version, described, disks, done, bootable, launch)
             publish_machine_summary(summary)
             return summary
-        return until_not_yielding(attempt)
+        return until_not_yielding(attempt, settings.worker_lost_retries)
 
 
 def _import(importer: Importer, version: ObjectVersion, described: machine.Machine,

@@ -160,22 +160,26 @@ def test_out_of_host_capacity_moves_to_the_next_availability_domain(stack, qcow2
     assert [v["availabilityDomain"] for v in left["volumes"]] == ["local:LOCAL-AD-2"]
 
 
-def test_ssh_dropped_during_the_write_fails_naming_the_cause_and_cleans_up(stack, qcow2, clean_faults):
+def test_a_worker_vm_lost_mid_write_is_replaced_and_the_import_ends_with_one_volume(stack, qcow2, clean_faults):
     # Slow the download so the worker is still writing when its SSH goes away.
     admin(stack, "POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": 1024 * 1024})
     etag, run = run_import(stack, qcow2, "faults/ssh-dropped.qcow2")
-    wait_for_task(stack, run.id, "write-image")
-    time.sleep(1)
-    worker = resources_of(stack, etag)["instances"]
-    assert len(worker) == 1
-    admin(stack, "POST", f"instances/{worker[0]['id']}/crash")
+    try:
+        wait_for_task(stack, run.id, "write-image")
+        time.sleep(1)
+        worker = resources_of(stack, etag)["instances"]
+        assert len(worker) == 1
+        admin(stack, "POST", f"instances/{worker[0]['id']}/crash")
+    finally:
+        admin(stack, "POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": None})
     final = demo.wait_for_run(stack, run.id)
-    assert final.state.is_failed()
-    message = final.state.message or ""
-    result = str(demo.run_result(stack, final))
-    assert any(word in (message + result) for word in ("SSH", "ssh", "Connection", "connect", "Socket", "closed")), \
-        message + result
-    assert resources_of(stack, etag) == {"instances": [], "volumes": []}
+    assert final.state.is_completed(), final.state.message
+    summary = demo.run_result(stack, final)
+    after = resources_of(stack, etag)
+    assert after["instances"] == [] and [v["id"] for v in after["volumes"]] == [summary["volume_id"]]
+    ever = [i for i in admin(stack, "GET", "inventory?all=true")["instances"]
+            if i["freeformTags"].get("import-etag") == etag]
+    assert len(ever) == 2 and worker[0]["id"] in {i["id"] for i in ever}  # the lost one, and its replacement
 
 
 def test_corrupted_filesystem_fails_the_import_with_the_checker_output(stack, disks, tmp_path, clean_faults):
