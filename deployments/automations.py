@@ -8,7 +8,9 @@ whole host dies, worker included, nobody reports anything and the run stays Runn
    whatever starts flow runs: the work pool's job variables or the workers' environment);
 2. **"oci-disk-import: silent runs crash"** marks an import run Crashed when no heartbeat (and no
    end) followed its last heartbeat within ``silence`` seconds (three heartbeats, by default);
-3. **"oci-disk-import: retry runs crashed by silence"** schedules such a run again
+3. **"oci-disk-import: runs that never start crash"** does the same for a run still Pending
+   ``silence`` seconds after it was submitted (its host died before the run began);
+4. **"oci-disk-import: retry runs crashed by silence"** schedules such a run again
    (``AwaitingRetry``) while it has started at most ``retries`` times (its ``prefect.run-count``),
    so a run that keeps dying stays Crashed. The next attempt removes the dead attempt's worker
    VM and half-written volumes and resumes, as any retry does; the hourly sweeper stays the
@@ -35,6 +37,7 @@ from prefect.events.schemas.events import ResourceSpecification
 
 FLOWS = ["import-virtual-disk", "import-machine"]
 SILENT = "oci-disk-import: silent runs crash"
+PENDING = "oci-disk-import: runs that never start crash"
 RETRY = "oci-disk-import: retry runs crashed by silence"
 SILENCE_MESSAGE = "No heartbeat from the flow run"
 ENDS = ["prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
@@ -53,9 +56,26 @@ def silent_runs_crash(silence: timedelta) -> Automation:
             expect={"prefect.flow-run.heartbeat", *ENDS},
             match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
             match_related=_import_flows(), for_each={"prefect.resource.id"}, threshold=1, within=silence),
+        # Not forced: a run that ended while the server missed its last events keeps its end.
         actions=[ChangeFlowRunState(
-            state=StateType.CRASHED, force=True,
+            state=StateType.CRASHED, force=False,
             message=f"{SILENCE_MESSAGE} for {silence.total_seconds():.0f} s: its host or process died")])
+
+
+def pending_runs_crash(window: timedelta) -> Automation:
+    """A run whose host died between its submission and its start stays Pending, without ever
+    sending a heartbeat: it is Crashed once it has been Pending for ``window``."""
+    return Automation(
+        name=PENDING, description="An import run submitted to a host that died before starting it is Crashed.",
+        trigger=EventTrigger(
+            posture=Posture.Proactive, after={"prefect.flow-run.Pending"},
+            expect={"prefect.flow-run.Running", "prefect.flow-run.Scheduled", *ENDS},
+            match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
+            match_related=_import_flows(), for_each={"prefect.resource.id"}, threshold=1, within=window),
+        actions=[ChangeFlowRunState(
+            state=StateType.CRASHED, force=False,
+            message=f"{SILENCE_MESSAGE} since it was submitted {window.total_seconds():.0f} s ago: it never "
+                    "started; its host died")])
 
 
 def retry_silent_crashes(retries: int) -> Automation:
@@ -65,7 +85,7 @@ def retry_silent_crashes(retries: int) -> Automation:
             posture=Posture.Reactive, expect={"prefect.flow-run.Crashed"},
             match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*",
                                          "prefect.state-message": f"{SILENCE_MESSAGE}*",
-                                         "prefect.run-count": [str(n) for n in range(1, retries + 1)]}),
+                                         "prefect.run-count": [str(n) for n in range(0, retries + 1)]}),
             match_related=_import_flows(), for_each={"prefect.resource.id"}, threshold=1,
             within=timedelta(0)),
         actions=[ChangeFlowRunState(state=StateType.SCHEDULED, name="AwaitingRetry", force=True,
@@ -74,8 +94,8 @@ def retry_silent_crashes(retries: int) -> Automation:
 
 def ensure(heartbeat_seconds: int = 30, retries: int = 2, silence_heartbeats: int = 3) -> list[Automation]:
     """Create the two automations, or update them to these settings; return them."""
-    wanted = [silent_runs_crash(timedelta(seconds=heartbeat_seconds * silence_heartbeats)),
-              retry_silent_crashes(retries)]
+    silence = timedelta(seconds=heartbeat_seconds * silence_heartbeats)
+    wanted = [silent_runs_crash(silence), pending_runs_crash(silence), retry_silent_crashes(retries)]
     for automation in wanted:
         try:
             existing = Automation.read(name=automation.name)

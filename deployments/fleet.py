@@ -9,8 +9,9 @@ and sizes, a few hostile images, a few objects whose upload events are delivered
 a few names uploaded again with new content once their first import is done. Meanwhile the
 fault schedule runs, each at a point of the burst:
 
-- ``host``: host 2 dies mid-write (its worker, its warm runner and its flow runs killed), and
-  comes back 20 s later; its runs are crashed by their silence and retried;
+- ``host``: the first host seen running a flow run dies mid-write (its worker, its warm runner
+  and its flow runs killed) and comes back 20 s later; its runs are crashed by their silence
+  and retried;
 - ``throttle``: 429 on 20% of the Compute and Block Storage calls for a minute;
 - ``lost``: the replies of some creates lost after they took effect (volumes, instances);
 - ``vm``: a worker VM crashed mid-write;
@@ -144,9 +145,8 @@ def start_host(base: Path, api_url: str, name: str) -> dict[str, int]:
     return {"runner": runner, "worker": worker}
 
 
-def kill_host(base: Path, name: str) -> list[int]:
-    """SIGKILL a host: its worker, its warm runner and every flow run the runner started."""
-    pids = [int((base / f"{name}-{part}.pid").read_text()) for part in ("worker", "warm-runner")]
+def kill_processes(pids: list[int]) -> list[int]:
+    """SIGKILL a host: its worker and warm runner (``pids``) and every process they started."""
     children = [pid for pid in _all_pids() if _parent(pid) in pids]
     killed = []
     for pid in pids + children:
@@ -211,16 +211,30 @@ class Schedule:
             thread.join(timeout=900)
 
     def _host(self) -> str:
-        runner = int((self.base / "host-2-warm-runner.pid").read_text())
-        for _ in range(300):  # until host 2 runs a flow run, which then dies with it
-            if any(_parent(pid) == runner and _is_flow_run(pid) for pid in _all_pids()):
+        """Kill the first host seen running a flow run, with that run; start it again 20 s later."""
+        hosts = {"host-1": ("prefect-worker.pid", "warm-runner.pid"),
+                 "host-2": ("host-2-worker.pid", "host-2-warm-runner.pid")}
+        for _ in range(600):
+            # a flow run's command is a child of its worker (the run itself a child of the warm runner)
+            busy = [name for name, (worker, _) in hosts.items()
+                    if any(_parent(pid) == int((self.base / worker).read_text()) and _is_flow_run(pid)
+                           for pid in _all_pids())]
+            if busy:
                 break
-            time.sleep(1)
-        time.sleep(5)
-        killed = kill_host(self.base, "host-2")
+            time.sleep(0.5)
+        else:
+            return "no host ran a flow run to kill"
+        name = busy[0]
+        time.sleep(5)  # into its write
+        killed = kill_processes([int((self.base / f).read_text()) for f in hosts[name]])
         time.sleep(20)
-        start_host(self.base, self.env["PREFECT_API_URL"], "host-2")
-        return f"host-2 killed ({len(killed)} processes) and started again 20 s later"
+        api_url = self.env["PREFECT_API_URL"]
+        if name == "host-1":
+            local_stack.start_warm_runner(self.base, api_url)
+            local_stack.start_worker(self.base, api_url)
+        else:
+            start_host(self.base, api_url, name)
+        return f"{name} killed ({len(killed)} processes) and started again 20 s later"
 
     def _throttle(self) -> str:
         for operation in CORE_OPERATIONS:

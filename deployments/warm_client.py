@@ -9,7 +9,13 @@ the run's exit status. The run dies with the client: if the worker kills this pr
 the run is killed too, as a cold-started run would be.
 
 Without a runner (``IMPORT_WARM_RUNNER_SOCKET`` unset or nobody listening), or when the
-runner's code is older than the checkout, it becomes ``python -m prefect.engine``.
+runner's code is older than the checkout, it runs ``python -m prefect.engine``.
+
+A run whose engine fails before the run has begun (the Prefect server restarting as the run
+starts: a new client does not retry a refused connection) would be reported Crashed by the
+worker without ever having run. So the client first waits for the API to answer, and when
+the engine exits with an error while the run is still Pending, it waits for the API again
+and starts the engine again, up to three times.
 """
 
 import json
@@ -17,13 +23,71 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
+import time
+import urllib.request
 
 SOCKET_ENV = "IMPORT_WARM_RUNNER_SOCKET"
+START_ATTEMPTS = 3
+API_WAIT_SECONDS = 300
+_child = [None]  # the run's process, for the signal handler
+
+
+def _forward(signum, frame):
+    if _child[0] is not None:
+        try:
+            os.kill(_child[0], signum)
+        except ProcessLookupError:
+            pass
+
+
+def _die_with_parent():
+    """In the engine's process: be killed when this client dies, however it dies (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def cold_start():
-    os.execv(sys.executable, [sys.executable, "-m", "prefect.engine", *sys.argv[1:]])
+    """The engine as a child process that dies with this client; its exit status."""
+    process = subprocess.Popen([sys.executable, "-m", "prefect.engine", *sys.argv[1:]], preexec_fn=_die_with_parent)
+    _child[0] = process.pid
+    return process.wait()
+
+
+def _api(path):
+    """GET a path of the Prefect API as JSON, or None when it does not answer."""
+    base = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    if not base:
+        return None
+    request = urllib.request.Request(base + path)
+    if os.environ.get("PREFECT_API_KEY"):
+        request.add_header("Authorization", "Bearer " + os.environ["PREFECT_API_KEY"])
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return json.loads(reply.read() or b"null")
+    except (OSError, ValueError):
+        return None
+
+
+def wait_for_api(seconds=API_WAIT_SECONDS):
+    deadline = time.monotonic() + seconds
+    while _api("/health") is None and time.monotonic() < deadline:
+        time.sleep(1)
+
+
+def never_started():
+    """Whether this client's flow run is still waiting to begin (the engine failed before it ran)."""
+    run_id = os.environ.get("PREFECT__FLOW_RUN_ID")
+    run = _api("/flow_runs/" + run_id) if run_id else None
+    if not isinstance(run, dict):
+        return False
+    state = run.get("state") or {}
+    return run.get("run_count") == 0 and state.get("type") in ("PENDING", "SCHEDULED")
 
 
 def send_message(sock, message, fds=()):
@@ -54,10 +118,11 @@ def _recv(sock, n):
     return buf
 
 
-def main():
+def start_once():
+    """Run the flow run once, warm if a runner takes it, else cold; its exit status."""
     path = os.environ.get(SOCKET_ENV)
     if not path:
-        cold_start()
+        return cold_start()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)
@@ -67,19 +132,27 @@ def main():
         hello = None
     if not hello or "pid" not in hello:
         sock.close()
-        cold_start()
-    child = int(hello["pid"])
-
-    def forward(signum, frame):
-        try:
-            os.kill(child, signum)
-        except ProcessLookupError:
-            pass
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+        return cold_start()
+    _child[0] = int(hello["pid"])
     result = read_message(sock)
-    sys.exit(int(result["exit"]) if result and "exit" in result else 1)
+    sock.close()
+    return int(result["exit"]) if result and "exit" in result else 1
+
+
+def main():
+    signal.signal(signal.SIGTERM, _forward)
+    signal.signal(signal.SIGINT, _forward)
+    for attempt in range(1, START_ATTEMPTS + 1):
+        wait_for_api()
+        code = start_once()
+        _child[0] = None
+        if code == 0 or attempt == START_ATTEMPTS:
+            break
+        wait_for_api()
+        if not never_started():
+            break
+        sys.stderr.write("the flow run's engine exited with %d before the run began; starting it again\n" % code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

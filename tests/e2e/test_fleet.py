@@ -32,7 +32,7 @@ def test_a_small_fleet_through_faults_loses_nothing_and_leaves_nothing(tmp_path_
     assert report["duplicate_volumes"] == 0, report
     assert not any(report["left_after_sweep"].values()), report
     assert set(report["failed"]) <= {"backing_file"}, report  # the hostile upload, refused by its header
-    assert report["faults"]["host"].startswith("host-2 killed"), report["faults"]
+    assert " killed (" in report["faults"]["host"], report["faults"]
     # the dead host's runs were found by their silence (heartbeat automation), retried, and finished
     assert report["crashed_by_silence"] >= 1, report
     assert report["ok"]
