@@ -24,6 +24,7 @@ from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 from prefect.states import Scheduled
 
 WORKER_LIMIT = "oci-disk-import-workers"
+SLOT_LABEL = "oci-disk-import.worker-slot-lease"  # the lease an attempt holds, on its flow run
 log = logging.getLogger(__name__)
 HEDGE_SECONDS = 0.3
 UNREACHABLE_SECONDS = 600.0  # how long a run keeps asking a server it cannot reach for a worker VM slot
@@ -62,7 +63,12 @@ def worker_slot(limit: int, lease_seconds: float = 300.0) -> Iterator[uuid.UUID]
     """
     _ensure_worker_limit(limit)
     holder = ConcurrencyLeaseHolder(type="flow_run", id=flow_run.id) if flow_run.id else None
+    if flow_run.id:
+        _release_dead_attempts_lease(uuid.UUID(str(flow_run.id)))
     lease_id = _take_lease(holder, lease_seconds)
+    if flow_run.id:
+        with get_client(sync_client=True) as client:  # so the next attempt can give it back if this one dies
+            client.update_flow_run_labels(uuid.UUID(str(flow_run.id)), {SLOT_LABEL: str(lease_id)})
     released = threading.Event()
     # the threads talk to the server this run's settings name (which may be a context's, not the environment's)
     renewal = threading.Thread(target=contextvars.copy_context().run,
@@ -133,6 +139,19 @@ def _increment(holder: ConcurrencyLeaseHolder | None, lease_seconds: float, sett
 def _give_back(request: Future[uuid.UUID | None]) -> None:
     if request.exception() is None and (lease_id := request.result()) is not None:
         _release_lease(lease_id)
+
+
+def _release_dead_attempts_lease(flow_run_id: uuid.UUID) -> None:
+    """An earlier attempt of this run that died (its process or host killed) still holds its
+    slot until the lease runs out; the run's label names that lease: give it back now."""
+    with get_client(sync_client=True) as client:
+        held = (client.read_flow_run(flow_run_id).labels or {}).get(SLOT_LABEL)
+    if held:
+        try:
+            _release_lease(uuid.UUID(str(held)))
+            log.info("gave back the worker VM slot a dead attempt of this run held (lease %s)", held)
+        except Exception as exc:  # expired or released already
+            log.info("the worker VM slot lease %s of an earlier attempt is gone already (%s)", held, exc)
 
 
 def _release_lease(lease_id: uuid.UUID) -> None:
