@@ -75,6 +75,8 @@ def is_worker_lost(exc: BaseException) -> bool:
         if isinstance(seen, (paramiko.SSHException, paramiko.ssh_exception.NoValidConnectionsError, EOFError,
                              ConnectionError)):
             return True
+        if isinstance(seen, OSError) and str(seen) == "Socket is closed":  # paramiko's, on a dead transport
+            return True
         seen = seen.__cause__ or seen.__context__
     return False
 

@@ -21,6 +21,7 @@ def test_ssh_refused_reset_or_cut_off_is_a_lost_worker():
     assert is_worker_lost(EOFError())
     assert is_worker_lost(ConnectionResetError())
     assert is_worker_lost(_caused(RuntimeError("the transfer ended"), BrokenPipeError()))
+    assert is_worker_lost(OSError("Socket is closed"))  # paramiko, sending on a transport that died
 
 
 def test_refusals_and_other_failures_are_not():
