@@ -359,10 +359,7 @@ def run(uploads: int = 60, faults: list[str] = list(ALL_FAULTS), seed: int = 1, 
         base: Path | None = None) -> dict[str, Any]:
     base = base or Path(os.environ.get("LOCAL_DIR") or ROOT / ".local" / "fleet")
     os.environ["LOCAL_DIR"] = str(base)
-    local_stack.down()
-    pointer = base / "postgres.dir"
-    if pointer.exists():
-        shutil.rmtree(pointer.read_text().strip(), ignore_errors=True)
+    local_stack.down(purge=True)
     shutil.rmtree(base, ignore_errors=True)
     rng = random.Random(seed)
     corpus = build_corpus(base / "corpus", uploads, rng)
@@ -473,7 +470,10 @@ def main(argv: list[str] | None = None) -> int:
         report = run(args.uploads, faults, args.seed, args.timeout)
     finally:
         if not args.keep:
-            local_stack.down()
+            local_stack.down(purge=True)
+            # The uploads' copies and the volumes are gigabytes; the logs stay for reading.
+            for heavy in ("localoci/objects", "localoci/volumes", "corpus"):
+                shutil.rmtree(local_stack.local_dir() / heavy, ignore_errors=True)
     print_report(report)
     return 0 if report["ok"] else 1
 

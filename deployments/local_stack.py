@@ -461,8 +461,9 @@ def up(database: str = "sqlite") -> dict[str, str]:
     return values
 
 
-def down() -> list[str]:
-    """Stop every process of the stack; return what was stopped."""
+def down(purge: bool = False) -> list[str]:
+    """Stop every process of the stack; return what was stopped. ``purge`` also removes the
+    PostgreSQL cluster, which lives outside the stack's directory and would outlive it."""
     base = local_dir()
     stopped = []
     # PostgreSQL last: a smart shutdown waits for its clients (the Prefect server) to go.
@@ -472,6 +473,11 @@ def down() -> list[str]:
             process.stop_pid(pid)
             stopped.append(f"{pid_file.stem} (pid {pid})")
         pid_file.unlink(missing_ok=True)
+    pointer = base / "postgres.dir"
+    if purge and pointer.exists():
+        shutil.rmtree(pointer.read_text().strip(), ignore_errors=True)
+        for name in ("postgres.dir", "postgres.port", "database.url"):
+            (base / name).unlink(missing_ok=True)
     return stopped
 
 

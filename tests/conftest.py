@@ -71,14 +71,24 @@ def subnet_id(network: oci.core.VirtualNetworkClient, compartment_id: str) -> st
     ).data.id
 
 
+def empty_bucket(client: oci.object_storage.ObjectStorageClient, namespace: str, bucket: str) -> None:
+    """Delete every object and open multipart upload: test images take gigabytes of the disk."""
+    for upload in oci.pagination.list_call_get_all_results(client.list_multipart_uploads, namespace, bucket).data:
+        client.abort_multipart_upload(namespace, bucket, upload.object, upload.upload_id)
+    for summary in oci.pagination.list_call_get_all_results(client.list_objects, namespace, bucket).data:
+        client.delete_object(namespace, bucket, summary.name)
+
+
 @pytest.fixture
-def bucket(object_storage: oci.object_storage.ObjectStorageClient, localoci: process.RunningLocalOCI, compartment_id: str) -> str:
+def bucket(object_storage: oci.object_storage.ObjectStorageClient, localoci: process.RunningLocalOCI,
+           compartment_id: str) -> Iterator[str]:
     name = f"test-{uuid.uuid4().hex[:12]}"
     object_storage.create_bucket(
         localoci.namespace,
         oci.object_storage.models.CreateBucketDetails(name=name, compartment_id=compartment_id, object_events_enabled=True),
     )
-    return name
+    yield name
+    empty_bucket(object_storage, localoci.namespace, name)
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ import pytest
 
 from deployments import demo, local_stack
 from diskimport.sample_disk import build_disk, convert
+from tests.conftest import empty_bucket
 
 FILES = {"hello.txt": b"hello from the source disk\n", "random.bin": os.urandom(2 * 1024 * 1024)}
 
@@ -44,6 +45,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
             os.environ.pop("LOCAL_DIR", None)
         else:
             os.environ["LOCAL_DIR"] = previous
+
+
+@pytest.fixture(scope="module", autouse=True)
+def empty_buckets_after_module(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The objects a module uploaded go when it ends: a worker's modules share its stack, and
+    their images would add up to gigabytes."""
+    yield
+    if "stack" not in request.fixturenames:
+        return
+    env = request.getfixturevalue("stack")
+    client, _ = demo.stack_clients(env)
+    for name in (MANUAL_BUCKET, env["IMPORT_BUCKET"]):
+        empty_bucket(client, env["OCI_NAMESPACE"], name)
 
 
 @dataclass(frozen=True)

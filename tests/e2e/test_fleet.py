@@ -25,7 +25,7 @@ def test_a_small_fleet_through_faults_loses_nothing_and_leaves_nothing(tmp_path_
         report = fleet.run(uploads=10, faults=["host", "throttle"], base=base, timeout=1200)
     finally:
         os.environ["LOCAL_DIR"] = str(base)
-        local_stack.down()
+        local_stack.down(purge=True)
         if previous is None:
             os.environ.pop("LOCAL_DIR", None)
         else:
