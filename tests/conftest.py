@@ -73,9 +73,15 @@ def subnet_id(network: oci.core.VirtualNetworkClient, compartment_id: str) -> st
 
 def empty_bucket(client: oci.object_storage.ObjectStorageClient, namespace: str, bucket: str) -> None:
     """Delete every object and open multipart upload: test images take gigabytes of the disk."""
+    try:
+        client.get_bucket(namespace, bucket)
+    except oci.exceptions.ServiceError as e:
+        if e.status == 404:  # the test removed it itself
+            return
+        raise
     for upload in oci.pagination.list_call_get_all_results(client.list_multipart_uploads, namespace, bucket).data:
         client.abort_multipart_upload(namespace, bucket, upload.object, upload.upload_id)
-    for summary in oci.pagination.list_call_get_all_results(client.list_objects, namespace, bucket).data:
+    for summary in oci.pagination.list_call_get_all_results(client.list_objects, namespace, bucket).data.objects:
         client.delete_object(namespace, bucket, summary.name)
 
 
