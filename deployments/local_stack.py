@@ -350,6 +350,18 @@ def set_up_automations(api_url: str) -> None:
                            SILENT_HEARTBEATS)
 
 
+def start_reconciler(base: Path, api_url: str) -> None:
+    """Start :mod:`flows.reconcile`, the backstop for automation events a restarting server loses."""
+    from blocks import ImportSettings
+
+    pid_file = base / "reconciler.pid"
+    if _pid_alive(pid_file) is None:
+        _spawn([sys.executable, "-m", "flows.reconcile", "--heartbeat", HEARTBEAT_SECONDS,
+                "--silence", str(SILENT_HEARTBEATS),
+                "--retries", str(ImportSettings.model_fields["crash_retries"].default)],
+               prefect_env(base, api_url), base / "reconciler.log", pid_file)
+
+
 def use_warm_client(api_url: str) -> None:
     """Make the work pool start flow runs with :mod:`deployments.warm_client`."""
     from prefect.client.orchestration import get_client
@@ -451,6 +463,7 @@ def up(database: str = "sqlite") -> dict[str, str]:
     deploy(base, api_url)
     if on_postgres(base):
         set_up_automations(api_url)
+        start_reconciler(base, api_url)
     use_warm_client(api_url)
     start_warm_runner(base, api_url)
     start_worker(base, api_url)

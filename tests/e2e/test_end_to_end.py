@@ -7,6 +7,7 @@ injection is global to the stack), while the other modules run in parallel.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
 import socket
@@ -425,3 +426,61 @@ def test_a_run_started_by_hand_beside_the_upload_run_waits_and_returns_its_volum
     assert resources_of(stack, etag)["instances"] == []
     names = {final.name for final in finals}
     assert names == {f"{object_name.rsplit('/', 1)[-1]}@{etag.strip(chr(34))[:8]}"}, names
+
+
+def test_the_reconciler_recovers_import_runs_whose_events_were_lost(stack):
+    """Runs left Running without heartbeats, Pending by a dead host, or Crashed with nobody to
+    retry them (their events lost in a server restart) are put right from their states alone.
+    The runs belong to a deployment on a work pool no worker polls, so nothing else moves them."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.events import Event
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from prefect.states import Crashed, Pending, Running
+
+    from flows import reconcile
+
+    with local_stack.prefect_api(stack["PREFECT_API_URL"]), get_client(sync_client=True) as client:
+        pool = f"nobody-polls-{uuid.uuid4().hex[:8]}"
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        deployment = client.create_deployment(flow_id=client.create_flow_from_name("import-virtual-disk"),
+                                              name=pool, work_pool_name=pool,
+                                              entrypoint="flows/import_disk.py:import_virtual_disk")
+        runs = {role: client.create_flow_run_from_deployment(deployment).id
+                for role in ("silent", "alive", "pending", "crashed", "spent")}
+        for role in ("silent", "alive", "spent"):
+            client.set_flow_run_state(runs[role], Pending())
+            client.set_flow_run_state(runs[role], Running())
+        client.set_flow_run_state(runs["pending"], Pending())
+        client.set_flow_run_state(runs["crashed"], Pending())
+        for role in ("crashed", "spent"):
+            client.set_flow_run_state(runs[role], Crashed(message="Flow run infrastructure exited with code -9"))
+        time.sleep(4)  # every state is now older than the 3 s of silence
+        beat = Event(event=reconcile.HEARTBEAT, resource={"prefect.resource.id": f"prefect.flow-run.{runs['alive']}"})
+        client._client.post("/events", json=[beat.model_dump(mode="json")]).raise_for_status()
+        deadline = time.monotonic() + 30
+        while not client.read_events(EventFilter(event=EventNameFilter(name=[reconcile.HEARTBEAT]), resource=
+                                                 EventResourceFilter(id=[beat.resource.id])), limit=1).events:
+            assert time.monotonic() < deadline, "the heartbeat was never stored"
+            time.sleep(0.3)
+
+        def states() -> dict[str, str]:
+            return {role: client.read_flow_run(run_id).state.name for role, run_id in runs.items()}
+
+        first = reconcile.reconcile_once(client, silence=3, retries=0, grace=2,
+                                         now=beat.occurred + dt.timedelta(seconds=1), deployment_ids=[deployment])
+        assert first.crashed_silent == [str(runs["silent"])]
+        assert first.crashed_pending == [str(runs["pending"])]
+        assert first.rescheduled == [str(runs["crashed"])]  # started 0 times, may start once
+        assert first.left_crashed == [str(runs["spent"])]  # started once already
+        assert states() == {"silent": "Crashed", "alive": "Running", "pending": "Crashed",
+                            "crashed": "AwaitingRetry", "spent": "Crashed"}
+        silence_message = client.read_flow_run(runs["silent"]).state.message
+        assert silence_message.startswith(reconcile.SILENCE_MESSAGE), silence_message
+
+        # The runs it crashed are scheduled again once their crash is older than the grace, within their bound.
+        second = reconcile.reconcile_once(client, silence=3, retries=0, grace=2, judge_silence=False,
+                                          now=beat.occurred + dt.timedelta(seconds=10), deployment_ids=[deployment])
+        assert not second.crashed_silent and not second.crashed_pending
+        assert second.rescheduled == [str(runs["pending"])]
+        assert sorted(second.left_crashed) == sorted([str(runs["silent"]), str(runs["spent"])])
+        assert states()["pending"] == "AwaitingRetry"
