@@ -11,9 +11,6 @@ import pytest
 from deployments import fleet, local_stack
 
 
-@pytest.mark.skipif(os.environ.get("IMPORT_FLEET_TEST") != "1",
-                    reason="the small fleet runs with make test-fleet: it once stuck on a run left Pending by "
-                           "the killed host, which the automation did not crash (not yet understood)")
 @pytest.mark.skipif(not shutil.which("runuser") or not any(os.path.exists(f"/usr/lib/postgresql/{v}/bin/initdb")
                                                            for v in os.listdir("/usr/lib/postgresql")
                                                            if os.path.isdir("/usr/lib/postgresql")),
