@@ -57,9 +57,9 @@ bench: deps
 fleet: deps
 	$(UV) run python -m deployments.fleet $(FLEET_ARGS)
 
-# The small fleet (10 uploads, a host killed, the core APIs throttled); not yet reliable enough for make test.
+# The small fleet of make test alone (10 uploads, a host killed, the core APIs throttled).
 test-fleet: deps
-	IMPORT_FLEET_TEST=1 $(UV) run pytest tests/e2e/test_fleet.py
+	$(UV) run pytest tests/e2e/test_fleet.py
 
 # What `fn deploy` builds the function image from: function_trigger/ plus diskimport/contract.py.
 function: deps

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,6 +20,8 @@ import httpx
 import pytest
 
 AUTH = "importer:s3cret-for-tests"
+ROOT = Path(__file__).resolve().parents[2]
+FUNCTION_TIMEOUT = int(re.search(r"^timeout: (\d+)$", (ROOT / "function_trigger" / "func.yaml").read_text(), re.M)[1])
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 
@@ -145,6 +148,8 @@ def config(prefect_api, localoci, bucket) -> dict[str, str]:
         "WATCH_BUCKETS": bucket, "OCI_AUTH": "config_file", "OCI_CONFIG_FILE": localoci.oci_config_file,
         "OCI_PROFILE": localoci.oci_profile, "OCI_ENDPOINT": localoci.endpoint,
         "FLOW_PARAMETERS": json.dumps({"credentials_block": "local-oci"}),
+        # as deployed: the budget is the function's timeout (func.yaml), less the margin func.py keeps
+        "TIMEOUT_SECONDS": str(FUNCTION_TIMEOUT - 2),
     }
 
 
