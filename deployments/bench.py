@@ -293,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", nargs="*", default=[s.name for s in SPECS] + [MACHINE],
                         help=f"which images to run (default: all, and the machine, {MACHINE})")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference pipeline")
+    parser.add_argument("--latency", default="none",
+                        help="the local OCI's latency profile (localoci/latency.py): none (its own 50 ms "
+                             "transitions, the default) or oci (a tenancy's provisioning times, for what overlaps "
+                             "with provisioning; the ratios against the floor then include minutes of launch)")
     args = parser.parse_args(argv)
     specs = [s for s in SPECS if s.name in args.images]
     with_machine = MACHINE in args.images
@@ -309,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         ova, disks = ensure_machine(image_dir)
     volume_dir = base / "localoci" / "volumes"  # the floor's volume file sits beside the real ones
     before = apply_model(env)
+    latency_before = admin(env, "GET", "latency")
+    print(f"latency profile: {args.latency} {json.dumps(local_stack.set_latency_profile(env['LOCALOCI_ENDPOINT'], args.latency))}",
+          flush=True)
     images: dict[str, dict[str, Any]] = {}
     machine: dict[str, Any] | None = None
     try:
@@ -323,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
             machine = bench_machine(env, ova, disks)
     finally:
         admin(env, "POST", "bandwidth", before)
+        admin(env, "DELETE", "latency")
+        for transition, seconds in latency_before.items():
+            admin(env, "POST", "latency", {"transition": transition, "seconds": seconds})
     print()
     print_table(images)
     met = targets(images)

@@ -355,8 +355,25 @@ def sweep(env: dict[str, str]) -> dict[str, list[str]]:
                              sweeper.orphan_test(run_is_active, dt.timedelta(0)))
 
 
+def scale_worker_vms(env: dict[str, str], worker_vms: int) -> None:
+    """Allow ``worker_vms`` worker VMs at once (the settings block's limit), and that many flow
+    runs plus two on the work pool: with a tenancy's provisioning times, a VM that boots holds a
+    slot for minutes without using this machine."""
+    from blocks import ImportSettings
+    from deployments.local_stack import BLOCKS, WORK_POOL, prefect_api
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolUpdate
+
+    with prefect_api(env["PREFECT_API_URL"]):
+        settings = ImportSettings.load(BLOCKS["settings"])
+        settings.worker_concurrency_limit = worker_vms
+        settings.save(BLOCKS["settings"], overwrite=True)
+        with get_client(sync_client=True) as client:
+            client.update_work_pool(WORK_POOL, WorkPoolUpdate(concurrency_limit=worker_vms + 2))
+
+
 def run(uploads: int = 60, faults: list[str] = list(ALL_FAULTS), seed: int = 1, timeout: float = 3600,
-        base: Path | None = None) -> dict[str, Any]:
+        base: Path | None = None, latency: str = "none", worker_vms: int = WORKER_SLOTS) -> dict[str, Any]:
     base = base or Path(os.environ.get("LOCAL_DIR") or ROOT / ".local" / "fleet")
     os.environ["LOCAL_DIR"] = str(base)
     local_stack.down(purge=True)
@@ -364,6 +381,9 @@ def run(uploads: int = 60, faults: list[str] = list(ALL_FAULTS), seed: int = 1, 
     rng = random.Random(seed)
     corpus = build_corpus(base / "corpus", uploads, rng)
     env = local_stack.up(database="postgres")
+    local_stack.set_latency_profile(env["LOCALOCI_ENDPOINT"], latency)
+    if worker_vms != WORKER_SLOTS:
+        scale_worker_vms(env, worker_vms)
     start_host(base, env["PREFECT_API_URL"], "host-2")
     admin(env, "POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": READ_PER_CONNECTION,
                                      "workerBytesPerSecondPerOcpu": WORKER_PER_OCPU})
@@ -383,12 +403,13 @@ def run(uploads: int = 60, faults: list[str] = list(ALL_FAULTS), seed: int = 1, 
     wait_all(env, corpus, timeout, schedule)
     makespan = time.monotonic() - started
     schedule.join()
-    report = account(env, base, corpus, makespan, schedule.done)
+    report = account(env, base, corpus, makespan, schedule.done, worker_vms)
+    report["latency_profile"] = latency
     return report
 
 
 def account(env: dict[str, str], base: Path, corpus: list[Upload], makespan: float,
-            faults: dict[str, str]) -> dict[str, Any]:
+            faults: dict[str, str], worker_vms: int = WORKER_SLOTS) -> dict[str, Any]:
     swept = sweep(env)
     completed = [u for u in corpus if u.final.state.is_completed()]
     failed = [u for u in corpus if not u.final.state.is_completed()]
@@ -400,7 +421,7 @@ def account(env: dict[str, str], base: Path, corpus: list[Upload], makespan: flo
                                        v["freeformTags"].get(contract.TAG_ETAG)) for v in volumes)
     duplicate_volumes = sum(n - 1 for n in per_version.values() if n > 1)
     good_bytes = sum(u.path.stat().st_size for u in corpus if u.kind != "hostile")
-    floor = good_bytes / (WORKER_PER_OCPU * WORKER_OCPUS * WORKER_SLOTS)
+    floor = good_bytes / (WORKER_PER_OCPU * WORKER_OCPUS * worker_vms)
     server_log = base / "prefect-server.log"
     errors = sum(1 for line in server_log.read_text(errors="replace").splitlines() if " ERROR " in line
                  or line.startswith("ERROR")) if server_log.exists() else 0
@@ -461,13 +482,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--keep", action="store_true", help="leave the stack running afterwards")
+    parser.add_argument("--latency", default="oci", help="the local OCI's latency profile (localoci/latency.py): "
+                                                         "oci (a tenancy's provisioning times) or none")
+    parser.add_argument("--worker-vms", type=int, default=None,
+                        help=f"worker VMs at once (default {WORKER_SLOTS}, or 12 with the oci profile, whose VMs "
+                             "spend minutes booting)")
     args = parser.parse_args(argv)
     faults = [f for f in args.faults.split(",") if f]
     unknown = sorted(set(faults) - set(ALL_FAULTS))
     if unknown:
         parser.error(f"unknown faults {unknown}; known: {', '.join(ALL_FAULTS)}")
     try:
-        report = run(args.uploads, faults, args.seed, args.timeout)
+        worker_vms = args.worker_vms or (WORKER_SLOTS if args.latency == "none" else 12)
+        report = run(args.uploads, faults, args.seed, args.timeout, latency=args.latency, worker_vms=worker_vms)
     finally:
         if not args.keep:
             local_stack.down(purge=True)

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Iterator
@@ -113,6 +114,18 @@ def start_localoci(base: Path, previous: dict[str, str]) -> process.RunningLocal
     server = process.start(data_dir, port=port, log_path=base / "localoci.log")
     pid_file.write_text(str(server.pid))
     return server
+
+
+def set_latency_profile(endpoint: str, profile: str) -> dict[str, float]:
+    """Slow the local OCI's transitions to a profile's (``localoci/latency.py``: ``oci`` or ``none``)."""
+    request = urllib.request.Request(f"{endpoint}/_localoci/latency/profile", method="POST",
+                                     data=json.dumps({"profile": profile}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        raise ValueError(f"latency profile {profile!r}: {exc.read().decode(errors='replace')}") from None
 
 
 def prepare_cloud(server: process.RunningLocalOCI, previous: dict[str, str]) -> dict[str, str]:
@@ -443,6 +456,8 @@ def up(database: str = "sqlite") -> dict[str, str]:
     env_path = base / "stack.env"
     previous = read_env(env_path)
     server = start_localoci(base, previous)
+    if profile := os.environ.get("LOCALOCI_LATENCY_PROFILE"):
+        set_latency_profile(server.endpoint, profile)
     values = {
         "LOCALOCI_ENDPOINT": server.endpoint,
         "OCI_CONFIG_FILE": server.oci_config_file,

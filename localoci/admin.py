@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from . import latency
 from .errors import invalid_parameter
 from .http import Request, Response, Route
 from .resources import public
@@ -105,6 +106,17 @@ def routes(app: "LocalOCI") -> list[Route]:
         app.scheduler.latency[transition] = float(seconds)
         return Response.json(app.scheduler.latency)
 
+    def set_latency_profile(request: Request) -> Response:
+        """Replace every transition's latency with a profile's (``localoci/latency.py``)."""
+        name = _spec(request).get("profile")
+        try:
+            chosen = latency.profile(name if isinstance(name, str) else "")
+        except ValueError as exc:
+            raise invalid_parameter(str(exc)) from None
+        app.scheduler.latency.clear()
+        app.scheduler.latency.update(chosen)
+        return Response.json(app.scheduler.latency)
+
     def get_latency(request: Request) -> Response:
         return Response.json(app.scheduler.latency)
 
@@ -169,6 +181,7 @@ def routes(app: "LocalOCI") -> list[Route]:
         Route("DELETE", ADMIN + "/faults", clear_faults, "AdminClearFaults", authenticated=False),
         Route("POST", ADMIN + "/latency", set_latency, "AdminSetLatency", authenticated=False),
         Route("GET", ADMIN + "/latency", get_latency, "AdminGetLatency", authenticated=False),
+        Route("POST", ADMIN + "/latency/profile", set_latency_profile, "AdminSetLatencyProfile", authenticated=False),
         Route("DELETE", ADMIN + "/latency", clear_latency, "AdminClearLatency", authenticated=False),
         Route("POST", ADMIN + "/instances/{instanceId}/crash", crash_instance, "AdminCrashInstance", authenticated=False),
         Route("POST", ADMIN + "/bandwidth", set_bandwidth, "AdminSetBandwidth", authenticated=False),

@@ -189,6 +189,17 @@ class Compute:
             if instance["lifecycleState"] != expected:
                 return
         host = self._host(instance)
+        booting = self.app.scheduler.latency.get("instance:BOOTED", 0.0)
+        if booting and isinstance(host, SshdHost):
+            # A real instance is RUNNING a while before its operating system answers SSH.
+            with self.store.lock:
+                if instance["lifecycleState"] != expected:
+                    return
+                instance["lifecycleState"] = "RUNNING"
+                instance["_crashed"] = False
+                self.store.save()
+            self.app.scheduler.call_later(booting, lambda: self._start_os(instance_id, host))
+            return
         try:
             host.start()
         except Exception:
@@ -204,6 +215,19 @@ class Compute:
                 self.store.save()
                 return
         host.stop()
+
+    def _start_os(self, instance_id: str, host: SshdHost | MachineHost) -> None:
+        """The worker's sshd starts once its boot time (``instance:BOOTED``) has passed, unless
+        the instance stopped or ended meanwhile."""
+        if self.instances[instance_id]["lifecycleState"] != "RUNNING":
+            return
+        try:
+            host.start()
+        except Exception:  # like an OS that never came up: RUNNING, and SSH never answers
+            log.exception("instance %s failed to boot", instance_id)
+            return
+        if self.instances[instance_id]["lifecycleState"] != "RUNNING":
+            host.stop()
 
     def _launchable_boot_volume(self, boot_volume_id: str, availability_domain: str) -> dict[str, Any]:
         boot_volume = self.app.blockstorage.boot_volume(boot_volume_id)

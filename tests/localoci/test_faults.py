@@ -239,6 +239,32 @@ def test_bad_latency_is_refused(localoci, spec):
     assert localoci.admin("GET", "latency") == {}
 
 
+def test_the_oci_profile_slows_every_transition_and_unknown_profiles_are_refused(localoci):
+    from localoci.latency import PROFILES
+
+    assert localoci.admin("POST", "latency/profile", {"profile": "oci"}) == PROFILES["oci"]
+    assert localoci.admin("GET", "latency")["instance:RUNNING"] == 120.0
+    err = admin_error(localoci, "POST", "latency/profile", {"profile": "fast"})
+    assert err.code == 400 and b"unknown latency profile 'fast'; known: none, oci" in err.read()
+    assert localoci.admin("GET", "latency") == PROFILES["oci"]  # a refusal changes nothing
+    assert localoci.admin("POST", "latency/profile", {"profile": "none"}) == {}
+
+
+def test_a_booting_instance_is_running_before_its_ssh_answers(localoci, compute, instances, availability_domains):
+    """As in a tenancy: RUNNING first, the operating system's SSH some time later (``instance:BOOTED``)."""
+    localoci.admin("POST", "latency", {"transition": "instance:BOOTED", "seconds": 2.0})
+    instance = instances(availability_domains[0])
+    wait_state(lambda: compute.get_instance(instance.id).data, "RUNNING")
+    running = time.monotonic()
+    [entry] = [i for i in localoci.inventory()["instances"] if i["id"] == instance.id]
+    assert not _connects(entry["sshAddress"], entry["sshPort"])
+    deadline = running + 30
+    while not _connects(entry["sshAddress"], entry["sshPort"]):
+        assert time.monotonic() < deadline, "the worker's SSH never answered"
+        time.sleep(0.1)
+    assert time.monotonic() - running >= 1.5
+
+
 def test_bandwidth_cap_slows_object_reads(localoci, object_storage, bucket):
     ns, payload = localoci.namespace, os.urandom(8 * MiB)
     object_storage.put_object(ns, bucket, "big.bin", payload)
