@@ -190,6 +190,10 @@ def prefect_env(base: Path, api_url: str) -> dict[str, str]:
         "PREFECT_LOCAL_STORAGE_PATH": str(home / "results"),
         "PREFECT_LOGGING_LEVEL": "INFO",
         "PREFECT_CLIENT_MAX_RETRIES": CLIENT_RETRIES,
+        # The worker VM slots are leases on a global concurrency limit. Prefect keeps leases in the
+        # server's memory by default: a restarted server forgets them while the limit still counts
+        # their slots, and every later run waits forever. On disk they outlive a restart and expire.
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
         "PREFECT_API_REQUEST_TIMEOUT": CLIENT_TIMEOUT,
     }
     if on_postgres(base):

@@ -325,6 +325,24 @@ def test_a_worker_slot_asked_of_a_stalled_server_is_granted_once_it_answers(stac
     assert gone.value.response.status_code == 410  # given back
 
 
+def test_a_worker_slot_lease_outlives_a_restart_of_the_prefect_server(stack):
+    """A lease the server forgot on restart would keep its slot taken for good (the limit still
+    counts it, and nothing expires it): every run after would wait for a worker VM forever."""
+    from blocks.settings import ImportSettings
+    from flows.runs import worker_slot
+
+    base = local_stack.local_dir()
+    with local_stack.prefect_api(stack["PREFECT_API_URL"]):
+        with worker_slot(ImportSettings.model_fields["worker_concurrency_limit"].default) as lease_id:
+            local_stack.process.stop_pid(local_stack._pid_alive(base / "prefect-server.pid"))
+            local_stack.start_prefect_server(base, local_stack.read_env(base / "stack.env"))
+            with get_client(sync_client=True) as client:
+                client.renew_concurrency_lease(lease_id, 300)  # still known, so it can expire or be given back
+        with get_client(sync_client=True) as client, pytest.raises(httpx.HTTPStatusError) as gone:
+            client.renew_concurrency_lease(lease_id, 300)
+    assert gone.value.response.status_code == 410  # given back
+
+
 # -- sweep-orphans removes what a dead run left, and never an imported volume.
 
 def test_sweep_removes_workers_and_unfinished_volumes_of_dead_runs_only(stack):
