@@ -482,8 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--keep", action="store_true", help="leave the stack running afterwards")
-    parser.add_argument("--latency", default="oci", help="the local OCI's latency profile (localoci/latency.py): "
-                                                         "oci (a tenancy's provisioning times) or none")
+    parser.add_argument("--latency", default="none", help="the local OCI's latency profile (localoci/latency.py): "
+                                                          "none (its own speed) or oci (a tenancy's provisioning times)")
     parser.add_argument("--worker-vms", type=int, default=None,
                         help=f"worker VMs at once (default {WORKER_SLOTS}, or 12 with the oci profile, whose VMs "
                              "spend minutes booting)")
