@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -112,9 +113,8 @@ def test_a_connection_lost_mid_body_resumes_from_the_last_byte_received(localoci
     assert localoci.admin("GET", "metrics")["objectBytesRead"][uploaded["key"]] == uploaded["size"]
 
 
-def _start_detached_streamer(uploaded: dict[str, Any], staging: str, linger: float = 1) -> int:
-    """Start the streamer as an SSH session would (slowly reading), the session going away
-    ``linger`` seconds later; return its pid."""
+def _streamer_files(uploaded: dict[str, Any], staging: str) -> tuple[Path, Path]:
+    """The streamer's script and its configuration, in ``staging``, as the importer writes them."""
     config = Path(staging) / "stream.json"
     script = Path(staging) / "streamer.py"
     script.write_text(transfer.STREAMER.read_text())
@@ -122,6 +122,13 @@ def _start_detached_streamer(uploaded: dict[str, Any], staging: str, linger: flo
         "url": uploaded["url"], "etag": uploaded["etag"], "size": uploaded["size"],
         "path": f"{staging}/image", "socket": f"{staging}/nbd.sock", "stop_file": f"{staging}/stop",
         "directory": staging, "connections": 1, "chunk_bytes": MiB}))
+    return script, config
+
+
+def _start_detached_streamer(uploaded: dict[str, Any], staging: str, linger: float = 1) -> int:
+    """Start the streamer as an SSH session would (slowly reading), the session going away
+    ``linger`` seconds later; return its pid."""
+    script, config = _streamer_files(uploaded, staging)
     # The shell stands for the SSH session: it starts the streamer and goes away.
     started = LocalRunner().run(["sh", "-c", 'python3 "$1" "$2" >/dev/null 2>&1 & echo $!; sleep "$3"', "sh",
                                  str(script), str(config), str(linger)])
@@ -150,9 +157,22 @@ def test_a_streamer_whose_session_ends_removes_the_staging_copy(uploaded, stagin
 
 
 def test_a_terminated_streamer_removes_the_staging_copy(uploaded, staging, slow_reads):
-    pid = _start_detached_streamer(uploaded, staging)
-    os.kill(pid, signal.SIGTERM)
-    assert _gone_within(Path(staging), 10)
+    """SIGTERM (the worker going down) removes the copy, while the session that started it lives on."""
+    script, config = _streamer_files(uploaded, staging)
+    streamer = subprocess.Popen(["python3", str(script), str(config)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    try:
+        # Its image file exists once its handlers are set: a SIGTERM before that (python still
+        # starting, on a busy machine) would kill it the default way.
+        deadline = time.monotonic() + 30
+        while not (Path(staging) / "image").exists():
+            assert time.monotonic() < deadline, "the streamer never started"
+            time.sleep(0.02)
+        streamer.send_signal(signal.SIGTERM)
+        assert streamer.wait(timeout=10) == 128 + signal.SIGTERM
+        assert not Path(staging).exists()
+    finally:
+        streamer.kill()
 
 
 @pytest.mark.parametrize("right", [True, False])
