@@ -100,3 +100,13 @@ def bucket(object_storage: oci.object_storage.ObjectStorageClient, localoci: pro
 @pytest.fixture(scope="session")
 def client_key() -> KeyPair:
     return KeyPair.generate()
+
+
+# The modules that take minutes (each starts a stack, boots machines or builds the function) go
+# first: with --dist loadfile, xdist hands out modules in collection order, and a long module
+# handed out last would run alone at the end while the other workers sit idle.
+SLOW_FIRST = ("tests/e2e/", "tests/test_local_stack.py", "tests/trigger/")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: not item.nodeid.startswith(SLOW_FIRST))  # stable: file order kept within
