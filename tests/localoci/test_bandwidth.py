@@ -40,8 +40,9 @@ def test_four_threads_sharing_a_bucket_get_its_rate_together_and_fairly():
     elapsed, finished = drain([bucket], threads=4, each=2 * MiB)
     expected = 8 * MiB / rate
     assert expected * 0.9 <= elapsed <= expected * 1.3
-    # A favoured thread would finish near a quarter of the time; allow for a loaded scheduler.
-    assert min(finished) >= elapsed * 0.7, f"a thread was starved or favoured: {finished}"
+    # A favoured thread would finish near a quarter of the time. The scheduler of a machine busy with
+    # the rest of the suite moved a fair thread's finish to 0.63 of it (seen): 0.5 tells the two apart.
+    assert min(finished) >= elapsed * 0.5, f"a thread was starved or favoured: {finished}"
 
 
 def test_buckets_combined_wait_for_the_slowest_not_all_in_turn():
