@@ -314,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     volume_dir = base / "localoci" / "volumes"  # the floor's volume file sits beside the real ones
     before = apply_model(env)
     latency_before = admin(env, "GET", "latency")
-    print(f"latency profile: {args.latency} {json.dumps(local_stack.set_latency_profile(env['LOCALOCI_ENDPOINT'], args.latency))}",
-          flush=True)
+    profile = local_stack.set_latency_profile(env["LOCALOCI_ENDPOINT"], args.latency)
+    print(f"latency profile: {args.latency} {json.dumps(profile)}", flush=True)
     images: dict[str, dict[str, Any]] = {}
     machine: dict[str, Any] | None = None
     try:

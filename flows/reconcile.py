@@ -22,8 +22,6 @@ Run it beside the Prefect server, wherever runs send heartbeats (``make up`` sta
 PostgreSQL-backed stack)::
 
     PREFECT_API_URL=... python -m flows.reconcile --heartbeat 30 --retries 2
-
-or one pass as the flow ``reconcile-imports``.
 """
 
 from __future__ import annotations
@@ -34,9 +32,8 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Iterable
 
-from prefect import flow, get_run_logger
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterDeploymentId, FlowRunFilterState,
@@ -44,9 +41,10 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
-from prefect.states import Crashed, Scheduled
+from prefect.states import Crashed
 
 from deployments.automations import FLOWS, SILENCE_MESSAGE
+from flows.runs import schedule_again
 
 log = logging.getLogger(__name__)
 HEARTBEAT = "prefect.flow-run.heartbeat"
@@ -61,9 +59,6 @@ class Pass:
     crashed_pending: list[str] = field(default_factory=list)
     rescheduled: list[str] = field(default_factory=list)
     left_crashed: list[str] = field(default_factory=list)
-
-    def acted(self) -> bool:
-        return bool(self.crashed_silent or self.crashed_pending or self.rescheduled)
 
 
 def _runs(client: SyncPrefectClient, types: list[StateType],
@@ -135,9 +130,8 @@ def reconcile_once(client: SyncPrefectClient, silence: float, retries: int, grac
         current = client.read_flow_run(run.id)  # the crash hook or the automation may have acted since
         if current.state is None or current.state.id != run.state.id:
             continue
-        client.set_flow_run_state(run.id, Scheduled(
-            name="AwaitingRetry", message=f"crashed on attempt {run.run_count} of {retries + 1} and not run "
-                                          "again; run again (the reconciler)"), force=True)
+        schedule_again(client, run.id, f"crashed on attempt {run.run_count} of {retries + 1} and not run again; "
+                                       "run again (the reconciler)")
         done.rescheduled.append(str(run.id))
         log.warning("flow run %s (%s) was left crashed on attempt %d of %d: scheduled again", run.id, run.name,
                     run.run_count, retries + 1)
@@ -179,17 +173,6 @@ class Reconciler:
             started = time.monotonic()
             self.step()
             time.sleep(max(1.0, self.every - (time.monotonic() - started)))
-
-
-@flow(name="reconcile-imports")
-def reconcile_imports(heartbeat_seconds: float = 30.0, silence_heartbeats: int = 3, retries: int = 2,
-                      grace_seconds: float = 60.0) -> dict[str, Any]:
-    """One reconciler pass (for a scheduled deployment). Prefer the long-lived process, which
-    also knows whether the server was down long enough to have lost heartbeats."""
-    with get_client(sync_client=True) as client:
-        done = reconcile_once(client, heartbeat_seconds * silence_heartbeats, retries, grace_seconds)
-    get_run_logger().info("reconciled: %s", done)
-    return done.__dict__
 
 
 def main(argv: list[str] | None = None) -> None:

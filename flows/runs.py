@@ -16,7 +16,7 @@ from typing import Iterator
 
 import httpx
 
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder, StateType
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import flow_run
@@ -203,8 +203,11 @@ def reschedule_crashed_run(flow_run_id: uuid.UUID, retries: int, wait: float = 2
             log.warning("flow run %s crashed on attempt %d of %d: it stays crashed", flow_run_id, run.run_count,
                         retries + 1)
             return False
-        client.set_flow_run_state(flow_run_id, Scheduled(
-            name="AwaitingRetry", message=f"crashed on attempt {run.run_count} of {retries + 1}; run again"),
-            force=True)
+        schedule_again(client, flow_run_id, f"crashed on attempt {run.run_count} of {retries + 1}; run again")
     log.info("flow run %s crashed on attempt %d of %d: scheduled again", flow_run_id, run.run_count, retries + 1)
     return True
+
+
+def schedule_again(client: SyncPrefectClient, flow_run_id: uuid.UUID, message: str) -> None:
+    """Put a crashed run back in the queue, as ``prefect flow-run retry`` does (``AwaitingRetry``)."""
+    client.set_flow_run_state(flow_run_id, Scheduled(name="AwaitingRetry", message=message), force=True)
