@@ -377,7 +377,11 @@ class ObjectStorage:
         file_id, size, md5 = self._store_body(write_body, content_md5)
         part = {"partNumber": part_num, "etag": _new_etag(), "md5": md5, "size": size, "_file": file_id}
         with self.store.lock:
-            upload = self.upload(namespace, bucket_name, name, upload_id)
+            try:
+                upload = self.upload(namespace, bucket_name, name, upload_id)
+            except ServiceError:  # committed or aborted while the body arrived: keep no orphan part file
+                (self.objects_dir / file_id).unlink(missing_ok=True)
+                raise
             old = upload["_parts"].get(str(part_num))
             upload["_parts"][str(part_num)] = part
             self.store.save()
@@ -400,6 +404,20 @@ class ObjectStorage:
             if part is None or part["etag"] != item.get("etag"):
                 raise invalid_parameter(f"Part {item['partNum']} with ETag {item.get('etag')!r} was not uploaded.")
             parts.append(part)
+        return self._assemble(upload, parts, if_match, if_none_match)
+
+    def commit_uploaded_parts(self, namespace: str, bucket_name: str, name: str, upload_id: str) -> dict[str, Any]:
+        """Commit every part uploaded so far, in part-number order (a commit through a PAR names no parts)."""
+        upload = self.upload(namespace, bucket_name, name, upload_id)
+        parts = uploaded_parts(upload)
+        if not parts:
+            raise invalid_parameter("The multipart upload has no parts to commit.")
+        return self._assemble(upload, parts, None, None)
+
+    def _assemble(self, upload: dict[str, Any], parts: list[dict[str, Any]], if_match: str | None,
+                  if_none_match: str | None) -> dict[str, Any]:
+        """Join ``parts`` (in order) into the upload's object and end the upload."""
+        namespace, bucket_name, name = upload["namespace"], upload["bucket"], upload["object"]
         file_id = uuid.uuid4().hex
         digest = hashlib.md5()
         size = 0
@@ -414,7 +432,7 @@ class ObjectStorage:
             namespace, bucket_name, name, file_id, size, None, multipart_md5,
             upload["_contentType"], upload["_metadata"], if_match, if_none_match,
         )
-        self._discard_upload(upload_id)
+        self._discard_upload(upload["uploadId"])
         return obj
 
     def abort_multipart_upload(self, namespace: str, bucket_name: str, name: str, upload_id: str) -> None:
@@ -507,6 +525,11 @@ class ObjectStorage:
         if not allowed:
             raise ServiceError(403, "NotAllowed", f"The pre-authenticated request does not allow {'writes' if write else 'reads'}.")
         return par
+
+
+def uploaded_parts(upload: dict[str, Any]) -> list[dict[str, Any]]:
+    """A multipart upload's parts so far, in part-number order."""
+    return sorted(upload["_parts"].values(), key=lambda part: part["partNumber"])
 
 
 def _copy(src: BinaryIO, dst: BinaryIO) -> int:

@@ -10,7 +10,7 @@ from ..errors import invalid_parameter
 from ..http import FileBody, Request, Response, Route
 from ..ids import parse_iso
 from ..resources import public
-from .models import parse_range
+from .models import parse_range, uploaded_parts
 
 if TYPE_CHECKING:
     from ..app import LocalOCI
@@ -22,11 +22,15 @@ def _metadata(request: Request) -> dict[str, str]:
     return {k.lower(): v for k, v in request.headers.items() if k.lower().startswith("opc-meta-")}
 
 
+def _http_date(iso: str) -> str:
+    return email.utils.format_datetime(parse_iso(iso), usegmt=True)
+
+
 def object_headers(obj: dict[str, Any]) -> dict[str, str]:
     headers = {
         "ETag": obj["etag"],
         "Content-Type": obj["contentType"],
-        "Last-Modified": email.utils.format_datetime(parse_iso(obj["timeModified"]), usegmt=True),
+        "Last-Modified": _http_date(obj["timeModified"]),
         "Accept-Ranges": "bytes",
         "storage-tier": obj.get("storageTier", "Standard"),
     }
@@ -105,7 +109,7 @@ def routes(app: "LocalOCI") -> list[Route]:
             if_match=request.headers.get("If-Match"),
             if_none_match=request.headers.get("If-None-Match"),
         )
-        headers = {"ETag": obj["etag"], "opc-content-md5": obj["md5"], "Last-Modified": email.utils.format_datetime(parse_iso(obj["timeModified"]), usegmt=True)}
+        headers = {"ETag": obj["etag"], "opc-content-md5": obj["md5"], "Last-Modified": _http_date(obj["timeModified"])}
         return Response(200, b"", headers)
 
     def get_object(request: Request) -> Response:
@@ -146,17 +150,25 @@ def routes(app: "LocalOCI") -> list[Route]:
             raise invalid_parameter("uploadId is required.")
         return upload_id
 
-    def upload_part(request: Request) -> Response:
+    def store_part(request: Request, upload_id: str, part_number: str) -> Response:
+        """UploadPart, signed or through a PAR: the part's bytes are the request's body."""
         p = request.params
         try:
-            part_num = int(request.query.get("uploadPartNum", ""))
+            part_num = int(part_number)
         except ValueError:
             raise invalid_parameter("uploadPartNum must be a whole number.") from None
         part = os_.upload_part(
-            p["namespaceName"], p["bucketName"], p["objectName"], _upload_id(request), part_num,
+            p["namespaceName"], p["bucketName"], p["objectName"], upload_id, part_num,
             request.save_body, request.headers.get("Content-MD5"),
         )
         return Response(200, b"", {"ETag": part["etag"], "opc-content-md5": part["md5"]})
+
+    def committed(obj: dict[str, Any]) -> Response:
+        return Response(200, b"", {"ETag": obj["etag"], "opc-multipart-md5": obj["multipartMd5"],
+                                   "Last-Modified": _http_date(obj["timeModified"])})
+
+    def upload_part(request: Request) -> Response:
+        return store_part(request, _upload_id(request), request.query.get("uploadPartNum", ""))
 
     def commit_multipart_upload(request: Request) -> Response:
         p = request.params
@@ -164,7 +176,7 @@ def routes(app: "LocalOCI") -> list[Route]:
             p["namespaceName"], p["bucketName"], p["objectName"], _upload_id(request), request.json(),
             if_match=request.headers.get("If-Match"), if_none_match=request.headers.get("If-None-Match"),
         )
-        return Response(200, b"", {"ETag": obj["etag"], "opc-multipart-md5": obj["multipartMd5"]})
+        return committed(obj)
 
     def abort_multipart_upload(request: Request) -> Response:
         p = request.params
@@ -174,8 +186,7 @@ def routes(app: "LocalOCI") -> list[Route]:
     def list_multipart_upload_parts(request: Request) -> Response:
         p = request.params
         upload = os_.upload(p["namespaceName"], p["bucketName"], p["objectName"], _upload_id(request))
-        parts = sorted(upload["_parts"].values(), key=lambda part: part["partNumber"])
-        return Response.json([public(part) for part in parts])
+        return Response.json([public(part) for part in uploaded_parts(upload)])
 
     def list_multipart_uploads(request: Request) -> Response:
         p = request.params
@@ -211,6 +222,8 @@ def routes(app: "LocalOCI") -> list[Route]:
     def par_write(request: Request) -> Response:
         p = request.params
         os_.authorize_par(p["token"], p["namespaceName"], p["bucketName"], p["objectName"], write=True)
+        if (request.headers.get("opc-multipart") or "").strip().lower() == "true":
+            return par_create_multipart_upload(request)
         obj = os_.put_object(
             p["namespaceName"], p["bucketName"], p["objectName"], request.save_body,
             content_type=request.headers.get("Content-Type"),
@@ -219,9 +232,47 @@ def routes(app: "LocalOCI") -> list[Route]:
         )
         return Response(200, b"", {"ETag": obj["etag"], "opc-content-md5": obj["md5"]})
 
+    # Multipart uploads through a PAR that allows writes ("Using multipart uploads with
+    # pre-authenticated requests"): a PUT of the PAR's object URL with ``opc-multipart: true``
+    # creates the upload and answers with its ``accessUri``; under it, PUT <accessUri><N> uploads
+    # part N, POST <accessUri> commits every uploaded part in part-number order, DELETE aborts.
+    # Every call is authorized by the PAR itself (expiry, access type, object, bucket): deleting
+    # the PAR ends access to its uploads. They are ordinary multipart uploads otherwise.
+
+    def par_create_multipart_upload(request: Request) -> Response:
+        p = request.params
+        if not request.consumed:
+            raise invalid_parameter("A PUT with opc-multipart: true creates a multipart upload; it takes no body.")
+        upload = os_.create_multipart_upload(p["namespaceName"], p["bucketName"], {
+            "object": p["objectName"], "metadata": _metadata(request), "contentType": request.headers.get("Content-Type"),
+        })
+        access_uri = (f"/p/{quote(p['token'], safe='')}/n/{upload['namespace']}/b/{upload['bucket']}"
+                      f"/u/{quote(upload['object'], safe='')}/id/{upload['uploadId']}/")
+        return Response.json({**public(upload), "accessUri": access_uri})
+
+    def par_upload(request: Request) -> str:
+        """The upload a PAR upload call addresses, once the PAR allows writing its object; its id."""
+        p = request.params
+        os_.authorize_par(p["token"], p["namespaceName"], p["bucketName"], p["objectName"], write=True)
+        return os_.upload(p["namespaceName"], p["bucketName"], p["objectName"], p["uploadId"])["uploadId"]
+
+    def par_upload_part(request: Request) -> Response:
+        return store_part(request, par_upload(request), request.params["uploadPartNum"])
+
+    def par_commit_multipart_upload(request: Request) -> Response:
+        p = request.params
+        return committed(os_.commit_uploaded_parts(p["namespaceName"], p["bucketName"], p["objectName"],
+                                                   par_upload(request)))
+
+    def par_abort_multipart_upload(request: Request) -> Response:
+        p = request.params
+        os_.abort_multipart_upload(p["namespaceName"], p["bucketName"], p["objectName"], par_upload(request))
+        return Response.empty()
+
     ns = "/n/{namespaceName}"
     b = ns + "/b/{bucketName}"
     par_obj = "/p/{token}/n/{namespaceName}/b/{bucketName}/o/{objectName+}"
+    par_upl = "/p/{token}/n/{namespaceName}/b/{bucketName}/u/{objectName+}/id/{uploadId}"
     return [
         Route("GET", "/n", get_namespace, "GetNamespace"),
         Route("GET", ns, get_namespace_metadata, "GetNamespaceMetadata"),
@@ -248,5 +299,9 @@ def routes(app: "LocalOCI") -> list[Route]:
         Route("DELETE", b + "/p/{parId}", delete_par, "DeletePreauthenticatedRequest"),
         Route("GET", par_obj, par_read, "ParGetObject", authenticated=False),
         Route("HEAD", par_obj, par_read, "ParHeadObject", authenticated=False),
+        # also creates a multipart upload (opc-multipart: true)
         Route("PUT", par_obj, par_write, "ParPutObject", authenticated=False),
+        Route("PUT", par_upl + "/{uploadPartNum}", par_upload_part, "ParUploadPart", authenticated=False),
+        Route("POST", par_upl, par_commit_multipart_upload, "ParCommitMultipartUpload", authenticated=False),
+        Route("DELETE", par_upl, par_abort_multipart_upload, "ParAbortMultipartUpload", authenticated=False),
     ]
