@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from . import regions
 from .app import LocalOCI
 from .config import ensure_client_config
 
@@ -25,12 +26,22 @@ def _loopback(host: str) -> str:
     raise argparse.ArgumentTypeError(f"{host!r} is not a loopback address: the admin API takes no credentials")
 
 
+def _regions(text: str) -> list[str]:
+    try:
+        return regions.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m localoci", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve every local OCI service on one port")
+    serve = sub.add_parser("serve", help="serve every local OCI service on one port a region")
     serve.add_argument("--host", type=_loopback, default="127.0.0.1", help="loopback address to listen on")
-    serve.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
+    serve.add_argument("--port", type=int, default=0, help="port the home region listens on (0: any free port)")
+    serve.add_argument("--regions", type=_regions, default=None,
+                       help="regions to serve, comma-separated, the home region first; each other region listens on "
+                            "a free port of its own (default: those the data directory served last, else local-1)")
     serve.add_argument("--data-dir", type=Path, required=True, help="where state, objects and volumes live")
     serve.add_argument("--ssh-port", type=int, default=None,
                        help="port every instance's sshd listens on, at its own 127.0.0.N (default: a free port chosen once)")
@@ -45,13 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     ssh_port = args.ssh_port
     if ssh_port is None and not (args.data_dir / "state.json").exists():
         ssh_port = _free_port()
-    app = LocalOCI(args.data_dir, ssh_port=ssh_port, transition_seconds=args.transition_seconds)
-    config_path = ensure_client_config(app.data_dir, app.tenancy_id)
-    server = app.serve(args.host, args.port)
-    host, port = server.server_address[:2]
+    app = LocalOCI(args.data_dir, ssh_port=ssh_port, transition_seconds=args.transition_seconds, regions=args.regions)
+    config_path = ensure_client_config(app.data_dir, app.tenancy_id, app.home_region)
+    servers = [app.serve(args.host, args.port if region == app.home_region else 0, region) for region in app.regions]
+    endpoints = {server.region: "http://{}:{}".format(*server.server_address[:2]) for server in servers}
     app.start()
     ready = {
-        "endpoint": f"http://{host}:{port}",
+        "endpoint": endpoints[app.home_region],
+        "region": app.home_region,
+        "regionEndpoints": endpoints,
         "namespace": app.namespace,
         "tenancyId": app.tenancy_id,
         "ociConfigFile": str(config_path),
@@ -66,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
-    thread.start()
+    for server in servers:
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
     if args.ready_file:
         tmp = args.ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(ready))
@@ -81,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        server.shutdown()
-        server.server_close()
+        for server in servers:
+            server.shutdown()
+            server.server_close()
         app.stop()
     return 0
 

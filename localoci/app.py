@@ -25,6 +25,7 @@ from .network.models import Network
 from .network.responses import routes as network_routes
 from .objectstorage.models import ObjectStorage
 from .objectstorage.responses import routes as objectstorage_routes
+from .regions import HOME
 from .retrytokens import HEADER as RETRY_TOKEN, RetryTokens
 from .server import LocalOCIServer, require_signature
 from .store import Store
@@ -40,6 +41,7 @@ class LocalOCI:
         data_dir: Path,
         ssh_port: int | None = None,
         transition_seconds: float = 0.05,
+        regions: list[str] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.store = Store(self.data_dir)
@@ -50,6 +52,10 @@ class LocalOCI:
             if ssh_port is not None:
                 meta["ssh_port"] = ssh_port
             meta.setdefault("ssh_port", 22)
+            # The regions served: as told, else as the last process served them, else the home region alone.
+            if regions:
+                meta["regions"] = list(regions)
+            meta.setdefault("regions", [HOME])
             self.store.save()
         self.meta = meta
         self.scheduler = Scheduler(transition_seconds)
@@ -85,6 +91,15 @@ class LocalOCI:
     @property
     def tenancy_id(self) -> str:
         return self.meta["tenancy_id"]
+
+    @property
+    def regions(self) -> list[str]:
+        """The regions served, the home region first."""
+        return list(self.meta["regions"])
+
+    @property
+    def home_region(self) -> str:
+        return self.meta["regions"][0]
 
     def start(self) -> None:
         """Bring back what a previous process left: running instances, pending events."""
@@ -124,7 +139,7 @@ class LocalOCI:
     def _take_fault(self, operation: str, request: Request) -> Fault | None:
         if not self.faults.wanted(operation):
             return None
-        fields: dict[str, Any] = {**request.query, **request.params}
+        fields: dict[str, Any] = {"region": request.region, **request.query, **request.params}
         body = request.json_if_small()
         if isinstance(body, dict):
             fields.update(body)
@@ -166,5 +181,6 @@ class LocalOCI:
             self.worker_bps_per_ocpu = per_ocpu
             self.worker_buckets.clear()
 
-    def serve(self, host: str, port: int) -> LocalOCIServer:
-        return LocalOCIServer(self, host, port)
+    def serve(self, host: str, port: int, region: str | None = None) -> LocalOCIServer:
+        """A listener for ``region`` (None: the home region) on ``host:port``."""
+        return LocalOCIServer(self, host, port, region or self.home_region)

@@ -16,6 +16,7 @@ from typing import Any, BinaryIO, Callable, Iterable
 from urllib.parse import parse_qsl, unquote
 
 from .errors import invalid_parameter
+from .regions import HOME
 
 CHUNK = 1024 * 1024
 SMALL_BODY_LIMIT = 16 * 1024 * 1024
@@ -43,6 +44,8 @@ class Request:
         self.cut_after_bytes: int | None = None
         # Set by an injected fault: the resource this call creates fails to provision.
         self.fail_resource = False
+        # The region whose listener the request arrived on (see regions.py).
+        self.region = HOME
         self._rfile = rfile
         self._body: bytes | None = None
         self._consumed = False

@@ -8,9 +8,9 @@ import secrets
 REGION = "local-1"
 
 
-def new_ocid(resource_type: str, realm: str = "oc1") -> str:
-    """Return a fresh OCID such as ``ocid1.volume.oc1.local-1.<random>``."""
-    return f"ocid1.{resource_type}.{realm}.{REGION}.{secrets.token_hex(16)}"
+def new_ocid(resource_type: str, realm: str = "oc1", region: str | None = None) -> str:
+    """Return a fresh OCID such as ``ocid1.volume.oc1.local-1.<random>`` (of the home region unless told)."""
+    return f"ocid1.{resource_type}.{realm}.{region or REGION}.{secrets.token_hex(16)}"
 
 
 def now_iso() -> str:

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,20 @@ class RunningLocalOCI:
     oci_config_file: str
     oci_profile: str
     ssh_port: int
+    # Each region's endpoint, the home region's (``endpoint``) first; a block storage client of region R is
+    # ``oci.core.BlockstorageClient(config, service_endpoint=server.region_endpoints[R])``.
+    region_endpoints: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def home_region(self) -> str:
+        return next(iter(self.region_endpoints), "local-1")
+
+    def endpoint_of(self, region: str) -> str:
+        """The endpoint of ``region``; KeyError naming the regions served if it is not one of them."""
+        try:
+            return self.region_endpoints[region] if self.region_endpoints else {"local-1": self.endpoint}[region]
+        except KeyError:
+            raise KeyError(f"region {region!r} is not served; served: {', '.join(self.region_endpoints) or 'local-1'}") from None
 
     def admin(self, method: str, path: str, body: Any = None) -> Any:
         """Call the admin API (``/_localoci/...``) and decode its JSON answer."""
@@ -52,8 +66,10 @@ def start(
     log_path: Path | None = None,
     extra_args: list[str] | None = None,
     timeout: float = 30.0,
+    regions: list[str] | None = None,
 ) -> RunningLocalOCI:
-    """Start ``python -m localoci serve`` and wait until it listens."""
+    """Start ``python -m localoci serve`` and wait until it listens (in ``regions``, the home region first,
+    if told; else those the data directory served last, else local-1 alone)."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     ready_file = data_dir / "ready.json"
@@ -63,7 +79,7 @@ def start(
     env = {**os.environ, "PYTHONPATH": str(project_root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     process = subprocess.Popen(
         [sys.executable, "-m", "localoci", "serve", "--data-dir", str(data_dir), "--port", str(port),
-         "--ready-file", str(ready_file), *(extra_args or [])],
+         "--ready-file", str(ready_file), *(["--regions", ",".join(regions)] if regions else []), *(extra_args or [])],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=env,
     )
     log.close()
@@ -79,7 +95,7 @@ def start(
     return RunningLocalOCI(
         process=process, pid=process.pid, data_dir=data_dir, endpoint=ready["endpoint"], namespace=ready["namespace"],
         tenancy_id=ready["tenancyId"], oci_config_file=ready["ociConfigFile"], oci_profile=ready["ociProfile"],
-        ssh_port=ready["sshPort"],
+        ssh_port=ready["sshPort"], region_endpoints=ready.get("regionEndpoints") or {},
     )
 
 

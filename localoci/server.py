@@ -1,4 +1,4 @@
-"""The one HTTP server that serves every local OCI service on a single port."""
+"""The HTTP server that serves every local OCI service on a single port, one such port a region."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not hasattr(self, "connection_state"):
             self.connection_state: dict[str, object] = {}
         request.connection = self.connection_state
+        request.region = self.server.region
         request_id = uuid.uuid4().hex.upper()
         try:
             response = app.handle(request)
@@ -116,12 +117,15 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class LocalOCIServer(ThreadingHTTPServer):
+    """The listener of one region; every region's listener serves the same app."""
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, app: "LocalOCI", host: str, port: int) -> None:
+    def __init__(self, app: "LocalOCI", host: str, port: int, region: str) -> None:
         self.app = app
+        self.region = region
         super().__init__((host, port), _Handler)
 
     def server_bind(self) -> None:

@@ -1,10 +1,11 @@
-"""Identity: the availability and fault domains of the local region."""
+"""Identity: the availability and fault domains of each local region (see ``localoci/regions.py``)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from ..errors import invalid_parameter
+from ..regions import availability_domain_names
 
 if TYPE_CHECKING:
     from ..app import LocalOCI
@@ -17,14 +18,17 @@ class Identity:
     def __init__(self, app: "LocalOCI") -> None:
         self.app = app
 
-    def availability_domains(self) -> list[dict[str, Any]]:
+    def availability_domains(self, region: str | None = None) -> list[dict[str, Any]]:
+        """The availability domains of ``region`` (None: the home region)."""
+        region = region or self.app.home_region
         return [
-            {"name": f"local:LOCAL-AD-{n}", "id": f"ocid1.availabilitydomain.oc1..local-ad-{n}", "compartmentId": self.app.tenancy_id}
-            for n in range(1, AD_COUNT + 1)
+            {"name": name, "id": f"ocid1.availabilitydomain.oc1..{name.split(':')[-1].lower()}",
+             "compartmentId": self.app.tenancy_id}
+            for name in availability_domain_names(region, self.app.home_region, AD_COUNT)
         ]
 
-    def check_availability_domain(self, name: str | None) -> str:
-        names = [ad["name"] for ad in self.availability_domains()]
+    def check_availability_domain(self, name: str | None, region: str | None = None) -> str:
+        names = [ad["name"] for ad in self.availability_domains(region)]
         if name not in names:
             raise invalid_parameter(f"Invalid availabilityDomain {name!r}; this region has {names}.")
         return name
@@ -34,8 +38,8 @@ class Identity:
             raise invalid_parameter(f"Invalid compartmentId {compartment_id!r}.")
         return compartment_id
 
-    def fault_domains(self, availability_domain: str) -> list[dict[str, Any]]:
-        self.check_availability_domain(availability_domain)
+    def fault_domains(self, availability_domain: str, region: str | None = None) -> list[dict[str, Any]]:
+        self.check_availability_domain(availability_domain, region)
         return [
             {"name": fd, "id": f"ocid1.faultdomain.oc1..{availability_domain.split(':')[-1].lower()}-{fd.lower()}",
              "compartmentId": self.app.tenancy_id, "availabilityDomain": availability_domain}

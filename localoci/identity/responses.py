@@ -18,11 +18,11 @@ def routes(app: "LocalOCI") -> list[Route]:
 
     def list_availability_domains(request: Request) -> Response:
         identity.check_compartment(require(request, "compartmentId"))
-        return Response.json(identity.availability_domains())
+        return Response.json(identity.availability_domains(request.region))
 
     def list_fault_domains(request: Request) -> Response:
         identity.check_compartment(require(request, "compartmentId"))
-        return paged(request, identity.fault_domains(require(request, "availabilityDomain")), dict)
+        return paged(request, identity.fault_domains(require(request, "availabilityDomain"), request.region), dict)
 
     return [
         Route("GET", BASE + "/availabilityDomains", list_availability_domains, "ListAvailabilityDomains"),
