@@ -40,14 +40,14 @@ def inventory(app: "LocalOCI", include_ended: bool = False, tags: dict[str, str]
         for i in app.store.values("instances") if wanted(i)
     ]
     volumes = [
-        {**public(v), "backingFile": str(bs.backing_file(v)), "allocatedBytes": bs.allocated_bytes(v)}
+        {**public(v), "region": bs.region_of(v), "backingFile": str(bs.backing_file(v)), "allocatedBytes": bs.allocated_bytes(v)}
         for v in app.store.values("volumes") if wanted(v)
     ]
     boot_volumes = [
-        {**public(v), "backingFile": str(bs.backing_file(v)), "allocatedBytes": bs.allocated_bytes(v)}
+        {**public(v), "region": bs.region_of(v), "backingFile": str(bs.backing_file(v)), "allocatedBytes": bs.allocated_bytes(v)}
         for v in app.store.values("boot_volumes") if wanted(v)
     ]
-    volume_groups = [bs.render_group(g) for g in app.store.values("volume_groups") if wanted(g)]
+    volume_groups = [{**bs.render_group(g), "region": bs.region_of(g)} for g in app.store.values("volume_groups") if wanted(g)]
     attachments = [public(a) for a in app.store.values("volume_attachments")
                    if include_ended or a["lifecycleState"] not in ENDED]
     boot_attachments = [public(a) for a in app.store.values("boot_volume_attachments")
@@ -60,6 +60,7 @@ def inventory(app: "LocalOCI", include_ended: bool = False, tags: dict[str, str]
         "volumes": volumes,
         "bootVolumes": boot_volumes,
         "volumeGroups": volume_groups,
+        **app.backups.inventory(wanted),
         "attachments": attachments,
         "bootVolumeAttachments": boot_attachments,
         "pars": pars,

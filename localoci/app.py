@@ -10,8 +10,9 @@ from typing import Any
 
 from . import admin
 from .bandwidth import ReadMetrics, TokenBucket
+from .blockstorage.backups import Backups
 from .blockstorage.models import BlockStorage
-from .blockstorage.responses import routes as blockstorage_routes
+from .blockstorage.responses import backup_routes, routes as blockstorage_routes
 from .compute.models import Compute
 from .compute.responses import routes as compute_routes
 from .errors import ServiceError
@@ -72,6 +73,7 @@ class LocalOCI:
         self.events = Events(self)
         self.objectstorage = ObjectStorage(self)
         self.blockstorage = BlockStorage(self)
+        self.backups = Backups(self)
         self.compute = Compute(self)
         self.router = Router()
         for routes in (
@@ -79,6 +81,7 @@ class LocalOCI:
             identity_routes,
             network_routes,
             blockstorage_routes,
+            backup_routes,
             compute_routes,
             admin.routes,
         ):
@@ -105,6 +108,7 @@ class LocalOCI:
         """Bring back what a previous process left: running instances, pending events."""
         self.compute.resume()
         self.blockstorage.resume()
+        self.backups.resume()
         self.events.start()
 
     def stop(self) -> None:

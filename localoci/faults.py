@@ -3,14 +3,15 @@
 A fault names an OCI operation (``LaunchInstance``, ``CreateVolume``, ``GetObject``...)
 and, optionally, ``match``: values that the request's path parameters, query
 parameters or JSON body must hold for the fault to apply, e.g.
-``{"availabilityDomain": "local:AD-1"}`` to fail launches in one domain only.
+``{"availabilityDomain": "local:AD-1"}`` to fail launches in one domain only, or
+``{"region": "local-2"}`` to fail calls made to one region's listener only.
 
 A fault strikes ``before`` the operation (it fails and nothing happens) or ``after``
 it (it took effect, but the client gets the error instead of the reply: the case a
 retry token exists for). It strikes with an error reply, or with ``drop`` by hanging
 up without any reply. Two faults touch no reply: ``cutAfterBytes`` cuts an object
 read short, and ``failResource`` lets a create succeed but its resource fail to
-provision (a volume ends FAULTY, an instance TERMINATED).
+provision (a volume, boot volume or backup, a copied one too, ends FAULTY; an instance TERMINATED).
 
 A fault strikes each matching call (``probability`` 1), or a random share of them; it is
 spent after ``count`` strikes, or once ``seconds`` have passed since it was added.
@@ -29,7 +30,9 @@ from .errors import ServiceError, invalid_parameter
 
 BEFORE, AFTER = "before", "after"
 # The creates whose resource a failResource fault makes fail, instead of becoming AVAILABLE or RUNNING.
-FAIL_RESOURCE_OPERATIONS = ("CreateVolume", "LaunchInstance")
+FAIL_RESOURCE_OPERATIONS = ("CreateVolume", "LaunchInstance", "CreateBootVolume", "CreateVolumeBackup",
+                            "CopyVolumeBackup", "CreateBootVolumeBackup", "CopyBootVolumeBackup",
+                            "CreateVolumeGroupBackup", "CopyVolumeGroupBackup")
 
 
 class ConnectionDropped(ConnectionError):
@@ -95,7 +98,7 @@ def _check(fault: Fault, spec: dict[str, Any]) -> None:
             raise invalid_parameter("fault cutAfterBytes cuts an object read short; it takes no phase or drop")
     if fault.fail_resource:
         if fault.operation not in FAIL_RESOURCE_OPERATIONS:
-            raise invalid_parameter(f"fault failResource applies to {' and '.join(FAIL_RESOURCE_OPERATIONS)} only")
+            raise invalid_parameter(f"fault failResource applies to {', '.join(FAIL_RESOURCE_OPERATIONS)} only")
         if "phase" in spec or fault.drop or fault.cut_after_bytes is not None:
             raise invalid_parameter("fault failResource lets the call succeed; it takes no phase, drop or cutAfterBytes")
 

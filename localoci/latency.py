@@ -22,6 +22,12 @@ transitions slowed to real durations. A profile maps ``<kind>:<TARGET_STATE>`` (
   create and 75 min to delete). The values below are this project's assumptions, well inside
   those bounds: a volume 15 s to AVAILABLE, an attachment 10 s to ATTACHED and 10 s to
   DETACHED, an instance 30 s to TERMINATED, a boot volume 15 s.
+- backups: no published duration either (OCI says a backup's time depends on the data
+  written, and a cross-region copy on the data and the distance). Assumed: a volume or boot
+  volume backup 60 s to AVAILABLE, a copy to another region 120 s, a volume group backup
+  90 s and its copy 180 s; deleting any of them 10 s. Restores take the volume, boot volume
+  and volume group transitions above. The local copy of the files is inside these delays
+  (a backup is AVAILABLE once both its copy and its delay are done).
 """
 
 from __future__ import annotations
@@ -43,6 +49,15 @@ PROFILES: dict[str, dict[str, float]] = {
         "bootvolumeattachment:DETACHED": 10.0,
         "volumegroup:AVAILABLE": 10.0,
         "volumegroup:TERMINATED": 10.0,
+        "volumebackup:AVAILABLE": 60.0,
+        "volumebackupcopy:AVAILABLE": 120.0,
+        "volumebackup:TERMINATED": 10.0,
+        "bootvolumebackup:AVAILABLE": 60.0,
+        "bootvolumebackupcopy:AVAILABLE": 120.0,
+        "bootvolumebackup:TERMINATED": 10.0,
+        "volumegroupbackup:AVAILABLE": 90.0,
+        "volumegroupbackupcopy:AVAILABLE": 180.0,
+        "volumegroupbackup:TERMINATED": 10.0,
     },
 }
 

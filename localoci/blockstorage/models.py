@@ -1,4 +1,9 @@
-"""Block Storage: volumes backed by sparse files, volume groups, backup policies and their assignments."""
+"""Block Storage: volumes backed by sparse files, volume groups, backup policies and their assignments.
+
+Block Storage is regional: every record holds its region (``_region``; none: the home region)
+and a call finds only its own region's records, as if the others did not exist (404).
+Backups, and the volumes restored from them, are in ``backups.py``.
+"""
 
 from __future__ import annotations
 
@@ -22,15 +27,15 @@ VALID_VPUS = (0, 10, 20, *range(30, 121, 10))
 ORACLE_POLICIES = ("gold", "silver", "bronze")
 LIVE_ATTACHMENT_STATES = ("ATTACHING", "ATTACHED", "DETACHING")
 ENDED_STATES = ("TERMINATING", "TERMINATED")
-# Volume group sources that make copies of volumes (clones, restores); the local OCI makes none.
-COPYING_GROUP_SOURCES = ("volumeGroupId", "volumeGroupBackupId", "volumeGroupReplicaId")
+# Volume group sources that make copies of volumes the local OCI does not make (clones, replicas).
+COPYING_GROUP_SOURCES = ("volumeGroupId", "volumeGroupReplicaId")
 # A boot volume made by a launch from an image starts with this, a MiB of it: not zeros, as a
 # platform image's boot volume is not, so a write that leaves some of it behind shows.
 IMAGE_CONTENT = b"localoci platform image boot volume\n"
 DEFAULT_BOOT_SIZE_GB = 47
 
 
-def _check_size(size_gb: Any) -> int:
+def check_size(size_gb: Any) -> int:
     if isinstance(size_gb, bool) or not isinstance(size_gb, int) or not MIN_SIZE_GB <= size_gb <= MAX_SIZE_GB:
         raise invalid_parameter(f"sizeInGBs must be a whole number from {MIN_SIZE_GB} to {MAX_SIZE_GB}, not {size_gb!r}.")
     return size_gb
@@ -60,14 +65,28 @@ class BlockStorage:
             for name in ORACLE_POLICIES
         }
 
-    def volume(self, volume_id: str) -> dict[str, Any]:
-        return lookup(self.volumes, volume_id, "Volume")
+    def region_of(self, record: dict[str, Any]) -> str:
+        return record.get("_region") or self.app.home_region
 
-    def attachable(self, volume_id: str) -> dict[str, Any]:
+    def find(self, records: dict[str, dict[str, Any]], record_id: str, what: str, region: str | None) -> dict[str, Any]:
+        """The record ``record_id`` if it is in ``region`` (None: any region); else 404, as OCI answers."""
+        record = lookup(records, record_id, what)
+        if region is not None and self.region_of(record) != region:
+            lookup({}, record_id, what)
+        return record
+
+    def in_region(self, records: Any, region: str) -> list[dict[str, Any]]:
+        """The records of ``region`` among ``records``: what a list call in it shows."""
+        return [r for r in records if self.region_of(r) == region]
+
+    def volume(self, volume_id: str, region: str | None = None) -> dict[str, Any]:
+        return self.find(self.volumes, volume_id, "Volume", region)
+
+    def attachable(self, volume_id: str, region: str | None = None) -> dict[str, Any]:
         """A block volume, or a boot volume (attachable to another instance as a data volume)."""
         if volume_id in self.boot_volumes:
-            return self.boot_volumes[volume_id]
-        return self.volume(volume_id)
+            return self.boot_volume(volume_id, region)
+        return self.volume(volume_id, region)
 
     def backing_file(self, volume: dict[str, Any]) -> Path:
         return self.volumes_dir / volume["_file"]
@@ -78,55 +97,66 @@ class BlockStorage:
         except FileNotFoundError:
             return 0
 
-    def create_volume(self, details: dict[str, Any], fails: bool = False) -> dict[str, Any]:
-        """A new PROVISIONING volume; it becomes AVAILABLE, or FAULTY if it ``fails`` (an injected fault)."""
-        compartment = self.app.identity.check_compartment(details.get("compartmentId"))
-        ad = self.app.identity.check_availability_domain(details.get("availabilityDomain"))
-        if details.get("sizeInGBs") is None and details.get("sizeInMBs") is not None:
-            size_mb = details["sizeInMBs"]
-            size_gb = _check_size(size_mb // 1024 if isinstance(size_mb, int) and size_mb % 1024 == 0 else size_mb)
-        else:
-            size_gb = _check_size(details.get("sizeInGBs", DEFAULT_SIZE_GB))
-        vpus = _check_vpus(details.get("vpusPerGB", 10))
+    def create_volume(self, details: dict[str, Any], fails: bool = False, region: str | None = None) -> dict[str, Any]:
+        """A new PROVISIONING volume in ``region``; it becomes AVAILABLE, or FAULTY if it ``fails`` (an injected
+        fault). From ``sourceDetails`` of type volumeBackup, it holds the backup's bytes once AVAILABLE."""
+        region = region or self.app.home_region
         if details.get("sourceDetails"):
-            raise invalid_parameter("Creating a volume from a source is not supported by the local OCI.")
-        volume_id = new_ocid("volume")
-        volume = {
+            volume = self.app.backups.restore_volume(details, fails, region)
+        else:
+            volume = self.new_volume(details, region, fails)
+            with open(self.backing_file(volume), "wb") as f:
+                f.truncate(volume["sizeInGBs"] * GB)
+            with self.store.lock:
+                self.volumes[volume["id"]] = volume
+                self.store.save()
+            self.app.scheduler.transition("volume:AVAILABLE", lambda: self.provisioned(volume["id"]))
+        policy = details.get("backupPolicyId")
+        if policy:
+            self.assign_policy({"assetId": volume["id"], "policyId": policy})
+        return volume
+
+    def new_volume(self, details: dict[str, Any], region: str, fails: bool = False,
+                   size_gb: int | None = None) -> dict[str, Any]:
+        """The record of a new PROVISIONING volume as ``details`` ask for it (checked), not yet stored;
+        of ``size_gb`` if given (a restore's, checked by it)."""
+        compartment = self.app.identity.check_compartment(details.get("compartmentId"))
+        ad = self.app.identity.check_availability_domain(details.get("availabilityDomain"), region)
+        if size_gb is not None:
+            pass
+        elif details.get("sizeInGBs") is None and details.get("sizeInMBs") is not None:
+            size_mb = details["sizeInMBs"]
+            size_gb = check_size(size_mb // 1024 if isinstance(size_mb, int) and size_mb % 1024 == 0 else size_mb)
+        else:
+            size_gb = check_size(details.get("sizeInGBs", DEFAULT_SIZE_GB))
+        vpus = _check_vpus(details.get("vpusPerGB", 10))
+        volume_id = new_ocid("volume", region=region)
+        return {
             "id": volume_id, "compartmentId": compartment, "availabilityDomain": ad,
             "displayName": details.get("displayName") or volume_id[-12:], "sizeInGBs": size_gb,
             "sizeInMBs": size_gb * 1024, "vpusPerGB": vpus, "isHydrated": True, "isAutoTuneEnabled": False,
             "lifecycleState": "PROVISIONING", "timeCreated": now_iso(), "volumeGroupId": None,
             "freeformTags": details.get("freeformTags") or {}, "definedTags": details.get("definedTags") or {},
-            "_file": volume_id.rsplit(".", 1)[-1] + ".img", "_fails": fails,
+            "_file": volume_id.rsplit(".", 1)[-1] + ".img", "_fails": fails, "_region": region,
         }
-        with open(self.backing_file(volume), "wb") as f:
-            f.truncate(size_gb * GB)
-        with self.store.lock:
-            self.volumes[volume_id] = volume
-            self.store.save()
-        policy = details.get("backupPolicyId")
-        if policy:
-            self.assign_policy({"assetId": volume_id, "policyId": policy})
-        self.app.scheduler.transition("volume:AVAILABLE", lambda: self._provisioned(volume_id))
-        return volume
 
-    def _provisioned(self, volume_id: str) -> None:
-        self._set_state(self.volumes, volume_id, "PROVISIONING", "FAULTY" if self.volumes[volume_id].get("_fails") else "AVAILABLE")
+    def provisioned(self, volume_id: str) -> None:
+        self.set_state(self.volumes, volume_id, "PROVISIONING", "FAULTY" if self.volumes[volume_id].get("_fails") else "AVAILABLE")
 
-    def _set_state(self, records: dict[str, dict[str, Any]], record_id: str, expected: str, state: str) -> None:
+    def set_state(self, records: dict[str, dict[str, Any]], record_id: str, expected: str, state: str) -> None:
         with self.store.lock:
             record = records[record_id]
             if record["lifecycleState"] == expected:
                 record["lifecycleState"] = state
                 self.store.save()
 
-    def update_volume(self, volume_id: str, details: dict[str, Any]) -> dict[str, Any]:
+    def update_volume(self, volume_id: str, details: dict[str, Any], region: str | None = None) -> dict[str, Any]:
         with self.store.lock:
-            volume = self.volume(volume_id)
+            volume = self.volume(volume_id, region)
             if volume["lifecycleState"] != "AVAILABLE":
                 raise incorrect_state(f"Volume {volume_id} is {volume['lifecycleState']}, not AVAILABLE.")
             if details.get("sizeInGBs") is not None:
-                size = _check_size(details["sizeInGBs"])
+                size = check_size(details["sizeInGBs"])
                 if size < volume["sizeInGBs"]:
                     raise invalid_parameter(f"A volume cannot shrink: {size} GB is below its {volume['sizeInGBs']} GB.")
                 with open(self.backing_file(volume), "r+b") as f:
@@ -140,9 +170,9 @@ class BlockStorage:
             self.store.save()
             return volume
 
-    def delete_volume(self, volume_id: str) -> None:
+    def delete_volume(self, volume_id: str, region: str | None = None) -> None:
         with self.store.lock:
-            volume = self.volume(volume_id)
+            volume = self.volume(volume_id, region)
             if volume["lifecycleState"] in ENDED_STATES:
                 raise incorrect_state(f"Volume {volume_id} is already {volume['lifecycleState']}.")
             if any(a["volumeId"] == volume_id and a["lifecycleState"] in LIVE_ATTACHMENT_STATES for a in self.app.compute.attachments.values()):
@@ -159,7 +189,7 @@ class BlockStorage:
         group_id = self.attachable(volume_id).get("volumeGroupId")
         if group_id:
             group = self.groups[group_id]
-            self._set_members(group, [v for v in group["volumeIds"] if v != volume_id])
+            self.set_members(group, [v for v in group["volumeIds"] if v != volume_id])
 
     def _terminate(self, volume_id: str) -> None:
         with self.store.lock:
@@ -170,32 +200,45 @@ class BlockStorage:
 
     # -- boot volumes ----------------------------------------------------------------
 
-    def boot_volume(self, boot_volume_id: str) -> dict[str, Any]:
-        return lookup(self.boot_volumes, boot_volume_id, "BootVolume")
+    def boot_volume(self, boot_volume_id: str, region: str | None = None) -> dict[str, Any]:
+        return self.find(self.boot_volumes, boot_volume_id, "BootVolume", region)
 
     def create_boot_volume(self, instance: dict[str, Any], size_gb: Any, image_id: str) -> dict[str, Any]:
         """The boot volume a launch from ``image_id`` makes (called with the store locked)."""
-        size_gb = DEFAULT_BOOT_SIZE_GB if size_gb is None else _check_size(size_gb)
-        boot_volume_id = new_ocid("bootvolume")
-        boot_volume = {
-            "id": boot_volume_id, "compartmentId": instance["compartmentId"],
-            "availabilityDomain": instance["availabilityDomain"],
-            "displayName": f"{instance['displayName']} (Boot Volume)", "sizeInGBs": size_gb, "sizeInMBs": size_gb * 1024,
-            "imageId": image_id, "vpusPerGB": 10, "isHydrated": True, "lifecycleState": "PROVISIONING",
-            "timeCreated": now_iso(), "volumeGroupId": None, "freeformTags": {}, "definedTags": {},
-            "_file": "boot-" + boot_volume_id.rsplit(".", 1)[-1] + ".img", "_image": image_id,
-        }
+        size_gb = DEFAULT_BOOT_SIZE_GB if size_gb is None else check_size(size_gb)
+        boot_volume = self.new_boot_volume(instance["compartmentId"], instance["availabilityDomain"],
+                                           {"displayName": f"{instance['displayName']} (Boot Volume)"}, size_gb,
+                                           image_id, self.app.home_region)
+        boot_volume_id = boot_volume["id"]
         with open(self.backing_file(boot_volume), "wb") as f:
             f.write(IMAGE_CONTENT * (MiB // len(IMAGE_CONTENT)))
             f.truncate(size_gb * GB)
         self.boot_volumes[boot_volume_id] = boot_volume
-        self.app.scheduler.transition("bootvolume:AVAILABLE", lambda: self._set_state(
-            self.boot_volumes, boot_volume_id, "PROVISIONING", "AVAILABLE"))
+        self.app.scheduler.transition("bootvolume:AVAILABLE", lambda: self.boot_volume_provisioned(boot_volume_id))
         return boot_volume
 
-    def update_boot_volume(self, boot_volume_id: str, details: dict[str, Any]) -> dict[str, Any]:
+    @staticmethod
+    def new_boot_volume(compartment: str, ad: str, details: dict[str, Any], size_gb: int, image_id: str | None,
+                        region: str, fails: bool = False) -> dict[str, Any]:
+        """The record of a new PROVISIONING boot volume holding ``image_id``'s disk, not yet stored."""
+        boot_volume_id = new_ocid("bootvolume", region=region)
+        return {
+            "id": boot_volume_id, "compartmentId": compartment, "availabilityDomain": ad,
+            "displayName": details.get("displayName") or boot_volume_id[-12:], "sizeInGBs": size_gb,
+            "sizeInMBs": size_gb * 1024, "imageId": image_id, "vpusPerGB": _check_vpus(details.get("vpusPerGB", 10)),
+            "isHydrated": True, "lifecycleState": "PROVISIONING", "timeCreated": now_iso(), "volumeGroupId": None,
+            "freeformTags": details.get("freeformTags") or {}, "definedTags": details.get("definedTags") or {},
+            "_file": "boot-" + boot_volume_id.rsplit(".", 1)[-1] + ".img", "_image": image_id, "_region": region,
+            "_fails": fails,
+        }
+
+    def boot_volume_provisioned(self, boot_volume_id: str) -> None:
+        state = "FAULTY" if self.boot_volumes[boot_volume_id].get("_fails") else "AVAILABLE"
+        self.set_state(self.boot_volumes, boot_volume_id, "PROVISIONING", state)
+
+    def update_boot_volume(self, boot_volume_id: str, details: dict[str, Any], region: str | None = None) -> dict[str, Any]:
         with self.store.lock:
-            boot_volume = self.boot_volume(boot_volume_id)
+            boot_volume = self.boot_volume(boot_volume_id, region)
             if boot_volume["lifecycleState"] in ENDED_STATES:
                 raise incorrect_state(f"Boot volume {boot_volume_id} is {boot_volume['lifecycleState']}.")
             if details.get("vpusPerGB") is not None:
@@ -206,9 +249,9 @@ class BlockStorage:
             self.store.save()
             return boot_volume
 
-    def delete_boot_volume(self, boot_volume_id: str) -> None:
+    def delete_boot_volume(self, boot_volume_id: str, region: str | None = None) -> None:
         with self.store.lock:
-            boot_volume = self.boot_volume(boot_volume_id)
+            boot_volume = self.boot_volume(boot_volume_id, region)
             if boot_volume["lifecycleState"] in ENDED_STATES:
                 raise incorrect_state(f"Boot volume {boot_volume_id} is already {boot_volume['lifecycleState']}.")
             if self.app.compute.attached(boot_volume_id):
@@ -226,27 +269,28 @@ class BlockStorage:
             self.store.save()
 
     def resume(self) -> None:
-        """Finish transitions that a stopped process left half done."""
+        """Finish transitions that a stopped process left half done (restores whose copy is under way,
+        ``_copy``, are the backups' to resume)."""
         for boot_volume in self.store.values("boot_volumes"):
-            if boot_volume["lifecycleState"] == "PROVISIONING":
-                self._set_state(self.boot_volumes, boot_volume["id"], "PROVISIONING", "AVAILABLE")
+            if boot_volume["lifecycleState"] == "PROVISIONING" and "_copy" not in boot_volume:
+                self.boot_volume_provisioned(boot_volume["id"])
             elif boot_volume["lifecycleState"] == "TERMINATING":
                 self.terminate_boot_volume(boot_volume["id"])
         for volume in self.store.values("volumes"):
-            if volume["lifecycleState"] == "PROVISIONING":
-                self._provisioned(volume["id"])
+            if volume["lifecycleState"] == "PROVISIONING" and "_copy" not in volume:
+                self.provisioned(volume["id"])
             elif volume["lifecycleState"] == "TERMINATING":
                 self._terminate(volume["id"])
         for group in self.store.values("volume_groups"):
-            if group["lifecycleState"] == "PROVISIONING":
-                self._group_provisioned(group["id"])
+            if group["lifecycleState"] == "PROVISIONING" and "_copy" not in group:
+                self.group_provisioned(group["id"])
             elif group["lifecycleState"] == "TERMINATING":
                 self._terminate_group(group["id"])
 
     # -- volume groups -------------------------------------------------------------
 
-    def volume_group(self, group_id: str) -> dict[str, Any]:
-        return lookup(self.groups, group_id, "VolumeGroup")
+    def volume_group(self, group_id: str, region: str | None = None) -> dict[str, Any]:
+        return self.find(self.groups, group_id, "VolumeGroup", region)
 
     def render_group(self, group: dict[str, Any]) -> dict[str, Any]:
         """A volume group as OCI shows it, its size the sum of its volumes' sizes as they are now."""
@@ -254,14 +298,14 @@ class BlockStorage:
             size_mb = sum(self.attachable(v)["sizeInMBs"] for v in group["volumeIds"])
             return {**public(group), "sizeInMBs": size_mb, "sizeInGBs": size_mb // 1024}
 
-    def _check_members(self, volume_ids: Any, availability_domain: str, group_id: str | None) -> list[str]:
+    def _check_members(self, volume_ids: Any, availability_domain: str, group_id: str | None, region: str) -> list[str]:
         """``volume_ids`` if they may make up the group ``group_id`` (None: a new one) in ``availability_domain``."""
         if not isinstance(volume_ids, list) or not volume_ids or not all(isinstance(v, str) for v in volume_ids):
             raise invalid_parameter(f"volumeIds must be a non-empty list of volume OCIDs, not {volume_ids!r}.")
         if len(set(volume_ids)) != len(volume_ids):
             raise invalid_parameter("volumeIds names a volume more than once.")
         for volume_id in volume_ids:
-            volume = self.attachable(volume_id)
+            volume = self.attachable(volume_id, region)
             if volume["lifecycleState"] != "AVAILABLE":
                 raise incorrect_state(f"Volume {volume_id} is {volume['lifecycleState']}, not AVAILABLE.")
             if volume["availabilityDomain"] != availability_domain:
@@ -272,7 +316,7 @@ class BlockStorage:
                                "a volume can be in one volume group only.")
         return list(volume_ids)
 
-    def _set_members(self, group: dict[str, Any], volume_ids: list[str]) -> None:
+    def set_members(self, group: dict[str, Any], volume_ids: list[str]) -> None:
         """Make ``volume_ids`` the group's volumes: those left out leave it, the others name it."""
         for volume_id in group["volumeIds"]:
             self.attachable(volume_id)["volumeGroupId"] = None
@@ -285,63 +329,75 @@ class BlockStorage:
         if details.get("volumeGroupReplicas"):
             raise invalid_parameter("Volume group replicas are not supported by the local OCI.")
 
-    def create_volume_group(self, details: dict[str, Any]) -> dict[str, Any]:
-        """A new PROVISIONING volume group of existing volumes; it becomes AVAILABLE."""
+    def create_volume_group(self, details: dict[str, Any], region: str | None = None) -> dict[str, Any]:
+        """A new PROVISIONING volume group of existing volumes, or of volumes restored from a volume group
+        backup; it becomes AVAILABLE."""
+        region = region or self.app.home_region
         compartment = self.app.identity.check_compartment(details.get("compartmentId"))
-        ad = self.app.identity.check_availability_domain(details.get("availabilityDomain"))
+        ad = self.app.identity.check_availability_domain(details.get("availabilityDomain"), region)
         source = details.get("sourceDetails")
         if not source:
             raise missing_parameter("sourceDetails")
         kind = source.get("type") if isinstance(source, dict) else None
         if kind in COPYING_GROUP_SOURCES:
             raise invalid_parameter(f"Creating a volume group from a {kind} source (a copy of volumes) is not supported "
-                                    "by the local OCI; use sourceDetails of type volumeIds.")
-        if kind != "volumeIds":
-            raise invalid_parameter(f"sourceDetails.type must be one of volumeIds, {', '.join(COPYING_GROUP_SOURCES)}, "
-                                    f"not {kind!r}.")
+                                    "by the local OCI; use sourceDetails of type volumeIds or volumeGroupBackupId.")
+        if kind not in ("volumeIds", "volumeGroupBackupId"):
+            raise invalid_parameter(f"sourceDetails.type must be one of volumeIds, volumeGroupBackupId, "
+                                    f"{', '.join(COPYING_GROUP_SOURCES)}, not {kind!r}.")
         self._refuse_unsupported_group_fields(details)
         if details.get("backupPolicyId"):
             raise invalid_parameter("Assigning a backup policy to a volume group is not supported by the local OCI; "
                                     "assign it to each volume.")
+        if kind == "volumeGroupBackupId":
+            return self.render_group(self.app.backups.restore_group(details, compartment, ad, region))
         with self.store.lock:
-            volume_ids = self._check_members(source.get("volumeIds"), ad, None)
-            group_id = new_ocid("volumegroup")
-            group = {
-                "id": group_id, "compartmentId": compartment, "availabilityDomain": ad,
-                "displayName": details.get("displayName") or group_id[-12:], "lifecycleState": "PROVISIONING",
-                "timeCreated": now_iso(), "volumeIds": [], "isHydrated": True,
-                "sourceDetails": {"type": "volumeIds", "volumeIds": list(volume_ids)},
-                "freeformTags": details.get("freeformTags") or {}, "definedTags": details.get("definedTags") or {},
-            }
-            self._set_members(group, volume_ids)
+            volume_ids = self._check_members(source.get("volumeIds"), ad, None, region)
+            group = self.new_group(details, compartment, ad, region, {"type": "volumeIds", "volumeIds": list(volume_ids)})
+            group_id = group["id"]
+            self.set_members(group, volume_ids)
             self.groups[group_id] = group
             self.store.save()
             rendered = self.render_group(group)
-        self.app.scheduler.transition("volumegroup:AVAILABLE", lambda: self._group_provisioned(group_id))
+        self.app.scheduler.transition("volumegroup:AVAILABLE", lambda: self.group_provisioned(group_id))
         return rendered
 
-    def _group_provisioned(self, group_id: str) -> None:
-        self._set_state(self.groups, group_id, "PROVISIONING", "AVAILABLE")
+    @staticmethod
+    def new_group(details: dict[str, Any], compartment: str, ad: str, region: str,
+                  source: dict[str, Any]) -> dict[str, Any]:
+        """The record of a new PROVISIONING volume group without volumes yet, not yet stored."""
+        group_id = new_ocid("volumegroup", region=region)
+        return {
+            "id": group_id, "compartmentId": compartment, "availabilityDomain": ad,
+            "displayName": details.get("displayName") or group_id[-12:], "lifecycleState": "PROVISIONING",
+            "timeCreated": now_iso(), "volumeIds": [], "isHydrated": True, "sourceDetails": source,
+            "freeformTags": details.get("freeformTags") or {}, "definedTags": details.get("definedTags") or {},
+            "_region": region,
+        }
 
-    def update_volume_group(self, group_id: str, details: dict[str, Any]) -> dict[str, Any]:
+    def group_provisioned(self, group_id: str) -> None:
+        self.set_state(self.groups, group_id, "PROVISIONING", "AVAILABLE")
+
+    def update_volume_group(self, group_id: str, details: dict[str, Any], region: str | None = None) -> dict[str, Any]:
         """Rename, retag, or give the group a new list of volumes (those left out leave it)."""
         with self.store.lock:
-            group = self.volume_group(group_id)
+            group = self.volume_group(group_id, region)
             if group["lifecycleState"] != "AVAILABLE":
                 raise incorrect_state(f"Volume group {group_id} is {group['lifecycleState']}, not AVAILABLE.")
             self._refuse_unsupported_group_fields(details)
             if details.get("volumeIds") is not None:
-                self._set_members(group, self._check_members(details["volumeIds"], group["availabilityDomain"], group_id))
+                self.set_members(group, self._check_members(details["volumeIds"], group["availabilityDomain"], group_id,
+                                                                self.region_of(group)))
             for key in ("displayName", "freeformTags", "definedTags"):
                 if details.get(key) is not None:
                     group[key] = details[key]
             self.store.save()
             return self.render_group(group)
 
-    def delete_volume_group(self, group_id: str) -> None:
+    def delete_volume_group(self, group_id: str, region: str | None = None) -> None:
         """Delete the group, not its volumes: they leave it once it is TERMINATED."""
         with self.store.lock:
-            group = self.volume_group(group_id)
+            group = self.volume_group(group_id, region)
             if group["lifecycleState"] in ENDED_STATES:
                 raise incorrect_state(f"Volume group {group_id} is already {group['lifecycleState']}.")
             group["lifecycleState"] = "TERMINATING"
@@ -351,7 +407,7 @@ class BlockStorage:
     def _terminate_group(self, group_id: str) -> None:
         with self.store.lock:
             group = self.groups[group_id]
-            self._set_members(group, [])
+            self.set_members(group, [])
             group["lifecycleState"] = "TERMINATED"
             self.store.save()
 
