@@ -15,10 +15,10 @@ from diskimport.errors import ImageRejected
 from diskimport.sample_disk import build_disk
 from localoci.process import RunningLocalOCI
 
-from .test_importer import (active_runs, credentials, import_object, live, make_importer, no_faults,  # noqa: F401
-                            shape, version_of, volume_holds)
+from .conftest import import_object, live, version_of, volume_holds
 
 MiB = 1024 * 1024
+pytestmark = pytest.mark.usefixtures("no_faults")
 
 
 @pytest.fixture(scope="module")
