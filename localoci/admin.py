@@ -9,6 +9,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from . import latency
+from .blockstorage.models import LIMITS, MIN_SIZE_GB
 from .errors import invalid_parameter
 from .http import Request, Response, Route
 from .resources import public
@@ -86,6 +87,14 @@ def routes(app: "LocalOCI") -> list[Route]:
     def health(request: Request) -> Response:
         return Response.json({"status": "ok", "namespace": app.namespace, "tenancyId": app.tenancy_id,
                               "sshPort": app.meta["ssh_port"]})
+
+    def set_limits(request: Request) -> Response:
+        body = request.json()
+        low = body.get("minVolumeSizeInGBs", MIN_SIZE_GB)
+        if isinstance(low, bool) or not isinstance(low, int) or not 1 <= low <= MIN_SIZE_GB:
+            raise invalid_parameter(f"minVolumeSizeInGBs must be 1 to {MIN_SIZE_GB}, not {low!r}")
+        LIMITS["minVolumeSizeInGBs"] = low
+        return Response.json(dict(LIMITS))
 
     def add_fault(request: Request) -> Response:
         return Response.json(app.faults.add(_spec(request)).__dict__, status=201)
@@ -177,6 +186,7 @@ def routes(app: "LocalOCI") -> list[Route]:
     return [
         Route("GET", ADMIN + "/health", health, "AdminHealth", authenticated=False),
         Route("GET", ADMIN + "/inventory", get_inventory, "AdminInventory", authenticated=False),
+        Route("POST", ADMIN + "/limits", set_limits, "AdminSetLimits", authenticated=False),
         Route("POST", ADMIN + "/faults", add_fault, "AdminAddFault", authenticated=False),
         Route("GET", ADMIN + "/faults", list_faults, "AdminListFaults", authenticated=False),
         Route("DELETE", ADMIN + "/faults", clear_faults, "AdminClearFaults", authenticated=False),
