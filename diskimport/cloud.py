@@ -29,6 +29,7 @@ from typing import Any, Callable, TypeVar
 
 import oci
 import requests
+from circuitbreaker import CircuitBreakerError
 
 from . import contract
 from .errors import ImageRejected, InvalidRequest, OutOfCapacity, ResourceFailed
@@ -59,6 +60,16 @@ def with_backoff(call: Callable[..., T], *args: Any, attempts: int = 8, base: fl
             if attempt == attempts:
                 raise
             reason = type(exc).__name__
+        except CircuitBreakerError as exc:
+            # the SDK's client stops calling after a run of failures (an undo after a fault, say):
+            # wait until it lets calls through again rather than give up while it is open
+            if attempt == attempts:
+                raise
+            delay = min(60.0, max(1.0, float(getattr(exc._circuit_breaker, "open_remaining", 30)) + 0.5))
+            log.info("%s: the SDK's circuit breaker is open; retrying in %.1fs (attempt %d of %d)",
+                     getattr(call, "__name__", "call"), delay, attempt, attempts)
+            time.sleep(delay)
+            continue
         delay = random.uniform(0, min(cap, base * 2 ** attempt))
         log.info("%s: %s; retrying in %.1fs (attempt %d of %d)", getattr(call, "__name__", "call"), reason,
                  delay, attempt, attempts)
@@ -119,6 +130,10 @@ def create_volume_group(clients: Clients, compartment_id: str, availability_doma
         compartment_id=compartment_id, availability_domain=availability_domain, display_name=display_name,
         source_details=models.VolumeGroupSourceFromVolumesDetails(volume_ids=volume_ids), freeform_tags=tags)
     return with_backoff(clients.blockstorage.create_volume_group, details, opc_retry_token=retry_token).data
+
+
+def get_volume_group(clients: Clients, group_id: str) -> Any:
+    return with_backoff(clients.blockstorage.get_volume_group, group_id).data
 
 
 def wait_volume_group_available(clients: Clients, group_id: str, timeout: float = 900.0) -> Any:
@@ -379,15 +394,17 @@ def existing_attachment(clients: Clients, instance_id: str, volume_id: str) -> A
     return existing[0] if existing else None
 
 
-def attach_volume(clients: Clients, instance_id: str, volume_id: str, kind: str, retry_token: str) -> Any:
+def attach_volume(clients: Clients, instance_id: str, volume_id: str, kind: str, retry_token: str,
+                  read_only: bool = False) -> Any:
     """Attach a volume to a worker VM at a free consistent device path (no wait)."""
     free = with_backoff(clients.compute.list_instance_devices, instance_id, is_available=True).data
     device = free[0].name if free else None
     if kind == "iscsi":
-        details = models.AttachIScsiVolumeDetails(instance_id=instance_id, volume_id=volume_id, device=device)
+        details = models.AttachIScsiVolumeDetails(instance_id=instance_id, volume_id=volume_id, device=device,
+                                                  is_read_only=read_only)
     else:
         details = models.AttachParavirtualizedVolumeDetails(instance_id=instance_id, volume_id=volume_id,
-                                                            device=device)
+                                                            device=device, is_read_only=read_only)
     return with_backoff(clients.compute.attach_volume, details, opc_retry_token=retry_token).data
 
 
@@ -415,9 +432,14 @@ def detach_volume(clients: Clients, attachment_id: str, timeout: float = 900.0) 
                    f"attachment {attachment_id}", timeout)
 
 
-def live_attachments(clients: Clients, compartment_id: str, volume_id: str) -> list[Any]:
+def live_attachments(clients: Clients, compartment_id: str, volume_id: str,
+                     availability_domain: str | None = None) -> list[Any]:
+    """A volume's attachments that are not detached; a boot volume's boot attachment too (given its AD)."""
     attachments = with_backoff(clients.compute.list_volume_attachments, compartment_id=compartment_id,
                                volume_id=volume_id).data
+    if is_boot_volume(volume_id) and availability_domain:
+        attachments = attachments + with_backoff(clients.compute.list_boot_volume_attachments, availability_domain,
+                                                  compartment_id, boot_volume_id=volume_id).data
     return [a for a in attachments if a.lifecycle_state in ("ATTACHING", "ATTACHED", "DETACHING")]
 
 
@@ -425,14 +447,20 @@ def live_attachments(clients: Clients, compartment_id: str, volume_id: str) -> l
 
 def read_only_par(clients: Clients, namespace: str, bucket: str, object_name: str, lifetime: dt.timedelta,
                   name: str) -> tuple[str, str]:
-    """A read-only pre-authenticated request for one object: ``(par id, access URI)``.
+    """A read-only pre-authenticated request for one object: ``(par id, access URI)``."""
+    return object_par(clients, namespace, bucket, object_name, lifetime, name, "ObjectRead")
+
+
+def object_par(clients: Clients, namespace: str, bucket: str, object_name: str, lifetime: dt.timedelta,
+               name: str, access_type: str) -> tuple[str, str]:
+    """A pre-authenticated request for one object (``ObjectRead``, ``ObjectWrite``): ``(par id, access URI)``.
 
     The access URI is shown only in the create's reply, so a PAR whose reply was lost is of
     no use: every PAR of this ``name`` that exists when a create fails is deleted before
     the create is tried again.
     """
     details = oci.object_storage.models.CreatePreauthenticatedRequestDetails(
-        name=name, object_name=object_name, access_type="ObjectRead",
+        name=name, object_name=object_name, access_type=access_type,
         time_expires=dt.datetime.now(dt.timezone.utc) + lifetime)
 
     def create() -> Any:
@@ -447,6 +475,15 @@ def read_only_par(clients: Clients, namespace: str, bucket: str, object_name: st
 
     par = with_backoff(create)
     return par.id, par.access_uri
+
+
+def abort_upload(clients: Clients, namespace: str, bucket: str, object_name: str, upload_id: str) -> None:
+    """Abort a multipart upload (its parts go); one already gone counts as aborted."""
+    try:
+        with_backoff(clients.object_storage.abort_multipart_upload, namespace, bucket, object_name, upload_id)
+    except oci.exceptions.ServiceError as exc:
+        if exc.status != 404:
+            raise
 
 
 def pars_named(clients: Clients, namespace: str, bucket: str, object_name: str, name: str) -> list[Any]:
