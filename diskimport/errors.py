@@ -29,7 +29,12 @@ Codes, by where they arise (oslo.utils' safety check names pass through unchange
   ``nested-image``, ``filesystem-errors``, ``unchecked-filesystems``;
 - a bootable machine (:mod:`diskimport.boot`): ``machine-did-not-boot`` (with
   ``boot_check: require``), ``no-target-machine`` (a bootable import without a
-  TargetMachine block).
+  TargetMachine block);
+- an export (:mod:`diskimport.export`) or a copy to another region (:mod:`diskimport.regions`):
+  ``invalid-source``, ``volume-not-found``, ``volume-not-available``, ``volume-attached``,
+  ``invalid-export-format``, ``invalid-object-name``, ``object-exists``, ``vhd-too-large``,
+  ``iscsi-export-unsupported``, ``export-convert-failed``, ``worker-disk-full``,
+  ``export-inspection-mismatch``, ``invalid-destination-region``, ``invalid-availability-domain``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,222 @@
+"""Exports through the core (:mod:`diskimport.export`), against the local OCI with the real SDK,
+real sshd worker VMs and real qemu-img, without Prefect: every format round-trips bit-exact
+(import, export, import), the written object says what a re-import needs, a fault mid-export
+leaves nothing, and what cannot be exported is refused by name before anything exists.
+
+``export_job`` runs the exporter's steps in the order the ``export-volume`` flow calls them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import oci
+import pytest
+
+from diskimport import contract
+from diskimport.contract import InvalidRequest
+from diskimport.errors import ImageRejected
+from diskimport.export import Exporter, ExportJob
+from diskimport.importer import Importer
+from localoci.process import RunningLocalOCI
+from tests.diskimport.conftest import import_object, live, version_of
+
+MiB = 1024 * 1024
+pytestmark = pytest.mark.usefixtures("small_volumes", "no_faults")
+
+
+@pytest.fixture(scope="module")
+def source_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A raw disk with a GPT, an ext4 and data at its start, middle and end (a 1 GiB volume's worth)."""
+    from diskimport.sample_disk import build_disk
+
+    raw = tmp_path_factory.mktemp("export") / "source.raw"
+    build_disk(raw, {"a.txt": b"alpha\n", "b.bin": bytes(range(256)) * 4096}, table="gpt")
+    return raw
+
+
+@pytest.fixture
+def imported(localoci: RunningLocalOCI, blockstorage: Any, compartment_id: str, availability_domains: list[str],
+             source_disk: Path) -> dict[str, Any]:
+    """A 1 GB volume holding the disk, tagged as an import's (its ``volume_id``, ``availability_domain``)."""
+    volume = blockstorage.create_volume(oci.core.models.CreateVolumeDetails(
+        compartment_id=compartment_id, availability_domain=availability_domains[0], size_in_gbs=1,
+        display_name="web01", freeform_tags={contract.TAG_STATE: contract.STATE_IMPORTED})).data
+    oci.wait_until(blockstorage, blockstorage.get_volume(volume.id), "lifecycle_state", "AVAILABLE",
+                   max_wait_seconds=30, max_interval_seconds=0.1)
+    subprocess.run(["dd", f"if={source_disk}", f"of={backing_file(localoci, volume.id)}", "conv=notrunc,sparse",
+                    "bs=1M", "status=none"], check=True)
+    return {"volume_id": volume.id, "availability_domain": availability_domains[0]}
+
+
+def backing_file(localoci: RunningLocalOCI, volume_id: str) -> str:
+    return next(v["backingFile"] for v in localoci.inventory()["volumes"] if v["id"] == volume_id)
+
+
+def same_bytes(a: str, b: str) -> bool:
+    return subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", a, b]).returncode == 0
+
+
+def export_job(importer: Importer, job: ExportJob, overwrite: bool = False) -> dict[str, Any]:
+    """The flow's order of steps, without Prefect."""
+    exporter = Exporter(importer)
+    done = exporter.finished_objects(job, overwrite)
+    todo = [p for p in range(len(job.objects)) if p not in done]
+    exported = []
+    if todo:
+        with importer:
+            importer.remove_stale_workers(job)  # type: ignore[arg-type]
+            exporter.remove_stale_uploads(job)
+            worker = exporter.launch_worker(job)
+            with importer.session(worker) as session:
+                importer.prepare_worker(session)
+                exported = exporter.export_all(session, worker, job, todo)
+            importer.terminate_worker(worker)
+    return exporter.summary(job, exported, done, exporter.write_manifest(job))
+
+
+def nothing_left(localoci: RunningLocalOCI, object_storage: Any, bucket: str, job: ExportJob) -> None:
+    """No upload, part, PAR, object or worker VM of the export."""
+    namespace = localoci.namespace
+    assert object_storage.list_multipart_uploads(namespace, bucket).data == []
+    names = [o.name for o in object_storage.list_objects(namespace, bucket).data.objects]
+    assert not [n for n in names if n in job.objects or n.startswith(tuple(job.objects))]
+    assert not [p for p in localoci.inventory()["pars"] if p["objectName"] in job.objects]
+    assert live(localoci, "instances", job) == []  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fmt,compress,qemu_format", [
+    ("qcow2", False, "qcow2"), ("qcow2", True, "qcow2"), ("vmdk", False, "vmdk"), ("vhdx", False, "vhdx"),
+    ("vhd", False, "vpc"), ("raw", False, "raw")])
+def test_every_format_round_trips_bit_exact(fmt, compress, qemu_format, localoci, make_importer, object_storage,
+                                            bucket, imported, tmp_path):
+    importer = make_importer()
+    exporter = Exporter(importer)
+    job = exporter.plan(bucket, None, fmt, compress, volume_id=imported["volume_id"], prefix="out/")
+    summary = export_job(importer, job)
+    [disk] = summary["disks"]
+    name = job.objects[0]
+    assert disk["object"] == name and name.startswith("out/") and name.endswith(f".{fmt}")
+
+    # the object: what a re-import needs, its checksum beside it, nothing else left
+    head = object_storage.head_object(localoci.namespace, bucket, name).headers
+    assert head["opc-meta-format"] == fmt
+    assert int(head["opc-meta-virtual-size"]) == 1024 ** 3 == disk["virtual_size"]
+    assert head["opc-meta-exported-from"] == imported["volume_id"]
+    body = object_storage.get_object(localoci.namespace, bucket, name).data.content
+    assert hashlib.sha256(body).hexdigest() == disk["sha256"]
+    sidecar = object_storage.get_object(localoci.namespace, bucket, f"{name}.sha256").data.content.decode()
+    assert sidecar == f"{disk['sha256']}  {name.split('/')[-1]}\n"
+    local = tmp_path / f"exported.{fmt}"
+    local.write_bytes(body)
+    # qemu-img probes a fixed VHD as raw (its only cookie is in the footer): read it as what it claims to be
+    info = json.loads(subprocess.run(["qemu-img", "info", "-f", qemu_format, "--output=json", str(local)],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["format"] == qemu_format and info["virtual-size"] == 1024 ** 3
+    if fmt == "vmdk":
+        assert b"createType=\"streamOptimized\"" in body[:64 * 1024]
+    if fmt == "vhd":
+        assert body[-512:-504] == b"conectix" and len(body) == 1024 ** 3 + 512  # fixed: data then footer
+    if fmt in ("qcow2", "vmdk", "vhdx"):  # zeros neither stored nor uploaded (vhdx allocates 32 MiB blocks)
+        assert len(body) < (128 if fmt == "vhdx" else 64) * MiB
+    if compress:
+        assert len(body) < 8 * MiB
+    assert object_storage.list_multipart_uploads(localoci.namespace, bucket).data == []
+    assert not [p for p in localoci.inventory()["pars"] if p["objectName"] == name]
+    assert live(localoci, "instances", job) == [] and importer.ledger.pending() == []
+    assert not [a for a in localoci.inventory()["attachments"] if a["volumeId"] == imported["volume_id"]
+                and a["lifecycleState"] != "DETACHED"]
+
+    # re-imported: the same bytes
+    again = make_importer()
+    reimported = import_object(again, version_of(again, localoci, bucket, name))
+    assert same_bytes(backing_file(localoci, imported["volume_id"]), backing_file(localoci, reimported["volume_id"]))
+
+    # a repeat writes nothing new
+    repeat = export_job(make_importer(), job)
+    assert repeat["disks"][0].get("reused") is True
+    assert object_storage.head_object(localoci.namespace, bucket, name).headers["etag"] == disk["etag"]
+
+
+@pytest.mark.parametrize("operation", ["ParUploadPart", "CommitMultipartUpload"])
+def test_a_fault_mid_export_leaves_no_part_no_object_and_no_worker(operation, localoci, make_importer,
+                                                                   object_storage, bucket, imported):
+    importer = make_importer()
+    job = Exporter(importer).plan(bucket, None, "qcow2", volume_id=imported["volume_id"], prefix="out/")
+    localoci.admin("POST", "faults", {"operation": operation, "status": 400, "code": "InvalidParameter",
+                                      "count": 100})
+    with pytest.raises(Exception):
+        export_job(importer, job)
+    localoci.admin("DELETE", "faults")
+    nothing_left(localoci, object_storage, bucket, job)
+    assert importer.ledger.pending() == []
+    # the source volume is untouched and free again
+    assert not [a for a in localoci.inventory()["attachments"] if a["volumeId"] == imported["volume_id"]
+                and a["lifecycleState"] != "DETACHED"]
+
+
+def test_what_cannot_be_exported_is_refused_by_name_before_anything_exists(localoci, make_importer, object_storage,
+                                                                           bucket, imported):
+    exporter = Exporter(make_importer())
+    volume_id = imported["volume_id"]
+    cases = [
+        (dict(format="qcow3", volume_id=volume_id), "invalid-export-format"),
+        (dict(format="vmdk", compress=True, volume_id=volume_id), "invalid-export-format"),
+        (dict(format="qcow2"), "invalid-source"),
+        (dict(format="qcow2", volume_id="ocid1.volume.oc1..missing"), "volume-not-found"),
+        (dict(format="qcow2", volume_id=volume_id, object_name="out/../x.qcow2"), "invalid-object-name"),
+        (dict(format="qcow2", volume_id=volume_id, object_name="out/web01.txt"), "invalid-object-name"),
+    ]
+    for kwargs, code in cases:
+        with pytest.raises(InvalidRequest) as refused:
+            exporter.plan(bucket, None, **kwargs)
+        assert refused.value.code == code, kwargs
+    object_storage.put_object(localoci.namespace, bucket, "out/taken.qcow2", b"someone else's")
+    job = exporter.plan(bucket, None, "qcow2", volume_id=volume_id, object_name="out/taken.qcow2")
+    with pytest.raises(InvalidRequest, match="^object-exists: "):
+        exporter.finished_objects(job)
+    assert exporter.finished_objects(job, overwrite=True) == {}
+    assert live(localoci, "instances", job) == []  # type: ignore[arg-type]
+
+
+def test_an_attached_volume_is_refused(localoci, make_importer, bucket, imported, compute, compartment_id,
+                                       availability_domains, subnet_id):
+    importer = make_importer()
+    from tests.workers import WORKER_IMAGE_ID
+
+    instance = compute.launch_instance(oci.core.models.LaunchInstanceDetails(
+        compartment_id=compartment_id, availability_domain=imported["availability_domain"],
+        shape="VM.Standard.E4.Flex", source_details=oci.core.models.InstanceSourceViaImageDetails(
+            image_id=WORKER_IMAGE_ID), create_vnic_details=oci.core.models.CreateVnicDetails(subnet_id=subnet_id),
+        freeform_tags={contract.TAG_MANAGED_BY: "test"})).data
+    oci.wait_until(compute, compute.get_instance(instance.id), "lifecycle_state", "RUNNING", max_wait_seconds=30,
+                   max_interval_seconds=0.1)
+    try:
+        attachment = compute.attach_volume(oci.core.models.AttachParavirtualizedVolumeDetails(
+            instance_id=instance.id, volume_id=imported["volume_id"])).data
+        oci.wait_until(compute, compute.get_volume_attachment(attachment.id), "lifecycle_state", "ATTACHED",
+                       max_wait_seconds=30, max_interval_seconds=0.1)
+        with pytest.raises(InvalidRequest, match=f"^volume-attached: volume {imported['volume_id']} is attached to "
+                                                 f"{instance.id}"):
+            Exporter(importer).plan(bucket, None, "raw", volume_id=imported["volume_id"])
+    finally:
+        compute.terminate_instance(instance.id)
+
+
+def test_an_object_that_does_not_read_back_as_exported_is_removed(localoci, make_importer, object_storage, bucket,
+                                                                  imported):
+    """The written object is read again as an import reads it: one that does not read back as the
+    format and size exported fails the export (here: the volume claims another size)."""
+    importer = make_importer()
+    exporter = Exporter(importer)
+    job = exporter.plan(bucket, None, "qcow2", volume_id=imported["volume_id"], prefix="out/")
+    source = job.sources[0]
+    wrong = ExportJob(**{**job.__dict__, "sources": (type(source)(**{**source.__dict__,
+                                                                    "size_bytes": 2 * 1024 ** 3}),)})
+    with pytest.raises(ImageRejected, match="^export-inspection-mismatch: "):
+        export_job(importer, wrong)
+    nothing_left(localoci, object_storage, bucket, job)
