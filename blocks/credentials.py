@@ -53,6 +53,9 @@ class OCICredentials(Block):
     profile: str = Field(default="DEFAULT", description="Profile in the config file (config_file).")
     endpoint: str | None = Field(default=None, description="Send every service's calls to this endpoint instead "
                                  "of the region's (the local OCI of the local stack).")
+    region_endpoints: dict[str, str] = Field(default_factory=dict, description="Endpoints of other regions, by "
+                                             "region identifier (copy-to-region's destinations on a local OCI or "
+                                             "a private endpoint); a region not listed uses the SDK's own.")
 
     @model_validator(mode="after")
     def _complete(self) -> "OCICredentials":
@@ -85,8 +88,9 @@ class OCICredentials(Block):
             signer = oci.auth.signers.get_resource_principals_signer()
         return {"region": self.region or signer.region}, signer
 
-    def get_client(self, service: str, **kwargs: Any) -> Any:
-        """A ready SDK client for ``service`` (compute, blockstorage, network, object_storage, identity)."""
+    def get_client(self, service: str, region: str | None = None, **kwargs: Any) -> Any:
+        """A ready SDK client for ``service`` (compute, blockstorage, network, object_storage, identity),
+        in ``region`` (default: the credentials' own)."""
         try:
             client_class = SERVICES[service]
         except KeyError:
@@ -94,12 +98,19 @@ class OCICredentials(Block):
         config, signer = self.sdk_config()
         if signer is not None:
             kwargs["signer"] = signer
-        if self.endpoint:
+        home = config.get("region")
+        if region and region != home:
+            config = {**config, "region": region}
+            if region in self.region_endpoints:
+                kwargs.setdefault("service_endpoint", self.region_endpoints[region])
+        elif self.endpoint:
             kwargs.setdefault("service_endpoint", self.endpoint)
         return client_class(config, **kwargs)
 
-    def clients(self) -> cloud.Clients:
-        """The SDK clients an import uses, all from these credentials."""
-        return cloud.Clients(compute=self.get_client("compute"), blockstorage=self.get_client("blockstorage"),
-                             network=self.get_client("network"), object_storage=self.get_client("object_storage"),
-                             identity=self.get_client("identity"))
+    def home_region(self) -> str | None:
+        return self.sdk_config()[0].get("region")
+
+    def clients(self, region: str | None = None) -> cloud.Clients:
+        """The SDK clients an import uses, all from these credentials (in ``region``, default their own)."""
+        return cloud.Clients(**{service: self.get_client(service, region) for service in
+                                ("compute", "blockstorage", "network", "object_storage", "identity")})

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def localoci(tmp_path_factory: pytest.TempPathFactory) -> Iterator[process.RunningLocalOCI]:
-    server = process.start(tmp_path_factory.mktemp("localoci"))
+    server = process.start(tmp_path_factory.mktemp("localoci"), regions=["local-1", "local-2"])
     yield server
     server.stop()
 
