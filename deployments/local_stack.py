@@ -42,6 +42,8 @@ from localoci import process
 ROOT = Path(__file__).resolve().parent.parent
 IMPORT_BUCKET = "disk-images"
 WORKER_IMAGE_ID = "ocid1.image.oc1..localoci-worker"
+# The local OCI's regions: the home region, and one that copy-to-region copies to.
+REGIONS = ("local-1", "local-2")
 WORK_POOL = "import-pool"
 POOL_CONCURRENCY = 6
 # The local stack saves its blocks under the product's default name (``blocks.DEFAULT_BLOCK``;
@@ -109,9 +111,9 @@ def start_localoci(base: Path, previous: dict[str, str]) -> process.RunningLocal
         return process.RunningLocalOCI(
             process=None, pid=pid, data_dir=data_dir, endpoint=ready["endpoint"], namespace=ready["namespace"],
             tenancy_id=ready["tenancyId"], oci_config_file=ready["ociConfigFile"], oci_profile=ready["ociProfile"],
-            ssh_port=ready["sshPort"],
+            ssh_port=ready["sshPort"], region_endpoints=ready.get("regionEndpoints") or {},
         )
-    server = process.start(data_dir, port=port, log_path=base / "localoci.log")
+    server = process.start(data_dir, port=port, log_path=base / "localoci.log", regions=list(REGIONS))
     pid_file.write_text(str(server.pid))
     return server
 
@@ -314,7 +316,9 @@ def _save_blocks(server: process.RunningLocalOCI, values: dict[str, str]) -> Non
     from blocks import ImportSettings, OCICredentials, TargetMachine, WorkerShape
 
     OCICredentials(auth_type="config_file", config_file=server.oci_config_file, profile=server.oci_profile,
-                   endpoint=server.endpoint).save(BLOCKS["credentials"], overwrite=True)
+                   endpoint=server.endpoint, region_endpoints={r: e for r, e in server.region_endpoints.items()
+                                                               if e != server.endpoint}
+                   ).save(BLOCKS["credentials"], overwrite=True)
     WorkerShape(compartment_id=values["COMPARTMENT_ID"], subnet_id=values["SUBNET_ID"], image_id=WORKER_IMAGE_ID,
                 shape="VM.Standard.E4.Flex", ocpus=2, memory_in_gbs=16, ssh_user=values["LOCALOCI_SSH_USER"],
                 ssh_port=int(values["LOCALOCI_SSH_PORT"]), use_sudo=os.geteuid() != 0,

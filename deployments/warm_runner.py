@@ -42,6 +42,8 @@ def preload() -> None:
     import prefect.flow_engine  # noqa: F401
     import flows.import_disk  # noqa: F401
     import flows.import_machine  # noqa: F401
+    import flows.export_volume  # noqa: F401
+    import flows.copy_to_region  # noqa: F401
     import flows.sweep  # noqa: F401
 
 
