@@ -445,8 +445,7 @@ class Exporter:
         """A machine's ``<machine>.machine.json`` beside its disks, boot disk first."""
         if job.machine is None:
             return None
-        base = job.name.rsplit("/", 1)[0] + "/" if "/" in job.name else ""
-        doc: dict[str, Any] = {"name": job.machine, "disks": [o[len(base):] if base else o for o in job.objects]}
+        doc: dict[str, Any] = {"name": job.machine, "disks": list(job.objects)}
         firmware = job.sources[0].firmware
         if firmware in ("BIOS", "UEFI_64"):
             doc["firmware"] = firmware

@@ -72,8 +72,8 @@ class UploadProgress:
 
     def event(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
-        if kind == "start":
-            self.total = int(event.get("bytes") or 0)
+        if kind == "ready":
+            self.total = int(event.get("size") or 0)
         elif kind == "part" and self.total:
             percent = round(100.0 * int(event.get("uploaded", 0)) / self.total, 1)
             if percent - self.shown >= 5:
