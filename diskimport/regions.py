@@ -300,20 +300,29 @@ class RegionCopy:
                 "volume_group_id": group_id, "disks": [c.summary() for c in sorted(copied, key=lambda c: c.position)]}
 
 
+def sweep_backups(clients: cloud.Clients, compartments: Sequence[str], tags: dict[str, str],
+                  orphaned: Callable[[Any], bool] = lambda backup: True) -> list[str]:
+    """Delete the copies' intermediate backups (volume and boot volume backups with a ``copy-id``)
+    carrying ``tags`` that ``orphaned`` picks, in the clients' region."""
+    removed = []
+    for compartment in dict.fromkeys(compartments):
+        for kind in (_Kind(False), _Kind(True)):
+            for backup in RegionCopy._list(clients.blockstorage, kind, compartment):
+                backup_tags = backup.freeform_tags or {}
+                if backup.lifecycle_state in ("TERMINATING", "TERMINATED") or TAG_COPY_ID not in backup_tags:
+                    continue
+                if all(backup_tags.get(k) == v for k, v in tags.items()) and orphaned(backup):
+                    RegionCopy._delete_backup(clients.blockstorage, kind, backup.id)
+                    removed.append(backup.id)
+    return removed
+
+
 def sweep_copy(source: cloud.Clients, destination: cloud.Clients, compartments: Sequence[str],
                tags: dict[str, str]) -> dict[str, list[str]]:
     """Delete the backups (both regions) and the unfinished restored volumes carrying ``tags``
     (a dead copy run's): the crash hook's undo for a copy."""
-    removed: dict[str, list[str]] = {"backups": [], "volumes": []}
-    for clients in (source, destination):
-        for compartment in dict.fromkeys(compartments):
-            for kind in (_Kind(False), _Kind(True)):
-                for backup in RegionCopy._list(clients.blockstorage, kind, compartment):
-                    if backup.lifecycle_state in ("TERMINATING", "TERMINATED"):
-                        continue
-                    if all((backup.freeform_tags or {}).get(k) == v for k, v in tags.items()):
-                        RegionCopy._delete_backup(clients.blockstorage, kind, backup.id)
-                        removed["backups"].append(backup.id)
+    removed: dict[str, list[str]] = {"backups": sweep_backups(source, compartments, tags)
+                                     + sweep_backups(destination, compartments, tags), "volumes": []}
     for compartment in dict.fromkeys(compartments):
         for volume in cloud.find_volumes(destination, compartment, tags):
             if (volume.freeform_tags or {}).get(contract.TAG_STATE) == contract.STATE_WRITING:

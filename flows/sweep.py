@@ -13,7 +13,7 @@ import datetime as dt
 from prefect import flow, get_run_logger
 
 from blocks import DEFAULT_BLOCK, ImportSettings, OCICredentials, WorkerShape
-from diskimport import contract, sweeper
+from diskimport import contract, regions, sweeper
 from flows.runs import run_is_active
 
 
@@ -31,12 +31,14 @@ def sweep_orphans(
     settings_block: str = DEFAULT_BLOCK,
     min_age_minutes: float = 10.0,
 ) -> dict[str, list[str]]:
-    """Terminate worker VMs and delete unfinished volumes whose import run is no longer active."""
+    """Terminate worker VMs, delete unfinished volumes and copies' backups whose run is no longer active."""
     shape, settings = WorkerShape.load(worker_block), ImportSettings.load(settings_block)
-    removed = sweeper.sweep(OCICredentials.load(credentials_block).clients(), shape.compartment_id,
-                            settings.compartment_id, {contract.TAG_MANAGED_BY: contract.MANAGED_BY},
-                            settings.keep_failed_volume,
-                            sweeper.orphan_test(run_is_active, dt.timedelta(minutes=min_age_minutes)))
-    get_run_logger().info("sweep removed %d worker VM(s) and %d volume(s)", len(removed["instances"]),
-                          len(removed["volumes"]))
+    clients = OCICredentials.load(credentials_block).clients()
+    orphaned = sweeper.orphan_test(run_is_active, dt.timedelta(minutes=min_age_minutes))
+    managed = {contract.TAG_MANAGED_BY: contract.MANAGED_BY}
+    removed = sweeper.sweep(clients, shape.compartment_id, settings.compartment_id, managed,
+                            settings.keep_failed_volume, orphaned)
+    removed["backups"] = regions.sweep_backups(clients, [settings.compartment_id], managed, orphaned)
+    get_run_logger().info("sweep removed %d worker VM(s), %d volume(s) and %d backup(s)", len(removed["instances"]),
+                          len(removed["volumes"]), len(removed["backups"]))
     return removed

@@ -7,6 +7,7 @@ without a second backup.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 from typing import Any
@@ -209,3 +210,20 @@ def test_what_cannot_be_copied_is_refused_by_name(make_copier, machine):
         with pytest.raises(InvalidRequest) as refused:
             copier.plan("local-1", **kwargs)
         assert refused.value.code == code, kwargs
+
+
+def test_the_sweep_deletes_backups_of_dead_copy_runs_only(localoci, make_copier, machine, active_runs):
+    from diskimport import regions, sweeper
+
+    dead, alive = make_copier(), make_copier()
+    job = dead.plan("local-1", "local-2", volume_group_id=machine["group_id"])
+    left, _ = dead._backup(job, 0, _kind(job, 0), "left-by-a-dead-run")
+    kept, _ = alive._backup(job, 1, _kind(job, 1), "of-a-live-run")
+    active_runs.discard(dead.core.run_id)
+    orphaned = sweeper.orphan_test(active_runs.__contains__, dt.timedelta(0))
+    removed = regions.sweep_backups(dead.source, [job.sources[0].compartment_id],
+                                    {contract.TAG_MANAGED_BY: contract.MANAGED_BY}, orphaned)
+    assert removed == [left.id]
+    states = {b["id"]: b["lifecycleState"] for b in localoci.admin("GET", "inventory?all=1")["volumeBackups"]}
+    assert states[left.id] in ("TERMINATING", "TERMINATED") and states[kept.id] == "AVAILABLE"
+    alive.source.blockstorage.delete_volume_backup(kept.id)
