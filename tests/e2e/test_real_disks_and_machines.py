@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import pytest
 
-from deployments import demo
+from deployments import demo, local_stack
 from tests import guest_disks
 from diskimport.sample_disk import convert
 from tests.e2e.conftest import (MANUAL_BUCKET, SUFFIX, Disk, admin, image_of, live_inventory, resources_of,
@@ -245,3 +245,66 @@ def test_a_machine_imported_again_reuses_its_volumes_and_group(machine_imports, 
     assert all(d["reused"] for d in again["disks"])
     assert sorted(v["id"] for v in resources_of(stack, etag)["volumes"]) == \
         sorted(d["volume_id"] for d in first["disks"])
+
+
+# -- The way back and sideways: the manifest's machine (real guest layouts, LVM included) exported
+# to image objects and imported again, and copied to the second region, through the deployments.
+
+EXPORT = "export-volume/default"
+COPY = "copy-to-region/default"
+
+
+def run_deployment(stack: dict[str, str], deployment: str, timeout: float = 900, **parameters: Any) -> Any:
+    """Start a deployment by hand, as ``prefect deployment run`` does; the ended run."""
+    from prefect.deployments import run_deployment as start
+
+    with local_stack.prefect_api(stack["PREFECT_API_URL"]):
+        run = start(deployment, parameters=parameters, timeout=0)
+    return demo.wait_for_run(stack, run.id, timeout=timeout)
+
+
+def same_volume(stack: dict[str, str], a: str, b: str) -> tuple[bool, str]:
+    files = {v["id"]: v["backingFile"] for v in live_inventory(stack)["volumes"]}
+    done = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", files[a], files[b]],
+                          capture_output=True, text=True)
+    return done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_machine_exported_to_images_imports_again_bit_exact(machine_imports, stack):
+    source = demo.run_result(stack, machine_imports["cases"]["manifest"]["final"])
+    exported_run = run_deployment(stack, EXPORT, bucket=MANUAL_BUCKET, volume_group_id=source["volume_group_id"],
+                                  format="qcow2", prefix="exports/")
+    assert exported_run.state.is_completed(), exported_run.state.message
+    exported = demo.run_result(stack, exported_run)
+    assert exported["manifest"] == "exports/db-01.machine.json"
+    assert [d["object"] for d in exported["disks"]] == [f"exports/db-01-disk{i}.qcow2" for i in range(3)]
+    assert [d["volume_id"] for d in exported["disks"]] == [d["volume_id"] for d in source["disks"]]
+    assert not [i for i in live_inventory(stack)["instances"] if i["freeformTags"].get("import-id")
+                == exported["export_id"]]
+
+    again_run = run_deployment(stack, MACHINE, bucket=MANUAL_BUCKET, object_name=exported["manifest"])
+    assert again_run.state.is_completed(), again_run.state.message
+    again = demo.run_result(stack, again_run)
+    assert again["machine"]["name"] == "db-01"
+    for before, after in zip(source["disks"], again["disks"]):
+        ok, detail = same_volume(stack, before["volume_id"], after["volume_id"])
+        assert ok, detail
+
+
+def test_a_machine_copied_to_the_second_region_restores_with_identical_volumes(machine_imports, stack):
+    source = demo.run_result(stack, machine_imports["cases"]["manifest"]["final"])
+    final = run_deployment(stack, COPY, destination_region="local-2", volume_group_id=source["volume_group_id"])
+    assert final.state.is_completed(), final.state.message
+    copied = demo.run_result(stack, final)
+    assert copied["destination_region"] == "local-2" and copied["machine"] == "db-01"
+    inventory = live_inventory(stack)
+    regions = {v["id"]: v.get("region") for v in inventory["volumes"]}
+    group = next(g for g in inventory["volumeGroups"] if g["id"] == copied["volume_group_id"])
+    assert group.get("region") == "local-2" and group["displayName"] == "db-01"
+    assert sorted(group["volumeIds"]) == sorted(d["volume_id"] for d in copied["disks"])
+    for before, after in zip(source["disks"], copied["disks"]):
+        assert after["source_volume_id"] == before["volume_id"] and regions[after["volume_id"]] == "local-2"
+        ok, detail = same_volume(stack, before["volume_id"], after["volume_id"])
+        assert ok, detail
+    backups = inventory["volumeBackups"] + inventory["bootVolumeBackups"]
+    assert not [b for b in backups if b["displayName"].startswith(f"copy-{copied['copy_id'][:12]}")]
