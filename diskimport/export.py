@@ -221,6 +221,9 @@ class Exporter:
         """Resolve the volumes and name their objects; refuse what cannot be exported, before
         anything is created."""
         fmt = export_format(format, compress)
+        if self.core.shape.attachment_type == "iscsi":
+            raise InvalidRequest("iscsi-export-unsupported", "exports attach volumes paravirtualized; use a worker "
+                                 "shape with attachment_type paravirtualized")
         ns = namespace or cloud.with_backoff(self.clients.object_storage.get_namespace).data
         prefix = prefix or ""
         if prefix:
@@ -249,8 +252,8 @@ class Exporter:
         return ExportJob(ns, bucket, first, export_id, fmt.name, compress, machine, tuple(sources), tuple(objects))
 
     def finished_objects(self, job: ExportJob, overwrite: bool = False) -> dict[int, str]:
-        """Positions whose object this export already wrote (its ``export-id`` metadata): a retry
-        or a repeat does not write them again. An object of the same name that is not this
+        """Positions whose object this export already wrote (its ``export-id`` metadata) and
+        checked (its ``.sha256`` beside it): a retry or a repeat does not write them again. An object of the same name that is not this
         export's is refused unless ``overwrite``."""
         done: dict[int, str] = {}
         for position, name in enumerate(job.objects):
@@ -258,7 +261,9 @@ class Exporter:
             if head is None:
                 continue
             if head.get(f"opc-meta-{META_EXPORT_ID}") == job.export_id:
-                done[position] = head["etag"]
+                # finished once inspected and its checksum written beside it; else written again
+                if self._head(job, f"{name}.sha256") is not None:
+                    done[position] = head["etag"]
             elif not overwrite:
                 raise InvalidRequest("object-exists", f"object {name!r} exists in bucket {job.bucket!r} and is not "
                                      "this export's; choose another name or pass overwrite")
@@ -318,9 +323,6 @@ class Exporter:
             attached = ledger.register("attachment", made.id, lambda: cloud.detach_volume(self.clients, made.id))
             ready = cloud.wait_attached(self.clients, made.id)
             device = ready.device
-            if getattr(ready, "attachment_type", "") == "iscsi":
-                raise InvalidRequest("iscsi-export-unsupported", "exports attach paravirtualized; set the worker "
-                                     "shape's attachment_type to paravirtualized")
         staging = None
         try:
             if fmt.staged:

@@ -181,6 +181,10 @@ def test_what_cannot_be_exported_is_refused_by_name_before_anything_exists(local
         exporter.finished_objects(job)
     assert exporter.finished_objects(job, overwrite=True) == {}
     assert live(localoci, "instances", job) == []  # type: ignore[arg-type]
+    iscsi = make_importer()
+    iscsi.shape = iscsi.shape.model_copy(update={"attachment_type": "iscsi"})
+    with pytest.raises(InvalidRequest, match="^iscsi-export-unsupported: "):
+        Exporter(iscsi).plan(bucket, None, "qcow2", volume_id=volume_id)
 
 
 def test_an_attached_volume_is_refused(localoci, make_importer, bucket, imported, compute, compartment_id,
@@ -220,3 +224,15 @@ def test_an_object_that_does_not_read_back_as_exported_is_removed(localoci, make
     with pytest.raises(ImageRejected, match="^export-inspection-mismatch: "):
         export_job(importer, wrong)
     nothing_left(localoci, object_storage, bucket, job)
+
+
+def test_an_object_written_but_never_checked_is_written_again(localoci, make_importer, object_storage, bucket,
+                                                              imported):
+    """A run that died between the commit and the check (no ``.sha256`` beside the object) left an
+    object of this export that nobody inspected: the next run writes it again."""
+    job = Exporter(make_importer()).plan(bucket, None, "qcow2", volume_id=imported["volume_id"], prefix="out/")
+    first = export_job(make_importer(), job)["disks"][0]
+    object_storage.delete_object(localoci.namespace, bucket, f"{job.objects[0]}.sha256")
+    again = export_job(make_importer(), job)["disks"][0]
+    assert not again.get("reused") and again["etag"] != first["etag"] and again["sha256"] == first["sha256"]
+    assert object_storage.head_object(localoci.namespace, bucket, f"{job.objects[0]}.sha256").status == 200
