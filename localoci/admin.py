@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 ADMIN = "/_localoci"
 ENDED = ("TERMINATED", "DETACHED")
-# Bandwidth caps on object reads: each connection's own, and a worker VM's network (times its OCPUs).
+# Bandwidth caps: on object reads, each connection's own; on a worker VM's network (times its OCPUs),
+# its object reads and, apart, its object writes.
 PER_CONNECTION = "objectReadBytesPerSecondPerConnection"
 PER_OCPU = "workerBytesPerSecondPerOcpu"
 

@@ -33,6 +33,9 @@ from .store import Store
 
 log = logging.getLogger("localoci")
 
+# The two directions of a worker VM's network, as the VM sees them: object reads, object writes.
+RECEIVE, SEND = "receive", "send"
+
 
 class LocalOCI:
     """All services of the local OCI over one data directory."""
@@ -64,8 +67,9 @@ class LocalOCI:
         self.retry_tokens = RetryTokens(self.store)
         self.read_bps_per_connection: float | None = None
         self.worker_bps_per_ocpu: float | None = None
-        # One bucket per instance address, shared by every connection from it (the worker VM's NIC).
-        self.worker_buckets: dict[str, TokenBucket] = {}
+        # One bucket per instance address and direction, shared by every connection from it (the
+        # worker VM's NIC, whose sending and receiving are separate): reads are what it receives.
+        self.worker_buckets: dict[tuple[str, str], TokenBucket] = {}
         self.worker_buckets_lock = threading.Lock()
         self.read_metrics = ReadMetrics()
         self.identity = Identity(self)
@@ -163,8 +167,14 @@ class LocalOCI:
             buckets.append(worker)
         return buckets
 
-    def worker_bucket(self, address: str) -> TokenBucket | None:
-        """The bucket shared by all reads from a live instance's address, if a worker cap is set."""
+    def write_throttles(self, request: Request) -> list[TokenBucket]:
+        """Token buckets an object write's body on this connection must pass through as it is received."""
+        worker = self.worker_bucket(request.client_address[0], direction=SEND)
+        return [worker] if worker is not None else []
+
+    def worker_bucket(self, address: str, direction: str = RECEIVE) -> TokenBucket | None:
+        """The bucket shared by all of a live instance's object reads (``RECEIVE``) or all of its
+        object writes (``SEND``), if a worker cap is set."""
         per_ocpu = self.worker_bps_per_ocpu
         if not per_ocpu:
             return None
@@ -174,13 +184,14 @@ class LocalOCI:
             return None
         rate = per_ocpu * ocpus
         with self.worker_buckets_lock:
-            bucket = self.worker_buckets.get(address)
+            bucket = self.worker_buckets.get((address, direction))
             if bucket is None or bucket.rate != rate:
-                bucket = self.worker_buckets[address] = TokenBucket(rate)
+                bucket = self.worker_buckets[(address, direction)] = TokenBucket(rate)
             return bucket
 
     def set_worker_rate(self, per_ocpu: float | None) -> None:
-        """Cap each instance's object reads at ``per_ocpu`` times its OCPUs (None: no cap)."""
+        """Cap each instance's object reads, and its object writes apart, at ``per_ocpu`` times its
+        OCPUs (None: no cap)."""
         with self.worker_buckets_lock:
             self.worker_bps_per_ocpu = per_ocpu
             self.worker_buckets.clear()

@@ -1,4 +1,4 @@
-"""Bandwidth caps for object reads, enforced with token buckets, and the bytes object reads sent."""
+"""Bandwidth caps on object reads and writes, enforced with token buckets, and the bytes object reads sent."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import threading
 import time
 from collections import Counter
 from typing import Iterable
+
+THROTTLED_STEP = 256 * 1024  # bytes sent or received per token-bucket reservation
 
 
 class TokenBucket:

@@ -12,9 +12,10 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Iterable
+from typing import Any, BinaryIO, Callable, Iterable, Sequence
 from urllib.parse import parse_qsl, unquote
 
+from .bandwidth import THROTTLED_STEP, TokenBucket, take_all
 from .errors import invalid_parameter
 from .regions import HOME
 
@@ -59,8 +60,9 @@ class Request:
     def consumed(self) -> bool:
         return self._consumed or (not self._chunked and self._remaining == 0)
 
-    def iter_body(self) -> Iterable[bytes]:
-        """Yield the request body in chunks as it arrives (Content-Length or chunked)."""
+    def iter_body(self, step: int = CHUNK, pace: Callable[[int], None] | None = None) -> Iterable[bytes]:
+        """Yield the request body in chunks of at most ``step`` bytes as it arrives (Content-Length or
+        chunked); ``pace(n)`` is called before each ``n`` bytes are read off the connection."""
         if self._consumed:
             if self._body is not None:
                 yield self._body
@@ -74,23 +76,22 @@ class Request:
                     while self._rfile.readline(65537) not in (b"\r\n", b"\n", b""):
                         pass
                     return
-                left = size
-                while left:
-                    data = self._rfile.read(min(CHUNK, left))
-                    if not data:
-                        raise ConnectionError("client closed the connection mid-body")
-                    left -= len(data)
-                    yield data
+                yield from self._read_exactly(size, step, pace)
                 self._rfile.readline(3)
         else:
-            left = self._remaining or 0
-            while left:
-                data = self._rfile.read(min(CHUNK, left))
-                if not data:
-                    raise ConnectionError("client closed the connection mid-body")
-                left -= len(data)
-                yield data
+            yield from self._read_exactly(self._remaining or 0, step, pace)
             self._remaining = 0
+
+    def _read_exactly(self, left: int, step: int, pace: Callable[[int], None] | None) -> Iterable[bytes]:
+        while left:
+            n = min(step, left)
+            if pace is not None:
+                pace(n)
+            data = self._rfile.read(n)
+            if not data:
+                raise ConnectionError("client closed the connection mid-body")
+            left -= len(data)
+            yield data
 
     def body(self, limit: int = SMALL_BODY_LIMIT) -> bytes:
         if self._body is None:
@@ -122,13 +123,20 @@ class Request:
         except Exception:
             return {}
 
-    def save_body(self, out: BinaryIO) -> tuple[int, str]:
-        """Copy the body into ``out``; return its length and base64 MD5."""
+    def save_body(self, out: BinaryIO, throttles: Sequence[TokenBucket] = ()) -> tuple[int, str]:
+        """Copy the body into ``out``; return its length and base64 MD5.
+
+        With ``throttles``, every piece of the body passes the token buckets before it is read off
+        the connection: a client sending faster than they allow waits on a full socket buffer."""
         import base64
 
         md5 = hashlib.md5()
         size = 0
-        for chunk in self.iter_body():
+        if throttles:
+            chunks = self.iter_body(THROTTLED_STEP, lambda n: take_all(throttles, n))
+        else:
+            chunks = self.iter_body()
+        for chunk in chunks:
             md5.update(chunk)
             out.write(chunk)
             size += len(chunk)

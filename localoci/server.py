@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from .bandwidth import take_all
+from .bandwidth import THROTTLED_STEP, take_all
 from .errors import ServiceError, not_authenticated
 from .http import CHUNK, FileBody, Request, Response
 
@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("localoci.server")
 
-THROTTLED_STEP = 256 * 1024  # bytes sent per token-bucket reservation
 SENDFILE_STEP = CHUNK  # bytes per sendfile call when no cap applies: what a lost client cost goes uncounted
 
 

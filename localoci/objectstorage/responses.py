@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import email.utils
-from typing import TYPE_CHECKING, Any
+import functools
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 from urllib.parse import quote
 
 from ..errors import invalid_parameter
@@ -67,6 +68,11 @@ def conditional_read(app: "LocalOCI", request: Request, namespace: str, bucket: 
 def routes(app: "LocalOCI") -> list[Route]:
     os_ = app.objectstorage
 
+    def body_of(request: Request) -> Callable[[BinaryIO], tuple[int, str]]:
+        """What writes an object's (or a part's) bytes: the request's body, received no faster than
+        the sending worker VM's network allows."""
+        return functools.partial(request.save_body, throttles=app.write_throttles(request))
+
     def get_namespace(request: Request) -> Response:
         return Response.json(app.namespace)
 
@@ -102,7 +108,7 @@ def routes(app: "LocalOCI") -> list[Route]:
     def put_object(request: Request) -> Response:
         p = request.params
         obj = os_.put_object(
-            p["namespaceName"], p["bucketName"], p["objectName"], request.save_body,
+            p["namespaceName"], p["bucketName"], p["objectName"], body_of(request),
             content_type=request.headers.get("Content-Type"),
             content_md5=request.headers.get("Content-MD5"),
             metadata=_metadata(request),
@@ -159,7 +165,7 @@ def routes(app: "LocalOCI") -> list[Route]:
             raise invalid_parameter("uploadPartNum must be a whole number.") from None
         part = os_.upload_part(
             p["namespaceName"], p["bucketName"], p["objectName"], upload_id, part_num,
-            request.save_body, request.headers.get("Content-MD5"),
+            body_of(request), request.headers.get("Content-MD5"),
         )
         return Response(200, b"", {"ETag": part["etag"], "opc-content-md5": part["md5"]})
 
@@ -225,7 +231,7 @@ def routes(app: "LocalOCI") -> list[Route]:
         if (request.headers.get("opc-multipart") or "").strip().lower() == "true":
             return par_create_multipart_upload(request)
         obj = os_.put_object(
-            p["namespaceName"], p["bucketName"], p["objectName"], request.save_body,
+            p["namespaceName"], p["bucketName"], p["objectName"], body_of(request),
             content_type=request.headers.get("Content-Type"),
             content_md5=request.headers.get("Content-MD5"),
             metadata=_metadata(request),
