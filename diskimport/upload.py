@@ -80,6 +80,7 @@ def create_par_upload(par_url: str, metadata: Mapping[str, str] | None = None, c
 def run_upload(worker: Worker, endpoint: str, access_uri: str, path: str, *, part_bytes: int,
                connections: int = 4, bind: str | None = "ssh", digest: str | None = "sha256",
                skip_parts: Mapping[int | str, str] | None = None, max_attempts: int = 10,
+               follow: Mapping[str, Any] | None = None,
                on_event: Callable[[dict[str, Any]], None] | None = None,
                timeout: float = 24 * 3600) -> dict[str, Any]:
     """Upload the worker's file ``path`` as the parts of the upload at ``access_uri``; its ``done`` event.
@@ -87,7 +88,8 @@ def run_upload(worker: Worker, endpoint: str, access_uri: str, path: str, *, par
     That is ``{"event": "done", "parts": {"N": etag}, "bytes": size, "uploaded": sent now,
     "sha256": hex or None, "seconds": s}``: the parts to commit, ``skip_parts`` (a resume's
     parts already uploaded, ``{N: etag}``) among them. Every event the uploader prints reaches
-    ``on_event`` as it comes. Raises :class:`UploadFailed` with the uploader's failure code;
+    ``on_event`` as it comes. ``follow`` (``{"done_file", "hold_back"}``) uploads a file another
+    command is still writing, as :mod:`diskimport.uploader` says. Raises :class:`UploadFailed` with the uploader's failure code;
     an SSH failure propagates as it is (a lost worker).
     """
     directory = make_staging_dir(worker, "upload", 1024 * 1024)
@@ -105,7 +107,8 @@ def run_upload(worker: Worker, endpoint: str, access_uri: str, path: str, *, par
 
     config = {"endpoint": endpoint.rstrip("/"), "access_uri": access_uri, "path": path, "part_bytes": int(part_bytes),
               "connections": int(connections), "bind": bind, "digest": digest, "max_attempts": int(max_attempts),
-              "skip_parts": {str(n): etag for n, etag in (skip_parts or {}).items()}}
+              "skip_parts": {str(n): etag for n, etag in (skip_parts or {}).items()},
+              **({"follow": dict(follow)} if follow else {})}
     try:
         # the uploader imports the streamer's connection code: it goes beside it
         worker.put_private_file(STREAMER.read_text(), f"{directory}/streamer.py")

@@ -25,12 +25,20 @@ readable by the worker user alone, since the access URI is a bearer secret (neve
                  reported with the others
     max_attempts failures in a row of one part before the upload fails (default 10)
     timeout_seconds  per socket operation (default 60)
+    follow       {"done_file": F, "hold_back": B}: the file is still being written (a converter
+                 appending to it). Parts are sent once the file has grown ``B`` bytes past
+                 their end; when ``F`` exists (holding "ok", or why the writer failed) the file
+                 is final: the rest is sent, and every part sent before then is read again and
+                 sent again if its bytes changed since (a converter rewrites its metadata), so
+                 the parts always hold the final file. The digest is taken of the final file.
 
 Every part is sent with its Content-MD5. A transient failure (a 429 or 5xx reply, a reset or
 timed-out connection) is retried with backoff; a 401, 403 or 404 (the PAR or the upload is
 gone) ends the upload at once. Events go to stdout as JSON lines:
 
     {"event": "ready", "size": S, "parts": P, "to_upload": U, "bind": address-or-null}
+                        (following a file: S, P and U are null until it is final, then)
+    {"event": "final", "size": S, "parts": P, "resent": R}   (R: parts sent again, changed)
     {"event": "part", "part": N, "bytes": B, "uploaded": bytes sent so far}
     {"event": "retry", "part": N, "attempt": K, "error": "..."}
     {"event": "unbound", "address": A, "error": "..."}   (``bind`` is no address of this host)
@@ -39,7 +47,8 @@ gone) ends the upload at once. Events go to stdout as JSON lines:
     {"event": "failed", "code": "...", "message": "..."}   (then exit status 1)
 
 Failure codes: ``par-refused`` (401/403/404), ``http-error`` (another 4xx), ``retries-exhausted``,
-``file-error`` (unreadable, or shorter than at the start), ``bad-config``, ``internal``.
+``file-error`` (unreadable, or shorter than at the start), ``bad-config``, ``internal``, and
+``source-failed`` (following a file: its writer failed, as the done file says).
 SIGTERM or SIGHUP ends the program at once (status 128 + the signal), as does the end of the
 SSH session that started it (status 4): nobody would commit what it sent.
 """
@@ -101,13 +110,16 @@ class Redactor(object):
 
 
 class Parts(object):
-    """The parts still to send, handed out in order; their ETags; the first failure."""
+    """The parts still to send, handed out in order; their ETags; the first failure.
+
+    All parts are known at the start (``closed``), or, following a file, released as it grows
+    until :meth:`close`; until then a sender that finds none waits for more."""
 
     # The streamer's download waits and fails the same way: on ``cond``, ``remaining`` and ``error``.
     fail = Download.fail
     wait_complete = Download.wait_complete  # whether every part is sent; raises the first failure
 
-    def __init__(self, numbers, events):
+    def __init__(self, numbers, events, size, closed=True):
         self.todo = list(reversed(numbers))
         self.remaining = len(numbers)
         self.etags = {}
@@ -115,18 +127,38 @@ class Parts(object):
         self.error = None
         self.events = events
         self.cond = threading.Condition()
+        self.size = size          # of the file: growing while followed
+        self.closed = closed      # no part will be released any more
+        self.final = closed       # the file's bytes no longer change
+        self.early = {}           # parts read before the file was final: {number: MD5 sent}
 
     def take(self):
         with self.cond:
+            while not self.todo and not self.closed and self.error is None:
+                self.cond.wait(0.5)
             if self.error is not None or not self.todo:
                 return None
             return self.todo.pop()
 
-    def sent(self, number, size, etag):
+    def release(self, numbers):
+        """More parts to send (new ones, or changed ones again)."""
+        with self.cond:
+            self.todo = list(reversed(numbers)) + self.todo
+            self.remaining += len(numbers)
+            self.cond.notify_all()
+
+    def close(self):
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def sent(self, number, size, etag, md5=None, final=True):
         with self.cond:
             self.etags[number] = etag
             self.uploaded += size
             self.remaining -= 1
+            if not final:
+                self.early[number] = md5
             self.events.put({"event": "part", "part": number, "bytes": size, "uploaded": self.uploaded})
             self.cond.notify_all()
 
@@ -139,7 +171,7 @@ class Sender(object):
     _connection = Fetcher._connection
     _close = Fetcher._close
 
-    def __init__(self, config, parts, fd, size, redact):
+    def __init__(self, config, parts, fd, redact):
         self.url = urlsplit(config["endpoint"])
         access_uri = config["access_uri"]
         self.prefix = access_uri if access_uri.endswith("/") else access_uri + "/"
@@ -147,7 +179,7 @@ class Sender(object):
         self.bind = config.get("bind_address")
         self.max_attempts = int(config.get("max_attempts", 10))
         self.timeout = float(config.get("timeout_seconds", 60))
-        self.parts, self.fd, self.size, self.redact = parts, fd, size, redact
+        self.parts, self.fd, self.redact = parts, fd, redact
         self.conn = None
         self.buf = None  # one part, reused
 
@@ -166,21 +198,23 @@ class Sender(object):
             self._close()
 
     def _read(self, number):
+        size = self.parts.size
         start = (number - 1) * self.part_bytes
-        length = max(0, min(self.part_bytes, self.size - start))
+        length = max(0, min(self.part_bytes, size - start))
         if self.buf is None:
-            self.buf = bytearray(min(self.part_bytes, self.size) or 1)
+            self.buf = bytearray(self.part_bytes if not self.parts.final else min(self.part_bytes, size) or 1)
         view = memoryview(self.buf)[:length]
         got = 0
         while got < length:
             n = pread_into(self.fd, view[got:], start + got)
             if not n:
-                raise UploadFailed("file-error", "the file ends at byte %d, within part %d (it was %d bytes at the "
-                                   "start)" % (start + got, number, self.size))
+                raise UploadFailed("file-error", "the file ends at byte %d, within part %d (it was %d bytes)"
+                                   % (start + got, number, size))
             got += n
         return view
 
     def _upload(self, number):
+        final = self.parts.final  # before the read: a read that starts once the file is final reads it final
         view = self._read(number)
         md5 = content_md5(view)
         failures = 0
@@ -197,7 +231,7 @@ class Sender(object):
                                        "error": self.redact(exc)[:200]})
                 time.sleep(min(8.0, 0.25 * 2 ** (failures - 1)))
                 continue
-            self.parts.sent(number, len(view), etag)
+            self.parts.sent(number, len(view), etag, md5, final)
             return
 
     def _put(self, number, view, md5):
@@ -296,6 +330,94 @@ def plan(config, size):
     return count, skip
 
 
+class Follower(object):
+    """Following a file that is being written: releases its parts as it grows, and once it is
+    final (the done file), the rest, then every part sent before that whose bytes changed."""
+
+    def __init__(self, config, parts, fd, hasher_for):
+        follow = config["follow"]
+        self.done_file = follow["done_file"]
+        self.hold_back = int(follow.get("hold_back", 0))
+        self.part_bytes = int(config["part_bytes"])
+        self.parts, self.fd, self.hasher_for = parts, fd, hasher_for
+        self.released = 0
+        self.hasher = None
+
+    def start(self):
+        threading.Thread(target=self._guarded, daemon=True).start()
+
+    def _guarded(self):
+        try:
+            self._run()
+        except UploadFailed as exc:
+            self.parts.fail(exc)
+        except Exception as exc:
+            self.parts.fail(UploadFailed("internal", "unexpected error following the file: %r" % (exc,)))
+
+    def _release_to(self, count):
+        if count > self.released:
+            self.parts.release(list(range(self.released + 1, count + 1)))
+            self.released = count
+
+    def _run(self):
+        parts = self.parts
+        while not os.path.exists(self.done_file):
+            if parts.error is not None:
+                return
+            size = file_size(self.fd)
+            with parts.cond:
+                parts.size = max(parts.size, size)
+            self._release_to(max(0, (size - self.hold_back) // self.part_bytes))
+            time.sleep(0.05)
+        with open(self.done_file) as f:
+            status = f.read().strip()
+        if status != "ok":
+            raise UploadFailed("source-failed", "the file's writer failed: %s" % status[:500])
+        size = file_size(self.fd)
+        count = max(1, -(-size // self.part_bytes))
+        if count > MAX_PARTS:
+            raise UploadFailed("bad-config", "%d bytes in parts of %d bytes are %d parts; at most %d are allowed"
+                               % (size, self.part_bytes, count, MAX_PARTS))
+        if self.released * self.part_bytes > size:
+            raise UploadFailed("file-error", "the file shrank to %d bytes below parts already sent" % size)
+        with parts.cond:
+            parts.size, parts.final = size, True
+        self.hasher = self.hasher_for(size)
+        self._release_to(count)
+        resent = self._resend_changed(size)
+        parts.events.put({"event": "final", "size": size, "parts": count, "resent": resent})
+        parts.close()
+
+    def _resend_changed(self, size):
+        """Read again each part sent before the file was final; send again those that changed."""
+        parts, checked, resent = self.parts, set(), 0
+        buf = bytearray(self.part_bytes)
+        while True:
+            with parts.cond:
+                todo = [(n, md5) for n, md5 in parts.early.items() if n not in checked]
+                if not todo and parts.remaining == 0:
+                    return resent
+                if not todo:
+                    parts.cond.wait(0.2)
+                    if parts.error is not None:
+                        return resent
+                    continue
+            for number, md5 in todo:
+                checked.add(number)
+                start = (number - 1) * self.part_bytes
+                view = memoryview(buf)[:max(0, min(self.part_bytes, size - start))]
+                got = 0
+                while got < len(view):
+                    n = pread_into(self.fd, view[got:], start + got)
+                    if not n:
+                        raise UploadFailed("file-error", "the file ends at byte %d while checking part %d"
+                                           % (start + got, number))
+                    got += n
+                if content_md5(view) != md5:
+                    resent += 1
+                    parts.release([number])
+
+
 def upload(config, orphaned):
     redact = Redactor(config["access_uri"])
     try:
@@ -303,19 +425,36 @@ def upload(config, orphaned):
         size = file_size(fd)
     except OSError as exc:
         raise UploadFailed("file-error", "cannot read %s: %s" % (config["path"], exc))
-    count, skip = plan(config, size)
     events = queue.Queue()
-    parts = Parts([n for n in range(1, count + 1) if n not in skip], events)
     started = time.monotonic()
-    hasher = None
-    if config.get("digest"):
-        hasher = Hasher(config["path"], size, parts)
-        hasher.start()
-    senders = [Sender(config, parts, fd, size, redact)
-               for _ in range(min(int(config.get("connections", 4)), parts.remaining))]
+    hashers = []
+
+    def hasher_for(final_size):
+        if config.get("digest"):
+            hashers.append(Hasher(config["path"], final_size, parts))
+            hashers[-1].start()
+
+    follower = None
+    if config.get("follow"):
+        if config.get("skip_parts"):
+            raise UploadFailed("bad-config", "a followed file cannot resume with skip_parts")
+        plan(config, 0)
+        skip = {}
+        parts = Parts([], events, size, closed=False)
+        follower = Follower(config, parts, fd, hasher_for)
+        follower.start()
+        count = None
+    else:
+        count, skip = plan(config, size)
+        parts = Parts([n for n in range(1, count + 1) if n not in skip], events, size)
+        hasher_for(size)
+    connections = int(config.get("connections", 4))
+    senders = [Sender(config, parts, fd, redact)
+               for _ in range(connections if follower else min(connections, parts.remaining))]
     for sender in senders:
         threading.Thread(target=sender.run, daemon=True).start()
-    emit("ready", size=size, parts=count, to_upload=parts.remaining, bind=config.get("bind_address"))
+    emit("ready", size=None if follower else size, parts=count, to_upload=None if follower else parts.remaining,
+         bind=config.get("bind_address"))
 
     def drain():
         while True:
@@ -325,8 +464,12 @@ def upload(config, orphaned):
                 return
             emit(event.pop("event"), **event)
 
+    def finished():
+        return (parts.wait_complete(0.1) and parts.closed
+                and all(h.done.wait(0.1) for h in hashers) and (not config.get("digest") or hashers))
+
     try:
-        while not (parts.wait_complete(0.1) and (hasher is None or hasher.done.wait(0.1))):
+        while not finished():
             if orphaned():
                 return 4
             drain()
@@ -336,8 +479,8 @@ def upload(config, orphaned):
     drain()
     etags = dict(skip)
     etags.update(parts.etags)
-    emit("done", parts={str(n): etags[n] for n in sorted(etags)}, bytes=size, uploaded=parts.uploaded,
-         sha256=hasher.hexdigest() if hasher is not None else None,
+    emit("done", parts={str(n): etags[n] for n in sorted(etags)}, bytes=parts.size, uploaded=parts.uploaded,
+         sha256=hashers[0].hexdigest() if hashers else None,
          seconds=round(time.monotonic() - started, 3))
     return 0
 

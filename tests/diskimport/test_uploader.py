@@ -233,3 +233,54 @@ def test_an_uploader_whose_session_ends_stops(tmp_path, silent_server, image):
     started = LocalRunner().run(["sh", "-c", 'python3 "$1" "$2" >/dev/null 2>&1 & echo $!; sleep 1', "sh",
                                  str(script), str(config)])
     assert _ended_within(int(started.stdout.split()[0]), 2)
+
+
+def test_a_file_being_written_is_uploaded_as_it_grows_and_changed_parts_are_sent_again(
+        localoci, object_storage, bucket, par, tmp_path, worker):
+    """Following a file a writer appends to and rewrites (as qemu-img does a qcow2's header and
+    tables): parts go as it grows; once the done file says it is final, parts that changed since
+    they were sent go again, so the object is the final file."""
+    path, done_file = tmp_path / "growing.qcow2", tmp_path / "converted"
+    made = created(localoci, par)
+    events: list[dict[str, Any]] = []
+    import threading
+
+    def writer() -> None:
+        with open(path, "wb") as f:
+            for n in range(6):
+                f.write(os.urandom(MiB))
+                f.flush()
+                time.sleep(0.2)
+            deadline = time.monotonic() + 60  # parts 1 to 5 go meanwhile (one part held back)
+            while {e.get("part") for e in events if e["event"] == "part"} < {1, 2, 3, 4, 5}:
+                assert time.monotonic() < deadline, events
+                time.sleep(0.05)
+            f.seek(10)
+            f.write(b"header rewritten")   # part 1, sent long ago
+            f.seek(2 * MiB + 7)
+            f.write(b"table updated")      # part 3
+            f.write(os.urandom(1000))
+        done_file.write_text("ok")
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    done = send(worker, localoci, made, path, events, connections=2,
+                follow={"done_file": str(done_file), "hold_back": MiB})
+    thread.join()
+    data = path.read_bytes()
+    final = next(e for e in events if e["event"] == "final")
+    assert final["size"] == 6 * MiB and final["parts"] == 6 and final["resent"] == 2
+    sent = [e["part"] for e in events if e["event"] == "part"]
+    assert sorted(set(sent)) == [1, 2, 3, 4, 5, 6] and sorted(sent).count(1) == 2 and sorted(sent).count(3) == 2
+    assert sent.index(5) < sent.index(6)  # parts went before the file was final
+    assert done["sha256"] == hashlib.sha256(data).hexdigest() and done["bytes"] == 6 * MiB
+    assert commit(object_storage, localoci, bucket, made["uploadId"], done) == data
+
+
+def test_a_followed_file_whose_writer_failed_fails_the_upload(localoci, par, tmp_path, worker):
+    path, done_file = tmp_path / "half.qcow2", tmp_path / "converted"
+    path.write_bytes(os.urandom(3 * MiB))
+    done_file.write_text("failed: qemu-img convert: No space left on device")
+    made = created(localoci, par)
+    with pytest.raises(upload.UploadFailed, match="^source-failed: the file's writer failed: failed: qemu-img"):
+        send(worker, localoci, made, path, [], follow={"done_file": str(done_file), "hold_back": MiB})
