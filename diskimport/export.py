@@ -11,7 +11,10 @@ worker VM does it. For each volume the worker:
    the device itself: nothing is staged;
 3. uploads that file as the parts of a multipart upload, in parallel, through a write-only
    pre-authenticated request for that one object (:mod:`diskimport.uploader`; no credentials
-   on the worker), hashing it (SHA-256) as it goes.
+   on the worker), **while qemu-img writes it**: a part goes once the file has grown
+   :data:`HOLD_BACK_BYTES` past it, and a part that qemu-img changed after it went (a qcow2's
+   header, L2 tables and refcounts; a vhdx's block table) is sent again once the file is
+   final. The final file is hashed (SHA-256) beside the upload.
 
 The orchestrator creates the upload (its metadata says what a re-import needs: ``format``,
 ``virtual-size``, ``display-name``, the source volume, and for a boot disk its firmware) and
@@ -47,7 +50,12 @@ from .records import ObjectVersion, WorkerVM
 from .transfer import make_staging_dir, remove_staging
 
 UPLOAD_PAR_LIFETIME = dt.timedelta(hours=24)
-MIN_PART_BYTES = 64 * 1024 * 1024
+# Parts of a converted image are sent while qemu-img writes it, each once the file is
+# HOLD_BACK_BYTES past its end (qemu-img updates a qcow2's L2 tables and refcounts, or a
+# vhdx's block table, for a while after writing them); a part sent and changed afterwards is
+# sent again, so small parts keep that cheap.
+MIN_PART_BYTES = 32 * 1024 * 1024
+HOLD_BACK_BYTES = 512 * 1024 * 1024
 MAX_PARTS = 10000
 # qemu's vpc driver writes no VHD above this (2040 GiB).
 VHD_MAX_BYTES = 0xFF000000 * 512
@@ -67,13 +75,14 @@ class ExportFormat:
     options: tuple[str, ...]
     suffix: str
     staged: bool = True   # converted to a file on the worker first (raw is uploaded from the device)
+    appends: bool = True  # qemu-img writes it growing at its end (a fixed VHD is made full size first)
 
 
 FORMATS = {
     "qcow2": ExportFormat("qcow2", "qcow2", ("compat=1.1",), ".qcow2"),
     "vmdk": ExportFormat("vmdk", "vmdk", ("subformat=streamOptimized",), ".vmdk"),
     "vhdx": ExportFormat("vhdx", "vhdx", ("subformat=dynamic",), ".vhdx"),
-    "vhd": ExportFormat("vhd", "vpc", ("subformat=fixed", "force_size=on"), ".vhd"),
+    "vhd": ExportFormat("vhd", "vpc", ("subformat=fixed", "force_size=on"), ".vhd", appends=False),
     "raw": ExportFormat("raw", "raw", (), ".raw", staged=False),
 }
 
@@ -324,18 +333,29 @@ class Exporter:
             ready = cloud.wait_attached(self.clients, made.id)
             device = ready.device
         staging = None
+        metadata = self._metadata(job, source, fmt)
         try:
-            if fmt.staged:
-                with clock("convert"):
-                    staging = make_staging_dir(session, job.export_id, self._measure(session, device))
-                    path = f"{staging}/image{fmt.suffix}"
-                    self._convert(session, device, path, fmt, job.compress)
+            if not fmt.staged:  # raw: the device itself
+                with clock("upload"):
+                    size = self._size(session, device)
+                    result, etag = self._upload(session, job, name, device, size, metadata, on_event)
             else:
-                path = device
-            size = self._size(session, path)
-            metadata = self._metadata(job, source, fmt)
-            with clock("upload"):
-                result, etag = self._upload(session, job, name, path, size, metadata, on_event)
+                estimate = self._measure(session, device)
+                staging = make_staging_dir(session, job.export_id, estimate)
+                path = f"{staging}/image{fmt.suffix}"
+                if fmt.appends:  # uploaded while qemu-img writes it
+                    with clock("convert-and-upload"):
+                        result, etag = self._upload(
+                            session, job, name, path, 2 * estimate, metadata, on_event,
+                            follow=(f"{staging}/converted", lambda: self._convert(session, device, path, fmt,
+                                                                                   job.compress)))
+                else:
+                    with clock("convert"):
+                        self._convert(session, device, path, fmt, job.compress)
+                    with clock("upload"):
+                        result, etag = self._upload(session, job, name, path, self._size(session, path), metadata,
+                                                    on_event)
+                size = int(result["bytes"])
             cloud.detach_volume(self.clients, made.id)
             ledger.release(attached)
         finally:
@@ -394,8 +414,11 @@ class Exporter:
         return metadata
 
     def _upload(self, session: Any, job: ExportJob, name: str, path: str, size: int, metadata: dict[str, str],
-                on_event: Callable[[dict[str, Any]], None] | None) -> tuple[dict[str, Any], str]:
-        """The file into a multipart upload through a write-only PAR; committed, or aborted."""
+                on_event: Callable[[dict[str, Any]], None] | None,
+                follow: tuple[str, Callable[[], None]] | None = None) -> tuple[dict[str, Any], str]:
+        """The file (at most ``size`` bytes) into a multipart upload through a write-only PAR;
+        committed, or aborted. ``follow``: ``(done file, writer)``: the writer writes the file
+        meanwhile, and the done file tells the uploader when it has finished, or failed."""
         core, ledger = self.core, self.core.ledger
         par_name = f"{self._par_prefix(job)}{core.run_id}-{core.retry_token('par/' + name)[:12]}"
         par_id, access_uri = cloud.object_par(self.clients, job.namespace, job.bucket, name, UPLOAD_PAR_LIFETIME,
@@ -409,8 +432,12 @@ class Exporter:
             aborted = ledger.register("multipart upload", upload_id, lambda: cloud.abort_upload(
                 self.clients, job.namespace, job.bucket, name, upload_id))
             part_bytes = max(MIN_PART_BYTES, -(-size // MAX_PARTS))
-            result = upload.run_upload(session, endpoint, created["accessUri"], path, part_bytes=part_bytes,
-                                       connections=core.settings.transfer_connections, on_event=on_event)
+
+            def send(follow_config: dict[str, Any] | None = None) -> dict[str, Any]:
+                return upload.run_upload(session, endpoint, created["accessUri"], path, part_bytes=part_bytes,
+                                         connections=core.settings.transfer_connections, follow=follow_config,
+                                         on_event=on_event)
+            result = send() if follow is None else self._while_written(session, path, *follow, send)
             parts = [oci.object_storage.models.CommitMultipartUploadPartDetails(part_num=int(n), etag=etag)
                      for n, etag in sorted(result["parts"].items(), key=lambda item: int(item[0]))]
             committed = cloud.with_backoff(
@@ -421,6 +448,33 @@ class Exporter:
         finally:
             ledger.undo(par)
         return result, etag
+
+    @staticmethod
+    def _while_written(session: Any, path: str, done_file: str, writer: Callable[[], None],
+                       send: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        """``send`` following the file ``writer`` writes; the writer's failure (which also stops
+        the uploader, through the done file) is the one raised."""
+        def write() -> None:
+            status = "ok"
+            try:
+                session.run(["rm", "-f", path])  # a retry's half file must not be followed
+                writer()
+            except BaseException as exc:
+                status = f"failed: {exc}"[:2000]
+                raise
+            finally:
+                session.put_private_file(status, done_file)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="export-convert") as pool:
+            written = pool.submit(write)
+            try:
+                result = send({"done_file": done_file, "hold_back": HOLD_BACK_BYTES})
+            except BaseException:
+                if written.exception() is not None:  # waits: the writer's error is the cause
+                    raise written.exception() from None  # type: ignore[misc]
+                raise
+            written.result()
+        return result
 
     def inspect_written(self, job: ExportJob, name: str, source: SourceVolume, fmt: ExportFormat) -> None:
         """The committed object read again as an import reads it: the format and virtual size
