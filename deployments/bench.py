@@ -10,6 +10,11 @@ For each benchmark image (see :mod:`deployments.bench_images`), in one run on th
   convert does);
 - **reference**: :mod:`deployments.reference`, the sequential pipeline, same worker shape.
 
+And the way back (``export-qcow2-8g``): the volume the ``qcow2-8g`` import made, exported again
+to a qcow2 object by the ``export-volume`` deployment, timed from the run's creation to its
+completion, against the volume's data (its backing file's allocated bytes) over the worker's
+network, which the local OCI holds the worker's uploads to as it does its reads.
+
 The local OCI enforces the cloud model (:data:`MODEL`) while the benchmark runs. The last
 line of output is one JSON object; the exit status is 1 if a target is missed.
 """
@@ -30,7 +35,8 @@ import httpx
 
 from deployments import local_stack
 from deployments.bench_images import DECOMPRESSORS, MACHINE, SPECS, ImageSpec, ensure_image, ensure_machine
-from deployments.demo import inventory, run_result, run_started_by_upload, stack_clients, upload, wait_for_run
+from deployments.demo import inventory, run_result, run_started_by_upload, stack_clients, start_import, upload, \
+    wait_for_run
 
 MB = 1_000_000
 MODEL = {
@@ -39,6 +45,10 @@ MODEL = {
     "worker_ocpus": 2,
 }
 WORKER_LIMIT = MODEL["worker_network_bytes_per_s_per_ocpu"] * MODEL["worker_ocpus"]
+# The export row: it exports the volume its source image's import made.
+EXPORT, EXPORT_SOURCE = "export-qcow2-8g", "qcow2-8g"
+EXPORT_DEPLOYMENT = "export-volume/default"
+EXPORT_BUCKET = "bench-exports"  # no object events: an exported image must not start an import
 
 
 def admin(env: dict[str, str], method: str, path: str, body: Any = None) -> Any:
@@ -56,8 +66,10 @@ def apply_model(env: dict[str, str]) -> dict[str, Any]:
     return before
 
 
-def measure_ours(env: dict[str, str], spec: ImageSpec, path: Path) -> tuple[dict[str, Any], str]:
-    """Upload, then time the import the upload event starts. Returns the numbers and the object name."""
+def measure_ours(env: dict[str, str], spec: ImageSpec, path: Path,
+                 keep_volume: bool = False) -> tuple[dict[str, Any], str]:
+    """Upload, then time the import the upload event starts. Returns the numbers and the object name
+    (and, with ``keep_volume``, the imported volume's id as ``volume_id``, left for the caller to delete)."""
     object_name = f"bench/{spec.name}-{int(time.time())}.{spec.suffix}"
     admin(env, "DELETE", "metrics")
     etag = upload(env, path, object_name, spec.metadata)
@@ -72,15 +84,22 @@ def measure_ours(env: dict[str, str], spec: ImageSpec, path: Path) -> tuple[dict
     seconds = (dt.datetime.fromisoformat(summary["ready_at"]) - event_time).total_seconds()
     key = f"{env['OCI_NAMESPACE']}/{env['IMPORT_BUCKET']}/{object_name}"
     metrics = admin(env, "GET", "metrics")
-    backing = next(v["backingFile"] for v in inventory(env)["volumes"] if v["id"] == summary["volume_id"])
-    written = os.stat(backing).st_blocks * 512
-    _delete_volume(env, summary["volume_id"])
+    written = _allocated_bytes(env, summary["volume_id"])
+    if not keep_volume:
+        _delete_volume(env, summary["volume_id"])
     return {
         "seconds": round(seconds, 3), "steps": summary["steps"],
         "bytes_read": metrics["objectBytesRead"].get(key, 0), "read_requests": metrics["objectReadRequests"].get(key, 0),
         "bytes_written": written, "peak_rss_mb": summary["peak_rss_mb"],
         "transfer_seconds": summary["transfer_seconds"], "write_phases": summary.get("write_phases", {}),
+        **({"volume_id": summary["volume_id"]} if keep_volume else {}),
     }, object_name
+
+
+def _allocated_bytes(env: dict[str, str], volume_id: str) -> int:
+    """What the volume's backing file holds: its data, not its holes."""
+    backing = next(v["backingFile"] for v in inventory(env)["volumes"] if v["id"] == volume_id)
+    return os.stat(backing).st_blocks * 512
 
 
 def _delete_volume(env: dict[str, str], volume_id: str) -> None:
@@ -153,9 +172,10 @@ def settle(drop_caches: bool = True) -> None:
 
 
 def bench_image(env: dict[str, str], spec: ImageSpec, path: Path, volume_dir: Path,
-                with_reference: bool) -> dict[str, Any]:
+                with_reference: bool, keep_volume: bool = False) -> dict[str, Any]:
+    """The image's row; with ``keep_volume``, its imported volume's id as ``volume_id`` (kept)."""
     settle()
-    ours, object_name = measure_ours(env, spec, path)
+    ours, object_name = measure_ours(env, spec, path, keep_volume)
     try:
         settle(drop_caches=False)
         floor = measure_floor(env, spec, path, volume_dir)
@@ -163,6 +183,10 @@ def bench_image(env: dict[str, str], spec: ImageSpec, path: Path, volume_dir: Pa
             settle()
         # the reference pipeline reads plain images only
         reference = measure_reference(env, spec, object_name) if with_reference and not spec.compression else None
+    except BaseException:
+        if keep_volume:
+            _delete_volume(env, ours["volume_id"])
+        raise
     finally:
         _delete_object(env, object_name)
     size = path.stat().st_size
@@ -176,7 +200,49 @@ def bench_image(env: dict[str, str], spec: ImageSpec, path: Path, volume_dir: Pa
         "peak_rss_mb": ours["peak_rss_mb"], "steps": ours["steps"], "transfer_s": ours["transfer_seconds"], "write_phases": ours["write_phases"],
         "floor": floor, "reference": reference,
     }
+    if keep_volume:
+        result["volume_id"] = ours["volume_id"]
     return result
+
+
+def bench_export(env: dict[str, str], volume_id: str) -> dict[str, Any]:
+    """Export the volume to a qcow2 object with the ``export-volume`` deployment, timed from the
+    run's creation to its completion, against the volume's data over the worker's network. The
+    object and its ``.sha256`` are deleted afterwards."""
+    import oci
+
+    client, _ = stack_clients(env)
+    namespace = env["OCI_NAMESPACE"]
+    try:
+        client.get_bucket(namespace, EXPORT_BUCKET)
+    except oci.exceptions.ServiceError as exc:
+        if exc.status != 404:
+            raise
+        client.create_bucket(namespace, oci.object_storage.models.CreateBucketDetails(
+            name=EXPORT_BUCKET, compartment_id=env["COMPARTMENT_ID"]))
+    object_name = f"bench/{EXPORT}-{int(time.time())}.qcow2"
+    data = _allocated_bytes(env, volume_id)
+    settle()
+    admin(env, "DELETE", "metrics")
+    run = start_import(env, object_name, bucket=EXPORT_BUCKET, deployment=EXPORT_DEPLOYMENT, volume_id=volume_id,
+                       format="qcow2")
+    try:
+        run = wait_for_run(env, run.id, timeout=3600)
+        if not run.state.is_completed():
+            raise RuntimeError(f"the export of {volume_id} ended {run.state.name}: {run.state.message}")
+        [disk] = run_result(env, run)["disks"]
+    finally:
+        for name in (object_name, f"{object_name}.sha256"):
+            try:
+                client.delete_object(namespace, EXPORT_BUCKET, name)
+            except oci.exceptions.ServiceError as exc:
+                if exc.status != 404:
+                    raise
+    seconds = (run.end_time - run.created).total_seconds()
+    floor = data / WORKER_LIMIT
+    return {"ours_s": round(seconds, 3), "floor_s": round(floor, 3), "ours_over_floor": round(seconds / floor, 3),
+            "volume_data_bytes": data, "object_bytes": disk["object_bytes"], "parts": disk["parts"],
+            "steps": disk["seconds"]}
 
 
 def _import_by_upload(env: dict[str, str], path: Path, object_name: str) -> tuple[float, dict[str, Any], str]:
@@ -238,9 +304,12 @@ def machine_targets(m: dict[str, Any]) -> list[tuple[str, bool, str]]:
     ]
 
 
-def targets(images: dict[str, dict[str, Any]]) -> list[tuple[str, bool, str]]:
+def targets(images: dict[str, dict[str, Any]], export: dict[str, Any] | None = None) -> list[tuple[str, bool, str]]:
     """The issue's targets, each with whether this run met it and the numbers behind it."""
     found: list[tuple[str, bool, str]] = []
+    if export:
+        found.append((f"{EXPORT} ours/floor <= 1.5", export["ours_over_floor"] <= 1.5,
+                      f"{export['ours_over_floor']:.2f}"))
     q = images.get("qcow2-8g")
     if q:
         found.append(("qcow2-8g ours/floor <= 1.5", q["ours_over_floor"] <= 1.5, f"{q['ours_over_floor']:.2f}"))
@@ -290,15 +359,17 @@ def print_table(images: dict[str, dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", nargs="*", default=[s.name for s in SPECS] + [MACHINE],
-                        help=f"which images to run (default: all, and the machine, {MACHINE})")
+    parser.add_argument("--images", nargs="*", default=[s.name for s in SPECS] + [EXPORT, MACHINE],
+                        help=f"which images to run (default: all, the export, {EXPORT}, which implies "
+                             f"{EXPORT_SOURCE}, and the machine, {MACHINE})")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference pipeline")
     parser.add_argument("--latency", default="none",
                         help="the local OCI's latency profile (localoci/latency.py): none (its own 50 ms "
                              "transitions, the default) or oci (a tenancy's provisioning times, for what overlaps "
                              "with provisioning; the ratios against the floor then include minutes of launch)")
     args = parser.parse_args(argv)
-    specs = [s for s in SPECS if s.name in args.images]
+    with_export = EXPORT in args.images
+    specs = [s for s in SPECS if s.name in args.images or (with_export and s.name == EXPORT_SOURCE)]
     with_machine = MACHINE in args.images
     env = local_stack.up()
     base = local_stack.local_dir()
@@ -318,13 +389,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"latency profile: {args.latency} {json.dumps(profile)}", flush=True)
     images: dict[str, dict[str, Any]] = {}
     machine: dict[str, Any] | None = None
+    export: dict[str, Any] | None = None
     try:
         for spec in specs:
             print(f"image {spec.name}: running", flush=True)
-            images[spec.name] = bench_image(env, spec, paths[spec.name], volume_dir, not args.no_reference)
+            keep = with_export and spec.name == EXPORT_SOURCE
+            images[spec.name] = bench_image(env, spec, paths[spec.name], volume_dir, not args.no_reference, keep)
             i = images[spec.name]
             print(f"image {spec.name}: ours {i['ours_s']:.1f} s, floor {i['floor_s']:.1f} s, "
                   f"reference {i['reference_s']} s", flush=True)
+            if keep:
+                volume_id = i.pop("volume_id")
+                try:
+                    print(f"{EXPORT}: running", flush=True)
+                    export = bench_export(env, volume_id)
+                    print(f"{EXPORT}: ours {export['ours_s']:.1f} s, floor {export['floor_s']:.1f} s", flush=True)
+                finally:
+                    _delete_volume(env, volume_id)
         if with_machine:
             print(f"machine {MACHINE}: running", flush=True)
             machine = bench_machine(env, ova, disks)
@@ -335,7 +416,12 @@ def main(argv: list[str] | None = None) -> int:
             admin(env, "POST", "latency", {"transition": transition, "seconds": seconds})
     print()
     print_table(images)
-    met = targets(images)
+    if export:
+        print(f"\n{EXPORT}: ours {export['ours_s']:.1f} s, floor {export['floor_s']:.1f} s (the volume's "
+              f"{export['volume_data_bytes'] / MB:.0f} MB of data over the worker's network), "
+              f"{export['ours_over_floor']:.2f}; {export['object_bytes'] / MB:.0f} MB in {export['parts']} parts; "
+              "steps " + ", ".join(f"{k} {v:.1f}" for k, v in export["steps"].items()))
+    met = targets(images, export)
     if machine:
         print(f"\n{MACHINE}: ours {machine['ours_s']:.1f} s (floor {machine['floor_s']:.1f} s, "
               f"{machine['ours_over_floor']:.2f}); its disks imported one after another "
@@ -346,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, ok, detail in met:
         print(f"{'PASS' if ok else 'MISS'}  {name}: {detail}")
     print(json.dumps({"model": {**MODEL, "worker_network_bytes_per_s": WORKER_LIMIT}, "images": images,
-                      "machine": machine}, sort_keys=False))
+                      "export": export, "machine": machine}, sort_keys=False))
     return 0 if all(ok for _, ok, _ in met) else 1
 
 
