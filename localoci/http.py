@@ -145,15 +145,26 @@ class Request:
 
 @dataclass
 class FileBody:
-    """A byte range of a file, streamed to the client (optionally throttled).
+    """A byte range of a file, or of files read one after another (``pieces``: each file's path
+    and size; a multipart object's parts), streamed to the client (optionally throttled).
 
     ``account`` names what the bytes sent are counted against in the read metrics, if anything.
     """
 
-    path: str
+    pieces: list[tuple[str, int]]
     offset: int
     length: int
     account: str | None = None
+
+    def spans(self) -> list[tuple[str, int, int]]:
+        """``(path, offset in it, length)`` of each file the range covers, in order."""
+        out, start, end, base = [], self.offset, self.offset + self.length, 0
+        for path, size in self.pieces:
+            lo, hi = max(start, base), min(end, base + size)
+            if lo < hi:
+                out.append((path, lo - base, hi - lo))
+            base += size
+        return out
 
 
 @dataclass

@@ -87,30 +87,35 @@ class _Handler(BaseHTTPRequestHandler):
         if account is not None:
             metrics.request(account)
         cut = request.cut_after_bytes
-        with open(body.path, "rb") as f:
-            f.seek(body.offset)
-            offset, left = body.offset, body.length if cut is None else min(cut, body.length)
-            self.wfile.flush()
-            step = THROTTLED_STEP if throttles else SENDFILE_STEP
-            while left:
-                # Piece by piece, so the metrics count what was sent even if the client goes away,
-                # and each piece passes the token buckets before the kernel copies it out (sendfile).
-                n = min(step, left)
-                if throttles:
-                    take_all(throttles, n)
-                try:
-                    sent = self.connection.sendfile(f, offset, n)
-                except OSError:
-                    # The client left mid-piece; sendfile has moved the file position past what it sent.
-                    if account is not None and f.tell() > offset:
-                        metrics.sent(account, f.tell() - offset)
-                    raise
-                if not sent:
-                    raise ConnectionResetError("object file shorter than expected")
-                if account is not None:
-                    metrics.sent(account, sent)
-                offset += sent
-                left -= sent
+        left = body.length if cut is None else min(cut, body.length)
+        self.wfile.flush()
+        step = THROTTLED_STEP if throttles else SENDFILE_STEP
+        for path, offset, length in body.spans():
+            if not left:
+                break
+            with open(path, "rb") as f:
+                f.seek(offset)
+                length = min(length, left)
+                left -= length
+                while length:
+                    # Piece by piece, so the metrics count what was sent even if the client goes away,
+                    # and each piece passes the token buckets before the kernel copies it out (sendfile).
+                    n = min(step, length)
+                    if throttles:
+                        take_all(throttles, n)
+                    try:
+                        sent = self.connection.sendfile(f, offset, n)
+                    except OSError:
+                        # The client left mid-piece; sendfile has moved the file position past what it sent.
+                        if account is not None and f.tell() > offset:
+                            metrics.sent(account, f.tell() - offset)
+                        raise
+                    if not sent:
+                        raise ConnectionResetError("object file shorter than expected")
+                    if account is not None:
+                        metrics.sent(account, sent)
+                    offset += sent
+                    length -= sent
         if cut is not None and cut < body.length:
             raise ConnectionResetError("fault injected: connection cut mid-body")
 

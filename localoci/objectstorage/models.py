@@ -15,7 +15,6 @@ import secrets
 import uuid
 from urllib.parse import quote
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 from ..errors import ServiceError, conflict, invalid_parameter, not_found, precondition_failed
@@ -194,8 +193,17 @@ class ObjectStorage:
             raise precondition_failed(f"The If-Match header {if_match!r} does not match the object's ETag.")
         return obj
 
-    def object_path(self, obj: dict[str, Any]) -> Path:
-        return self.objects_dir / obj["_file"]
+    def object_pieces(self, obj: dict[str, Any]) -> list[tuple[str, int]]:
+        """The files holding the object's bytes, in order, with their sizes: one, or a multipart
+        upload's parts (a commit joins them by reference, as Object Storage copies no bytes)."""
+        stored = obj["_file"]
+        if isinstance(stored, str):
+            return [(str(self.objects_dir / stored), obj["size"])]
+        return [(str(self.objects_dir / file_id), size) for file_id, size in stored]
+
+    def _unlink(self, stored: str | list[list[Any]]) -> None:
+        for file_id in ([stored] if isinstance(stored, str) else [f for f, _ in stored]):
+            (self.objects_dir / file_id).unlink(missing_ok=True)
 
     def put_object(
         self,
@@ -248,7 +256,7 @@ class ObjectStorage:
         namespace: str,
         bucket_name: str,
         name: str,
-        file_id: str,
+        file_id: str | list[list[Any]],
         size: int,
         md5: str | None,
         multipart_md5: str | None,
@@ -261,7 +269,8 @@ class ObjectStorage:
             try:
                 self._check_conditions(namespace, bucket_name, name, if_match, if_none_match)
             except ServiceError:
-                (self.objects_dir / file_id).unlink(missing_ok=True)
+                if isinstance(file_id, str):  # a multipart upload's parts stay its own
+                    self._unlink(file_id)
                 raise
             bucket = self.bucket(namespace, bucket_name)
             key = self._key(namespace, bucket_name, name)
@@ -284,7 +293,7 @@ class ObjectStorage:
             self.objects[key] = obj
             self.store.save()
             if previous is not None:
-                (self.objects_dir / previous["_file"]).unlink(missing_ok=True)
+                self._unlink(previous["_file"])
             self.app.events.object_changed("updateobject" if previous else "createobject", bucket, obj)
         return obj
 
@@ -293,7 +302,7 @@ class ObjectStorage:
             obj = self.get_object(namespace, bucket_name, name, if_match)
             del self.objects[self._key(namespace, bucket_name, name)]
             self.store.save()
-            (self.objects_dir / obj["_file"]).unlink(missing_ok=True)
+            self._unlink(obj["_file"])
             self.app.events.object_changed("deleteobject", self.bucket(namespace, bucket_name), obj)
 
     def list_objects(
@@ -418,20 +427,19 @@ class ObjectStorage:
                   if_none_match: str | None) -> dict[str, Any]:
         """Join ``parts`` (in order) into the upload's object and end the upload."""
         namespace, bucket_name, name = upload["namespace"], upload["bucket"], upload["object"]
-        file_id = uuid.uuid4().hex
         digest = hashlib.md5()
-        size = 0
-        with open(self.objects_dir / file_id, "wb") as out:
-            for part in parts:
-                with open(self.objects_dir / part["_file"], "rb") as src:
-                    size += _copy(src, out)
-                digest.update(base64.b64decode(part["md5"]))
-            _make_durable(out)
+        for part in parts:
+            digest.update(base64.b64decode(part["md5"]))
         multipart_md5 = f"{base64.b64encode(digest.digest()).decode()}-{len(parts)}"
+        # The parts (each stored durably when it arrived) become the object's files, unjoined.
+        segments = [[part["_file"], part["size"]] for part in parts]
         obj = self._commit_object(
-            namespace, bucket_name, name, file_id, size, None, multipart_md5,
+            namespace, bucket_name, name, segments, sum(part["size"] for part in parts), None, multipart_md5,
             upload["_contentType"], upload["_metadata"], if_match, if_none_match,
         )
+        with self.store.lock:
+            committed = {part["_file"] for part in parts}
+            upload["_parts"] = {n: p for n, p in upload["_parts"].items() if p["_file"] not in committed}
         self._discard_upload(upload["uploadId"])
         return obj
 
@@ -530,12 +538,3 @@ class ObjectStorage:
 def uploaded_parts(upload: dict[str, Any]) -> list[dict[str, Any]]:
     """A multipart upload's parts so far, in part-number order."""
     return sorted(upload["_parts"].values(), key=lambda part: part["partNumber"])
-
-
-def _copy(src: BinaryIO, dst: BinaryIO) -> int:
-    total = 0
-    while chunk := src.read(4 * 1024 * 1024):
-        dst.write(chunk)
-        total += len(chunk)
-    return total
-

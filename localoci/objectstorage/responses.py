@@ -48,12 +48,12 @@ def object_response(app: "LocalOCI", request: Request, obj: dict[str, Any]) -> R
     """A GET or HEAD reply for ``obj``, honouring a Range header."""
     headers = object_headers(obj)
     rng = parse_range(request.headers.get("Range"), obj["size"])
-    path = str(app.objectstorage.object_path(obj))
+    pieces = app.objectstorage.object_pieces(obj)
     account = f"{obj['_bucket']}/{obj['name']}"
     if rng is None:
-        return Response(200, FileBody(path, 0, obj["size"], account), headers)
+        return Response(200, FileBody(pieces, 0, obj["size"], account), headers)
     headers["Content-Range"] = f"bytes {rng.start}-{rng.end}/{obj['size']}"
-    return Response(206, FileBody(path, rng.start, rng.length, account), headers)
+    return Response(206, FileBody(pieces, rng.start, rng.length, account), headers)
 
 
 def conditional_read(app: "LocalOCI", request: Request, namespace: str, bucket: str, name: str) -> Response:

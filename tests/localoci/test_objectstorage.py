@@ -504,6 +504,29 @@ def test_commit_multipart_upload_with_a_part_excluded_joins_only_the_committed_p
     expected = base64.b64encode(hashlib.md5(hashlib.md5(chunks[1]).digest() + hashlib.md5(chunks[3]).digest()).digest()).decode()
     assert head.headers["opc-multipart-md5"] == f"{expected}-2"
     assert object_storage.list_multipart_uploads(ns, bucket).data == []
+    # ranges across the parts' boundary, kept as they arrived (a commit copies no bytes)
+    joined = chunks[1] + chunks[3]
+    for first, last in ((990, 1009), (0, 1699), (1000, 1000), (999, 999), (1500, 1699)):
+        got = object_storage.get_object(ns, bucket, "joined", range=f"bytes={first}-{last}").data.content
+        assert got == joined[first:last + 1], (first, last)
+
+
+def test_a_committed_upload_keeps_its_parts_as_the_objects_files(object_storage: ObjectStorageClient,
+                                                                   localoci: RunningLocalOCI, bucket: str) -> None:
+    ns = localoci.namespace
+    objects = localoci.data_dir / "objects"
+    before = set(objects.iterdir())
+    upload = object_storage.create_multipart_upload(ns, bucket, models.CreateMultipartUploadDetails(object="big")).data
+    parts = [os.urandom(3000), os.urandom(2000)]
+    etags = [object_storage.upload_part(ns, bucket, "big", upload.upload_id, n, data).headers["etag"]
+             for n, data in enumerate(parts, 1)]
+    object_storage.commit_multipart_upload(ns, bucket, "big", upload.upload_id, models.CommitMultipartUploadDetails(
+        parts_to_commit=[models.CommitMultipartUploadPartDetails(part_num=n, etag=e) for n, e in enumerate(etags, 1)]))
+    made = set(objects.iterdir()) - before
+    assert sorted(path.stat().st_size for path in made) == [2000, 3000]  # the parts, no joined copy
+    assert read(object_storage, ns, bucket, "big").data.content == b"".join(parts)
+    object_storage.put_object(ns, bucket, "big", b"replaced")
+    assert not any(path.exists() for path in made)  # the replaced object's parts are gone
 
 
 def test_commit_multipart_upload_with_wrong_part_etag_is_400(object_storage: ObjectStorageClient, localoci: RunningLocalOCI, bucket: str) -> None:
