@@ -36,6 +36,7 @@ import datetime as dt
 import hashlib
 import json
 import re
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -43,7 +44,7 @@ from typing import Any, Callable, Sequence
 import oci
 
 from . import cloud, contract, upload
-from .commands import CommandFailed
+from .commands import CommandFailed, read_range
 from .errors import ImageRejected, InvalidRequest
 from .importer import Importer, _phase
 from .records import ObjectVersion, WorkerVM
@@ -171,6 +172,30 @@ def _check_object_name(name: str, what: str) -> str:
         raise InvalidRequest("invalid-object-name", f"{what} {name!r} is not an object name (1 to 1024 printable "
                              "characters, no empty, '.' or '..' parts)")
     return name
+
+
+def qcow2_metadata(read: Callable[[int, int], bytes]) -> list[tuple[int, int]]:
+    """The byte ranges of a qcow2 (as qemu-img convert writes one) that qemu-img may write more
+    than once: the header cluster, the L1 table, the refcount table, every refcount block and
+    every L2 table. Data clusters (compressed ones too) are written once, at the file's end."""
+    header = read(0, 72)
+    if len(header) < 72 or header[:4] != b"QFI\xfb":
+        raise ImageRejected("export-convert-failed", "the converted file is not a qcow2")
+    cluster_bits, = struct.unpack(">I", header[20:24])
+    l1_size, l1_offset = struct.unpack(">IQ", header[36:48])
+    refcount_offset, refcount_clusters = struct.unpack(">QI", header[48:60])
+    if not 9 <= cluster_bits <= 21 or l1_size > 1 << 26 or refcount_clusters > 1 << 16:
+        raise ImageRejected("export-convert-failed", "the converted qcow2's header is not one qemu-img writes")
+    cluster = 1 << cluster_bits
+    ranges = [(0, cluster), (l1_offset, l1_offset + 8 * l1_size),
+              (refcount_offset, refcount_offset + refcount_clusters * cluster)]
+    mask = 0x00FFFFFFFFFFFE00
+    for table, length in ((l1_offset, 8 * l1_size), (refcount_offset, refcount_clusters * cluster)):
+        data = read(table, length) if length else b""
+        for (entry,) in struct.iter_unpack(">Q", data[:len(data) // 8 * 8]):
+            if entry & mask:
+                ranges.append((entry & mask, (entry & mask) + cluster))
+    return sorted(ranges)
 
 
 def source_volume(clients: cloud.Clients, volume_id: str, position: int, refuse_attached: bool) -> SourceVolume:
@@ -453,12 +478,22 @@ class Exporter:
     def _while_written(session: Any, path: str, done_file: str, writer: Callable[[], None],
                        send: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
         """``send`` following the file ``writer`` writes; the writer's failure (which also stops
-        the uploader, through the done file) is the one raised."""
+        the uploader, through the done file) is the one raised. For a qcow2 the done file names
+        the ranges qemu-img rewrites (:func:`qcow2_metadata`): only parts sent early that overlap
+        them are read again; for other formats every part sent early is."""
+        def rewritable(session: Any, path: str) -> list[list[int]] | None:
+            if not path.endswith(".qcow2"):
+                return None
+            return [list(r) for r in qcow2_metadata(lambda start, length: read_range(session, path, start, length))]
+
         def write() -> None:
             status = "ok"
             try:
                 session.run(["rm", "-f", path])  # a retry's half file must not be followed
                 writer()
+                ranges = rewritable(session, path)
+                if ranges is not None:
+                    status = json.dumps({"status": "ok", "recheck": ranges})
             except BaseException as exc:
                 status = f"failed: {exc}"[:2000]
                 raise

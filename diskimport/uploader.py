@@ -31,6 +31,9 @@ readable by the worker user alone, since the access URI is a bearer secret (neve
                  is final: the rest is sent, and every part sent before then is read again and
                  sent again if its bytes changed since (a converter rewrites its metadata), so
                  the parts always hold the final file. The digest is taken of the final file.
+                 The done file may instead hold {"status": "ok", "recheck": [[start, end], ...]}:
+                 the only ranges the writer may have rewritten, so only parts overlapping them
+                 are read again.
 
 Every part is sent with its Content-MD5. A transient failure (a 429 or 5xx reply, a reset or
 timed-out connection) is retried with backoff; a 401, 403 or 404 (the PAR or the upload is
@@ -371,6 +374,14 @@ class Follower(object):
             time.sleep(0.05)
         with open(self.done_file) as f:
             status = f.read().strip()
+        recheck = None
+        if status.startswith("{"):  # {"status": "ok", "recheck": [[start, end], ...]}
+            try:
+                done = json.loads(status)
+                status = str(done["status"])
+                recheck = [(int(a), int(b)) for a, b in done.get("recheck") or []] if "recheck" in done else None
+            except (ValueError, KeyError, TypeError) as exc:
+                raise UploadFailed("bad-config", "the done file is not understood: %r" % (exc,))
         if status != "ok":
             raise UploadFailed("source-failed", "the file's writer failed: %s" % status[:500])
         size = file_size(self.fd)
@@ -384,12 +395,20 @@ class Follower(object):
             parts.size, parts.final = size, True
         self.hasher = self.hasher_for(size)
         self._release_to(count)
-        resent = self._resend_changed(size)
+        resent = self._resend_changed(size, recheck)
         parts.events.put({"event": "final", "size": size, "parts": count, "resent": resent})
         parts.close()
 
-    def _resend_changed(self, size):
-        """Read again each part sent before the file was final; send again those that changed."""
+    def _may_change(self, number, recheck):
+        if recheck is None:
+            return True
+        start = (number - 1) * self.part_bytes
+        end = start + self.part_bytes
+        return any(a < end and b > start for a, b in recheck)
+
+    def _resend_changed(self, size, recheck=None):
+        """Read again each part sent before the file was final (those overlapping ``recheck``, the
+        ranges the writer says it may have rewritten, when it says); send again those that changed."""
         parts, checked, resent = self.parts, set(), 0
         buf = bytearray(self.part_bytes)
         while True:
@@ -404,6 +423,8 @@ class Follower(object):
                     continue
             for number, md5 in todo:
                 checked.add(number)
+                if not self._may_change(number, recheck):
+                    continue
                 start = (number - 1) * self.part_bytes
                 view = memoryview(buf)[:max(0, min(self.part_bytes, size - start))]
                 got = 0

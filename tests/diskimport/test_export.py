@@ -9,6 +9,7 @@ leaves nothing, and what cannot be exported is refused by name before anything e
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import subprocess
 from pathlib import Path
@@ -236,3 +237,34 @@ def test_an_object_written_but_never_checked_is_written_again(localoci, make_imp
     again = export_job(make_importer(), job)["disks"][0]
     assert not again.get("reused") and again["etag"] != first["etag"] and again["sha256"] == first["sha256"]
     assert object_storage.head_object(localoci.namespace, bucket, f"{job.objects[0]}.sha256").status == 200
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_the_qcow2_ranges_qemu_img_may_rewrite_are_all_but_its_data(tmp_path, compress):
+    """What the uploader reads again once a qcow2 is final: every cluster of the file that holds
+    no data (header, L1, refcount table and blocks, L2 tables), and no data cluster."""
+    from diskimport.export import qcow2_metadata
+
+    raw = tmp_path / "sparse.raw"
+    with open(raw, "wb") as f:
+        f.truncate(3 * 1024 ** 3)
+        for offset in (0, 700 * MiB, 2 * 1024 ** 3 + 5 * MiB):
+            f.seek(offset)
+            f.write(os.urandom(3 * MiB) if not compress else b"compressible " * 300_000)
+    image = tmp_path / "out.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *(["-c"] if compress else []), str(raw),
+                    str(image)], check=True)
+    data = image.read_bytes()
+    ranges = qcow2_metadata(lambda start, length: data[start:start + length])
+    mapped = json.loads(subprocess.run(["qemu-img", "map", "--output=json", str(image)], capture_output=True,
+                                       text=True, check=True).stdout)
+    cluster = 64 * 1024
+    if not compress:  # map shows where uncompressed data lies
+        data_clusters = {o // cluster for m in mapped if m.get("data") and "offset" in m
+                         for o in range(m["offset"], m["offset"] + m["length"], cluster)}
+        meta_clusters = {o // cluster for a, b in ranges for o in range(a, b, cluster)}
+        assert not data_clusters & meta_clusters
+        assert data_clusters | meta_clusters == set(range(-(-len(data) // cluster)))
+    assert len([r for r in ranges if r[1] - r[0] == cluster]) >= 3 + 1  # header, 3 L2 tables, refcount blocks
+    with pytest.raises(ImageRejected, match="^export-convert-failed: "):
+        qcow2_metadata(lambda start, length: b"\0" * length)

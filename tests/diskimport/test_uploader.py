@@ -235,8 +235,13 @@ def test_an_uploader_whose_session_ends_stops(tmp_path, silent_server, image):
     assert _ended_within(int(started.stdout.split()[0]), 2)
 
 
+@pytest.mark.parametrize("done", [
+    "ok",
+    # the writer names what it may have rewritten: only parts overlapping it are read again
+    json.dumps({"status": "ok", "recheck": [[10, 26], [2 * MiB + 7, 2 * MiB + 1020], [5 * MiB, 5 * MiB + 1]]}),
+])
 def test_a_file_being_written_is_uploaded_as_it_grows_and_changed_parts_are_sent_again(
-        localoci, object_storage, bucket, par, tmp_path, worker):
+        done, localoci, object_storage, bucket, par, tmp_path, worker):
     """Following a file a writer appends to and rewrites (as qemu-img does a qcow2's header and
     tables): parts go as it grows; once the done file says it is final, parts that changed since
     they were sent go again, so the object is the final file."""
@@ -260,12 +265,12 @@ def test_a_file_being_written_is_uploaded_as_it_grows_and_changed_parts_are_sent
             f.seek(2 * MiB + 7)
             f.write(b"table updated")      # part 3
             f.write(os.urandom(1000))
-        done_file.write_text("ok")
+        done_file.write_text(done)
 
     thread = threading.Thread(target=writer)
     thread.start()
-    done = send(worker, localoci, made, path, events, connections=2,
-                follow={"done_file": str(done_file), "hold_back": MiB})
+    result = send(worker, localoci, made, path, events, connections=2,
+                  follow={"done_file": str(done_file), "hold_back": MiB})
     thread.join()
     data = path.read_bytes()
     final = next(e for e in events if e["event"] == "final")
@@ -273,8 +278,8 @@ def test_a_file_being_written_is_uploaded_as_it_grows_and_changed_parts_are_sent
     sent = [e["part"] for e in events if e["event"] == "part"]
     assert sorted(set(sent)) == [1, 2, 3, 4, 5, 6] and sorted(sent).count(1) == 2 and sorted(sent).count(3) == 2
     assert sent.index(5) < sent.index(6)  # parts went before the file was final
-    assert done["sha256"] == hashlib.sha256(data).hexdigest() and done["bytes"] == 6 * MiB
-    assert commit(object_storage, localoci, bucket, made["uploadId"], done) == data
+    assert result["sha256"] == hashlib.sha256(data).hexdigest() and result["bytes"] == 6 * MiB
+    assert commit(object_storage, localoci, bucket, made["uploadId"], result) == data
 
 
 def test_a_followed_file_whose_writer_failed_fails_the_upload(localoci, par, tmp_path, worker):
