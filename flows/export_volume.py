@@ -11,6 +11,7 @@ missing. A failed run leaves no upload part, no half object, no PAR and no worke
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import oci
@@ -78,6 +79,10 @@ class UploadProgress:
             percent = round(100.0 * int(event.get("uploaded", 0)) / self.total, 1)
             if percent - self.shown >= 5:
                 self._show(percent)
+        elif kind == "final":
+            self.total = int(event.get("size") or 0)
+            self.logger.info("%s is final: %s bytes in %s parts; %s part(s) qemu-img changed after they were sent "
+                             "went again", self.name, event.get("size"), event.get("parts"), event.get("resent"))
         elif kind == "retry":
             self.logger.warning("retrying part %s of %s: %s", event.get("part"), self.name, event.get("error"))
 
@@ -148,19 +153,22 @@ def export_volume(
             done = finished_objects(exporter, job, overwrite)
             todo = [p for p in range(len(job.objects)) if p not in done]
             exported: list[ExportedImage] = []
+            ready_at = dt.datetime.now(dt.timezone.utc)
             if todo:
                 with worker_slot(settings.worker_concurrency_limit):
-                    exported = _export(exporter, job, todo)
+                    exported, ready_at = _export(exporter, job, todo)
             else:
                 get_run_logger().info("every object of this export is written already")
             manifest = write_manifest(exporter, job)
             summary = exporter.summary(job, exported, done, manifest)
+            summary["ready_at"] = ready_at.isoformat()
             publish_export_summary(summary)
             return summary
         return until_not_yielding(attempt, settings.worker_lost_retries)
 
 
-def _export(exporter: Exporter, job: ExportJob, todo: list[int]) -> list[ExportedImage]:
+def _export(exporter: Exporter, job: ExportJob, todo: list[int]) -> tuple[list[ExportedImage], dt.datetime]:
+    """The objects written and checked from one worker VM; and when they were all ready."""
     importer = exporter.core
     with importer:
         remove_stale_workers(importer, job)
@@ -170,8 +178,9 @@ def _export(exporter: Exporter, job: ExportJob, todo: list[int]) -> list[Exporte
             prepare_worker(importer, session)
             futures = [export_disk.submit(exporter, session, worker, job, position) for position in todo]
             exported = [future.result() for future in futures]
+        ready_at = dt.datetime.now(dt.timezone.utc)
         terminate_worker(importer, worker)
-    return exported
+    return exported, ready_at
 
 
 def publish_export_summary(summary: dict[str, Any]) -> None:
