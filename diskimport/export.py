@@ -500,8 +500,9 @@ class Exporter:
             except BaseException as exc:
                 status = f"failed: {exc}"[:2000]
                 raise
-            finally:
-                session.put_private_file(status, done_file)
+            finally:  # whole or not at all: the uploader reads it as soon as it exists
+                session.put_private_file(status, done_file + ".part")
+                session.run(["mv", "-f", done_file + ".part", done_file])
 
         # the file exists, empty, before either starts: the uploader opens it at once, and qemu-img
         # truncates it in place (a retry's half file is never followed)

@@ -10,13 +10,14 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import oci
 import pytest
 
 from deployments import demo, local_stack
 from diskimport.sample_disk import build_disk, convert
+from tests import guest_disks
 from tests.conftest import empty_bucket
 
 FILES = {"hello.txt": b"hello from the source disk\n", "random.bin": os.urandom(2 * 1024 * 1024)}
@@ -141,3 +142,16 @@ def _errors_since(path: Path, since: float, limit: int = 60) -> str:
                           and "| " not in later[:16]), "")
             picked.append(f"{line[:220]}\n    {cause[:220]}")
     return "\n".join(picked[-limit:]) or "(none)"
+
+
+@pytest.fixture(scope="module")
+def guests_built(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Any], guest_disks.GuestDisk]:
+    """Each guest layout (tests/guest_disks.py) built once for the module."""
+    tmp = tmp_path_factory.mktemp("guest-disks")
+    built: dict[Any, guest_disks.GuestDisk] = {}
+
+    def get(build: Any) -> guest_disks.GuestDisk:
+        if build not in built:
+            built[build] = build(tmp / f"guest{len(built)}.disk")
+        return built[build]
+    return get
