@@ -299,7 +299,7 @@ def test_the_oci_cli_copies_a_backup_to_the_other_region(server, home, other, vo
         [str(OCI_CLI), "bv", "backup", "copy", "--volume-backup-id", backup.id, "--destination-region", OTHER,
          "--endpoint", server.endpoint, "--config-file", server.oci_config_file, "--profile", server.oci_profile],
         env={**os.environ, "OCI_CLI_SUPPRESS_FILE_PERMISSIONS_WARNING": "True"}, capture_output=True, text=True,
-        timeout=60, stdin=subprocess.DEVNULL)
+        timeout=300, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     copied = json.loads(result.stdout)["data"]
     assert copied["source-volume-backup-id"] == backup.id and copied["lifecycle-state"] == "CREATING"
