@@ -477,6 +477,17 @@ def object_par(clients: Clients, namespace: str, bucket: str, object_name: str, 
     return par.id, par.access_uri
 
 
+def head_object_or_none(clients: Clients, namespace: str, bucket: str, object_name: str) -> dict[str, str] | None:
+    """An object's HEAD headers (lower-case names), or None when it does not exist."""
+    try:
+        reply = with_backoff(clients.object_storage.head_object, namespace, bucket, object_name)
+    except oci.exceptions.ServiceError as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return {k.lower(): v for k, v in reply.headers.items()}
+
+
 def abort_upload(clients: Clients, namespace: str, bucket: str, object_name: str, upload_id: str) -> None:
     """Abort a multipart upload (its parts go); one already gone counts as aborted."""
     try:

@@ -174,6 +174,26 @@ def _check_object_name(name: str, what: str) -> str:
     return name
 
 
+def remove_run_uploads(clients: cloud.Clients, namespace: str, bucket: str, run_id: str) -> list[str]:
+    """A dead export run's leftovers in ``bucket`` (its crash hook): the write PARs named for the
+    run, and the multipart uploads on their objects, which that run alone was writing."""
+    aborted = []
+    pars = oci.pagination.list_call_get_all_results(clients.object_storage.list_preauthenticated_requests,
+                                                    namespace, bucket).data
+    mine = [p for p in pars if p.name.startswith("oci-disk-export-") and f"-{run_id}-" in p.name]
+    objects = {p.object_name for p in mine}
+    if objects:
+        uploads = oci.pagination.list_call_get_all_results(clients.object_storage.list_multipart_uploads,
+                                                           namespace, bucket).data
+        for item in uploads:
+            if item.object in objects:
+                cloud.abort_upload(clients, namespace, bucket, item.object, item.upload_id)
+                aborted.append(item.upload_id)
+    for par in mine:
+        cloud.delete_par(clients, namespace, bucket, par.id)
+    return aborted
+
+
 def qcow2_metadata(read: Callable[[int, int], bytes]) -> list[tuple[int, int]]:
     """The byte ranges of a qcow2 (as qemu-img convert writes one) that qemu-img may write more
     than once: the header cluster, the L1 table, the refcount table, every refcount block and
@@ -304,13 +324,7 @@ class Exporter:
         return done
 
     def _head(self, job: ExportJob, name: str) -> dict[str, str] | None:
-        try:
-            reply = cloud.with_backoff(self.clients.object_storage.head_object, job.namespace, job.bucket, name)
-        except oci.exceptions.ServiceError as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return {k.lower(): v for k, v in reply.headers.items()}
+        return cloud.head_object_or_none(self.clients, job.namespace, job.bucket, name)
 
     def remove_stale_uploads(self, job: ExportJob) -> list[str]:
         """Abort the multipart uploads a dead attempt of this export left on its objects."""

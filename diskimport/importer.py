@@ -346,13 +346,8 @@ class Importer:
         return reply.data.content[:machine.MAX_MANIFEST + 1]
 
     def _size_or_none(self, beside: ObjectVersion, name: str) -> int | None:
-        try:
-            head = cloud.with_backoff(self.clients.object_storage.head_object, beside.namespace, beside.bucket, name)
-        except oci.exceptions.ServiceError as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return int(head.headers["content-length"])
+        head = cloud.head_object_or_none(self.clients, beside.namespace, beside.bucket, name)
+        return int(head["content-length"]) if head is not None else None
 
     def imported_disks(self, version: ObjectVersion) -> dict[int, FoundVolume]:
         """A machine import's disks another run (or an earlier attempt) finished, by position."""

@@ -14,14 +14,12 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-import oci
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run as current_flow_run
 
 from blocks import DEFAULT_BLOCK, OCICredentials
-from diskimport import cloud
-from diskimport.export import ExportedImage, Exporter, ExportJob
+from diskimport.export import ExportedImage, Exporter, ExportJob, remove_run_uploads
 from diskimport.records import WorkerVM
 from flows.import_disk import _step, prepare_worker, remove_stale_workers, run_importer, terminate_worker, \
     until_not_yielding
@@ -106,17 +104,13 @@ def export_run_name() -> str:
 
 def cleanup_after_crash(flow: Any, flow_run: Any, state: Any) -> None:
     """on_crashed / on_cancellation: the import's hook (the worker VM, a retry after a crash), and
-    the multipart uploads the run left on its objects aborted, so no part outlives it."""
+    the multipart uploads the run left on its objects aborted (found by the run's write PARs, so
+    no other run's upload in the bucket is touched), so no part outlives it."""
     parameters = flow_run.parameters
     try:
         clients = OCICredentials.load(parameters.get("credentials_block", DEFAULT_BLOCK)).clients()
         namespace = parameters.get("namespace") or clients.object_storage.get_namespace().data
-        prefix = parameters.get("object_name") or parameters.get("prefix") or ""
-        uploads = oci.pagination.list_call_get_all_results(clients.object_storage.list_multipart_uploads,
-                                                           namespace, parameters["bucket"]).data
-        for item in uploads:
-            if item.object.startswith(prefix):
-                cloud.abort_upload(clients, namespace, parameters["bucket"], item.object, item.upload_id)
+        remove_run_uploads(clients, namespace, parameters["bucket"], str(flow_run.id))
     finally:
         _sweep_after_crash(flow, flow_run, state)
 

@@ -276,3 +276,27 @@ def test_the_qcow2_ranges_qemu_img_may_rewrite_are_all_but_its_data(tmp_path, co
     assert len([r for r in ranges if r[1] - r[0] == cluster]) >= 3 + 1  # header, 3 L2 tables, refcount blocks
     with pytest.raises(ImageRejected, match="^export-convert-failed: "):
         qcow2_metadata(lambda start, length: b"\0" * length)
+
+
+def test_a_dead_runs_uploads_are_aborted_and_no_other_runs(localoci, object_storage, bucket):
+    """The crash hook's cleanup finds the run's uploads by its write PARs: another upload in the
+    same bucket (another run's, or someone else's) is left alone."""
+    import datetime as dt
+
+    from diskimport import cloud, upload
+    from diskimport.export import remove_run_uploads
+
+    clients = cloud.Clients(compute=None, blockstorage=None, network=None, identity=None,  # type: ignore[arg-type]
+                            object_storage=object_storage)
+    made = {}
+    for run, name in (("dead-run", "out/dead.qcow2"), ("live-run", "out/live.qcow2")):
+        par_id, uri = cloud.object_par(clients, localoci.namespace, bucket, name, dt.timedelta(hours=1),
+                                       f"oci-disk-export-{'0' * 24}-{run}-{'1' * 12}", "ObjectWrite")
+        made[run] = (par_id, upload.create_par_upload(localoci.endpoint + uri, {"format": "qcow2"})["uploadId"])
+    object_storage.create_multipart_upload(localoci.namespace, bucket, oci.object_storage.models.
+                                           CreateMultipartUploadDetails(object="someone-elses.bin"))
+    assert remove_run_uploads(clients, localoci.namespace, bucket, "dead-run") == [made["dead-run"][1]]
+    left = {u.object for u in object_storage.list_multipart_uploads(localoci.namespace, bucket).data}
+    assert left == {"out/live.qcow2", "someone-elses.bin"}
+    pars = {p.id for p in object_storage.list_preauthenticated_requests(localoci.namespace, bucket).data}
+    assert made["dead-run"][0] not in pars and made["live-run"][0] in pars
