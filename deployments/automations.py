@@ -39,6 +39,7 @@ FLOWS = ["import-virtual-disk", "import-machine"]
 SILENT = "oci-disk-import: silent runs crash"
 PENDING = "oci-disk-import: runs that never start crash"
 RETRY = "oci-disk-import: retry runs crashed by silence"
+NAMES = (SILENT, PENDING, RETRY)
 SILENCE_MESSAGE = "No heartbeat from the flow run"
 ENDS = ["prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
         "prefect.flow-run.Crashed"]

@@ -186,7 +186,9 @@ def prefect_env(base: Path, api_url: str) -> dict[str, str]:
         "PREFECT_SERVER_API_HOST": "127.0.0.1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_API_DATABASE_CONNECTION_URL": database_url(base),
-        "PREFECT_WORKER_QUERY_SECONDS": "0.25",
+        # How often the worker asks for runs: 0.25 s adds little to a run's start, and costs the
+        # server about a tenth of a core; the test suite, with a stack per module, asks each second.
+        "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("LOCAL_STACK_POLL_SECONDS", "0.25"),
         "PREFECT_WORKER_PREFETCH_SECONDS": "5",
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         "PREFECT_LOCAL_STORAGE_PATH": str(home / "results"),
@@ -245,17 +247,28 @@ def _as_postgres(argv: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
 
 
+def _traversable_by_others(path: Path) -> bool:
+    """Whether every directory from / to ``path`` lets other users through (o+x)."""
+    return all(os.stat(p).st_mode & 0o001 for p in [path.resolve(), *path.resolve().parents])
+
+
 def start_postgres(base: Path) -> str:
     """A private PostgreSQL cluster (Debian's postgresql) on a loopback port for the Prefect
     server, started now and stopped by :func:`down`; the server's database URL, which every
     Prefect process of the stack then uses."""
     bindir = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))[-1]).parent
     pointer = base / "postgres.dir"
-    if pointer.exists():
+    if pointer.exists() and (Path(pointer.read_text().strip()) / "PG_VERSION").exists():
         data = Path(pointer.read_text().strip())
-    else:
-        # The postgres user must reach the cluster's directory, which a root-only path would not allow.
-        data = Path(tempfile.mkdtemp(prefix="oci-import-postgres-"))
+    else:  # a new stack, or one whose cluster went with /tmp (a reboot): a new cluster
+        # In the stack's directory, so it goes with it; the postgres user must reach the cluster's
+        # directory, which a root-only path (pytest's, for one) would not allow: then under /tmp.
+        if os.geteuid() != 0 or _traversable_by_others(base):
+            data = base / "postgres"
+            shutil.rmtree(data, ignore_errors=True)
+            data.mkdir()
+        else:
+            data = Path(tempfile.mkdtemp(prefix="oci-import-postgres-"))
         os.chmod(data, 0o700)
         if os.geteuid() == 0:
             shutil.chown(data, "postgres", "postgres")
@@ -456,9 +469,26 @@ def register_event_rule(server: process.RunningLocalOCI, bucket: str, endpoint: 
                       "data": {"additionalDetails": {"bucketName": [bucket]}}}})
 
 
-def up(database: str = "sqlite") -> dict[str, str]:
+def postgres_installed() -> bool:
+    """Whether Debian's postgresql (its initdb, and runuser to run it as ``postgres`` when we are root) is here."""
+    return bool(glob.glob("/usr/lib/postgresql/*/bin/initdb")) and (os.geteuid() != 0 or bool(shutil.which("runuser")))
+
+
+def chosen_database() -> str:
+    """The Prefect server's database for a new stack: ``LOCAL_STACK_DATABASE`` (``postgres`` or
+    ``sqlite``), else PostgreSQL where Debian's postgresql is installed (``make`` installs it).
+    SQLite stalls for its whole 60 s busy timeout now and then under concurrent runs (the
+    server's own background writers lock each other out); PostgreSQL does not."""
+    chosen = os.environ.get("LOCAL_STACK_DATABASE", "").strip().lower()
+    if chosen and chosen not in ("postgres", "sqlite"):
+        raise ValueError(f"LOCAL_STACK_DATABASE must be postgres or sqlite, not {chosen!r}")
+    return chosen or ("postgres" if postgres_installed() else "sqlite")
+
+
+def up(database: str | None = None) -> dict[str, str]:
     """Start (or find running) every process of the stack; ``database``: the Prefect server's,
-    ``sqlite`` or ``postgres`` (a private cluster, as ``make fleet`` uses)."""
+    ``postgres`` (a private cluster) or ``sqlite``; by default :func:`chosen_database`."""
+    database = database or chosen_database()
     base = local_dir()
     base.mkdir(parents=True, exist_ok=True)
     env_path = base / "stack.env"
@@ -479,6 +509,8 @@ def up(database: str = "sqlite") -> dict[str, str]:
     values.update(prepare_cloud(server, previous))
     if database == "postgres":
         values["PREFECT_DATABASE"] = start_postgres(base)
+    elif _pid_alive(base / "prefect-server.pid") is None:
+        (base / "database.url").unlink(missing_ok=True)
     api_url = start_prefect_server(base, previous)
     values["PREFECT_API_URL"] = api_url
     values["PREFECT_UI_URL"] = api_url.removesuffix("/api")
@@ -521,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deployments.local_stack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("up", "down", "status"))
+    parser.add_argument("--purge", action="store_true",
+                        help="down: also remove the stack's PostgreSQL cluster (its runs and blocks)")
     args = parser.parse_args(argv)
     if args.command == "up":
         values = up()
@@ -528,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in values.items():
             print(f"  {key}={value}")
     elif args.command == "down":
-        stopped = down()
+        stopped = down(purge=args.purge)
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     else:
         running = {p.stem: _pid_alive(p) for p in local_dir().glob("*.pid")}

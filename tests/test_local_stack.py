@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -75,7 +76,15 @@ def test_make_up_writes_stack_env_and_make_down_leaves_no_process(tmp_path):
     assert "'name': 'default'" in fresh.stdout and "'work_pool_name': 'import-pool'" in fresh.stdout, fresh.stdout
     assert processes_using(local)
 
+    cluster = Path((local / "postgres.dir").read_text().strip()) if (local / "postgres.dir").exists() else None
     down = make("down", local)
     assert down.returncode == 0, down.stderr
     assert processes_using(local) == []
+    if cluster is not None:  # kept for the next make up; --purge removes it
+        assert (cluster / "PG_VERSION").exists() and not processes_using(cluster)
+        purged = subprocess.run([sys.executable, "-m", "deployments.local_stack", "down", "--purge"], cwd=ROOT,
+                                env={**os.environ, "LOCAL_DIR": str(local)}, capture_output=True, text=True,
+                                timeout=120)
+        assert purged.returncode == 0, purged.stderr
+        assert not cluster.exists()
     assert list(local.glob("*.pid")) == []

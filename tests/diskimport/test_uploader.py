@@ -232,7 +232,9 @@ def test_an_uploader_whose_session_ends_stops(tmp_path, silent_server, image):
     # The shell stands for the SSH session: it starts the uploader and goes away a second later.
     started = LocalRunner().run(["sh", "-c", 'python3 "$1" "$2" >/dev/null 2>&1 & echo $!; sleep 1', "sh",
                                  str(script), str(config)])
-    assert _ended_within(int(started.stdout.split()[0]), 2)
+    # Within a third of its 60 s socket timeout (the server never answers): only the orphan check
+    # ends it that soon. Not 2 s: under a loaded suite python alone may take that long to start.
+    assert _ended_within(int(started.stdout.split()[0]), 20)
 
 
 @pytest.mark.parametrize("done", [

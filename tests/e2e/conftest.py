@@ -41,7 +41,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
             name=MANUAL_BUCKET, compartment_id=env["COMPARTMENT_ID"]))
         yield env
     finally:
-        local_stack.down()
+        local_stack.down(purge=True)
         if previous is None:
             os.environ.pop("LOCAL_DIR", None)
         else:

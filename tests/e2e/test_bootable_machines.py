@@ -16,6 +16,10 @@ from diskimport.sample_disk import convert
 from tests import guest_disks
 from tests.e2e.conftest import MANUAL_BUCKET, SUFFIX, Disk, admin, image_of, resources_of, run_import
 
+# The module fixture's slow part (seven machine imports, four of them booted under TCG) runs once, within the first
+# test's time budget: under the whole suite on two cores it has taken about 8 minutes.
+pytestmark = pytest.mark.timeout(1800)
+
 MACHINE = "import-machine/default"
 
 

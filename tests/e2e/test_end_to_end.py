@@ -446,7 +446,29 @@ def test_a_run_started_by_hand_beside_the_upload_run_waits_and_returns_its_volum
     assert names == {f"{object_name.rsplit('/', 1)[-1]}@{etag.strip(chr(34))[:8]}"}, names
 
 
-def test_the_reconciler_recovers_import_runs_whose_events_were_lost(stack):
+@pytest.fixture
+def watchers_paused(stack) -> Iterator[None]:
+    """The stack's own reconciler and host-death automations held still, so a test that drives
+    :func:`flows.reconcile.reconcile_once` itself is the only thing that moves its runs."""
+    from deployments import automations
+
+    pid = local_stack._pid_alive(Path(stack["PREFECT_HOME"]).parent / "reconciler.pid")
+    with local_stack.prefect_api(stack["PREFECT_API_URL"]), get_client(sync_client=True) as client:
+        paused = [a.id for name in automations.NAMES for a in client.read_automations_by_name(name) if a.enabled]
+        for automation_id in paused:
+            client.pause_automation(automation_id)
+        if pid is not None:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            if pid is not None:
+                os.kill(pid, signal.SIGCONT)
+            for automation_id in paused:
+                client.resume_automation(automation_id)
+
+
+def test_the_reconciler_recovers_import_runs_whose_events_were_lost(stack, watchers_paused):
     """Runs left Running without heartbeats, Pending by a dead host, or Crashed with nobody to
     retry them (their events lost in a server restart) are put right from their states alone.
     The runs belong to a deployment on a work pool no worker polls, so nothing else moves them."""

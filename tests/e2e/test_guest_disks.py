@@ -16,6 +16,10 @@ from tests import guest_disks
 from tests.e2e.conftest import SUFFIX, Disk, image_of, live_inventory, resources_of, run_import
 
 
+# The module fixture's slow part (every guest layout built and imported) runs once, within the first
+# test's time budget: under the whole suite on two cores it has taken about 8 minutes.
+pytestmark = pytest.mark.timeout(1800)
+
 # -- Disks laid out like real guests go end to end in several formats: the good ones bit-exact
 # with every place reported as the check of the disk alone reports it, the damaged ones
 # failing with the place named and nothing left behind.

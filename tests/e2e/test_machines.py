@@ -22,6 +22,10 @@ from tests.e2e.conftest import (MANUAL_BUCKET, SUFFIX, Disk, admin, image_of, li
 # worker VM and kept in one volume group; a disk that does not match the manifest's digest
 # fails naming it, a hostile disk is refused before anything exists.
 
+# The module fixture's slow part (whole machines built and imported) runs once, within the first
+# test's time budget: under the whole suite on two cores it has taken about 8 minutes.
+pytestmark = pytest.mark.timeout(1800)
+
 MACHINE = "import-machine/default"
 MACHINE_DISKS = [guest_disks.oracle_linux, guest_disks.whole_device_ext4, guest_disks.mbr_logical]
 
