@@ -234,8 +234,8 @@ def _spawn(argv: list[str], env: dict[str, str], log: Path, pid_file: Path, cwd:
 
 
 def database_url(base: Path) -> str:
-    """The Prefect server's database: SQLite under ``base``, or the PostgreSQL cluster that
-    :func:`start_postgres` started for this stack (``make fleet``)."""
+    """The Prefect server's database: the PostgreSQL cluster that :func:`start_postgres` started
+    for this stack, or else SQLite under ``base``."""
     chosen = base / "database.url"
     if chosen.exists():
         return chosen.read_text().strip()
@@ -256,7 +256,10 @@ def start_postgres(base: Path) -> str:
     """A private PostgreSQL cluster (Debian's postgresql) on a loopback port for the Prefect
     server, started now and stopped by :func:`down`; the server's database URL, which every
     Prefect process of the stack then uses."""
-    bindir = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))[-1]).parent
+    bindir = postgres_bindir()
+    if bindir is None:
+        raise RuntimeError("Debian's postgresql is not installed (apt-get install postgresql), or runuser is "
+                           "missing; LOCAL_STACK_DATABASE=sqlite runs the stack without it")
     pointer = base / "postgres.dir"
     if pointer.exists() and (Path(pointer.read_text().strip()) / "PG_VERSION").exists():
         data = Path(pointer.read_text().strip())
@@ -469,9 +472,13 @@ def register_event_rule(server: process.RunningLocalOCI, bucket: str, endpoint: 
                       "data": {"additionalDetails": {"bucketName": [bucket]}}}})
 
 
-def postgres_installed() -> bool:
-    """Whether Debian's postgresql (its initdb, and runuser to run it as ``postgres`` when we are root) is here."""
-    return bool(glob.glob("/usr/lib/postgresql/*/bin/initdb")) and (os.geteuid() != 0 or bool(shutil.which("runuser")))
+def postgres_bindir() -> Path | None:
+    """The newest Debian postgresql's bin directory, if it is installed and we can run it (as
+    root, through runuser as the ``postgres`` user)."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found or (os.geteuid() == 0 and not shutil.which("runuser")):
+        return None
+    return Path(found[-1]).parent
 
 
 def chosen_database() -> str:
@@ -482,7 +489,7 @@ def chosen_database() -> str:
     chosen = os.environ.get("LOCAL_STACK_DATABASE", "").strip().lower()
     if chosen and chosen not in ("postgres", "sqlite"):
         raise ValueError(f"LOCAL_STACK_DATABASE must be postgres or sqlite, not {chosen!r}")
-    return chosen or ("postgres" if postgres_installed() else "sqlite")
+    return chosen or ("postgres" if postgres_bindir() is not None else "sqlite")
 
 
 def up(database: str | None = None) -> dict[str, str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import oci
 
-from deployments.local_stack import read_env
+from deployments.local_stack import chosen_database, read_env
 from localoci.process import _alive
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,7 +76,9 @@ def test_make_up_writes_stack_env_and_make_down_leaves_no_process(tmp_path):
     assert "'name': 'default'" in fresh.stdout and "'work_pool_name': 'import-pool'" in fresh.stdout, fresh.stdout
     assert processes_using(local)
 
-    cluster = Path((local / "postgres.dir").read_text().strip()) if (local / "postgres.dir").exists() else None
+    on_postgres = chosen_database() == "postgres"
+    assert (local / "postgres.dir").exists() == on_postgres
+    cluster = Path((local / "postgres.dir").read_text().strip()) if on_postgres else None
     down = make("down", local)
     assert down.returncode == 0, down.stderr
     assert processes_using(local) == []

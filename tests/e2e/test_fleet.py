@@ -4,17 +4,13 @@ mid-write and the core APIs throttle; nothing is lost, doubled or left behind.""
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
 from deployments import fleet, local_stack
 
 
-@pytest.mark.skipif(not shutil.which("runuser") or not any(os.path.exists(f"/usr/lib/postgresql/{v}/bin/initdb")
-                                                           for v in os.listdir("/usr/lib/postgresql")
-                                                           if os.path.isdir("/usr/lib/postgresql")),
-                    reason="Debian's postgresql is not installed")
+@pytest.mark.skipif(local_stack.postgres_bindir() is None, reason="Debian's postgresql is not installed")
 def test_a_small_fleet_through_faults_loses_nothing_and_leaves_nothing(tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("fleet")
     previous = os.environ.get("LOCAL_DIR")
