@@ -23,8 +23,10 @@ NO_RETRY = oci.retry.NoneRetryStrategy()
 HOME, OTHER = "local-1", "local-2"
 
 
-def wait_for(get: Callable[..., Any], resource_id: str, state: str, seconds: float = 30) -> Any:
-    """The resource once in ``state``, polled often (oci.wait_until waits a second at least)."""
+def wait_for(get: Callable[..., Any], resource_id: str, state: str, seconds: float = 180) -> Any:
+    """The resource once in ``state``, polled often (oci.wait_until waits a second at least).
+    Within minutes: a terminating instance stops its VM's processes, which under the whole
+    suite on two cores once took over 30 s."""
     deadline = time.monotonic() + seconds
     while (resource := get(resource_id).data).lifecycle_state != state:
         assert time.monotonic() < deadline, f"{resource_id} still {resource.lifecycle_state}, not {state}"
