@@ -26,9 +26,17 @@ _FIXTURES = (instances,)  # launches the worker VMs below (imported for pytest t
 def drain(buckets: list[TokenBucket], threads: int, each: int) -> tuple[float, list[float]]:
     """``threads`` threads each pass ``each`` bytes through ``buckets``: the total time and each one's finish."""
     finished: list[float] = []
-    for bucket in buckets:
-        bucket.take(int(bucket.capacity))  # spend the burst: it would all go to whichever thread starts first
-    ready = threading.Barrier(threads + 1)
+    start = 0.0
+
+    def begin() -> None:
+        """Once every thread waits: spend the burst (it would all go to whichever thread starts first)
+        and start the clock. Spent any earlier, a busy machine's slow thread starts refill it."""
+        nonlocal start
+        for bucket in buckets:
+            bucket.take(int(bucket.capacity))
+        start = time.monotonic()
+
+    ready = threading.Barrier(threads + 1, action=begin)
 
     def run() -> None:
         ready.wait()
@@ -39,7 +47,6 @@ def drain(buckets: list[TokenBucket], threads: int, each: int) -> tuple[float, l
     workers = [threading.Thread(target=run) for _ in range(threads)]
     for worker in workers:
         worker.start()
-    start = time.monotonic()
     ready.wait()
     for worker in workers:
         worker.join()
