@@ -916,9 +916,13 @@ class VolumeWrite:
                  if image.container and image.inner_size is not None else None)
         image_bytes = inner.size if inner is not None else version.size
         pieces = importer.header_pieces(version)
+        window = self._window(pieces, inner, image_bytes)
         # a compressed object is fetched into memory: beside the image only the pieces handed over are kept
         kept_bytes = image_bytes + (sum(len(data) for _, data in pieces)
                                     if inner is not None and inner.container != "tar" else 0)
+        if window is not None:  # the staging file holds the window (punched out behind it), not the image
+            kept_bytes = min(kept_bytes, sum(len(data) for _, data in pieces) + window.behind + window.ahead
+                             + 128 * slices.MiB)
         staging = transfer.make_staging_dir(session, version.import_id, kept_bytes)
         par_id, access_uri = cloud.read_only_par(self.clients, version.namespace, version.bucket, version.name,
                                                  PAR_LIFETIME, importer.par_name(version, self._part))
@@ -932,7 +936,8 @@ class VolumeWrite:
                     session, session, url, version.etag, version.size, staging, pieces,
                     transfer.TransferSettings(connections=settings.transfer_connections,
                                               chunk_bytes=settings.transfer_chunk_mib * 1024 * 1024),
-                    on_event=progress.event if progress else None, inner=inner, digest=image.digest)
+                    on_event=progress.event if progress else None, inner=inner, digest=image.digest,
+                    window=window)
             try:
                 with _phase(phases, "second-opinion"):
                     info = transfer.second_opinion(qemu, stream.nbd_url, self.image.format, self.image.virtual_size,
@@ -943,7 +948,7 @@ class VolumeWrite:
                                             stream.path, device, target_is_zero=self.volume.fresh,
                                             on_progress=progress.written if progress else None,
                                             direct_io=not slices.compressed_grains(self.image.format, info),
-                                            image_bytes=image_bytes)
+                                            image_bytes=image_bytes, windowed=stream.windowed)
                 with _phase(phases, "write-and-verify"):
                     fetched = writer.write(stream.finish)
             except Exception as exc:
@@ -954,14 +959,16 @@ class VolumeWrite:
                 if refused is None:
                     raise
                 raise refused from exc
-            stream = None
+            stream_windowed, stream = stream.windowed, None
             importer.ledger.undo(par)
             if progress:
                 progress.done()
             verified = writer.summary()
             importer.log.info("wrote and verified %s (%s, %d bytes virtual, %d slices); fetched %d bytes in %.1fs "
-                              "with %d retries", version.name, self.image.format, info.virtual_size,
-                              verified["slices"], fetched["fetched_bytes"], fetched["seconds"], fetched["retries"])
+                              "with %d retries%s", version.name, self.image.format, info.virtual_size,
+                              verified["slices"], fetched["fetched_bytes"], fetched["seconds"], fetched["retries"],
+                              f", through a window ({fetched['refetched_bytes']} bytes fetched again)"
+                              if stream_windowed else "")
             self.staging = staging
             kept = True
             self.result = WriteResult(device, info.virtual_size, version.size, fetched["fetched_bytes"],
@@ -975,6 +982,26 @@ class VolumeWrite:
                 importer.ledger.undo(par)
             if not kept:
                 transfer.remove_staging(session, staging)
+
+    def _window(self, pieces: Sequence[tuple[int, bytes]], inner: transfer.Inner | None,
+                image_bytes: int) -> transfer.Window | None:
+        """A streamOptimized VMDK (alone, or a tar's member) is staged through a window, not whole.
+
+        Its slices' comparisons follow their writes closely and read the same bytes, so the
+        staging file need only hold a few slices: the streamer punches out what the readers
+        have passed (streamer.Window), and the image does not grow the worker's memory (or
+        disk) by its whole size, which on a busy worker costs more than the write itself.
+        """
+        if self.image.format != "vmdk" or (inner is not None and inner.container != "tar"):
+            return None
+        start = inner.offset if inner is not None else 0
+        head = next((data[start - at:] for at, data in pieces if at <= start < at + len(data)), b"")
+        if not transfer.compressed_grains_header(head[:512]):
+            return None
+        settings = self.importer.settings
+        ahead = max(64 * slices.MiB, 3 * settings.transfer_connections * settings.transfer_chunk_mib * slices.MiB)
+        sizes = slices.window_for(self.image.virtual_size, image_bytes, ahead)
+        return None if sizes is None else transfer.Window(*sizes)
 
     @step("check-volume")
     def check(self) -> list[filesystems.FilesystemCheck]:

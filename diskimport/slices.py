@@ -67,6 +67,39 @@ def plan_slices(virtual_size: int, image_bytes: int | None = None) -> list[tuple
     return [(offset, min(step, virtual_size - offset)) for offset in range(0, virtual_size, step)]
 
 
+WINDOW_SLICE = 128 * MiB   # through a window: slices of about this much image data (see window_for)
+MAX_WINDOW_SLICES = 64
+MAX_WINDOW = 1 * GiB       # the most a window keeps behind its furthest read
+WINDOW_MARGIN = 64 * MiB   # and beyond two slices: a VMDK's grain table is read up to 32 MiB ahead of its grains
+
+
+def plan_window_slices(virtual_size: int, image_bytes: int) -> list[tuple[int, int]]:
+    """Slices for an image staged through a window (streamer.Window): one per ``WINDOW_SLICE`` of its data
+    (more and smaller than :func:`plan_slices`'s, as the window holds the two slices being
+    written and compared), up to 64."""
+    count = max(1, min(MAX_WINDOW_SLICES, min(virtual_size, image_bytes) // WINDOW_SLICE))
+    step = -(-virtual_size // count)
+    step = -(-step // MiB) * MiB
+    return [(offset, min(step, virtual_size - offset)) for offset in range(0, virtual_size, step)]
+
+
+def window_for(virtual_size: int, image_bytes: int, ahead: int) -> tuple[int, int] | None:
+    """``(behind, ahead)`` bytes for writing a streamOptimized VMDK through a window, or None when
+    its slices are too large for one (it is then staged whole).
+
+    While slice k is written, slice k - 1 is compared: the comparison reads at most two slices
+    behind the furthest read. A slice's grains hold at most its virtual bytes (plus a marker and
+    deflate's framing, under 1%), so two slices' worth, with room for qemu's reads ahead of a
+    grain (two grains) and for the tables, bounds it for an image laid out in order. The fetch
+    runs as far ahead, so the network keeps going while a write waits for a comparison.
+    """
+    slices = plan_window_slices(virtual_size, image_bytes)
+    largest = max(length for _, length in slices)
+    behind = min(image_bytes, 2 * largest + largest // 50 + WINDOW_MARGIN)
+    # as far ahead: the fetch runs on while a slice's write waits for the comparison before it
+    return None if behind > MAX_WINDOW else (behind, max(ahead, behind))
+
+
 # Runs on the worker: ``qemu-img map`` of the image, reduced to its zero runs of at least
 # ``min_length`` bytes, merged. The map of a hostile image can have a line per cluster; it is
 # read line by line there, and only the few long runs come back.
@@ -96,6 +129,11 @@ if code:
     sys.exit(code)
 print(json.dumps(runs))
 """
+
+
+# Runs on the worker: drop a written and compared range of the device from the page cache.
+DROP_PAGES = ("import os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+              "os.posix_fadvise(fd, int(sys.argv[2]), int(sys.argv[3]), os.POSIX_FADV_DONTNEED)")
 
 
 def pieces_for(offset: int, length: int, zeros: Sequence[tuple[int, int]]) -> list[Piece]:
@@ -156,12 +194,18 @@ class SliceWriter:
     def __init__(self, runner: CommandRunner, qemu: QemuImg, fmt: str, virtual_size: int, socket: str,
                  staging_image: str, device: str, *, target_is_zero: bool, direct_io: bool = True,
                  on_progress: Callable[[float], None] | None = None,
-                 on_verified: Callable[[int, int], None] | None = None, image_bytes: int | None = None) -> None:
+                 on_verified: Callable[[int, int], None] | None = None, image_bytes: int | None = None,
+                 windowed: bool = False) -> None:
         self.runner, self.qemu, self.fmt, self.virtual_size = runner, qemu, fmt, virtual_size
         self.socket, self.staging_image, self.device = socket, staging_image, device
         self.target_is_zero, self.direct_io = target_is_zero, direct_io
         self.on_progress, self.on_verified = on_progress, on_verified
-        self.slices = plan_slices(virtual_size, image_bytes)
+        # Through a window (no staging copy), the comparisons read the image over NBD too, close
+        # behind the writes: the stream must outlive them, and a write waits for the comparison
+        # two slices back, so the window holds what they still read.
+        self.windowed = windowed
+        self.slices = (plan_window_slices(virtual_size, image_bytes or virtual_size) if windowed
+                       else plan_slices(virtual_size, image_bytes))
         self.zeros: list[tuple[int, int]] | None = None
         self.verified_bytes = 0
         self._lock = threading.Lock()
@@ -172,7 +216,9 @@ class SliceWriter:
     def _device(self, offset: int, length: int) -> str:
         return device_node(self.device, offset, length, self.direct_io)
 
-    def _staging(self, offset: int, length: int) -> str:
+    def _staging(self, offset: int, length: int, again: bool = False) -> str:
+        if self.windowed and again:  # the stream fetches again what the window let go
+            return self._nbd(offset, length)
         return format_node(self.fmt, offset, length, filename=self.staging_image)
 
     def plan_zeros(self) -> list[tuple[int, int]]:
@@ -189,17 +235,26 @@ class SliceWriter:
                 self.zeros = [(int(start), int(end) - int(start)) for start, end in json.loads(result.stdout)]
         return self.zeros
 
-    def verify_slice(self, offset: int, length: int) -> str | None:
-        """Compare one slice; ``None`` if the device holds it, else what differs."""
+    def verify_slice(self, offset: int, length: int, again: bool = False) -> str | None:
+        """Compare one slice; ``None`` if the device holds it, else what differs.
+
+        Through a window, the first look reads the staging file, which holds zeros where the
+        window let bytes go: a difference, or an image qemu-img cannot read there, is looked at
+        ``again`` over NBD, which fetches those bytes again.
+        """
         commands = []
         for piece in pieces_for(offset, length, self.plan_zeros()):
-            image = (self._staging(piece.offset, piece.length) if piece.kind == "compare"
+            image = (self._staging(piece.offset, piece.length, again) if piece.kind == "compare"
                      else image_opts(driver="null-co", size=str(piece.length), **{"read-zeroes": "on"}))
             commands.append(shlex.join([self.qemu.binary, "compare", "--image-opts", image,
                                         self._device(piece.offset, piece.length)]))
+        if not self.direct_io:
+            # Once compared, the slice's pages leave the page cache: the next slices' writes reuse
+            # them, instead of the volume growing the worker's cache by its whole size.
+            commands.append(shlex.join(["python3", "-c", DROP_PAGES, self.device, str(offset), str(length)]))
         # One shell for the slice's pieces: the first difference (exit 1) or error (exit 2) stops it.
         result = self.runner.run(["sh", "-c", " && ".join(commands)])
-        if result.returncode == 1:
+        if result.returncode == 1 or (result.returncode != 0 and self.windowed and not again):
             return f"bytes {offset}-{offset + length - 1}: {(result.stdout + result.stderr).strip()[-500:]}"
         if result.returncode != 0:
             raise CommandFailed(result, f"qemu-img compare of bytes {offset}-{offset + length - 1}")
@@ -221,6 +276,9 @@ class SliceWriter:
             zeros = verifier.submit(self.plan_zeros)  # the map runs while the first slice converts
             count = len(self.slices)
             for index, (offset, length) in enumerate(self.slices):
+                if self.windowed and index >= 2:
+                    checks[index - 2][1].result()  # its bytes may leave the window once compared
+
                 def progress(percent: float, index: int = index) -> None:
                     if self.on_progress is not None:
                         self.on_progress((index + percent / 100) * 100 / count)
@@ -232,15 +290,22 @@ class SliceWriter:
                 if failed:
                     raise failed[0].exception()  # type: ignore[misc]
             zeros.result()  # the map reads over NBD, which ends once the download completes
+            if self.windowed:  # the comparisons read through the stream: it ends after them
+                differing = [(window, f.result()) for window, f in checks]
+                self._second_looks(differing)
+                return wait_complete()
             completed = wait_complete()
             differing = [(window, f.result()) for window, f in checks]
         finally:
             verifier.shutdown(wait=True, cancel_futures=True)
+        self._second_looks(differing)
+        return completed
+
+    def _second_looks(self, differing: list[tuple[tuple[int, int], str | None]]) -> None:
         for (offset, length), difference in differing:
             # Every byte is on the worker now: a second look tells a real difference from a bad read.
-            if difference is not None and (difference := self.verify_slice(offset, length)) is not None:
+            if difference is not None and (difference := self.verify_slice(offset, length, again=True)) is not None:
                 raise VerificationFailed(f"the volume does not hold the image's content: {difference}")
-        return completed
 
     def summary(self) -> dict[str, Any]:
         return {"slices": len(self.slices), "verified_bytes": self.verified_bytes,

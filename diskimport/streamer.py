@@ -28,6 +28,9 @@ holds the PAR URL (a bearer secret) and is readable by the worker user alone:
                  object's own bytes) must hash to it, or the transfer fails with code
                  ``ova-digest-mismatch`` (an OVA's manifest); hashed in order as they arrive
 
+    window       {"behind": bytes, "ahead": bytes}: ``path`` holds only a window of the image, the
+                 bytes its readers passed punched out of it (see :class:`Window`)
+
     base         (a tar's member) the object offset of ``path``'s byte 0: only the object's
                  bytes [base, base + size) are fetched, and ``present`` is given in ``path``'s
                  offsets
@@ -130,10 +133,11 @@ def missing_intervals(size, present):
 
 
 class Chunk(object):
-    __slots__ = ("lo", "hi", "pos", "state", "buf")
+    __slots__ = ("lo", "hi", "pos", "state", "buf", "pins", "hashed")
 
     def __init__(self, lo, hi):
         self.lo, self.hi, self.pos, self.state, self.buf = lo, hi, lo, "todo", None
+        self.pins, self.hashed = 0, False  # (a window's) readers sending from ``buf``; its digest has passed it
 
 
 class Download(object):
@@ -160,6 +164,7 @@ class Download(object):
         self.error = None
         self.in_memory = buffers > 0
         self.pool = [bytearray(chunk_bytes) for _ in range(min(buffers, len(self.chunks)))]
+        self.limit = None  # (a window) chunks starting at or after this offset wait: see Window
 
     def take(self):
         """The next chunk to fetch: one a reader waits for, else the next in file order.
@@ -167,7 +172,8 @@ class Download(object):
         In memory, the next in file order once a buffer is free for it (None once failed)."""
         with self.cond:
             if self.in_memory:
-                while self.next_index < len(self.chunks) and not self.pool and self.error is None:
+                while (self.next_index < len(self.chunks) and self.error is None
+                       and (not self.pool or (self.limit is not None and self.chunks[self.next_index].lo >= self.limit))):
                     self.cond.wait(1.0)
                 if self.next_index >= len(self.chunks) or self.error is not None:
                     return None
@@ -175,18 +181,23 @@ class Download(object):
                 self.next_index += 1
                 chunk.state, chunk.buf = "active", self.pool.pop()
                 return chunk
-            while self.wanted:
-                chunk = self.wanted.pop(0)
-                if chunk.state == "todo":
-                    chunk.state = "active"
-                    return chunk
-            while self.next_index < len(self.chunks):
-                chunk = self.chunks[self.next_index]
-                self.next_index += 1
-                if chunk.state == "todo":
-                    chunk.state = "active"
-                    return chunk
-            return None
+            while True:
+                while self.wanted:
+                    chunk = self.wanted.pop(0)
+                    if chunk.state == "todo":
+                        chunk.state = "active"
+                        return chunk
+                while self.next_index < len(self.chunks):
+                    chunk = self.chunks[self.next_index]
+                    if self.limit is not None and chunk.lo >= self.limit:
+                        break  # (a window) not until the readers come closer
+                    self.next_index += 1
+                    if chunk.state == "todo":
+                        chunk.state = "active"
+                        return chunk
+                if self.next_index >= len(self.chunks) or self.error is not None:
+                    return None
+                self.cond.wait(1.0)
 
     def chunk_at(self, pos):
         """The chunk holding object byte ``pos``, or None (a ``present`` byte)."""
@@ -383,6 +394,8 @@ class Digest(object):
         self.algorithm, self.expected, self.what = spec
         self.source, self.fd, self.size = source, fd, size
         self.matched = threading.Event()
+        self.hashed_to = 0  # the bytes before this offset are hashed
+        self.on_hashed = None  # called as it moves on (a Window lets the bytes go)
 
     def start(self):
         threading.Thread(target=self._run, daemon=True).start()
@@ -399,7 +412,9 @@ class Digest(object):
                 if got != end - pos:
                     raise TransferFailed("the staging file ends at %d while hashing it" % (pos + got))
                 hasher.update(buf[:got])
-                pos = end
+                pos = self.hashed_to = end
+                if self.on_hashed is not None:
+                    self.on_hashed()
             check_digest(hasher, self.expected, self.what)
         except TransferFailed as exc:
             self.source.fail(exc)
@@ -411,6 +426,197 @@ class Digest(object):
 
     def wait_complete(self, timeout):
         return self.source.wait_complete(timeout) and self.matched.wait(timeout)
+
+
+class _Aside(object):
+    """What a :class:`Fetcher` reports a side fetch's bytes to: a count, apart from the download's."""
+
+    error = None
+
+    def __init__(self):
+        self.bytes = 0
+
+    def advance(self, chunk, n):
+        chunk.pos += n
+        self.bytes += n
+
+
+class Window(object):
+    """The staging file kept to a bounded window of the image: bytes its readers have passed
+    are punched out of it, so it never holds the whole image.
+
+    For an image whose readers go through it front to back, each pass close behind the one
+    before (a streamOptimized VMDK: qemu-img writes a slice over NBD, then compares it,
+    reading the file, while the next slice is written): chunks are fetched in order, at most
+    ``ahead`` bytes past the furthest byte read over NBD, and a chunk is punched out of the
+    file (``FALLOC_FL_PUNCH_HOLE``) once that read is ``behind`` bytes past it and the
+    digest, if any, has hashed it. The file's pages are then reused for the chunks that
+    follow, instead of the image growing the worker's memory (or disk) by its whole size.
+
+    Reads over NBD far ahead of the window (a few KiB: the grain tables VMware keeps across
+    the file) are fetched on their own and leave the window where it is; an NBD read of bytes
+    already punched out is fetched again. Both are counted (``refetched``): for the layouts
+    VMware, VirtualBox and qemu-img write, and with ``behind`` covering two slices, it stays 0.
+    A reader of the file itself finds zeros where bytes were punched out, which a comparison
+    reports as a difference (the importer then looks again over NBD).
+    """
+
+    SIDE_READ = 1024 * 1024  # NBD reads up to this size, ahead of the window, are fetched on their own
+    PUNCH_STEP = 64 * PIECE  # holes are punched in runs of at least this much
+
+    def __init__(self, config, download, fd, digest=None):
+        window = config["window"]
+        self.behind, self.ahead = int(window["behind"]), int(window["ahead"])
+        self.download, self.fd, self.size = download, fd, int(config["size"])
+        self.digest = digest  # a Digest following the file: a chunk goes only once it is hashed
+        self.reach = 0      # the furthest byte read over NBD
+        self.low = 0        # the first chunk still in the file
+        self.unpunched = None  # [start, end): chunks gone from the window, still to punch out
+        download.limit = self.ahead
+        self.aside = _Aside()
+        self.side_lock = threading.Lock()
+        self.side = Fetcher(config, self.aside, None)
+
+    @property
+    def fetched(self):
+        return self.download.fetched
+
+    @property
+    def refetched(self):
+        return self.aside.bytes
+
+    def fail(self, error):
+        self.download.fail(error)
+
+    def _let_go(self):
+        """Punch out the chunks the window has passed (with ``download.cond`` held)."""
+        chunks = self.download.chunks
+        hashed = self.digest.hashed_to if self.digest is not None else self.size
+        while self.low < len(chunks):
+            chunk = chunks[self.low]
+            if (chunk.state != "done" or chunk.pins or chunk.hi > hashed
+                    or chunk.hi + self.behind > self.reach):
+                break
+            chunk.state = "gone"
+            self.low += 1
+            run = self.unpunched
+            if run is not None and run[1] != chunk.lo:  # a piece the importer wrote lies between: it stays
+                punch_hole(self.fd, run[0], run[1] - run[0])
+                run = None
+            self.unpunched = run = [chunk.lo, chunk.hi] if run is None else [run[0], chunk.hi]
+        run = self.unpunched
+        if run is not None and (run[1] - run[0] >= self.PUNCH_STEP or self.low == len(chunks)):
+            punch_hole(self.fd, run[0], run[1] - run[0])
+            self.unpunched = None
+
+    def acquire(self, start, end):
+        """The parts of [start, end) to send, in order: ``(None, (pos, length))``, the file's bytes
+        (a chunk pinned until :meth:`release`, or a piece the importer wrote), or ``(bytes, None)``,
+        fetched on their own."""
+        download = self.download
+        touched = list(self._chunks_in(start, end))
+        if not touched:
+            return [(None, (start, end - start), None)]
+        with download.cond:
+            far = touched[0].lo >= self.reach + self.ahead and end - start <= self.SIDE_READ
+            if not far and end > self.reach:
+                self.reach = end
+                download.limit = self.reach + self.ahead
+                download.cond.notify_all()
+            while not far:
+                if download.error is not None:
+                    raise download.error
+                if all(c.state in ("done", "gone") for c in touched):
+                    for c in touched:
+                        if c.state == "done":
+                            c.pins += 1
+                    break
+                download.cond.wait(1.0)
+        parts, pos = [], start
+        try:
+            for chunk in touched:
+                if chunk.lo > pos:  # a piece the importer wrote
+                    parts.append((None, (pos, chunk.lo - pos), None))
+                    pos = chunk.lo
+                stop = min(end, chunk.hi)
+                if not far and chunk.state == "done":  # pinned above: in the file until released
+                    parts.append((None, (pos, stop - pos), chunk))
+                else:
+                    parts.append((self._fetch_aside(pos, stop), None, None))
+                pos = stop
+        except BaseException:
+            self.release(parts)
+            raise
+        if pos < end:
+            parts.append((None, (pos, end - pos), None))
+        return parts
+
+    def _chunks_in(self, start, end):
+        download = self.download
+        i = max(0, bisect.bisect_right(download.starts, start) - 1)
+        while i < len(download.chunks) and download.chunks[i].lo < end:
+            if download.chunks[i].hi > start:
+                yield download.chunks[i]
+            i += 1
+
+    def release(self, parts):
+        with self.download.cond:
+            for _, _, chunk in parts:
+                if chunk is not None:
+                    chunk.pins -= 1
+            self._let_go()
+
+    def hashed(self):
+        """The digest has moved on: chunks it passed may go."""
+        with self.download.cond:
+            self._let_go()
+
+    def readers_done(self):
+        """No more reads will come: fetch what nobody read (the digest still covers it), keep nothing."""
+        with self.download.cond:
+            self.reach = self.size + self.behind
+            self.download.limit = None
+            self._let_go()
+            self.download.cond.notify_all()
+
+    def _fetch_aside(self, start, end):
+        chunk = Chunk(start, end)
+        chunk.buf = bytearray(end - start)
+        with self.side_lock:
+            try:
+                self.side._fetch(chunk)
+            finally:
+                self.side._close()
+        return chunk.buf
+
+    def wait_for(self, start, end):
+        self.download.wait_for(start, end)
+
+    def wait_complete(self, timeout):
+        if self.digest is not None:
+            return self.digest.wait_complete(timeout)
+        return self.download.wait_complete(timeout)
+
+
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+_fallocate = None
+
+
+def punch_hole(fd, offset, length):
+    """Free [offset, offset + length) of the file (it reads as zeros); False where that is not possible."""
+    global _fallocate
+    if _fallocate is None:
+        try:
+            import ctypes
+            import ctypes.util
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            _fallocate = libc.fallocate
+        except (ImportError, OSError, AttributeError):
+            _fallocate = False
+    if not _fallocate or length <= 0:
+        return False
+    return _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0
 
 
 def pread_into(fd, view, pos):
@@ -820,6 +1026,7 @@ class NbdExport(object):
 
     def _transmission(self, conn, structured, block_status):
         send_lock = threading.Lock()
+        windowed = isinstance(self.download, Window)
         fd = os.open(self.path, os.O_RDONLY)
 
         def reply(cookie, error, kind=CMD_FLUSH):
@@ -832,8 +1039,12 @@ class NbdExport(object):
                     conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, cookie))
 
         def read(cookie, offset, length):
+            parts = None
             try:
-                self.download.wait_for(offset, offset + length)
+                if windowed:  # pieces of the file, pinned, and bytes fetched again
+                    parts = self.download.acquire(offset, offset + length)
+                else:
+                    self.download.wait_for(offset, offset + length)
                 with send_lock:
                     # The header, then the bytes straight from the page cache (sendfile: no copy here).
                     if structured:
@@ -841,16 +1052,24 @@ class NbdExport(object):
                                                  REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset))
                     else:
                         conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie))
-                    sent = 0
-                    while sent < length:
-                        n = os.sendfile(conn.fileno(), fd, offset + sent, length - sent)
-                        if not n:
-                            raise EOFError("staging file shorter than the export")
-                        sent += n
+                    for data, where, _ in parts or [(None, (offset, length), None)]:
+                        if data is not None:
+                            conn.sendall(data)
+                            continue
+                        pos, n = where
+                        sent = 0
+                        while sent < n:
+                            k = os.sendfile(conn.fileno(), fd, pos + sent, n - sent)
+                            if not k:
+                                raise EOFError("staging file shorter than the export")
+                            sent += k
             except TransferFailed:
                 reply(cookie, EIO, CMD_READ)
             except (OSError, EOFError):
                 hang_up()
+            finally:
+                if parts is not None:
+                    self.download.release(parts)
 
         def status(cookie, flags, offset, length):
             try:
@@ -939,11 +1158,12 @@ def main(argv):
     bind = config.get("bind")
     config["bind_address"] = ssh_server_address() if bind == "ssh" else bind
     compressed = config.get("container") in DECOMPRESSORS
+    windowed = bool(config.get("window")) and not compressed
     fetch_size = int(config["object_size"]) if compressed else size
     # A compressed object is read once, in order: it arrives in memory, a few chunks per connection ahead
     connections = max(1, int(config.get("connections", 4)))
-    download = Download(fetch_size, config.get("present", []), int(config.get("chunk_bytes", 8 * PIECE)),
-                        buffers=3 * connections if compressed else 0)
+    chunk_bytes = int(config.get("chunk_bytes", 8 * PIECE))
+    download = Download(fetch_size, config.get("present", []), chunk_bytes, buffers=3 * connections if compressed else 0)
 
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     os.ftruncate(fd, size)
@@ -957,6 +1177,13 @@ def main(argv):
     ending = source  # what the end of the transfer waits for
     if config.get("digest") and not compressed:
         ending = Digest(config["digest"], source, fd, size)
+    if windowed:
+        source = Window(config, download, fd, ending if ending is not download else None)
+        if ending is download:
+            ending = source
+        else:
+            ending.on_hashed = source.hashed
+    if ending is not source and ending is not download:
         ending.start()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(config["socket"])
@@ -984,7 +1211,10 @@ def main(argv):
         while not ending.wait_complete(0.1):
             if orphaned():
                 return 4
-            if stop_requested(config["stop_file"]) == "abort":
+            stop = stop_requested(config["stop_file"])
+            if stop == "stop" and windowed:
+                source.readers_done()
+            if stop == "abort":
                 # the importer stops us because a read failed: the failure that made it fail is the news
                 failure = download.error or getattr(source, "error", None)
                 if failure is not None:
@@ -1003,6 +1233,9 @@ def main(argv):
         if orphaned():
             return 4
         time.sleep(0.05)
+    if windowed:
+        source.readers_done()  # reads served after the last byte arrived may have fetched some again
+        emit("window", refetched=source.refetched)
     os.close(fd)
     return 0
 

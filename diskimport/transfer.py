@@ -117,6 +117,7 @@ class ObjectStream:
         self.config = f"{directory}/stream.json"
         self.script = f"{directory}/streamer.py"
         self.events: list[dict[str, Any]] = []
+        self.windowed = False  # staged through a window: ``path`` is never a whole copy
         self._on_event = on_event
         self._ready = threading.Event()
         self._result: CommandResult | None = None
@@ -181,8 +182,11 @@ class ObjectStream:
         if self._thread.is_alive() or self._result is None or self._result.returncode != 0:
             raise self._failure("transferring the image onto the worker failed")
         done = next(e for e in reversed(self.events) if e.get("event") == "fetched")
-        return {"fetched_bytes": int(done["fetched"]), "seconds": float(done["seconds"]),
-                "retries": sum(1 for e in self.events if e.get("event") == "retry")}
+        window = next((e for e in reversed(self.events) if e.get("event") == "window"), {})
+        return {"fetched_bytes": int(done["fetched"]) + int(window.get("refetched", 0)),
+                "seconds": float(done["seconds"]),
+                "retries": sum(1 for e in self.events if e.get("event") == "retry"),
+                "refetched_bytes": int(window.get("refetched", 0))}
 
     def abort(self) -> None:
         """Stop the download (the worker is about to be cleaned up)."""
@@ -204,10 +208,30 @@ class Inner:
     size: int        # the image's length: what ``ObjectStream.path`` holds
 
 
+@dataclass(frozen=True)
+class Window:
+    """Keep only this much of the image in the staging file, not all of it (streamer.Window)."""
+
+    behind: int  # bytes kept behind the furthest read (the readers that follow it: the comparisons)
+    ahead: int   # bytes fetched past it
+
+
+def compressed_grains_header(head: bytes) -> bool:
+    """Whether a VMDK's sparse header says its grains are compressed (a streamOptimized VMDK).
+
+    The header's flags (little-endian at byte 8) have bit 16 set for compressed grains,
+    and its compress algorithm (byte 77) is 1 (deflate).
+    """
+    if len(head) < 79 or head[:4] != b"KDMV":
+        return False
+    flags = int.from_bytes(head[8:12], "little")
+    return bool(flags & (1 << 16)) and int.from_bytes(head[77:79], "little") == 1
+
+
 def start_stream(runner: CommandRunner, files: WorkerFiles, url: str, etag: str, size: int, directory: str,
                  present: Sequence[tuple[int, bytes]], settings: TransferSettings = TransferSettings(),
                  on_event: Callable[[dict[str, Any]], None] | None = None, inner: Inner | None = None,
-                 digest: tuple[str, str, str] | None = None) -> ObjectStream:
+                 digest: tuple[str, str, str] | None = None, window: Window | None = None) -> ObjectStream:
     """Start fetching the object (minus the ``present`` pieces, written first) and serving it over NBD.
 
     With ``inner``, what is served (and kept at ``path``) is the image inside: a tar's
@@ -215,7 +239,9 @@ def start_stream(runner: CommandRunner, files: WorkerFiles, url: str, etag: str,
     (``{directory}/object``) and decompressed in order as it arrives.
     The PAR URL (a bearer secret) goes into a configuration file readable only by the
     worker user, never onto a command line. ``digest`` (hashlib name, hex, what it is of: an
-    OVA manifest's line) is checked against the fetched bytes as they arrive.
+    OVA manifest's line) is checked against the fetched bytes as they arrive. With ``window``,
+    an image (not a compressed object) is kept in the staging file only within that window
+    of its readers: ``path`` is then never a complete copy.
     """
     stream = ObjectStream(runner, directory, on_event)
     files.put_private_file(STREAMER.read_text(), stream.script)
@@ -242,6 +268,9 @@ def start_stream(runner: CommandRunner, files: WorkerFiles, url: str, etag: str,
     }
     if digest is not None:
         config["digest"] = list(digest)
+    if window is not None and (inner is None or inner.container == "tar"):
+        config["window"] = {"behind": window.behind, "ahead": window.ahead}
+    stream.windowed = "window" in config
     files.put_private_file(json.dumps(config), stream.config)
     stream.start()
     return stream
