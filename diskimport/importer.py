@@ -998,9 +998,7 @@ class VolumeWrite:
         head = next((data[start - at:] for at, data in pieces if at <= start < at + len(data)), b"")
         if not transfer.compressed_grains_header(head[:512]):
             return None
-        settings = self.importer.settings
-        ahead = max(64 * slices.MiB, 3 * settings.transfer_connections * settings.transfer_chunk_mib * slices.MiB)
-        sizes = slices.window_for(self.image.virtual_size, image_bytes, ahead)
+        sizes = slices.window_for(self.image.virtual_size, image_bytes)
         return None if sizes is None else transfer.Window(*sizes)
 
     @step("check-volume")

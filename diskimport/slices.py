@@ -61,7 +61,10 @@ def plan_slices(virtual_size: int, image_bytes: int | None = None) -> list[tuple
     virtual disk, whichever is smaller: a sparse 64 GiB disk with 1 GiB of data gets 4.
     """
     work = virtual_size if image_bytes is None else min(virtual_size, image_bytes)
-    count = max(1, min(MAX_SLICES, work // MIN_SLICE))
+    return _even_slices(virtual_size, max(1, min(MAX_SLICES, work // MIN_SLICE)))
+
+
+def _even_slices(virtual_size: int, count: int) -> list[tuple[int, int]]:
     step = -(-virtual_size // count)
     step = -(-step // MiB) * MiB  # whole MiB, so slices start on every device's block boundary
     return [(offset, min(step, virtual_size - offset)) for offset in range(0, virtual_size, step)]
@@ -77,13 +80,10 @@ def plan_window_slices(virtual_size: int, image_bytes: int) -> list[tuple[int, i
     """Slices for an image staged through a window (streamer.Window): one per ``WINDOW_SLICE`` of its data
     (more and smaller than :func:`plan_slices`'s, as the window holds the two slices being
     written and compared), up to 64."""
-    count = max(1, min(MAX_WINDOW_SLICES, min(virtual_size, image_bytes) // WINDOW_SLICE))
-    step = -(-virtual_size // count)
-    step = -(-step // MiB) * MiB
-    return [(offset, min(step, virtual_size - offset)) for offset in range(0, virtual_size, step)]
+    return _even_slices(virtual_size, max(1, min(MAX_WINDOW_SLICES, min(virtual_size, image_bytes) // WINDOW_SLICE)))
 
 
-def window_for(virtual_size: int, image_bytes: int, ahead: int) -> tuple[int, int] | None:
+def window_for(virtual_size: int, image_bytes: int) -> tuple[int, int] | None:
     """``(behind, ahead)`` bytes for writing a streamOptimized VMDK through a window, or None when
     its slices are too large for one (it is then staged whole).
 
@@ -96,8 +96,7 @@ def window_for(virtual_size: int, image_bytes: int, ahead: int) -> tuple[int, in
     slices = plan_window_slices(virtual_size, image_bytes)
     largest = max(length for _, length in slices)
     behind = min(image_bytes, 2 * largest + largest // 50 + WINDOW_MARGIN)
-    # as far ahead: the fetch runs on while a slice's write waits for the comparison before it
-    return None if behind > MAX_WINDOW else (behind, max(ahead, behind))
+    return None if behind > MAX_WINDOW else (behind, behind)
 
 
 # Runs on the worker: ``qemu-img map`` of the image, reduced to its zero runs of at least
@@ -200,9 +199,9 @@ class SliceWriter:
         self.socket, self.staging_image, self.device = socket, staging_image, device
         self.target_is_zero, self.direct_io = target_is_zero, direct_io
         self.on_progress, self.on_verified = on_progress, on_verified
-        # Through a window (no staging copy), the comparisons read the image over NBD too, close
-        # behind the writes: the stream must outlive them, and a write waits for the comparison
-        # two slices back, so the window holds what they still read.
+        # Through a window (streamer.Window), a write waits for the comparison two slices back,
+        # so the window holds what the comparisons still read, and the stream outlives them: a
+        # second look reads over NBD what the window let go.
         self.windowed = windowed
         self.slices = (plan_window_slices(virtual_size, image_bytes or virtual_size) if windowed
                        else plan_slices(virtual_size, image_bytes))

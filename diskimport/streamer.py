@@ -133,11 +133,11 @@ def missing_intervals(size, present):
 
 
 class Chunk(object):
-    __slots__ = ("lo", "hi", "pos", "state", "buf", "pins", "hashed")
+    __slots__ = ("lo", "hi", "pos", "state", "buf", "pins")
 
     def __init__(self, lo, hi):
         self.lo, self.hi, self.pos, self.state, self.buf = lo, hi, lo, "todo", None
-        self.pins, self.hashed = 0, False  # (a window's) readers sending from ``buf``; its digest has passed it
+        self.pins = 0  # (a Window) NBD replies sending its bytes: it stays in the file until they are sent
 
 
 class Download(object):
@@ -172,8 +172,7 @@ class Download(object):
         In memory, the next in file order once a buffer is free for it (None once failed)."""
         with self.cond:
             if self.in_memory:
-                while (self.next_index < len(self.chunks) and self.error is None
-                       and (not self.pool or (self.limit is not None and self.chunks[self.next_index].lo >= self.limit))):
+                while self.next_index < len(self.chunks) and not self.pool and self.error is None:
                     self.cond.wait(1.0)
                 if self.next_index >= len(self.chunks) or self.error is not None:
                     return None
@@ -478,15 +477,8 @@ class Window(object):
         self.side = Fetcher(config, self.aside, None)
 
     @property
-    def fetched(self):
-        return self.download.fetched
-
-    @property
     def refetched(self):
         return self.aside.bytes
-
-    def fail(self, error):
-        self.download.fail(error)
 
     def _let_go(self):
         """Punch out the chunks the window has passed (with ``download.cond`` held)."""
@@ -510,9 +502,9 @@ class Window(object):
             self.unpunched = None
 
     def acquire(self, start, end):
-        """The parts of [start, end) to send, in order: ``(None, (pos, length))``, the file's bytes
-        (a chunk pinned until :meth:`release`, or a piece the importer wrote), or ``(bytes, None)``,
-        fetched on their own."""
+        """The parts of [start, end) to send, in order: ``(None, (pos, length), chunk)``, the file's
+        bytes (of ``chunk``, pinned until :meth:`release`, or, with None, a piece the importer
+        wrote), or ``(bytes, None, None)``, fetched on their own."""
         download = self.download
         touched = list(self._chunks_in(start, end))
         if not touched:
@@ -588,9 +580,6 @@ class Window(object):
             finally:
                 self.side._close()
         return chunk.buf
-
-    def wait_for(self, start, end):
-        self.download.wait_for(start, end)
 
     def wait_complete(self, timeout):
         if self.digest is not None:
@@ -1162,8 +1151,8 @@ def main(argv):
     fetch_size = int(config["object_size"]) if compressed else size
     # A compressed object is read once, in order: it arrives in memory, a few chunks per connection ahead
     connections = max(1, int(config.get("connections", 4)))
-    chunk_bytes = int(config.get("chunk_bytes", 8 * PIECE))
-    download = Download(fetch_size, config.get("present", []), chunk_bytes, buffers=3 * connections if compressed else 0)
+    download = Download(fetch_size, config.get("present", []), int(config.get("chunk_bytes", 8 * PIECE)),
+                        buffers=3 * connections if compressed else 0)
 
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     os.ftruncate(fd, size)
@@ -1174,17 +1163,13 @@ def main(argv):
         os.ftruncate(fetch_fd, fetch_size)
         source = Inflow(config, download, fetch_fd, fd)
         source.start()
-    ending = source  # what the end of the transfer waits for
-    if config.get("digest") and not compressed:
-        ending = Digest(config["digest"], source, fd, size)
+    digest = Digest(config["digest"], source, fd, size) if config.get("digest") and not compressed else None
     if windowed:
-        source = Window(config, download, fd, ending if ending is not download else None)
-        if ending is download:
-            ending = source
-        else:
-            ending.on_hashed = source.hashed
-    if ending is not source and ending is not download:
-        ending.start()
+        source = Window(config, download, fd, digest)
+    ending = digest or source  # what the end of the transfer waits for
+    if digest is not None:
+        digest.on_hashed = source.hashed if windowed else None
+        digest.start()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(config["socket"])
     listener.listen(16)

@@ -85,17 +85,17 @@ def test_the_header_tells_compressed_grains(image: Path, tmp_path: Path):
 
 
 def test_the_window_is_bounded_and_holds_two_slices():
-    behind, ahead = slices.window_for(8 * 1024 * MiB, 4300 * MiB, 96 * MiB)
+    behind, ahead = slices.window_for(8 * 1024 * MiB, 4300 * MiB)
     largest = max(length for _, length in slices.plan_window_slices(8 * 1024 * MiB, 4300 * MiB))
     assert 2 * largest < behind <= slices.MAX_WINDOW and ahead == behind  # the fetch runs as far ahead
-    assert slices.window_for(1024 * MiB, 100 * MiB, 96 * MiB)[0] == 100 * MiB  # the whole of a small image
+    assert slices.window_for(1024 * MiB, 100 * MiB)[0] == 100 * MiB  # the whole of a small image
     # slices too large for a window (a huge sparse disk): the image is staged instead
-    assert slices.window_for(64 * 1024 * 1024 * MiB, 600 * 1024 * MiB, 96 * MiB) is None
+    assert slices.window_for(64 * 1024 * 1024 * MiB, 600 * 1024 * MiB) is None
 
 
 def test_a_stream_optimized_vmdk_is_written_through_a_window_with_no_staging_copy(
         localoci, uploaded, image, staging, tmp_path, small_slices):
-    behind, ahead = slices.window_for(VIRTUAL, uploaded["size"], 16 * MiB)
+    behind, ahead = slices.window_for(VIRTUAL, uploaded["size"])
     assert behind + ahead < uploaded["size"] * 0.5  # the window holds a part of the image, not all of it
     target = tmp_path / "volume.img"
     held: list[int] = []  # what the staging file holds, seen while the write runs
@@ -145,7 +145,7 @@ def test_bytes_the_window_let_go_are_fetched_again_and_the_write_stays_right(
 def test_a_window_holds_the_bytes_against_a_manifests_digest(localoci, uploaded, image, staging, tmp_path,
                                                              small_slices, right):
     expected = hashlib.sha256(image.read_bytes()).hexdigest() if right else "ab" * 32
-    window = transfer.Window(*slices.window_for(VIRTUAL, uploaded["size"], 16 * MiB))
+    window = transfer.Window(*slices.window_for(VIRTUAL, uploaded["size"]))
     if right:
         write_through(uploaded, image, staging, tmp_path / "volume.img", window, ("sha256", expected, "'disk1.vmdk'"))
         return
