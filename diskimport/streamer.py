@@ -253,6 +253,13 @@ class Download(object):
             i += 1
         return out
 
+    def ready(self, start, end):
+        """``[(None, (start, length), None)]`` if [start, end) is on disk now, else None (see NbdExport)."""
+        with self.cond:
+            if self.error is None and not self.in_memory and not self._blocking(start, end):
+                return [(None, (start, end - start), None)]
+        return None
+
     def wait_for(self, start, end):
         """Block until [start, end) is on disk; ask for its chunks first."""
         with self.cond:
@@ -501,10 +508,11 @@ class Window(object):
             punch_hole(self.fd, run[0], run[1] - run[0])
             self.unpunched = None
 
-    def acquire(self, start, end):
+    def acquire(self, start, end, wait=True):
         """The parts of [start, end) to send, in order: ``(None, (pos, length), chunk)``, the file's
         bytes (of ``chunk``, pinned until :meth:`release`, or, with None, a piece the importer
-        wrote), or ``(bytes, None, None)``, fetched on their own."""
+        wrote), or ``(bytes, None, None)``, fetched on their own. Without ``wait``, None unless
+        every byte is in the file now."""
         download = self.download
         touched = list(self._chunks_in(start, end))
         if not touched:
@@ -515,6 +523,9 @@ class Window(object):
                 self.reach = end
                 download.limit = self.reach + self.ahead
                 download.cond.notify_all()
+            if not wait and (far or download.error is not None
+                             or not all(c.state == "done" for c in touched)):
+                return None
             while not far:
                 if download.error is not None:
                     raise download.error
@@ -557,6 +568,9 @@ class Window(object):
                 if chunk is not None:
                     chunk.pins -= 1
             self._let_go()
+
+    def ready(self, start, end):
+        return self.acquire(start, end, wait=False)
 
     def hashed(self):
         """The digest has moved on: chunks it passed may go."""
@@ -867,6 +881,12 @@ class Inflow(object):
                     return
                 self.cond.wait(1.0)
 
+    def ready(self, start, end):
+        with self.cond:
+            if self.error is None and (self.produced >= end or self.done):
+                return [(None, (start, end - start), None)]
+        return None
+
     def extents(self, offset, length, limit=MAX_EXTENTS):
         """``[(length, zero?)]`` from ``offset``: what is known of up to ``length`` bytes.
 
@@ -1016,6 +1036,7 @@ class NbdExport(object):
     def _transmission(self, conn, structured, block_status):
         send_lock = threading.Lock()
         windowed = isinstance(self.download, Window)
+        ready = getattr(self.download, "ready", None)
         fd = os.open(self.path, os.O_RDONLY)
 
         def reply(cookie, error, kind=CMD_FLUSH):
@@ -1027,10 +1048,11 @@ class NbdExport(object):
                 else:
                     conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, cookie))
 
-        def read(cookie, offset, length):
-            parts = None
+        def read(cookie, offset, length, parts=None):
             try:
-                if windowed:  # pieces of the file, pinned, and bytes fetched again
+                if parts is not None:
+                    pass  # in the file already (ready)
+                elif windowed:  # pieces of the file, pinned, and bytes fetched again
                     parts = self.download.acquire(offset, offset + length)
                 else:
                     self.download.wait_for(offset, offset + length)
@@ -1057,7 +1079,7 @@ class NbdExport(object):
             except (OSError, EOFError):
                 hang_up()
             finally:
-                if parts is not None:
+                if windowed and parts is not None:
                     self.download.release(parts)
 
         def status(cookie, flags, offset, length):
@@ -1094,7 +1116,16 @@ class NbdExport(object):
                         if length > MAX_READ:
                             reply(cookie, EINVAL, kind)
                         else:
-                            pool.submit(read, cookie, offset, length)
+                            # Bytes already in the file are sent from this thread: most reads trail
+                            # the download, and a hand-off to the pool per read costs more than the send.
+                            try:
+                                parts = ready(offset, offset + length) if ready else None
+                            except TransferFailed:
+                                parts = None  # the pool's read replies with the error
+                            if parts is not None:
+                                read(cookie, offset, length, parts)
+                            else:
+                                pool.submit(read, cookie, offset, length)
                     elif kind == CMD_BLOCK_STATUS and block_status:
                         pool.submit(status, cookie, flags, offset, length)
                     elif kind == CMD_FLUSH:

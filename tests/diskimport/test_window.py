@@ -156,3 +156,30 @@ def test_a_window_holds_the_bytes_against_a_manifests_digest(localoci, uploaded,
     # as the importer does: whatever failed first, the refusal behind it is what is reported
     refused = streams[0].refusal()
     assert isinstance(refused, ImageRejected) and refused.code == "ova-digest-mismatch"
+
+
+def test_reads_of_bytes_already_in_the_file_are_ready_and_others_wait():
+    """What the NBD export sends from its receiving thread (``ready``) and what it hands to its
+    pool to wait for: only bytes in the file now, pinned in a window until released."""
+    from diskimport import streamer
+
+    download = streamer.Download(4 * MiB, [], MiB)
+    assert download.ready(0, 10) is None
+    first = download.take()
+    download.advance(first, MiB // 2)
+    assert download.ready(0, MiB // 2) == [(None, (0, MiB // 2), None)]
+    assert download.ready(0, MiB) is None  # half of it has arrived
+    download.advance(first, MiB // 2)
+    assert download.ready(MiB - 1, MiB + 1) is None  # the next chunk has not
+
+    window = streamer.Window({"window": {"behind": MiB, "ahead": MiB}, "size": 4 * MiB,
+                              "url": "http://127.0.0.1:9/object"}, download, None)
+    [(data, where, chunk)] = window.ready(10, 20)
+    assert data is None and where == (10, 10) and chunk is first and first.pins == 1
+    window.release([(data, where, chunk)])
+    assert first.pins == 0
+    assert window.ready(MiB, MiB + 10) is None  # not fetched yet: the pool's read waits for it
+    assert download.limit == MiB + 10 + MiB  # and the fetch may go on from the read
+    assert window.ready(3 * MiB, 3 * MiB + 10) is None  # far ahead: fetched on its own, by the pool
+    download.fail(streamer.TransferFailed("gone"))
+    assert download.ready(0, 10) is None and window.ready(0, 10) is None  # the pool replies with the error
