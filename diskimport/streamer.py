@@ -1036,7 +1036,6 @@ class NbdExport(object):
     def _transmission(self, conn, structured, block_status):
         send_lock = threading.Lock()
         windowed = isinstance(self.download, Window)
-        ready = getattr(self.download, "ready", None)
         fd = os.open(self.path, os.O_RDONLY)
 
         def reply(cookie, error, kind=CMD_FLUSH):
@@ -1050,11 +1049,9 @@ class NbdExport(object):
 
         def read(cookie, offset, length, parts=None):
             try:
-                if parts is not None:
-                    pass  # in the file already (ready)
-                elif windowed:  # pieces of the file, pinned, and bytes fetched again
+                if parts is None and windowed:  # pieces of the file, pinned, and bytes fetched again
                     parts = self.download.acquire(offset, offset + length)
-                else:
+                elif parts is None:
                     self.download.wait_for(offset, offset + length)
                 with send_lock:
                     # The header, then the bytes straight from the page cache (sendfile: no copy here).
@@ -1118,10 +1115,8 @@ class NbdExport(object):
                         else:
                             # Bytes already in the file are sent from this thread: most reads trail
                             # the download, and a hand-off to the pool per read costs more than the send.
-                            try:
-                                parts = ready(offset, offset + length) if ready else None
-                            except TransferFailed:
-                                parts = None  # the pool's read replies with the error
+                            # (A failed transfer is never ready: the pool's read replies with its error.)
+                            parts = self.download.ready(offset, offset + length)
                             if parts is not None:
                                 read(cookie, offset, length, parts)
                             else:
