@@ -292,7 +292,8 @@ def bench_machine(env: dict[str, str], ova: Path, disks: list[Path]) -> dict[str
             "separate_s": separate, "separate_total_s": round(sum(separate), 3),
             "ours_over_separate": round(seconds / sum(separate), 3), "worker_vms": len(workers),
             "object_bytes": ova.stat().st_size, "bytes_read": bytes_read, "steps": summary["steps"],
-            "disks": [{k: d[k] for k in ("position", "format", "virtual_size", "fetched_bytes", "digest_checked")}
+            "disks": [{k: d[k] for k in ("position", "format", "virtual_size", "fetched_bytes", "digest_checked",
+                                         "seconds")}
                       for d in summary["disks"]]}
 
 

@@ -158,7 +158,8 @@ def _kept_header(key: str) -> list[tuple[int, bytes]] | None:
 
 
 def step(name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
-    """Count the seconds an importer's step takes into ``importer.steps[name]``."""
+    """Count the seconds an importer's step takes into ``importer.steps[name]``, and a
+    :class:`VolumeWrite`'s also into its own ``steps`` (a machine's disks run theirs side by side)."""
     def decorate(method: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(method)
         def timed(self: Any, *args: Any, **kwargs: Any) -> T:
@@ -167,8 +168,12 @@ def step(name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
             try:
                 return method(self, *args, **kwargs)
             finally:
+                seconds = time.monotonic() - start
                 with importer._steps_lock:
-                    importer.steps[name] = round(importer.steps.get(name, 0.0) + time.monotonic() - start, 3)
+                    importer.steps[name] = round(importer.steps.get(name, 0.0) + seconds, 3)
+                    if self is not importer:
+                        self.steps[name] = round(self.steps.get(name, 0.0) + seconds, 3)
+                        importer.disk_steps.add(name)
         return timed
     return decorate
 
@@ -197,6 +202,7 @@ class Importer:
         self._unwound = 0  # after an unwind, creates are new creates (new retry tokens)
         self._attach_lock = threading.Lock()
         self.steps: dict[str, float] = {}
+        self.disk_steps: set[str] = set()  # steps each disk of a machine takes on its own (VolumeWrite's)
         self._yielding = False
         self._steps_lock = threading.Lock()
         self.target: TargetMachineLike | None = None  # where a bootable machine import starts the machine
@@ -715,6 +721,16 @@ class Importer:
             "steps": dict(self.steps), "filesystems": [dataclasses.asdict(c) for c in checks], "reused": False,
         }
 
+    @step("write-disks")
+    def write_disks(self, writes: dict[int, "VolumeWrite"],
+                    start: Callable[["VolumeWrite"], Callable[[], T]]) -> dict[int, T]:
+        """Every disk of a machine at once: ``start`` sets one off and returns what waits for it.
+
+        The step counts the time the disks took side by side; each disk's own steps are in its
+        ``steps`` (the importer's ``steps`` add them up across the disks)."""
+        waits = {position: start(write) for position, write in writes.items()}
+        return {position: wait() for position, wait in waits.items()}
+
     def machine_summary(self, version: ObjectVersion, described: machine.Machine,
                         disks: Sequence[tuple[ObjectVersion, InspectedImage]], volumes: Sequence[Volume],
                         written: dict[int, Any], group_id: str, qemu_img: str | None,
@@ -729,13 +745,17 @@ class Importer:
                 "virtual_size": image.virtual_size, "volume_id": volume.id, "volume_size_gb": volume.size_in_gbs,
                 "digest_checked": image.digest is not None, "reused": done is None,
                 "fetched_bytes": done["written"].fetched_bytes if done else 0,
+                "transfer_seconds": round(done["written"].seconds, 3) if done else 0.0,
+                "seconds": round(sum(done.get("steps", {}).values()), 3) if done else 0.0,
+                "steps": dict(done.get("steps", {})) if done else {},
                 "filesystems": [dataclasses.asdict(c) for c in done["checks"]] if done else []})
         return {
             "import_id": version.import_id, "object": version.name, "bucket": version.bucket,
             "namespace": version.namespace, "etag": version.etag, "machine": described.summary(),
             "volume_group_id": group_id, "availability_domain": volumes[0].availability_domain,
             "disks": rows, "qemu_img": qemu_img, "ready_at": ready_at.isoformat(), "reused": not written,
-            "steps": dict(self.steps),
+            # the machine's own steps; its disks' (which ran side by side) are in their rows
+            "steps": {name: seconds for name, seconds in self.steps.items() if name not in self.disk_steps},
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
 
@@ -860,6 +880,7 @@ class VolumeWrite:
         self.staging: str | None = None
         self.result: WriteResult | None = None
         self.firmware: boot.Firmware | None = None  # a boot volume's disk: what it boots by
+        self.steps: dict[str, float] = {}  # this disk's steps (the importer's count every disk's)
         self._undos: list[Undo] = []  # the attachment's, then the iSCSI session's
 
     @property

@@ -60,7 +60,7 @@ def prepare_worker(importer: Importer, session: Any) -> str:
 def write_disk(write: VolumeWrite) -> dict[str, Any]:
     """One disk: written and verified, checked, detached (as a single-disk import does it)."""
     written, checks = write.run()
-    return {"written": written, "checks": checks, "firmware": write.firmware}
+    return {"written": written, "checks": checks, "firmware": write.firmware, "steps": write.steps}
 
 
 @_step("finish-volumes", retries=4, delays=[2, 5, 10, 20])
@@ -154,8 +154,7 @@ def _import(importer: Importer, version: ObjectVersion, described: machine.Machi
                 qemu_img = prepare_worker(importer, session)
                 writes = {position: importer.volume_write(session, worker, volume, disks[position][0], image)
                           for (position, image), volume in zip(todo, made)}
-                futures = {position: write_disk.submit(write) for position, write in writes.items()}
-                written = {position: future.result() for position, future in futures.items()}
+                written = importer.write_disks(writes, lambda write: write_disk.submit(write).result)
             volumes.update({position: volume for (position, _), volume in zip(todo, made)})
             finish_volumes(importer, made)
             terminate_worker(importer, worker)

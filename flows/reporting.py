@@ -103,7 +103,7 @@ def publish_machine_summary(summary: dict[str, Any]) -> None:
     described = summary["machine"]
     rows = [{"disk": d["position"] + 1, "name": d["name"], "file": d["file"], "format": d["format"],
              "virtual size": d["virtual_size"], "volume": d["volume_id"], "digest checked": d["digest_checked"],
-             "reused": d["reused"],
+             "reused": d["reused"], "seconds": d.get("seconds", 0.0),
              "filesystems": ", ".join(f"{c['location']} {c['filesystem']} {c['status']}" for c in d["filesystems"])}
             for d in summary["disks"]]
     create_table_artifact(rows, key="machine-disks", description=f"Disks of {described['name']}")
@@ -113,7 +113,9 @@ def publish_machine_summary(summary: dict[str, Any]) -> None:
         f"# Imported machine `{described['name']}`", "",
         f"From `{summary['namespace']}/{summary['bucket']}/{summary['object']}` ({described['source']}), "
         f"{len(summary['disks'])} disks in volume group `{summary['volume_group_id']}`"
-        + (f"; hints: {hints}" if hints else "") + ".", *_boot_lines(summary.get("boot"))]), key="machine-summary")
+        + (f"; hints: {hints}" if hints else "") + ".", "",
+        "Steps: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in summary["steps"].items())
+        + " (the disks' own steps are in `machine-disks`).", *_boot_lines(summary.get("boot"))]), key="machine-summary")
 
 
 def _boot_lines(started: dict[str, Any] | None) -> list[str]:

@@ -105,6 +105,14 @@ def test_a_machine_imports_every_disk_bit_exact_into_one_volume_group(case, name
         expected = {e.location: (e.filesystem, e.status) for e in guest.expected}
         assert {k: reported.get(k) for k in expected} == expected, disk["filesystems"]
     assert all(d["digest_checked"] for d in summary["disks"]) == (case != "manifest")
+    # each disk's own steps, one after another; the machine's steps count the disks' writes once,
+    # as the time they took side by side, which overlapped
+    for disk in summary["disks"]:
+        assert list(disk["steps"]) == ["write", "check-volume", "detach"], disk["steps"]
+        assert disk["seconds"] == pytest.approx(sum(disk["steps"].values()), abs=0.01)
+    assert not set(summary["steps"]) & {"write", "check-volume", "detach"}, summary["steps"]
+    side_by_side = [d["seconds"] for d in summary["disks"]]
+    assert max(side_by_side) - 0.01 <= summary["steps"]["write-disks"] < sum(side_by_side), summary["steps"]
     assert resources_of(stack, machine_imports["cases"][case]["etag"])["instances"] == []
 
 
