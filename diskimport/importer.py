@@ -173,7 +173,6 @@ def step(name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
                     importer.steps[name] = round(importer.steps.get(name, 0.0) + seconds, 3)
                     if self is not importer:
                         self.steps[name] = round(self.steps.get(name, 0.0) + seconds, 3)
-                        importer.disk_steps.add(name)
         return timed
     return decorate
 
@@ -202,7 +201,6 @@ class Importer:
         self._unwound = 0  # after an unwind, creates are new creates (new retry tokens)
         self._attach_lock = threading.Lock()
         self.steps: dict[str, float] = {}
-        self.disk_steps: set[str] = set()  # steps each disk of a machine takes on its own (VolumeWrite's)
         self._yielding = False
         self._steps_lock = threading.Lock()
         self.target: TargetMachineLike | None = None  # where a bootable machine import starts the machine
@@ -739,6 +737,7 @@ class Importer:
         rows = []
         for position, ((disk_version, image), volume) in enumerate(zip(disks, volumes)):
             done = written.get(position)
+            steps = dict(done["steps"]) if done else {}
             rows.append({
                 "position": position, "name": described.disks[position].name,
                 "object": disk_version.name, "file": described.disks[position].file, "format": image.format,
@@ -746,16 +745,16 @@ class Importer:
                 "digest_checked": image.digest is not None, "reused": done is None,
                 "fetched_bytes": done["written"].fetched_bytes if done else 0,
                 "transfer_seconds": round(done["written"].seconds, 3) if done else 0.0,
-                "seconds": round(sum(done.get("steps", {}).values()), 3) if done else 0.0,
-                "steps": dict(done.get("steps", {})) if done else {},
+                "seconds": round(sum(steps.values()), 3), "steps": steps,
                 "filesystems": [dataclasses.asdict(c) for c in done["checks"]] if done else []})
+        disk_steps = {name for row in rows for name in row["steps"]}
         return {
             "import_id": version.import_id, "object": version.name, "bucket": version.bucket,
             "namespace": version.namespace, "etag": version.etag, "machine": described.summary(),
             "volume_group_id": group_id, "availability_domain": volumes[0].availability_domain,
             "disks": rows, "qemu_img": qemu_img, "ready_at": ready_at.isoformat(), "reused": not written,
             # the machine's own steps; its disks' (which ran side by side) are in their rows
-            "steps": {name: seconds for name, seconds in self.steps.items() if name not in self.disk_steps},
+            "steps": {name: seconds for name, seconds in self.steps.items() if name not in disk_steps},
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
 

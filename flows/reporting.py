@@ -103,7 +103,7 @@ def publish_machine_summary(summary: dict[str, Any]) -> None:
     described = summary["machine"]
     rows = [{"disk": d["position"] + 1, "name": d["name"], "file": d["file"], "format": d["format"],
              "virtual size": d["virtual_size"], "volume": d["volume_id"], "digest checked": d["digest_checked"],
-             "reused": d["reused"], "seconds": d.get("seconds", 0.0),
+             "reused": d["reused"], "seconds": d["seconds"],
              "filesystems": ", ".join(f"{c['location']} {c['filesystem']} {c['status']}" for c in d["filesystems"])}
             for d in summary["disks"]]
     create_table_artifact(rows, key="machine-disks", description=f"Disks of {described['name']}")
