@@ -25,7 +25,8 @@ Codes, by where they arise (oslo.utils' safety check names pass through unchange
   ``ova-size-mismatch``, ``ova-manifest-invalid``, ``ova-digest-mismatch``,
   ``ova-capacity-mismatch``, ``machine-manifest-invalid``;
 - on the worker VM: ``decompression-failed`` and ``decompression-bomb`` (the data runs
-  past its size, or ends short), ``qemu-cannot-read``, ``qemu-disagrees``, ``qemu-check-failed``,
+  past its size, or ends short), ``vmdk-stream-invalid`` (a streamOptimized VMDK whose
+  grains or tables the streamer will not decode as they are), ``qemu-cannot-read``, ``qemu-disagrees``, ``qemu-check-failed``,
   ``nested-image``, ``filesystem-errors``, ``unchecked-filesystems``;
 - a bootable machine (:mod:`diskimport.boot`): ``machine-did-not-boot`` (with
   ``boot_check: require``), ``no-target-machine`` (a bootable import without a

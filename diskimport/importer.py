@@ -923,8 +923,9 @@ class VolumeWrite:
 
         The worker fetches the object through a short-lived read-only PAR with parallel
         ranged GETs (minus the head and tail the inspection read, handed over); qemu-img
-        reads it over NBD as it arrives. The volume is attached while the first bytes
-        arrive. The worker's copy of the image (``staging``) stays for :meth:`check`.
+        reads it over NBD as it arrives, or, for a streamOptimized VMDK, the streamer decodes
+        it onto the device itself. The volume is attached while the first bytes arrive. The
+        worker's copy of the image (``staging``) stays for :meth:`check`.
         """
         importer, version, session = self.importer, self.version, self.session
         settings = importer.settings
@@ -936,11 +937,14 @@ class VolumeWrite:
                  if image.container and image.inner_size is not None else None)
         image_bytes = inner.size if inner is not None else version.size
         pieces = importer.header_pieces(version)
-        window = self._window(pieces, inner, image_bytes)
+        decode = self._decode(pieces, inner)
+        window = None if decode is not None else self._window(pieces, inner, image_bytes)
         # a compressed object is fetched into memory: beside the image only the pieces handed over are kept
         kept_bytes = image_bytes + (sum(len(data) for _, data in pieces)
                                     if inner is not None and inner.container != "tar" else 0)
-        if window is not None:  # the staging file holds the window (punched out behind it), not the image
+        if decode is not None:  # decoded in memory onto the device: the staging file holds the pieces
+            kept_bytes = sum(len(data) for _, data in pieces)
+        elif window is not None:  # the staging file holds the window (punched out behind it), not the image
             kept_bytes = min(kept_bytes, sum(len(data) for _, data in pieces) + window.behind + window.ahead
                              + 128 * slices.MiB)
         staging = transfer.make_staging_dir(session, version.import_id, kept_bytes)
@@ -957,20 +961,13 @@ class VolumeWrite:
                     transfer.TransferSettings(connections=settings.transfer_connections,
                                               chunk_bytes=settings.transfer_chunk_mib * 1024 * 1024),
                     on_event=progress.event if progress else None, inner=inner, digest=image.digest,
-                    window=window)
+                    window=window, decode=decode)
             try:
-                with _phase(phases, "second-opinion"):
-                    info = transfer.second_opinion(qemu, stream.nbd_url, self.image.format, self.image.virtual_size,
-                                                   self.image.driver)
-                with _phase(phases, "attach"):
-                    device = self.attach()
-                writer = slices.SliceWriter(session, qemu, self.image.qemu_driver, info.virtual_size, stream.socket,
-                                            stream.path, device, target_is_zero=self.volume.fresh,
-                                            on_progress=progress.written if progress else None,
-                                            direct_io=not slices.compressed_grains(self.image.format, info),
-                                            image_bytes=image_bytes, windowed=stream.windowed)
-                with _phase(phases, "write-and-verify"):
-                    fetched = writer.write(stream.finish)
+                if stream.decoding:
+                    device, virtual_size, fetched, verified = self._write_decoded(stream, phases)
+                else:
+                    device, virtual_size, fetched, verified = self._write_slices(stream, qemu, phases, progress,
+                                                                                 image_bytes)
             except Exception as exc:
                 # qemu-img's read error may be the first sign of a refusal the transfer holds (a bomb,
                 # a digest that does not match): the transfer may have ended before qemu-img connected
@@ -979,19 +976,19 @@ class VolumeWrite:
                 if refused is None:
                     raise
                 raise refused from exc
-            stream_windowed, stream = stream.windowed, None
+            unit, how = (("runs", ", decoded as it arrived") if stream.decoding else
+                         ("slices", f", through a window ({fetched['refetched_bytes']} bytes fetched again)")
+                         if stream.windowed else ("slices", ""))
+            stream = None
             importer.ledger.undo(par)
             if progress:
                 progress.done()
-            verified = writer.summary()
-            importer.log.info("wrote and verified %s (%s, %d bytes virtual, %d slices); fetched %d bytes in %.1fs "
-                              "with %d retries%s", version.name, self.image.format, info.virtual_size,
-                              verified["slices"], fetched["fetched_bytes"], fetched["seconds"], fetched["retries"],
-                              f", through a window ({fetched['refetched_bytes']} bytes fetched again)"
-                              if stream_windowed else "")
+            importer.log.info("wrote and verified %s (%s, %d bytes virtual, %d %s); fetched %d bytes in %.1fs "
+                              "with %d retries%s", version.name, self.image.format, virtual_size, verified["slices"],
+                              unit, fetched["fetched_bytes"], fetched["seconds"], fetched["retries"], how)
             self.staging = staging
             kept = True
-            self.result = WriteResult(device, info.virtual_size, version.size, fetched["fetched_bytes"],
+            self.result = WriteResult(device, virtual_size, version.size, fetched["fetched_bytes"],
                                       fetched["seconds"], fetched["retries"], verified["verified_bytes"],
                                       verified["slices"], phases)
             return self.result
@@ -1003,6 +1000,54 @@ class VolumeWrite:
             if not kept:
                 transfer.remove_staging(session, staging)
 
+    def _write_slices(self, stream: transfer.ObjectStream, qemu: QemuImg, phases: dict[str, float],
+                      progress: TransferProgress | None,
+                      image_bytes: int) -> tuple[str, int, dict[str, Any], dict[str, Any]]:
+        """qemu-img writes the image from the stream (NBD) slice by slice, comparing each behind the write."""
+        with _phase(phases, "second-opinion"):
+            info = transfer.second_opinion(qemu, stream.nbd_url, self.image.format, self.image.virtual_size,
+                                           self.image.driver)
+        with _phase(phases, "attach"):
+            device = self.attach()
+        writer = slices.SliceWriter(self.session, qemu, self.image.qemu_driver, info.virtual_size, stream.socket,
+                                    stream.path, device, target_is_zero=self.volume.fresh,
+                                    on_progress=progress.written if progress else None,
+                                    direct_io=not slices.compressed_grains(self.image.format, info),
+                                    image_bytes=image_bytes, windowed=stream.windowed)
+        with _phase(phases, "write-and-verify"):
+            fetched = writer.write(stream.finish)
+        return device, info.virtual_size, fetched, writer.summary()
+
+    def _write_decoded(self, stream: transfer.ObjectStream,
+                       phases: dict[str, float]) -> tuple[str, int, dict[str, Any], dict[str, Any]]:
+        """The streamer decodes the VMDK onto the device as it arrives, reading back every run it writes."""
+        with _phase(phases, "attach"):
+            device = self.attach()
+        stream.use_device(device)
+        with _phase(phases, "write-and-verify"):
+            fetched = stream.finish()
+        decoded = fetched["decoded"]
+        return device, self.image.virtual_size, fetched, {
+            "slices": decoded["batches"], "verified_bytes": decoded["verified"] + decoded["gaps_checked"]}
+
+    def _decode(self, pieces: Sequence[tuple[int, bytes]], inner: transfer.Inner | None) -> transfer.Decode | None:
+        """A streamOptimized VMDK (alone, or a tar's member) is decoded by the streamer as it arrives.
+
+        Its grains come in order, each with a marker that says where it goes: the streamer
+        inflates each once and writes it onto the device (streamer.VmdkStream), with no staging
+        copy, no NBD and no qemu-img, which on a busy worker read each grain two or three times.
+        """
+        if not transfer.stream_optimized_header(self._vmdk_header(pieces, inner)):
+            return None
+        return transfer.Decode(self.image.virtual_size, self.volume.fresh)
+
+    def _vmdk_header(self, pieces: Sequence[tuple[int, bytes]], inner: transfer.Inner | None) -> bytes:
+        """The first sector of a VMDK (alone, or a tar's member) from the pieces the inspection read; else b""."""
+        if self.image.format != "vmdk" or (inner is not None and inner.container != "tar"):
+            return b""
+        start = inner.offset if inner is not None else 0
+        return next((data[start - at:start - at + 512] for at, data in pieces if at <= start < at + len(data)), b"")
+
     def _window(self, pieces: Sequence[tuple[int, bytes]], inner: transfer.Inner | None,
                 image_bytes: int) -> transfer.Window | None:
         """A streamOptimized VMDK (alone, or a tar's member) is staged through a window, not whole.
@@ -1012,11 +1057,7 @@ class VolumeWrite:
         have passed (streamer.Window), and the image does not grow the worker's memory (or
         disk) by its whole size, which on a busy worker costs more than the write itself.
         """
-        if self.image.format != "vmdk" or (inner is not None and inner.container != "tar"):
-            return None
-        start = inner.offset if inner is not None else 0
-        head = next((data[start - at:] for at, data in pieces if at <= start < at + len(data)), b"")
-        if not transfer.compressed_grains_header(head[:512]):
+        if not transfer.compressed_grains_header(self._vmdk_header(pieces, inner)):
             return None
         sizes = slices.window_for(self.image.virtual_size, image_bytes)
         return None if sizes is None else transfer.Window(*sizes)

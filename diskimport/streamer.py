@@ -31,6 +31,15 @@ holds the PAR URL (a bearer secret) and is readable by the worker user alone:
     window       {"behind": bytes, "ahead": bytes}: ``path`` holds only a window of the image, the
                  bytes its readers passed punched out of it (see :class:`Window`)
 
+    vmdk_stream  {"capacity": bytes, "device_file": path, "target_is_zero": bool}: the image is
+                 a streamOptimized VMDK, decoded as it arrives and written onto the device whose
+                 path the importer writes into ``device_file`` once the volume is attached (see
+                 :class:`VmdkStream`); it is fetched into memory, in order, and nothing is served
+                 over NBD. Progress events then carry ``decoded`` (bytes of the image read), and
+                 a ``decoded`` event follows ``fetched``: grains, bytes written and verified,
+                 runs written, bytes between the runs checked to read as zeros. A stream the
+                 decoder refuses ends the transfer with code ``vmdk-stream-invalid``.
+
     base         (a tar's member) the object offset of ``path``'s byte 0: only the object's
                  bytes [base, base + size) are fetched, and ``present`` is given in ``path``'s
                  offsets
@@ -69,6 +78,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
@@ -650,7 +660,51 @@ def _limit_file_size(size):
     resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
-class Inflow(object):
+class Outcome(object):
+    """Work on a thread of its own, which readers and the end of the transfer wait on: it is done,
+    or its failure (or the fetch's, which it passes on) reaches them."""
+
+    def __init__(self, download):
+        self.download = download
+        self.cond = threading.Condition()
+        self.done = False
+        self.error = None
+
+    def _outcome(self, work, what):
+        try:
+            work()
+        except TransferFailed as exc:
+            self.fail(exc)
+            return
+        except Exception as exc:  # a bug must not leave readers waiting forever
+            self.fail(TransferFailed("%s failed: %r" % (what, exc)))
+            return
+        with self.cond:
+            if self.error is None:  # else the fetch failed, and the work was stopped
+                self.done = True
+            self.cond.notify_all()
+
+    def fail(self, error):
+        with self.cond:
+            if self.error is None:
+                self.error = error
+            self.cond.notify_all()
+        self.download.fail(error)
+
+    def wait_complete(self, timeout):
+        with self.cond:
+            if not self.done and self.error is None:
+                self.cond.wait(timeout)
+            if self.error is not None:
+                raise self.error
+            return self.done
+
+    @property
+    def fetched(self):
+        return self.download.fetched
+
+
+class Inflow(Outcome):
     """The object's bytes decompressed in order as they arrive: ``path`` fills from its start.
 
     The object arrives in memory (a :class:`Download` with buffers) and goes into the
@@ -674,13 +728,11 @@ class Inflow(object):
         self.digest = (hashlib.new(digest[0]), digest[1], digest[2]) if digest else None
         self.seek_lock = threading.Lock()
         self.object_size = int(config["object_size"])
-        self.download, self.object_fd, self.fd = download, object_fd, fd
-        self.cond = threading.Condition()
+        Outcome.__init__(self, download)
+        self.object_fd, self.fd = object_fd, fd
         self.produced = 0      # bytes of ``path`` written
         self.run_starts = [0]  # ``path`` as runs: where each starts, and whether it is zeros
         self.run_zero = [False]
-        self.done = False
-        self.error = None
         self.process = None
 
     def start(self):
@@ -706,7 +758,7 @@ class Inflow(object):
         threading.Thread(target=self._watch if self.direct else self._drain, daemon=True).start()
 
     def _watch(self):
-        self._outcome(self._follow_file)
+        self._outcome(self._follow_file, "decompressing")
 
     def _follow_file(self):
         """Follow the decompressor writing ``path`` by its file offset; the checks on its length."""
@@ -737,27 +789,8 @@ class Inflow(object):
             raise Refused("decompression-failed", "the data decompresses to %d bytes, %d expected"
                           % (length, self.size))
 
-    def _outcome(self, follow):
-        """Run ``follow`` (which reads the decompression to its end); done, or the failure for readers."""
-        try:
-            follow()
-        except TransferFailed as exc:
-            self.fail(exc)
-            return
-        except Exception as exc:  # a bug must not leave readers waiting forever
-            self.fail(TransferFailed("decompressing failed: %r" % (exc,)))
-            return
-        with self.cond:
-            if self.error is None:  # else the fetch failed and the decompressor was stopped
-                self.done = True
-            self.cond.notify_all()
-
     def fail(self, error):
-        with self.cond:
-            if self.error is None:
-                self.error = error
-            self.cond.notify_all()
-        self.download.fail(error)
+        Outcome.fail(self, error)
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
 
@@ -843,7 +876,7 @@ class Inflow(object):
             written += os.pwrite(self.fd, view[i + written:j], at + written)
 
     def _drain(self):
-        self._outcome(self._read_pipe)
+        self._outcome(self._read_pipe, "decompressing")
 
     def _read_pipe(self):
         """The decompressor's output into ``path``; the checks on its length."""
@@ -931,20 +964,486 @@ class Inflow(object):
                 pos = hole
         return out[:limit]
 
-    def wait_complete(self, timeout):
-        with self.cond:
-            if not self.done and self.error is None:
-                self.cond.wait(timeout)
-            if self.error is not None:
-                raise self.error
-            return self.done
-
-    @property
-    def fetched(self):
-        return self.download.fetched
-
 
 ZERO_GRAIN_BYTES = bytes(Inflow.ZERO_GRAIN)
+
+
+# -- a streamOptimized VMDK, decoded as it arrives ------------------------------------------
+
+SECTOR = 512
+VMDK_COMPRESSED, VMDK_MARKERS = 1 << 16, 1 << 17
+VMDK_GD_AT_END = 0xFFFFFFFFFFFFFFFF
+MARKER_EOS, MARKER_GT, MARKER_GD, MARKER_FOOTER = 0, 1, 2, 3
+GTE_ZEROED = 1  # a grain table entry for a grain that reads as zeros
+MAX_VMDK_TABLES = 512 * 1024 * 1024  # the header's overhead, or one metadata marker's body, at most
+WRITE_BATCH = 8 * PIECE  # the device is written and read back in runs of up to this much
+WRITE_BUFFERS = 4
+O_DIRECT = getattr(os, "O_DIRECT", 0)
+BLKZEROOUT = 0x127F
+DIRECT_ALIGN = 4096
+
+
+def vmdk_invalid(message):
+    return Refused("vmdk-stream-invalid", message)
+
+
+class VmdkHeader(object):
+    """A streamOptimized VMDK's sparse extent header (the first sector, or the footer's copy)."""
+
+    def __init__(self, data):
+        if len(data) < SECTOR or data[:4] != b"KDMV":
+            raise vmdk_invalid("the VMDK does not start with a sparse extent header")
+        (self.version, self.flags, capacity, grain, _, _, self.gtes_per_gt, _, self.gd_offset,
+         overhead) = struct.unpack_from("<IIQQQQIQQQ", data, 4)
+        (self.compression,) = struct.unpack_from("<H", data, 77)
+        self.capacity, self.grain, self.overhead = capacity * SECTOR, grain * SECTOR, overhead * SECTOR
+
+    def check(self, capacity, size):
+        """Refuse what this decoder (and qemu's vmdk driver) would not read as the inspection did."""
+        if not (self.flags & VMDK_COMPRESSED and self.flags & VMDK_MARKERS and self.compression == 1):
+            raise vmdk_invalid("the VMDK is not stream-optimized (deflated grains with markers)")
+        if self.capacity != capacity:
+            raise vmdk_invalid("the VMDK header says %d bytes of disk, the inspection %d" % (self.capacity, capacity))
+        if not (DIRECT_ALIGN <= self.grain <= 2 * PIECE) or self.grain & (self.grain - 1):
+            raise vmdk_invalid("the VMDK's grain of %d bytes is not a power of two from 4 KiB to 2 MiB" % self.grain)
+        if not (1 <= self.gtes_per_gt <= 512):  # as qemu's vmdk driver requires
+            raise vmdk_invalid("the VMDK has %d entries per grain table, not 1 to 512" % self.gtes_per_gt)
+        if not (SECTOR <= self.overhead <= min(size, MAX_VMDK_TABLES)):
+            raise vmdk_invalid("the VMDK's grains start at byte %d, not within the first %d bytes of its %d"
+                               % (self.overhead, MAX_VMDK_TABLES, size))
+
+
+class InOrder(object):
+    """The image's bytes, read once front to back as they arrive (memoryviews), hashed as they go.
+
+    Bytes the importer wrote beforehand (``present``) come from the staging file, the rest
+    from the download's buffers, each released once the reader has moved past it.
+    """
+
+    def __init__(self, download, fd, size, hasher):
+        self.download, self.fd, self.size, self.hasher = download, fd, size, hasher
+        self.pieces = self._pieces()
+        self.view = memoryview(b"")
+        self.at = 0   # in view
+        self.pos = 0  # in the image
+
+    def _pieces(self):
+        download, pos = self.download, 0
+        while pos < self.size:
+            chunk = download.chunk_at(pos)
+            if chunk is None:  # a piece the importer wrote
+                following = bisect.bisect_right(download.starts, pos)
+                end = download.starts[following] if following < len(download.starts) else self.size
+                data = os.pread(self.fd, min(end - pos, 4 * PIECE), pos)
+                if not data:
+                    raise TransferFailed("the staging file ends at %d" % pos)
+                view = memoryview(data)
+            else:
+                download.wait_for(chunk.lo, chunk.hi)
+                view = memoryview(chunk.buf)[:chunk.hi - chunk.lo]
+            if self.hasher is not None:
+                self.hasher.update(view)
+            yield view
+            if chunk is not None:
+                download.release(chunk)
+            pos += len(view)
+
+    def _next(self):
+        view = next(self.pieces, None)
+        if view is None:
+            raise vmdk_invalid("the VMDK ends at byte %d, inside what its markers describe" % self.pos)
+        self.view, self.at = view, 0
+
+    def read(self, n):
+        """The next ``n`` bytes (a view valid until the next call)."""
+        if self.at + n <= len(self.view):
+            out = self.view[self.at:self.at + n]
+            self.at += n
+            self.pos += n
+            return out
+        out = bytearray()
+        while len(out) < n:
+            if self.at == len(self.view):
+                self._next()
+            k = min(n - len(out), len(self.view) - self.at)
+            out += self.view[self.at:self.at + k]
+            self.at += k
+        self.pos += n
+        return memoryview(out)
+
+    def skip(self, n):
+        while n:
+            if self.at == len(self.view):
+                self._next()
+            k = min(n, len(self.view) - self.at)
+            self.at += k
+            self.pos += k
+            n -= k
+
+    def drain(self):
+        """Read (and hash) the rest of the image."""
+        self.skip(self.size - self.pos)
+
+
+class DeviceWriter(object):
+    """Runs of the disk written onto the device (O_DIRECT) and read back, on a thread of its own.
+
+    Each run is compared with what was written as soon as it is on the device; at the end,
+    the device between the runs is zeroed unless it is known to be (a fresh volume) and
+    read back as zeros, and flushed.
+    """
+
+    def __init__(self, device, capacity, target_is_zero):
+        import mmap
+        import queue
+        self.capacity, self.target_is_zero = capacity, target_is_zero
+        self.plain = os.open(device, os.O_RDWR)
+        try:
+            self.direct = os.open(device, os.O_RDWR | O_DIRECT) if O_DIRECT else None
+        except OSError:  # a file system without O_DIRECT
+            self.direct = None
+        self.free = queue.Queue()
+        for _ in range(WRITE_BUFFERS):
+            self.free.put(mmap.mmap(-1, WRITE_BATCH))  # page-aligned, as O_DIRECT wants
+        self.check = mmap.mmap(-1, WRITE_BATCH)
+        self.zeros = memoryview(mmap.mmap(-1, WRITE_BATCH)).cast("Q")
+        self.queue = queue.Queue()
+        self.runs = []  # [start, end) written, in order, merged
+        self.batch, self.start, self.fill = None, 0, 0
+        self.written = self.verified = self.batches = 0
+        self.gaps_checked = 0  # bytes between the runs found to read as zeros (holes, or read back)
+        self.error = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def put(self, offset, data):
+        """Write ``data`` (up to ``WRITE_BATCH`` bytes) at ``offset``."""
+        if self.batch is not None and (offset != self.start + self.fill or self.fill + len(data) > WRITE_BATCH):
+            self._send()
+        if self.batch is None:
+            self.batch = self._buffer()
+            self.start, self.fill = offset, 0
+        self.batch[self.fill:self.fill + len(data)] = data
+        self.fill += len(data)
+
+    def _buffer(self):
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                return self.free.get(timeout=1.0)
+            except Exception:  # queue.Empty: the writer is busy (or has failed)
+                continue
+
+    def _send(self):
+        self.queue.put((self.batch, self.start, self.fill))
+        self.batch = None
+
+    def finish(self):
+        """Write what is left, settle the gaps; the writer's failure, if any, is raised."""
+        if self.batch is not None:
+            self._send()
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def close(self):
+        for fd in (self.plain, self.direct):
+            if fd is not None:
+                os.close(fd)
+
+    def _run(self):
+        try:
+            while True:
+                item = self.queue.get()
+                if item is None:
+                    break
+                buf, start, n = item
+                if self.error is None:
+                    self._write_and_check(buf, start, n)
+                self.free.put(buf)
+            if self.error is None:
+                self._gaps()
+                os.fsync(self.plain)
+        except TransferFailed as exc:
+            self.error = exc
+        except OSError as exc:
+            self.error = TransferFailed("writing the device failed: %s" % exc)
+        except Exception as exc:  # a bug must not leave the decoder waiting forever
+            self.error = TransferFailed("writing the device failed: %r" % (exc,))
+
+    def _fd(self, offset, n):
+        aligned = self.direct is not None and offset % DIRECT_ALIGN == 0 and n % DIRECT_ALIGN == 0
+        return self.direct if aligned else self.plain
+
+    def _io(self, call, view, offset):
+        done = 0
+        fd = self._fd(offset, len(view))
+        while done < len(view):
+            k = call(fd, [view[done:]], offset + done)
+            if k <= 0:
+                raise TransferFailed("the device ends at byte %d" % (offset + done))
+            done += k
+
+    def _write_and_check(self, buf, start, n):
+        view = memoryview(buf)[:n]
+        self._io(os.pwritev, view, start)
+        got = memoryview(self.check)[:n]
+        if self._fd(start, n) is self.plain:  # read what the device holds, not the page cache
+            os.fdatasync(self.plain)
+            os.posix_fadvise(self.plain, start, n, os.POSIX_FADV_DONTNEED)
+        self._io(os.preadv, got, start)
+        if view.cast("Q") != got.cast("Q"):
+            raise Verification("the device does not read back what was written at bytes %d-%d"
+                               % (start, start + n - 1))
+        self.written += n
+        self.verified += n
+        self.batches += 1
+        if self.runs and self.runs[-1][1] == start:
+            self.runs[-1][1] = start + n
+        else:
+            self.runs.append([start, start + n])
+
+    def _gaps(self):
+        """Between the runs the disk holds zeros: make it so on a used volume, and read it back."""
+        pos = 0
+        for start, end in sorted(self.runs) + [[self.capacity, self.capacity]]:
+            if start > pos:
+                if not self.target_is_zero:
+                    self._zero(pos, start - pos)
+                self._check_zeros(pos, start)
+                self.gaps_checked += start - pos
+            pos = max(pos, end)
+
+    def _zero(self, offset, length):
+        import fcntl
+        import stat
+        if stat.S_ISBLK(os.fstat(self.plain).st_mode):
+            try:
+                fcntl.ioctl(self.plain, BLKZEROOUT, struct.pack("QQ", offset, length))
+                return
+            except OSError:
+                pass
+        elif punch_hole(self.plain, offset, length):
+            return
+        zeros = self.zeros.cast("B")
+        for at in range(offset, offset + length, WRITE_BATCH):
+            self._io(os.pwritev, zeros[:min(WRITE_BATCH, offset + length - at)], at)
+
+    def _check_zeros(self, start, end):
+        pos = start
+        while pos < end:
+            try:
+                data = os.lseek(self.plain, pos, SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                return  # only a hole from here
+            if data >= end:
+                return
+            hole = min(end, os.lseek(self.plain, data, SEEK_HOLE))
+            at = data - data % SECTOR
+            while at < hole:
+                n = min(WRITE_BATCH, hole - at)
+                got = memoryview(self.check)[:n]
+                self._io(os.preadv, got, at)
+                if got.cast("Q") != self.zeros[:n // 8]:
+                    raise Verification("the device does not read as zeros at bytes %d-%d, between the "
+                                       "image's grains" % (at, at + n - 1))
+                at += n
+            pos = hole
+
+
+class Verification(TransferFailed):
+    """The device does not hold what was written."""
+
+
+class VmdkStream(Outcome):
+    """A streamOptimized VMDK decoded in order as it arrives, and written straight onto the device.
+
+    Such an image is a header, then grains, each a marker (the grain's first sector, its
+    deflated length) and its deflated bytes, with grain tables and a directory among or
+    before them. Read front to back, every grain is inflated once and written where its
+    marker says, in runs, each read back from the device and compared as soon as it is
+    there; the rest of the disk is checked to read as zeros. So the object is neither staged
+    nor read twice, and no grain is inflated twice.
+
+    The grain tables are then checked against the markers: every grain the directory and
+    its tables point to (what qemu-img and VMware read) must be the one written at that
+    place, and no other grain may exist, or the import is refused (``vmdk-stream-invalid``).
+    Every length, offset and inflated size is bounded before it is used.
+
+    The device is named once the volume is attached (``device_file`` appears); the object
+    is fetched meanwhile, a few chunks per connection ahead.
+    """
+
+    def __init__(self, config, download, fd):
+        spec = config["vmdk_stream"]
+        self.size, self.capacity = int(config["size"]), int(spec["capacity"])
+        self.device_file, self.target_is_zero = spec["device_file"], bool(spec["target_is_zero"])
+        self.stop_file = config["stop_file"]
+        digest = config.get("digest")
+        self.digest = (hashlib.new(digest[0]), digest[1], digest[2]) if digest else None
+        Outcome.__init__(self, download)
+        self.source = InOrder(download, fd, self.size, self.digest[0] if self.digest else None)
+        self.writer = None
+        self.grains = 0
+
+    def start(self):
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def progress(self):
+        return {"decoded": self.source.pos}
+
+    def account(self):
+        writer = self.writer
+        return {"grains": self.grains, "written": writer.written if writer else 0,
+                "verified": writer.verified if writer else 0, "gaps_checked": writer.gaps_checked if writer else 0,
+                "batches": writer.batches if writer else 0}
+
+    def _run(self):
+        try:
+            self._outcome(self._decode, "decoding the VMDK")
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+
+    def ready(self, start, end):
+        return None  # nothing is served over NBD
+
+    def _device(self):
+        while True:
+            try:
+                with open(self.device_file) as f:
+                    device = f.read().strip()
+                if device:
+                    return device
+            except OSError:
+                pass
+            if stop_requested(self.stop_file) == "abort" or self.error is not None:
+                raise TransferFailed("stopped before the volume was attached")
+            time.sleep(0.05)
+
+    def _decode(self):
+        source = self.source
+        header = VmdkHeader(source.read(SECTOR).tobytes())
+        header.check(self.capacity, self.size)
+        grain = header.grain
+        overhead = source.read(header.overhead - SECTOR).tobytes()
+        count, per = -(-self.capacity // grain), header.gtes_per_gt
+        places = {}  # the sector of each grain's marker, by grain table: {table: array of its entries}
+        tables, directory, footer = {}, None, None
+        self.writer = writer = DeviceWriter(self._device(), self.capacity, self.target_is_zero)
+        while source.pos < self.size:  # qemu-img ends the file after its last grain, VMware with a marker
+            at = source.pos
+            if at % SECTOR:
+                raise vmdk_invalid("a marker at byte %d is not on a sector boundary" % at)
+            value, length = struct.unpack("<QI", source.read(12))
+            if length:
+                index, rest = divmod(value * SECTOR, grain)
+                if rest or index >= count:
+                    raise vmdk_invalid("the grain at byte %d is for sector %d, not a grain's start on the disk"
+                                       % (at, value))
+                table = places.get(index // per)
+                if table is None:
+                    table = places[index // per] = array_of(per)
+                if table[index % per]:
+                    raise vmdk_invalid("the grain at byte %d is for sector %d, which the grain at byte %d "
+                                       "already holds" % (at, value, table[index % per] * SECTOR))
+                if 12 + length > 2 * grain:
+                    raise vmdk_invalid("the grain at byte %d holds %d deflated bytes, more than two grains"
+                                       % (at, length))
+                inflater = zlib.decompressobj()
+                try:
+                    data = inflater.decompress(source.read(length), grain)
+                except zlib.error as exc:
+                    raise vmdk_invalid("the grain at byte %d does not inflate: %s" % (at, exc))
+                want = min(grain, self.capacity - index * grain)
+                if not inflater.eof or len(data) not in (want, grain):
+                    raise vmdk_invalid("the grain at byte %d inflates to %s bytes, not a grain of %d"
+                                       % (at, "more than %d" % grain if not inflater.eof else len(data), grain))
+                writer.put(index * grain, memoryview(data)[:want])
+                table[index % per] = at // SECTOR
+                self.grains += 1
+                source.skip(-(12 + length) % SECTOR)
+                continue
+            (kind,) = struct.unpack("<I", source.read(4))
+            source.skip(SECTOR - 16)
+            body = value * SECTOR
+            if kind == MARKER_EOS:
+                break
+            if kind not in (MARKER_GT, MARKER_GD, MARKER_FOOTER) or body > min(MAX_VMDK_TABLES, self.size - source.pos):
+                raise vmdk_invalid("the marker at byte %d (type %d, %d sectors) is not a grain table, directory "
+                                   "or footer the VMDK can hold" % (at, kind, value))
+            where = source.pos // SECTOR
+            data = source.read(body).tobytes()
+            if kind == MARKER_GT:
+                tables[where] = data
+            elif kind == MARKER_GD:
+                directory = (where, data)
+            else:
+                footer = VmdkHeader(data)
+        writer.finish()
+        source.drain()
+        self._check_tables(header, footer, overhead, tables, directory, places, count)
+        if self.digest is not None:
+            check_digest(*self.digest)
+
+    def _check_tables(self, header, footer, overhead, tables, directory, places, count):
+        """Every grain the directory and tables point to is the one written at that place, and only those."""
+        gd_offset = header.gd_offset
+        if gd_offset == VMDK_GD_AT_END:
+            if footer is None:
+                raise vmdk_invalid("the VMDK's grain directory is at its end, but it has no footer")
+            gd_offset = footer.gd_offset
+        per = header.gtes_per_gt
+        tables_count = -(-count // per)
+
+        def table(sector, length, what):
+            if directory is not None and directory[0] == sector and what == "directory":
+                data = directory[1]
+            elif sector in tables and what == "grain table":
+                data = tables[sector]
+            elif 0 < sector and (sector * SECTOR + length) <= len(overhead) + SECTOR:
+                data = overhead[sector * SECTOR - SECTOR:sector * SECTOR - SECTOR + length]
+            else:
+                raise vmdk_invalid("the VMDK's %s at sector %d is not where the stream holds one" % (what, sector))
+            if len(data) < length:
+                raise vmdk_invalid("the VMDK's %s at sector %d is shorter than %d bytes" % (what, sector, length))
+            return array_from(data[:length])
+
+        gd = table(gd_offset, 4 * tables_count, "directory")
+        none = array_of(per)
+        for g in range(tables_count):
+            written = places.get(g, none)
+            if gd[g] == 0:
+                entries = none
+            else:
+                entries = table(gd[g], 4 * per, "grain table")
+                if GTE_ZEROED in entries:
+                    entries = array_from(struct.pack("<%dI" % per, *(0 if e == GTE_ZEROED else e for e in entries)))
+            if entries != written:
+                first = next(i for i in range(per) if entries[i] != written[i])
+                if g * per + first >= count:
+                    raise vmdk_invalid("the VMDK's grain table %d points past the end of the disk" % g)
+                raise vmdk_invalid("grain %d of the disk is at sector %d by the VMDK's grain table, by its "
+                                   "markers at sector %d" % (g * per + first, entries[first], written[first]))
+
+
+def array_of(count):
+    import array
+    return array.array("I", bytes(4 * count))
+
+
+def array_from(data):
+    """Little-endian 32-bit entries (a VMDK's grain directory or table)."""
+    import array
+    entries = array.array("I")
+    entries.frombytes(bytes(data))
+    if sys.byteorder != "little":
+        entries.byteswap()
+    return entries
 
 
 def _recv_exact(sock, n):
@@ -1173,12 +1672,14 @@ def main(argv):
     bind = config.get("bind")
     config["bind_address"] = ssh_server_address() if bind == "ssh" else bind
     compressed = config.get("container") in DECOMPRESSORS
-    windowed = bool(config.get("window")) and not compressed
+    decoding = bool(config.get("vmdk_stream")) and not compressed
+    windowed = bool(config.get("window")) and not compressed and not decoding
     fetch_size = int(config["object_size"]) if compressed else size
-    # A compressed object is read once, in order: it arrives in memory, a few chunks per connection ahead
+    # A compressed object, or a VMDK decoded as it arrives, is read once, in order: it arrives in
+    # memory, a few chunks per connection ahead
     connections = max(1, int(config.get("connections", 4)))
     download = Download(fetch_size, config.get("present", []), int(config.get("chunk_bytes", 8 * PIECE)),
-                        buffers=3 * connections if compressed else 0)
+                        buffers=3 * connections if compressed or decoding else 0)
 
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     os.ftruncate(fd, size)
@@ -1189,17 +1690,22 @@ def main(argv):
         os.ftruncate(fetch_fd, fetch_size)
         source = Inflow(config, download, fetch_fd, fd)
         source.start()
-    digest = Digest(config["digest"], source, fd, size) if config.get("digest") and not compressed else None
+    elif decoding:
+        source = VmdkStream(config, download, fd)
+        source.start()
+    digest = (Digest(config["digest"], source, fd, size)
+              if config.get("digest") and not compressed and not decoding else None)
     if windowed:
         source = Window(config, download, fd, digest)
     ending = digest or source  # what the end of the transfer waits for
     if digest is not None:
         digest.on_hashed = source.hashed if windowed else None
         digest.start()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(config["socket"])
-    listener.listen(16)
-    threading.Thread(target=NbdExport(path, size, source).serve, args=(listener,), daemon=True).start()
+    if not decoding:  # a decoded VMDK is written by the streamer itself: nothing reads it over NBD
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(config["socket"])
+        listener.listen(16)
+        threading.Thread(target=NbdExport(path, size, source).serve, args=(listener,), daemon=True).start()
 
     started = time.monotonic()
     fetchers = [threading.Thread(target=Fetcher(config, download, fetch_fd).run, daemon=True)
@@ -1234,12 +1740,15 @@ def main(argv):
                 return 3
             if time.monotonic() - last >= interval:
                 last = time.monotonic()
-                emit("progress", fetched=download.fetched, size=size)
+                emit("progress", fetched=download.fetched, size=size,
+                     **(source.progress() if decoding else {}))
     except TransferFailed as exc:
         emit("failed", error=str(exc), fetched=download.fetched, code=exc.code)
         sys.stderr.write("transfer failed: %s\n" % exc)
         return 1
     emit("fetched", fetched=download.fetched, size=size, seconds=round(time.monotonic() - started, 3))
+    if decoding:
+        emit("decoded", **source.account())
     while stop_requested(config["stop_file"]) is None:
         if orphaned():
             return 4

@@ -118,6 +118,8 @@ class ObjectStream:
         self.script = f"{directory}/streamer.py"
         self.events: list[dict[str, Any]] = []
         self.windowed = False  # staged through a window: ``path`` is never a whole copy
+        self.device_file = f"{directory}/device"
+        self.decoding = False  # a VMDK the streamer decodes onto the device itself (:class:`Decode`)
         self._on_event = on_event
         self._ready = threading.Event()
         self._result: CommandResult | None = None
@@ -175,18 +177,29 @@ class ObjectStream:
         failed = next((e for e in reversed(self.events) if e.get("event") == "failed" and e.get("code")), None)
         return None if failed is None else ImageRejected(str(failed["code"]), str(failed.get("error")))
 
+    def use_device(self, device: str) -> None:
+        """Name the attached volume's device to a streamer decoding onto it (it waits for this)."""
+        self.runner.run(["sh", "-c", 'printf "%s\\n" "$2" > "$1.tmp" && mv "$1.tmp" "$1"', "sh",
+                         self.device_file, device])
+
     def finish(self, timeout: float = 24 * 3600) -> dict[str, Any]:
-        """Wait for the last byte; return the transfer's account (bytes fetched, seconds)."""
+        """Wait for the last byte; return the transfer's account (bytes fetched, seconds).
+
+        Decoding, it also waits for the device to be written and read back, and the account
+        holds what was (``decoded``: grains, bytes written and verified, runs, zeros checked).
+        """
         self.runner.run(["sh", "-c", 'echo stop > "$1"', "sh", self.stop_file])
         self._thread.join(timeout)
         if self._thread.is_alive() or self._result is None or self._result.returncode != 0:
             raise self._failure("transferring the image onto the worker failed")
         done = next(e for e in reversed(self.events) if e.get("event") == "fetched")
         window = next((e for e in reversed(self.events) if e.get("event") == "window"), {})
+        decoded = next((e for e in reversed(self.events) if e.get("event") == "decoded"), None)
         return {"fetched_bytes": int(done["fetched"]) + int(window.get("refetched", 0)),
                 "seconds": float(done["seconds"]),
                 "retries": sum(1 for e in self.events if e.get("event") == "retry"),
-                "refetched_bytes": int(window.get("refetched", 0))}
+                "refetched_bytes": int(window.get("refetched", 0)),
+                **({"decoded": {k: v for k, v in decoded.items() if k != "event"}} if decoded else {})}
 
     def abort(self) -> None:
         """Stop the download (the worker is about to be cleaned up)."""
@@ -216,6 +229,21 @@ class Window:
     ahead: int   # bytes fetched past it
 
 
+@dataclass(frozen=True)
+class Decode:
+    """The streamer decodes a streamOptimized VMDK as it arrives and writes it onto the device itself
+    (streamer.VmdkStream): no staging copy, no NBD, no qemu-img."""
+
+    capacity: int         # the disk's bytes (the inspection's virtual size)
+    target_is_zero: bool  # the device reads as zeros where no grain is (a fresh volume)
+
+
+def stream_optimized_header(head: bytes) -> bool:
+    """Whether a VMDK's sparse header says it is stream-optimized: deflated grains with markers
+    (flags bits 16 and 17), which the streamer decodes in order (:class:`Decode`)."""
+    return compressed_grains_header(head) and bool(int.from_bytes(head[8:12], "little") & (1 << 17))
+
+
 def compressed_grains_header(head: bytes) -> bool:
     """Whether a VMDK's sparse header says its grains are compressed (a streamOptimized VMDK).
 
@@ -231,7 +259,8 @@ def compressed_grains_header(head: bytes) -> bool:
 def start_stream(runner: CommandRunner, files: WorkerFiles, url: str, etag: str, size: int, directory: str,
                  present: Sequence[tuple[int, bytes]], settings: TransferSettings = TransferSettings(),
                  on_event: Callable[[dict[str, Any]], None] | None = None, inner: Inner | None = None,
-                 digest: tuple[str, str, str] | None = None, window: Window | None = None) -> ObjectStream:
+                 digest: tuple[str, str, str] | None = None, window: Window | None = None,
+                 decode: Decode | None = None) -> ObjectStream:
     """Start fetching the object (minus the ``present`` pieces, written first) and serving it over NBD.
 
     With ``inner``, what is served (and kept at ``path``) is the image inside: a tar's
@@ -241,7 +270,9 @@ def start_stream(runner: CommandRunner, files: WorkerFiles, url: str, etag: str,
     worker user, never onto a command line. ``digest`` (hashlib name, hex, what it is of: an
     OVA manifest's line) is checked against the fetched bytes as they arrive. With ``window``,
     an image (not a compressed object) is kept in the staging file only within that window
-    of its readers: ``path`` is then never a complete copy.
+    of its readers: ``path`` is then never a complete copy. With ``decode``, an image (not a
+    compressed object) is decoded onto the device named by :meth:`ObjectStream.use_device`,
+    and nothing is served over NBD.
     """
     stream = ObjectStream(runner, directory, on_event)
     files.put_private_file(STREAMER.read_text(), stream.script)
@@ -270,7 +301,12 @@ def start_stream(runner: CommandRunner, files: WorkerFiles, url: str, etag: str,
         config["digest"] = list(digest)
     if window is not None and (inner is None or inner.container == "tar"):
         config["window"] = {"behind": window.behind, "ahead": window.ahead}
+    if decode is not None and (inner is None or inner.container == "tar"):
+        config.pop("window", None)
+        config["vmdk_stream"] = {"capacity": decode.capacity, "target_is_zero": decode.target_is_zero,
+                                 "device_file": stream.device_file}
     stream.windowed = "window" in config
+    stream.decoding = "vmdk_stream" in config
     files.put_private_file(json.dumps(config), stream.config)
     stream.start()
     return stream

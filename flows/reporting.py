@@ -36,6 +36,8 @@ class TransferProgress:
     def event(self, event: dict[str, Any]) -> None:
         if event.get("event") in ("progress", "fetched"):
             self.fetched = int(event.get("fetched", 0))
+            if "decoded" in event:  # the streamer writes the disk itself as it decodes it
+                self.percent_written = 100.0 * int(event["decoded"]) / max(1, int(event.get("size", 1)))
             self._update()
         elif event.get("event") == "retry":
             self.logger.warning("retrying bytes %s-%s of the object: %s", event.get("start"), event.get("end"),

@@ -433,6 +433,9 @@ def test_a_machines_disks_are_written_at_once_on_one_worker_vm_and_grouped(
         group_id = importer.group_volumes(version, described.name, volumes)
         importer.terminate_worker(worker)
     assert len({w.device for w in writes}) == 3  # three attachments, three device paths, one worker VM
+    # each streamOptimized disk decoded by the streamer, every byte of it verified (runs read back, the rest zeros)
+    assert all(w.result.verified_bytes == w.result.virtual_size and w.result.slices >= 1 for w in writes)
+    assert all("second-opinion" not in w.result.phases for w in writes)
     # three transfers of one object, each with a PAR of its own name: a create that fails deletes
     # the PARs of its name it may have left, never another disk's
     assert len({importer.par_name(version, w._part) for w in writes}) == 3
