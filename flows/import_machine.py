@@ -65,8 +65,7 @@ def write_disk(write: VolumeWrite) -> dict[str, Any]:
 
 @_step("finish-volumes", retries=4, delays=[2, 5, 10, 20])
 def finish_volumes(importer: Importer, volumes: list[Any]) -> None:
-    for volume in volumes:
-        importer.finish_volume(volume, ImportOptions())
+    importer.finish_volumes(volumes, ImportOptions())
 
 
 @_step("group-volumes", retries=3, delays=[2, 5, 10])
@@ -157,12 +156,13 @@ def _import(importer: Importer, version: ObjectVersion, described: machine.Machi
                 written = importer.write_disks(writes, lambda write: write_disk.submit(write).result)
             volumes.update({position: volume for (position, _), volume in zip(todo, made)})
             finish_volumes(importer, made)
-            terminate_worker(importer, worker)
         ordered = [volumes[position] for position in range(len(disks))]
         group_id = group_volumes(importer, version, described.name, ordered)
+        ready_at = dt.datetime.now(dt.timezone.utc)  # as a disk's: the volumes are ready, the worker goes next
+        if todo:
+            terminate_worker(importer, worker)
         started = _start(importer, version, described, ordered, written, launch) if bootable else None
-    summary = importer.machine_summary(version, described, disks, ordered, written, group_id, qemu_img,
-                                       dt.datetime.now(dt.timezone.utc))
+    summary = importer.machine_summary(version, described, disks, ordered, written, group_id, qemu_img, ready_at)
     if started is not None:
         summary["boot"] = started
     return summary
