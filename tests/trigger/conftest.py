@@ -19,6 +19,22 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
+
+def _import_fdk_keeping_the_root_logger() -> None:
+    """Importing fdk (the function's ``function_trigger.func`` does) sets the root logger to DEBUG
+    with a handler on the stderr of that moment: in a test process, pytest's capture, closed at
+    exit, where httpcore's last connection-close messages then end in ``Logging error``
+    tracebacks. Import it first, and put the root logger back."""
+    import logging
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    import fdk  # noqa: F401
+    root.setLevel(level)
+    root.handlers[:] = handlers
+
+
+_import_fdk_keeping_the_root_logger()
+
 AUTH = "importer:s3cret-for-tests"
 ROOT = Path(__file__).resolve().parents[2]
 FUNCTION_TIMEOUT = int(re.search(r"^timeout: (\d+)$", (ROOT / "function_trigger" / "func.yaml").read_text(), re.M)[1])
