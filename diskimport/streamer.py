@@ -1173,27 +1173,30 @@ class DeviceWriter(object):
         except Exception as exc:  # a bug must not leave the decoder waiting forever
             self.error = TransferFailed("writing the device failed: %r" % (exc,))
 
-    def _fd(self, offset, n):
-        aligned = self.direct is not None and offset % DIRECT_ALIGN == 0 and n % DIRECT_ALIGN == 0
+    def _fd(self, offset, n, call=os.pwrite):
+        # O_DIRECT wants aligned offsets, lengths and buffers (ours are page-aligned mmaps; a read
+        # without os.preadv, before Python 3.7, goes through a buffer of its own: not direct)
+        aligned = (self.direct is not None and offset % DIRECT_ALIGN == 0 and n % DIRECT_ALIGN == 0
+                   and (call is os.pwrite or hasattr(os, "preadv")))
         return self.direct if aligned else self.plain
 
     def _io(self, call, view, offset):
+        """All of ``view`` written (``os.pwrite``) or read (:func:`pread_into`) at ``offset``."""
         done = 0
-        fd = self._fd(offset, len(view))
         while done < len(view):
-            k = call(fd, [view[done:]], offset + done)
+            k = call(self._fd(offset + done, len(view) - done, call), view[done:], offset + done)
             if k <= 0:
                 raise TransferFailed("the device ends at byte %d" % (offset + done))
             done += k
 
     def _write_and_check(self, buf, start, n):
         view = memoryview(buf)[:n]
-        self._io(os.pwritev, view, start)
+        self._io(os.pwrite, view, start)
         got = memoryview(self.check)[:n]
-        if self._fd(start, n) is self.plain:  # read what the device holds, not the page cache
+        if self._fd(start, n, pread_into) is self.plain:  # read what the device holds, not the page cache
             os.fdatasync(self.plain)
             os.posix_fadvise(self.plain, start, n, os.POSIX_FADV_DONTNEED)
-        self._io(os.preadv, got, start)
+        self._io(pread_into, got, start)
         if view.cast("Q") != got.cast("Q"):
             raise Verification("the device does not read back what was written at bytes %d-%d"
                                % (start, start + n - 1))
@@ -1229,7 +1232,7 @@ class DeviceWriter(object):
             return
         zeros = self.zeros.cast("B")
         for at in range(offset, offset + length, WRITE_BATCH):
-            self._io(os.pwritev, zeros[:min(WRITE_BATCH, offset + length - at)], at)
+            self._io(os.pwrite, zeros[:min(WRITE_BATCH, offset + length - at)], at)
 
     def _check_zeros(self, start, end):
         pos = start
@@ -1247,7 +1250,7 @@ class DeviceWriter(object):
             while at < hole:
                 n = min(WRITE_BATCH, hole - at)
                 got = memoryview(self.check)[:n]
-                self._io(os.preadv, got, at)
+                self._io(pread_into, got, at)
                 if got.cast("Q") != self.zeros[:n // 8]:
                     raise Verification("the device does not read as zeros at bytes %d-%d, between the "
                                        "image's grains" % (at, at + n - 1))
@@ -1366,7 +1369,7 @@ class VmdkStream(Outcome):
                 writer.put(index * grain, memoryview(data)[:want])
                 table[index % per] = at // SECTOR
                 self.grains += 1
-                source.skip(-(12 + length) % SECTOR)
+                source.skip(min(-(12 + length) % SECTOR, self.size - source.pos))  # the last may lack its padding
                 continue
             (kind,) = struct.unpack("<I", source.read(4))
             source.skip(SECTOR - 16)
