@@ -63,16 +63,21 @@ the transfer with code ``decompression-bomb``; one that fails or ends short with
 ``tar-not-one-image``. The ``failed`` event carries the code; NBD reads then get EIO.
 """
 
+import array
 import bisect
 import errno
+import fcntl
 import hashlib
 import http.client
 import json
+import mmap
 import os
+import queue
 import shutil
 import signal
 import socket
 import ssl
+import stat
 import struct
 import subprocess
 import sys
@@ -660,6 +665,31 @@ def _limit_file_size(size):
     resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
+def in_order(download, fd, size):
+    """Bytes [0, size) front to back as they arrive, as memoryviews: the pieces the importer wrote
+    beforehand read from ``fd``, the rest from the download (its buffers, or ``fd`` it fetched
+    into); a chunk's buffer is released once the reader asks for what follows."""
+    pos = 0
+    while pos < size:
+        chunk = download.chunk_at(pos)
+        if chunk is None:  # a piece the importer wrote
+            following = bisect.bisect_right(download.starts, pos)
+            end = download.starts[following] if following < len(download.starts) else size
+            data = os.pread(fd, min(end - pos, 4 * PIECE), pos)
+            if not data:
+                raise TransferFailed("the staging file ends at %d" % pos)
+            yield memoryview(data)
+            pos += len(data)
+            continue
+        download.wait_for(chunk.lo, chunk.hi)
+        if chunk.buf is None:
+            yield memoryview(os.pread(fd, chunk.hi - chunk.lo, chunk.lo))
+        else:
+            yield memoryview(chunk.buf)[:chunk.hi - chunk.lo]
+            download.release(chunk)
+        pos = chunk.hi
+
+
 class Outcome(object):
     """Work on a thread of its own, which readers and the end of the transfer wait on: it is done,
     or its failure (or the fetch's, which it passes on) reaches them."""
@@ -796,27 +826,11 @@ class Inflow(Outcome):
 
     def _feed(self):
         """The object's bytes, in order, into the decompressor as they arrive."""
-        pos = 0
-        download = self.download
         try:
-            while pos < self.object_size and self.error is None:
-                chunk = download.chunk_at(pos)
-                if chunk is None:  # a piece the importer wrote into the object's file
-                    following = bisect.bisect_right(download.starts, pos)
-                    end = download.starts[following] if following < len(download.starts) else self.object_size
-                    data = os.pread(self.object_fd, min(end - pos, 4 * PIECE), pos)
-                    if not data:
-                        raise TransferFailed("the object's file ends at %d" % pos)
-                    self._give(data)
-                    pos += len(data)
-                    continue
-                download.wait_for(chunk.lo, chunk.hi)
-                if chunk.buf is not None:
-                    self._give(memoryview(chunk.buf)[:chunk.hi - chunk.lo])
-                    download.release(chunk)
-                else:
-                    self._give(os.pread(self.object_fd, chunk.hi - chunk.lo, chunk.lo))
-                pos = chunk.hi
+            for view in in_order(self.download, self.object_fd, self.object_size):
+                if self.error is not None:
+                    break
+                self._give(view)
             if self.digest is not None and self.error is None:
                 check_digest(*self.digest)
         except TransferFailed as exc:
@@ -993,7 +1007,7 @@ class VmdkHeader(object):
     def __init__(self, data):
         if len(data) < SECTOR or data[:4] != b"KDMV":
             raise vmdk_invalid("the VMDK does not start with a sparse extent header")
-        (self.version, self.flags, capacity, grain, _, _, self.gtes_per_gt, _, self.gd_offset,
+        (_, self.flags, capacity, grain, _, _, self.gtes_per_gt, _, self.gd_offset,
          overhead) = struct.unpack_from("<IIQQQQIQQQ", data, 4)
         (self.compression,) = struct.unpack_from("<H", data, 77)
         self.capacity, self.grain, self.overhead = capacity * SECTOR, grain * SECTOR, overhead * SECTOR
@@ -1021,37 +1035,18 @@ class InOrder(object):
     """
 
     def __init__(self, download, fd, size, hasher):
-        self.download, self.fd, self.size, self.hasher = download, fd, size, hasher
-        self.pieces = self._pieces()
+        self.size, self.hasher = size, hasher
+        self.pieces = in_order(download, fd, size)
         self.view = memoryview(b"")
         self.at = 0   # in view
         self.pos = 0  # in the image
-
-    def _pieces(self):
-        download, pos = self.download, 0
-        while pos < self.size:
-            chunk = download.chunk_at(pos)
-            if chunk is None:  # a piece the importer wrote
-                following = bisect.bisect_right(download.starts, pos)
-                end = download.starts[following] if following < len(download.starts) else self.size
-                data = os.pread(self.fd, min(end - pos, 4 * PIECE), pos)
-                if not data:
-                    raise TransferFailed("the staging file ends at %d" % pos)
-                view = memoryview(data)
-            else:
-                download.wait_for(chunk.lo, chunk.hi)
-                view = memoryview(chunk.buf)[:chunk.hi - chunk.lo]
-            if self.hasher is not None:
-                self.hasher.update(view)
-            yield view
-            if chunk is not None:
-                download.release(chunk)
-            pos += len(view)
 
     def _next(self):
         view = next(self.pieces, None)
         if view is None:
             raise vmdk_invalid("the VMDK ends at byte %d, inside what its markers describe" % self.pos)
+        if self.hasher is not None:
+            self.hasher.update(view)
         self.view, self.at = view, 0
 
     def read(self, n):
@@ -1094,8 +1089,6 @@ class DeviceWriter(object):
     """
 
     def __init__(self, device, capacity, target_is_zero):
-        import mmap
-        import queue
         self.capacity, self.target_is_zero = capacity, target_is_zero
         self.plain = os.open(device, os.O_RDWR)
         try:
@@ -1132,7 +1125,7 @@ class DeviceWriter(object):
                 raise self.error
             try:
                 return self.free.get(timeout=1.0)
-            except Exception:  # queue.Empty: the writer is busy (or has failed)
+            except queue.Empty:  # the writer is busy (or has failed)
                 continue
 
     def _send(self):
@@ -1220,8 +1213,6 @@ class DeviceWriter(object):
             pos = max(pos, end)
 
     def _zero(self, offset, length):
-        import fcntl
-        import stat
         if stat.S_ISBLK(os.fstat(self.plain).st_mode):
             try:
                 fcntl.ioctl(self.plain, BLKZEROOUT, struct.pack("QQ", offset, length))
@@ -1300,10 +1291,10 @@ class VmdkStream(Outcome):
         return {"decoded": self.source.pos}
 
     def account(self):
+        """What the decoding did (asked once it is done)."""
         writer = self.writer
-        return {"grains": self.grains, "written": writer.written if writer else 0,
-                "verified": writer.verified if writer else 0, "gaps_checked": writer.gaps_checked if writer else 0,
-                "batches": writer.batches if writer else 0}
+        return {"grains": self.grains, "written": writer.written, "verified": writer.verified,
+                "gaps_checked": writer.gaps_checked, "batches": writer.batches}
 
     def _run(self):
         try:
@@ -1336,7 +1327,7 @@ class VmdkStream(Outcome):
         overhead = source.read(header.overhead - SECTOR).tobytes()
         count, per = -(-self.capacity // grain), header.gtes_per_gt
         places = {}  # the sector of each grain's marker, by grain table: {table: array of its entries}
-        tables, directory, footer = {}, None, None
+        tables, directories, footer = {}, {}, None  # metadata markers' bodies, by their first sector
         self.writer = writer = DeviceWriter(self._device(), self.capacity, self.target_is_zero)
         while source.pos < self.size:  # qemu-img ends the file after its last grain, VMware with a marker
             at = source.pos
@@ -1384,16 +1375,16 @@ class VmdkStream(Outcome):
             if kind == MARKER_GT:
                 tables[where] = data
             elif kind == MARKER_GD:
-                directory = (where, data)
+                directories[where] = data
             else:
                 footer = VmdkHeader(data)
         writer.finish()
         source.drain()
-        self._check_tables(header, footer, overhead, tables, directory, places, count)
+        self._check_tables(header, footer, overhead, tables, directories, places, count)
         if self.digest is not None:
             check_digest(*self.digest)
 
-    def _check_tables(self, header, footer, overhead, tables, directory, places, count):
+    def _check_tables(self, header, footer, overhead, tables, directories, places, count):
         """Every grain the directory and tables point to is the one written at that place, and only those."""
         gd_offset = header.gd_offset
         if gd_offset == VMDK_GD_AT_END:
@@ -1403,11 +1394,10 @@ class VmdkStream(Outcome):
         per = header.gtes_per_gt
         tables_count = -(-count // per)
 
-        def table(sector, length, what):
-            if directory is not None and directory[0] == sector and what == "directory":
-                data = directory[1]
-            elif sector in tables and what == "grain table":
-                data = tables[sector]
+        def table(sector, length, what, marked):
+            """``length`` bytes at ``sector``: a marker's body, or within the header's overhead."""
+            if sector in marked:
+                data = marked[sector]
             elif 0 < sector and (sector * SECTOR + length) <= len(overhead) + SECTOR:
                 data = overhead[sector * SECTOR - SECTOR:sector * SECTOR - SECTOR + length]
             else:
@@ -1416,14 +1406,14 @@ class VmdkStream(Outcome):
                 raise vmdk_invalid("the VMDK's %s at sector %d is shorter than %d bytes" % (what, sector, length))
             return array_from(data[:length])
 
-        gd = table(gd_offset, 4 * tables_count, "directory")
+        gd = table(gd_offset, 4 * tables_count, "directory", directories)
         none = array_of(per)
         for g in range(tables_count):
             written = places.get(g, none)
             if gd[g] == 0:
                 entries = none
             else:
-                entries = table(gd[g], 4 * per, "grain table")
+                entries = table(gd[g], 4 * per, "grain table", tables)
                 if GTE_ZEROED in entries:
                     entries = array_from(struct.pack("<%dI" % per, *(0 if e == GTE_ZEROED else e for e in entries)))
             if entries != written:
@@ -1435,13 +1425,11 @@ class VmdkStream(Outcome):
 
 
 def array_of(count):
-    import array
     return array.array("I", bytes(4 * count))
 
 
 def array_from(data):
     """Little-endian 32-bit entries (a VMDK's grain directory or table)."""
-    import array
     entries = array.array("I")
     entries.frombytes(bytes(data))
     if sys.byteorder != "little":
