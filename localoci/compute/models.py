@@ -203,10 +203,14 @@ class Compute:
         try:
             host.start()
         except Exception:
+            # A boot that fails leaves the instance STOPPED, unless it was terminated or stopped
+            # meanwhile (the termination runs on a thread of its own, and stopping the host is
+            # what made this start fail): then its state stands.
             log.exception("instance %s failed to boot", instance_id)
             with self.store.lock:
-                instance["lifecycleState"] = "STOPPED"
-                self.store.save()
+                if instance["lifecycleState"] == expected:
+                    instance["lifecycleState"] = "STOPPED"
+                    self.store.save()
             return
         with self.store.lock:
             if instance["lifecycleState"] == expected:

@@ -139,14 +139,16 @@ class SshdHost:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         log = open(self.directory / "sshd.log", "ab")
         argv = [sshd_binary(), "-D", "-f", str(self.config_path), "-E", str(self.directory / "sshd.log")]
-        self.process = subprocess.Popen(
+        self.process = process = subprocess.Popen(
             self._own_memory(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"sshd exited with {self.process.returncode}: {self.log_tail()}")
+            if self.process is not process:  # stop() ran meanwhile, on another thread
+                raise RuntimeError("sshd was stopped while it started")
+            if process.poll() is not None:
+                raise RuntimeError(f"sshd exited with {process.returncode}: {self.log_tail()}")
             try:
                 with socket.create_connection((self.address, self.port), timeout=1):
                     return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import os
 import socket
+import time
 from pathlib import Path
 
 import oci
@@ -167,6 +168,60 @@ def test_terminated_instance_stops_its_sshd_and_is_listed_terminated(
     listed = {i.id: i.lifecycle_state for i in compute.list_instances(compartment_id).data}
     assert listed[running_instance.id] == "TERMINATED"
     assert running_instance.id not in {i["id"] for i in localoci.inventory()["instances"]}
+
+
+def test_a_boot_that_fails_once_the_instance_was_terminated_leaves_it_terminated(tmp_path, client_key, monkeypatch):
+    """Booting and terminating run on threads of their own, so a worker's sshd may fail to start
+    after the instance was terminated (stopping it is one way to make it fail). The instance then
+    stays TERMINATED, not STOPPED for ever. In-process, so the test can order the two threads: the
+    boot is held once it has begun until the termination has ended, then its sshd fails for real
+    (a broken configuration)."""
+    import threading
+
+    from localoci.app import LocalOCI
+    from localoci.compute.models import WORKER_IMAGE_ID
+    from localoci.compute.sshd import SshdHost
+
+    began, go_on = threading.Event(), threading.Event()
+    real_start = SshdHost.start
+
+    def start_once_terminated(self: SshdHost, timeout: float = 15.0) -> None:
+        began.set()
+        assert go_on.wait(30)
+        self.config_path.write_text("NoSuchOption yes\n")
+        real_start(self, timeout)
+
+    monkeypatch.setattr(SshdHost, "start", start_once_terminated)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = LocalOCI(tmp_path, ssh_port=port)
+    try:
+        app.scheduler.latency["instance:RUNNING"] = 3600.0  # the boot below is the only one
+        compartment = app.tenancy_id
+        vcn = app.network.create_vcn({"compartmentId": compartment, "cidrBlock": "10.0.0.0/16"})
+        subnet = app.network.create_subnet({"compartmentId": compartment, "vcnId": vcn["id"], "cidrBlock": "10.0.0.0/24"})
+        instance = app.compute.launch({
+            "compartmentId": compartment, "availabilityDomain": app.identity.availability_domains()[0]["name"],
+            "shape": "VM.Standard.E4.Flex", "sourceDetails": {"sourceType": "image", "imageId": WORKER_IMAGE_ID},
+            "createVnicDetails": {"subnetId": subnet["id"]},
+            "metadata": {"ssh_authorized_keys": client_key.public_openssh}})
+        boot = threading.Thread(target=app.compute._provision, args=(instance["id"],))
+        boot.start()
+        assert began.wait(30)
+        app.compute.terminate(instance["id"])
+        for _ in range(600):
+            if app.compute.instance(instance["id"])["lifecycleState"] == "TERMINATED":
+                break
+            time.sleep(0.05)
+        go_on.set()
+        boot.join(30)
+        assert not boot.is_alive()
+        assert app.compute.instance(instance["id"])["lifecycleState"] == "TERMINATED"
+        assert "NoSuchOption" in (app.data_dir / "instances" / instance["id"].rsplit(".", 1)[-1] / "sshd.log").read_text()
+    finally:
+        go_on.set()
+        app.stop()
 
 
 def test_crashed_instance_refuses_ssh(running_instance, compute, network, compartment_id, localoci, client_key, host_key):
