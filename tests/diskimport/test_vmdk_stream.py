@@ -217,3 +217,57 @@ def test_a_crafted_stream_is_refused_naming_where(localoci, object_storage, buck
     uploaded = put(localoci, object_storage, bucket, "crafted.vmdk", data)
     with pytest.raises(ImageRejected, match="^vmdk-stream-invalid: " + message):
         decode(uploaded, image, staging, tmp_path / "volume.img")
+
+
+def test_a_python_without_preadv_decodes_the_same(localoci, object_storage, bucket, disk, staging, tmp_path,
+                                                  monkeypatch):
+    """A worker's python3 may be older than 3.7, without os.preadv: the streamer then reads the
+    device back through the page cache, flushed and dropped first, and the disk comes out the same."""
+    content, image = disk
+    text = transfer.STREAMER.read_text()
+    assert "\nimport os\n" in text
+    older = tmp_path / "streamer.py"
+    older.write_text(text.replace("\nimport os\n", "\nimport os\ndel os.preadv\n", 1))
+    monkeypatch.setattr(transfer, "STREAMER", older)
+    uploaded = put(localoci, object_storage, bucket, "older.vmdk", image.read_bytes())
+    target = tmp_path / "volume.img"
+    target.write_bytes(os.urandom(VIRTUAL))
+    account = decode(uploaded, image, staging, target, fresh=False)
+    assert target.read_bytes() == content
+    assert account["decoded"]["written"] == account["decoded"]["verified"] > 0
+
+
+def last_grain_end(data: bytes) -> int:
+    """The byte after the last grain's deflated bytes in a qemu-img-written stream (markers walked from its overhead)."""
+    overhead = struct.unpack_from("<Q", data, 64)[0] * 512  # the header's overHead, in sectors
+    at, end = overhead, 0
+    while at + 12 <= len(data):
+        _, length = struct.unpack_from("<QI", data, at)
+        if not length:  # a metadata marker: its body follows its sector
+            sectors = struct.unpack_from("<Q", data, at)[0]
+            at += 512 + sectors * 512
+            continue
+        end = at + 12 + length
+        at = -(-end // 512) * 512
+    return end
+
+
+def test_a_stream_that_ends_with_its_last_grain_unpadded_is_decoded(localoci, object_storage, bucket, disk,
+                                                                    staging, tmp_path):
+    """A writer that ends the file right after its last grain's deflated bytes, without padding the
+    sector: the stream ends there, and the disk is whole (qemu-img reads the same file alike)."""
+    content, image = disk
+    data = image.read_bytes()
+    data = data[:last_grain_end(data)]
+    assert len(data) % 512
+    cut = tmp_path / "cut.vmdk"
+    cut.write_bytes(data)
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(content)
+    check = subprocess.run(["qemu-img", "compare", "-f", "vmdk", "-F", "raw", str(cut), str(raw)], capture_output=True)
+    assert check.returncode == 0, check.stderr
+    uploaded = put(localoci, object_storage, bucket, "cut.vmdk", data)
+    target = tmp_path / "volume.img"
+    account = decode(uploaded, cut, staging, target)
+    assert target.read_bytes() == content
+    assert account["decoded"]["verified"] + account["decoded"]["gaps_checked"] == VIRTUAL
