@@ -399,17 +399,22 @@ def start_reconciler(base: Path, api_url: str) -> None:
                prefect_env(base, api_url), base / "reconciler.log", pid_file)
 
 
-def use_warm_client(api_url: str) -> None:
-    """Make the work pool start flow runs with :mod:`deployments.warm_client`."""
+def use_warm_client(base: Path, api_url: str) -> None:
+    """Make the work pool start flow runs with :mod:`deployments.warm_client`, in a working
+    directory of the stack's own: without one, the process worker makes a temporary directory in
+    /tmp for each run, which stays there whenever the worker is stopped while a run is going."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolUpdate
 
-    command = f"{sys.executable} -m deployments.warm_client"
+    runs = base / "runs"
+    runs.mkdir(exist_ok=True)
+    defaults = {"command": f"{sys.executable} -m deployments.warm_client", "working_dir": str(runs)}
     with prefect_api(api_url), get_client(sync_client=True) as client:
         template = client.read_work_pool(WORK_POOL).base_job_template
-        variable = template["variables"]["properties"]["command"]
-        if variable.get("default") != command:
-            variable["default"] = command
+        variables = template["variables"]["properties"]
+        if any(variables[name].get("default") != value for name, value in defaults.items()):
+            for name, value in defaults.items():
+                variables[name]["default"] = value
             client.update_work_pool(WORK_POOL, WorkPoolUpdate(base_job_template=template))
 
 
@@ -526,7 +531,7 @@ def up(database: str | None = None) -> dict[str, str]:
     if on_postgres(base):
         set_up_automations(api_url)
         start_reconciler(base, api_url)
-    use_warm_client(api_url)
+    use_warm_client(base, api_url)
     start_warm_runner(base, api_url)
     start_worker(base, api_url)
     values.update({"PREFECT_HOME": str(base / "prefect"), "WORK_POOL": WORK_POOL})
