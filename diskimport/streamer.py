@@ -715,10 +715,7 @@ class Outcome(object):
             self.cond.notify_all()
 
     def fail(self, error):
-        with self.cond:
-            if self.error is None:
-                self.error = error
-            self.cond.notify_all()
+        Download.fail(self, error)  # the first failure kept, waiters woken (the same cond and error)
         self.download.fail(error)
 
     def wait_complete(self, timeout):
@@ -1153,12 +1150,10 @@ class DeviceWriter(object):
                 if item is None:
                     break
                 buf, start, n = item
-                if self.error is None:
-                    self._write_and_check(buf, start, n)
+                self._write_and_check(buf, start, n)
                 self.free.put(buf)
-            if self.error is None:
-                self._gaps()
-                os.fsync(self.plain)
+            self._gaps()
+            os.fsync(self.plain)
         except TransferFailed as exc:
             self.error = exc
         except OSError as exc:
@@ -1415,7 +1410,7 @@ class VmdkStream(Outcome):
             else:
                 entries = table(gd[g], 4 * per, "grain table", tables)
                 if GTE_ZEROED in entries:
-                    entries = array_from(struct.pack("<%dI" % per, *(0 if e == GTE_ZEROED else e for e in entries)))
+                    entries = array.array("I", (0 if e == GTE_ZEROED else e for e in entries))
             if entries != written:
                 first = next(i for i in range(per) if entries[i] != written[i])
                 if g * per + first >= count:
