@@ -71,7 +71,8 @@ class Refusal(Exception):
     ``code`` is stable kebab-case for programs (decisions, logs, dashboards); ``message``
     is for people and may change. ``str(exc)`` is ``code: message``, so a failed flow run's
     state message carries the code. A class that names a ``default_code`` may be raised
-    with the message alone.
+    with the message alone. Every code is listed in :mod:`diskimport.refusals` (not imported
+    here: the upload function's image holds this file alone).
     """
 
     code: str

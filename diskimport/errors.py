@@ -5,37 +5,10 @@ or the disk, with a stable ``code``; doing the same thing again fails the same w
 it is never retried. Any other exception (a 5xx that outlived its backoff, a dropped SSH
 session, a worker that did not boot) may pass on another attempt.
 
-Codes, by where they arise (oslo.utils' safety check names pass through unchanged:
-``backing_file``, ``data_file``, ``unknown_features``, ``descriptor``, ``footer``,
-``mbr``, ``version``, ``passphrase``, ``inner_safety``):
-
-- request: ``object-not-found``, ``object-changed``, ``invalid-ad-number``,
-  ``invalid-vpus``, ``invalid-display-name``, ``invalid-backup-policy``,
-  ``invalid-format``, ``invalid-virtual-size``, ``unknown-backup-policy``, ``invalid-setting``;
-- image header: ``empty``, ``multiple-formats``, ``incomplete-header``,
-  ``unsupported-format``, ``unreadable-header``, ``claimed-format-mismatch``,
-  ``zero-virtual-size``, ``too-large``; a VHD's footer (:mod:`diskimport.inspection`):
-  ``vhd-footer-checksum``, ``vhd-not-fixed``, ``vhd-differencing``, ``vhd-size-mismatch``,
-  and ``nested-image`` for a fixed VHD whose data is itself an image; a compressed or
-  packed upload (:mod:`diskimport.packed`): ``decompression-failed``,
-  ``decompression-bomb``, ``virtual-size-unknown``, ``virtual-size-mismatch``,
-  ``tar-not-one-image``;
-- a machine (:mod:`diskimport.machine`: an OVA, an OVF, a machine manifest):
-  ``ova-malformed``, ``ovf-invalid``, ``ovf-unsupported``, ``ova-missing-file``,
-  ``ova-size-mismatch``, ``ova-manifest-invalid``, ``ova-digest-mismatch``,
-  ``ova-capacity-mismatch``, ``machine-manifest-invalid``;
-- on the worker VM: ``decompression-failed`` and ``decompression-bomb`` (the data runs
-  past its size, or ends short), ``vmdk-stream-invalid`` (a streamOptimized VMDK whose
-  grains or tables the streamer will not decode as they are), ``qemu-cannot-read``, ``qemu-disagrees``, ``qemu-check-failed``,
-  ``nested-image``, ``filesystem-errors``, ``unchecked-filesystems``;
-- a bootable machine (:mod:`diskimport.boot`): ``machine-did-not-boot`` (with
-  ``boot_check: require``), ``no-target-machine`` (a bootable import without a
-  TargetMachine block);
-- an export (:mod:`diskimport.export`) or a copy to another region (:mod:`diskimport.regions`):
-  ``invalid-source``, ``volume-not-found``, ``volume-not-available``, ``volume-attached``,
-  ``invalid-export-format``, ``invalid-object-name``, ``object-exists``, ``vhd-too-large``,
-  ``iscsi-export-unsupported``, ``export-convert-failed``, ``worker-disk-full``,
-  ``export-inspection-mismatch``, ``invalid-destination-region``, ``invalid-availability-domain``.
+Every code, with the class that raises it, where it arises and what a user can do about it,
+is listed once in :mod:`diskimport.refusals` (and, for users, ``docs/refusals.md``, written
+from it); ``tests/test_refusal_codes.py`` fails on a code the product raises that is not
+listed there.
 """
 
 from __future__ import annotations
