@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import threading
@@ -12,20 +13,20 @@ from . import admin
 from .bandwidth import ReadMetrics, TokenBucket
 from .blockstorage.backups import Backups
 from .blockstorage.models import BlockStorage
-from .blockstorage.responses import backup_routes, routes as blockstorage_routes
+from .blockstorage import responses as blockstorage_responses
 from .compute.models import Compute
-from .compute.responses import routes as compute_routes
+from .compute import responses as compute_responses
 from .errors import ServiceError
 from .events.models import Events
 from .faults import AFTER, BEFORE, Fault, FaultInjector
 from .http import Request, Response, Router
 from .identity.models import Identity
-from .identity.responses import routes as identity_routes
+from .identity import responses as identity_responses
 from .lifecycle import Scheduler
 from .network.models import Network
-from .network.responses import routes as network_routes
+from .network import responses as network_responses
 from .objectstorage.models import ObjectStorage
-from .objectstorage.responses import routes as objectstorage_routes
+from .objectstorage import responses as objectstorage_responses
 from .regions import HOME
 from .retrytokens import HEADER as RETRY_TOKEN, RetryTokens
 from .server import LocalOCIServer, require_signature
@@ -79,17 +80,14 @@ class LocalOCI:
         self.blockstorage = BlockStorage(self)
         self.backups = Backups(self)
         self.compute = Compute(self)
-        self.router = Router()
-        for routes in (
-            objectstorage_routes,
-            identity_routes,
-            network_routes,
-            blockstorage_routes,
-            backup_routes,
-            compute_routes,
-            admin.routes,
-        ):
-            self.router.add(routes(self))
+        self.router = Router([
+            *objectstorage_responses.ROUTES,
+            *identity_responses.ROUTES,
+            *network_responses.ROUTES,
+            *blockstorage_responses.ROUTES,
+            *compute_responses.ROUTES,
+            *admin.ROUTES,
+        ])
 
     @property
     def namespace(self) -> str:
@@ -136,10 +134,10 @@ class LocalOCI:
             fault.strike(BEFORE)
         token = request.headers.get(RETRY_TOKEN) if route.retry_token else None
         if token is None:
-            response = route.handler(request)
+            response = route.handler(self, request)
         else:
             # Kept before an after-fault strikes: a retry with the token gets what this call did.
-            response = self.retry_tokens.once(token, route.operation, request, route.handler)
+            response = self.retry_tokens.once(token, route.operation, request, functools.partial(route.handler, self))
         if fault is not None:
             fault.strike(AFTER)
         return response

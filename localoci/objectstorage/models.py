@@ -112,19 +112,19 @@ class ObjectStorage:
 
     # -- namespace and buckets -------------------------------------------------
 
-    def _check_namespace(self, namespace: str) -> None:
+    def check_namespace(self, namespace: str) -> None:
         if namespace != self.app.namespace:
             raise not_found(f"Namespace {namespace}")
 
     def bucket(self, namespace: str, name: str) -> dict[str, Any]:
-        self._check_namespace(namespace)
+        self.check_namespace(namespace)
         bucket = self.buckets.get(f"{namespace}/{name}")
         if bucket is None:
             raise ServiceError(404, "BucketNotFound", f"Either the bucket named '{name}' does not exist in the namespace '{namespace}' or you are not authorized to access it")
         return bucket
 
     def create_bucket(self, namespace: str, details: dict[str, Any]) -> dict[str, Any]:
-        self._check_namespace(namespace)
+        self.check_namespace(namespace)
         name = details.get("name") or ""
         compartment = details.get("compartmentId")
         if not BUCKET_NAME.match(name):
@@ -173,7 +173,7 @@ class ObjectStorage:
             self.store.save()
 
     def list_buckets(self, namespace: str, compartment_id: str) -> list[dict[str, Any]]:
-        self._check_namespace(namespace)
+        self.check_namespace(namespace)
         return sorted(
             (b for b in self.buckets.values() if b["compartmentId"] == compartment_id),
             key=lambda b: b["name"],
