@@ -176,8 +176,7 @@ class LocalOCI:
         per_ocpu = self.worker_bps_per_ocpu
         if not per_ocpu:
             return None
-        ocpus = next((i["shapeConfig"]["ocpus"] for i in self.store.values("instances")
-                      if i["_address"] == address and i["lifecycleState"] != "TERMINATED"), None)
+        ocpus = self.compute.ocpus_at(address)
         if ocpus is None:
             return None
         rate = per_ocpu * ocpus
