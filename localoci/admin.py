@@ -10,7 +10,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from . import latency
-from .blockstorage.models import LIMITS, MIN_SIZE_GB
+from .blockstorage.models import MIN_SIZE_GB, set_min_size
 from .errors import invalid_parameter
 from .http import Handler, Request, Response, Route
 from .resources import public
@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 
 ADMIN = "/_localoci"
 ENDED = ("TERMINATED", "DETACHED")
+# What the inventory lists, in this order, after the namespace.
+INVENTORY = ("instances", "volumes", "bootVolumes", "volumeGroups", "volumeBackups", "bootVolumeBackups",
+             "volumeGroupBackups", "attachments", "bootVolumeAttachments", "pars", "backupPolicyAssignments",
+             "multipartUploads")
 # Bandwidth caps: on object reads, each connection's own; on a worker VM's network (times its OCPUs),
 # its object reads and, apart, its object writes.
 PER_CONNECTION = "objectReadBytesPerSecondPerConnection"
@@ -31,45 +35,23 @@ def _tags_match(record: dict[str, Any], tags: dict[str, str]) -> bool:
 
 
 def inventory(app: "LocalOCI", include_ended: bool = False, tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """Every resource the local OCI holds, live ones only unless ``include_ended``."""
+    """Every resource the local OCI holds, live ones only unless ``include_ended``; of those that carry
+    tags, only those with ``tags``. Each service lists its own."""
     tags = tags or {}
-    bs, compute = app.blockstorage, app.compute
+
+    def shown(record: dict[str, Any]) -> bool:
+        return include_ended or record["lifecycleState"] not in ENDED
 
     def wanted(record: dict[str, Any]) -> bool:
-        return (include_ended or record["lifecycleState"] not in ENDED) and _tags_match(record, tags)
+        return shown(record) and _tags_match(record, tags)
 
-    instances = [
-        {**public(i), "sshAddress": i["_address"], "sshPort": app.meta["ssh_port"], "crashed": i["_crashed"]}
-        for i in app.store.values("instances") if wanted(i)
-    ]
-    volumes = [
-        {**public(v), "region": bs.region_of(v), "backingFile": str(bs.backing_file(v)), "allocatedBytes": bs.allocated_bytes(v)}
-        for v in app.store.values("volumes") if wanted(v)
-    ]
-    boot_volumes = [
-        {**public(v), "region": bs.region_of(v), "backingFile": str(bs.backing_file(v)), "allocatedBytes": bs.allocated_bytes(v)}
-        for v in app.store.values("boot_volumes") if wanted(v)
-    ]
-    volume_groups = [{**bs.render_group(g), "region": bs.region_of(g)} for g in app.store.values("volume_groups") if wanted(g)]
-    attachments = [public(a) for a in app.store.values("volume_attachments")
-                   if include_ended or a["lifecycleState"] not in ENDED]
-    boot_attachments = [public(a) for a in app.store.values("boot_volume_attachments")
-                        if include_ended or a["lifecycleState"] not in ENDED]
-    pars = [{**{k: v for k, v in public(p).items() if k != "accessUri"}, "namespace": p["_namespace"], "bucketName": p["_bucket"]}
-            for p in app.store.values("pars")]
-    return {
-        "namespace": app.namespace,
-        "instances": instances,
-        "volumes": volumes,
-        "bootVolumes": boot_volumes,
-        "volumeGroups": volume_groups,
+    found = {
+        **app.compute.inventory(wanted, shown),
+        **app.blockstorage.inventory(wanted),
         **app.backups.inventory(wanted),
-        "attachments": attachments,
-        "bootVolumeAttachments": boot_attachments,
-        "pars": pars,
-        "backupPolicyAssignments": list(app.store.values("backup_policy_assignments")),
-        "multipartUploads": [public(u) for u in app.store.values("multipart_uploads")],
+        **app.objectstorage.inventory(),
     }
+    return {"namespace": app.namespace, **{kind: found[kind] for kind in INVENTORY}}
 
 
 def _spec(request: Request) -> dict[str, Any]:
@@ -92,12 +74,7 @@ def health(app: "LocalOCI", request: Request) -> Response:
 
 
 def set_limits(app: "LocalOCI", request: Request) -> Response:
-    body = request.json()
-    low = body.get("minVolumeSizeInGBs", MIN_SIZE_GB)
-    if isinstance(low, bool) or not isinstance(low, int) or not 1 <= low <= MIN_SIZE_GB:
-        raise invalid_parameter(f"minVolumeSizeInGBs must be 1 to {MIN_SIZE_GB}, not {low!r}")
-    LIMITS["minVolumeSizeInGBs"] = low
-    return Response.json(dict(LIMITS))
+    return Response.json(set_min_size(request.json().get("minVolumeSizeInGBs", MIN_SIZE_GB)))
 
 
 def add_fault(app: "LocalOCI", request: Request) -> Response:
@@ -188,7 +165,7 @@ def create_rule(app: "LocalOCI", request: Request) -> Response:
 
 
 def list_rules(app: "LocalOCI", request: Request) -> Response:
-    return Response.json(list(app.store.values("event_rules")))
+    return Response.json(app.events.list_rules())
 
 
 def delete_rule(app: "LocalOCI", request: Request) -> Response:
@@ -197,11 +174,7 @@ def delete_rule(app: "LocalOCI", request: Request) -> Response:
 
 
 def event_status(app: "LocalOCI", request: Request) -> Response:
-    return Response.json({
-        "delivered": app.events.delivered,
-        "pending": list(app.store.values("event_outbox")),
-        "deadLetters": list(app.store.values("event_dead_letters")),
-    })
+    return Response.json(app.events.status())
 
 
 def _admin(method: str, path: str, handler: Handler, operation: str) -> Route:

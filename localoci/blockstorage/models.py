@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import ServiceError, conflict, incorrect_state, invalid_parameter, missing_parameter
 from ..ids import new_ocid, now_iso
@@ -37,6 +37,14 @@ DEFAULT_BOOT_SIZE_GB = 47
 # OCI's smallest volume is 50 GB. Tests that move whole volumes (a raw export uploads every byte)
 # lower it through the admin API (``POST /_localoci/limits``); nothing else changes it.
 LIMITS = {"minVolumeSizeInGBs": MIN_SIZE_GB}
+
+
+def set_min_size(size_gb: Any) -> dict[str, int]:
+    """Make ``size_gb`` (1 to OCI's smallest) the smallest volume size; the limits as they are now."""
+    if isinstance(size_gb, bool) or not isinstance(size_gb, int) or not 1 <= size_gb <= MIN_SIZE_GB:
+        raise invalid_parameter(f"minVolumeSizeInGBs must be 1 to {MIN_SIZE_GB}, not {size_gb!r}")
+    LIMITS["minVolumeSizeInGBs"] = size_gb
+    return dict(LIMITS)
 
 
 def check_size(size_gb: Any) -> int:
@@ -216,6 +224,21 @@ class BlockStorage:
             self.backing_file(volume).unlink(missing_ok=True)
             volume["lifecycleState"] = "TERMINATED"
             self.store.save()
+
+    def inventory(self, wanted: Callable[[dict[str, Any]], bool]) -> dict[str, list[dict[str, Any]]]:
+        """The volumes, boot volumes and volume groups ``wanted``, and every backup policy assignment, for the
+        admin inventory; volumes with their files and what those take on disk."""
+        def entry(volume: dict[str, Any]) -> dict[str, Any]:
+            return {**public(volume), "region": self.region_of(volume), "backingFile": str(self.backing_file(volume)),
+                    "allocatedBytes": self.allocated_bytes(volume)}
+
+        return {
+            "volumes": [entry(v) for v in self.store.values("volumes") if wanted(v)],
+            "bootVolumes": [entry(v) for v in self.store.values("boot_volumes") if wanted(v)],
+            "volumeGroups": [{**self.render_group(g), "region": self.region_of(g)}
+                             for g in self.store.values("volume_groups") if wanted(g)],
+            "backupPolicyAssignments": list(self.store.values("backup_policy_assignments")),
+        }
 
     # -- boot volumes ----------------------------------------------------------------
 

@@ -7,11 +7,11 @@ import ipaddress
 import logging
 import socket
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import ServiceError, conflict, incorrect_state, invalid_parameter
 from ..ids import new_ocid, now_iso
-from ..resources import lookup
+from ..resources import lookup, public
 from .machine import BOOT_VOLUME_TYPES, FIRMWARES, NETWORK_TYPES, MachineHost
 from .sshd import SshdHost, host_keys_from_cloud_config, parse_user_data
 
@@ -414,6 +414,17 @@ class Compute:
             hosts = list(self.hosts.values())
         for host in hosts:
             host.stop()
+
+    def inventory(self, wanted: Callable[[dict[str, Any]], bool],
+                  shown: Callable[[dict[str, Any]], bool]) -> dict[str, list[dict[str, Any]]]:
+        """The instances ``wanted``, with where their SSH answers and whether they crashed, and the volume and
+        boot volume attachments ``shown``, for the admin inventory."""
+        return {
+            "instances": [{**public(i), "sshAddress": i["_address"], "sshPort": self.app.meta["ssh_port"],
+                           "crashed": i["_crashed"]} for i in self.store.values("instances") if wanted(i)],
+            "attachments": [public(a) for a in self.store.values("volume_attachments") if shown(a)],
+            "bootVolumeAttachments": [public(a) for a in self.store.values("boot_volume_attachments") if shown(a)],
+        }
 
     # -- console histories ---------------------------------------------------------
 
