@@ -24,8 +24,9 @@ ENDED = ("TERMINATED", "DETACHED")
 INVENTORY = ("instances", "volumes", "bootVolumes", "volumeGroups", "volumeBackups", "bootVolumeBackups",
              "volumeGroupBackups", "attachments", "bootVolumeAttachments", "pars", "backupPolicyAssignments",
              "multipartUploads")
-# Bandwidth caps: on object reads, each connection's own; on a worker VM's network (times its OCPUs),
-# its object reads and, apart, its object writes.
+# Bandwidth caps: on object reads, each connection's own; on an instance's network (times its OCPUs),
+# its object reads and, apart, its object writes. The second keeps the name it has always had in this
+# API, which the benchmark and the fleet run set.
 PER_CONNECTION = "objectReadBytesPerSecondPerConnection"
 PER_OCPU = "workerBytesPerSecondPerOcpu"
 
@@ -127,7 +128,7 @@ def crash_instance(app: "LocalOCI", request: Request) -> Response:
 
 
 def _bandwidth(app: "LocalOCI") -> dict[str, float | None]:
-    return {PER_CONNECTION: app.read_bps_per_connection, PER_OCPU: app.worker_bps_per_ocpu}
+    return {PER_CONNECTION: app.read_bps_per_connection, PER_OCPU: app.instance_networks.per_ocpu}
 
 
 def set_bandwidth(app: "LocalOCI", request: Request) -> Response:
@@ -143,7 +144,7 @@ def set_bandwidth(app: "LocalOCI", request: Request) -> Response:
     if PER_CONNECTION in spec:
         app.read_bps_per_connection = spec[PER_CONNECTION]
     if PER_OCPU in spec:
-        app.set_worker_rate(spec[PER_OCPU])
+        app.instance_networks.set_rate(spec[PER_OCPU])
     return Response.json(_bandwidth(app))
 
 
