@@ -1,6 +1,7 @@
 """The operator and test surface under ``/_localoci/``: inventory, faults, latency, bandwidth, metrics, events, health.
 
-It is not part of OCI and takes no signature; the server listens on loopback only.
+It is not part of OCI and takes no signature; the server listens on loopback only. The route
+table (``ROUTES``) at the bottom says which call each handler serves.
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from . import latency
-from .blockstorage.models import LIMITS, MIN_SIZE_GB
+from .blockstorage.models import MIN_SIZE_GB, set_min_size
 from .errors import invalid_parameter
-from .http import Request, Response, Route
+from .http import Handler, Request, Response, Route
 from .resources import public
 
 if TYPE_CHECKING:
@@ -19,8 +20,13 @@ if TYPE_CHECKING:
 
 ADMIN = "/_localoci"
 ENDED = ("TERMINATED", "DETACHED")
-# Bandwidth caps: on object reads, each connection's own; on a worker VM's network (times its OCPUs),
-# its object reads and, apart, its object writes.
+# What the inventory lists, in this order, after the namespace.
+INVENTORY = ("instances", "volumes", "bootVolumes", "volumeGroups", "volumeBackups", "bootVolumeBackups",
+             "volumeGroupBackups", "attachments", "bootVolumeAttachments", "pars", "backupPolicyAssignments",
+             "multipartUploads")
+# Bandwidth caps: on object reads, each connection's own; on an instance's network (times its OCPUs),
+# its object reads and, apart, its object writes. The second keeps the name it has always had in this
+# API, which the benchmark and the fleet run set.
 PER_CONNECTION = "objectReadBytesPerSecondPerConnection"
 PER_OCPU = "workerBytesPerSecondPerOcpu"
 
@@ -30,45 +36,23 @@ def _tags_match(record: dict[str, Any], tags: dict[str, str]) -> bool:
 
 
 def inventory(app: "LocalOCI", include_ended: bool = False, tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """Every resource the local OCI holds, live ones only unless ``include_ended``."""
+    """Every resource the local OCI holds, live ones only unless ``include_ended``; of those that carry
+    tags, only those with ``tags``. Each service lists its own."""
     tags = tags or {}
-    bs, compute = app.blockstorage, app.compute
+
+    def shown(record: dict[str, Any]) -> bool:
+        return include_ended or record["lifecycleState"] not in ENDED
 
     def wanted(record: dict[str, Any]) -> bool:
-        return (include_ended or record["lifecycleState"] not in ENDED) and _tags_match(record, tags)
+        return shown(record) and _tags_match(record, tags)
 
-    instances = [
-        {**public(i), "sshAddress": i["_address"], "sshPort": app.meta["ssh_port"], "crashed": i["_crashed"]}
-        for i in app.store.values("instances") if wanted(i)
-    ]
-    volumes = [
-        {**public(v), "region": bs.region_of(v), "backingFile": str(bs.backing_file(v)), "allocatedBytes": bs.allocated_bytes(v)}
-        for v in app.store.values("volumes") if wanted(v)
-    ]
-    boot_volumes = [
-        {**public(v), "region": bs.region_of(v), "backingFile": str(bs.backing_file(v)), "allocatedBytes": bs.allocated_bytes(v)}
-        for v in app.store.values("boot_volumes") if wanted(v)
-    ]
-    volume_groups = [{**bs.render_group(g), "region": bs.region_of(g)} for g in app.store.values("volume_groups") if wanted(g)]
-    attachments = [public(a) for a in app.store.values("volume_attachments")
-                   if include_ended or a["lifecycleState"] not in ENDED]
-    boot_attachments = [public(a) for a in app.store.values("boot_volume_attachments")
-                        if include_ended or a["lifecycleState"] not in ENDED]
-    pars = [{**{k: v for k, v in public(p).items() if k != "accessUri"}, "namespace": p["_namespace"], "bucketName": p["_bucket"]}
-            for p in app.store.values("pars")]
-    return {
-        "namespace": app.namespace,
-        "instances": instances,
-        "volumes": volumes,
-        "bootVolumes": boot_volumes,
-        "volumeGroups": volume_groups,
+    found = {
+        **app.compute.inventory(wanted, shown),
+        **app.blockstorage.inventory(wanted),
         **app.backups.inventory(wanted),
-        "attachments": attachments,
-        "bootVolumeAttachments": boot_attachments,
-        "pars": pars,
-        "backupPolicyAssignments": list(app.store.values("backup_policy_assignments")),
-        "multipartUploads": [public(u) for u in app.store.values("multipart_uploads")],
+        **app.objectstorage.inventory(),
     }
+    return {"namespace": app.namespace, **{kind: found[kind] for kind in INVENTORY}}
 
 
 def _spec(request: Request) -> dict[str, Any]:
@@ -79,129 +63,144 @@ def _spec(request: Request) -> dict[str, Any]:
     return spec
 
 
-def routes(app: "LocalOCI") -> list[Route]:
-    def get_inventory(request: Request) -> Response:
-        tags = {k[4:]: v for k, v in request.query.items() if k.startswith("tag.")}
-        include_ended = request.query.get("all", "").lower() in ("1", "true", "yes")
-        return Response.json(inventory(app, include_ended, tags))
+def get_inventory(app: "LocalOCI", request: Request) -> Response:
+    tags = {k[4:]: v for k, v in request.query.items() if k.startswith("tag.")}
+    include_ended = request.query.get("all", "").lower() in ("1", "true", "yes")
+    return Response.json(inventory(app, include_ended, tags))
 
-    def health(request: Request) -> Response:
-        return Response.json({"status": "ok", "namespace": app.namespace, "tenancyId": app.tenancy_id,
-                              "sshPort": app.meta["ssh_port"]})
 
-    def set_limits(request: Request) -> Response:
-        body = request.json()
-        low = body.get("minVolumeSizeInGBs", MIN_SIZE_GB)
-        if isinstance(low, bool) or not isinstance(low, int) or not 1 <= low <= MIN_SIZE_GB:
-            raise invalid_parameter(f"minVolumeSizeInGBs must be 1 to {MIN_SIZE_GB}, not {low!r}")
-        LIMITS["minVolumeSizeInGBs"] = low
-        return Response.json(dict(LIMITS))
+def health(app: "LocalOCI", request: Request) -> Response:
+    return Response.json({"status": "ok", "namespace": app.namespace, "tenancyId": app.tenancy_id,
+                          "sshPort": app.meta["ssh_port"]})
 
-    def add_fault(request: Request) -> Response:
-        return Response.json(app.faults.add(_spec(request)).__dict__, status=201)
 
-    def list_faults(request: Request) -> Response:
-        return Response.json(app.faults.list())
+def set_limits(app: "LocalOCI", request: Request) -> Response:
+    return Response.json(set_min_size(request.json().get("minVolumeSizeInGBs", MIN_SIZE_GB)))
 
-    def clear_faults(request: Request) -> Response:
-        app.faults.clear()
-        return Response.empty()
 
-    def set_latency(request: Request) -> Response:
-        spec = _spec(request)
-        transition, seconds = spec.get("transition"), spec.get("seconds")
-        if not isinstance(transition, str) or ":" not in transition:
-            raise invalid_parameter("transition must look like 'instance:RUNNING' or 'volume:AVAILABLE'.")
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
-            raise invalid_parameter("seconds must be a number of seconds, at least 0.")
-        app.scheduler.latency[transition] = float(seconds)
-        return Response.json(app.scheduler.latency)
+def add_fault(app: "LocalOCI", request: Request) -> Response:
+    return Response.json(app.faults.add(_spec(request)).__dict__, status=201)
 
-    def set_latency_profile(request: Request) -> Response:
-        """Replace every transition's latency with a profile's (``localoci/latency.py``)."""
-        name = _spec(request).get("profile")
-        try:
-            chosen = latency.profile(name if isinstance(name, str) else "")
-        except ValueError as exc:
-            raise invalid_parameter(str(exc)) from None
-        app.scheduler.latency.clear()
-        app.scheduler.latency.update(chosen)
-        return Response.json(app.scheduler.latency)
 
-    def get_latency(request: Request) -> Response:
-        return Response.json(app.scheduler.latency)
+def list_faults(app: "LocalOCI", request: Request) -> Response:
+    return Response.json(app.faults.list())
 
-    def clear_latency(request: Request) -> Response:
-        app.scheduler.latency.clear()
-        return Response.empty()
 
-    def crash_instance(request: Request) -> Response:
-        return Response.json(public(app.compute.crash(request.params["instanceId"])))
+def clear_faults(app: "LocalOCI", request: Request) -> Response:
+    app.faults.clear()
+    return Response.empty()
 
-    def bandwidth() -> dict[str, float | None]:
-        return {PER_CONNECTION: app.read_bps_per_connection, PER_OCPU: app.worker_bps_per_ocpu}
 
-    def set_bandwidth(request: Request) -> Response:
-        spec = _spec(request)
-        unknown = sorted(set(spec) - {PER_CONNECTION, PER_OCPU})
-        if unknown:
-            raise invalid_parameter(f"unknown bandwidth setting(s) {', '.join(unknown)}; "
-                                    f"known are {PER_CONNECTION} and {PER_OCPU}.")
-        for key, rate in spec.items():
-            if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
-                                     or not math.isfinite(rate) or rate <= 0):
-                raise invalid_parameter(f"{key} must be a positive number or null.")
-        if PER_CONNECTION in spec:
-            app.read_bps_per_connection = spec[PER_CONNECTION]
-        if PER_OCPU in spec:
-            app.set_worker_rate(spec[PER_OCPU])
-        return Response.json(bandwidth())
+def set_latency(app: "LocalOCI", request: Request) -> Response:
+    spec = _spec(request)
+    transition, seconds = spec.get("transition"), spec.get("seconds")
+    if not isinstance(transition, str) or ":" not in transition:
+        raise invalid_parameter("transition must look like 'instance:RUNNING' or 'volume:AVAILABLE'.")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+        raise invalid_parameter("seconds must be a number of seconds, at least 0.")
+    app.scheduler.latency[transition] = float(seconds)
+    return Response.json(app.scheduler.latency)
 
-    def get_bandwidth(request: Request) -> Response:
-        return Response.json(bandwidth())
 
-    def get_metrics(request: Request) -> Response:
-        return Response.json(app.read_metrics.snapshot())
+def set_latency_profile(app: "LocalOCI", request: Request) -> Response:
+    """Replace every transition's latency with a profile's (``localoci/latency.py``)."""
+    name = _spec(request).get("profile")
+    try:
+        chosen = latency.profile(name if isinstance(name, str) else "")
+    except ValueError as exc:
+        raise invalid_parameter(str(exc)) from None
+    app.scheduler.latency.clear()
+    app.scheduler.latency.update(chosen)
+    return Response.json(app.scheduler.latency)
 
-    def reset_metrics(request: Request) -> Response:
-        app.read_metrics.reset()
-        return Response.empty()
 
-    def create_rule(request: Request) -> Response:
-        return Response.json(app.events.create_rule(_spec(request)), status=201)
+def get_latency(app: "LocalOCI", request: Request) -> Response:
+    return Response.json(app.scheduler.latency)
 
-    def list_rules(request: Request) -> Response:
-        return Response.json(list(app.store.values("event_rules")))
 
-    def delete_rule(request: Request) -> Response:
-        app.events.delete_rule(request.params["ruleId"])
-        return Response.empty()
+def clear_latency(app: "LocalOCI", request: Request) -> Response:
+    app.scheduler.latency.clear()
+    return Response.empty()
 
-    def event_status(request: Request) -> Response:
-        return Response.json({
-            "delivered": app.events.delivered,
-            "pending": list(app.store.values("event_outbox")),
-            "deadLetters": list(app.store.values("event_dead_letters")),
-        })
 
-    return [
-        Route("GET", ADMIN + "/health", health, "AdminHealth", authenticated=False),
-        Route("GET", ADMIN + "/inventory", get_inventory, "AdminInventory", authenticated=False),
-        Route("POST", ADMIN + "/limits", set_limits, "AdminSetLimits", authenticated=False),
-        Route("POST", ADMIN + "/faults", add_fault, "AdminAddFault", authenticated=False),
-        Route("GET", ADMIN + "/faults", list_faults, "AdminListFaults", authenticated=False),
-        Route("DELETE", ADMIN + "/faults", clear_faults, "AdminClearFaults", authenticated=False),
-        Route("POST", ADMIN + "/latency", set_latency, "AdminSetLatency", authenticated=False),
-        Route("GET", ADMIN + "/latency", get_latency, "AdminGetLatency", authenticated=False),
-        Route("POST", ADMIN + "/latency/profile", set_latency_profile, "AdminSetLatencyProfile", authenticated=False),
-        Route("DELETE", ADMIN + "/latency", clear_latency, "AdminClearLatency", authenticated=False),
-        Route("POST", ADMIN + "/instances/{instanceId}/crash", crash_instance, "AdminCrashInstance", authenticated=False),
-        Route("POST", ADMIN + "/bandwidth", set_bandwidth, "AdminSetBandwidth", authenticated=False),
-        Route("GET", ADMIN + "/bandwidth", get_bandwidth, "AdminGetBandwidth", authenticated=False),
-        Route("GET", ADMIN + "/metrics", get_metrics, "AdminGetMetrics", authenticated=False),
-        Route("DELETE", ADMIN + "/metrics", reset_metrics, "AdminResetMetrics", authenticated=False),
-        Route("POST", ADMIN + "/events/rules", create_rule, "AdminCreateRule", authenticated=False),
-        Route("GET", ADMIN + "/events/rules", list_rules, "AdminListRules", authenticated=False),
-        Route("DELETE", ADMIN + "/events/rules/{ruleId}", delete_rule, "AdminDeleteRule", authenticated=False),
-        Route("GET", ADMIN + "/events", event_status, "AdminEventStatus", authenticated=False),
-    ]
+def crash_instance(app: "LocalOCI", request: Request) -> Response:
+    return Response.json(public(app.compute.crash(request.params["instanceId"])))
+
+
+def _bandwidth(app: "LocalOCI") -> dict[str, float | None]:
+    return {PER_CONNECTION: app.read_bps_per_connection, PER_OCPU: app.instance_networks.per_ocpu}
+
+
+def set_bandwidth(app: "LocalOCI", request: Request) -> Response:
+    spec = _spec(request)
+    unknown = sorted(set(spec) - {PER_CONNECTION, PER_OCPU})
+    if unknown:
+        raise invalid_parameter(f"unknown bandwidth setting(s) {', '.join(unknown)}; "
+                                f"known are {PER_CONNECTION} and {PER_OCPU}.")
+    for key, rate in spec.items():
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
+                                 or not math.isfinite(rate) or rate <= 0):
+            raise invalid_parameter(f"{key} must be a positive number or null.")
+    if PER_CONNECTION in spec:
+        app.read_bps_per_connection = spec[PER_CONNECTION]
+    if PER_OCPU in spec:
+        app.instance_networks.set_rate(spec[PER_OCPU])
+    return Response.json(_bandwidth(app))
+
+
+def get_bandwidth(app: "LocalOCI", request: Request) -> Response:
+    return Response.json(_bandwidth(app))
+
+
+def get_metrics(app: "LocalOCI", request: Request) -> Response:
+    return Response.json(app.read_metrics.snapshot())
+
+
+def reset_metrics(app: "LocalOCI", request: Request) -> Response:
+    app.read_metrics.reset()
+    return Response.empty()
+
+
+def create_rule(app: "LocalOCI", request: Request) -> Response:
+    return Response.json(app.events.create_rule(_spec(request)), status=201)
+
+
+def list_rules(app: "LocalOCI", request: Request) -> Response:
+    return Response.json(app.events.list_rules())
+
+
+def delete_rule(app: "LocalOCI", request: Request) -> Response:
+    app.events.delete_rule(request.params["ruleId"])
+    return Response.empty()
+
+
+def event_status(app: "LocalOCI", request: Request) -> Response:
+    return Response.json(app.events.status())
+
+
+def _admin(method: str, path: str, handler: Handler, operation: str) -> Route:
+    """A row of the admin table: under ``/_localoci``, and taking no signature."""
+    return Route(method, ADMIN + path, handler, operation, authenticated=False)
+
+
+ROUTES = [
+    _admin("GET", "/health", health, "AdminHealth"),
+    _admin("GET", "/inventory", get_inventory, "AdminInventory"),
+    _admin("POST", "/limits", set_limits, "AdminSetLimits"),
+    _admin("POST", "/faults", add_fault, "AdminAddFault"),
+    _admin("GET", "/faults", list_faults, "AdminListFaults"),
+    _admin("DELETE", "/faults", clear_faults, "AdminClearFaults"),
+    _admin("POST", "/latency", set_latency, "AdminSetLatency"),
+    _admin("GET", "/latency", get_latency, "AdminGetLatency"),
+    _admin("POST", "/latency/profile", set_latency_profile, "AdminSetLatencyProfile"),
+    _admin("DELETE", "/latency", clear_latency, "AdminClearLatency"),
+    _admin("POST", "/instances/{instanceId}/crash", crash_instance, "AdminCrashInstance"),
+    _admin("POST", "/bandwidth", set_bandwidth, "AdminSetBandwidth"),
+    _admin("GET", "/bandwidth", get_bandwidth, "AdminGetBandwidth"),
+    _admin("GET", "/metrics", get_metrics, "AdminGetMetrics"),
+    _admin("DELETE", "/metrics", reset_metrics, "AdminResetMetrics"),
+    _admin("POST", "/events/rules", create_rule, "AdminCreateRule"),
+    _admin("GET", "/events/rules", list_rules, "AdminListRules"),
+    _admin("DELETE", "/events/rules/{ruleId}", delete_rule, "AdminDeleteRule"),
+    _admin("GET", "/events", event_status, "AdminEventStatus"),
+]

@@ -2,39 +2,36 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
-import threading
 from pathlib import Path
 from typing import Any
 
 from . import admin
-from .bandwidth import ReadMetrics, TokenBucket
+from .bandwidth import RECEIVE, SEND, InstanceNetworks, ReadMetrics, TokenBucket
 from .blockstorage.backups import Backups
 from .blockstorage.models import BlockStorage
-from .blockstorage.responses import backup_routes, routes as blockstorage_routes
+from .blockstorage import responses as blockstorage_responses
 from .compute.models import Compute
-from .compute.responses import routes as compute_routes
+from .compute import responses as compute_responses
 from .errors import ServiceError
 from .events.models import Events
 from .faults import AFTER, BEFORE, Fault, FaultInjector
 from .http import Request, Response, Router
 from .identity.models import Identity
-from .identity.responses import routes as identity_routes
+from .identity import responses as identity_responses
 from .lifecycle import Scheduler
 from .network.models import Network
-from .network.responses import routes as network_routes
+from .network import responses as network_responses
 from .objectstorage.models import ObjectStorage
-from .objectstorage.responses import routes as objectstorage_routes
+from .objectstorage import responses as objectstorage_responses
 from .regions import HOME
 from .retrytokens import HEADER as RETRY_TOKEN, RetryTokens
 from .server import LocalOCIServer, require_signature
 from .store import Store
 
 log = logging.getLogger("localoci")
-
-# The two directions of a worker VM's network, as the VM sees them: object reads, object writes.
-RECEIVE, SEND = "receive", "send"
 
 
 class LocalOCI:
@@ -66,11 +63,7 @@ class LocalOCI:
         self.faults = FaultInjector()
         self.retry_tokens = RetryTokens(self.store)
         self.read_bps_per_connection: float | None = None
-        self.worker_bps_per_ocpu: float | None = None
-        # One bucket per instance address and direction, shared by every connection from it (the
-        # worker VM's NIC, whose sending and receiving are separate): reads are what it receives.
-        self.worker_buckets: dict[tuple[str, str], TokenBucket] = {}
-        self.worker_buckets_lock = threading.Lock()
+        self.instance_networks = InstanceNetworks(lambda address: self.compute.ocpus_at(address))
         self.read_metrics = ReadMetrics()
         self.identity = Identity(self)
         self.network = Network(self)
@@ -79,17 +72,14 @@ class LocalOCI:
         self.blockstorage = BlockStorage(self)
         self.backups = Backups(self)
         self.compute = Compute(self)
-        self.router = Router()
-        for routes in (
-            objectstorage_routes,
-            identity_routes,
-            network_routes,
-            blockstorage_routes,
-            backup_routes,
-            compute_routes,
-            admin.routes,
-        ):
-            self.router.add(routes(self))
+        self.router = Router([
+            *objectstorage_responses.ROUTES,
+            *identity_responses.ROUTES,
+            *network_responses.ROUTES,
+            *blockstorage_responses.ROUTES,
+            *compute_responses.ROUTES,
+            *admin.ROUTES,
+        ])
 
     @property
     def namespace(self) -> str:
@@ -136,10 +126,10 @@ class LocalOCI:
             fault.strike(BEFORE)
         token = request.headers.get(RETRY_TOKEN) if route.retry_token else None
         if token is None:
-            response = route.handler(request)
+            response = route.handler(self, request)
         else:
             # Kept before an after-fault strikes: a retry with the token gets what this call did.
-            response = self.retry_tokens.once(token, route.operation, request, route.handler)
+            response = self.retry_tokens.once(token, route.operation, request, functools.partial(route.handler, self))
         if fault is not None:
             fault.strike(AFTER)
         return response
@@ -162,39 +152,15 @@ class LocalOCI:
             if not isinstance(bucket, TokenBucket) or bucket.rate != rate:
                 bucket = request.connection["read_bucket"] = TokenBucket(rate)
             buckets.append(bucket)
-        worker = self.worker_bucket(request.client_address[0])
-        if worker is not None:
-            buckets.append(worker)
+        instance = self.instance_networks.bucket(request.client_address[0], RECEIVE)
+        if instance is not None:
+            buckets.append(instance)
         return buckets
 
     def write_throttles(self, request: Request) -> list[TokenBucket]:
         """Token buckets an object write's body on this connection must pass through as it is received."""
-        worker = self.worker_bucket(request.client_address[0], direction=SEND)
-        return [worker] if worker is not None else []
-
-    def worker_bucket(self, address: str, direction: str = RECEIVE) -> TokenBucket | None:
-        """The bucket shared by all of a live instance's object reads (``RECEIVE``) or all of its
-        object writes (``SEND``), if a worker cap is set."""
-        per_ocpu = self.worker_bps_per_ocpu
-        if not per_ocpu:
-            return None
-        ocpus = next((i["shapeConfig"]["ocpus"] for i in self.store.values("instances")
-                      if i["_address"] == address and i["lifecycleState"] != "TERMINATED"), None)
-        if ocpus is None:
-            return None
-        rate = per_ocpu * ocpus
-        with self.worker_buckets_lock:
-            bucket = self.worker_buckets.get((address, direction))
-            if bucket is None or bucket.rate != rate:
-                bucket = self.worker_buckets[(address, direction)] = TokenBucket(rate)
-            return bucket
-
-    def set_worker_rate(self, per_ocpu: float | None) -> None:
-        """Cap each instance's object reads, and its object writes apart, at ``per_ocpu`` times its
-        OCPUs (None: no cap)."""
-        with self.worker_buckets_lock:
-            self.worker_bps_per_ocpu = per_ocpu
-            self.worker_buckets.clear()
+        instance = self.instance_networks.bucket(request.client_address[0], SEND)
+        return [instance] if instance is not None else []
 
     def serve(self, host: str, port: int, region: str | None = None) -> LocalOCIServer:
         """A listener for ``region`` (None: the home region) on ``host:port``."""

@@ -1,13 +1,19 @@
-"""Bandwidth caps on object reads and writes, enforced with token buckets, and the bytes object reads sent."""
+"""Bandwidth caps on object reads and writes, enforced with token buckets, and the bytes object reads sent.
+
+Two caps: each connection's object reads, and each instance's network (a rate per OCPU, as flexible
+VM shapes get), which all of the instance's connections share, its receiving and its sending apart.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import Counter
-from typing import Iterable
+from typing import Callable, Iterable
 
 THROTTLED_STEP = 256 * 1024  # bytes sent or received per token-bucket reservation
+# The two directions of an instance's network, as the instance sees them: object reads, object writes.
+RECEIVE, SEND = "receive", "send"
 
 
 class TokenBucket:
@@ -44,6 +50,45 @@ def take_all(buckets: Iterable[TokenBucket], n: int) -> None:
     wait = max((bucket.reserve(n) for bucket in buckets), default=0.0)
     if wait > 0:
         time.sleep(wait)
+
+
+class InstanceNetworks:
+    """The networks of the live instances, each capped at ``per_ocpu`` times its OCPUs (None: no cap).
+
+    One bucket per instance address and direction, shared by every connection from that address
+    (the instance's NIC, whose sending and receiving are separate): object reads are what it
+    receives, object writes what it sends. ``ocpus_at`` says the OCPUs of the live instance at an
+    address, if there is one there.
+    """
+
+    def __init__(self, ocpus_at: Callable[[str], float | None]) -> None:
+        self.ocpus_at = ocpus_at
+        self.per_ocpu: float | None = None
+        self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        self._lock = threading.Lock()
+
+    def bucket(self, address: str, direction: str) -> TokenBucket | None:
+        """The bucket shared by all object reads (``RECEIVE``) or all object writes (``SEND``) of
+        the live instance at ``address``, if the networks are capped and there is one there."""
+        per_ocpu = self.per_ocpu
+        if not per_ocpu:
+            return None
+        ocpus = self.ocpus_at(address)
+        if ocpus is None:
+            return None
+        rate = per_ocpu * ocpus
+        with self._lock:
+            bucket = self._buckets.get((address, direction))
+            if bucket is None or bucket.rate != rate:
+                bucket = self._buckets[(address, direction)] = TokenBucket(rate)
+            return bucket
+
+    def set_rate(self, per_ocpu: float | None) -> None:
+        """Cap each instance's object reads, and its object writes apart, at ``per_ocpu`` times its
+        OCPUs (None: no cap)."""
+        with self._lock:
+            self.per_ocpu = per_ocpu
+            self._buckets.clear()
 
 
 class ReadMetrics:

@@ -1,8 +1,9 @@
 """The HTTP layer: requests, responses and routing, independent of any service.
 
-Services declare :class:`Route` objects whose templates follow the OCI API
-reference (``/n/{namespaceName}/b/{bucketName}/o/{objectName+}``); a ``+`` lets a
-parameter span slashes. Path parameters are matched on the raw path and then
+Each service's responses module ends with its route table, ``ROUTES``: one :class:`Route`
+row per call, naming the handler that serves it, a function of the app and the request.
+Templates follow the OCI API reference (``/n/{namespaceName}/b/{bucketName}/o/{objectName+}``);
+a ``+`` lets a parameter span slashes. Path parameters are matched on the raw path and then
 percent-decoded, so object names containing ``/`` or ``%`` arrive intact.
 """
 
@@ -184,11 +185,15 @@ class Response:
         return cls(status, None, dict(headers or {}))
 
 
-Handler = Callable[[Request], Response]
+# A route's handler: called with the app (``LocalOCI``, which this layer does not know) and the request.
+Handler = Callable[[Any, Request], Response]
 
 
 @dataclass
 class Route:
+    """A row of a route table: the call ``method template``, its handler, and the OCI operation it
+    is, the name faults and retry tokens know it by."""
+
     method: str
     template: str
     handler: Handler
@@ -205,11 +210,10 @@ class Route:
 
 
 class Router:
-    def __init__(self, routes: Iterable[Route] = ()) -> None:
-        self.routes: list[Route] = list(routes)
+    """Finds the route of a call: the first row, in the order given, whose method and template match."""
 
-    def add(self, routes: Iterable[Route]) -> None:
-        self.routes.extend(routes)
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self.routes: list[Route] = list(routes)
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
         for route in self.routes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import ServiceError, conflict, incorrect_state, invalid_parameter, missing_parameter
 from ..ids import new_ocid, now_iso
@@ -25,7 +25,6 @@ MAX_SIZE_GB = 32768
 DEFAULT_SIZE_GB = 1024
 VALID_VPUS = (0, 10, 20, *range(30, 121, 10))
 ORACLE_POLICIES = ("gold", "silver", "bronze")
-LIVE_ATTACHMENT_STATES = ("ATTACHING", "ATTACHED", "DETACHING")
 ENDED_STATES = ("TERMINATING", "TERMINATED")
 # Volume group sources that make copies of volumes the local OCI does not make (clones, replicas).
 COPYING_GROUP_SOURCES = ("volumeGroupId", "volumeGroupReplicaId")
@@ -38,6 +37,14 @@ DEFAULT_BOOT_SIZE_GB = 47
 # OCI's smallest volume is 50 GB. Tests that move whole volumes (a raw export uploads every byte)
 # lower it through the admin API (``POST /_localoci/limits``); nothing else changes it.
 LIMITS = {"minVolumeSizeInGBs": MIN_SIZE_GB}
+
+
+def set_min_size(size_gb: Any) -> dict[str, int]:
+    """Make ``size_gb`` (1 to OCI's smallest) the smallest volume size; the limits as they are now."""
+    if isinstance(size_gb, bool) or not isinstance(size_gb, int) or not 1 <= size_gb <= MIN_SIZE_GB:
+        raise invalid_parameter(f"minVolumeSizeInGBs must be 1 to {MIN_SIZE_GB}, not {size_gb!r}")
+    LIMITS["minVolumeSizeInGBs"] = size_gb
+    return dict(LIMITS)
 
 
 def check_size(size_gb: Any) -> int:
@@ -96,6 +103,20 @@ class BlockStorage:
 
     def backing_file(self, volume: dict[str, Any]) -> Path:
         return self.volumes_dir / volume["_file"]
+
+    def volume_file(self, volume_id: str) -> Path:
+        """The file holding a volume's or boot volume's bytes (what an attachment's device is)."""
+        return self.backing_file(self.attachable(volume_id))
+
+    def held_image(self, boot_volume_id: str) -> str | None:
+        """The image whose disk a boot volume holds; None once it was attached writable to another instance."""
+        return self.boot_volume(boot_volume_id).get("_image")
+
+    def attached_writable(self, volume_id: str) -> None:
+        """A volume was attached read-write as a data volume: a boot volume written elsewhere no longer holds
+        its image (called with the store locked)."""
+        if volume_id in self.boot_volumes:
+            self.boot_volumes[volume_id]["_image"] = None
 
     def allocated_bytes(self, volume: dict[str, Any]) -> int:
         try:
@@ -181,7 +202,7 @@ class BlockStorage:
             volume = self.volume(volume_id, region)
             if volume["lifecycleState"] in ENDED_STATES:
                 raise incorrect_state(f"Volume {volume_id} is already {volume['lifecycleState']}.")
-            if any(a["volumeId"] == volume_id and a["lifecycleState"] in LIVE_ATTACHMENT_STATES for a in self.app.compute.attachments.values()):
+            if self.app.compute.attached(volume_id):
                 raise conflict(f"Volume {volume_id} is attached to an instance; detach it first.")
             volume["lifecycleState"] = "TERMINATING"
             # A deleted volume leaves its volume group, which lives on with the others.
@@ -204,16 +225,31 @@ class BlockStorage:
             volume["lifecycleState"] = "TERMINATED"
             self.store.save()
 
+    def inventory(self, wanted: Callable[[dict[str, Any]], bool]) -> dict[str, list[dict[str, Any]]]:
+        """The volumes, boot volumes and volume groups ``wanted``, and every backup policy assignment, for the
+        admin inventory; volumes with their files and what those take on disk."""
+        def entry(volume: dict[str, Any]) -> dict[str, Any]:
+            return {**public(volume), "region": self.region_of(volume), "backingFile": str(self.backing_file(volume)),
+                    "allocatedBytes": self.allocated_bytes(volume)}
+
+        return {
+            "volumes": [entry(v) for v in self.store.values("volumes") if wanted(v)],
+            "bootVolumes": [entry(v) for v in self.store.values("boot_volumes") if wanted(v)],
+            "volumeGroups": [{**self.render_group(g), "region": self.region_of(g)}
+                             for g in self.store.values("volume_groups") if wanted(g)],
+            "backupPolicyAssignments": list(self.store.values("backup_policy_assignments")),
+        }
+
     # -- boot volumes ----------------------------------------------------------------
 
     def boot_volume(self, boot_volume_id: str, region: str | None = None) -> dict[str, Any]:
         return self.find(self.boot_volumes, boot_volume_id, "BootVolume", region)
 
-    def create_boot_volume(self, instance: dict[str, Any], size_gb: Any, image_id: str) -> dict[str, Any]:
+    def create_boot_volume(self, compartment: str, availability_domain: str, display_name: str, size_gb: Any,
+                           image_id: str) -> dict[str, Any]:
         """The boot volume a launch from ``image_id`` makes (called with the store locked)."""
         size_gb = DEFAULT_BOOT_SIZE_GB if size_gb is None else check_size(size_gb)
-        boot_volume = self.new_boot_volume(instance["compartmentId"], instance["availabilityDomain"],
-                                           {"displayName": f"{instance['displayName']} (Boot Volume)"}, size_gb,
+        boot_volume = self.new_boot_volume(compartment, availability_domain, {"displayName": display_name}, size_gb,
                                            image_id, self.app.home_region)
         boot_volume_id = boot_volume["id"]
         with open(self.backing_file(boot_volume), "wb") as f:
@@ -266,6 +302,14 @@ class BlockStorage:
             self._leave_group(boot_volume_id)
             self.store.save()
         self.app.scheduler.transition("bootvolume:TERMINATED", lambda: self.terminate_boot_volume(boot_volume_id))
+
+    def terminate_with_instance(self, boot_volume_id: str) -> None:
+        """The instance a boot volume booted ended without preserving it: an AVAILABLE boot volume ends too
+        (called with the store locked)."""
+        boot_volume = self.boot_volumes[boot_volume_id]
+        if boot_volume["lifecycleState"] == "AVAILABLE":
+            boot_volume["lifecycleState"] = "TERMINATING"
+            self.app.scheduler.transition("bootvolume:TERMINATED", lambda: self.terminate_boot_volume(boot_volume_id))
 
     def terminate_boot_volume(self, boot_volume_id: str) -> None:
         with self.store.lock:

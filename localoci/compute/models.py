@@ -7,11 +7,11 @@ import ipaddress
 import logging
 import socket
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import ServiceError, conflict, incorrect_state, invalid_parameter
 from ..ids import new_ocid, now_iso
-from ..resources import lookup
+from ..resources import lookup, public
 from .machine import BOOT_VOLUME_TYPES, FIRMWARES, NETWORK_TYPES, MachineHost
 from .sshd import SshdHost, host_keys_from_cloud_config, parse_user_data
 
@@ -84,12 +84,16 @@ class Compute:
         attachment = self._boot_attachment(instance_id)
         if attachment is None:
             raise incorrect_state(f"Instance {instance_id} has no boot volume attached.")
-        return self.app.blockstorage.backing_file(self.app.blockstorage.boot_volumes[attachment["bootVolumeId"]])
+        return self.app.blockstorage.volume_file(attachment["bootVolumeId"])
 
     def _data_files(self, instance_id: str) -> list[tuple[Any, bool]]:
-        bs = self.app.blockstorage
-        return [(bs.backing_file(bs.attachable(a["volumeId"])), a["isReadOnly"]) for a in self.attachments.values()
+        return [(self.app.blockstorage.volume_file(a["volumeId"]), a["isReadOnly"]) for a in self.attachments.values()
                 if a["instanceId"] == instance_id and a["lifecycleState"] == "ATTACHED"]
+
+    def ocpus_at(self, address: str) -> float | None:
+        """The OCPUs of the live instance at ``address``, if there is one."""
+        return next((i["shapeConfig"]["ocpus"] for i in self.store.values("instances")
+                     if i["_address"] == address and i["lifecycleState"] != "TERMINATED"), None)
 
     def attached(self, volume_id: str) -> bool:
         """Whether a volume or boot volume is attached (as a data or a boot volume) anywhere."""
@@ -159,15 +163,19 @@ class Compute:
                 "launchOptions": options, "_address": address, "_crashed": False, "_fails": fails,
             }
             if boot_volume is None:
-                boot_volume = self.app.blockstorage.create_boot_volume(instance, source.get("bootVolumeSizeInGBs"), image_id)
+                boot_volume = self.app.blockstorage.create_boot_volume(
+                    compartment, ad, f"{instance['displayName']} (Boot Volume)", source.get("bootVolumeSizeInGBs"),
+                    image_id)
                 instance["sourceDetails"] = {"sourceType": "image", "imageId": image_id,
                                              "bootVolumeSizeInGBs": source.get("bootVolumeSizeInGBs")}
             else:
                 instance["sourceDetails"] = {"sourceType": "bootVolume", "bootVolumeId": boot_volume["id"]}
-            # The worker image boots the worker (an sshd); any other disk boots itself under qemu.
-            instance["_body"] = "sshd" if boot_volume.get("_image") == WORKER_IMAGE_ID else "machine"
+            instance["_body"] = self._body(boot_volume["id"])
             self._new_boot_attachment(instance, boot_volume["id"], "ATTACHED")
-            self.app.network.create_instance_vnic(instance, subnet, address, bool(vnic_details.get("assignPublicIp", False)))
+            self.app.network.create_instance_vnic(
+                instance_id=instance_id, compartment_id=compartment, availability_domain=ad,
+                display_name=instance["displayName"], subnet=subnet, address=address,
+                assign_public_ip=bool(vnic_details.get("assignPublicIp", False)))
             self.instances[instance_id] = instance
             self.store.save()
         self._host(instance).prepare(metadata.get("ssh_authorized_keys", ""), host_keys, instance_id)
@@ -233,6 +241,11 @@ class Compute:
         if self.instances[instance_id]["lifecycleState"] != "RUNNING":
             host.stop()
 
+    def _body(self, boot_volume_id: str) -> str:
+        """What an instance booting this boot volume runs: the worker image boots the worker (an sshd);
+        any other disk boots itself under qemu."""
+        return "sshd" if self.app.blockstorage.held_image(boot_volume_id) == WORKER_IMAGE_ID else "machine"
+
     def _launchable_boot_volume(self, boot_volume_id: str, availability_domain: str) -> dict[str, Any]:
         boot_volume = self.app.blockstorage.boot_volume(boot_volume_id)
         if boot_volume["lifecycleState"] != "AVAILABLE":
@@ -269,7 +282,7 @@ class Compute:
                 raise conflict(f"Instance {instance['id']} already has a boot volume attached.")
             boot_volume = self._launchable_boot_volume(details.get("bootVolumeId") or "", instance["availabilityDomain"])
             attachment = self._new_boot_attachment(instance, boot_volume["id"], "ATTACHING")
-            instance["_body"] = "sshd" if boot_volume.get("_image") == WORKER_IMAGE_ID else "machine"
+            instance["_body"] = self._body(boot_volume["id"])
             self.store.save()
         with self._hosts_lock:
             self.hosts.pop(instance["id"], None)  # the next start boots what is attached now
@@ -320,11 +333,8 @@ class Compute:
             for attachment in self.boot_attachments.values():
                 if attachment["instanceId"] == instance_id and attachment["lifecycleState"] in LIVE_ATTACHMENT_STATES:
                     attachment["lifecycleState"] = "DETACHED"
-                    boot_volume = self.app.blockstorage.boot_volumes[attachment["bootVolumeId"]]
-                    if not instance.get("_preserveBootVolume") and boot_volume["lifecycleState"] == "AVAILABLE":
-                        boot_volume["lifecycleState"] = "TERMINATING"
-                        self.app.scheduler.transition("bootvolume:TERMINATED", lambda b=boot_volume["id"]:
-                                                      self.app.blockstorage.terminate_boot_volume(b))
+                    if not instance.get("_preserveBootVolume"):
+                        self.app.blockstorage.terminate_with_instance(attachment["bootVolumeId"])
             self.app.network.release_instance_vnics(instance_id)
             instance["lifecycleState"] = "TERMINATED"
             instance["timeTerminated"] = now_iso()
@@ -404,6 +414,17 @@ class Compute:
             hosts = list(self.hosts.values())
         for host in hosts:
             host.stop()
+
+    def inventory(self, wanted: Callable[[dict[str, Any]], bool],
+                  shown: Callable[[dict[str, Any]], bool]) -> dict[str, list[dict[str, Any]]]:
+        """The instances ``wanted``, with where their SSH answers and whether they crashed, and the volume and
+        boot volume attachments ``shown``, for the admin inventory."""
+        return {
+            "instances": [{**public(i), "sshAddress": i["_address"], "sshPort": self.app.meta["ssh_port"],
+                           "crashed": i["_crashed"]} for i in self.store.values("instances") if wanted(i)],
+            "attachments": [public(a) for a in self.store.values("volume_attachments") if shown(a)],
+            "bootVolumeAttachments": [public(a) for a in self.store.values("boot_volume_attachments") if shown(a)],
+        }
 
     # -- console histories ---------------------------------------------------------
 
@@ -501,7 +522,7 @@ class Compute:
                 "id": attachment_id, "attachmentType": kind, "availabilityDomain": instance["availabilityDomain"],
                 "compartmentId": instance["compartmentId"], "instanceId": instance["id"], "volumeId": volume["id"],
                 # Locally the "device" is the volume's backing file, which commands on the worker open directly.
-                "device": str(self.app.blockstorage.backing_file(volume)),
+                "device": str(self.app.blockstorage.volume_file(volume["id"])),
                 "displayName": details.get("displayName") or f"attachment-{attachment_id[-8:]}",
                 "isReadOnly": bool(details.get("isReadOnly", False)), "isShareable": bool(details.get("isShareable", False)),
                 "isPvEncryptionInTransitEnabled": False, "isMultipath": False, "isVolumeCreatedDuringLaunch": False,
@@ -516,8 +537,8 @@ class Compute:
                     attachment["chapUsername"] = attachment_id
                     attachment["chapSecret"] = new_ocid("chap")[-24:]
             self.attachments[attachment_id] = attachment
-            if volume["id"] in self.app.blockstorage.boot_volumes and not attachment["isReadOnly"]:
-                volume["_image"] = None  # written elsewhere: it no longer boots the worker image
+            if not attachment["isReadOnly"]:
+                self.app.blockstorage.attached_writable(volume["id"])
             self.store.save()
         self.app.scheduler.transition("attachment:ATTACHED", lambda: self._set_attachment_state(attachment_id, "ATTACHING", "ATTACHED"))
         return attachment

@@ -1,4 +1,5 @@
-"""Events: Object Storage changes become OCI-shaped CloudEvents delivered to rules.
+"""Events: what a service publishes (Object Storage: object creates, updates and deletes) becomes
+OCI-shaped CloudEvents delivered to rules.
 
 A rule has an HTTP endpoint, an OCI rule condition and a payload version. Each
 matching event is written to a durable outbox before delivery and removed only
@@ -102,36 +103,30 @@ class Events:
                 del self.outbox[key]
             self.store.save()
 
+    def list_rules(self) -> list[dict[str, Any]]:
+        return list(self.store.values("event_rules"))
+
+    def status(self) -> dict[str, Any]:
+        """Deliveries made, pending and given up (the dead letters)."""
+        return {
+            "delivered": self.delivered,
+            "pending": list(self.store.values("event_outbox")),
+            "deadLetters": list(self.store.values("event_dead_letters")),
+        }
+
     # -- events ------------------------------------------------------------------
 
-    def object_changed(self, action: str, bucket: dict[str, Any], obj: dict[str, Any]) -> None:
-        """Queue the event of an object create, update or delete (under the store lock)."""
-        if not bucket.get("objectEventsEnabled"):
-            return
-        data = {
-            "compartmentId": bucket["compartmentId"],
-            "compartmentName": "local",
-            "resourceName": obj["name"],
-            "resourceId": f"/n/{bucket['namespace']}/b/{bucket['name']}/o/{obj['name']}",
-            "availabilityDomain": "AD1",
-            "additionalDetails": {
-                "bucketName": bucket["name"],
-                "versionId": None,
-                "archivalState": "Available",
-                "namespace": bucket["namespace"],
-                "bucketId": bucket["id"],
-                "eTag": obj["etag"],
-            },
-        }
-        event_type = f"com.oraclecloud.objectstorage.{action}"
+    def publish(self, source: str, event_type: str, data: dict[str, Any]) -> None:
+        """Queue an event of ``source`` (a service: ``ObjectStorage``) for every enabled rule whose
+        condition it matches (under the store lock)."""
         event_id = str(uuid.uuid4())
         time_ = now_iso()
         queued = False
-        v1 = self._v1(event_type, event_id, time_, data)
+        v1 = self._v1(source, event_type, event_id, time_, data)
         for rule in self.rules.values():
             if not rule["isEnabled"] or not condition_matches(rule["condition"], v1):
                 continue
-            payload = self._payload(rule["eventVersion"], event_type, event_id, time_, data)
+            payload = self._payload(rule["eventVersion"], source, event_type, event_id, time_, data)
             delivery_id = uuid.uuid4().hex
             self.outbox[delivery_id] = {"ruleId": rule["id"], "event": payload, "attempts": 0, "nextAt": 0.0, "lastError": None}
             queued = True
@@ -140,12 +135,12 @@ class Events:
             self._wake.set()
 
     @staticmethod
-    def _v1(event_type: str, event_id: str, time_: str, data: dict[str, Any]) -> dict[str, Any]:
+    def _v1(source: str, event_type: str, event_id: str, time_: str, data: dict[str, Any]) -> dict[str, Any]:
         return {
             "eventType": event_type,
             "cloudEventsVersion": "0.1",
             "eventTypeVersion": "2.0",
-            "source": "ObjectStorage",
+            "source": source,
             "eventID": event_id,
             "eventTime": time_,
             "contentType": "application/json",
@@ -153,13 +148,14 @@ class Events:
             "data": data,
         }
 
-    def _payload(self, version: str, event_type: str, event_id: str, time_: str, data: dict[str, Any]) -> dict[str, Any]:
+    def _payload(self, version: str, source: str, event_type: str, event_id: str, time_: str,
+                 data: dict[str, Any]) -> dict[str, Any]:
         if version == "1.0":
-            return self._v1(event_type, event_id, time_, data)
+            return self._v1(source, event_type, event_id, time_, data)
         return {
             "specversion": "1.0",
             "type": event_type,
-            "source": "ObjectStorage",
+            "source": source,
             "id": event_id,
             "time": time_,
             "datacontenttype": "application/json",

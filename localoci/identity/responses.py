@@ -1,4 +1,4 @@
-"""Identity REST API."""
+"""Identity REST API: the handlers, and the route table (``ROUTES``) that says which call each serves."""
 
 from __future__ import annotations
 
@@ -13,18 +13,17 @@ if TYPE_CHECKING:
 BASE = "/20160918"
 
 
-def routes(app: "LocalOCI") -> list[Route]:
-    identity = app.identity
+def list_availability_domains(app: "LocalOCI", request: Request) -> Response:
+    app.identity.check_compartment(require(request, "compartmentId"))
+    return Response.json(app.identity.availability_domains(request.region))
 
-    def list_availability_domains(request: Request) -> Response:
-        identity.check_compartment(require(request, "compartmentId"))
-        return Response.json(identity.availability_domains(request.region))
 
-    def list_fault_domains(request: Request) -> Response:
-        identity.check_compartment(require(request, "compartmentId"))
-        return paged(request, identity.fault_domains(require(request, "availabilityDomain"), request.region), dict)
+def list_fault_domains(app: "LocalOCI", request: Request) -> Response:
+    app.identity.check_compartment(require(request, "compartmentId"))
+    return paged(request, app.identity.fault_domains(require(request, "availabilityDomain"), request.region), dict)
 
-    return [
-        Route("GET", BASE + "/availabilityDomains", list_availability_domains, "ListAvailabilityDomains"),
-        Route("GET", BASE + "/faultDomains", list_fault_domains, "ListFaultDomains"),
-    ]
+
+ROUTES = [
+    Route("GET", BASE + "/availabilityDomains", list_availability_domains, "ListAvailabilityDomains"),
+    Route("GET", BASE + "/faultDomains", list_fault_domains, "ListFaultDomains"),
+]

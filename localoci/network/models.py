@@ -65,19 +65,21 @@ class Network:
     def subnet(self, subnet_id: str) -> dict[str, Any]:
         return lookup(self.subnets, subnet_id, "Subnet")
 
-    def create_instance_vnic(self, instance: dict[str, Any], subnet: dict[str, Any], address: str, assign_public_ip: bool) -> dict[str, Any]:
+    def create_instance_vnic(self, *, instance_id: str, compartment_id: str, availability_domain: str,
+                             display_name: str, subnet: dict[str, Any], address: str,
+                             assign_public_ip: bool) -> dict[str, Any]:
         """The primary VNIC of a new instance and its attachment (call under the store lock)."""
         if assign_public_ip and subnet["prohibitPublicIpOnVnic"]:
             raise invalid_parameter(f"Subnet {subnet['id']} prohibits public IPs on VNICs.")
         vnic = {
-            "id": new_ocid("vnic"), "compartmentId": instance["compartmentId"], "availabilityDomain": instance["availabilityDomain"],
-            "subnetId": subnet["id"], "displayName": instance["displayName"], "isPrimary": True, "privateIp": address,
+            "id": new_ocid("vnic"), "compartmentId": compartment_id, "availabilityDomain": availability_domain,
+            "subnetId": subnet["id"], "displayName": display_name, "isPrimary": True, "privateIp": address,
             "publicIp": address if assign_public_ip else None, "hostnameLabel": None, "macAddress": "02:00:17:00:00:01",
             "lifecycleState": "AVAILABLE", "timeCreated": now_iso(), "freeformTags": {},
         }
         attachment = {
-            "id": new_ocid("vnicattachment"), "compartmentId": instance["compartmentId"],
-            "availabilityDomain": instance["availabilityDomain"], "instanceId": instance["id"], "subnetId": subnet["id"],
+            "id": new_ocid("vnicattachment"), "compartmentId": compartment_id,
+            "availabilityDomain": availability_domain, "instanceId": instance_id, "subnetId": subnet["id"],
             "vnicId": vnic["id"], "nicIndex": 0, "displayName": None, "lifecycleState": "ATTACHED", "timeCreated": now_iso(),
         }
         self.vnics[vnic["id"]] = vnic

@@ -1,4 +1,5 @@
-"""Virtual Network REST API (and the compute API's VNIC attachments)."""
+"""Virtual Network REST API (and the compute API's VNIC attachments): the handlers, and the route
+table (``ROUTES``) that says which call each serves."""
 
 from __future__ import annotations
 
@@ -14,49 +15,57 @@ if TYPE_CHECKING:
 BASE = "/20160918"
 
 
-def routes(app: "LocalOCI") -> list[Route]:
-    net = app.network
+def create_vcn(app: "LocalOCI", request: Request) -> Response:
+    return Response.json(app.network.create_vcn(request.json()))
 
-    def create_vcn(request: Request) -> Response:
-        return Response.json(net.create_vcn(request.json()))
 
-    def get_vcn(request: Request) -> Response:
-        return Response.json(lookup(net.vcns, request.params["vcnId"], "Vcn"))
+def get_vcn(app: "LocalOCI", request: Request) -> Response:
+    return Response.json(lookup(app.network.vcns, request.params["vcnId"], "Vcn"))
 
-    def list_vcns(request: Request) -> Response:
-        compartment = require(request, "compartmentId")
-        return paged(request, (v for v in net.vcns.values() if v["compartmentId"] == compartment), public)
 
-    def create_subnet(request: Request) -> Response:
-        return Response.json(net.create_subnet(request.json()))
+def list_vcns(app: "LocalOCI", request: Request) -> Response:
+    compartment = require(request, "compartmentId")
+    return paged(request, (v for v in app.network.vcns.values() if v["compartmentId"] == compartment), public)
 
-    def get_subnet(request: Request) -> Response:
-        return Response.json(net.subnet(request.params["subnetId"]))
 
-    def list_subnets(request: Request) -> Response:
-        require(request, "compartmentId")
-        items = (s for s in net.subnets.values() if matches(s, request.query, {"compartmentId": "compartmentId", "vcnId": "vcnId"}))
-        return paged(request, items, public)
+def create_subnet(app: "LocalOCI", request: Request) -> Response:
+    return Response.json(app.network.create_subnet(request.json()))
 
-    def get_vnic(request: Request) -> Response:
-        return Response.json(lookup(net.vnics, request.params["vnicId"], "Vnic"))
 
-    def list_vnic_attachments(request: Request) -> Response:
-        require(request, "compartmentId")
-        fields = {"compartmentId": "compartmentId", "instanceId": "instanceId", "vnicId": "vnicId", "availabilityDomain": "availabilityDomain"}
-        return paged(request, (a for a in net.vnic_attachments.values() if matches(a, request.query, fields)), public)
+def get_subnet(app: "LocalOCI", request: Request) -> Response:
+    return Response.json(app.network.subnet(request.params["subnetId"]))
 
-    def get_vnic_attachment(request: Request) -> Response:
-        return Response.json(lookup(net.vnic_attachments, request.params["vnicAttachmentId"], "VnicAttachment"))
 
-    return [
-        Route("POST", BASE + "/vcns", create_vcn, "CreateVcn", retry_token=True),
-        Route("GET", BASE + "/vcns", list_vcns, "ListVcns"),
-        Route("GET", BASE + "/vcns/{vcnId}", get_vcn, "GetVcn"),
-        Route("POST", BASE + "/subnets", create_subnet, "CreateSubnet", retry_token=True),
-        Route("GET", BASE + "/subnets", list_subnets, "ListSubnets"),
-        Route("GET", BASE + "/subnets/{subnetId}", get_subnet, "GetSubnet"),
-        Route("GET", BASE + "/vnics/{vnicId}", get_vnic, "GetVnic"),
-        Route("GET", BASE + "/vnicAttachments", list_vnic_attachments, "ListVnicAttachments"),
-        Route("GET", BASE + "/vnicAttachments/{vnicAttachmentId}", get_vnic_attachment, "GetVnicAttachment"),
-    ]
+def list_subnets(app: "LocalOCI", request: Request) -> Response:
+    require(request, "compartmentId")
+    fields = {"compartmentId": "compartmentId", "vcnId": "vcnId"}
+    return paged(request, (s for s in app.network.subnets.values() if matches(s, request.query, fields)), public)
+
+
+def get_vnic(app: "LocalOCI", request: Request) -> Response:
+    return Response.json(lookup(app.network.vnics, request.params["vnicId"], "Vnic"))
+
+
+def list_vnic_attachments(app: "LocalOCI", request: Request) -> Response:
+    require(request, "compartmentId")
+    fields = {"compartmentId": "compartmentId", "instanceId": "instanceId", "vnicId": "vnicId",
+              "availabilityDomain": "availabilityDomain"}
+    attachments = app.network.vnic_attachments.values()
+    return paged(request, (a for a in attachments if matches(a, request.query, fields)), public)
+
+
+def get_vnic_attachment(app: "LocalOCI", request: Request) -> Response:
+    return Response.json(lookup(app.network.vnic_attachments, request.params["vnicAttachmentId"], "VnicAttachment"))
+
+
+ROUTES = [
+    Route("POST", BASE + "/vcns", create_vcn, "CreateVcn", retry_token=True),
+    Route("GET", BASE + "/vcns", list_vcns, "ListVcns"),
+    Route("GET", BASE + "/vcns/{vcnId}", get_vcn, "GetVcn"),
+    Route("POST", BASE + "/subnets", create_subnet, "CreateSubnet", retry_token=True),
+    Route("GET", BASE + "/subnets", list_subnets, "ListSubnets"),
+    Route("GET", BASE + "/subnets/{subnetId}", get_subnet, "GetSubnet"),
+    Route("GET", BASE + "/vnics/{vnicId}", get_vnic, "GetVnic"),
+    Route("GET", BASE + "/vnicAttachments", list_vnic_attachments, "ListVnicAttachments"),
+    Route("GET", BASE + "/vnicAttachments/{vnicAttachmentId}", get_vnic_attachment, "GetVnicAttachment"),
+]

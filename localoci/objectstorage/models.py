@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 from ..errors import ServiceError, conflict, invalid_parameter, not_found, precondition_failed
 from ..ids import new_ocid, now_iso, parse_iso
+from ..resources import public
 
 if TYPE_CHECKING:
     from ..app import LocalOCI
@@ -112,19 +113,19 @@ class ObjectStorage:
 
     # -- namespace and buckets -------------------------------------------------
 
-    def _check_namespace(self, namespace: str) -> None:
+    def check_namespace(self, namespace: str) -> None:
         if namespace != self.app.namespace:
             raise not_found(f"Namespace {namespace}")
 
     def bucket(self, namespace: str, name: str) -> dict[str, Any]:
-        self._check_namespace(namespace)
+        self.check_namespace(namespace)
         bucket = self.buckets.get(f"{namespace}/{name}")
         if bucket is None:
             raise ServiceError(404, "BucketNotFound", f"Either the bucket named '{name}' does not exist in the namespace '{namespace}' or you are not authorized to access it")
         return bucket
 
     def create_bucket(self, namespace: str, details: dict[str, Any]) -> dict[str, Any]:
-        self._check_namespace(namespace)
+        self.check_namespace(namespace)
         name = details.get("name") or ""
         compartment = details.get("compartmentId")
         if not BUCKET_NAME.match(name):
@@ -173,7 +174,7 @@ class ObjectStorage:
             self.store.save()
 
     def list_buckets(self, namespace: str, compartment_id: str) -> list[dict[str, Any]]:
-        self._check_namespace(namespace)
+        self.check_namespace(namespace)
         return sorted(
             (b for b in self.buckets.values() if b["compartmentId"] == compartment_id),
             key=lambda b: b["name"],
@@ -294,7 +295,7 @@ class ObjectStorage:
             self.store.save()
             if previous is not None:
                 self._unlink(previous["_file"])
-            self.app.events.object_changed("updateobject" if previous else "createobject", bucket, obj)
+            self._object_event("updateobject" if previous else "createobject", bucket, obj)
         return obj
 
     def delete_object(self, namespace: str, bucket_name: str, name: str, if_match: str | None = None) -> None:
@@ -303,7 +304,27 @@ class ObjectStorage:
             del self.objects[self._key(namespace, bucket_name, name)]
             self.store.save()
             self._unlink(obj["_file"])
-            self.app.events.object_changed("deleteobject", self.bucket(namespace, bucket_name), obj)
+            self._object_event("deleteobject", self.bucket(namespace, bucket_name), obj)
+
+    def _object_event(self, action: str, bucket: dict[str, Any], obj: dict[str, Any]) -> None:
+        """Publish the event of an object create, update or delete, if its bucket emits them (under the store lock)."""
+        if not bucket.get("objectEventsEnabled"):
+            return
+        self.app.events.publish("ObjectStorage", f"com.oraclecloud.objectstorage.{action}", {
+            "compartmentId": bucket["compartmentId"],
+            "compartmentName": "local",
+            "resourceName": obj["name"],
+            "resourceId": f"/n/{bucket['namespace']}/b/{bucket['name']}/o/{obj['name']}",
+            "availabilityDomain": "AD1",
+            "additionalDetails": {
+                "bucketName": bucket["name"],
+                "versionId": None,
+                "archivalState": "Available",
+                "namespace": bucket["namespace"],
+                "bucketId": bucket["id"],
+                "eTag": obj["etag"],
+            },
+        })
 
     def list_objects(
         self,
@@ -533,6 +554,14 @@ class ObjectStorage:
         if not allowed:
             raise ServiceError(403, "NotAllowed", f"The pre-authenticated request does not allow {'writes' if write else 'reads'}.")
         return par
+
+    def inventory(self) -> dict[str, list[dict[str, Any]]]:
+        """Every PAR (without its secret access URI) and multipart upload, for the admin inventory."""
+        return {
+            "pars": [{**{k: v for k, v in public(p).items() if k != "accessUri"}, "namespace": p["_namespace"],
+                      "bucketName": p["_bucket"]} for p in self.store.values("pars")],
+            "multipartUploads": [public(u) for u in self.store.values("multipart_uploads")],
+        }
 
 
 def uploaded_parts(upload: dict[str, Any]) -> list[dict[str, Any]]:
