@@ -74,7 +74,7 @@ INSPECTOR_TO_QEMU = {"qcow2": "qcow2", "vmdk": "vmdk", "vhd": "vpc", "vhdx": "vh
                      "raw": "raw", "gpt": "raw"}
 RAW_NAMES = ("raw", "gpt")  # what a plain disk is detected as
 
-ReadRange = Callable[[int, int], bytes]  # (start, end inclusive) -> bytes
+ReadRange = Callable[[int, int], bytes]  # bytes [start, end) of the object
 
 
 @dataclass(frozen=True)
@@ -137,9 +137,9 @@ def inspect(read_range: ReadRange, size: int, claimed: str | None, max_virtual_s
     """Detect, check and size the image whose bytes ``read_range`` serves."""
     if size == 0:
         raise ImageRejected("empty", "the object is empty (0 bytes)")
-    head = read_range(0, min(size, HEAD_BYTES) - 1)
+    head = read_range(0, min(size, HEAD_BYTES))
     tail_start = max(len(head), size - TAIL_BYTES)
-    tail = read_range(tail_start, size - 1) if tail_start < size else b""
+    tail = read_range(tail_start, size) if tail_start < size else b""
     read = _Read(head, tail, tail_start, size)
     footer = VhdFooter.parse(read.last(VhdFooter.SIZE))
     if footer is not None and not read.head.startswith(VhdFooter.COOKIE):

@@ -223,7 +223,7 @@ def inspect_ova_disks(machine: Machine, get: Callable[[int, int], bytes | None],
         assert disk.offset is not None and disk.size is not None
         offset = disk.offset
         image = about_disk(disk, lambda: inspection.inspect(
-            lambda lo, hi: get(offset + lo, offset + hi + 1), disk.size or 0,
+            lambda lo, hi: get(offset + lo, offset + hi), disk.size or 0,
             disk.format or inspection.claimed_format(disk.file), max_virtual_size))
         found.append((disk, image, Packed("tar", disk.offset, disk.size)))
     return found

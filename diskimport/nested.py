@@ -15,11 +15,9 @@ from .inspection import inspect
 
 def check_not_nested(runner: CommandRunner, device: str, size: int) -> None:
     """Refuse a written device whose content is itself an image container (e.g. qcow2 in raw)."""
-    def read_inclusive(start: int, end: int) -> bytes:
-        return read_range(runner, device, start, end - start + 1)
-
     try:
-        found = inspect(read_inclusive, size, None, max_virtual_size=2**63)
+        found = inspect(lambda start, end: read_range(runner, device, start, end - start), size, None,
+                        max_virtual_size=2**63)
     except ImageRejected as exc:
         raise ImageRejected("nested-image", f"the written disk is not a plain disk: {exc}") from None
     if found.format != "raw":

@@ -151,9 +151,9 @@ def _claim_of(member_name: str) -> str | None:
 class _Bytes:
     def __init__(self, read_range: ReadRange, size: int) -> None:
         self.read_range, self.size = read_range, size
-        self.head = read_range(0, min(size, HEAD_BYTES) - 1)
+        self.head = read_range(0, min(size, HEAD_BYTES))
         self.tail_start = max(len(self.head), size - TAIL_BYTES)
-        self.tail = read_range(self.tail_start, size - 1) if self.tail_start < size else b""
+        self.tail = read_range(self.tail_start, size) if self.tail_start < size else b""
         self.head_is_all = len(self.head) == size
 
     def get(self, lo: int, hi: int) -> bytes:
@@ -165,7 +165,7 @@ class _Bytes:
             return self.head[lo:hi]
         if lo >= self.tail_start:
             return self.tail[lo - self.tail_start:hi - self.tail_start]
-        return self.read_range(lo, hi - 1)
+        return self.read_range(lo, hi)
 
 
 # -- decompressing the head ------------------------------------------------------------------
@@ -430,7 +430,7 @@ def _plain_tar(reader: _Bytes, claimed: str | None, declared: int | None,
     if offset + length > reader.size:
         raise ImageRejected("tar-not-one-image", f"the tar member {name!r} runs past the object's end")
     claimed = claimed or _claim_of(name)
-    found = inspection.inspect(lambda lo, hi: reader.get(offset + lo, offset + hi + 1), length, claimed,
+    found = inspection.inspect(lambda lo, hi: reader.get(offset + lo, offset + hi), length, claimed,
                                max_virtual_size)
     _check_declared(declared, found.virtual_size, f"the {found.format} image in the tar")
     return found, Packed("tar", offset, length)

@@ -85,7 +85,7 @@ def inspect_file(path: Path, claimed: str | None = "vpc") -> Inspection:
     with open(path, "rb") as f:
         def read_range(start: int, end: int) -> bytes:
             f.seek(start)
-            return f.read(end - start + 1)
+            return f.read(end - start)
 
         return inspect(read_range, path.stat().st_size, claimed, 32 * TIB)
 

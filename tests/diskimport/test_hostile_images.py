@@ -274,6 +274,6 @@ def test_hostile_image_is_refused_with_its_code(case: str, tmp_path: Path) -> No
     path, claimed = build(tmp_path)
     data = path.read_bytes()
     with pytest.raises(ImageRejected) as refused:
-        inspect(lambda a, b: data[a:b + 1], len(data), claimed, 32 * TIB)
+        inspect(lambda a, b: data[a:b], len(data), claimed, 32 * TIB)
     assert refused.value.code == code, str(refused.value)
     assert refused.value.message and str(refused.value).startswith(f"{code}: ")

@@ -16,7 +16,7 @@ TIB = 1024**4
 
 def inspect_file(path: Path, claimed: str | None = None, max_virtual: int = 32 * TIB):
     data = path.read_bytes()
-    return inspect(lambda a, b: data[a:b + 1], len(data), claimed, max_virtual)
+    return inspect(lambda a, b: data[a:b], len(data), claimed, max_virtual)
 
 
 @pytest.mark.parametrize("fmt,options,expected", [

@@ -43,7 +43,7 @@ def inspect_file(path: Path, name: str | None = None, declared: int | None = Non
 
     def read_range(a: int, b: int) -> bytes:
         reads.append((a, b))
-        return data[a:b + 1]
+        return data[a:b]
 
     found, packed = inspect_object(read_range, len(data), name or path.name, metadata_format, declared, max_virtual)
     return found, packed
