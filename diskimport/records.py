@@ -13,6 +13,18 @@ from . import contract
 
 
 @dataclass(frozen=True)
+class Subject:
+    """What one run works on, as the tags and names of what it creates say: an import's object
+    version (its import id, object name and ETag), or an export or a copy (its id, its first
+    object or volume, and ``kind``'s name where an import has an ETag)."""
+
+    kind: str     # "import", "export" or "copy"
+    id: str       # the import id (contract.import_id), the export's or the copy's id
+    name: str     # the object's name, or what the export or copy writes first
+    version: str  # the object's ETag; for an export or a copy, its kind
+
+
+@dataclass(frozen=True)
 class ObjectVersion:
     """One version (ETag) of an uploaded object, as its HEAD described it."""
 
@@ -32,6 +44,10 @@ class ObjectVersion:
     @property
     def import_id(self) -> str:
         return contract.import_id(self.namespace, self.bucket, self.name, self.etag)
+
+    @property
+    def subject(self) -> Subject:
+        return Subject("import", self.import_id, self.name, self.etag)
 
 
 @dataclass(frozen=True)

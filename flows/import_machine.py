@@ -1,13 +1,13 @@
 """The ``import-machine`` flow: a whole machine (an OVA, an OVF with its disks beside it, or a
 ``*.machine.json``) onto one volume per disk, from one worker VM, kept in one volume group.
 
-The steps are :mod:`diskimport.importer`'s, as for one disk: the machine is read and every
-disk inspected before anything is created; one worker VM boots while every volume is
-created; the disks are written, verified and checked at once on it, each as a single-disk
-import is (:class:`~diskimport.importer.VolumeWrite`); then the volumes are finished, put in
-a volume group named after the machine, and the worker VM is terminated. A disk another run
-or an earlier attempt finished is not written again; a repeat of the same object version
-returns what was imported.
+The steps are :class:`diskimport.machine_import.MachineImport`'s: the machine is read and
+every disk inspected before anything is created (a plan with one record per disk); one worker
+VM boots while every volume is created; the disks are written, verified and checked at once on
+it, each as a single-disk import is (:class:`~diskimport.volume_write.VolumeWrite`); then the
+volumes are finished, put in a volume group named after the machine, and the worker VM is
+terminated. A disk another run or an earlier attempt finished is not written again; a repeat
+of the same object version returns what was imported.
 
 A bootable import (``bootable=True``) puts the boot disk on a boot volume, and (unless
 ``launch=False``) starts the machine from it where the ``TargetMachine`` block says, its
@@ -21,67 +21,67 @@ import datetime as dt
 from typing import Any
 
 from prefect import flow
+from prefect.futures import wait
 
 from blocks import DEFAULT_BLOCK, TargetMachine
-from diskimport import boot, machine
-from diskimport.contract import ImportOptions
+from diskimport import boot
 from diskimport.errors import InvalidRequest
-from diskimport.importer import Importer, VolumeWrite
-from diskimport.records import InspectedImage, ObjectVersion
-from flows.import_disk import (_step, cleanup_after_crash, find_previous_import, read_object, remove_stale_workers,
-                               run_importer, run_name, terminate_worker, until_not_yielding)
+from diskimport.importer import Importer
+from diskimport.machine_import import MachineImport, MachinePlan
+from diskimport.records import ObjectVersion, WorkerVM
+from diskimport.volume_write import VolumeWrite
+from flows.import_disk import find_previous_import, read_object, run_name
 from flows.reporting import publish_machine_summary, refusal_reported
-from flows.runs import worker_slot
+from flows.runs import import_slot
+from flows.tasks import (cleanup_after_crash, open_run, prepare_worker, step_task, terminate_worker,
+                         until_not_yielding)
 
 
-@_step("inspect-machine", retries=4, delays=[1, 2, 5, 10])
-def inspect_machine(importer: Importer, version: ObjectVersion
-                    ) -> tuple[machine.Machine, list[tuple[ObjectVersion, InspectedImage]]]:
-    return importer.inspect_machine(version)
+@step_task("inspect-machine", retries=4, delays=[1, 2, 5, 10])
+def inspect_machine(machine: MachineImport, version: ObjectVersion) -> MachinePlan:
+    return machine.inspect(version)
 
 
-@_step("remove-unfinished-volumes", retries=3, delays=[2, 5, 10])
-def remove_unfinished_volumes(importer: Importer, version: ObjectVersion) -> list[str]:
-    return importer.remove_unfinished_volumes(version)
+@step_task("remove-stale-workers", retries=3, delays=[2, 5, 10])
+def remove_stale_workers(machine: MachineImport, plan: MachinePlan) -> list[str]:
+    return machine.remove_stale_workers(plan)
 
 
-@_step("provision", retries=2, delays=[5, 15])
-def provision_machine(importer: Importer, version: ObjectVersion, disks: list[tuple[int, InspectedImage]],
-                      name: str, availability_domain: str | None, bootable: bool) -> Any:
-    return importer.provision_machine(version, disks, name, availability_domain, bootable)
+@step_task("remove-unfinished-volumes", retries=3, delays=[2, 5, 10])
+def remove_unfinished_volumes(machine: MachineImport, plan: MachinePlan) -> list[str]:
+    return machine.remove_unfinished_volumes(plan)
 
 
-@_step("prepare-worker", retries=2, delays=5)
-def prepare_worker(importer: Importer, session: Any) -> str:
-    return importer.prepare_worker(session)
+@step_task("provision", retries=2, delays=[5, 15])
+def provision_machine(machine: MachineImport, plan: MachinePlan, bootable: bool) -> WorkerVM:
+    return machine.provision(plan, bootable)
 
 
-@_step("write-disk", retries=2, delays=[5, 15])
-def write_disk(write: VolumeWrite) -> dict[str, Any]:
-    """One disk: written and verified, checked, detached (as a single-disk import does it)."""
-    written, checks = write.run()
-    return {"written": written, "checks": checks, "firmware": write.firmware, "steps": write.steps}
+@step_task("write-disk", retries=2, delays=[5, 15])
+def write_disk(write: VolumeWrite) -> None:
+    """One disk: written and verified, checked, detached (as a single-disk import does it); what
+    it found stays on its disk's record."""
+    write.complete()
 
 
-@_step("finish-volumes", retries=4, delays=[2, 5, 10, 20])
-def finish_volumes(importer: Importer, volumes: list[Any]) -> None:
-    importer.finish_volumes(volumes, ImportOptions())
+@step_task("finish-volumes", retries=4, delays=[2, 5, 10, 20])
+def finish_volumes(machine: MachineImport, plan: MachinePlan) -> None:
+    machine.finish_volumes(plan)
 
 
-@_step("group-volumes", retries=3, delays=[2, 5, 10])
-def group_volumes(importer: Importer, version: ObjectVersion, name: str, volumes: list[Any]) -> str:
-    return importer.group_volumes(version, name, volumes)
+@step_task("group-volumes", retries=3, delays=[2, 5, 10])
+def group_volumes(machine: MachineImport, plan: MachinePlan) -> str:
+    return machine.group_volumes(plan)
 
 
-@_step("launch-machine", retries=2, delays=[10, 30])
-def launch_machine(importer: Importer, version: ObjectVersion, described: machine.Machine, volumes: list[Any],
-                   firmware: boot.Firmware) -> Any:
-    return importer.launch_machine(version, described, volumes, firmware)
+@step_task("launch-machine", retries=2, delays=[10, 30])
+def launch_machine(machine: MachineImport, plan: MachinePlan, firmware: boot.Firmware) -> str:
+    return machine.launch(plan, firmware)
 
 
-@_step("boot-check")
-def check_boot(importer: Importer, instance_id: str, volumes: list[Any]) -> boot.BootCheck:
-    return importer.check_boot(instance_id, volumes)
+@step_task("boot-check")
+def check_boot(machine: MachineImport, plan: MachinePlan) -> boot.BootCheck:
+    return machine.check_boot(plan)
 
 
 def load_target(target_block: str) -> TargetMachine:
@@ -115,76 +115,51 @@ def import_machine(
     ``target_block`` (a TargetMachine block) says and its boot is checked.
     """
     with refusal_reported(object_name):
-        settings, importer = run_importer(credentials_block, worker_block, settings_block)
-        if bootable:
-            importer.target = load_target(target_block)
-        version = read_object(importer, namespace, bucket, object_name, etag)
-        described, disks = inspect_machine(importer, version)
+        settings, run = open_run(credentials_block, worker_block, settings_block)
+        machine = MachineImport(Importer(run), load_target(target_block) if bootable else None)
+        version = read_object(machine.importer, namespace, bucket, object_name, etag)
+        plan = inspect_machine(machine, version)
 
         def attempt() -> dict[str, Any]:
-            find_previous_import(importer, version, force)  # waits while another live run writes this machine
-            done = {} if force else importer.imported_disks(version)
-            with worker_slot(settings.worker_concurrency_limit):
-                summary = _import(importer, version, described, disks, done, bootable, launch)
+            find_previous_import(machine.importer, version, force)  # waits while another live run writes it
+            machine.reuse_imported(plan, force)
+            with import_slot(settings.worker_concurrency_limit):
+                _import(machine, plan, bootable, launch)
+            summary = machine.summary(plan)
             publish_machine_summary(summary)
             return summary
         return until_not_yielding(attempt, settings.worker_lost_retries)
 
 
-def _import(importer: Importer, version: ObjectVersion, described: machine.Machine,
-            disks: list[tuple[ObjectVersion, InspectedImage]], done: dict[int, Any], bootable: bool = False,
-            launch: bool = False) -> dict[str, Any]:
+def _import(machine: MachineImport, plan: MachinePlan, bootable: bool, launch: bool) -> None:
     """Provision, write every disk not yet imported at once, finish, group, and for a bootable
     machine start it and check its boot; unwound on failure."""
-    todo = [(position, image) for position, (_, image) in enumerate(disks) if position not in done]
-    written: dict[int, Any] = {}
-    volumes: dict[int, Any] = {position: found.as_volume() for position, found in done.items()}
-    qemu_img = None
-    with importer:
-        remove_stale_workers(importer, version)  # a killed attempt's worker VM and half-written volumes
-        for disk_version, _ in disks:
-            if disk_version.key != version.key:  # an OVF's or a manifest's disks are objects of their own
-                importer.remove_stale_pars(disk_version)
-        remove_unfinished_volumes(importer, version)
-        if todo:
-            ad = next(iter(done.values())).availability_domain if done else None
-            worker, made = provision_machine(importer, version, todo, described.name, ad, bootable)
-            with importer.session(worker) as session:
-                qemu_img = prepare_worker(importer, session)
-                writes = {position: importer.volume_write(session, worker, volume, disks[position][0], image)
-                          for (position, image), volume in zip(todo, made)}
-                written = importer.write_disks(writes, lambda write: write_disk.submit(write).result)
-            volumes.update({position: volume for (position, _), volume in zip(todo, made)})
-            finish_volumes(importer, made)
-        ordered = [volumes[position] for position in range(len(disks))]
-        group_id = group_volumes(importer, version, described.name, ordered)
-        ready_at = dt.datetime.now(dt.timezone.utc)  # as a disk's: the volumes are ready, the worker goes next
-        if todo:
-            terminate_worker(importer, worker)
-        started = _start(importer, version, described, ordered, written, launch) if bootable else None
-    summary = importer.machine_summary(version, described, disks, ordered, written, group_id, qemu_img, ready_at)
-    if started is not None:
-        summary["boot"] = started
-    return summary
+    run = machine.run
+    with run:
+        remove_stale_workers(machine, plan)  # a killed attempt's worker VM and PARs
+        remove_unfinished_volumes(machine, plan)
+        if plan.todo:
+            worker = provision_machine(machine, plan, bootable)
+            with run.session(worker) as session:
+                plan.qemu_img = prepare_worker(run, session)
+                with run.timed("write-disks"):  # the disks side by side; each counts its own steps
+                    writes = [write_disk.submit(write) for write in machine.writes(plan, session)]
+                    wait(writes)
+                    for written in writes:
+                        written.result()
+            finish_volumes(machine, plan)
+        group_volumes(machine, plan)
+        plan.ready_at = dt.datetime.now(dt.timezone.utc)  # as a disk's: the volumes are ready, the worker goes next
+        if plan.todo:
+            terminate_worker(run, worker)
+        if bootable:
+            _start(machine, plan, launch)
 
 
-def _start(importer: Importer, version: ObjectVersion, described: machine.Machine, volumes: list[Any],
-           written: dict[int, Any], launch: bool) -> dict[str, Any]:
+def _start(machine: MachineImport, plan: MachinePlan, launch: bool) -> None:
     """The firmware chosen, and unless ``launch`` is off: the machine started and its boot checked."""
-    detected = written[0]["firmware"] if 0 in written else None
-    firmware = importer.choose_firmware(described, detected, volumes[0].id)
-    started: dict[str, Any] = {"boot_volume_id": volumes[0].id, "firmware": firmware.firmware,
-                               "firmware_source": firmware.source, "firmware_reason": firmware.reason,
-                               "instance_id": None, "boot_check": None}
-    if not launch:
-        return started
-    instance = launch_machine(importer, version, described, volumes, firmware)
-    started["instance_id"] = instance.id
-    target = importer.target_machine()
-    if target.boot_check != "off":
-        checked = check_boot(importer, instance.id, volumes)
-        started["boot_check"] = {"booted": checked.booted, "seconds": round(checked.seconds, 1),
-                                 "pattern": checked.pattern, "console_tail": checked.console_tail,
-                                 "result": checked.describe()}
-    return started
-
+    firmware = machine.choose_firmware(plan)
+    if launch:
+        launch_machine(machine, plan, firmware)
+        if machine.checks_boot():
+            check_boot(machine, plan)

@@ -1,5 +1,5 @@
-"""What the flows ask Prefect about runs: whether a run is still active, and the slot a run
-holds while its worker VM exists."""
+"""What the flows ask Prefect about runs: whether a run is still active, and the import slot a
+run holds while its worker VM exists."""
 
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 from prefect.states import Scheduled
 
-WORKER_LIMIT = "oci-disk-import-workers"
+IMPORT_SLOTS = "oci-disk-import-workers"  # the global concurrency limit: worker VMs that may run at once
 SLOT_LABEL = "oci-disk-import.worker-slot-lease"  # the lease an attempt holds, on its flow run
 log = logging.getLogger(__name__)
 HEDGE_SECONDS = 0.3
-UNREACHABLE_SECONDS = 600.0  # how long a run keeps asking a server it cannot reach for a worker VM slot
+UNREACHABLE_SECONDS = 600.0  # how long a run keeps asking a server it cannot reach for a import slot
 ACTIVE = {StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING}
 
 
@@ -45,23 +45,23 @@ def run_is_active(flow_run_id: str) -> bool:
     return run.state is not None and run.state.type in ACTIVE
 
 
-def _ensure_worker_limit(limit: int) -> None:
+def _ensure_import_slots(limit: int) -> None:
     """Create or resize the global concurrency limit that bounds running worker VMs."""
     with get_client(sync_client=True) as client:
         try:
-            client.upsert_global_concurrency_limit_by_name(WORKER_LIMIT, limit)
+            client.upsert_global_concurrency_limit_by_name(IMPORT_SLOTS, limit)
         except ObjectAlreadyExists:  # a concurrent run created it between our read and create
-            client.upsert_global_concurrency_limit_by_name(WORKER_LIMIT, limit)
+            client.upsert_global_concurrency_limit_by_name(IMPORT_SLOTS, limit)
 
 
 @contextlib.contextmanager
-def worker_slot(limit: int, lease_seconds: float = 300.0) -> Iterator[uuid.UUID]:
-    """Hold one of ``limit`` worker VM slots: a burst of uploads queues instead of hitting service limits.
+def import_slot(limit: int, lease_seconds: float = 300.0) -> Iterator[uuid.UUID]:
+    """Hold one of ``limit`` import slots: a burst of uploads queues instead of hitting service limits.
 
     The slot is a lease on the global concurrency limit, renewed while the run holds it, so
     a run whose process is killed gives its slot back when the lease runs out.
     """
-    _ensure_worker_limit(limit)
+    _ensure_import_slots(limit)
     holder = ConcurrencyLeaseHolder(type="flow_run", id=flow_run.id) if flow_run.id else None
     if flow_run.id:
         _release_dead_attempts_lease(uuid.UUID(str(flow_run.id)))
@@ -73,7 +73,7 @@ def worker_slot(limit: int, lease_seconds: float = 300.0) -> Iterator[uuid.UUID]
     # the threads talk to the server this run's settings name (which may be a context's, not the environment's)
     renewal = threading.Thread(target=contextvars.copy_context().run,
                                args=(_renew_lease, lease_id, lease_seconds, released), daemon=True,
-                               name="worker-slot-lease")
+                               name="import-slot-lease")
     renewal.start()
     try:
         yield lease_id
@@ -87,7 +87,7 @@ def _take_lease(holder: ConcurrencyLeaseHolder | None, lease_seconds: float) -> 
     seconds when another write holds the database, then answers 503, where the same request
     sent again passes at once; so a request unanswered after ``HEDGE_SECONDS`` gets a twin,
     the first lease granted is kept and the other one is given back."""
-    pool = ThreadPoolExecutor(2, thread_name_prefix="worker-slot")
+    pool = ThreadPoolExecutor(2, thread_name_prefix="import-slot")
     settled = threading.Event()  # one request has its lease: the other stops asking
     requests = [pool.submit(contextvars.copy_context().run, _increment, holder, lease_seconds, settled)]
     if not wait(requests, timeout=HEDGE_SECONDS).done:
@@ -101,7 +101,7 @@ def _take_lease(holder: ConcurrencyLeaseHolder | None, lease_seconds: float) -> 
                 if other is not request:
                     other.add_done_callback(functools.partial(contextvars.copy_context().run, _give_back))
             return request.result()
-        failures.append(request.exception())  # type: ignore[arg-type]
+        failures.append(request.exception() or RuntimeError("an import slot request ended with no lease"))
     raise failures[0]  # the requests end with a lease or an error, and none had a lease
 
 
@@ -114,7 +114,7 @@ def _increment(holder: ConcurrencyLeaseHolder | None, lease_seconds: float, sett
         with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}), get_client(sync_client=True) as client:
             try:
                 reply = client.increment_concurrency_slots_with_lease(
-                    names=[WORKER_LIMIT], slots=1, mode="concurrency", lease_duration=lease_seconds, holder=holder)
+                    names=[IMPORT_SLOTS], slots=1, mode="concurrency", lease_duration=lease_seconds, holder=holder)
                 return uuid.UUID(reply.json()["lease_id"])
             except httpx.HTTPStatusError as exc:
                 status = exc.response.status_code
@@ -131,7 +131,7 @@ def _increment(holder: ConcurrencyLeaseHolder | None, lease_seconds: float, sett
                 unreachable_since = unreachable_since or now
                 if now - unreachable_since > patience:
                     raise
-                log.warning("asking for a worker VM slot failed (%s: %s); asking again", type(exc).__name__, exc)
+                log.warning("asking for a import slot failed (%s: %s); asking again", type(exc).__name__, exc)
                 time.sleep(random.uniform(0.5, 2.0))
     return None
 
@@ -149,9 +149,9 @@ def _release_dead_attempts_lease(flow_run_id: uuid.UUID) -> None:
     if held:
         try:
             _release_lease(uuid.UUID(str(held)))
-            log.info("gave back the worker VM slot a dead attempt of this run held (lease %s)", held)
+            log.info("gave back the import slot a dead attempt of this run held (lease %s)", held)
         except Exception as exc:  # expired or released already
-            log.info("the worker VM slot lease %s of an earlier attempt is gone already (%s)", held, exc)
+            log.info("the import slot lease %s of an earlier attempt is gone already (%s)", held, exc)
 
 
 def _release_lease(lease_id: uuid.UUID) -> None:
@@ -165,18 +165,18 @@ def _renew_lease(lease_id: uuid.UUID, lease_seconds: float, released: threading.
             with get_client(sync_client=True) as client:
                 client.renew_concurrency_lease(lease_id, lease_seconds)
         except Exception as exc:  # the next renewal may pass; the lease outlives three misses
-            log.warning("could not renew the worker VM slot's lease %s: %s", lease_id, exc)
+            log.warning("could not renew the import slot's lease %s: %s", lease_id, exc)
 
 
-WORKER_CRASH_REPORT = "Flow run infrastructure exited"
+HOST_CRASH_REPORT = "Flow run infrastructure exited"
 
 
 def retry_after_crash(flow_run_id: uuid.UUID, retries: int) -> threading.Thread:
-    """From the crash hook: schedule the run again once the worker has reported the crash.
+    """From the crash hook: schedule the run again once the run host has reported the crash.
 
-    The Prefect worker runs the hook, then reports the crash a second time ("Flow run
-    infrastructure exited ..."), which would mark a run already scheduled again as Crashed;
-    so a thread of the worker's process waits for that report first (or a while)."""
+    The run host's Prefect worker process runs the hook, then reports the crash a second time
+    ("Flow run infrastructure exited ..."), which would mark a run already scheduled again as
+    Crashed; so a thread of that process waits for that report first (or a while)."""
     thread = threading.Thread(target=contextvars.copy_context().run,
                               args=(reschedule_crashed_run, flow_run_id, retries), daemon=True,
                               name=f"retry-{flow_run_id}")
@@ -196,7 +196,7 @@ def reschedule_crashed_run(flow_run_id: uuid.UUID, retries: int, wait: float = 2
                 log.info("flow run %s is %s, not crashed: not scheduled again", flow_run_id,
                          state.name if state else "without a state")
                 return False
-            if (state.message or "").startswith(WORKER_CRASH_REPORT) or time.monotonic() > deadline:
+            if (state.message or "").startswith(HOST_CRASH_REPORT) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         if run.run_count > retries:

@@ -17,6 +17,7 @@ from diskimport.contract import ImportOptions
 from diskimport.errors import ImageRejected
 from diskimport.importer import Importer
 from diskimport.records import ObjectVersion
+from diskimport.run import Run
 from diskimport.sample_disk import build_disk
 from localoci.process import RunningLocalOCI
 from tests.workers import WORKER_IMAGE_ID
@@ -110,13 +111,21 @@ def active_runs() -> set[str]:
 
 
 @pytest.fixture
-def make_importer(credentials: OCICredentials, shape: WorkerShape, compartment_id: str,
-                  active_runs: set[str]) -> Iterator[Any]:
-    def make(**settings: Any) -> Importer:
+def make_run(credentials: OCICredentials, shape: WorkerShape, compartment_id: str,
+             active_runs: set[str]) -> Iterator[Any]:
+    """A new run context each call (a new flow run, alive), with these import settings."""
+    def make(**settings: Any) -> Run:
         run_id = str(uuid.uuid4())
         active_runs.add(run_id)
-        return Importer(credentials.clients(), ImportSettings(compartment_id=compartment_id, **settings), shape,
-                        run_id=run_id, run_is_active=active_runs.__contains__, competing_poll_seconds=0.1)
+        return Run(credentials.clients(), ImportSettings(compartment_id=compartment_id, **settings), shape,
+                   run_id=run_id, run_is_active=active_runs.__contains__)
+    yield make
+
+
+@pytest.fixture
+def make_importer(make_run: Any) -> Iterator[Any]:
+    def make(**settings: Any) -> Importer:
+        return Importer(make_run(**settings), competing_poll_seconds=0.1)
     yield make
 
 
@@ -137,6 +146,14 @@ def live(localoci: RunningLocalOCI, kind: str, version: ObjectVersion) -> list[d
             if r["lifecycleState"] not in ("TERMINATING", "TERMINATED")]
 
 
+def everything(localoci: RunningLocalOCI) -> set[tuple[str, str]]:
+    """Every resource the local OCI holds in any region, ended ones too, by kind and id: what a
+    refused request leaves as it found it."""
+    inventory = localoci.admin("GET", "inventory?all=1")
+    return {(kind, str(record.get("id") or record.get("uploadId") or record))
+            for kind, records in inventory.items() if isinstance(records, list) for record in records}
+
+
 def version_of(importer: Importer, localoci: RunningLocalOCI, bucket: str, name: str = "team/web01.qcow2"
                ) -> ObjectVersion:
     return importer.read_object(localoci.namespace, bucket, name, None)
@@ -150,17 +167,17 @@ def import_object(importer: Importer, version: ObjectVersion, parameters: Import
     previous = importer.previous_imports(version, force)
     if previous.imported is not None:
         return importer.reused_summary(version, previous.imported)
-    with importer:
+    with importer.run:
         importer.remove_stale_workers(version)
         worker, volume = importer.provision(version, image, options, previous)
-        with importer.session(worker) as session:
-            qemu_img = importer.prepare_worker(session)
+        with importer.run.session(worker) as session:
+            qemu_img = importer.run.prepare_worker(session)
             write = importer.volume_write(session, worker, volume, version, image)
             written = write.write()
             checks = write.check()
             write.detach()
         finished = importer.finish_volume(volume, options)
-        importer.terminate_worker(worker)
+        importer.run.terminate_worker(worker)
     return importer.summary(version, image, volume, finished, written, checks, qemu_img, dt_now())
 
 

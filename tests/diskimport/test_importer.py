@@ -26,7 +26,9 @@ from diskimport import cloud, contract
 from diskimport.contract import ImportOptions, InvalidRequest
 from diskimport.errors import ImageRejected, ResourceFailed, is_deterministic
 from diskimport.importer import CompetingImport, Importer, PreviousImports
-from diskimport.records import ObjectVersion
+from diskimport.machine import Machine
+from diskimport.machine_import import MachineImport, MachinePlan
+from diskimport.records import InspectedImage, ObjectVersion
 from tests.diskimport.conftest import import_object, live, version_of, volume_holds
 
 GiB = 1024**3
@@ -57,7 +59,7 @@ def test_lost_reply_on_create_volume_gives_exactly_one_volume(localoci, make_imp
     volume = importer.create_volume(version, availability_domains[0], 50, "lost-reply")
     assert localoci.admin("GET", "faults") == []  # both lost replies happened
     assert [v["id"] for v in live(localoci, "volumes", version)] == [volume.id]
-    importer.ledger.unwind()
+    importer.run.ledger.unwind()
     assert live(localoci, "volumes", version) == []
 
 
@@ -66,25 +68,25 @@ def test_lost_reply_on_launch_instance_gives_exactly_one_worker_vm(localoci, mak
     importer = make_importer()
     version = version_of(importer, localoci, bucket)
     localoci.admin("POST", "faults", {"operation": "LaunchInstance", "phase": "after", "drop": True})
-    worker = importer.launch_worker(version, availability_domains[0])
+    worker = importer.run.launch_worker(version.subject, availability_domains[0])
     assert localoci.admin("GET", "faults") == []
     assert [i["id"] for i in live(localoci, "instances", version)] == [worker.id]
-    importer.terminate_worker(worker)
+    importer.run.terminate_worker(worker)
     assert live(localoci, "instances", version) == []
-    assert importer.ledger.pending() == []
+    assert importer.run.ledger.pending() == []
 
 
 def test_lost_reply_on_attach_volume_gives_exactly_one_attachment(localoci, make_importer, bucket, web01,
                                                                    availability_domains, compute):
     importer = make_importer()
     version = version_of(importer, localoci, bucket)
-    with importer:
+    with importer.run:
         volume = importer.create_volume(version, availability_domains[0], 50, "attach-once")
-        worker = importer.launch_worker(version, availability_domains[0])
+        worker = importer.run.launch_worker(version.subject, availability_domains[0])
         localoci.admin("POST", "faults", {"operation": "AttachVolume", "phase": "after", "status": 500,
                                           "code": "InternalError", "message": "reply lost"})
-        with importer.session(worker) as session:
-            write = importer.volume_write(session, worker, volume, version, None)  # type: ignore[arg-type]
+        with importer.run.session(worker) as session:
+            write = importer.volume_write(session, worker, volume, version, InspectedImage("raw", 50 * GiB, "raw"))
             device = write.attach()
             assert localoci.admin("GET", "faults") == []
             attachments = [a for a in localoci.inventory()["attachments"] if a["volumeId"] == volume.id]
@@ -92,8 +94,8 @@ def test_lost_reply_on_attach_volume_gives_exactly_one_attachment(localoci, make
             assert device == attachments[0]["device"]
             write.detach()
         assert [a for a in localoci.inventory()["attachments"] if a["volumeId"] == volume.id] == []
-        importer.terminate_worker(worker)
-    importer.ledger.unwind()
+        importer.run.terminate_worker(worker)
+    importer.run.ledger.unwind()
     assert live(localoci, "volumes", version) == []
 
 
@@ -105,11 +107,11 @@ def test_a_create_volume_whose_wait_fails_leaves_no_volume_at_once(localoci, mak
     with pytest.raises(ResourceFailed, match="FAULTY"):
         importer.create_volume(version, availability_domains[0], 50, "faulty")
     assert live(localoci, "volumes", version) == []  # not left for the sweeper
-    assert importer.ledger.pending() == []
+    assert importer.run.ledger.pending() == []
     # The next try is a new create (a new retry token), not the faulty volume again.
     volume = importer.create_volume(version, availability_domains[0], 50, "second")
     assert [v["id"] for v in live(localoci, "volumes", version)] == [volume.id]
-    importer.ledger.unwind()
+    importer.run.ledger.unwind()
     assert live(localoci, "volumes", version) == []
 
 
@@ -126,7 +128,7 @@ def test_import_writes_the_disk_and_leaves_only_the_volume(localoci, make_import
     volumes = live(localoci, "volumes", version)
     assert [(v["id"], v["freeformTags"][contract.TAG_STATE]) for v in volumes] == [
         (summary["volume_id"], contract.STATE_IMPORTED)]
-    assert live(localoci, "instances", version) == [] and importer.ledger.pending() == []
+    assert live(localoci, "instances", version) == [] and importer.run.ledger.pending() == []
     assert not [p for p in localoci.inventory()["pars"] if p["objectName"] == version.name]
 
     again = make_importer()
@@ -145,7 +147,7 @@ def test_a_failed_import_deletes_its_volume_or_keeps_it_tagged_failed(localoci, 
         options = importer.options(version, ImportOptions())
         image = importer.inspect(version, options)
         with pytest.raises(RuntimeError, match="injected"):
-            with importer:
+            with importer.run:
                 worker, volume = importer.provision(version, image, options, PreviousImports(None, ()))
                 raise RuntimeError("injected failure after provisioning")
         assert live(localoci, "instances", version) == []
@@ -180,7 +182,7 @@ def test_a_half_written_volume_of_a_dead_run_is_resumed(localoci, make_importer,
     assert summary["availability_domain"] == availability_domains[2]
     assert volume_holds(localoci, half.id, web01[1])
     [volume] = live(localoci, "volumes", version)
-    assert volume["freeformTags"][contract.TAG_FLOW_RUN] == importer.run_id
+    assert volume["freeformTags"][contract.TAG_FLOW_RUN] == importer.run.run_id
 
 
 # -- competing runs ----------------------------------------------------------------------------
@@ -233,7 +235,7 @@ def test_of_two_runs_that_created_volumes_at_once_the_later_yields(localoci, mak
     options = importer.options(version, ImportOptions())
     image = importer.inspect(version, options)
     with pytest.raises(CompetingImport) as yielded:
-        with importer:
+        with importer.run:
             importer.provision(version, image, options, PreviousImports(None, ()))
     assert yielded.value.flow_run == rival_run
     assert [v["id"] for v in live(localoci, "volumes", version)] == [theirs.id]
@@ -253,14 +255,14 @@ def test_a_run_whose_import_another_run_finished_meanwhile_yields_to_it(localoci
     options = importer.options(version, ImportOptions())
     image = importer.inspect(version, options)
     if force:  # a forced import makes its own volume whatever was imported
-        with importer:
+        with importer.run:
             worker, volume = importer.provision(version, image, options, PreviousImports(None, (), force=True))
-            importer.terminate_worker(worker)
+            importer.run.terminate_worker(worker)
         assert volume.id != theirs.id
         blockstorage.delete_volume(volume.id)
     else:
         with pytest.raises(CompetingImport) as yielded:
-            with importer:
+            with importer.run:
                 importer.provision(version, image, options, PreviousImports(None, ()))
         assert yielded.value.volume_id == theirs.id
         assert [v["id"] for v in live(localoci, "volumes", version)] == [theirs.id]
@@ -273,23 +275,23 @@ def test_a_yielding_run_is_not_retried_by_its_task():
     """A task retry would provision again, after the run it yielded to may be done: a second volume."""
     from prefect.states import Failed
 
-    from flows.import_disk import _retry_unless_deterministic
+    from flows.tasks import retry_unless_deterministic
 
     def failed_with(exc: Exception) -> Any:
         return Failed(data=exc)
 
-    assert _retry_unless_deterministic(None, None, failed_with(CompetingImport("run", "vol"))) is False
-    assert _retry_unless_deterministic(None, None, failed_with(ConnectionError("reset"))) is True
+    assert retry_unless_deterministic(None, None, failed_with(CompetingImport("run", "vol"))) is False
+    assert retry_unless_deterministic(None, None, failed_with(ConnectionError("reset"))) is True
 
 
 # -- options, settings and refusals -------------------------------------------------------------
 
 def test_ad_number_picks_the_availability_domain_and_is_checked(make_importer, availability_domains):
     importer = make_importer()
-    assert importer.availability_domains(3) == [availability_domains[2]]
-    assert importer.availability_domains(None) == availability_domains
+    assert importer.run.availability_domains(3) == [availability_domains[2]]
+    assert importer.run.availability_domains(None) == availability_domains
     with pytest.raises(InvalidRequest) as refused:
-        importer.availability_domains(len(availability_domains) + 1)
+        importer.run.availability_domains(len(availability_domains) + 1)
     assert refused.value.code == "invalid-ad-number"
 
 
@@ -359,21 +361,21 @@ def test_two_objects_are_written_at_once_onto_two_volumes_of_one_worker_vm(
     ad = availability_domains[0]
     versions = [version_of(importer, localoci, bucket), version_of(importer, localoci, bucket, "team/data.raw")]
     images = [importer.inspect(v, ImportOptions()) for v in versions]
-    with importer:
-        worker = importer.launch_worker(versions[0], ad)
+    with importer.run:
+        worker = importer.run.launch_worker(versions[0].subject, ad)
         volumes = [importer.create_volume(v, ad, 50, v.name.rsplit("/", 1)[-1]) for v in versions]
-        with importer.session(worker) as session:
-            importer.prepare_worker(session)
+        with importer.run.session(worker) as session:
+            importer.run.prepare_worker(session)
             writes = [importer.volume_write(session, worker, volume, version, image)
                       for volume, version, image in zip(volumes, versions, images)]
             with ThreadPoolExecutor(2) as pool:
-                results = list(pool.map(lambda write: write.run(), writes))
+                results = list(pool.map(lambda write: write.complete(), writes))
         assert {r.device for r, _ in results} == {w.device for w in writes} and len({w.device for w in writes}) == 2
-        importer.terminate_worker(worker)
+        importer.run.terminate_worker(worker)
         assert volume_holds(localoci, volumes[0].id, web01[1])
         assert volume_holds(localoci, volumes[1].id, second)
         assert [a for a in localoci.inventory()["attachments"] if a["instanceId"] == worker.id] == []
-    importer.ledger.unwind()
+    importer.run.ledger.unwind()
     assert all(live(localoci, "volumes", v) == [] for v in versions)
 
 
@@ -402,16 +404,15 @@ def machine_ova(tmp_path: Path, wrong_digest_of: int | None = None) -> tuple[Pat
     return make_ova(tmp_path, "web-01", vmware_descriptor(vmdks), [p for p, _ in vmdks], manifest=manifest), raws
 
 
-def write_machine(importer: Importer, version: ObjectVersion, disks: list[Any], name: str) -> tuple[Any, Any, Any]:
+def write_machine(machine: MachineImport, plan: MachinePlan) -> tuple[Any, Any, Any]:
     """One worker VM, a volume per disk, every disk written and checked at once (the flow's order)."""
-    worker, volumes = importer.provision_machine(version, list(enumerate(image for _, image in disks)), name)
-    with importer.session(worker) as session:
-        importer.prepare_worker(session)
-        writes = [importer.volume_write(session, worker, volume, disk_version, image)
-                  for volume, (disk_version, image) in zip(volumes, disks)]
+    worker = machine.provision(plan)
+    with machine.run.session(worker) as session:
+        machine.run.prepare_worker(session)
+        writes = machine.writes(plan, session)
         with ThreadPoolExecutor(len(writes)) as pool:
-            list(pool.map(lambda write: write.run(), writes))
-    return worker, volumes, writes
+            list(pool.map(lambda write: write.complete(), writes))
+    return worker, plan.volumes, writes
 
 
 def test_a_machines_disks_are_written_at_once_on_one_worker_vm_and_grouped(
@@ -421,24 +422,26 @@ def test_a_machines_disks_are_written_at_once_on_one_worker_vm_and_grouped(
         object_storage.put_object(localoci.namespace, bucket, "machines/web-01.ova", f)
     localoci.admin("DELETE", "metrics")
     importer = make_importer()
+    machine = MachineImport(importer)
     version = version_of(importer, localoci, bucket, "machines/web-01.ova")
-    described, disks = importer.inspect_machine(version)
-    images = [image for _, image in disks]
+    plan = machine.inspect(version)
+    machine.reuse_imported(plan)
+    images = [disk.image for disk in plan.disks]
     assert [(i.format, i.virtual_size, i.container) for i in images] == \
         [("vmdk", raw.stat().st_size, "tar") for raw in raws]
-    with importer:
-        worker, volumes, writes = write_machine(importer, version, disks, described.name)
-        for volume in volumes:
-            importer.finish_volume(volume, ImportOptions())
-        group_id = importer.group_volumes(version, described.name, volumes)
-        importer.terminate_worker(worker)
+    with importer.run:
+        worker, volumes, writes = write_machine(machine, plan)
+        machine.finish_volumes(plan)
+        group_id = machine.group_volumes(plan)
+        importer.run.terminate_worker(worker)
+    assert [disk.write for disk in plan.disks] == writes  # each disk's record carries its own write
     assert len({w.device for w in writes}) == 3  # three attachments, three device paths, one worker VM
     # each streamOptimized disk decoded by the streamer, every byte of it verified (runs read back, the rest zeros)
     assert all(w.result.verified_bytes == w.result.virtual_size and w.result.slices >= 1 for w in writes)
     assert all("second-opinion" not in w.result.phases for w in writes)
     # three transfers of one object, each with a PAR of its own name: a create that fails deletes
     # the PARs of its name it may have left, never another disk's
-    assert len({importer.par_name(version, w._part) for w in writes}) == 3
+    assert len({importer.run.par_name(version.subject, w._part) for w in writes}) == 3
     assert [i["id"] for i in live(localoci, "instances", version)] == []
     assert all(volume_holds(localoci, volume.id, raw) for volume, raw in zip(volumes, raws))
     group = blockstorage.get_volume_group(group_id).data
@@ -460,11 +463,13 @@ def test_a_disk_of_a_machine_that_does_not_match_its_digest_fails_naming_it_and_
     with open(ova, "rb") as f:
         object_storage.put_object(localoci.namespace, bucket, "machines/bad.ova", f)
     importer = make_importer()
+    machine = MachineImport(importer)
     version = version_of(importer, localoci, bucket, "machines/bad.ova")
-    described, disks = importer.inspect_machine(version)
+    plan = machine.inspect(version)
+    machine.reuse_imported(plan)
     with pytest.raises(ImageRejected, match="^ova-digest-mismatch: the bytes of 'web-01-disk2.vmdk' do not match"):
-        with importer:
-            write_machine(importer, version, disks, described.name)
+        with importer.run:
+            write_machine(machine, plan)
     assert live(localoci, "volumes", version) == [] and live(localoci, "instances", version) == []
 
 
@@ -475,11 +480,12 @@ def test_a_retried_machine_import_removes_what_its_killed_attempt_left_half_writ
     ad = availability_domains[0]
     other = str(uuid.uuid4())
     active_runs.add(other)
-    mine = tagged_volume(blockstorage, compartment_id, ad, version, contract.STATE_WRITING, importer.run_id)
+    mine = tagged_volume(blockstorage, compartment_id, ad, version, contract.STATE_WRITING, importer.run.run_id)
     dead = tagged_volume(blockstorage, compartment_id, ad, version, contract.STATE_WRITING, str(uuid.uuid4()))
     finished = tagged_volume(blockstorage, compartment_id, ad, version, contract.STATE_IMPORTED, str(uuid.uuid4()))
     live_other = tagged_volume(blockstorage, compartment_id, ad, version, contract.STATE_WRITING, other)
-    assert sorted(importer.remove_unfinished_volumes(version)) == sorted([mine.id, dead.id])
+    plan = MachinePlan(version, Machine("web01", "manifest", ()), [])
+    assert sorted(MachineImport(importer).remove_unfinished_volumes(plan)) == sorted([mine.id, dead.id])
     assert sorted(v["id"] for v in live(localoci, "volumes", version)) == sorted([finished.id, live_other.id])
     for volume in (finished, live_other):
         blockstorage.delete_volume(volume.id)

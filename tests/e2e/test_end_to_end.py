@@ -27,7 +27,7 @@ from prefect.client.schemas.objects import StateType
 
 from deployments import demo, local_stack
 from diskimport import naming
-from flows.runs import WORKER_LIMIT
+from flows.runs import IMPORT_SLOTS
 from diskimport.keys import SshKeyPair, cloud_init_host_keys
 from tests.e2e.conftest import (MANUAL_BUCKET, SUFFIX, Disk, admin, image_of, live_inventory, resources_of,
                                run_import)
@@ -91,7 +91,7 @@ def test_no_worker_attachment_par_or_worker_slot_is_left(imports: dict[str, Any]
     assert inventory["attachments"] == []
     assert inventory["pars"] == []
     with local_stack.prefect_api(stack["PREFECT_API_URL"]), get_client(sync_client=True) as client:
-        assert client.read_global_concurrency_limit_by_name(WORKER_LIMIT).active_slots == 0
+        assert client.read_global_concurrency_limit_by_name(IMPORT_SLOTS).active_slots == 0
 
 
 def test_reimport_of_same_etag_returns_existing_volume(imports: dict[str, Any], stack) -> None:
@@ -247,10 +247,10 @@ def test_run_killed_mid_write_finishes_by_itself_with_exactly_one_volume(stack, 
     # The bound: a run that has already started retries + 1 times stays crashed.
     from prefect.states import Crashed
 
-    from flows.runs import WORKER_CRASH_REPORT, reschedule_crashed_run
+    from flows.runs import HOST_CRASH_REPORT, reschedule_crashed_run
 
     with local_stack.prefect_api(stack["PREFECT_API_URL"]), get_client(sync_client=True) as client:
-        client.set_flow_run_state(run.id, Crashed(message=f"{WORKER_CRASH_REPORT} (a third crash)"), force=True)
+        client.set_flow_run_state(run.id, Crashed(message=f"{HOST_CRASH_REPORT} (a third crash)"), force=True)
         assert reschedule_crashed_run(run.id, retries=1, wait=0) is False
         assert client.read_flow_run(run.id).state.is_crashed()
 
@@ -304,18 +304,18 @@ def test_a_worker_slot_asked_of_a_stalled_server_is_granted_once_it_answers(stac
     from prefect.exceptions import ObjectNotFound
 
     from blocks.settings import ImportSettings
-    from flows.runs import worker_slot
+    from flows.runs import import_slot
 
     server = stack["PREFECT_API_URL"]
     with local_stack.prefect_api(server), get_client(sync_client=True) as client:
         try:  # as the imports before this test left it, else as the first import makes it
-            limit = client.read_global_concurrency_limit_by_name(WORKER_LIMIT).limit
+            limit = client.read_global_concurrency_limit_by_name(IMPORT_SLOTS).limit
         except ObjectNotFound:
             limit = ImportSettings.model_fields["worker_concurrency_limit"].default
     proxy = StallingProxy(int(server.rsplit(":", 1)[1].split("/")[0]), stalls=3)
     with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{proxy.port}/api",
                                      PREFECT_API_REQUEST_TIMEOUT: 1.0}):
-        with worker_slot(limit) as lease_id:
+        with import_slot(limit) as lease_id:
             with local_stack.prefect_api(server), get_client(sync_client=True) as client:
                 client.renew_concurrency_lease(lease_id, 300)  # held: it can be renewed
     assert proxy.stalled == 3  # asked (and its hedge), timed out, asked again
@@ -329,11 +329,11 @@ def test_a_worker_slot_lease_outlives_a_restart_of_the_prefect_server(stack):
     """A lease the server forgot on restart would keep its slot taken for good (the limit still
     counts it, and nothing expires it): every run after would wait for a worker VM forever."""
     from blocks.settings import ImportSettings
-    from flows.runs import worker_slot
+    from flows.runs import import_slot
 
     base = local_stack.local_dir()
     with local_stack.prefect_api(stack["PREFECT_API_URL"]):
-        with worker_slot(ImportSettings.model_fields["worker_concurrency_limit"].default) as lease_id:
+        with import_slot(ImportSettings.model_fields["worker_concurrency_limit"].default) as lease_id:
             local_stack.process.stop_pid(local_stack._pid_alive(base / "prefect-server.pid"))
             local_stack.start_prefect_server(base, local_stack.read_env(base / "stack.env"))
             with get_client(sync_client=True) as client:
@@ -449,7 +449,7 @@ def test_a_run_started_by_hand_beside_the_upload_run_waits_and_returns_its_volum
 @pytest.fixture
 def watchers_paused(stack) -> Iterator[None]:
     """The stack's own reconciler and host-death automations held still, so a test that drives
-    :func:`flows.reconcile.reconcile_once` itself is the only thing that moves its runs."""
+    :func:`deployments.reconciler.reconcile_once` itself is the only thing that moves its runs."""
     from deployments import automations
 
     pid = local_stack._pid_alive(Path(stack["PREFECT_HOME"]).parent / "reconciler.pid")
@@ -477,7 +477,7 @@ def test_the_reconciler_recovers_import_runs_whose_events_were_lost(stack, watch
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
     from prefect.states import Crashed, Pending, Running
 
-    from flows import reconcile
+    from deployments import reconciler as reconcile
 
     with local_stack.prefect_api(stack["PREFECT_API_URL"]), get_client(sync_client=True) as client:
         pool = f"nobody-polls-{uuid.uuid4().hex[:8]}"
