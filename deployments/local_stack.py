@@ -388,12 +388,12 @@ def set_up_automations(api_url: str) -> None:
 
 
 def start_reconciler(base: Path, api_url: str) -> None:
-    """Start :mod:`flows.reconcile`, the backstop for automation events a restarting server loses."""
+    """Start :mod:`deployments.reconciler`, the backstop for automation events a restarting server loses."""
     from blocks import ImportSettings
 
     pid_file = base / "reconciler.pid"
     if _pid_alive(pid_file) is None:
-        _spawn([sys.executable, "-m", "flows.reconcile", "--heartbeat", HEARTBEAT_SECONDS,
+        _spawn([sys.executable, "-m", "deployments.reconciler", "--heartbeat", HEARTBEAT_SECONDS,
                 "--silence", str(SILENT_HEARTBEATS),
                 "--retries", str(ImportSettings.model_fields["crash_retries"].default)],
                prefect_env(base, api_url), base / "reconciler.log", pid_file)

@@ -21,7 +21,7 @@ with no deployment has nobody to run it again). The next attempt resumes, as any
 Run it beside the Prefect server, wherever runs send heartbeats (``make up`` starts it on a
 PostgreSQL-backed stack)::
 
-    PREFECT_API_URL=... python -m flows.reconcile --heartbeat 30 --retries 2
+    PREFECT_API_URL=... python -m deployments.reconciler --heartbeat 30 --retries 2
 """
 
 from __future__ import annotations
