@@ -2,9 +2,11 @@
 one ``fn deploy`` (or an OCI DevOps build) makes the function image from.
 
 It holds the function's own files and, beside them, ``contract.py`` copied from
-``diskimport/contract.py``: the rules the function shares with the flow, which the
-function imports by plain name there (``from contract import ...``), so the image needs
-nothing else of this repository. Standard library only.
+``diskimport/contract.py``: the rules the function shares with the flow. In the repository
+the function's modules import ``diskimport.contract`` and each other by package; in the
+build directory they sit side by side, so the build rewrites those imports to plain names
+(``from contract import ...``), and the image needs nothing else of this repository.
+Standard library only.
 
 OUTDIR is replaced as a whole on each build (stale files never reach an image); a
 directory that is not empty and was not written by this build is left alone and refused.
@@ -21,6 +23,11 @@ HERE = Path(__file__).resolve().parent
 CONTRACT = HERE.parent / "diskimport" / "contract.py"
 FILES = ("func.py", "trigger.py", "func.yaml", "requirements.txt", "README.md")
 MARKER = ".function-build"  # names a directory this module wrote, so a rebuild may replace it
+# Each module's package imports, as the flat build directory has them.
+FLAT_IMPORTS = {
+    "func.py": ("from function_trigger.trigger import", "from trigger import"),
+    "trigger.py": ("from diskimport.contract import", "from contract import"),
+}
 
 
 def build(out: Path) -> Path:
@@ -34,6 +41,12 @@ def build(out: Path) -> Path:
     out.mkdir(parents=True)
     for name in FILES:
         shutil.copy2(HERE / name, out / name)
+        if name in FLAT_IMPORTS:
+            package_import, flat_import = FLAT_IMPORTS[name]
+            source = (HERE / name).read_text()
+            if source.count(package_import) != 1:
+                raise RuntimeError(f"{name} must import {package_import!r} exactly once for the build to flatten it")
+            (out / name).write_text(source.replace(package_import, flat_import))
     shutil.copy2(CONTRACT, out / "contract.py")
     (out / MARKER).write_text("written by python -m function_trigger.build; replaced by the next build\n")
     return out

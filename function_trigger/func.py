@@ -22,10 +22,8 @@ import httpx
 import oci
 from fdk import response
 
-try:
-    from .trigger import Decision, PrefectApi, TriggerConfig, handle
-except ImportError:  # inside the function image the modules sit side by side
-    from trigger import Decision, PrefectApi, TriggerConfig, handle  # type: ignore[no-redef]
+# In the function's build directory the modules sit side by side: the build rewrites this import.
+from function_trigger.trigger import Decision, PrefectApi, TriggerConfig, handle
 
 _http = httpx.Client(timeout=15.0)
 _object_storage: Any = None

@@ -24,11 +24,8 @@ from typing import Any, Callable, Mapping
 
 import httpx
 
-try:
-    from diskimport.contract import IMAGE_SUFFIXES, MACHINE_SUFFIXES, Refusal, idempotency_key, parse_options
-except ImportError:  # in the function's build directory contract.py sits beside this file
-    from contract import (IMAGE_SUFFIXES, MACHINE_SUFFIXES, Refusal, idempotency_key,  # type: ignore[no-redef]
-                          parse_options)
+# In the function's build directory contract.py sits beside this file: the build rewrites this import.
+from diskimport.contract import IMAGE_SUFFIXES, MACHINE_SUFFIXES, Refusal, idempotency_key, parse_options
 
 ACTED_ON = {"com.oraclecloud.objectstorage.createobject", "com.oraclecloud.objectstorage.updateobject"}
 RETRYABLE = {429, 500, 502, 503, 504}
