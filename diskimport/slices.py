@@ -285,9 +285,9 @@ class SliceWriter:
                 self.qemu.convert_nodes(self._nbd(offset, length), self._device(offset, length),
                                         target_is_zero=self.target_is_zero, on_progress=progress)
                 checks.append(((offset, length), verifier.submit(self.verify_slice, offset, length)))
-                failed = [f for _, f in checks if f.done() and f.exception() is not None]
-                if failed:
-                    raise failed[0].exception()  # type: ignore[misc]
+                failed = next((f for _, f in checks if f.done() and f.exception() is not None), None)
+                if failed is not None:
+                    failed.result()  # raises what the comparison raised
             zeros.result()  # the map reads over NBD, which ends once the download completes
             if self.windowed:  # the comparisons read through the stream: it ends after them
                 differing = [(window, f.result()) for window, f in checks]
