@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.guest_disks import GPT_EFI, SECTOR, _layout, _run, _write
+from tests.guest_disks import GPT_EFI, SECTOR, partition_layout, run_tool, write_at
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".local" / "boot-disks"
@@ -62,10 +62,10 @@ def kernel() -> Path:
         return Path(found[-1])
     CACHE.mkdir(parents=True, exist_ok=True)
     try:
-        depends = _run("apt-cache", "depends", "linux-image-cloud-amd64")
+        depends = run_tool("apt-cache", "depends", "linux-image-cloud-amd64")
     except RuntimeError:  # no package lists yet on a fresh machine
         subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
-        depends = _run("apt-cache", "depends", "linux-image-cloud-amd64")
+        depends = run_tool("apt-cache", "depends", "linux-image-cloud-amd64")
     package = next(line.split(":", 1)[1].strip() for line in depends.splitlines()
                    if line.strip().startswith("Depends:") and "linux-image-" in line)
     with tempfile.TemporaryDirectory(dir=CACHE) as work:
@@ -73,7 +73,7 @@ def kernel() -> Path:
         subprocess.run(["apt-get", "download", "-qq", package], cwd=work, check=True, capture_output=True)
         deb = next(Path(work).glob("*.deb"))
         unpacked = Path(work) / "kernel"
-        _run("dpkg-deb", "-x", str(deb), str(unpacked))
+        run_tool("dpkg-deb", "-x", str(deb), str(unpacked))
         shutil.rmtree(CACHE / "kernel", ignore_errors=True)
         os.replace(unpacked, CACHE / "kernel")
     return kernel()
@@ -107,18 +107,18 @@ def initramfs() -> Path:
 
 def _fat(disk: Path, offset: int, size: int, label: str) -> str:
     """Make a FAT filesystem in the partition at ``offset``; return its mtools image name."""
-    _run("mkfs.vfat", "-n", label, "--offset", str(offset // SECTOR), str(disk), str(size // 1024))
+    run_tool("mkfs.vfat", "-n", label, "--offset", str(offset // SECTOR), str(disk), str(size // 1024))
     return f"{disk}@@{offset}"
 
 
 def _copy(image: str, source: Path, target: str) -> None:
-    _run("mcopy", "-o", "-i", image, str(source), target)
+    run_tool("mcopy", "-o", "-i", image, str(source), target)
 
 
 def bios_disk(path: Path, size_mib: int = 48) -> Path:
     """An MBR disk that boots by BIOS: SYSLINUX from the active FAT partition."""
-    [(offset, size)] = _layout(path, "dos", [(size_mib - 2, MBR_FAT16)])
-    _run("sfdisk", "--quiet", "--activate", str(path), "1")
+    [(offset, size)] = partition_layout(path, "dos", [(size_mib - 2, MBR_FAT16)])
+    run_tool("sfdisk", "--quiet", "--activate", str(path), "1")
     image = _fat(path, offset, size, "BOOT")
     with tempfile.TemporaryDirectory() as work:
         config = Path(work) / "syslinux.cfg"
@@ -127,8 +127,8 @@ def bios_disk(path: Path, size_mib: int = 48) -> Path:
         _copy(image, config, "::/syslinux.cfg")
     _copy(image, kernel(), "::/vmlinuz")
     _copy(image, initramfs(), "::/initrd.img")
-    _run("syslinux", "--offset", str(offset), "--install", str(path))
-    _write(path, 0, Path(MBR_BOOT_CODE).read_bytes()[:440])
+    run_tool("syslinux", "--offset", str(offset), "--install", str(path))
+    write_at(path, 0, Path(MBR_BOOT_CODE).read_bytes()[:440])
     return path
 
 
@@ -138,7 +138,7 @@ def unified_kernel_image(target: Path) -> Path:
         cmdline, osrel = Path(work) / "cmdline", Path(work) / "os-release"
         cmdline.write_text(KERNEL_COMMAND_LINE + "\0")
         osrel.write_text('ID=bootdisk\nPRETTY_NAME="boot test disk"\n')
-        _run("objcopy",
+        run_tool("objcopy",
              "--add-section", f".osrel={osrel}", "--change-section-vma", ".osrel=0x20000",
              "--add-section", f".cmdline={cmdline}", "--change-section-vma", ".cmdline=0x30000",
              "--add-section", f".linux={kernel()}", "--change-section-vma", ".linux=0x2000000",
@@ -149,9 +149,9 @@ def unified_kernel_image(target: Path) -> Path:
 
 def uefi_disk(path: Path, size_mib: int = 64) -> Path:
     """A GPT disk that boots by UEFI: the removable-media loader on its EFI System Partition."""
-    [(offset, size)] = _layout(path, "gpt", [(size_mib - 3, GPT_EFI)])
+    [(offset, size)] = partition_layout(path, "gpt", [(size_mib - 3, GPT_EFI)])
     image = _fat(path, offset, size, "ESP")
-    _run("mmd", "-i", image, "::/EFI", "::/EFI/BOOT")
+    run_tool("mmd", "-i", image, "::/EFI", "::/EFI/BOOT")
     with tempfile.TemporaryDirectory() as work:
         _copy(image, unified_kernel_image(Path(work) / "BOOTX64.EFI"), "::/EFI/BOOT/BOOTX64.EFI")
     return path
@@ -159,7 +159,7 @@ def uefi_disk(path: Path, size_mib: int = 64) -> Path:
 
 def unbootable_disk(path: Path, size_mib: int = 16) -> Path:
     """An MBR disk with a FAT partition and no boot code: no firmware can start it."""
-    [(offset, size)] = _layout(path, "dos", [(size_mib - 2, MBR_FAT16)])
+    [(offset, size)] = partition_layout(path, "dos", [(size_mib - 2, MBR_FAT16)])
     _fat(path, offset, size, "DATA")
     return path
 

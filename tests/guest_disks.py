@@ -58,7 +58,7 @@ def tools_missing() -> list[str]:
     return [t for t in tools if shutil.which(t) is None]
 
 
-def _run(*argv: str, stdin: str | None = None, env: dict[str, str] | None = None) -> str:
+def run_tool(*argv: str, stdin: str | None = None, env: dict[str, str] | None = None) -> str:
     done = subprocess.run(argv, input=stdin, text=True, capture_output=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
@@ -70,7 +70,7 @@ def _blank(path: Path, size: int) -> None:
         f.truncate(size)
 
 
-def _layout(path: Path, table: str, parts: list[tuple[int, str]]) -> list[tuple[int, int]]:
+def partition_layout(path: Path, table: str, parts: list[tuple[int, str]]) -> list[tuple[int, int]]:
     """Write a disk holding a partition table of ``parts`` ((size in MiB, type), 1 MiB aligned);
     return each partition's (offset, size) in bytes. An MBR extended partition holds the
     partitions after it (logical ones), each preceded by a MiB for its EBR."""
@@ -85,7 +85,7 @@ def _layout(path: Path, table: str, parts: list[tuple[int, str]]) -> list[tuple[
         lines.append(f"start={offset // SECTOR}, size={size // SECTOR}, type={kind}\n")
         offset += 0 if kind == MBR_EXTENDED else size
     _blank(path, offset + MiB)  # room for the backup GPT
-    _run("sfdisk", "--quiet", str(path), stdin=f"label: {table}\n" + "".join(lines))
+    run_tool("sfdisk", "--quiet", str(path), stdin=f"label: {table}\n" + "".join(lines))
     return places
 
 
@@ -95,20 +95,20 @@ def _filesystem(kind: str, size: int, work: Path, label: str | None = None, star
     _blank(image, size)
     named = [] if label is None else {"vfat": ["-n", label], "swap": ["-L", label]}.get(kind, ["-L", label])
     if kind == "vfat":
-        _run("mkfs.vfat", *named, str(image))
+        run_tool("mkfs.vfat", *named, str(image))
     elif kind == "xfs":
-        _run("mkfs.xfs", "-q", "-f", *named, str(image))
+        run_tool("mkfs.xfs", "-q", "-f", *named, str(image))
     elif kind == "ext4":
-        _run("mke2fs", "-q", "-F", "-t", "ext4", *named, str(image))
+        run_tool("mke2fs", "-q", "-F", "-t", "ext4", *named, str(image))
     elif kind == "btrfs":
-        _run("mkfs.btrfs", "-q", "-f", *named, str(image))
+        run_tool("mkfs.btrfs", "-q", "-f", *named, str(image))
     elif kind == "ntfs":
         # -p/-H/-S: the partition's place and geometry, as Windows writes them in the boot sector.
-        _run("mkntfs", "-F", "-Q", "-q", "-s", "512", "-p", str(start_sector), "-H", "255", "-S", "63",
+        run_tool("mkntfs", "-F", "-Q", "-q", "-s", "512", "-p", str(start_sector), "-H", "255", "-S", "63",
              *named, str(image))
     elif kind == "swap":
         os.chmod(image, 0o600)
-        _run("mkswap", *named, str(image))
+        run_tool("mkswap", *named, str(image))
     else:
         raise ValueError(f"no builder for {kind}")
     return image
@@ -133,7 +133,7 @@ def _put(disk: Path, offset: int, kind: str, size: int, work: Path, label: str |
     _place(disk, offset, _filesystem(kind, size, work, label, start_sector=offset // SECTOR))
 
 
-def _write(disk: Path, offset: int, data: bytes) -> None:
+def write_at(disk: Path, offset: int, data: bytes) -> None:
     with open(disk, "r+b") as f:
         f.seek(offset)
         f.write(data)
@@ -169,22 +169,22 @@ def make_volume_group(pvs: list[tuple[Path, int, int]], vg: str, lvs: list[list[
         loops: list[str] = []
         try:
             for disk, offset, size in pvs:
-                loops.append(_run("losetup", "--find", "--show", "--offset", str(offset), "--sizelimit", str(size),
+                loops.append(run_tool("losetup", "--find", "--show", "--offset", str(offset), "--sizelimit", str(size),
                                   str(disk)).strip())
             Path(work, "lock").mkdir()
             Path(work, "lvm.conf").write_text(_LVM_CONF.format(
                 filters=", ".join(f'"a|^{loop}$|"' for loop in loops), work=work))
             env = {**os.environ, "LVM_SYSTEM_DIR": work, "LVM_SUPPRESS_FD_WARNINGS": "1"}
             # No autoactivation, should a udev with lvm2's rules see these devices.
-            _run("vgcreate", "-q", "--setautoactivation", "n", "-s", f"{extent_mib}M", vg, *loops, env=env)
+            run_tool("vgcreate", "-q", "--setautoactivation", "n", "-s", f"{extent_mib}M", vg, *loops, env=env)
             for args in lvs:
                 options = [a for a in args if "{" not in a]
                 on = [a.format(*loops) for a in args if "{" in a]  # PVs (and extent ranges) to allocate from
-                _run("lvcreate", "-q", "-y", "--activate", "n", "--zero", "n", "--wipesignatures", "n",
+                run_tool("lvcreate", "-q", "-y", "--activate", "n", "--zero", "n", "--wipesignatures", "n",
                      *options, vg, *on, env=env)
-            report = json.loads(_run("lvs", "--reportformat", "json", "-o", "lv_name,seg_start_pe,seg_pe_ranges",
+            report = json.loads(run_tool("lvs", "--reportformat", "json", "-o", "lv_name,seg_start_pe,seg_pe_ranges",
                                      vg, env=env))["report"][0]["lv"]
-            pv_report = json.loads(_run("pvs", "--reportformat", "json", "--units", "b", "--nosuffix",
+            pv_report = json.loads(run_tool("pvs", "--reportformat", "json", "--units", "b", "--nosuffix",
                                         "-o", "pv_name,pe_start,vg_extent_size", env=env))["report"][0]["pv"]
         finally:
             for loop in loops:
@@ -211,7 +211,7 @@ def oracle_linux(path: Path, damaged_root: str | None = None) -> GuestDisk:
     free space header (blkid still sees an xfs), ``"superblock"`` the superblock's block size
     (blkid sees nothing; the check must find the xfs by its magic number).
     """
-    (efi, efi_size), (boot, boot_size), (pv, pv_size) = _layout(
+    (efi, efi_size), (boot, boot_size), (pv, pv_size) = partition_layout(
         path, "gpt", [(32, GPT_EFI), (300, GPT_LINUX), (312, GPT_LVM)])
     work = path.parent
     _put(path, efi, "vfat", efi_size, work)
@@ -223,9 +223,9 @@ def oracle_linux(path: Path, damaged_root: str | None = None) -> GuestDisk:
     _put(path, pv + root, "xfs", root_size, work, label="root")
     _put(path, pv + swap, "swap", swap_size, work)
     if damaged_root == "agf":
-        _write(path, pv + root + SECTOR, b"XXXX")  # the AGF follows the superblock's sector
+        write_at(path, pv + root + SECTOR, b"XXXX")  # the AGF follows the superblock's sector
     elif damaged_root == "superblock":
-        _write(path, pv + root + 4, b"\0" * 4)  # sb_blocksize
+        write_at(path, pv + root + 4, b"\0" * 4)  # sb_blocksize
     elif damaged_root is not None:
         raise ValueError(f"unknown damage {damaged_root!r}")
     return GuestDisk(path, (
@@ -246,7 +246,7 @@ def windows(path: Path, damaged_partition: int | None = None, damage: str = "mft
     must find it by its boot sector), ``"mirror"`` a field of ``$MFTMirr``'s copy of record 1
     (blkid still sees a healthy NTFS; only ntfsfix notices $MFTMirr differing from $MFT).
     """
-    places = _layout(path, "dos", [(16, MBR_NTFS), (32, MBR_NTFS)])
+    places = partition_layout(path, "dos", [(16, MBR_NTFS), (32, MBR_NTFS)])
     labels = ["System Reserved", "Windows"]
     for (offset, size), label in zip(places, labels):
         _put(path, offset, "ntfs", size, path.parent, label=label)
@@ -259,9 +259,9 @@ def windows(path: Path, damaged_partition: int | None = None, damage: str = "mft
         mft_cluster, mirror_cluster = struct.unpack_from("<qq", boot, 0x30)
         cluster = sector_bytes * sectors_per_cluster
         if damage == "mft":
-            _write(path, offset + mft_cluster * cluster, b"BAAD")
+            write_at(path, offset + mft_cluster * cluster, b"BAAD")
         else:  # record 1 of the mirror (records are 1 KiB), its sequence number and link count
-            _write(path, offset + mirror_cluster * cluster + 1024 + 0x10, b"\xff" * 4)
+            write_at(path, offset + mirror_cluster * cluster + 1024 + 0x10, b"\xff" * 4)
     lost_label = damage == "mft"
     return GuestDisk(path, tuple(
         Expected(f"p{n}", "ntfs", "errors", None if lost_label else label) if n == damaged_partition
@@ -271,7 +271,7 @@ def windows(path: Path, damaged_partition: int | None = None, damage: str = "mft
 
 def btrfs_root(path: Path) -> GuestDisk:
     """GPT: p1 EFI (vfat), p2 a btrfs root, as Fedora and openSUSE lay out theirs."""
-    places = _layout(path, "gpt", [(32, GPT_EFI), (112, GPT_LINUX)])
+    places = partition_layout(path, "gpt", [(32, GPT_EFI), (112, GPT_LINUX)])
     _put(path, places[0][0], "vfat", places[0][1], path.parent, label="EFI")
     _put(path, places[1][0], "btrfs", places[1][1], path.parent, label="fedora")
     return GuestDisk(path, (Expected("p1", "vfat", "clean", "EFI"), Expected("p2", "btrfs", "clean", "fedora")),
@@ -281,13 +281,13 @@ def btrfs_root(path: Path) -> GuestDisk:
 def whole_device_ext4(path: Path) -> GuestDisk:
     """ext4 on the whole device, no partition table (a typical data disk)."""
     _blank(path, 64 * MiB)
-    _run("mke2fs", "-q", "-F", "-t", "ext4", "-L", "data", str(path))
+    run_tool("mke2fs", "-q", "-F", "-t", "ext4", "-L", "data", str(path))
     return GuestDisk(path, (Expected("disk", "ext4", "clean", "data"),), {"disk": (0, 64 * MiB)})
 
 
 def mbr_logical(path: Path) -> GuestDisk:
     """MBR: p1 ext4, p2 an extended partition holding the logical p5 and p6 (ext4)."""
-    places = _layout(path, "dos", [(16, MBR_LINUX), (0, MBR_EXTENDED), (16, MBR_LINUX), (16, MBR_LINUX)])
+    places = partition_layout(path, "dos", [(16, MBR_LINUX), (0, MBR_EXTENDED), (16, MBR_LINUX), (16, MBR_LINUX)])
     (p1, _), _, (p5, _), (p6, _) = places
     for offset, label in ((p1, "one"), (p5, "five"), (p6, "six")):
         _put(path, offset, "ext4", 16 * MiB, path.parent, label=label)
@@ -298,14 +298,14 @@ def mbr_logical(path: Path) -> GuestDisk:
 
 def unusual_partitions(path: Path) -> GuestDisk:
     """GPT: p1 BIOS boot (no filesystem), p2 LUKS, p3 swap, p4 nothing recognisable."""
-    places = _layout(path, "gpt", [(1, GPT_BIOS_BOOT), (4, GPT_LINUX), (8, GPT_SWAP), (4, GPT_LINUX)])
+    places = partition_layout(path, "gpt", [(1, GPT_BIOS_BOOT), (4, GPT_LINUX), (8, GPT_SWAP), (4, GPT_LINUX)])
     header = bytearray(SECTOR * 2)  # a LUKS1 header: magic, version, cipher, uuid
     header[0:8] = b"LUKS\xba\xbe\x00\x01"
     header[8:11], header[40:43] = b"aes", b"xts"
     header[168:204] = str(uuid.uuid4()).encode()
-    _write(path, places[1][0], bytes(header))
+    write_at(path, places[1][0], bytes(header))
     _put(path, places[2][0], "swap", places[2][1], path.parent)
-    _write(path, places[3][0], os.urandom(64 * 1024))
+    write_at(path, places[3][0], os.urandom(64 * 1024))
     return GuestDisk(path, (Expected("p1", None, "skipped"), Expected("p2", "crypto_LUKS", "not checked"),
                             Expected("p3", "swap", "skipped"), Expected("p4", None, "not checked")),
                      {f"p{n}": place for n, place in enumerate(places, start=1)})

@@ -13,7 +13,7 @@ import httpx
 import oci
 
 from deployments.local_stack import chosen_database, read_env
-from localoci.process import _alive
+from localoci.process import alive
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_KEYS = {
@@ -39,7 +39,7 @@ def processes_using(path: Path) -> list[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if str(path).encode() in Path(f"/proc/{entry}/cmdline").read_bytes() and _alive(int(entry)):
+                if str(path).encode() in Path(f"/proc/{entry}/cmdline").read_bytes() and alive(int(entry)):
                     found.append(int(entry))
             except OSError:
                 pass
