@@ -191,7 +191,8 @@ class SshdHost:
         if proc is not None:
             # sshd puts each connection in a session of its own, so a signal to its
             # process group misses them: find the whole tree first.
-            for pid in [proc.pid, *descendants(proc.pid)]:
+            tree = [proc.pid, *descendants(proc.pid)]
+            for pid in tree:
                 _signal(pid, sig)
             try:
                 proc.wait(timeout=5)
@@ -200,6 +201,10 @@ class SshdHost:
                 proc.wait(timeout=5)
             for pid in descendants(proc.pid):
                 _signal(pid, signal.SIGKILL)
+            if sig == signal.SIGKILL:
+                # A killed session may still be exiting (its memory, the instance's tmpfs, still
+                # held) when the signal returns: the instance is down once every process has gone.
+                _wait_gone(tree[1:], timeout=30)
         self.kill_stale()
 
     def kill_stale(self) -> None:
@@ -240,6 +245,24 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has: it holds nothing)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    """Wait until none of ``pids`` is alive (each was sent SIGKILL), at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    waiting = [pid for pid in pids if _alive(pid)]
+    while waiting and time.monotonic() < deadline:
+        time.sleep(0.01)
+        waiting = [pid for pid in waiting if _alive(pid)]
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:
