@@ -132,14 +132,14 @@ def start_host(base: Path, api_url: str, name: str) -> dict[str, int]:
     env = {**local_stack.prefect_env(base, api_url), "PYTHONPATH": str(ROOT)}
     sock = home / "warm-runner.sock"
     sock.unlink(missing_ok=True)
-    runner = local_stack._spawn([sys.executable, "-m", "deployments.warm_runner", str(sock)], env,
+    runner = local_stack.spawn([sys.executable, "-m", "deployments.warm_runner", str(sock)], env,
                                 home / "warm-runner.log", base / f"{name}-warm-runner.pid", cwd=home)
     deadline = time.monotonic() + 120
     while not sock.exists():
         if time.monotonic() > deadline:
             raise RuntimeError(f"{name}'s warm runner did not start; see {home / 'warm-runner.log'}")
         time.sleep(0.1)
-    worker = local_stack._spawn([local_stack.PREFECT, "worker", "start", "--pool", local_stack.WORK_POOL, "--type",
+    worker = local_stack.spawn([local_stack.PREFECT, "worker", "start", "--pool", local_stack.WORK_POOL, "--type",
                                  "process", "--name", name], {**env, "IMPORT_WARM_RUNNER_SOCKET": str(sock)},
                                 home / "prefect-worker.log", base / f"{name}-worker.pid", cwd=home)
     return {"runner": runner, "worker": worker}
@@ -260,7 +260,7 @@ class Schedule:
         return "no worker VM was running"
 
     def _oci(self) -> str:
-        pid = local_stack._pid_alive(self.base / "localoci.pid")
+        pid = local_stack.pid_alive(self.base / "localoci.pid")
         if pid is not None:
             local_stack.process.stop_pid(pid)
         time.sleep(3)
@@ -268,7 +268,7 @@ class Schedule:
         return "local OCI stopped and started again 3 s later"
 
     def _prefect(self) -> str:
-        pid = local_stack._pid_alive(self.base / "prefect-server.pid")
+        pid = local_stack.pid_alive(self.base / "prefect-server.pid")
         if pid is not None:
             local_stack.process.stop_pid(pid)
         time.sleep(3)
@@ -321,7 +321,7 @@ def peak_memory(base: Path) -> dict[str, float]:
     """Each stack process's peak resident memory (VmHWM), in MB."""
     peaks = {}
     for pid_file in sorted(base.glob("*.pid")):
-        pid = local_stack._pid_alive(pid_file)
+        pid = local_stack.pid_alive(pid_file)
         if pid is None:
             continue
         try:

@@ -88,12 +88,12 @@ def write_env(path: Path, values: dict[str, str]) -> None:
     tmp.replace(path)
 
 
-def _pid_alive(pid_file: Path) -> int | None:
+def pid_alive(pid_file: Path) -> int | None:
     try:
         pid = int(pid_file.read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
-    return pid if process._alive(pid) else None
+    return pid if process.alive(pid) else None
 
 
 def _free_port() -> int:
@@ -106,7 +106,7 @@ def start_localoci(base: Path, previous: dict[str, str]) -> process.RunningLocal
     pid_file = base / "localoci.pid"
     data_dir = base / "localoci"
     port = int(previous["LOCALOCI_ENDPOINT"].rsplit(":", 1)[1]) if previous.get("LOCALOCI_ENDPOINT") else _free_port()
-    if (pid := _pid_alive(pid_file)) is not None:
+    if (pid := pid_alive(pid_file)) is not None:
         ready = json.loads((data_dir / "ready.json").read_text())
         return process.RunningLocalOCI(
             process=None, pid=pid, data_dir=data_dir, endpoint=ready["endpoint"], namespace=ready["namespace"],
@@ -225,7 +225,7 @@ def _wait_http(url: str, timeout: float, what: str, log: Path) -> None:
     raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f}s; see {log}")
 
 
-def _spawn(argv: list[str], env: dict[str, str], log: Path, pid_file: Path, cwd: Path = ROOT) -> int:
+def spawn(argv: list[str], env: dict[str, str], log: Path, pid_file: Path, cwd: Path = ROOT) -> int:
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, cwd=cwd,
                                 start_new_session=True)
@@ -282,7 +282,7 @@ def start_postgres(base: Path) -> str:
     port = int(port_file.read_text()) if port_file.exists() else _free_port()
     port_file.write_text(str(port))
     pid_file = base / "postgres.pid"
-    if _pid_alive(pid_file) is None:
+    if pid_alive(pid_file) is None:
         log = data / "server.log"
         subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
                                      "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1 "
@@ -302,9 +302,9 @@ def start_prefect_server(base: Path, previous: dict[str, str]) -> str:
     pid_file = base / "prefect-server.pid"
     api_url = previous.get("PREFECT_API_URL") or f"http://127.0.0.1:{_free_port()}/api"
     (base / "prefect").mkdir(parents=True, exist_ok=True)
-    if _pid_alive(pid_file) is None:
+    if pid_alive(pid_file) is None:
         port = api_url.rsplit(":", 1)[1].split("/")[0]
-        _spawn([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", port],
+        spawn([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", port],
                prefect_env(base, api_url), base / "prefect-server.log", pid_file)
     _wait_http(api_url + "/health", 180, "the Prefect server", base / "prefect-server.log")
     return api_url
@@ -365,13 +365,13 @@ def start_warm_runner(base: Path, api_url: str) -> str:
     """Start :mod:`deployments.warm_runner`; return its socket (flow runs start through it)."""
     pid_file = base / "warm-runner.pid"
     sock = base / "warm-runner.sock"
-    if _pid_alive(pid_file) is None:
+    if pid_alive(pid_file) is None:
         sock.unlink(missing_ok=True)
-        _spawn([sys.executable, "-m", "deployments.warm_runner", str(sock)], prefect_env(base, api_url),
+        spawn([sys.executable, "-m", "deployments.warm_runner", str(sock)], prefect_env(base, api_url),
                base / "warm-runner.log", pid_file)
     deadline = time.monotonic() + 120
     while not sock.exists():
-        if time.monotonic() > deadline or _pid_alive(pid_file) is None:
+        if time.monotonic() > deadline or pid_alive(pid_file) is None:
             raise RuntimeError(f"the warm runner did not start; see {base / 'warm-runner.log'}")
         time.sleep(0.1)
     return str(sock)
@@ -392,8 +392,8 @@ def start_reconciler(base: Path, api_url: str) -> None:
     from blocks import ImportSettings
 
     pid_file = base / "reconciler.pid"
-    if _pid_alive(pid_file) is None:
-        _spawn([sys.executable, "-m", "deployments.reconciler", "--heartbeat", HEARTBEAT_SECONDS,
+    if pid_alive(pid_file) is None:
+        spawn([sys.executable, "-m", "deployments.reconciler", "--heartbeat", HEARTBEAT_SECONDS,
                 "--silence", str(SILENT_HEARTBEATS),
                 "--retries", str(ImportSettings.model_fields["crash_retries"].default)],
                prefect_env(base, api_url), base / "reconciler.log", pid_file)
@@ -420,12 +420,12 @@ def use_warm_client(base: Path, api_url: str) -> None:
 
 def start_worker(base: Path, api_url: str) -> None:
     pid_file = base / "prefect-worker.pid"
-    if _pid_alive(pid_file) is None:
+    if pid_alive(pid_file) is None:
         # No --limit: prefect 3.8.8's worker limiter crashes the worker when a killed run is retried
         # ("this borrower is already holding one of this CapacityLimiter's tokens"); the global
         # concurrency limit bounds the runs that hold a worker VM.
         env = {**prefect_env(base, api_url), "IMPORT_WARM_RUNNER_SOCKET": str(base / "warm-runner.sock")}
-        _spawn([PREFECT, "worker", "start", "--pool", WORK_POOL, "--type", "process"], env,
+        spawn([PREFECT, "worker", "start", "--pool", WORK_POOL, "--type", "process"], env,
                base / "prefect-worker.log", pid_file)
 
 
@@ -434,7 +434,7 @@ def start_function(base: Path, values: dict[str, str], previous: dict[str, str])
     the FDK's runner; return the endpoint events are delivered to."""
     pid_file = base / "function.pid"
     endpoint = previous.get("FUNCTION_ENDPOINT") or f"http://127.0.0.1:{_free_port()}/"
-    if _pid_alive(pid_file) is None:
+    if pid_alive(pid_file) is None:
         function_dir = build_function(base / "function-build")
         port = endpoint.rstrip("/").rsplit(":", 1)[1]
         env = {
@@ -521,7 +521,7 @@ def up(database: str | None = None) -> dict[str, str]:
     values.update(prepare_cloud(server, previous))
     if database == "postgres":
         values["PREFECT_DATABASE"] = start_postgres(base)
-    elif _pid_alive(base / "prefect-server.pid") is None:
+    elif pid_alive(base / "prefect-server.pid") is None:
         (base / "database.url").unlink(missing_ok=True)
     api_url = start_prefect_server(base, previous)
     values["PREFECT_API_URL"] = api_url
@@ -548,7 +548,7 @@ def down(purge: bool = False) -> list[str]:
     stopped = []
     # PostgreSQL last: a smart shutdown waits for its clients (the Prefect server) to go.
     for pid_file in sorted(base.glob("*.pid"), key=lambda p: (p.stem == "postgres", p.stem)):
-        pid = _pid_alive(pid_file)
+        pid = pid_alive(pid_file)
         if pid is not None:
             process.stop_pid(pid)
             stopped.append(f"{pid_file.stem} (pid {pid})")
@@ -577,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         stopped = down(purge=args.purge)
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     else:
-        running = {p.stem: _pid_alive(p) for p in local_dir().glob("*.pid")}
+        running = {p.stem: pid_alive(p) for p in local_dir().glob("*.pid")}
         for name, pid in running.items():
             print(f"{name}: {'running (pid %d)' % pid if pid else 'not running'}")
         return 0 if running and all(running.values()) else 3

@@ -98,7 +98,7 @@ def efi_loader(read: Read, offset: int, size: int) -> str | None:
     """The path of an EFI bootloader (``/EFI/<dir>/<name>.EFI``) on the FAT filesystem at
     ``offset``, or None (not FAT, no loader, or a layout this reader will not follow)."""
     try:
-        fat = _Fat(read, offset, size)
+        fat = FatVolume(read, offset, size)
         for directory in fat.entries(fat.root):
             if directory.name == "EFI" and directory.is_dir:
                 for vendor in fat.entries(directory.cluster):
@@ -119,7 +119,7 @@ class _Entry:
     size: int
 
 
-class _Fat:
+class FatVolume:
     """Just enough of FAT12/16/32 to list directories by their short names."""
 
     def __init__(self, read: Read, offset: int, size: int) -> None:

@@ -105,7 +105,7 @@ def initramfs() -> Path:
     return path
 
 
-def _fat(disk: Path, offset: int, size: int, label: str) -> str:
+def fat_filesystem(disk: Path, offset: int, size: int, label: str) -> str:
     """Make a FAT filesystem in the partition at ``offset``; return its mtools image name."""
     run_tool("mkfs.vfat", "-n", label, "--offset", str(offset // SECTOR), str(disk), str(size // 1024))
     return f"{disk}@@{offset}"
@@ -119,7 +119,7 @@ def bios_disk(path: Path, size_mib: int = 48) -> Path:
     """An MBR disk that boots by BIOS: SYSLINUX from the active FAT partition."""
     [(offset, size)] = partition_layout(path, "dos", [(size_mib - 2, MBR_FAT16)])
     run_tool("sfdisk", "--quiet", "--activate", str(path), "1")
-    image = _fat(path, offset, size, "BOOT")
+    image = fat_filesystem(path, offset, size, "BOOT")
     with tempfile.TemporaryDirectory() as work:
         config = Path(work) / "syslinux.cfg"
         config.write_text(f"SERIAL 0 115200\nDEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n"
@@ -150,7 +150,7 @@ def unified_kernel_image(target: Path) -> Path:
 def uefi_disk(path: Path, size_mib: int = 64) -> Path:
     """A GPT disk that boots by UEFI: the removable-media loader on its EFI System Partition."""
     [(offset, size)] = partition_layout(path, "gpt", [(size_mib - 3, GPT_EFI)])
-    image = _fat(path, offset, size, "ESP")
+    image = fat_filesystem(path, offset, size, "ESP")
     run_tool("mmd", "-i", image, "::/EFI", "::/EFI/BOOT")
     with tempfile.TemporaryDirectory() as work:
         _copy(image, unified_kernel_image(Path(work) / "BOOTX64.EFI"), "::/EFI/BOOT/BOOTX64.EFI")
@@ -160,7 +160,7 @@ def uefi_disk(path: Path, size_mib: int = 64) -> Path:
 def unbootable_disk(path: Path, size_mib: int = 16) -> Path:
     """An MBR disk with a FAT partition and no boot code: no firmware can start it."""
     [(offset, size)] = partition_layout(path, "dos", [(size_mib - 2, MBR_FAT16)])
-    _fat(path, offset, size, "DATA")
+    fat_filesystem(path, offset, size, "DATA")
     return path
 
 

@@ -47,15 +47,36 @@ def private_imports(path: Path) -> list[str]:
     return found
 
 
+def private_reach_ins(path: Path) -> list[str]:
+    """``module._name`` where ``module`` is one of this project's modules the file imported."""
+    tree = ast.parse(path.read_text(), str(path))
+    modules = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {alias.asname or alias.name for alias in node.names if alias.name.startswith(PACKAGES)}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PACKAGES):
+            modules |= {alias.asname or alias.name for alias in node.names if alias.name[:1].islower()}
+    return [f"{node.value.id}.{node.attr}" for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+            and node.attr.startswith("_") and not node.attr.startswith("__")]
+
+
 def test_no_module_imports_another_modules_private_names():
     offenders = [f"{path.relative_to(ROOT)}: {name}" for path in python_files() for name in private_imports(path)]
     assert offenders == []
 
 
-def test_the_private_import_check_finds_one(tmp_path):
+def test_no_module_reaches_into_another_modules_private_names():
+    offenders = [f"{path.relative_to(ROOT)}: {name}" for path in python_files() for name in private_reach_ins(path)]
+    assert offenders == []
+
+
+def test_the_private_name_checks_find_what_they_look_for(tmp_path):
     sample = tmp_path / "sample.py"
-    sample.write_text("from diskimport.run import _hidden\nimport os.path\nfrom x import __version__\n")
+    sample.write_text("import os\nfrom diskimport.run import _hidden\nfrom diskimport import cloud\n"
+                      "import os.path\nfrom x import __version__\nos._exit(0)\ncloud._backoff()\n")
     assert private_imports(sample) == ["diskimport.run._hidden"]
+    assert private_reach_ins(sample) == ["cloud._backoff"]
 
 
 def test_every_flow_function_is_a_short_list_of_steps():

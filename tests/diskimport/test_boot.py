@@ -43,16 +43,16 @@ def test_a_disk_without_boot_code_is_not_detected_and_says_why(built):
 
 def test_an_esp_without_a_loader_is_not_uefi(tmp_path):
     disk = tmp_path / "esp.raw"
-    [(offset, size)] = guest_disks._layout(disk, "gpt", [(40, guest_disks.GPT_EFI)])
-    image = boot_disks._fat(disk, offset, size, "ESP")
-    guest_disks._run("mmd", "-i", image, "::/EFI", "::/EFI/BOOT")
+    [(offset, size)] = guest_disks.partition_layout(disk, "gpt", [(40, guest_disks.GPT_EFI)])
+    image = boot_disks.fat_filesystem(disk, offset, size, "ESP")
+    guest_disks.run_tool("mmd", "-i", image, "::/EFI", "::/EFI/BOOT")
     found = boot.detect_firmware(reader(disk))
     assert found.firmware is None and "without an EFI bootloader" in found.reason
 
 
 def test_a_gpt_bios_boot_partition_means_bios(tmp_path):
     disk = tmp_path / "grub.raw"
-    guest_disks._layout(disk, "gpt", [(1, guest_disks.GPT_BIOS_BOOT), (20, guest_disks.GPT_LINUX)])
+    guest_disks.partition_layout(disk, "gpt", [(1, guest_disks.GPT_BIOS_BOOT), (20, guest_disks.GPT_LINUX)])
     found = boot.detect_firmware(reader(disk))
     assert found.firmware == boot.BIOS and "BIOS boot partition" in found.reason
 
@@ -69,7 +69,7 @@ def test_hostile_tables_are_read_within_bounds(built, tmp_path):
 
     looped = tmp_path / "looped.raw"
     looped.write_bytes(built["uefi"].read_bytes())
-    fat = boot._Fat(reader(looped), 1024 * 1024, 61 * 1024 * 1024)
+    fat = boot.FatVolume(reader(looped), 1024 * 1024, 61 * 1024 * 1024)
     assert fat.bits in (16, 32)
     read_bytes = []
 

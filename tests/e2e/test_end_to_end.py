@@ -334,7 +334,7 @@ def test_a_worker_slot_lease_outlives_a_restart_of_the_prefect_server(stack):
     base = local_stack.local_dir()
     with local_stack.prefect_api(stack["PREFECT_API_URL"]):
         with import_slot(ImportSettings.model_fields["worker_concurrency_limit"].default) as lease_id:
-            local_stack.process.stop_pid(local_stack._pid_alive(base / "prefect-server.pid"))
+            local_stack.process.stop_pid(local_stack.pid_alive(base / "prefect-server.pid"))
             local_stack.start_prefect_server(base, local_stack.read_env(base / "stack.env"))
             with get_client(sync_client=True) as client:
                 client.renew_concurrency_lease(lease_id, 300)  # still known, so it can expire or be given back
@@ -452,7 +452,7 @@ def watchers_paused(stack) -> Iterator[None]:
     :func:`deployments.reconciler.reconcile_once` itself is the only thing that moves its runs."""
     from deployments import automations
 
-    pid = local_stack._pid_alive(Path(stack["PREFECT_HOME"]).parent / "reconciler.pid")
+    pid = local_stack.pid_alive(Path(stack["PREFECT_HOME"]).parent / "reconciler.pid")
     with local_stack.prefect_api(stack["PREFECT_API_URL"]), get_client(sync_client=True) as client:
         paused = [a.id for name in automations.NAMES for a in client.read_automations_by_name(name) if a.enabled]
         for automation_id in paused:
