@@ -18,7 +18,7 @@ from .digest import check_digest
 from .events import Refused, TransferFailed
 from .fetch import in_order
 from .files import PIECE, SEEK_DATA, SEEK_HOLE
-from .nbd import MAX_EXTENTS
+from .source import NbdSource
 
 F_SETPIPE_SZ = 1031
 DECOMPRESSORS = {"gzip": ["gzip", "-dc"], "tar.gz": ["gzip", "-dc"], "xz": ["xz", "-dc"],
@@ -33,7 +33,7 @@ def _limit_file_size(size):
     resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
-class Inflow(Outcome):
+class Inflow(Outcome, NbdSource):
     """The object's bytes decompressed in order as they arrive: ``path`` fills from its start.
 
     The object arrives in memory (a :class:`Download` with buffers) and goes into the
@@ -46,6 +46,7 @@ class Inflow(Outcome):
     """
 
     ZERO_GRAIN = PIECE  # zeros are found (and reported) in runs of whole MiB
+    knows_zeros = True
 
     def __init__(self, config, download, object_fd, fd):
         self.container = config["container"]
@@ -233,7 +234,7 @@ class Inflow(Outcome):
                 return [(None, (start, end - start), None)]
         return None
 
-    def extents(self, offset, length, limit=MAX_EXTENTS):
+    def extents(self, offset, length, limit):
         """``[(length, zero?)]`` from ``offset``: what is known of up to ``length`` bytes.
 
         Waits until ``offset`` has been decompressed; covers at most what has been so far.

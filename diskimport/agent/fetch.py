@@ -7,16 +7,15 @@ failure with backoff and resuming a chunk from its last byte received.
 """
 
 import bisect
-import errno
 import http.client
 import os
-import ssl
-import threading
 import time
-from urllib.parse import urlsplit
 
+from .completion import Completion
+from .connection import PersistentConnection, Retryable
 from .events import TransferFailed, emit
 from .files import PIECE
+from .source import NbdSource
 
 
 def missing_intervals(size, present):
@@ -39,7 +38,7 @@ class Chunk(object):
         self.pins = 0  # (a Window) NBD replies sending its bytes: it stays in the file until they are sent
 
 
-class Download(object):
+class Download(Completion, NbdSource):
     """The chunks still to fetch, which of them readers wait for, and what has arrived.
 
     With ``buffers``, the chunks are received into memory (a pool of that many chunk-sized
@@ -55,12 +54,11 @@ class Download(object):
             for lo in range(start, end, chunk_bytes):
                 self.chunks.append(Chunk(lo, min(end, lo + chunk_bytes)))
         self.starts = [c.lo for c in self.chunks]
-        self.cond = threading.Condition()
+        Completion.__init__(self)
         self.next_index = 0
         self.wanted = []
         self.remaining = len(self.chunks)
         self.fetched = 0
-        self.error = None
         self.in_memory = buffers > 0
         self.pool = [bytearray(chunk_bytes) for _ in range(min(buffers, len(self.chunks)))]
         self.limit = None  # (a window) chunks starting at or after this offset wait: see Window
@@ -104,7 +102,7 @@ class Download(object):
             return self.chunks[i]
         return None
 
-    def release(self, chunk):
+    def done_with(self, chunk):
         """The reader is done with an in-memory chunk: its buffer goes back to the pool."""
         with self.cond:
             if chunk.buf is not None:
@@ -123,23 +121,8 @@ class Download(object):
             elif not self.in_memory:  # readers of a file may wait for part of a chunk
                 self.cond.notify_all()
 
-    def fail(self, error):
-        with self.cond:
-            if self.error is None:
-                self.error = error
-            self.cond.notify_all()
-
-    def complete(self):
-        with self.cond:
-            return self.remaining == 0
-
-    def wait_complete(self, timeout):
-        with self.cond:
-            if self.remaining and self.error is None:
-                self.cond.wait(timeout)
-            if self.error is not None:
-                raise self.error
-            return self.remaining == 0
+    def _complete(self):
+        return self.remaining == 0
 
     def _blocking(self, start, end):
         """Chunks whose bytes in [start, end) have not all arrived."""
@@ -153,7 +136,7 @@ class Download(object):
         return out
 
     def ready(self, start, end):
-        """``[(None, (start, length), None)]`` if [start, end) is on disk now, else None (see NbdExport)."""
+        """``[(None, (start, length), None)]`` if [start, end) is in the file now, else None."""
         with self.cond:
             if self.error is None and not self.in_memory and not self._blocking(start, end):
                 return [(None, (start, end - start), None)]
@@ -176,44 +159,21 @@ class Download(object):
                 self.cond.wait(1.0)
 
 
-class Fetcher(object):
-    """One persistent HTTP connection fetching chunks until none are left."""
+class Fetcher(PersistentConnection):
+    """One persistent HTTP connection fetching chunks until none are left.
+
+    Its ``download`` is a :class:`Download`, or, for chunks fetched alone with :meth:`fetch`,
+    whatever counts their bytes as they arrive (``advance(chunk, n)``)."""
 
     def __init__(self, config, download, fd):
-        self.url = urlsplit(config["url"])
+        PersistentConnection.__init__(self, config["url"], config.get("bind_address"),
+                                      float(config.get("timeout_seconds", 60)))
         self.etag = config.get("etag")
         self.base = int(config.get("base", 0))
         self.download = download
         self.fd = fd
-        self.bind = config.get("bind_address")
         self.max_attempts = int(config.get("max_attempts", 10))
-        self.timeout = float(config.get("timeout_seconds", 60))
-        self.conn = None
         self.view = memoryview(bytearray(PIECE))  # one receive buffer, reused: no copy per piece
-
-    def _connect(self):
-        conn = self._connection((self.bind, 0) if self.bind else None)
-        try:
-            conn.connect()
-        except OSError as exc:
-            if not self.bind or exc.errno != errno.EADDRNOTAVAIL:
-                raise
-            emit("unbound", address=self.bind, error=str(exc))  # not an address of this host: let routing choose
-            self.bind = None
-            conn = self._connection(None)
-        return conn
-
-    def _connection(self, source):
-        if self.url.scheme == "https":
-            return http.client.HTTPSConnection(self.url.hostname, self.url.port or 443, timeout=self.timeout,
-                                               source_address=source, context=ssl.create_default_context())
-        return http.client.HTTPConnection(self.url.hostname, self.url.port or 80, timeout=self.timeout,
-                                          source_address=source)
-
-    def _close(self):
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
 
     def run(self):
         try:
@@ -221,15 +181,16 @@ class Fetcher(object):
                 chunk = self.download.take()
                 if chunk is None:
                     return
-                self._fetch(chunk)
+                self.fetch(chunk)
         except TransferFailed as exc:
             self.download.fail(exc)
         except Exception as exc:  # a bug must not leave readers waiting forever
             self.download.fail(TransferFailed("unexpected error: %r" % (exc,)))
         finally:
-            self._close()
+            self.close()
 
-    def _fetch(self, chunk):
+    def fetch(self, chunk):
+        """All of ``chunk`` from its ``pos``, retrying transient failures (resuming where each ended)."""
         failures = 0
         while chunk.pos < chunk.hi:
             before = chunk.pos
@@ -238,8 +199,8 @@ class Fetcher(object):
                 continue
             except TransferFailed:
                 raise
-            except (OSError, http.client.HTTPException, _Retryable) as exc:
-                self._close()
+            except (OSError, http.client.HTTPException, Retryable) as exc:
+                self.close()
                 failures = 0 if chunk.pos > before else failures + 1
                 if failures >= self.max_attempts:
                     raise TransferFailed("bytes %d-%d failed %d times in a row, last: %s"
@@ -261,7 +222,7 @@ class Fetcher(object):
             if reply.status in (404, 412) or (400 <= reply.status < 500 and reply.status != 429):
                 raise TransferFailed("GET bytes %d-%d: HTTP %d %s" % (chunk.pos, chunk.hi - 1, reply.status,
                                                                     body.decode("utf-8", "replace")[:300]))
-            raise _Retryable("HTTP %d" % reply.status)
+            raise Retryable("HTTP %d" % reply.status)
         expected = chunk.hi - chunk.pos
         view = self.view
         while expected:
@@ -271,18 +232,14 @@ class Fetcher(object):
             else:
                 n = reply.readinto(view[:min(PIECE, expected)])
             if not n:
-                raise _Retryable("connection closed with %d bytes of the range unread" % expected)
+                raise Retryable("connection closed with %d bytes of the range unread" % expected)
             written = n if chunk.buf is not None else 0
             while written < n:
                 written += os.pwrite(self.fd, view[written:n], chunk.pos + written)
             expected -= n
             self.download.advance(chunk, n)
         if reply.will_close:
-            self._close()
-
-
-class _Retryable(Exception):
-    pass
+            self.close()
 
 
 def in_order(download, fd, size):
@@ -306,11 +263,6 @@ def in_order(download, fd, size):
             yield memoryview(os.pread(fd, chunk.hi - chunk.lo, chunk.lo))
         else:
             yield memoryview(chunk.buf)[:chunk.hi - chunk.lo]
-            download.release(chunk)
+            download.done_with(chunk)
         pos = chunk.hi
 
-
-def ssh_server_address():
-    """The local address this SSH session arrived on (``SSH_CONNECTION``'s third field)."""
-    fields = os.environ.get("SSH_CONNECTION", "").split()
-    return fields[2] if len(fields) == 4 else None

@@ -7,7 +7,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from .events import TransferFailed
-from .window import Window
 
 
 # NBD protocol constants (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md)
@@ -46,17 +45,17 @@ def _recv_exact(sock, n):
 
 
 class NbdExport(object):
-    """A read-only NBD export of the file being downloaded (fixed newstyle handshake).
+    """A read-only NBD export of the file being downloaded (fixed newstyle handshake), whose
+    bytes its ``source`` (an :class:`~.source.NbdSource`) says when to send.
 
     Structured replies are offered; with them, a source that knows where its zeros are
-    (:meth:`Inflow.extents`) answers ``NBD_CMD_BLOCK_STATUS`` in the ``base:allocation``
-    context, so qemu-img skips those runs instead of reading them.
+    (``knows_zeros``: a decompression's) answers ``NBD_CMD_BLOCK_STATUS`` in the
+    ``base:allocation`` context, so qemu-img skips those runs instead of reading them.
     """
 
-    def __init__(self, path, size, download):
-        self.path, self.size, self.download = path, size, download
+    def __init__(self, path, size, source):
+        self.path, self.size, self.source = path, size, source
         self.tflags = TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_CAN_MULTI_CONN
-        self.knows_zeros = hasattr(download, "extents")
 
     def serve(self, listener):
         while True:
@@ -105,7 +104,7 @@ class NbdExport(object):
                     self._reply_option(conn, option, REP_ERR_INVALID)
                     continue
                 # base:allocation, asked for by name (or by "base:" or, to list, by nothing)
-                offered = self.knows_zeros and (
+                offered = self.source.knows_zeros and (
                     any(q in (BASE_ALLOCATION, b"base:") for q in queries)
                     or (option == OPT_LIST_META_CONTEXT and not queries))
                 if offered:
@@ -123,7 +122,6 @@ class NbdExport(object):
 
     def _transmission(self, conn, structured, block_status):
         send_lock = threading.Lock()
-        windowed = isinstance(self.download, Window)
         fd = os.open(self.path, os.O_RDONLY)
 
         def reply(cookie, error, kind=CMD_FLUSH):
@@ -137,10 +135,8 @@ class NbdExport(object):
 
         def read(cookie, offset, length, parts=None):
             try:
-                if parts is None and windowed:  # pieces of the file, pinned, and bytes fetched again
-                    parts = self.download.acquire(offset, offset + length)
-                elif parts is None:
-                    self.download.wait_for(offset, offset + length)
+                if parts is None:  # (a window's: pieces of the file, pinned, and bytes fetched again)
+                    parts = self.source.acquire(offset, offset + length)
                 with send_lock:
                     # The header, then the bytes straight from the page cache (sendfile: no copy here).
                     if structured:
@@ -148,7 +144,7 @@ class NbdExport(object):
                                                  REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset))
                     else:
                         conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie))
-                    for data, where, _ in parts or [(None, (offset, length), None)]:
+                    for data, where, _ in parts:
                         if data is not None:
                             conn.sendall(data)
                             continue
@@ -164,12 +160,12 @@ class NbdExport(object):
             except (OSError, EOFError):
                 hang_up()
             finally:
-                if windowed and parts is not None:
-                    self.download.release(parts)
+                if parts is not None:
+                    self.source.release(parts)
 
         def status(cookie, flags, offset, length):
             try:
-                extents = self.download.extents(offset, length, 1 if flags & CMD_FLAG_REQ_ONE else MAX_EXTENTS)
+                extents = self.source.extents(offset, length, 1 if flags & CMD_FLAG_REQ_ONE else MAX_EXTENTS)
                 body = b"".join(struct.pack(">II", n, (STATE_HOLE | STATE_ZERO) if zero else 0)
                                 for n, zero in extents)
                 with send_lock:
@@ -204,7 +200,7 @@ class NbdExport(object):
                             # Bytes already in the file are sent from this thread: most reads trail
                             # the download, and a hand-off to the pool per read costs more than the send.
                             # (A failed transfer is never ready: the pool's read replies with its error.)
-                            parts = self.download.ready(offset, offset + length)
+                            parts = self.source.ready(offset, offset + length)
                             if parts is not None:
                                 read(cookie, offset, length, parts)
                             else:

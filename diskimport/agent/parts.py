@@ -2,9 +2,7 @@
 
 import base64
 import hashlib
-import threading
-
-from .fetch import Download
+from .completion import Completion
 
 
 MAX_PARTS = 10000
@@ -29,28 +27,27 @@ def content_md5(data):
     return base64.b64encode(hasher.digest()).decode("ascii")
 
 
-class Parts(object):
+class Parts(Completion):
     """The parts still to send, handed out in order; their ETags; the first failure.
 
     All parts are known at the start (``closed``), or, following a file, released as it grows
-    until :meth:`close`; until then a sender that finds none waits for more."""
-
-    # The streamer's download waits and fails the same way: on ``cond``, ``remaining`` and ``error``.
-    fail = Download.fail
-    wait_complete = Download.wait_complete  # whether every part is sent; raises the first failure
+    until :meth:`close`; until then a sender that finds none waits for more. Complete once
+    every part released is sent (:meth:`wait_complete`)."""
 
     def __init__(self, numbers, events, size, closed=True):
+        Completion.__init__(self)
         self.todo = list(reversed(numbers))
         self.remaining = len(numbers)
         self.etags = {}
         self.uploaded = 0
-        self.error = None
         self.events = events
-        self.cond = threading.Condition()
         self.size = size          # of the file: growing while followed
         self.closed = closed      # no part will be released any more
         self.final = closed       # the file's bytes no longer change
         self.early = {}           # parts read before the file was final: {number: MD5 sent}
+
+    def _complete(self):
+        return self.remaining == 0
 
     def take(self):
         with self.cond:

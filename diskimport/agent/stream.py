@@ -74,7 +74,8 @@ import time
 from .decompress import DECOMPRESSORS, Inflow
 from .digest import Digest
 from .events import TransferFailed, emit, stop_requested
-from .fetch import Download, Fetcher, ssh_server_address
+from .connection import ssh_server_address
+from .fetch import Download, Fetcher
 from .files import PIECE
 from .nbd import NbdExport
 from .vmdk import VmdkStream
@@ -111,7 +112,7 @@ def main(config_path):
 
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     os.ftruncate(fd, size)
-    source = download  # what readers and the end of the transfer wait for
+    source = download  # the transfer's work (a Completion): the download, or what follows it as it arrives
     fetch_fd = fd
     if compressed:
         fetch_fd = os.open(config["object_path"], os.O_RDWR | os.O_CREAT, 0o600)
@@ -123,17 +124,17 @@ def main(config_path):
         source.start()
     digest = (Digest(config["digest"], source, fd, size)
               if config.get("digest") and not compressed and not decoding else None)
-    if windowed:
-        source = Window(config, download, fd, digest)
+    window = Window(config, download, fd, digest) if windowed else None
     ending = digest or source  # what the end of the transfer waits for
     if digest is not None:
-        digest.on_hashed = source.hashed if windowed else None
+        digest.on_hashed = window.hashed if windowed else None
         digest.start()
-    if not decoding:  # a decoded VMDK is written by the streamer itself: nothing reads it over NBD
+    if not decoding:  # a decoded VMDK is written by the program itself: nothing reads it over NBD
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(config["socket"])
         listener.listen(16)
-        threading.Thread(target=NbdExport(path, size, source).serve, args=(listener,), daemon=True).start()
+        export = NbdExport(path, size, window if windowed else source)
+        threading.Thread(target=export.serve, args=(listener,), daemon=True).start()
 
     started = time.monotonic()
     fetchers = [threading.Thread(target=Fetcher(config, download, fetch_fd).run, daemon=True)
@@ -158,10 +159,10 @@ def main(config_path):
                 return 4
             stop = stop_requested(config["stop_file"])
             if stop == "stop" and windowed:
-                source.readers_done()
+                window.readers_done()
             if stop == "abort":
                 # the importer stops us because a read failed: the failure that made it fail is the news
-                failure = download.error or getattr(source, "error", None)
+                failure = download.error or source.error
                 if failure is not None:
                     raise failure
                 emit("aborted", fetched=download.fetched)
@@ -182,7 +183,7 @@ def main(config_path):
             return 4
         time.sleep(0.05)
     if windowed:
-        source.readers_done()  # reads served after the last byte arrived may have fetched some again
-        emit("window", refetched=source.refetched)
+        window.readers_done()  # reads served after the last byte arrived may have fetched some again
+        emit("window", refetched=window.refetched)
     os.close(fd)
     return 0

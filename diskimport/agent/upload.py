@@ -64,20 +64,15 @@ import signal
 import sys
 import threading
 import time
-from urllib.parse import urlsplit
 
+from .connection import PersistentConnection, Retryable, ssh_server_address
 from .events import emit
-from .fetch import Fetcher, ssh_server_address
 from .files import file_size, pread_into
 from .follow import Follower
 from .parts import Parts, UploadFailed, content_md5, plan
 
 
 HASH_STEP = 8 * 1024 * 1024
-
-
-class _Retryable(Exception):
-    pass
 
 
 class Redactor(object):
@@ -94,24 +89,17 @@ class Redactor(object):
         return text
 
 
-class Sender(object):
+class Sender(PersistentConnection):
     """One persistent HTTP connection uploading parts until none are left."""
 
-    # The streamer's connection: persistent, from the bind address, falling back to routing's choice.
-    _connect = Fetcher._connect
-    _connection = Fetcher._connection
-    _close = Fetcher._close
-
     def __init__(self, config, parts, fd, redact):
-        self.url = urlsplit(config["endpoint"])
+        PersistentConnection.__init__(self, config["endpoint"], config.get("bind_address"),
+                                      float(config.get("timeout_seconds", 60)))
         access_uri = config["access_uri"]
         self.prefix = access_uri if access_uri.endswith("/") else access_uri + "/"
         self.part_bytes = int(config["part_bytes"])
-        self.bind = config.get("bind_address")
         self.max_attempts = int(config.get("max_attempts", 10))
-        self.timeout = float(config.get("timeout_seconds", 60))
         self.parts, self.fd, self.redact = parts, fd, redact
-        self.conn = None
         self.buf = None  # one part, reused
 
     def run(self):
@@ -126,7 +114,7 @@ class Sender(object):
         except Exception as exc:  # a bug must not leave the upload waiting forever
             self.parts.fail(UploadFailed("internal", "unexpected error: %r" % (exc,)))
         finally:
-            self._close()
+            self.close()
 
     def _read(self, number):
         size = self.parts.size
@@ -152,8 +140,8 @@ class Sender(object):
         while self.parts.error is None:
             try:
                 etag = self._put(number, view, md5)
-            except (OSError, http.client.HTTPException, _Retryable) as exc:
-                self._close()
+            except (OSError, http.client.HTTPException, Retryable) as exc:
+                self.close()
                 failures += 1
                 if failures >= self.max_attempts:
                     raise UploadFailed("retries-exhausted", "part %d failed %d times in a row, last: %s"
@@ -186,11 +174,11 @@ class Sender(object):
             reply = self.conn.getresponse()
         body = reply.read(65536)
         if reply.will_close:
-            self._close()
+            self.close()
         if reply.status == 200 and reply.getheader("ETag"):
             return reply.getheader("ETag")
         if reply.status == 429 or reply.status >= 500:
-            raise _Retryable("HTTP %d" % reply.status)
+            raise Retryable("HTTP %d" % reply.status)
         detail = "part %d: HTTP %d %s" % (number, reply.status, body.decode("utf-8", "replace")[:300])
         if reply.status in (401, 403, 404):
             raise UploadFailed("par-refused", "the PAR or the upload is gone or refuses writes: " + detail)
@@ -200,8 +188,8 @@ class Sender(object):
 class Hasher(object):
     """The whole file hashed in order by a thread of its own, each byte read once.
 
-    (The streamer's ``Digest`` hashes as this does, but follows a download and checks a digest
-    it was given, keeping none: this one has nothing to wait for and reports what it found.)"""
+    (The stream's :class:`.digest.Digest` hashes as this does, but follows a download and checks a
+    digest it was given, keeping none: this one has nothing to wait for and reports what it found.)"""
 
     def __init__(self, path, size, parts):
         self.hasher = hashlib.sha256()

@@ -155,9 +155,6 @@ class VmdkStream(Outcome):
             if self.writer is not None:
                 self.writer.close()
 
-    def ready(self, start, end):
-        return None  # nothing is served over NBD
-
     def _device(self):
         while True:
             try:

@@ -5,12 +5,11 @@ import threading
 
 from .fetch import Chunk, Fetcher
 from .files import PIECE, punch_hole
+from .source import NbdSource
 
 
 class _Aside(object):
     """What a :class:`Fetcher` reports a side fetch's bytes to: a count, apart from the download's."""
-
-    error = None
 
     def __init__(self):
         self.bytes = 0
@@ -20,7 +19,7 @@ class _Aside(object):
         self.bytes += n
 
 
-class Window(object):
+class Window(NbdSource):
     """The staging file kept to a bounded window of the image: bytes its readers have passed
     are punched out of it, so it never holds the whole image.
 
@@ -163,12 +162,7 @@ class Window(object):
         chunk.buf = bytearray(end - start)
         with self.side_lock:
             try:
-                self.side._fetch(chunk)
+                self.side.fetch(chunk)
             finally:
-                self.side._close()
+                self.side.close()
         return chunk.buf
-
-    def wait_complete(self, timeout):
-        if self.digest is not None:
-            return self.digest.wait_complete(timeout)
-        return self.download.wait_complete(timeout)

@@ -191,7 +191,7 @@ def test_an_object_read_in_order_is_fetched_at_most_its_buffers_ahead():
     third.start()
     third.join(1.5)
     assert third.is_alive() and not taken  # no buffer free: the third chunk waits
-    download.release(first)
+    download.done_with(first)
     third.join(5)
     assert taken[0].lo == 3 * MiB and taken[0].buf is not None
     download.fail(TransferFailed("gone"))
