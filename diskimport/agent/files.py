@@ -2,10 +2,8 @@
 
 import os
 
-
-PIECE = 1024 * 1024
-
-
+PIECE = 1024 * 1024  # the unit of a receive, and what chunks and batches are counted in
+SEEK_DATA, SEEK_HOLE = getattr(os, "SEEK_DATA", 3), getattr(os, "SEEK_HOLE", 4)
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
 _fallocate = None
 
@@ -34,9 +32,6 @@ def pread_into(fd, view, pos):
     data = os.pread(fd, len(view), pos)
     view[:len(data)] = data
     return len(data)
-
-
-SEEK_DATA, SEEK_HOLE = getattr(os, "SEEK_DATA", 3), getattr(os, "SEEK_HOLE", 4)
 
 
 def file_size(fd):

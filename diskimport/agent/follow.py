@@ -6,7 +6,7 @@ import threading
 import time
 
 from .files import file_size, pread_into
-from .parts import MAX_PARTS, UploadFailed, content_md5
+from .parts import UploadFailed, content_md5, part_count
 
 
 class Follower(object):
@@ -61,10 +61,7 @@ class Follower(object):
         if status != "ok":
             raise UploadFailed("source-failed", "the file's writer failed: %s" % status[:500])
         size = file_size(self.fd)
-        count = max(1, -(-size // self.part_bytes))
-        if count > MAX_PARTS:
-            raise UploadFailed("bad-config", "%d bytes in parts of %d bytes are %d parts; at most %d are allowed"
-                               % (size, self.part_bytes, count, MAX_PARTS))
+        count = part_count(size, self.part_bytes)
         if self.released * self.part_bytes > size:
             raise UploadFailed("file-error", "the file shrank to %d bytes below parts already sent" % size)
         with parts.cond:

@@ -87,13 +87,19 @@ def plan(config, size):
         raise UploadFailed("bad-config", "part_bytes and connections must be at least 1")
     if config.get("digest") not in (None, "sha256"):
         raise UploadFailed("bad-config", "digest must be \"sha256\" or null, not %r" % (config["digest"],))
-    count = max(1, -(-size // part_bytes))
-    if count > MAX_PARTS:
-        raise UploadFailed("bad-config", "%d bytes in parts of %d bytes are %d parts; at most %d are allowed"
-                           % (size, part_bytes, count, MAX_PARTS))
+    count = part_count(size, part_bytes)
     skip = {}
     for key, etag in (config.get("skip_parts") or {}).items():
         if not str(key).isdigit() or not 1 <= int(key) <= count or not etag:
             raise UploadFailed("bad-config", "skip_parts names part %r, not one of the %d parts" % (key, count))
         skip[int(key)] = etag
     return count, skip
+
+
+def part_count(size, part_bytes):
+    """How many parts ``size`` bytes are (one at least); more than an upload may have is refused."""
+    count = max(1, -(-size // part_bytes))
+    if count > MAX_PARTS:
+        raise UploadFailed("bad-config", "%d bytes in parts of %d bytes are %d parts; at most %d are allowed"
+                           % (size, part_bytes, count, MAX_PARTS))
+    return count

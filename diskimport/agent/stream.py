@@ -71,10 +71,10 @@ import sys
 import threading
 import time
 
+from .connection import ssh_server_address
 from .decompress import DECOMPRESSORS, Inflow
 from .digest import Digest
 from .events import TransferFailed, emit, stop_requested
-from .connection import ssh_server_address
 from .fetch import Download, Fetcher
 from .files import PIECE
 from .nbd import NbdExport
