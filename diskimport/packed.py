@@ -9,7 +9,7 @@ inner image's head gets every check a plain upload gets (:mod:`diskimport.inspec
 
 Sizes. The volume is sized from the inner virtual size: a format's own header, or for raw
 data the container's record of the decompressed length, which is also what the worker's
-staging copy holds (:mod:`diskimport.streamer`):
+staging copy holds (:mod:`diskimport.agent.stream`):
 
 - xz: the index at the end of each stream (the stream footer's backward size points at it)
   lists every block's uncompressed size; exact;

@@ -77,7 +77,7 @@ WINDOW_MARGIN = 64 * MiB   # and beyond two slices: a VMDK's grain table is read
 
 
 def plan_window_slices(virtual_size: int, image_bytes: int) -> list[tuple[int, int]]:
-    """Slices for an image staged through a window (streamer.Window): one per ``WINDOW_SLICE`` of its data
+    """Slices for an image staged through a window (diskimport.agent.window): one per ``WINDOW_SLICE`` of its data
     (more and smaller than :func:`plan_slices`'s, as the window holds the two slices being
     written and compared), up to 64."""
     return _even_slices(virtual_size, max(1, min(MAX_WINDOW_SLICES, min(virtual_size, image_bytes) // WINDOW_SLICE)))
@@ -199,7 +199,7 @@ class SliceWriter:
         self.socket, self.staging_image, self.device = socket, staging_image, device
         self.target_is_zero, self.direct_io = target_is_zero, direct_io
         self.on_progress, self.on_verified = on_progress, on_verified
-        # Through a window (streamer.Window), a write waits for the comparison two slices back,
+        # Through a window (diskimport.agent.window), a write waits for the comparison two slices back,
         # so the window holds what the comparisons still read, and the stream outlives them: a
         # second look reads over NBD what the window let go.
         self.windowed = windowed

@@ -7,16 +7,13 @@ import json
 import threading
 import urllib.parse
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from .commands import CommandFailed, CommandResult, CommandRunner
 from .errors import ImageRejected
 from .qemu_img import CHECKABLE_FORMATS, ImageInfo, QemuImg, image_opts
+from .agent_archive import ARCHIVE_NAME, agent_archive
 from .slices import format_node, nbd_protocol
-
-
-STREAMER = Path(__file__).with_name("streamer.py")
 
 
 # Installs what ensure_tools misses with the worker's package manager. The tools every import
@@ -101,7 +98,7 @@ class TransferSettings:
 
 
 class ObjectStream:
-    """The object arriving on the worker through :mod:`diskimport.streamer`, served over NBD.
+    """The object arriving on the worker through :mod:`diskimport.agent.stream`, served over NBD.
 
     ``nbd_url`` is what qemu-img opens while the download runs; ``path`` is the complete
     local copy once :meth:`finish` returns.
@@ -115,7 +112,7 @@ class ObjectStream:
         self.socket = f"{directory}/nbd.sock"
         self.stop_file = f"{directory}/stop"
         self.config = f"{directory}/stream.json"
-        self.script = f"{directory}/streamer.py"
+        self.script = f"{directory}/{ARCHIVE_NAME}"
         self.events: list[dict[str, Any]] = []
         self.windowed = False  # staged through a window: ``path`` is never a whole copy
         self.device_file = f"{directory}/device"
@@ -145,7 +142,7 @@ class ObjectStream:
 
     def _run(self) -> None:
         try:
-            self._result = self.runner.run(["python3", self.script, self.config], timeout=24 * 3600,
+            self._result = self.runner.run(["python3", self.script, "stream", self.config], timeout=24 * 3600,
                                            on_output=self._line)
         except BaseException as exc:  # surfaced by wait_ready / finish
             self._error = exc
@@ -223,7 +220,7 @@ class Inner:
 
 @dataclass(frozen=True)
 class Window:
-    """Keep only this much of the image in the staging file, not all of it (streamer.Window)."""
+    """Keep only this much of the image in the staging file, not all of it (diskimport.agent.window)."""
 
     behind: int  # bytes kept behind the furthest read (the readers that follow it: the comparisons)
     ahead: int   # bytes fetched past it
@@ -232,7 +229,7 @@ class Window:
 @dataclass(frozen=True)
 class Decode:
     """The streamer decodes a streamOptimized VMDK as it arrives and writes it onto the device itself
-    (streamer.VmdkStream): no staging copy, no NBD, no qemu-img."""
+    (diskimport.agent.vmdk): no staging copy, no NBD, no qemu-img."""
 
     capacity: int         # the disk's bytes (the inspection's virtual size)
     target_is_zero: bool  # the device reads as zeros where no grain is (a fresh volume)
@@ -275,7 +272,7 @@ def start_stream(runner: CommandRunner, files: WorkerFiles, url: str, etag: str,
     and nothing is served over NBD.
     """
     stream = ObjectStream(runner, directory, on_event)
-    files.put_private_file(STREAMER.read_text(), stream.script)
+    files.put_private_file(agent_archive(), stream.script)
     extra: dict[str, Any] = {}
     fetched_into = stream.path
     if inner is not None and inner.container == "tar":

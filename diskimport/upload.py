@@ -2,7 +2,7 @@
 
 OCI's multipart upload through a pre-authenticated request: :func:`create_par_upload` creates
 the upload (``PUT`` of the PAR's object URL with ``opc-multipart: true``; its metadata and
-content type are the object's), and :func:`run_upload` runs :mod:`diskimport.uploader` on the
+content type are the object's), and :func:`run_upload` runs :mod:`diskimport.agent.upload` on the
 worker over its SSH session, which sends the file's parts to ``<endpoint><accessUri><N>``. The
 caller commits the parts it returns (or aborts the upload): nothing here decides that.
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 import oci
@@ -23,9 +22,8 @@ import requests
 
 from .cloud import with_backoff
 from .commands import CommandFailed, CommandRunner
-from .transfer import STREAMER, WorkerFiles, make_staging_dir, remove_staging
-
-UPLOADER = Path(__file__).with_name("uploader.py")
+from .agent_archive import ARCHIVE_NAME, agent_archive
+from .transfer import WorkerFiles, make_staging_dir, remove_staging
 
 
 class UploadFailed(Exception):
@@ -89,8 +87,8 @@ def run_upload(worker: Worker, endpoint: str, access_uri: str, path: str, *, par
     "sha256": hex or None, "seconds": s}``: the parts to commit, ``skip_parts`` (a resume's
     parts already uploaded, ``{N: etag}``) among them. Every event the uploader prints reaches
     ``on_event`` as it comes. ``follow`` (``{"done_file", "hold_back"}``) uploads a file another
-    command is still writing, as :mod:`diskimport.uploader` says. Raises :class:`UploadFailed` with the uploader's failure code;
-    an SSH failure propagates as it is (a lost worker).
+    command is still writing, as :mod:`diskimport.agent.upload` says. Raises :class:`UploadFailed` with
+    the uploader's failure code; an SSH failure propagates as it is (a lost worker).
     """
     directory = make_staging_dir(worker, "upload", 1024 * 1024)
     events: list[dict[str, Any]] = []
@@ -110,12 +108,10 @@ def run_upload(worker: Worker, endpoint: str, access_uri: str, path: str, *, par
               "skip_parts": {str(n): etag for n, etag in (skip_parts or {}).items()},
               **({"follow": dict(follow)} if follow else {})}
     try:
-        # the uploader imports the streamer's connection code: it goes beside it
-        worker.put_private_file(STREAMER.read_text(), f"{directory}/streamer.py")
-        worker.put_private_file(UPLOADER.read_text(), f"{directory}/uploader.py")
+        worker.put_private_file(agent_archive(), f"{directory}/{ARCHIVE_NAME}")
         worker.put_private_file(json.dumps(config), f"{directory}/upload.json")
-        result = worker.run(["python3", f"{directory}/uploader.py", f"{directory}/upload.json"], timeout=timeout,
-                            on_output=line)
+        result = worker.run(["python3", f"{directory}/{ARCHIVE_NAME}", "upload", f"{directory}/upload.json"],
+                            timeout=timeout, on_output=line)
     except BaseException:
         with contextlib.suppress(Exception):  # the session may be what failed: its error is the news
             remove_staging(worker, directory)

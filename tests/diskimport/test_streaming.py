@@ -1,6 +1,6 @@
-"""The streaming transfer (diskimport.streamer + diskimport.transfer) against the real local OCI.
+"""The streaming transfer (diskimport.agent.stream + diskimport.transfer) against the real local OCI.
 
-The streamer runs as a real process (as it does on a worker); qemu-img reads the image
+The stream program runs as a real process (as it does on a worker); qemu-img reads the image
 over its NBD socket while the ranged GETs fill the local copy.
 """
 
@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import pytest
 
 from diskimport import transfer
+from diskimport.agent_archive import ARCHIVE_NAME, agent_archive
 from diskimport.commands import LocalRunner
 from diskimport.qemu_img import QemuImg
 from localoci.process import RunningLocalOCI
@@ -114,10 +115,10 @@ def test_a_connection_lost_mid_body_resumes_from_the_last_byte_received(localoci
 
 
 def _streamer_files(uploaded: dict[str, Any], staging: str) -> tuple[Path, Path]:
-    """The streamer's script and its configuration, in ``staging``, as the importer writes them."""
+    """The programs' archive and the stream's configuration, in ``staging``, as the importer writes them."""
     config = Path(staging) / "stream.json"
-    script = Path(staging) / "streamer.py"
-    script.write_text(transfer.STREAMER.read_text())
+    script = Path(staging) / ARCHIVE_NAME
+    script.write_bytes(agent_archive())
     config.write_text(json.dumps({
         "url": uploaded["url"], "etag": uploaded["etag"], "size": uploaded["size"],
         "path": f"{staging}/image", "socket": f"{staging}/nbd.sock", "stop_file": f"{staging}/stop",
@@ -130,7 +131,7 @@ def _start_detached_streamer(uploaded: dict[str, Any], staging: str, linger: flo
     ``linger`` seconds later; return its pid."""
     script, config = _streamer_files(uploaded, staging)
     # The shell stands for the SSH session: it starts the streamer and goes away.
-    started = LocalRunner().run(["sh", "-c", 'python3 "$1" "$2" >/dev/null 2>&1 & echo $!; sleep "$3"', "sh",
+    started = LocalRunner().run(["sh", "-c", 'python3 "$1" stream "$2" >/dev/null 2>&1 & echo $!; sleep "$3"', "sh",
                                  str(script), str(config), str(linger)])
     return int(started.stdout.split()[0])
 
@@ -159,7 +160,7 @@ def test_a_streamer_whose_session_ends_removes_the_staging_copy(uploaded, stagin
 def test_a_terminated_streamer_removes_the_staging_copy(uploaded, staging, slow_reads):
     """SIGTERM (the worker going down) removes the copy, while the session that started it lives on."""
     script, config = _streamer_files(uploaded, staging)
-    streamer = subprocess.Popen(["python3", str(script), str(config)], stdout=subprocess.DEVNULL,
+    streamer = subprocess.Popen(["python3", str(script), "stream", str(config)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
     try:
         # Its image file exists once its handlers are set: a SIGTERM before that (python still

@@ -180,9 +180,10 @@ def test_decompressed_zeros_are_reported_as_holes_over_nbd_and_the_object_stays_
 
 
 def test_an_object_read_in_order_is_fetched_at_most_its_buffers_ahead():
-    from diskimport import streamer
+    from diskimport.agent.events import TransferFailed
+    from diskimport.agent.fetch import Download
 
-    download = streamer.Download(10 * MiB, [(0, MiB)], MiB, buffers=2)
+    download = Download(10 * MiB, [(0, MiB)], MiB, buffers=2)
     first, second = download.take(), download.take()
     assert (first.lo, second.lo) == (MiB, 2 * MiB) and first.buf is not None
     taken: list[Any] = []
@@ -190,10 +191,10 @@ def test_an_object_read_in_order_is_fetched_at_most_its_buffers_ahead():
     third.start()
     third.join(1.5)
     assert third.is_alive() and not taken  # no buffer free: the third chunk waits
-    download.release(first)
+    download.done_with(first)
     third.join(5)
     assert taken[0].lo == 3 * MiB and taken[0].buf is not None
-    download.fail(streamer.TransferFailed("gone"))
+    download.fail(TransferFailed("gone"))
     assert download.take() is None  # a failed download hands out nothing, even with a buffer free
 
 

@@ -1,4 +1,4 @@
-"""The export's upload (diskimport.uploader on a real sshd worker, driven by diskimport.upload)
+"""The export's upload (diskimport.agent.upload on a real sshd worker, driven by diskimport.upload)
 into a multipart upload through a write PAR on the real local OCI."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import oci
 import pytest
 
 from diskimport import upload
+from diskimport.agent_archive import ARCHIVE_NAME, agent_archive
 from diskimport.commands import LocalRunner
 from diskimport.keys import SshKeyPair as KeyPair
 from diskimport.worker import WorkerSession
@@ -191,9 +192,8 @@ def silent_server() -> Iterator[str]:
 
 
 def _program(tmp_path: Path, endpoint: str, image: Path) -> tuple[Path, Path]:
-    script = tmp_path / "uploader.py"
-    script.write_text(upload.UPLOADER.read_text())
-    (tmp_path / "streamer.py").write_text(upload.STREAMER.read_text())
+    script = tmp_path / ARCHIVE_NAME
+    script.write_bytes(agent_archive())
     config = tmp_path / "upload.json"
     LocalRunner().put_private_file(json.dumps({
         "endpoint": endpoint, "access_uri": "/p/secret-token/n/ns/b/b/u/o/id/x/", "path": str(image),
@@ -216,7 +216,7 @@ def _ended_within(pid: int, seconds: float) -> bool:
 
 def test_sigterm_stops_a_hanging_upload_at_once(tmp_path, silent_server, image):
     script, config = _program(tmp_path, silent_server, image)
-    process = subprocess.Popen(["python3", str(script), str(config)], stdout=subprocess.PIPE,
+    process = subprocess.Popen(["python3", str(script), "upload", str(config)], stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL)
     try:
         assert json.loads(process.stdout.readline())["event"] == "ready"  # its handlers are set
@@ -230,7 +230,7 @@ def test_sigterm_stops_a_hanging_upload_at_once(tmp_path, silent_server, image):
 def test_an_uploader_whose_session_ends_stops(tmp_path, silent_server, image):
     script, config = _program(tmp_path, silent_server, image)
     # The shell stands for the SSH session: it starts the uploader and goes away a second later.
-    started = LocalRunner().run(["sh", "-c", 'python3 "$1" "$2" >/dev/null 2>&1 & echo $!; sleep 1', "sh",
+    started = LocalRunner().run(["sh", "-c", 'python3 "$1" upload "$2" >/dev/null 2>&1 & echo $!; sleep 1', "sh",
                                  str(script), str(config)])
     # Within a third of its 60 s socket timeout (the server never answers): only the orphan check
     # ends it that soon. Not 2 s: under a loaded suite python alone may take that long to start.

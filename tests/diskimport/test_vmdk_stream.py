@@ -1,6 +1,6 @@
-"""A streamOptimized VMDK decoded by the streamer as it arrives and written onto the device.
+"""A streamOptimized VMDK decoded by the stream program as it arrives and written onto the device.
 
-The image streams from the real local OCI through the real streamer (streamer.VmdkStream),
+The image streams from the real local OCI through the real stream program (diskimport.agent.vmdk),
 which inflates each grain once and writes it straight onto a volume file; qemu-img makes
 the images and is the judge of what the disk should hold. Crafted streams (a grain table
 that disagrees with the markers, a grain out of the disk, a grain that inflates too far)
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import struct
 import subprocess
 import zlib
@@ -20,7 +21,7 @@ from typing import Any
 import oci
 import pytest
 
-from diskimport import transfer
+from diskimport import agent_archive, transfer
 from diskimport.commands import LocalRunner
 from diskimport.errors import ImageRejected
 
@@ -221,14 +222,16 @@ def test_a_crafted_stream_is_refused_naming_where(localoci, object_storage, buck
 
 def test_a_python_without_preadv_decodes_the_same(localoci, object_storage, bucket, disk, staging, tmp_path,
                                                   monkeypatch):
-    """A worker's python3 may be older than 3.7, without os.preadv: the streamer then reads the
+    """A worker's python3 may be older than 3.7, without os.preadv: the stream program then reads the
     device back through the page cache, flushed and dropped first, and the disk comes out the same."""
     content, image = disk
-    text = transfer.STREAMER.read_text()
+    older = tmp_path / "agent"
+    shutil.copytree(agent_archive.PACKAGE, older)
+    files = older / "files.py"  # where every read of the programs goes through
+    text = files.read_text()
     assert "\nimport os\n" in text
-    older = tmp_path / "streamer.py"
-    older.write_text(text.replace("\nimport os\n", "\nimport os\ndel os.preadv\n", 1))
-    monkeypatch.setattr(transfer, "STREAMER", older)
+    files.write_text(text.replace("\nimport os\n", "\nimport os\ndel os.preadv\n", 1))
+    monkeypatch.setattr(transfer, "agent_archive", lambda: agent_archive.build(older))
     uploaded = put(localoci, object_storage, bucket, "older.vmdk", image.read_bytes())
     target = tmp_path / "volume.img"
     target.write_bytes(os.urandom(VIRTUAL))

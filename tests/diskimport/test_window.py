@@ -1,4 +1,4 @@
-"""A streamOptimized VMDK staged through a window (streamer.Window), never whole.
+"""A streamOptimized VMDK staged through a window (diskimport.agent.window), never whole.
 
 The image streams from the real local OCI through the real streamer; qemu-img writes each
 slice from NBD onto a volume file and compares it behind the write, reading the staging file,
@@ -161,9 +161,11 @@ def test_a_window_holds_the_bytes_against_a_manifests_digest(localoci, uploaded,
 def test_reads_of_bytes_already_in_the_file_are_ready_and_others_wait():
     """What the NBD export sends from its receiving thread (``ready``) and what it hands to its
     pool to wait for: only bytes in the file now, pinned in a window until released."""
-    from diskimport import streamer
+    from diskimport.agent.events import TransferFailed
+    from diskimport.agent.fetch import Download
+    from diskimport.agent.window import Window
 
-    download = streamer.Download(4 * MiB, [], MiB)
+    download = Download(4 * MiB, [], MiB)
     assert download.ready(0, 10) is None
     first = download.take()
     download.advance(first, MiB // 2)
@@ -172,8 +174,8 @@ def test_reads_of_bytes_already_in_the_file_are_ready_and_others_wait():
     download.advance(first, MiB // 2)
     assert download.ready(MiB - 1, MiB + 1) is None  # the next chunk has not
 
-    window = streamer.Window({"window": {"behind": MiB, "ahead": MiB}, "size": 4 * MiB,
-                              "url": "http://127.0.0.1:9/object"}, download, None)
+    window = Window({"window": {"behind": MiB, "ahead": MiB}, "size": 4 * MiB,
+                     "url": "http://127.0.0.1:9/object"}, download, None)
     [(data, where, chunk)] = window.ready(10, 20)
     assert data is None and where == (10, 10) and chunk is first and first.pins == 1
     window.release([(data, where, chunk)])
@@ -181,5 +183,5 @@ def test_reads_of_bytes_already_in_the_file_are_ready_and_others_wait():
     assert window.ready(MiB, MiB + 10) is None  # not fetched yet: the pool's read waits for it
     assert download.limit == MiB + 10 + MiB  # and the fetch may go on from the read
     assert window.ready(3 * MiB, 3 * MiB + 10) is None  # far ahead: fetched on its own, by the pool
-    download.fail(streamer.TransferFailed("gone"))
+    download.fail(TransferFailed("gone"))
     assert download.ready(0, 10) is None and window.ready(0, 10) is None  # the pool replies with the error

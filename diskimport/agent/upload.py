@@ -1,5 +1,4 @@
-#!/usr/bin/env python3
-"""Runs on the worker: upload one local file (or block device) as the parts of a multipart
+"""The ``upload`` program: upload one local file (or block device) as the parts of a multipart
 upload created through a pre-authenticated request, with parallel persistent connections.
 
 The worker holds no credentials: the orchestrator makes a write PAR for the object, creates
@@ -7,9 +6,9 @@ the upload through it (``opc-multipart: true``) and hands this program the uploa
 ``accessUri``; each part N is a ``PUT <endpoint><accessUri><N>``. The program does not
 commit: it reports every part's ETag and the orchestrator commits (or aborts).
 
-The orchestrator copies this file to the worker beside ``streamer.py`` (whose persistent
-connection, bind fallback and event output it shares) and runs it with the worker's
-``python3`` (standard library only, Python 3.6 or newer). It reads a JSON configuration file,
+The orchestrator ships the package to the worker and runs ``python3 agent.pyz upload CONFIG``
+with the worker's ``python3`` (standard library only, Python 3.6 or newer); the stream's
+persistent connection, bind fallback and event output serve it too. CONFIG is a JSON file,
 readable by the worker user alone, since the access URI is a bearer secret (never printed):
 
     endpoint     scheme://host:port of Object Storage
@@ -56,46 +55,24 @@ SIGTERM or SIGHUP ends the program at once (status 128 + the signal), as does th
 SSH session that started it (status 4): nobody would commit what it sent.
 """
 
-import base64
 import hashlib
 import http.client
 import json
 import os
+import queue
 import signal
 import sys
 import threading
 import time
-import queue
-from urllib.parse import urlsplit
 
-# Copied beside this program by the orchestrator: the same connection code and event output.
-from streamer import Download, Fetcher, emit, pread_into, ssh_server_address
+from .connection import PersistentConnection, Retryable, ssh_server_address
+from .events import emit
+from .files import file_size, pread_into
+from .follow import Follower
+from .parts import Parts, UploadFailed, content_md5, plan
 
-MAX_PARTS = 10000
+
 HASH_STEP = 8 * 1024 * 1024
-
-
-class UploadFailed(Exception):
-    def __init__(self, code, message):
-        Exception.__init__(self, message)
-        self.code = code
-
-
-class _Retryable(Exception):
-    pass
-
-
-def content_md5(data):
-    """The base64 MD5 of ``data``; None where MD5 is unavailable (a FIPS host): the header is optional."""
-    try:
-        try:
-            hasher = hashlib.md5(usedforsecurity=False)
-        except TypeError:  # before Python 3.9
-            hasher = hashlib.md5()
-    except ValueError:
-        return None
-    hasher.update(data)
-    return base64.b64encode(hasher.digest()).decode("ascii")
 
 
 class Redactor(object):
@@ -112,78 +89,17 @@ class Redactor(object):
         return text
 
 
-class Parts(object):
-    """The parts still to send, handed out in order; their ETags; the first failure.
-
-    All parts are known at the start (``closed``), or, following a file, released as it grows
-    until :meth:`close`; until then a sender that finds none waits for more."""
-
-    # The streamer's download waits and fails the same way: on ``cond``, ``remaining`` and ``error``.
-    fail = Download.fail
-    wait_complete = Download.wait_complete  # whether every part is sent; raises the first failure
-
-    def __init__(self, numbers, events, size, closed=True):
-        self.todo = list(reversed(numbers))
-        self.remaining = len(numbers)
-        self.etags = {}
-        self.uploaded = 0
-        self.error = None
-        self.events = events
-        self.cond = threading.Condition()
-        self.size = size          # of the file: growing while followed
-        self.closed = closed      # no part will be released any more
-        self.final = closed       # the file's bytes no longer change
-        self.early = {}           # parts read before the file was final: {number: MD5 sent}
-
-    def take(self):
-        with self.cond:
-            while not self.todo and not self.closed and self.error is None:
-                self.cond.wait(0.5)
-            if self.error is not None or not self.todo:
-                return None
-            return self.todo.pop()
-
-    def release(self, numbers):
-        """More parts to send (new ones, or changed ones again)."""
-        with self.cond:
-            self.todo = list(reversed(numbers)) + self.todo
-            self.remaining += len(numbers)
-            self.cond.notify_all()
-
-    def close(self):
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-
-    def sent(self, number, size, etag, md5=None, final=True):
-        with self.cond:
-            self.etags[number] = etag
-            self.uploaded += size
-            self.remaining -= 1
-            if not final:
-                self.early[number] = md5
-            self.events.put({"event": "part", "part": number, "bytes": size, "uploaded": self.uploaded})
-            self.cond.notify_all()
-
-
-class Sender(object):
+class Sender(PersistentConnection):
     """One persistent HTTP connection uploading parts until none are left."""
 
-    # The streamer's connection: persistent, from the bind address, falling back to routing's choice.
-    _connect = Fetcher._connect
-    _connection = Fetcher._connection
-    _close = Fetcher._close
-
     def __init__(self, config, parts, fd, redact):
-        self.url = urlsplit(config["endpoint"])
+        PersistentConnection.__init__(self, config["endpoint"], config.get("bind_address"),
+                                      float(config.get("timeout_seconds", 60)))
         access_uri = config["access_uri"]
         self.prefix = access_uri if access_uri.endswith("/") else access_uri + "/"
         self.part_bytes = int(config["part_bytes"])
-        self.bind = config.get("bind_address")
         self.max_attempts = int(config.get("max_attempts", 10))
-        self.timeout = float(config.get("timeout_seconds", 60))
         self.parts, self.fd, self.redact = parts, fd, redact
-        self.conn = None
         self.buf = None  # one part, reused
 
     def run(self):
@@ -198,7 +114,7 @@ class Sender(object):
         except Exception as exc:  # a bug must not leave the upload waiting forever
             self.parts.fail(UploadFailed("internal", "unexpected error: %r" % (exc,)))
         finally:
-            self._close()
+            self.close()
 
     def _read(self, number):
         size = self.parts.size
@@ -224,8 +140,8 @@ class Sender(object):
         while self.parts.error is None:
             try:
                 etag = self._put(number, view, md5)
-            except (OSError, http.client.HTTPException, _Retryable) as exc:
-                self._close()
+            except (OSError, http.client.HTTPException, Retryable) as exc:
+                self.close()
                 failures += 1
                 if failures >= self.max_attempts:
                     raise UploadFailed("retries-exhausted", "part %d failed %d times in a row, last: %s"
@@ -258,11 +174,11 @@ class Sender(object):
             reply = self.conn.getresponse()
         body = reply.read(65536)
         if reply.will_close:
-            self._close()
+            self.close()
         if reply.status == 200 and reply.getheader("ETag"):
             return reply.getheader("ETag")
         if reply.status == 429 or reply.status >= 500:
-            raise _Retryable("HTTP %d" % reply.status)
+            raise Retryable("HTTP %d" % reply.status)
         detail = "part %d: HTTP %d %s" % (number, reply.status, body.decode("utf-8", "replace")[:300])
         if reply.status in (401, 403, 404):
             raise UploadFailed("par-refused", "the PAR or the upload is gone or refuses writes: " + detail)
@@ -272,8 +188,8 @@ class Sender(object):
 class Hasher(object):
     """The whole file hashed in order by a thread of its own, each byte read once.
 
-    (The streamer's ``Digest`` hashes as this does, but follows a download and checks a digest
-    it was given, keeping none: this one has nothing to wait for and reports what it found.)"""
+    (The stream's :class:`.digest.Digest` hashes as this does, but follows a download and checks a
+    digest it was given, keeping none: this one has nothing to wait for and reports what it found.)"""
 
     def __init__(self, path, size, parts):
         self.hasher = hashlib.sha256()
@@ -307,136 +223,6 @@ class Hasher(object):
 
     def hexdigest(self):
         return self.hasher.hexdigest()
-
-
-def file_size(fd):
-    """The size of a file or a block device (whose st_size is 0)."""
-    return os.lseek(fd, 0, os.SEEK_END)
-
-
-def plan(config, size):
-    """The number of parts, and the parts already uploaded ({number: etag})."""
-    part_bytes = int(config["part_bytes"])
-    if part_bytes < 1 or int(config.get("connections", 4)) < 1:
-        raise UploadFailed("bad-config", "part_bytes and connections must be at least 1")
-    if config.get("digest") not in (None, "sha256"):
-        raise UploadFailed("bad-config", "digest must be \"sha256\" or null, not %r" % (config["digest"],))
-    count = max(1, -(-size // part_bytes))
-    if count > MAX_PARTS:
-        raise UploadFailed("bad-config", "%d bytes in parts of %d bytes are %d parts; at most %d are allowed"
-                           % (size, part_bytes, count, MAX_PARTS))
-    skip = {}
-    for key, etag in (config.get("skip_parts") or {}).items():
-        if not str(key).isdigit() or not 1 <= int(key) <= count or not etag:
-            raise UploadFailed("bad-config", "skip_parts names part %r, not one of the %d parts" % (key, count))
-        skip[int(key)] = etag
-    return count, skip
-
-
-class Follower(object):
-    """Following a file that is being written: releases its parts as it grows, and once it is
-    final (the done file), the rest, then every part sent before that whose bytes changed."""
-
-    def __init__(self, config, parts, fd, hasher_for):
-        follow = config["follow"]
-        self.done_file = follow["done_file"]
-        self.hold_back = int(follow.get("hold_back", 0))
-        self.part_bytes = int(config["part_bytes"])
-        self.parts, self.fd, self.hasher_for = parts, fd, hasher_for
-        self.released = 0
-        self.hasher = None
-
-    def start(self):
-        threading.Thread(target=self._guarded, daemon=True).start()
-
-    def _guarded(self):
-        try:
-            self._run()
-        except UploadFailed as exc:
-            self.parts.fail(exc)
-        except Exception as exc:
-            self.parts.fail(UploadFailed("internal", "unexpected error following the file: %r" % (exc,)))
-
-    def _release_to(self, count):
-        if count > self.released:
-            self.parts.release(list(range(self.released + 1, count + 1)))
-            self.released = count
-
-    def _run(self):
-        parts = self.parts
-        while not os.path.exists(self.done_file):
-            if parts.error is not None:
-                return
-            size = file_size(self.fd)
-            with parts.cond:
-                parts.size = max(parts.size, size)
-            self._release_to(max(0, (size - self.hold_back) // self.part_bytes))
-            time.sleep(0.05)
-        with open(self.done_file) as f:
-            status = f.read().strip()
-        recheck = None
-        if status.startswith("{"):  # {"status": "ok", "recheck": [[start, end], ...]}
-            try:
-                done = json.loads(status)
-                status = str(done["status"])
-                recheck = [(int(a), int(b)) for a, b in done.get("recheck") or []] if "recheck" in done else None
-            except (ValueError, KeyError, TypeError) as exc:
-                raise UploadFailed("bad-config", "the done file is not understood: %r" % (exc,))
-        if status != "ok":
-            raise UploadFailed("source-failed", "the file's writer failed: %s" % status[:500])
-        size = file_size(self.fd)
-        count = max(1, -(-size // self.part_bytes))
-        if count > MAX_PARTS:
-            raise UploadFailed("bad-config", "%d bytes in parts of %d bytes are %d parts; at most %d are allowed"
-                               % (size, self.part_bytes, count, MAX_PARTS))
-        if self.released * self.part_bytes > size:
-            raise UploadFailed("file-error", "the file shrank to %d bytes below parts already sent" % size)
-        with parts.cond:
-            parts.size, parts.final = size, True
-        self.hasher = self.hasher_for(size)
-        self._release_to(count)
-        resent = self._resend_changed(size, recheck)
-        parts.events.put({"event": "final", "size": size, "parts": count, "resent": resent})
-        parts.close()
-
-    def _may_change(self, number, recheck):
-        if recheck is None:
-            return True
-        start = (number - 1) * self.part_bytes
-        end = start + self.part_bytes
-        return any(a < end and b > start for a, b in recheck)
-
-    def _resend_changed(self, size, recheck=None):
-        """Read again each part sent before the file was final (those overlapping ``recheck``, the
-        ranges the writer says it may have rewritten, when it says); send again those that changed."""
-        parts, checked, resent = self.parts, set(), 0
-        buf = bytearray(self.part_bytes)
-        while True:
-            with parts.cond:
-                todo = [(n, md5) for n, md5 in parts.early.items() if n not in checked]
-                if not todo and parts.remaining == 0:
-                    return resent
-                if not todo:
-                    parts.cond.wait(0.2)
-                    if parts.error is not None:
-                        return resent
-                    continue
-            for number, md5 in todo:
-                checked.add(number)
-                if not self._may_change(number, recheck):
-                    continue
-                start = (number - 1) * self.part_bytes
-                view = memoryview(buf)[:max(0, min(self.part_bytes, size - start))]
-                got = 0
-                while got < len(view):
-                    n = pread_into(self.fd, view[got:], start + got)
-                    if not n:
-                        raise UploadFailed("file-error", "the file ends at byte %d while checking part %d"
-                                           % (start + got, number))
-                    got += n
-                if content_md5(view) != md5:
-                    resent += 1
-                    parts.release([number])
 
 
 def upload(config, orphaned):
@@ -506,7 +292,7 @@ def upload(config, orphaned):
     return 0
 
 
-def main(argv):
+def main(config_path):
     # Who started us, learned first: a session that ends while we start up must still be
     # noticed. Parent 1: it has already ended.
     parent = os.getppid()
@@ -516,7 +302,7 @@ def main(argv):
 
     signal.signal(signal.SIGTERM, hung_up)
     signal.signal(signal.SIGHUP, hung_up)
-    with open(argv[1]) as f:
+    with open(config_path) as f:
         config = json.load(f)
     bind = config.get("bind")
     config["bind_address"] = ssh_server_address() if bind == "ssh" else bind
@@ -541,6 +327,3 @@ def main(argv):
     sys.stderr.write("upload failed (%s): %s\n" % failure)
     return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

@@ -1,0 +1,32 @@
+"""``python3 agent.pyz stream CONFIG`` or ``python3 agent.pyz upload CONFIG``: one program of the
+package, given its JSON configuration file (:mod:`.stream`, :mod:`.upload` say what it holds).
+
+Only the program asked for is imported: the upload loads none of the decoders.
+"""
+
+import importlib
+import sys
+
+PROGRAMS = {"stream": "fetch an object onto this machine, serve it over NBD or decode it onto a device",
+            "upload": "upload a file as the parts of a multipart upload"}
+
+
+def usage():
+    return "usage: python3 agent.pyz PROGRAM CONFIG\n\n" + "".join(
+        "  %-8s %s\n" % (name, what) for name, what in sorted(PROGRAMS.items()))
+
+
+def main(argv):
+    """Run the program ``argv[0]`` names with the configuration file ``argv[1]``; its exit status."""
+    if argv in (["-h"], ["--help"]):
+        sys.stdout.write(usage())
+        return 0
+    if len(argv) != 2 or argv[0] not in PROGRAMS:
+        sys.stderr.write(usage())
+        return 2
+    program = importlib.import_module("." + argv[0], __package__)
+    return program.main(argv[1])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
