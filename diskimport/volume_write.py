@@ -94,7 +94,7 @@ class VolumeWrite:
 
         The worker fetches the object through a short-lived read-only PAR with parallel
         ranged GETs (minus the head and tail the inspection read, handed over); qemu-img
-        reads it over NBD as it arrives, or, for a streamOptimized VMDK, the streamer decodes
+        reads it over NBD as it arrives, or, for a streamOptimized VMDK, the agent decodes
         it onto the device itself. The volume is attached while the first bytes arrive. The
         worker's copy of the image (``staging``) stays for :meth:`check`.
         """
@@ -191,7 +191,7 @@ class VolumeWrite:
 
     def _write_decoded(self, stream: transfer.ObjectStream,
                        phases: dict[str, float]) -> tuple[str, int, dict[str, Any], dict[str, Any]]:
-        """The streamer decodes the VMDK onto the device as it arrives, reading back every run it writes."""
+        """The agent decodes the VMDK onto the device as it arrives, reading back every run it writes."""
         with phase(phases, "attach"):
             device = self.attach()
         stream.use_device(device)
@@ -202,11 +202,12 @@ class VolumeWrite:
             "slices": decoded["batches"], "verified_bytes": decoded["verified"] + decoded["gaps_checked"]}
 
     def _decode(self, pieces: Sequence[tuple[int, bytes]], inner: transfer.Inner | None) -> transfer.Decode | None:
-        """A streamOptimized VMDK (alone, or a tar's member) is decoded by the streamer as it arrives.
+        """A streamOptimized VMDK (alone, or a tar's member) is decoded by the agent as it arrives.
 
-        Its grains come in order, each with a marker that says where it goes: the streamer
-        inflates each once and writes it onto the device (streamer.VmdkStream), with no staging
-        copy, no NBD and no qemu-img, which on a busy worker read each grain two or three times.
+        Its grains come in order, each with a marker that says where it goes: the agent inflates
+        each once and writes it onto the device (:class:`diskimport.agent.vmdk.VmdkStream`), with
+        no staging copy, no NBD and no qemu-img, which on a busy worker read each grain two or
+        three times.
         """
         if not transfer.stream_optimized_header(self._vmdk_header(pieces, inner)):
             return None
@@ -224,9 +225,9 @@ class VolumeWrite:
         """A streamOptimized VMDK (alone, or a tar's member) is staged through a window, not whole.
 
         Its slices' comparisons follow their writes closely and read the same bytes, so the
-        staging file need only hold a few slices: the streamer punches out what the readers
-        have passed (streamer.Window), and the image does not grow the worker's memory (or
-        disk) by its whole size, which on a busy worker costs more than the write itself.
+        staging file need only hold a few slices: the agent punches out what the readers have
+        passed (:class:`diskimport.agent.window.Window`), and the image does not grow the worker's
+        memory (or disk) by its whole size, which on a busy worker costs more than the write itself.
         """
         if not transfer.compressed_grains_header(self._vmdk_header(pieces, inner)):
             return None
