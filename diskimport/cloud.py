@@ -147,10 +147,10 @@ def _wait_available(get: Callable[[str], Any], resource_id: str, what: str, time
 
 def delete_volume_group(clients: Clients, group_id: str) -> None:
     """Delete a volume group (its volumes stay); one already gone counts as deleted."""
-    _delete(clients.blockstorage.delete_volume_group, group_id)
+    delete_if_present(clients.blockstorage.delete_volume_group, group_id)
 
 
-def _delete(delete: Callable[[str], Any], resource_id: str) -> None:
+def delete_if_present(delete: Callable[[str], Any], resource_id: str) -> None:
     """Call ``delete``; a resource already gone (404, or 409 while terminating) counts as deleted."""
     try:
         with_backoff(delete, resource_id)
@@ -186,8 +186,8 @@ def wait_volume_available(clients: Clients, volume_id: str, timeout: float = 900
 
 def delete_volume(clients: Clients, volume_id: str) -> None:
     """Delete a volume (or boot volume); one already gone counts as deleted."""
-    _delete(clients.blockstorage.delete_boot_volume if is_boot_volume(volume_id)
-            else clients.blockstorage.delete_volume, volume_id)
+    delete_if_present(clients.blockstorage.delete_boot_volume if is_boot_volume(volume_id)
+                      else clients.blockstorage.delete_volume, volume_id)
 
 
 def discard_volume(clients: Clients, compartment_id: str, volume_id: str, keep: bool = False) -> str:
@@ -373,7 +373,7 @@ def console_text(clients: Clients, instance_id: str, timeout: float = 120.0) -> 
                             length=1024 * 1024).data
         return data.decode("utf-8", errors="replace") if isinstance(data, bytes) else str(data)
     finally:
-        _delete(clients.compute.delete_console_history, history.id)
+        delete_if_present(clients.compute.delete_console_history, history.id)
 
 
 def find_instances(clients: Clients, compartment_id: str, tags: dict[str, str]) -> list[Any]:

@@ -10,8 +10,8 @@ worker VM does it. For each volume the worker:
    sparse formats store no zeros, so zeros are neither kept nor uploaded. A raw export is
    the device itself: nothing is staged;
 3. uploads that file as the parts of a multipart upload, in parallel, through a write-only
-   pre-authenticated request for that one object (:mod:`diskimport.uploader`; no credentials
-   on the worker), **while qemu-img writes it**: a part goes once the file has grown
+   pre-authenticated request for that one object (the agent's ``upload``,
+   :mod:`diskimport.agent.upload`; no credentials on the worker), **while qemu-img writes it**: a part goes once the file has grown
    :data:`HOLD_BACK_BYTES` past it, and a part that qemu-img changed after it went (a qcow2's
    header, L2 tables and refcounts; a vhdx's block table) is sent again once the file is
    final. The final file is hashed (SHA-256) beside the upload.
@@ -22,7 +22,13 @@ registers its abort before the first part exists; it commits the parts, then ins
 written object again with the import's own inspection (format, virtual size, every hostile
 image check) and records its SHA-256 beside it (``<object>.sha256``, ``sha256sum -c``'s
 format). A failed export leaves no part and no half object: the upload is aborted, the PAR
-deleted, the worker VM terminated (the ledger of :mod:`diskimport.ledger`, as for imports).
+deleted, the worker VM terminated (the ledger of its :class:`~diskimport.run.Run`, as for
+imports).
+
+What cannot be exported is refused by name before anything is created: every OCID is checked
+for its kind before OCI is asked about it (OCI answers a volume's OCID given as a group's with
+a bare 404), then the bucket, the volumes (found, available, attached nowhere) and the group
+are looked up, and the objects named.
 
 A volume group's volumes (a machine) are exported at once from one worker VM, in disk order
 (the ``import-disk`` tag an import set, else the group's order), and a machine manifest
@@ -39,16 +45,17 @@ import re
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import oci
 
-from . import cloud, contract, upload
+from . import cloud, contract, naming, packed, upload
 from .commands import CommandFailed, read_range
 from .errors import ImageRejected, InvalidRequest
-from .importer import Importer, _phase
-from .records import ObjectVersion, WorkerVM
+from .records import Subject, WorkerVM
+from .run import Run, phase, step
 from .transfer import make_staging_dir, remove_staging
+from .worker import WorkerSession
 
 UPLOAD_PAR_LIFETIME = dt.timedelta(hours=24)
 # Parts of a converted image are sent while qemu-img writes it, each once the file is
@@ -65,6 +72,8 @@ META_EXPORT_ID = "export-id"
 META_FIRMWARE = "firmware"
 META_MACHINE = "machine"
 META_DISK = "disk"
+# The names of every export's PARs start with this (naming.par_prefix of an export's subject).
+EXPORT_PAR_PREFIX = naming.PAR_PREFIX + "export-"
 
 
 @dataclass(frozen=True)
@@ -114,9 +123,8 @@ class SourceVolume:
 
 @dataclass(frozen=True)
 class ExportJob:
-    """One export run's identity. Reads like an :class:`ObjectVersion` to the import's worker
-    VM code (``import_id``, ``name``, ``etag``), so its worker VM is tagged, swept and cleaned
-    up after a crash as an import's is."""
+    """One export: the volumes it reads, the objects it writes, in disk order, and its id (the
+    ``export-id`` metadata of the objects, in the tags of its worker VM and the names of its PARs)."""
 
     namespace: str
     bucket: str
@@ -129,16 +137,20 @@ class ExportJob:
     objects: tuple[str, ...] = ()   # one per source, in order
 
     @property
-    def import_id(self) -> str:
-        return self.export_id
+    def subject(self) -> Subject:
+        """What the export's worker VM is tagged for and its PARs named for: the export id stands
+        where an import's id does (``import-id``) and ``export`` where its ETag does, so a sweep
+        and the crash hook find the worker VM as they find an import's."""
+        return Subject("export", self.export_id, self.name, "export")
 
     @property
-    def etag(self) -> str:
-        return "export"
+    def availability_domain(self) -> str:
+        """Where the worker VM goes: beside the volumes (all in one availability domain)."""
+        return self.sources[0].availability_domain
 
-    @property
-    def key(self) -> str:
-        return f"export/{self.export_id}"
+    def missing(self, done: Mapping[int, str]) -> list[int]:
+        """The positions whose object is still to be written, ``done`` being those written already."""
+        return [position for position in range(len(self.objects)) if position not in done]
 
 
 @dataclass
@@ -154,11 +166,13 @@ class ExportedImage:
     sha256: str
     parts: int
     seconds: dict[str, float] = field(default_factory=dict)
+    finished_at: str = ""  # ISO 8601: when the object was checked and its checksum written
 
     def summary(self) -> dict[str, Any]:
         return {"volume_id": self.volume_id, "object": self.object_name, "format": self.format,
                 "virtual_size": self.virtual_size, "object_bytes": self.object_bytes, "etag": self.etag,
-                "sha256": self.sha256, "parts": self.parts, "seconds": self.seconds}
+                "sha256": self.sha256, "parts": self.parts, "seconds": self.seconds,
+                "finished_at": self.finished_at}
 
 
 def _clean_name(name: str) -> str:
@@ -174,13 +188,14 @@ def _check_object_name(name: str, what: str) -> str:
     return name
 
 
-def remove_run_uploads(clients: cloud.Clients, namespace: str, bucket: str, run_id: str) -> list[str]:
+def remove_run_uploads(clients: cloud.Clients, namespace: str | None, bucket: str, run_id: str) -> list[str]:
     """A dead export run's leftovers in ``bucket`` (its crash hook): the write PARs named for the
     run, and the multipart uploads on their objects, which that run alone was writing."""
+    namespace = namespace or cloud.with_backoff(clients.object_storage.get_namespace).data
     aborted = []
     pars = oci.pagination.list_call_get_all_results(clients.object_storage.list_preauthenticated_requests,
                                                     namespace, bucket).data
-    mine = [p for p in pars if p.name.startswith("oci-disk-export-") and f"-{run_id}-" in p.name]
+    mine = [p for p in pars if p.name.startswith(EXPORT_PAR_PREFIX) and f"-{run_id}-" in p.name]
     objects = {p.object_name for p in mine}
     if objects:
         uploads = oci.pagination.list_call_get_all_results(clients.object_storage.list_multipart_uploads,
@@ -218,6 +233,31 @@ def qcow2_metadata(read: Callable[[int, int], bytes]) -> list[tuple[int, int]]:
     return sorted(ranges)
 
 
+# An OCID: ocid1.<resource type>.<realm>.[region][.future use].<unique id>
+_OCID = re.compile(r"ocid1\.([a-z0-9]+)\.[a-z0-9-]+\.[a-z0-9-]*(?:\.[a-z0-9-]+)?\.[A-Za-z0-9_-]+")
+OCID_KINDS = {"volume": "a block volume", "bootvolume": "a boot volume", "volumegroup": "a volume group",
+              "compartment": "a compartment", "tenancy": "the tenancy"}
+VOLUME_KINDS = ("volume", "bootvolume")
+GROUP_KINDS = ("volumegroup",)
+COMPARTMENT_KINDS = ("compartment", "tenancy")
+
+
+def check_ocid(parameter: str, value: str, kinds: Sequence[str], code: str = "invalid-source",
+               taken_by: Mapping[str, str] | None = None) -> None:
+    """Refuse (``code``) a ``value`` that is not the OCID of one of ``kinds``, naming the parameter,
+    what it got and what it takes, before OCI is asked (OCI answers an OCID of the wrong kind
+    with a bare 404). ``taken_by``: kind -> the parameter that takes it, for the hint."""
+    wanted = " or ".join(f"{OCID_KINDS[kind]} (ocid1.{kind}.…)" for kind in kinds)
+    match = _OCID.fullmatch(value)
+    if match is None:
+        raise InvalidRequest(code, f"{parameter} {value!r} is not an OCID; it takes the OCID of {wanted}")
+    kind = match.group(1)
+    if kind not in kinds:
+        other = (taken_by or {}).get(kind)
+        raise InvalidRequest(code, f"{parameter} {value!r} is the OCID of {OCID_KINDS.get(kind, f'a {kind}')}, "
+                             f"not of {wanted}" + (f": pass it as {other}" if other else ""))
+
+
 def source_volume(clients: cloud.Clients, volume_id: str, position: int, refuse_attached: bool) -> SourceVolume:
     """A volume (or boot volume) to export or copy, which must be AVAILABLE (and, to be read by a
     worker VM, attached nowhere)."""
@@ -225,7 +265,8 @@ def source_volume(clients: cloud.Clients, volume_id: str, position: int, refuse_
         volume = cloud.get_volume(clients, volume_id)
     except oci.exceptions.ServiceError as exc:
         if exc.status == 404:
-            raise InvalidRequest("volume-not-found", f"volume {volume_id} not found") from None
+            raise InvalidRequest("volume-not-found", f"volume {volume_id} not found (or not visible to these "
+                                 "credentials in this region)") from None
         raise
     if volume.lifecycle_state != "AVAILABLE":
         raise InvalidRequest("volume-not-available", f"volume {volume_id} is {volume.lifecycle_state}, not AVAILABLE")
@@ -241,15 +282,43 @@ def source_volume(clients: cloud.Clients, volume_id: str, position: int, refuse_
                         tags.get(contract.TAG_FIRMWARE), int(disk) if disk and disk.isdigit() else position)
 
 
+def source_group(clients: cloud.Clients, group_id: str) -> Any:
+    """A volume group to export or copy (a machine's)."""
+    try:
+        return cloud.get_volume_group(clients, group_id)
+    except oci.exceptions.ServiceError as exc:
+        if exc.status == 404:
+            raise InvalidRequest("volume-group-not-found", f"volume group {group_id} not found (or not visible to "
+                                 "these credentials in this region)") from None
+        raise
+
+
+def check_sources(volume_id: str | None, volume_group_id: str | None) -> None:
+    """Exactly one of a volume and a volume group, each named by an OCID of its kind (refused
+    before OCI is asked about it)."""
+    if bool(volume_id) == bool(volume_group_id):
+        raise InvalidRequest("invalid-source", "give either volume_id or volume_group_id")
+    if volume_id:
+        check_ocid("volume_id", volume_id, VOLUME_KINDS, taken_by={"volumegroup": "volume_group_id"})
+    else:
+        check_ocid("volume_group_id", volume_group_id or "", GROUP_KINDS,
+                   taken_by={"volume": "volume_id", "bootvolume": "volume_id"})
+
+
 def resolve_sources(clients: cloud.Clients, volume_id: str | None, volume_group_id: str | None,
                     refuse_attached: bool) -> tuple[str | None, list[SourceVolume]]:
     """``(machine name, volumes in disk order)`` of one volume or of a volume group (a machine:
     boot volume first, then the ``import-disk`` positions an import tagged, else the group's order)."""
-    if bool(volume_id) == bool(volume_group_id):
-        raise InvalidRequest("invalid-source", "give either volume_id or volume_group_id")
+    check_sources(volume_id, volume_group_id)
     if volume_id:
         return None, [source_volume(clients, volume_id, 0, refuse_attached)]
-    group = cloud.get_volume_group(clients, volume_group_id)
+    return source_machine(clients, volume_group_id or "", refuse_attached)
+
+
+def source_machine(clients: cloud.Clients, volume_group_id: str, refuse_attached: bool
+                   ) -> tuple[str, list[SourceVolume]]:
+    """A volume group's name and volumes, in disk order."""
+    group = source_group(clients, volume_group_id)
     members = [source_volume(clients, vid, i, refuse_attached) for i, vid in enumerate(group.volume_ids or [])]
     if not members:
         raise InvalidRequest("invalid-source", f"volume group {volume_group_id} has no volumes")
@@ -259,29 +328,32 @@ def resolve_sources(clients: cloud.Clients, volume_id: str | None, volume_group_
 
 
 class Exporter:
-    """One export run's steps, on top of an :class:`Importer` (clients, settings, worker VM,
-    ledger and retry tokens are the import's)."""
+    """One export's steps, on its :class:`~diskimport.run.Run` (clients, settings, worker VM,
+    ledger, retry tokens and tags are the run's)."""
 
-    def __init__(self, core: Importer) -> None:
-        self.core = core
-        self.clients = core.clients
-        self.log = core.log
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.clients = run.clients
+        self.log = run.log
 
     # -- what to export, and where ----------------------------------------------------------
 
+    @step("plan-export")
     def plan(self, bucket: str, namespace: str | None, format: str, compress: bool = False,
              volume_id: str | None = None, volume_group_id: str | None = None, object_name: str | None = None,
              prefix: str = "") -> ExportJob:
         """Resolve the volumes and name their objects; refuse what cannot be exported, before
         anything is created."""
         fmt = export_format(format, compress)
-        if self.core.shape.attachment_type == "iscsi":
+        if self.run.shape.attachment_type == "iscsi":
             raise InvalidRequest("iscsi-export-unsupported", "exports attach volumes paravirtualized; use a worker "
                                  "shape with attachment_type paravirtualized")
-        ns = namespace or cloud.with_backoff(self.clients.object_storage.get_namespace).data
+        check_sources(volume_id, volume_group_id)
         prefix = prefix or ""
         if prefix:
             _check_object_name(prefix.rstrip("/") + "/x", "prefix")
+        ns = self.run.objects.namespace(namespace)
+        self._check_bucket(ns, bucket)
         machine, sources = resolve_sources(self.clients, volume_id, volume_group_id, refuse_attached=True)
         if volume_id:
             name = object_name or f"{prefix}{_clean_name(sources[0].display_name)}{fmt.suffix}"
@@ -303,12 +375,27 @@ class Exporter:
             raise InvalidRequest("invalid-source", "the volumes are in different availability domains")
         key = "|".join([ns, bucket, *objects, fmt.name, str(compress), *(s.id for s in sources)])
         export_id = hashlib.sha256(key.encode()).hexdigest()[:32]
+        self.log.info("export %s: %s as %s%s to %s/%s: %s", export_id,
+                      ", ".join(f"{s.id} ({s.size_bytes // 1024 ** 3} GB{', boot' if s.boot else ''})"
+                                for s in sources),
+                      fmt.name, " (compressed)" if compress else "", ns, bucket, ", ".join(objects))
         return ExportJob(ns, bucket, first, export_id, fmt.name, compress, machine, tuple(sources), tuple(objects))
 
+    def _check_bucket(self, namespace: str, bucket: str) -> None:
+        try:
+            cloud.with_backoff(self.clients.object_storage.head_bucket, namespace, bucket)
+        except oci.exceptions.ServiceError as exc:
+            if exc.status == 404:
+                raise InvalidRequest("bucket-not-found", f"bucket {bucket!r} not found in namespace {namespace!r} "
+                                     "(or not visible to these credentials)") from None
+            raise
+
+    @step("find-finished-objects")
     def finished_objects(self, job: ExportJob, overwrite: bool = False) -> dict[int, str]:
         """Positions whose object this export already wrote (its ``export-id`` metadata) and
-        checked (its ``.sha256`` beside it): a retry or a repeat does not write them again. An object of the same name that is not this
-        export's is refused unless ``overwrite``."""
+        checked (its ``.sha256`` beside it), with their ETags: a retry or a repeat does not write
+        them again. An object of the same name that is not this export's is refused unless
+        ``overwrite``."""
         done: dict[int, str] = {}
         for position, name in enumerate(job.objects):
             head = self._head(job, name)
@@ -321,13 +408,23 @@ class Exporter:
             elif not overwrite:
                 raise InvalidRequest("object-exists", f"object {name!r} exists in bucket {job.bucket!r} and is not "
                                      "this export's; choose another name or pass overwrite")
+            else:
+                self.log.info("%s exists and is not this export's; it is overwritten", name)
+        if done:
+            self.log.info("written and checked already, not written again: %s",
+                          ", ".join(job.objects[p] for p in sorted(done)))
+        missing = job.missing(done)
+        self.log.info("%d of %d object(s) to write%s", len(missing), len(job.objects),
+                      "" if missing else ": every object of this export is written already")
         return done
 
     def _head(self, job: ExportJob, name: str) -> dict[str, str] | None:
         return cloud.head_object_or_none(self.clients, job.namespace, job.bucket, name)
 
+    @step("remove-stale-uploads")
     def remove_stale_uploads(self, job: ExportJob) -> list[str]:
-        """Abort the multipart uploads a dead attempt of this export left on its objects."""
+        """Abort the multipart uploads a dead attempt of this export left on its objects, and
+        delete its write PARs."""
         aborted = []
         storage = self.clients.object_storage
         uploads = oci.pagination.list_call_get_all_results(storage.list_multipart_uploads, job.namespace,
@@ -336,46 +433,36 @@ class Exporter:
             if item.object in job.objects:
                 cloud.abort_upload(self.clients, job.namespace, job.bucket, item.object, item.upload_id)
                 aborted.append(item.upload_id)
+        deleted = 0
+        prefix = naming.par_prefix(job.subject)
         for name in job.objects:
             for par in cloud.pars_of(self.clients, job.namespace, job.bucket, name):
-                if par.name.startswith(self._par_prefix(job)):
+                if par.name.startswith(prefix):
                     cloud.delete_par(self.clients, job.namespace, job.bucket, par.id)
+                    deleted += 1
+        if aborted or deleted:
+            self.log.info("aborted %d multipart upload(s) and deleted %d write PAR(s) an earlier attempt left",
+                          len(aborted), deleted)
         return aborted
-
-    @staticmethod
-    def _par_prefix(job: ExportJob) -> str:
-        return f"oci-disk-export-{job.export_id[:24]}-"
-
-    # -- the worker VM ------------------------------------------------------------------------
-
-    def launch_worker(self, job: ExportJob) -> WorkerVM:
-        return self.core.launch_worker(job, job.sources[0].availability_domain)  # type: ignore[arg-type]
 
     # -- one volume -----------------------------------------------------------------------------
 
-    def export_volume(self, session: Any, worker: WorkerVM, job: ExportJob, position: int,
+    @step("export-disk")
+    def export_volume(self, session: WorkerSession, worker: WorkerVM, job: ExportJob, position: int,
                       on_event: Callable[[dict[str, Any]], None] | None = None) -> ExportedImage:
         """Attach read-only, convert, upload, commit, inspect again; everything undone on failure."""
         source, name = job.sources[position], job.objects[position]
         fmt = export_format(job.format, job.compress)
-        core, ledger = self.core, self.core.ledger
+        ledger = self.run.ledger
         seconds: dict[str, float] = {}
-
-        def clock(name: str) -> _phase:
-            return _phase(seconds, name)
-        with clock("attach"):
-            with core._attach_lock:
-                made = cloud.existing_attachment(self.clients, worker.id, source.id) or cloud.attach_volume(
-                    self.clients, worker.id, source.id, core.shape.attachment_type,
-                    core.retry_token(f"attach/{source.id}"), read_only=True)
-            attached = ledger.register("attachment", made.id, lambda: cloud.detach_volume(self.clients, made.id))
-            ready = cloud.wait_attached(self.clients, made.id)
-            device = ready.device
+        with phase(seconds, "attach"):
+            attachment, attached = self.run.attach(worker, source.id, read_only=True)
+        device = attachment.device
         staging = None
         metadata = self._metadata(job, source, fmt)
         try:
             if not fmt.staged:  # raw: the device itself
-                with clock("upload"):
+                with phase(seconds, "upload"):
                     size = self._size(session, device)
                     result, etag = self._upload(session, job, name, device, size, metadata, on_event)
             else:
@@ -383,34 +470,36 @@ class Exporter:
                 staging = make_staging_dir(session, job.export_id, estimate)
                 path = f"{staging}/image{fmt.suffix}"
                 if fmt.appends:  # uploaded while qemu-img writes it
-                    with clock("convert-and-upload"):
+                    with phase(seconds, "convert-and-upload"):
                         result, etag = self._upload(
                             session, job, name, path, 2 * estimate, metadata, on_event,
                             follow=(f"{staging}/converted", lambda: self._convert(session, device, path, fmt,
                                                                                    job.compress)))
                 else:
-                    with clock("convert"):
+                    with phase(seconds, "convert"):
                         self._convert(session, device, path, fmt, job.compress)
-                    with clock("upload"):
+                    with phase(seconds, "upload"):
                         result, etag = self._upload(session, job, name, path, self._size(session, path), metadata,
                                                     on_event)
                 size = int(result["bytes"])
-            cloud.detach_volume(self.clients, made.id)
-            ledger.release(attached)
+            ledger.undo(attached)  # detached: the source is free again
         finally:
             if staging is not None:
                 remove_staging(session, staging)
         written = ledger.register("object", name, lambda: self._delete(job, name))
-        with clock("inspect"):
+        with phase(seconds, "inspect"):
             self.inspect_written(job, name, source, fmt)
             self._put(job, f"{name}.sha256", f"{result['sha256']}  {name.rsplit('/', 1)[-1]}\n".encode())
         ledger.release(written)
-        self.log.info("exported %s to %s (%s, %d bytes, %d parts) in %s", source.id, name, fmt.name, size,
-                      len(result["parts"]), seconds)
+        took = sum(seconds.values())
+        self.log.info("exported %s to %s: %s, %d bytes of a %d GB volume (%d parts), %.0f MiB/s of the volume "
+                      "read; %s", source.id, name, fmt.name, size, source.size_bytes // 1024 ** 3,
+                      len(result["parts"]), source.size_bytes / 1024 ** 2 / max(took, 0.001),
+                      ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
         return ExportedImage(source.id, name, fmt.name, source.size_bytes, size, etag, result["sha256"],
-                             len(result["parts"]), seconds)
+                             len(result["parts"]), seconds, dt.datetime.now(dt.timezone.utc).isoformat())
 
-    def _measure(self, session: Any, device: str) -> int:
+    def _measure(self, session: WorkerSession, device: str) -> int:
         """About what the converted image needs on the worker (its data, as qemu-img measures it for
         qcow2; the other formats' drivers do not measure), for where to keep it."""
         result = session.run(["qemu-img", "measure", "-f", "raw", "-O", "qcow2", "--output=json", device],
@@ -420,7 +509,7 @@ class Exporter:
         return int(json.loads(result.stdout)["required"])
 
     @staticmethod
-    def _convert(session: Any, device: str, path: str, fmt: ExportFormat, compress: bool) -> None:
+    def _convert(session: WorkerSession, device: str, path: str, fmt: ExportFormat, compress: bool) -> None:
         argv = ["qemu-img", "convert", "-f", "raw", "-O", fmt.qemu_format]
         if fmt.options:
             argv += ["-o", ",".join(fmt.options)]
@@ -437,7 +526,7 @@ class Exporter:
             raise ImageRejected(code, f"qemu-img convert of {device} to {fmt.name} failed: {detail}")
 
     @staticmethod
-    def _size(session: Any, path: str) -> int:
+    def _size(session: WorkerSession, path: str) -> int:
         result = session.run(["sh", "-c", 'if [ -b "$1" ]; then blockdev --getsize64 "$1"; else stat -L -c %s "$1"; fi',
                               "sh", path])
         if result.returncode != 0:
@@ -456,16 +545,15 @@ class Exporter:
             metadata[META_DISK] = str(source.position)
         return metadata
 
-    def _upload(self, session: Any, job: ExportJob, name: str, path: str, size: int, metadata: dict[str, str],
+    def _upload(self, session: WorkerSession, job: ExportJob, name: str, path: str, size: int, metadata: dict[str, str],
                 on_event: Callable[[dict[str, Any]], None] | None,
                 follow: tuple[str, Callable[[], None]] | None = None) -> tuple[dict[str, Any], str]:
         """The file (at most ``size`` bytes) into a multipart upload through a write-only PAR;
         committed, or aborted. ``follow``: ``(done file, writer)``: the writer writes the file
         meanwhile, and the done file tells the uploader when it has finished, or failed."""
-        core, ledger = self.core, self.core.ledger
-        par_name = f"{self._par_prefix(job)}{core.run_id}-{core.retry_token('par/' + name)[:12]}"
+        ledger = self.run.ledger
         par_id, access_uri = cloud.object_par(self.clients, job.namespace, job.bucket, name, UPLOAD_PAR_LIFETIME,
-                                              par_name, access_type="ObjectWrite")
+                                              self.run.par_name(job.subject, "/" + name), access_type="ObjectWrite")
         par = ledger.register("PAR", par_id, lambda: cloud.delete_par(self.clients, job.namespace, job.bucket,
                                                                        par_id))
         endpoint = self.clients.object_storage.base_client.endpoint.rstrip("/")
@@ -478,7 +566,7 @@ class Exporter:
 
             def send(follow_config: dict[str, Any] | None = None) -> dict[str, Any]:
                 return upload.run_upload(session, endpoint, created["accessUri"], path, part_bytes=part_bytes,
-                                         connections=core.settings.transfer_connections, follow=follow_config,
+                                         connections=self.run.settings.transfer_connections, follow=follow_config,
                                          on_event=on_event)
             result = send() if follow is None else self._while_written(session, path, *follow, send)
             parts = [oci.object_storage.models.CommitMultipartUploadPartDetails(part_num=int(n), etag=etag)
@@ -493,13 +581,13 @@ class Exporter:
         return result, etag
 
     @staticmethod
-    def _while_written(session: Any, path: str, done_file: str, writer: Callable[[], None],
+    def _while_written(session: WorkerSession, path: str, done_file: str, writer: Callable[[], None],
                        send: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
         """``send`` following the file ``writer`` writes; the writer's failure (which also stops
         the uploader, through the done file) is the one raised. For a qcow2 the done file names
         the ranges qemu-img rewrites (:func:`qcow2_metadata`): only parts sent early that overlap
         them are read again; for other formats every part sent early is."""
-        def rewritable(session: Any, path: str) -> list[list[int]] | None:
+        def rewritable(session: WorkerSession, path: str) -> list[list[int]] | None:
             if not path.endswith(".qcow2"):
                 return None
             return [list(r) for r in qcow2_metadata(lambda start, length: read_range(session, path, start, length))]
@@ -526,20 +614,23 @@ class Exporter:
             try:
                 result = send({"done_file": done_file, "hold_back": HOLD_BACK_BYTES})
             except BaseException:
-                if written.exception() is not None:  # waits: the writer's error is the cause
-                    raise written.exception() from None  # type: ignore[misc]
+                failure = written.exception()  # waits: the writer's error is the cause
+                if failure is not None:
+                    raise failure from None
                 raise
             written.result()
         return result
 
     def inspect_written(self, job: ExportJob, name: str, source: SourceVolume, fmt: ExportFormat) -> None:
-        """The committed object read again as an import reads it: the format and virtual size
+        """The committed object read again as an import inspects it: the format and virtual size
         it must have, and every hostile-image check."""
-        version = self.core.read_object(job.namespace, job.bucket, name, None)
-        image = self.core.inspect(version, contract.ImportOptions())
+        version = self.run.objects.version(job.namespace, job.bucket, name)
+        image, _ = packed.inspect_object(lambda start, end: self.run.objects.read(version, start, end), version.size,
+                                         name, None, None, self.run.settings.max_virtual_size_bytes)
         if image.format != fmt.qemu_format or image.virtual_size != source.size_bytes:
             raise ImageRejected("export-inspection-mismatch", f"the exported {name!r} reads as {image.format} of "
                                 f"{image.virtual_size} bytes, not {fmt.qemu_format} of {source.size_bytes}")
+        self.log.info("%s reads back as %s of %d bytes, as exported", name, image.format, image.virtual_size)
 
     def _put(self, job: ExportJob, name: str, data: bytes, content_type: str = "text/plain") -> str:
         reply = cloud.with_backoff(self.clients.object_storage.put_object, job.namespace, job.bucket, name, data,
@@ -553,6 +644,7 @@ class Exporter:
             if exc.status != 404:
                 raise
 
+    @step("write-manifest")
     def write_manifest(self, job: ExportJob) -> str | None:
         """A machine's ``<machine>.machine.json`` beside its disks, boot disk first."""
         if job.machine is None:
@@ -562,20 +654,26 @@ class Exporter:
         if firmware in ("BIOS", "UEFI_64"):
             doc["firmware"] = firmware
         self._put(job, job.name, json.dumps(doc, indent=2).encode() + b"\n", "application/json")
+        self.log.info("machine manifest %s written: %d disk(s)%s", job.name, len(job.objects),
+                      f", firmware {firmware}" if "firmware" in doc else "")
         return job.name
 
-    def summary(self, job: ExportJob, exported: Sequence[ExportedImage], reused: dict[int, str],
+    def summary(self, job: ExportJob, exported: Sequence[ExportedImage], reused: Mapping[int, str],
                 manifest: str | None) -> dict[str, Any]:
+        """The finished export's account: the flow run's result, and what its summary shows.
+        ``ready_at``: when the last object was checked (now, when every one was written before)."""
         disks = []
         for position, (source, name) in enumerate(zip(job.sources, job.objects)):
             item = next((e.summary() for e in exported if e.object_name == name), None)
             disks.append(item or {"volume_id": source.id, "object": name, "format": job.format, "reused": True,
                                   "etag": reused.get(position)})
+        now = dt.datetime.now(dt.timezone.utc).isoformat()
         return {"export_id": job.export_id, "namespace": job.namespace, "bucket": job.bucket, "format": job.format,
                 "compressed": job.compress, "machine": job.machine, "manifest": manifest, "disks": disks,
-                "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+                "steps": dict(self.run.steps), "ready_at": max((e.finished_at for e in exported), default=now),
+                "finished_at": now}
 
-    def export_all(self, session: Any, worker: WorkerVM, job: ExportJob, positions: Sequence[int],
+    def export_all(self, session: WorkerSession, worker: WorkerVM, job: ExportJob, positions: Sequence[int],
                    on_event: Callable[[int, dict[str, Any]], None] | None = None) -> list[ExportedImage]:
         """Several volumes at once on one worker VM (a machine's)."""
         if len(positions) == 1:
@@ -587,5 +685,5 @@ class Exporter:
             return [f.result() for f in futures]
 
 
-__all__ = ["FORMATS", "ExportFormat", "ExportJob", "ExportedImage", "Exporter", "SourceVolume", "export_format",
-           "ObjectVersion"]
+__all__ = ["FORMATS", "ExportFormat", "ExportJob", "ExportedImage", "Exporter", "SourceVolume", "check_ocid",
+           "check_sources", "export_format", "remove_run_uploads", "resolve_sources"]

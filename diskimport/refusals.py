@@ -271,13 +271,20 @@ CODES = _index((
 
     # -- export -------------------------------------------------------------------------------
     RefusalCode("invalid-source", "InvalidRequest", ("export", "copy"),
-                "Neither or both of volume_id and volume_group_id were given, the group has no volumes, or its "
-                "volumes are in different availability domains.",
-                "Give exactly one of volume_id and volume_group_id, a group of volumes in one availability "
-                "domain."),
+                "Neither or both of volume_id and volume_group_id were given, one of them is not an OCID or "
+                "is the OCID of another kind of resource (a volume's given as the group, a group's as the "
+                "volume), the group has no volumes, or its volumes are in different availability domains.",
+                "Give exactly one of volume_id (ocid1.volume. or ocid1.bootvolume.) and volume_group_id "
+                "(ocid1.volumegroup.), a group of volumes in one availability domain."),
     RefusalCode("volume-not-found", "InvalidRequest", ("export", "copy"),
                 "No volume has that OCID where the credentials look.",
                 "Check the OCID, and the region and compartment of the credentials."),
+    RefusalCode("volume-group-not-found", "InvalidRequest", ("export", "copy"),
+                "No volume group has that OCID where the credentials look.",
+                "Check the OCID, and the region and compartment of the credentials."),
+    RefusalCode("bucket-not-found", "InvalidRequest", ("export",),
+                "The bucket is not in the namespace, or the credentials cannot see it.",
+                "Check the bucket's name and namespace, and that the credentials may use it."),
     RefusalCode("volume-not-available", "InvalidRequest", ("export", "copy"),
                 "The volume is not AVAILABLE (provisioning, restoring, terminating).",
                 "Wait until it is AVAILABLE and run again."),
@@ -313,8 +320,13 @@ CODES = _index((
 
     # -- copy to another region ---------------------------------------------------------------
     RefusalCode("invalid-destination-region", "InvalidRequest", ("copy",),
-                "The destination region is missing, is the source region, or does not answer.",
-                "Give another region that the tenancy is subscribed to."),
+                "The destination region is missing, is the source region, is not a region identifier, or "
+                "does not answer.",
+                "Give another region that the tenancy is subscribed to, by its identifier (eu-frankfurt-1)."),
+    RefusalCode("invalid-compartment", "InvalidRequest", ("copy",),
+                "compartment_id is not an OCID, or is the OCID of something else than a compartment or the "
+                "tenancy.",
+                "Give a compartment's OCID (ocid1.compartment.), or leave it out for the settings' compartment."),
     RefusalCode("invalid-availability-domain", "InvalidRequest", ("copy",),
                 "The availability domain is not one of the destination region's.",
                 "Give one of those the message lists, or leave it out."),

@@ -1,41 +1,43 @@
 """Flow ``copy-to-region``: an imported volume, or a machine's volume group, restored in another region.
 
-The steps are :class:`diskimport.regions.RegionCopy`'s: each disk is backed up, the backup
-copied to the destination region and restored there to a volume (a boot volume for a boot
-disk), all disks at once; the restored volumes of a machine go in one volume group named
-after it; the intermediate backups are deleted in both regions. Each disk's progress (backing
-up, copying, restoring, restored) shows in the run's logs and in a table artifact. A retried
-run resumes from what its earlier attempt made; a failed one leaves no backup and no
-half-restored volume in either region.
+The steps are :class:`diskimport.regions.RegionCopy`'s: what cannot be copied (a destination
+region that is the source's or does not answer, an OCID of the wrong kind, a missing volume or
+group, an availability domain the destination does not have) is refused by name before
+anything is created; then each disk is backed up, the backup copied to the destination region
+and restored there to a volume (a boot volume for a boot disk), all disks at once; the
+restored volumes of a machine go in one volume group named after it; the intermediate backups
+are deleted in both regions. Each disk's progress (backing up, copying, restoring, restored)
+shows in the run's logs, and the disks in a table artifact. A retried run resumes from what
+its earlier attempt made; a failed one leaves no backup and no half-restored volume in either
+region.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect import flow
 from prefect.runtime import flow_run as current_flow_run
 
 from blocks import DEFAULT_BLOCK, ImportSettings, OCICredentials
 from diskimport import regions, sweeper
 from diskimport.regions import CopiedDisk, CopyJob, RegionCopy
-from flows.import_disk import _step, run_importer
-from flows.reporting import refusal_reported
+from flows.reporting import publish_copy_summary, refusal_reported
 from flows.runs import retry_after_crash
+from flows.tasks import open_run, step_task
 
 
-@_step("plan-copy", retries=4, delays=[1, 2, 5, 10])
+@step_task("plan-copy", retries=4, delays=[1, 2, 5, 10])
 def plan_copy(copier: RegionCopy, **kwargs: Any) -> CopyJob:
     return copier.plan(**kwargs)
 
 
-@_step("copy-disk", retries=2, delays=[10, 30])
+@step_task("copy-disk", retries=2, delays=[10, 30])
 def copy_disk(copier: RegionCopy, job: CopyJob, position: int) -> CopiedDisk:
     return copier.copy_disk(job, position)
 
 
-@_step("finish-copy", retries=3, delays=[2, 5, 10])
+@step_task("finish-copy", retries=3, delays=[2, 5, 10])
 def finish_copy(copier: RegionCopy, job: CopyJob, copied: list[CopiedDisk]) -> str | None:
     return copier.finish(job, copied)
 
@@ -77,29 +79,15 @@ def copy_to_region(
     block's) and ``availability_domain`` (default: the region's first)."""
     with refusal_reported(volume_id or volume_group_id or "copy"):
         credentials = OCICredentials.load(credentials_block)
-        settings, importer = run_importer(credentials_block, worker_block, settings_block)
-        copier = RegionCopy(importer, credentials.clients(destination_region))
+        settings, run = open_run(credentials_block, worker_block, settings_block)
+        copier = RegionCopy(run, credentials.clients(destination_region))
         job = plan_copy(copier, source_region=credentials.home_region() or "", destination_region=destination_region,
                         volume_id=volume_id, volume_group_id=volume_group_id, compartment_id=compartment_id,
                         availability_domain=availability_domain)
-        get_run_logger().info("copying %d disk(s) from %s to %s (copy %s)", len(job.sources), job.source_region,
-                              job.destination_region, job.copy_id)
-        with importer:
+        with run:
             futures = [copy_disk.submit(copier, job, position) for position in range(len(job.sources))]
             copied = [future.result() for future in futures]
             group_id = finish_copy(copier, job, copied)
         summary = copier.summary(job, copied, group_id)
         publish_copy_summary(summary)
         return summary
-
-
-def publish_copy_summary(summary: dict[str, Any]) -> None:
-    rows = [{"disk": d["position"], "source volume": d["source_volume_id"], "restored volume": d["volume_id"],
-             "boot": d["boot"], "GB": d["size_in_gbs"], "reused": d["reused"],
-             **{f"{k} s": v for k, v in d["seconds"].items()}} for d in summary["disks"]]
-    create_table_artifact(rows, key="copy-disks", description=f"Disks copied to {summary['destination_region']}")
-    what = f"machine `{summary['machine']}`" if summary["machine"] else "volume"
-    group = f" in volume group `{summary['volume_group_id']}`" if summary["volume_group_id"] else ""
-    create_markdown_artifact(f"# Copied {what} from {summary['source_region']} to {summary['destination_region']}\n\n"
-                             f"{len(summary['disks'])} disk(s) restored in `{summary['availability_domain']}`{group}.",
-                             key="copy-summary", description="Copy summary")

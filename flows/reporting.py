@@ -1,5 +1,6 @@
-"""What people see of an import in the Prefect UI: a progress bar while the image is written,
-and a summary with a table of the time each step took."""
+"""What people see of a run in the Prefect UI: a progress bar while an image is written (an
+import's) or uploaded (an export's), and a summary of what the run made, with the time each
+step took; a refused run's code and reason."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import contextlib
 from typing import Any, Iterator
 
 from prefect import get_run_logger
-from diskimport.contract import Refusal
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
     update_progress_artifact
+
+from diskimport.contract import Refusal
 
 
 class TransferProgress:
@@ -52,6 +54,40 @@ class TransferProgress:
         self._update(force=True)
 
 
+class UploadProgress:
+    """A progress artifact per exported disk: the share of its image uploaded."""
+
+    def __init__(self, name: str) -> None:
+        self.logger = get_run_logger()  # events arrive on the upload's thread, outside the run context
+        self.name, self.total, self.shown = name, 0, 0.0
+        self.artifact = create_progress_artifact(0.0, description=f"Uploading {name}")
+
+    def event(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "ready":
+            self.total = int(event.get("size") or 0)
+        elif kind == "part" and self.total:
+            percent = round(100.0 * int(event.get("uploaded", 0)) / self.total, 1)
+            if percent - self.shown >= 5:
+                self._show(percent)
+        elif kind == "final":
+            self.total = int(event.get("size") or 0)
+            self.logger.info("%s is final: %s bytes in %s parts; %s part(s) qemu-img changed after they were sent "
+                             "went again", self.name, event.get("size"), event.get("parts"), event.get("resent"))
+        elif kind == "retry":
+            self.logger.warning("retrying part %s of %s: %s", event.get("part"), self.name, event.get("error"))
+
+    def _show(self, percent: float) -> None:
+        self.shown = percent
+        try:
+            update_progress_artifact(self.artifact, percent)
+        except Exception as exc:  # progress reporting must never break the export
+            self.logger.debug("progress not reported: %s", exc)
+
+    def done(self) -> None:
+        self._show(100.0)
+
+
 def publish_summary(summary: dict[str, Any]) -> None:
     rows = [{"step": step, "seconds": seconds} for step, seconds in summary["steps"].items()]
     create_table_artifact(rows, key="import-steps", description=f"Time per step of {summary['object']}")
@@ -70,19 +106,20 @@ def publish_summary(summary: dict[str, Any]) -> None:
         "## Filesystems",
         "",
         "| location | type | label | size | result | detail |", "|---|---|---|---|---|---|",
-        *[f"| `{c['location']}` | {c['filesystem'] or '-'} | {_cell(c.get('label') or '')} | {_size(c['size'])} | "
-          f"{c['status']} | {_cell(' / '.join(c['detail'].splitlines()[-2:]))} |" for c in summary["filesystems"]],
+        *[f"| `{c['location']}` | {c['filesystem'] or '-'} | {cell(c.get('label') or '')} | {size_text(c['size'])} | "
+          f"{c['status']} | {cell(' / '.join(c['detail'].splitlines()[-2:]))} |" for c in summary["filesystems"]],
     ]
     create_markdown_artifact("\n".join(lines), key="import-summary", description="Import summary")
 
 
-def _cell(text: str, limit: int = 200) -> str:
+def cell(text: str, limit: int = 200) -> str:
     """Text that stays in one markdown table cell."""
     text = text.replace("|", "\\|").strip()
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def _size(size: int) -> str:
+def size_text(size: int) -> str:
+    """A byte count as people read it (``1.5 GiB``)."""
     for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
         if size >= scale:
             return f"{size / scale:.1f} {unit}".replace(".0 ", " ")
@@ -136,3 +173,31 @@ def _boot_lines(started: dict[str, Any] | None) -> list[str]:
         return lines + [f"Boot check: **booted in {checked['seconds']:.0f} s**."]
     return lines + [f"Boot check: **did not boot** (no `{checked['pattern']}` within {checked['seconds']:.0f} s). "
                     "Last console lines:", "", "```", *checked["console_tail"], "```"]
+
+
+def publish_export_summary(summary: dict[str, Any]) -> None:
+    """The exported volumes, each with its object, size, SHA-256 and time, as the run's artifact."""
+    what = f"machine `{summary['machine']}`" if summary["machine"] else f"`{summary['disks'][0]['volume_id']}`"
+    lines = [f"# Exported {what} as {summary['format']}" + (" (compressed)" if summary["compressed"] else ""), "",
+             "| volume | object | size | sha256 | seconds |", "|---|---|---|---|---|"]
+    for disk in summary["disks"]:
+        size = size_text(disk["object_bytes"]) if "object_bytes" in disk else "already written"
+        seconds = ", ".join(f"{k} {v:.1f}" for k, v in disk.get("seconds", {}).items())
+        lines.append(f"| `{disk['volume_id']}` | `{cell(disk['object'])}` | {size} | `{disk.get('sha256', '-')}` "
+                     f"| {seconds or '-'} |")
+    if summary["manifest"]:
+        lines += ["", f"Machine manifest: `{summary['manifest']}` (re-import it with `import-machine`)."]
+    create_markdown_artifact("\n".join(lines), key="export-summary", description="Export summary")
+
+
+def publish_copy_summary(summary: dict[str, Any]) -> None:
+    """The restored disks as a table, and where they went, as the run's artifacts."""
+    rows = [{"disk": d["position"], "source volume": d["source_volume_id"], "restored volume": d["volume_id"],
+             "boot": d["boot"], "GB": d["size_in_gbs"], "reused": d["reused"],
+             **{f"{k} s": v for k, v in d["seconds"].items()}} for d in summary["disks"]]
+    create_table_artifact(rows, key="copy-disks", description=f"Disks copied to {summary['destination_region']}")
+    what = f"machine `{summary['machine']}`" if summary["machine"] else "volume"
+    group = f" in volume group `{summary['volume_group_id']}`" if summary["volume_group_id"] else ""
+    create_markdown_artifact(f"# Copied {what} from {summary['source_region']} to {summary['destination_region']}\n\n"
+                             f"{len(summary['disks'])} disk(s) restored in `{summary['availability_domain']}`{group}.",
+                             key="copy-summary", description="Copy summary")

@@ -22,9 +22,9 @@ from diskimport import contract
 from diskimport.contract import InvalidRequest
 from diskimport.errors import ImageRejected
 from diskimport.export import Exporter, ExportJob
-from diskimport.importer import Importer
+from diskimport.run import Run
 from localoci.process import RunningLocalOCI
-from tests.diskimport.conftest import import_object, live, version_of
+from tests.diskimport.conftest import everything, import_object, version_of
 
 MiB = 1024 * 1024
 pytestmark = pytest.mark.usefixtures("small_volumes", "no_faults")
@@ -62,22 +62,28 @@ def same_bytes(a: str, b: str) -> bool:
     return subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", a, b]).returncode == 0
 
 
-def export_job(importer: Importer, job: ExportJob, overwrite: bool = False) -> dict[str, Any]:
+def export_job(run: Run, job: ExportJob, overwrite: bool = False) -> dict[str, Any]:
     """The flow's order of steps, without Prefect."""
-    exporter = Exporter(importer)
+    exporter = Exporter(run)
     done = exporter.finished_objects(job, overwrite)
-    todo = [p for p in range(len(job.objects)) if p not in done]
+    todo = job.missing(done)
     exported = []
     if todo:
-        with importer:
-            importer.remove_stale_workers(job)  # type: ignore[arg-type]
+        with run:
+            run.remove_stale_workers(job.subject)
             exporter.remove_stale_uploads(job)
-            worker = exporter.launch_worker(job)
-            with importer.session(worker) as session:
-                importer.prepare_worker(session)
+            worker = run.launch_worker(job.subject, job.availability_domain)
+            with run.session(worker) as session:
+                run.prepare_worker(session)
                 exported = exporter.export_all(session, worker, job, todo)
-            importer.terminate_worker(worker)
+            run.terminate_worker(worker)
     return exporter.summary(job, exported, done, exporter.write_manifest(job))
+
+
+def worker_vms(localoci: RunningLocalOCI, job: ExportJob) -> list[dict[str, Any]]:
+    """The export's worker VMs that exist and are not on their way out (tagged as an import's are)."""
+    return [i for i in localoci.inventory(**{contract.TAG_IMPORT_ID: job.subject.id})["instances"]
+            if i["lifecycleState"] not in ("TERMINATING", "TERMINATED")]
 
 
 def nothing_left(localoci: RunningLocalOCI, object_storage: Any, bucket: str, job: ExportJob) -> None:
@@ -87,18 +93,18 @@ def nothing_left(localoci: RunningLocalOCI, object_storage: Any, bucket: str, jo
     names = [o.name for o in object_storage.list_objects(namespace, bucket).data.objects]
     assert not [n for n in names if n in job.objects or n.startswith(tuple(job.objects))]
     assert not [p for p in localoci.inventory()["pars"] if p["objectName"] in job.objects]
-    assert live(localoci, "instances", job) == []  # type: ignore[arg-type]
+    assert worker_vms(localoci, job) == []
 
 
 @pytest.mark.parametrize("fmt,compress,qemu_format", [
     ("qcow2", False, "qcow2"), ("qcow2", True, "qcow2"), ("vmdk", False, "vmdk"), ("vhdx", False, "vhdx"),
     ("vhd", False, "vpc"), ("raw", False, "raw")])
-def test_every_format_round_trips_bit_exact(fmt, compress, qemu_format, localoci, make_importer, object_storage,
-                                            bucket, imported, tmp_path):
-    importer = make_importer()
-    exporter = Exporter(importer)
+def test_every_format_round_trips_bit_exact(fmt, compress, qemu_format, localoci, make_run, make_importer,
+                                            object_storage, bucket, imported, tmp_path):
+    run = make_run()
+    exporter = Exporter(run)
     job = exporter.plan(bucket, None, fmt, compress, volume_id=imported["volume_id"], prefix="out/")
-    summary = export_job(importer, job)
+    summary = export_job(run, job)
     [disk] = summary["disks"]
     name = job.objects[0]
     assert disk["object"] == name and name.startswith("out/") and name.endswith(f".{fmt}")
@@ -136,7 +142,7 @@ def test_every_format_round_trips_bit_exact(fmt, compress, qemu_format, localoci
         assert size < 8 * MiB
     assert object_storage.list_multipart_uploads(localoci.namespace, bucket).data == []
     assert not [p for p in localoci.inventory()["pars"] if p["objectName"] == name]
-    assert live(localoci, "instances", job) == [] and importer.ledger.pending() == []
+    assert worker_vms(localoci, job) == [] and run.ledger.pending() == []
     assert not [a for a in localoci.inventory()["attachments"] if a["volumeId"] == imported["volume_id"]
                 and a["lifecycleState"] != "DETACHED"]
 
@@ -146,31 +152,31 @@ def test_every_format_round_trips_bit_exact(fmt, compress, qemu_format, localoci
     assert same_bytes(backing_file(localoci, imported["volume_id"]), backing_file(localoci, reimported["volume_id"]))
 
     # a repeat writes nothing new
-    repeat = export_job(make_importer(), job)
+    repeat = export_job(make_run(), job)
     assert repeat["disks"][0].get("reused") is True
     assert object_storage.head_object(localoci.namespace, bucket, name).headers["etag"] == disk["etag"]
 
 
 @pytest.mark.parametrize("operation", ["ParUploadPart", "CommitMultipartUpload"])
-def test_a_fault_mid_export_leaves_no_part_no_object_and_no_worker(operation, localoci, make_importer,
+def test_a_fault_mid_export_leaves_no_part_no_object_and_no_worker(operation, localoci, make_run,
                                                                    object_storage, bucket, imported):
-    importer = make_importer()
-    job = Exporter(importer).plan(bucket, None, "qcow2", volume_id=imported["volume_id"], prefix="out/")
+    run = make_run()
+    job = Exporter(run).plan(bucket, None, "qcow2", volume_id=imported["volume_id"], prefix="out/")
     localoci.admin("POST", "faults", {"operation": operation, "status": 400, "code": "InvalidParameter",
                                       "count": 100})
     with pytest.raises(Exception):
-        export_job(importer, job)
+        export_job(run, job)
     localoci.admin("DELETE", "faults")
     nothing_left(localoci, object_storage, bucket, job)
-    assert importer.ledger.pending() == []
+    assert run.ledger.pending() == []
     # the source volume is untouched and free again
     assert not [a for a in localoci.inventory()["attachments"] if a["volumeId"] == imported["volume_id"]
                 and a["lifecycleState"] != "DETACHED"]
 
 
-def test_what_cannot_be_exported_is_refused_by_name_before_anything_exists(localoci, make_importer, object_storage,
-                                                                           bucket, imported):
-    exporter = Exporter(make_importer())
+def test_what_cannot_be_exported_is_refused_by_name_before_anything_exists(localoci, make_run, shape,
+                                                                           object_storage, bucket, imported):
+    exporter = Exporter(make_run())
     volume_id = imported["volume_id"]
     cases = [
         (dict(format="qcow3", volume_id=volume_id), "invalid-export-format"),
@@ -189,16 +195,53 @@ def test_what_cannot_be_exported_is_refused_by_name_before_anything_exists(local
     with pytest.raises(InvalidRequest, match="^object-exists: "):
         exporter.finished_objects(job)
     assert exporter.finished_objects(job, overwrite=True) == {}
-    assert live(localoci, "instances", job) == []  # type: ignore[arg-type]
-    iscsi = make_importer()
-    iscsi.shape = iscsi.shape.model_copy(update={"attachment_type": "iscsi"})
+    assert worker_vms(localoci, job) == []
+    iscsi = make_run()
+    iscsi.shape = shape.model_copy(update={"attachment_type": "iscsi"})
     with pytest.raises(InvalidRequest, match="^iscsi-export-unsupported: "):
         Exporter(iscsi).plan(bucket, None, "qcow2", volume_id=volume_id)
 
 
-def test_an_attached_volume_is_refused(localoci, make_importer, bucket, imported, compute, compartment_id,
+def test_a_source_named_by_the_wrong_ocid_or_not_found_is_refused_before_anything_exists(
+        localoci, make_run, object_storage, blockstorage, bucket, imported, compartment_id):
+    """A volume's OCID given as the group, a group's as the volume, something that is no OCID, a
+    group or a bucket that does not exist: each refused with its code and a message that names the
+    parameter, what it got and what it takes (never OCI's bare 404), and nothing is created."""
+    volume_id = imported["volume_id"]
+    group = blockstorage.create_volume_group(oci.core.models.CreateVolumeGroupDetails(
+        compartment_id=compartment_id, availability_domain=imported["availability_domain"], display_name="web",
+        source_details=oci.core.models.VolumeGroupSourceFromVolumesDetails(volume_ids=[volume_id]))).data
+    oci.wait_until(blockstorage, blockstorage.get_volume_group(group.id), "lifecycle_state", "AVAILABLE",
+                   max_wait_seconds=30, max_interval_seconds=0.1)
+    volumes = "a block volume (ocid1.volume.…) or a boot volume (ocid1.bootvolume.…)"
+    cases = [
+        (dict(volume_group_id=volume_id), "invalid-source", f"volume_group_id {volume_id!r} is the OCID of a block "
+         "volume, not of a volume group (ocid1.volumegroup.…): pass it as volume_id"),
+        (dict(volume_id=group.id), "invalid-source", f"volume_id {group.id!r} is the OCID of a volume group, not of "
+         f"{volumes}: pass it as volume_group_id"),
+        (dict(volume_id="vol-0123"), "invalid-source", f"volume_id 'vol-0123' is not an OCID; it takes the OCID of "
+         f"{volumes}"),
+        (dict(volume_group_id="ocid1.volumegroup"), "invalid-source", "volume_group_id 'ocid1.volumegroup' is not an "
+         "OCID; it takes the OCID of a volume group (ocid1.volumegroup.…)"),
+        (dict(volume_group_id="ocid1.volumegroup.oc1..missing"), "volume-group-not-found",
+         "volume group ocid1.volumegroup.oc1..missing not found"),
+    ]
+    exporter = Exporter(make_run())
+    before = everything(localoci)
+    for kwargs, code, message in cases:
+        with pytest.raises(InvalidRequest) as refused:
+            exporter.plan(bucket, None, "qcow2", **kwargs)
+        assert (refused.value.code, refused.value.message[:len(message)]) == (code, message)
+    with pytest.raises(InvalidRequest, match="^bucket-not-found: bucket 'no-such-bucket' not found in namespace "):
+        exporter.plan("no-such-bucket", None, "qcow2", volume_id=volume_id)
+    assert everything(localoci) == before
+    assert object_storage.list_objects(localoci.namespace, bucket).data.objects == []
+    blockstorage.delete_volume_group(group.id)
+
+
+def test_an_attached_volume_is_refused(localoci, make_run, bucket, imported, compute, compartment_id,
                                        availability_domains, subnet_id):
-    importer = make_importer()
+    run = make_run()
     from tests.workers import WORKER_IMAGE_ID
 
     instance = compute.launch_instance(oci.core.models.LaunchInstanceDetails(
@@ -215,34 +258,34 @@ def test_an_attached_volume_is_refused(localoci, make_importer, bucket, imported
                        max_wait_seconds=30, max_interval_seconds=0.1)
         with pytest.raises(InvalidRequest, match=f"^volume-attached: volume {imported['volume_id']} is attached to "
                                                  f"{instance.id}"):
-            Exporter(importer).plan(bucket, None, "raw", volume_id=imported["volume_id"])
+            Exporter(run).plan(bucket, None, "raw", volume_id=imported["volume_id"])
     finally:
         compute.terminate_instance(instance.id)
 
 
-def test_an_object_that_does_not_read_back_as_exported_is_removed(localoci, make_importer, object_storage, bucket,
+def test_an_object_that_does_not_read_back_as_exported_is_removed(localoci, make_run, object_storage, bucket,
                                                                   imported):
     """The written object is read again as an import reads it: one that does not read back as the
     format and size exported fails the export (here: the volume claims another size)."""
-    importer = make_importer()
-    exporter = Exporter(importer)
+    run = make_run()
+    exporter = Exporter(run)
     job = exporter.plan(bucket, None, "qcow2", volume_id=imported["volume_id"], prefix="out/")
     source = job.sources[0]
     wrong = ExportJob(**{**job.__dict__, "sources": (type(source)(**{**source.__dict__,
                                                                     "size_bytes": 2 * 1024 ** 3}),)})
     with pytest.raises(ImageRejected, match="^export-inspection-mismatch: "):
-        export_job(importer, wrong)
+        export_job(run, wrong)
     nothing_left(localoci, object_storage, bucket, job)
 
 
-def test_an_object_written_but_never_checked_is_written_again(localoci, make_importer, object_storage, bucket,
+def test_an_object_written_but_never_checked_is_written_again(localoci, make_run, object_storage, bucket,
                                                               imported):
     """A run that died between the commit and the check (no ``.sha256`` beside the object) left an
     object of this export that nobody inspected: the next run writes it again."""
-    job = Exporter(make_importer()).plan(bucket, None, "qcow2", volume_id=imported["volume_id"], prefix="out/")
-    first = export_job(make_importer(), job)["disks"][0]
+    job = Exporter(make_run()).plan(bucket, None, "qcow2", volume_id=imported["volume_id"], prefix="out/")
+    first = export_job(make_run(), job)["disks"][0]
     object_storage.delete_object(localoci.namespace, bucket, f"{job.objects[0]}.sha256")
-    again = export_job(make_importer(), job)["disks"][0]
+    again = export_job(make_run(), job)["disks"][0]
     assert not again.get("reused") and again["etag"] != first["etag"] and again["sha256"] == first["sha256"]
     assert object_storage.head_object(localoci.namespace, bucket, f"{job.objects[0]}.sha256").status == 200
 
@@ -278,7 +321,7 @@ def test_the_qcow2_ranges_qemu_img_may_rewrite_are_all_but_its_data(tmp_path, co
         qcow2_metadata(lambda start, length: b"\0" * length)
 
 
-def test_a_dead_runs_uploads_are_aborted_and_no_other_runs(localoci, object_storage, bucket):
+def test_a_dead_runs_uploads_are_aborted_and_no_other_runs(localoci, credentials, object_storage, bucket):
     """The crash hook's cleanup finds the run's uploads by its write PARs: another upload in the
     same bucket (another run's, or someone else's) is left alone."""
     import datetime as dt
@@ -286,8 +329,7 @@ def test_a_dead_runs_uploads_are_aborted_and_no_other_runs(localoci, object_stor
     from diskimport import cloud, upload
     from diskimport.export import remove_run_uploads
 
-    clients = cloud.Clients(compute=None, blockstorage=None, network=None, identity=None,  # type: ignore[arg-type]
-                            object_storage=object_storage)
+    clients = credentials.clients()
     made = {}
     for run, name in (("dead-run", "out/dead.qcow2"), ("live-run", "out/live.qcow2")):
         par_id, uri = cloud.object_par(clients, localoci.namespace, bucket, name, dt.timedelta(hours=1),

@@ -19,6 +19,7 @@ from diskimport import contract
 from diskimport.contract import InvalidRequest
 from diskimport.regions import RegionCopy, TAG_COPY_ID
 from localoci.process import RunningLocalOCI
+from tests.diskimport.conftest import everything
 from tests.workers import WORKER_IMAGE_ID
 
 MiB = 1024 * 1024
@@ -27,9 +28,9 @@ pytestmark = pytest.mark.usefixtures("small_volumes", "no_faults")
 
 
 @pytest.fixture
-def make_copier(make_importer: Any, credentials: Any) -> Any:
+def make_copier(make_run: Any, credentials: Any) -> Any:
     def make(**kwargs: Any) -> RegionCopy:
-        return RegionCopy(make_importer(), credentials.clients("local-2"), poll_seconds=0.1, **kwargs)
+        return RegionCopy(make_run(), credentials.clients("local-2"), poll_seconds=0.1, **kwargs)
     return make
 
 
@@ -88,7 +89,7 @@ def region_backups(localoci: RunningLocalOCI, copy_id: str) -> list[dict[str, An
 
 def copy(copier: RegionCopy, job: Any) -> dict[str, Any]:
     """The flow's order of steps, without Prefect."""
-    with copier.core:
+    with copier.run:
         copied = copier.copy_all(job, range(len(job.sources)))
         group_id = copier.finish(job, copied)
     return copier.summary(job, copied, group_id)
@@ -102,7 +103,7 @@ def test_a_machine_is_restored_in_the_other_region_with_identical_volumes_in_one
     # disk order: the import's positions, not the group's
     assert [s.id for s in job.sources] == machine["volume_ids"][::-1]
     stages: list[tuple[int, str]] = []
-    with copier.core:
+    with copier.run:
         copied = copier.copy_all(job, range(3), lambda p, s: stages.append((p, s)))
         group_id = copier.finish(job, copied)
     summary = copier.summary(job, copied, group_id)
@@ -121,7 +122,7 @@ def test_a_machine_is_restored_in_the_other_region_with_identical_volumes_in_one
     with pytest.raises(oci.exceptions.ServiceError):
         copier.source.blockstorage.get_volume(restored[0])
     assert region_backups(localoci, job.copy_id) == []  # intermediate backups gone in both regions
-    assert copier.core.ledger.pending() == []
+    assert copier.run.ledger.pending() == []
 
     again = make_copier()  # a repeat finds the restored volumes and makes nothing
     repeat = copy(again, again.plan("local-1", "local-2", volume_group_id=machine["group_id"]))
@@ -170,7 +171,7 @@ def test_a_fault_mid_copy_leaves_nothing_in_either_region(fault, localoci, make_
     left = [v for v in oci.pagination.list_call_get_all_results(there.list_volumes, compartment_id=compartment_id).data
             if (v.freeform_tags or {}).get(TAG_COPY_ID) == job.copy_id
             and v.lifecycle_state not in ("TERMINATING", "TERMINATED")]
-    assert left == [] and copier.core.ledger.pending() == []
+    assert left == [] and copier.run.ledger.pending() == []
     # the same copy afterwards completes
     again = make_copier()
     assert len(copy(again, job)["disks"]) == 3
@@ -192,9 +193,9 @@ def test_an_interrupted_copy_resumes_from_its_backups(localoci, make_copier, mac
 
 
 def _kind(job: Any, position: int) -> Any:
-    from diskimport.regions import _Kind
+    from diskimport.regions import VolumeKind
 
-    return _Kind(job.sources[position].boot)
+    return VolumeKind(job.sources[position].boot)
 
 
 def test_what_cannot_be_copied_is_refused_by_name(make_copier, machine):
@@ -212,6 +213,38 @@ def test_what_cannot_be_copied_is_refused_by_name(make_copier, machine):
         assert refused.value.code == code, kwargs
 
 
+def test_a_copy_named_by_the_wrong_ocid_or_to_an_unknown_region_is_refused_before_anything_exists(
+        localoci, make_copier, make_run, credentials, machine):
+    """A volume's OCID given as the group, a group's as the volume, something that is no OCID, a
+    missing group, a compartment that is no compartment, a destination region that is no region
+    or does not answer: each refused with its code and a message that names what was wrong (never
+    the SDK's bare error), and nothing is created in either region."""
+    volume_id, group_id = machine["volume_ids"][0], machine["group_id"]
+    cases = [
+        (dict(volume_group_id=volume_id), "invalid-source", f"volume_group_id {volume_id!r} is the OCID of a block "
+         "volume, not of a volume group (ocid1.volumegroup.…): pass it as volume_id"),
+        (dict(volume_id=group_id), "invalid-source", f"volume_id {group_id!r} is the OCID of a volume group, not of "
+         "a block volume (ocid1.volume.…) or a boot volume (ocid1.bootvolume.…): pass it as volume_group_id"),
+        (dict(volume_id="db-01-disk0"), "invalid-source", "volume_id 'db-01-disk0' is not an OCID"),
+        (dict(volume_group_id="ocid1.volumegroup.oc1..missing"), "volume-group-not-found",
+         "volume group ocid1.volumegroup.oc1..missing not found"),
+        (dict(volume_id=volume_id, compartment_id=volume_id), "invalid-compartment", f"compartment_id {volume_id!r} "
+         "is the OCID of a block volume, not of a compartment (ocid1.compartment.…) or the tenancy"),
+        (dict(volume_id=volume_id, destination_region="Local 2"), "invalid-destination-region",
+         "destination_region 'Local 2' is not a region identifier"),
+    ]
+    copier = make_copier()
+    before = everything(localoci)
+    for kwargs, code, message in cases:
+        with pytest.raises(InvalidRequest) as refused:
+            copier.plan("local-1", **{"destination_region": "local-2", **kwargs})
+        assert (refused.value.code, refused.value.message[:len(message)]) == (code, message)
+    nowhere = RegionCopy(make_run(), credentials.clients("nowhere-9"), poll_seconds=0.1)
+    with pytest.raises(InvalidRequest, match="^invalid-destination-region: region 'nowhere-9' does not answer"):
+        nowhere.plan("local-1", "nowhere-9", volume_group_id=group_id)
+    assert everything(localoci) == before
+
+
 def test_the_sweep_deletes_backups_of_dead_copy_runs_only(localoci, make_copier, machine, active_runs):
     from diskimport import regions, sweeper
 
@@ -219,7 +252,7 @@ def test_the_sweep_deletes_backups_of_dead_copy_runs_only(localoci, make_copier,
     job = dead.plan("local-1", "local-2", volume_group_id=machine["group_id"])
     left, _ = dead._backup(job, 0, _kind(job, 0), "left-by-a-dead-run")
     kept, _ = alive._backup(job, 1, _kind(job, 1), "of-a-live-run")
-    active_runs.discard(dead.core.run_id)
+    active_runs.discard(dead.run.run_id)
     orphaned = sweeper.orphan_test(active_runs.__contains__, dt.timedelta(0))
     removed = regions.sweep_backups(dead.source, [job.sources[0].compartment_id],
                                     {contract.TAG_MANAGED_BY: contract.MANAGED_BY}, orphaned)
