@@ -11,8 +11,8 @@ worker VM does it. For each volume the worker:
    the device itself: nothing is staged;
 3. uploads that file as the parts of a multipart upload, in parallel, through a write-only
    pre-authenticated request for that one object (the agent's ``upload``,
-   :mod:`diskimport.agent.upload`; no credentials on the worker), **while qemu-img writes it**: a part goes once the file has grown
-   :data:`HOLD_BACK_BYTES` past it, and a part that qemu-img changed after it went (a qcow2's
+   :mod:`diskimport.agent.upload`; no credentials on the worker), **while qemu-img writes
+   it**: a part goes once the file has grown :data:`HOLD_BACK_BYTES` past it, and a part that qemu-img changed after it went (a qcow2's
    header, L2 tables and refcounts; a vhdx's block table) is sent again once the file is
    final. The final file is hashed (SHA-256) beside the upload.
 
