@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from blocks import ImportSettings, OCICredentials, WorkerShape
-from diskimport import cloud, filesystems
+from diskimport import cloud
+from diskimport.guest import filesystems
 from diskimport.keys import SshKeyPair, cloud_init_host_keys
-from diskimport.qemu_img import QemuImg
-from diskimport.worker import WorkerSession
+from diskimport.worker_vm.qemu_img import QemuImg
+from diskimport.worker_vm.session import WorkerSession
 
 TAGS = {"managed-by": "oci-disk-import-benchmark", "pipeline": "reference"}
 

@@ -33,7 +33,7 @@ CONTAINERS = ("gzip", "xz", "zstd", "bzip2", "tar", "tar.gz")
 IMAGE_SUFFIXES = (tuple(f".{suffix}" for suffix in FORMAT_NAMES)
                   + tuple(f".{suffix}.{ext}" for ext in COMPRESSIONS for suffix in FORMAT_NAMES)
                   + tuple(PACKED))
-# Object names ending in one of these describe a whole machine (diskimport.machine): an OVA,
+# Object names ending in one of these describe a whole machine (diskimport.images.machine): an OVA,
 # an OVF descriptor (its disks beside it), a machine manifest.
 MACHINE_SUFFIXES = (".ova", ".ovf", ".machine.json")
 # The largest block volume OCI makes (32 TiB): no virtual size may exceed it.

@@ -49,13 +49,15 @@ from typing import Any, Callable, Mapping, Sequence
 
 import oci
 
-from . import cloud, contract, naming, packed, upload
-from .commands import CommandFailed, read_range
+from . import cloud, contract, naming
+from .images import packed
+from .worker_vm import upload
+from .worker_vm.commands import CommandFailed, read_range
 from .errors import ImageRejected, InvalidRequest
 from .records import Subject, WorkerVM
 from .run import Run, phase, step
-from .transfer import make_staging_dir, remove_staging
-from .worker import WorkerSession
+from .worker_vm.transfer import make_staging_dir, remove_staging
+from .worker_vm.session import WorkerSession
 
 UPLOAD_PAR_LIFETIME = dt.timedelta(hours=24)
 # Parts of a converted image are sent while qemu-img writes it, each once the file is

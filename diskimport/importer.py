@@ -23,13 +23,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from . import cloud, contract, naming, packed
+from . import cloud, contract, naming
+from .images import packed
 from .contract import ImportOptions
 from .errors import InvalidRequest, OutOfCapacity
 from .records import FinishedVolume, FoundVolume, InspectedImage, ObjectVersion, Volume, WorkerVM, WriteResult
 from .run import Run, Yielding, step
 from .volume_write import VolumeWrite
-from .worker import WorkerSession
+from .worker_vm.session import WorkerSession
 
 COMPETING_POLL_SECONDS = 2.0
 COMPETING_WAIT_SECONDS = 24 * 3600.0  # how long a run waits for another run of the same version

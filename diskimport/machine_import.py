@@ -8,7 +8,7 @@ before anything is created (:meth:`~MachineImport.inspect`, a :class:`MachinePla
 one worker VM launched while every other disk's volume is created, a
 :class:`~diskimport.volume_write.VolumeWrite` per disk, the volumes finished and grouped. A
 bootable import puts the boot disk on a boot volume and can start the machine from it where
-the ``TargetMachine`` block says, then watch its serial console (:mod:`diskimport.boot`).
+the ``TargetMachine`` block says, then watch its serial console (:mod:`diskimport.guest.boot`).
 
 Each disk's record carries it from its description to its volume, its write and its checks,
 through to the summary: nothing is joined by position.
@@ -22,14 +22,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import boot, cloud, contract, machine
+from . import cloud, contract
+from .guest import boot
+from .images import machine
 from .contract import ImportOptions
 from .errors import BootFailed, InvalidRequest, OutOfCapacity
 from .importer import Importer, peak_rss_mb
 from .records import FoundVolume, InspectedImage, ObjectVersion, Volume, WorkerVM
 from .run import step
 from .volume_write import VolumeWrite
-from .worker import WorkerSession
+from .worker_vm.session import WorkerSession
 
 
 class TargetMachineLike(Protocol):

@@ -1,7 +1,7 @@
 """Reading uploaded objects from the orchestrator: their HEAD, byte ranges of one version, and
 the head and tail the inspection read, kept for the transfer.
 
-Every range here is half-open, ``[start, end)``, as :data:`diskimport.inspection.ReadRange`
+Every range here is half-open, ``[start, end)``, as :data:`diskimport.images.inspection.ReadRange`
 is; a read names the version (``if-match`` its ETag), so an object replaced meanwhile fails
 the read instead of mixing two uploads' bytes.
 """
@@ -12,7 +12,8 @@ import collections
 import threading
 from typing import Callable
 
-from . import cloud, inspection
+from . import cloud
+from .images import inspection
 from .errors import ImageRejected, InvalidRequest
 from .records import ObjectVersion
 

@@ -2,7 +2,7 @@
 
 Each record is what a flow persists between its steps to resume, so none holds bytes
 of the image or a client: the head and tail the inspection read are kept where the
-transfer finds them (:mod:`diskimport.inspection`), clients are rebuilt from the blocks.
+transfer finds them (:mod:`diskimport.images.inspection`), clients are rebuilt from the blocks.
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ class InspectedImage:
 
     ``driver`` names the qemu driver that reads the disk when it is not ``format``'s own: a
     fixed VHD (``format`` vpc) is read as ``raw``, its disk being the object's first
-    ``virtual_size`` bytes (:mod:`diskimport.inspection` says why).
+    ``virtual_size`` bytes (:mod:`diskimport.images.inspection` says why).
 
-    A compressed or packed upload (:mod:`diskimport.packed`) names its ``container``; the
+    A compressed or packed upload (:mod:`diskimport.images.packed`) names its ``container``; the
     image inside is ``inner_size`` bytes starting at ``inner_offset`` (of the object for a
     tar, of the decompressed data for a tar.gz), and ``format``/``virtual_size`` are its own.
     """

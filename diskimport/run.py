@@ -24,12 +24,13 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Protocol, TypeVar
 
-from . import cloud, contract, naming, transfer
+from . import cloud, contract, naming
+from .worker_vm import transfer
 from .keys import SshKeyPair, cloud_init_host_keys
 from .ledger import Ledger, Undo
 from .objects import ObjectReader
 from .records import Subject, WorkerVM
-from .worker import WorkerSession
+from .worker_vm.session import WorkerSession
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -11,13 +11,16 @@ import datetime as dt
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, Sequence
 
-from . import boot, cloud, contract, filesystems, iscsi, nested, slices, transfer
-from .commands import read_range
-from .qemu_img import QemuImg
+from . import cloud, contract
+from .guest import boot, filesystems
+from .images import nested
+from .worker_vm import iscsi, slices, transfer
+from .worker_vm.commands import read_range
+from .worker_vm.qemu_img import QemuImg
 from .records import Attachment, InspectedImage, ObjectVersion, Volume, WorkerVM, WriteResult
 from .run import Run, phase, step
 from .ledger import Undo
-from .worker import WorkerSession
+from .worker_vm.session import WorkerSession
 
 PAR_LIFETIME = dt.timedelta(hours=2)
 

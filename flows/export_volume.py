@@ -20,7 +20,7 @@ from prefect.runtime import flow_run as current_flow_run
 from blocks import DEFAULT_BLOCK, OCICredentials
 from diskimport.export import ExportedImage, Exporter, ExportJob, remove_run_uploads
 from diskimport.records import WorkerVM
-from diskimport.worker import WorkerSession
+from diskimport.worker_vm.session import WorkerSession
 from flows import tasks
 from flows.reporting import UploadProgress, publish_export_summary, refusal_reported
 from flows.runs import import_slot

@@ -17,7 +17,7 @@ from prefect.runtime import flow_run as current_flow_run
 
 from blocks import DEFAULT_BLOCK
 from diskimport.contract import ImportOptions, parse_options
-from diskimport.filesystems import FilesystemCheck
+from diskimport.guest.filesystems import FilesystemCheck
 from diskimport.importer import Importer, PreviousImports
 from diskimport.records import FinishedVolume, InspectedImage, ObjectVersion, Volume, WorkerVM
 from diskimport.volume_write import VolumeWrite

@@ -12,7 +12,7 @@ of the same object version returns what was imported.
 A bootable import (``bootable=True``) puts the boot disk on a boot volume, and (unless
 ``launch=False``) starts the machine from it where the ``TargetMachine`` block says, its
 data volumes attached in disk order, then watches its serial console until it shows that
-it booted (:mod:`diskimport.boot`).
+it booted (:mod:`diskimport.guest.boot`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from prefect import flow
 from prefect.futures import wait
 
 from blocks import DEFAULT_BLOCK, TargetMachine
-from diskimport import boot
+from diskimport.guest import boot
 from diskimport.errors import InvalidRequest
 from diskimport.importer import Importer
 from diskimport.machine_import import MachineImport, MachinePlan

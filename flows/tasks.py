@@ -19,7 +19,7 @@ from blocks import DEFAULT_BLOCK, ImportSettings, OCICredentials, WorkerShape
 from diskimport.errors import is_deterministic, is_worker_lost
 from diskimport.records import Subject, WorkerVM
 from diskimport.run import Run, Yielding
-from diskimport.worker import WorkerSession
+from diskimport.worker_vm.session import WorkerSession
 from flows.runs import retry_after_crash, run_is_active
 from flows.sweep import sweep_run
 

@@ -7,7 +7,7 @@ copied into place, their data only. The LVM physical volume is made by the
 lvm2 tools themselves, on a loop device over its partition, with activation and device-mapper
 turned off, udev and locking kept away, and only that device scanned (this needs root, as the
 checks' loop devices do). Where a logical volume's filesystem goes is computed from what
-``lvs`` and ``pvs`` report, independently of :mod:`diskimport.lvm`.
+``lvs`` and ``pvs`` report, independently of :mod:`diskimport.guest.lvm`.
 
 Sizes are the smallest the tools accept: xfs 300 MiB, btrfs 109 MiB.
 """

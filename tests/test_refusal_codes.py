@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from diskimport import refusals
-from diskimport.inspection import INSPECTOR_TO_QEMU
+from diskimport.images.inspection import INSPECTOR_TO_QEMU
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCT = ("diskimport", "flows", "blocks", "function_trigger")
@@ -29,7 +29,7 @@ DOCS = ROOT / "docs" / "refusals.md"
 
 # The worker programs run alone on the worker VM (no diskimport there): their refusals are an
 # exception of their own, whose code they report in a "failed" event, and which
-# diskimport.transfer turns into an ImageRejected with that code.
+# diskimport.worker_vm.transfer turns into an ImageRejected with that code.
 WORKER_REFUSED = "Refused"
 WORKER_REFUSED_AS = "ImageRejected"
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from diskimport.agent_archive import ARCHIVE_NAME, PACKAGE, agent_archive, build
+from diskimport.worker_vm.agent_archive import ARCHIVE_NAME, PACKAGE, agent_archive, build
 
 MiB = 1024 * 1024
 MODULES = sorted(PACKAGE.glob("*.py"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from diskimport import boot
+from diskimport.guest import boot
 from tests import boot_disks, guest_disks
 
 pytestmark = pytest.mark.skipif(bool(boot_disks.tools_missing()), reason="boot disk tools missing")

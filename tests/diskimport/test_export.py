@@ -326,7 +326,8 @@ def test_a_dead_runs_uploads_are_aborted_and_no_other_runs(localoci, credentials
     same bucket (another run's, or someone else's) is left alone."""
     import datetime as dt
 
-    from diskimport import cloud, upload
+    from diskimport import cloud
+    from diskimport.worker_vm import upload
     from diskimport.export import remove_run_uploads
 
     clients = credentials.clients()

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from diskimport import nested, slices, transfer
-from diskimport.commands import LocalRunner
+from diskimport.images import nested
+from diskimport.worker_vm import slices, transfer
+from diskimport.worker_vm.commands import LocalRunner
 from diskimport.errors import ImageRejected
-from diskimport.inspection import Inspection, inspect
-from diskimport.qemu_img import QemuImg
+from diskimport.images.inspection import Inspection, inspect
+from diskimport.worker_vm.qemu_img import QemuImg
 
 from .test_hostile_images import fixed_vhd, fixed_vhd_of, rewrite_vhd_footer, vhd_checksum
 

@@ -12,10 +12,10 @@ from typing import Callable
 
 import pytest
 
-from diskimport import lvm
-from diskimport.commands import LocalRunner
+from diskimport.guest import lvm
+from diskimport.worker_vm.commands import LocalRunner
 from diskimport.errors import FilesystemErrors
-from diskimport.filesystems import FilesystemCheck, check_device, refuse
+from diskimport.guest.filesystems import FilesystemCheck, check_device, refuse
 from tests import guest_disks
 
 LAYOUTS: dict[str, Callable[[Path], guest_disks.GuestDisk]] = {

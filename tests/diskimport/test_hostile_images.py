@@ -15,7 +15,7 @@ from typing import Callable
 import pytest
 
 from diskimport.errors import ImageRejected
-from diskimport.inspection import inspect
+from diskimport.images.inspection import inspect
 
 TIB = 1024**4
 

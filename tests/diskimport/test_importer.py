@@ -26,7 +26,7 @@ from diskimport import cloud, contract
 from diskimport.contract import ImportOptions, InvalidRequest
 from diskimport.errors import ImageRejected, ResourceFailed, is_deterministic
 from diskimport.importer import CompetingImport, Importer, PreviousImports
-from diskimport.machine import Machine
+from diskimport.images.machine import Machine
 from diskimport.machine_import import MachineImport, MachinePlan
 from diskimport.records import InspectedImage, ObjectVersion
 from tests.diskimport.conftest import import_object, live, version_of, volume_holds

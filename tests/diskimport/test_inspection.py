@@ -9,7 +9,7 @@ import pytest
 
 from diskimport.contract import InvalidRequest
 from diskimport.errors import ImageRejected
-from diskimport.inspection import claimed_format, inspect
+from diskimport.images.inspection import claimed_format, inspect
 
 TIB = 1024**4
 

@@ -12,8 +12,8 @@ from typing import Sequence
 
 import pytest
 
-from diskimport.commands import CommandFailed, CommandResult
-from diskimport.iscsi import IscsiTarget, login, logout
+from diskimport.worker_vm.commands import CommandFailed, CommandResult
+from diskimport.worker_vm.iscsi import IscsiTarget, login, logout
 
 TARGET = IscsiTarget("iqn.2015-12.com.oracleiaas:abc", "169.254.2.2", 3260)
 

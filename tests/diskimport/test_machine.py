@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import pytest
 
-from diskimport import machine
+from diskimport.images import machine
 from diskimport.errors import ImageRejected
 
 from . import test_hostile_images as hostile

@@ -1,4 +1,4 @@
-"""Inspection of compressed and packed uploads (diskimport.packed) on local files standing in for objects."""
+"""Inspection of compressed and packed uploads (diskimport.images.packed) on local files standing in for objects."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from diskimport.errors import ImageRejected
-from diskimport.packed import Packed, inspect_object
+from diskimport.images.packed import Packed, inspect_object
 
 MiB = 1024 * 1024
 TIB = 1024**4
@@ -192,7 +192,7 @@ def test_a_tar_of_more_than_one_image_or_of_links_is_refused(tmp_path, disk):
 
 
 def test_gzip_isize_is_trusted_only_when_it_can_be_right():
-    from diskimport.packed import gzip_size
+    from diskimport.images.packed import gzip_size
 
     isize = (24 * MiB).to_bytes(4, "little")
     assert gzip_size(isize, 13 * MiB, 4 * MiB) == 24 * MiB

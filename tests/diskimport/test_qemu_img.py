@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from diskimport.commands import CommandFailed, LocalRunner
-from diskimport.filesystems import check_device
-from diskimport.qemu_img import QemuImg
+from diskimport.worker_vm.commands import CommandFailed, LocalRunner
+from diskimport.guest.filesystems import check_device
+from diskimport.worker_vm.qemu_img import QemuImg
 
 
 @pytest.fixture

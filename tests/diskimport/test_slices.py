@@ -1,4 +1,4 @@
-"""The slice-by-slice write with verification behind it (diskimport.slices), on real qemu-img.
+"""The slice-by-slice write with verification behind it (diskimport.worker_vm.slices), on real qemu-img.
 
 The image streams from the real local OCI through the real streamer; each slice is
 converted from NBD onto a volume file and compared behind the write.
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from diskimport import slices, transfer
-from diskimport.commands import LocalRunner
-from diskimport.qemu_img import QemuImg
+from diskimport.worker_vm import slices, transfer
+from diskimport.worker_vm.commands import LocalRunner
+from diskimport.worker_vm.qemu_img import QemuImg
 
 from .conftest import head_and_tail
 

@@ -1,4 +1,4 @@
-"""The streaming transfer (diskimport.agent.stream + diskimport.transfer) against the real local OCI.
+"""The streaming transfer (diskimport.agent.stream + diskimport.worker_vm.transfer) against the real local OCI.
 
 The stream program runs as a real process (as it does on a worker); qemu-img reads the image
 over its NBD socket while the ranged GETs fill the local copy.
@@ -17,10 +17,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from diskimport import transfer
-from diskimport.agent_archive import ARCHIVE_NAME, agent_archive
-from diskimport.commands import LocalRunner
-from diskimport.qemu_img import QemuImg
+from diskimport.worker_vm import transfer
+from diskimport.worker_vm.agent_archive import ARCHIVE_NAME, agent_archive
+from diskimport.worker_vm.commands import LocalRunner
+from diskimport.worker_vm.qemu_img import QemuImg
 from localoci.process import RunningLocalOCI
 
 from .conftest import finish_against_digest, head_and_tail

@@ -16,11 +16,11 @@ from typing import Any
 import oci
 import pytest
 
-from diskimport import transfer
-from diskimport.commands import LocalRunner
+from diskimport.worker_vm import transfer
+from diskimport.worker_vm.commands import LocalRunner
 from diskimport.errors import ImageRejected
-from diskimport.packed import inspect_object
-from diskimport.qemu_img import QemuImg
+from diskimport.images.packed import inspect_object
+from diskimport.worker_vm.qemu_img import QemuImg
 from localoci.process import RunningLocalOCI
 
 from .conftest import finish_against_digest, head_and_tail

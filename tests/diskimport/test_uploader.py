@@ -1,4 +1,4 @@
-"""The export's upload (diskimport.agent.upload on a real sshd worker, driven by diskimport.upload)
+"""The export's upload (diskimport.agent.upload on a real sshd worker, driven by diskimport.worker_vm.upload)
 into a multipart upload through a write PAR on the real local OCI."""
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any, Iterator
 import oci
 import pytest
 
-from diskimport import upload
-from diskimport.agent_archive import ARCHIVE_NAME, agent_archive
-from diskimport.commands import LocalRunner
+from diskimport.worker_vm import upload
+from diskimport.worker_vm.agent_archive import ARCHIVE_NAME, agent_archive
+from diskimport.worker_vm.commands import LocalRunner
 from diskimport.keys import SshKeyPair as KeyPair
-from diskimport.worker import WorkerSession
+from diskimport.worker_vm.session import WorkerSession
 from localoci.process import RunningLocalOCI
 from tests.workers import launch_details
 

@@ -21,8 +21,8 @@ from typing import Any
 import oci
 import pytest
 
-from diskimport import agent_archive, transfer
-from diskimport.commands import LocalRunner
+from diskimport.worker_vm import agent_archive, transfer
+from diskimport.worker_vm.commands import LocalRunner
 from diskimport.errors import ImageRejected
 
 from .conftest import head_and_tail

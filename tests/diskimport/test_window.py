@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from diskimport import slices, transfer
-from diskimport.commands import LocalRunner
+from diskimport.worker_vm import slices, transfer
+from diskimport.worker_vm.commands import LocalRunner
 from diskimport.errors import ImageRejected
-from diskimport.qemu_img import QemuImg
+from diskimport.worker_vm.qemu_img import QemuImg
 
 from .conftest import head_and_tail
 

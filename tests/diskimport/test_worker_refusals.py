@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from diskimport import nested, transfer
-from diskimport.commands import LocalRunner
+from diskimport.images import nested
+from diskimport.worker_vm import transfer
+from diskimport.worker_vm.commands import LocalRunner
 from diskimport.errors import ImageRejected
-from diskimport.qemu_img import QemuImg
+from diskimport.worker_vm.qemu_img import QemuImg
 
 MiB = 1024 * 1024
 

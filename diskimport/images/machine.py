@@ -38,8 +38,9 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
-from . import contract, inspection
-from .errors import ImageRejected
+from .. import contract
+from . import inspection
+from ..errors import ImageRejected
 from .inspection import Inspection
 from .packed import Packed, tar_members
 
@@ -217,7 +218,7 @@ def inspect_ova_disks(machine: Machine, get: Callable[[int, int], bytes | None],
                       max_virtual_size: int) -> list[tuple[MachineDisk, Inspection, Packed]]:
     """Every disk of an OVA inspected as a plain upload is (every hostile-image check, on its
     head and tail only), then held against what the descriptor says of it. Each disk is a
-    byte range of the OVA, as a tar's member is (:class:`~diskimport.packed.Packed` ``tar``)."""
+    byte range of the OVA, as a tar's member is (:class:`~diskimport.images.packed.Packed` ``tar``)."""
     found = []
     for disk in machine.disks:
         assert disk.offset is not None and disk.size is not None

@@ -14,7 +14,7 @@ import io
 import zipfile
 from pathlib import Path
 
-PACKAGE = Path(__file__).with_name("agent")
+PACKAGE = Path(__file__).resolve().parent.parent / "agent"
 ARCHIVE_NAME = "agent.pyz"
 
 _ENTRY = b"import sys\n\nfrom agent.__main__ import main\n\nsys.exit(main(sys.argv[1:]))\n"

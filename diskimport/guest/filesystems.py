@@ -7,7 +7,7 @@ container itself skipped), or the whole device when it has no table, is probed w
 and on a file: ext2/3/4 with ``e2fsck -fn``, xfs ``xfs_repair -n``, vfat ``fsck.vfat -n``,
 NTFS ``ntfsfix --no-action``, btrfs ``btrfs check --readonly``.
 
-An LVM2 physical volume is read as bytes (:mod:`diskimport.lvm`), never activated: each
+An LVM2 physical volume is read as bytes (:mod:`diskimport.guest.lvm`), never activated: each
 logical volume that maps onto one contiguous range of it is checked like a partition at
 that range; the others are reported with the reason. Swap, BIOS boot and Microsoft
 reserved partitions hold nothing to check and are reported "skipped"; encrypted volumes
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from . import lvm
-from .commands import CommandFailed, CommandRunner, read_range
-from .errors import FilesystemErrors
+from ..worker_vm.commands import CommandFailed, CommandRunner, read_range
+from ..errors import FilesystemErrors
 
 CHECKERS = {
     "ext2": ["e2fsck", "-f", "-n"],

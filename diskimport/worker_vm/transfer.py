@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 from .commands import CommandFailed, CommandResult, CommandRunner
-from .errors import ImageRejected
+from ..errors import ImageRejected
 from .qemu_img import CHECKABLE_FORMATS, ImageInfo, QemuImg, image_opts
 from .agent_archive import ARCHIVE_NAME, agent_archive
 from .slices import format_node, nbd_protocol

@@ -5,7 +5,7 @@ An object named ``disk.raw.gz``, ``web.img.xz``, ``db.qcow2.zst`` or ``old.vhd.b
 image compressed; ``vm.tar``, ``vm.tar.gz`` or ``vm.tgz`` is a tar holding exactly one image
 (:func:`diskimport.contract.split_name`). The inspection's head (the object's first 4 MiB)
 is decompressed here, at most :data:`INNER_HEAD_BYTES` of output whatever the ratio, and the
-inner image's head gets every check a plain upload gets (:mod:`diskimport.inspection`).
+inner image's head gets every check a plain upload gets (:mod:`diskimport.images.inspection`).
 
 Sizes. The volume is sized from the inner virtual size: a format's own header, or for raw
 data the container's record of the decompressed length, which is also what the worker's
@@ -46,8 +46,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from . import inspection
-from .contract import FORMAT_NAMES, split_name
-from .errors import ImageRejected
+from ..contract import FORMAT_NAMES, split_name
+from ..errors import ImageRejected
 from .inspection import HEAD_BYTES, TAIL_BYTES, Inspection, ReadRange
 
 INNER_HEAD_BYTES = HEAD_BYTES

@@ -17,7 +17,7 @@ import fabric
 import paramiko
 
 from .commands import CommandFailed, CommandResult, LineCallback, LineSplitter
-from .keys import SshKeyPair
+from ..keys import SshKeyPair
 
 
 class WorkerUnreachable(Exception):

@@ -30,7 +30,7 @@ with its backup header; a file inside a filesystem cannot end there unless the f
 uses 512-byte blocks), and one that also carries a valid checksum, the fixed type and a
 current size describing everything before it *is* a fixed VHD. Writing such an object
 as raw would leave a volume whose last sector VHD readers (and the nested-image check on
-the written disk, :mod:`diskimport.nested`) take for a footer. A fixed VHD uploaded as raw
+the written disk, :mod:`diskimport.images.nested`) take for a footer. A fixed VHD uploaded as raw
 (``.raw``, ``.img``) is refused like any other format claimed as raw
 (``claimed-format-mismatch``); one with no telling suffix, or claimed ``vpc``, is accepted.
 
@@ -45,8 +45,8 @@ VHD by its CHS geometry or by its current size depending on the creator applicat
 made by Hyper-V or Azure is smaller than the current size) and refuses disks above
 2040 GiB, which Azure's fixed VHDs may be. ``force_size_calc=current_size`` fixes the first
 but not the second; a raw window is exact by construction, is the same node a raw upload
-is written through (:func:`diskimport.slices.format_node`), and qemu refuses to open it if
-it reaches past the object's end. The second opinion (:func:`diskimport.transfer.second_opinion`)
+is written through (:func:`diskimport.worker_vm.slices.format_node`), and qemu refuses to open it if
+it reaches past the object's end. The second opinion (:func:`diskimport.worker_vm.transfer.second_opinion`)
 opens that window and, up to qemu's 2040 GiB, also has the ``vpc`` driver read the footer
 with ``force_size_calc=current_size``: both must report the current size.
 """
@@ -60,8 +60,8 @@ from typing import Callable
 
 from oslo_utils.imageutils import format_inspector as fi
 
-from .contract import FORMAT_NAMES, InvalidRequest
-from .errors import ImageRejected
+from ..contract import FORMAT_NAMES, InvalidRequest
+from ..errors import ImageRejected
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Protocol
 import oci
 import requests
 
-from .cloud import with_backoff
+from ..cloud import with_backoff
 from .commands import CommandFailed, CommandRunner
 from .agent_archive import ARCHIVE_NAME, agent_archive
 from .transfer import WorkerFiles, make_staging_dir, remove_staging
@@ -38,7 +38,7 @@ class UploadFailed(Exception):
 
 
 class Worker(CommandRunner, WorkerFiles, Protocol):
-    """A :class:`~diskimport.worker.WorkerSession` (or a :class:`~diskimport.commands.LocalRunner`)."""
+    """A :class:`~diskimport.worker_vm.session.WorkerSession` (or a :class:`~diskimport.worker_vm.commands.LocalRunner`)."""
 
 
 def create_par_upload(par_url: str, metadata: Mapping[str, str] | None = None, content_type: str | None = None,

@@ -1,7 +1,7 @@
 """A typed wrapper around ``qemu-img``: info, check, convert, compare, measure.
 
 Every call pins the source format with ``-f``: qemu-img never guesses. Commands go out
-as argument lists through a :class:`~diskimport.commands.CommandRunner`, so the same
+as argument lists through a :class:`~diskimport.worker_vm.commands.CommandRunner`, so the same
 code runs here or on a worker over SSH. ``info`` and ``check`` parse untrusted headers
 and run under ``prlimit`` (address space and CPU time), as OpenStack does.
 """

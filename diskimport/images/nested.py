@@ -8,8 +8,8 @@ with the same format inspector as the upload.
 
 from __future__ import annotations
 
-from .commands import CommandRunner, read_range
-from .errors import ImageRejected
+from ..worker_vm.commands import CommandRunner, read_range
+from ..errors import ImageRejected
 from .inspection import inspect
 
 
