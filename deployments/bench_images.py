@@ -13,6 +13,8 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from diskimport.agent.decompress import DECOMPRESSORS as AGENT_DECOMPRESSORS
+
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 BLOCK = 64 * MiB
@@ -46,7 +48,7 @@ SPECS = (
 )
 # How each compression is made: from a file, so zstd records the content size.
 COMPRESSORS = {"zstd": ["zstd", "-q", "-1", "-T0", "-c"], "gzip": ["gzip", "-1", "-c"]}
-DECOMPRESSORS = {"zstd": ["zstd", "-dcq"], "gzip": ["gzip", "-dc"]}
+DECOMPRESSORS = {name: AGENT_DECOMPRESSORS[name] for name in COMPRESSORS}  # the agent's own commands
 
 EXT4_OFFSET = MiB
 EXT4_SIZE = 16 * MiB

@@ -39,8 +39,7 @@ T = TypeVar("T")
 models = oci.core.models
 
 GB = 1024**3
-MIN_VOLUME_GB = 50
-MAX_VOLUME_GB = 32768
+MIN_VOLUME_GB, MAX_VOLUME_GB = contract.MIN_VOLUME_GB, contract.MAX_VOLUME_GB
 
 
 def with_backoff(call: Callable[..., T], *args: Any, attempts: int = 8, base: float = 0.5, cap: float = 20.0,

@@ -36,8 +36,10 @@ IMAGE_SUFFIXES = (tuple(f".{suffix}" for suffix in FORMAT_NAMES)
 # Object names ending in one of these describe a whole machine (diskimport.images.machine): an OVA,
 # an OVF descriptor (its disks beside it), a machine manifest.
 MACHINE_SUFFIXES = (".ova", ".ovf", ".machine.json")
-# The largest block volume OCI makes (32 TiB): no virtual size may exceed it.
-MAX_VOLUME_BYTES = 32 * 1024 ** 4
+# The block volumes OCI makes: 50 GB to 32 TB (its GB is 2**30 bytes); no virtual size may exceed the largest.
+MIN_VOLUME_GB = 50
+MAX_VOLUME_GB = 32768
+MAX_VOLUME_BYTES = MAX_VOLUME_GB * 1024 ** 3
 
 
 def split_name(object_name: str) -> tuple[str | None, str | None]:
@@ -209,6 +211,8 @@ TAG_DISK = "import-disk"        # and the disk's position in it (0: the boot dis
 TAG_MACHINE_OF = "imported-machine-of"  # the instance a bootable import started: its import id
 TAG_FIRMWARE = "import-firmware"  # a boot volume: the firmware it boots by, as detected or given
 TAG_BOOT = "import-boot"        # the started machine's boot check: booted, not-booted
+TAG_COPY_ID = "copy-id"         # a copy's backups and restored volumes: the copy's id
+TAG_COPY_OF = "copy-of"         # a restored volume: the source volume's OCID
 STATE_WRITING = "writing"
 STATE_IMPORTED = "imported"
 STATE_FAILED = "failed"

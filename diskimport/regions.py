@@ -42,8 +42,6 @@ from .export import COMPARTMENT_KINDS, SourceVolume, check_ocid, check_sources, 
 from .ledger import Undo
 from .run import Run, step
 
-TAG_COPY_ID = "copy-id"
-TAG_COPY_OF = "copy-of"       # a restored volume: the source volume's OCID
 MAX_PARALLEL_COPIES = 10
 BACKUP_TIMEOUT = 24 * 3600.0
 # A region identifier: lower-case words and a number, joined by hyphens (us-ashburn-1).
@@ -174,7 +172,7 @@ class RegionCopy:
     def tags(self, job: CopyJob, position: int) -> dict[str, str]:
         """The tags of what the copy makes for one disk (the sweep finds a dead run's by them)."""
         tags = dict(self.run.settings.extra_tags)
-        tags.update({contract.TAG_MANAGED_BY: contract.MANAGED_BY, TAG_COPY_ID: job.copy_id,
+        tags.update({contract.TAG_MANAGED_BY: contract.MANAGED_BY, contract.TAG_COPY_ID: job.copy_id,
                      contract.TAG_DISK: str(position), contract.TAG_FLOW_RUN: self.run.run_id})
         return tags
 
@@ -253,7 +251,7 @@ class RegionCopy:
 
     def _restore(self, job: CopyJob, position: int, source: SourceVolume, kind: VolumeKind, copy_id: str) -> str:
         storage = self.destination.blockstorage
-        tags = {**self.tags(job, position), TAG_COPY_OF: source.id, contract.TAG_STATE: contract.STATE_WRITING}
+        tags = {**self.tags(job, position), contract.TAG_COPY_OF: source.id, contract.TAG_STATE: contract.STATE_WRITING}
         if source.firmware:
             tags[contract.TAG_FIRMWARE] = source.firmware
         if job.machine:
@@ -282,7 +280,7 @@ class RegionCopy:
         return volume.id
 
     def _restored(self, job: CopyJob, position: int) -> Any | None:
-        tags = {TAG_COPY_ID: job.copy_id, contract.TAG_DISK: str(position)}
+        tags = {contract.TAG_COPY_ID: job.copy_id, contract.TAG_DISK: str(position)}
         found = cloud.find_volumes(self.destination, job.compartment_id, tags)
         return found[0] if found else None
 
@@ -353,7 +351,7 @@ def sweep_backups(clients: cloud.Clients, compartments: Sequence[str], tags: dic
         for kind in (VolumeKind(False), VolumeKind(True)):
             for backup in RegionCopy._list(clients.blockstorage, kind, compartment):
                 backup_tags = backup.freeform_tags or {}
-                if backup.lifecycle_state in ("TERMINATING", "TERMINATED") or TAG_COPY_ID not in backup_tags:
+                if backup.lifecycle_state in ("TERMINATING", "TERMINATED") or contract.TAG_COPY_ID not in backup_tags:
                     continue
                 if all(backup_tags.get(k) == v for k, v in tags.items()) and orphaned(backup):
                     RegionCopy._delete_backup(clients.blockstorage, kind, backup.id)

@@ -9,8 +9,9 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
-from .commands import CommandFailed, CommandResult, CommandRunner
+from ..agent.decompress import DECOMPRESSORS
 from ..errors import ImageRejected
+from .commands import CommandFailed, CommandResult, CommandRunner
 from .qemu_img import CHECKABLE_FORMATS, ImageInfo, QemuImg, image_opts
 from .agent_archive import ARCHIVE_NAME, agent_archive
 from .slices import format_node, nbd_protocol
@@ -45,7 +46,7 @@ def ensure_tools(runner: CommandRunner) -> str:
     apt) and btrfs's (btrfs-progs) when the worker's repositories have them.
     """
     needed = ["qemu-img", "python3", "e2fsck", "xfs_repair", "fsck.vfat", "ntfsfix", "btrfs", "sfdisk", "blkid",
-              "losetup", "prlimit", "gzip", "xz", "zstd", "bzip2"]
+              "losetup", "prlimit", *sorted({argv[0] for argv in DECOMPRESSORS.values()})]
     probe = runner.run(["sh", "-c", 'for t in "$@"; do command -v "$t" >/dev/null || echo "$t"; done', "sh", *needed])
     missing = probe.stdout.split()
     if missing:

@@ -17,7 +17,7 @@ import pytest
 
 from diskimport import contract
 from diskimport.contract import InvalidRequest
-from diskimport.regions import RegionCopy, TAG_COPY_ID
+from diskimport.regions import RegionCopy
 from localoci.process import RunningLocalOCI
 from tests.diskimport.conftest import everything
 from tests.workers import WORKER_IMAGE_ID
@@ -169,7 +169,7 @@ def test_a_fault_mid_copy_leaves_nothing_in_either_region(fault, localoci, make_
     assert region_backups(localoci, job.copy_id) == []
     there = credentials.clients("local-2").blockstorage
     left = [v for v in oci.pagination.list_call_get_all_results(there.list_volumes, compartment_id=compartment_id).data
-            if (v.freeform_tags or {}).get(TAG_COPY_ID) == job.copy_id
+            if (v.freeform_tags or {}).get(contract.TAG_COPY_ID) == job.copy_id
             and v.lifecycle_state not in ("TERMINATING", "TERMINATED")]
     assert left == [] and copier.run.ledger.pending() == []
     # the same copy afterwards completes
