@@ -56,6 +56,7 @@ from .worker_vm.commands import CommandFailed, read_range
 from .errors import ImageRejected, InvalidRequest
 from .records import Subject, WorkerVM
 from .run import Run, phase, step
+from .summaries import ExportedDiskRow, ExportSummary
 from .worker_vm.transfer import make_staging_dir, remove_staging
 from .worker_vm.session import WorkerSession
 
@@ -170,11 +171,10 @@ class ExportedImage:
     seconds: dict[str, float] = field(default_factory=dict)
     finished_at: str = ""  # ISO 8601: when the object was checked and its checksum written
 
-    def summary(self) -> dict[str, Any]:
-        return {"volume_id": self.volume_id, "object": self.object_name, "format": self.format,
-                "virtual_size": self.virtual_size, "object_bytes": self.object_bytes, "etag": self.etag,
-                "sha256": self.sha256, "parts": self.parts, "seconds": self.seconds,
-                "finished_at": self.finished_at}
+    def row(self) -> ExportedDiskRow:
+        """The object's line of the export summary."""
+        return ExportedDiskRow(self.volume_id, self.object_name, self.format, False, self.etag, self.virtual_size,
+                               self.object_bytes, self.sha256, self.parts, self.seconds, self.finished_at)
 
 
 def _clean_name(name: str) -> str:
@@ -661,19 +661,17 @@ class Exporter:
         return job.name
 
     def summary(self, job: ExportJob, exported: Sequence[ExportedImage], reused: Mapping[int, str],
-                manifest: str | None) -> dict[str, Any]:
+                manifest: str | None) -> ExportSummary:
         """The finished export's account: the flow run's result, and what its summary shows.
         ``ready_at``: when the last object was checked (now, when every one was written before)."""
         disks = []
         for position, (source, name) in enumerate(zip(job.sources, job.objects)):
-            item = next((e.summary() for e in exported if e.object_name == name), None)
-            disks.append(item or {"volume_id": source.id, "object": name, "format": job.format, "reused": True,
-                                  "etag": reused.get(position)})
+            item = next((e.row() for e in exported if e.object_name == name), None)
+            disks.append(item or ExportedDiskRow(source.id, name, job.format, True, reused.get(position)))
         now = dt.datetime.now(dt.timezone.utc).isoformat()
-        return {"export_id": job.export_id, "namespace": job.namespace, "bucket": job.bucket, "format": job.format,
-                "compressed": job.compress, "machine": job.machine, "manifest": manifest, "disks": disks,
-                "steps": dict(self.run.steps), "ready_at": max((e.finished_at for e in exported), default=now),
-                "finished_at": now}
+        return ExportSummary(job.export_id, job.namespace, job.bucket, job.format, job.compress, job.machine,
+                             manifest, disks, dict(self.run.steps),
+                             max((e.finished_at for e in exported), default=now), now)
 
     def export_all(self, session: WorkerSession, worker: WorkerVM, job: ExportJob, positions: Sequence[int],
                    on_event: Callable[[int, dict[str, Any]], None] | None = None) -> list[ExportedImage]:

@@ -15,7 +15,6 @@ worker VM terminated and the volume deleted (or kept, tagged failed, with
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import resource
 import time
@@ -24,11 +23,13 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from . import cloud, contract, naming
-from .images import packed
 from .contract import ImportOptions
 from .errors import InvalidRequest, OutOfCapacity
+from .guest.filesystems import FilesystemCheck
+from .images import packed
 from .records import FinishedVolume, FoundVolume, InspectedImage, ObjectVersion, Volume, WorkerVM, WriteResult
 from .run import Run, Yielding, step
+from .summaries import DiskImportSummary, ReusedImportSummary
 from .volume_write import VolumeWrite
 from .worker_vm.session import WorkerSession
 
@@ -303,27 +304,21 @@ class Importer:
         return FinishedVolume(vpus, policy_id)
 
     def summary(self, version: ObjectVersion, image: InspectedImage, volume: Volume, finished: FinishedVolume,
-                written: WriteResult, checks: Sequence[Any], qemu_img: str, ready_at: dt.datetime) -> dict[str, Any]:
+                written: WriteResult, checks: Sequence[FilesystemCheck], qemu_img: str,
+                ready_at: dt.datetime) -> DiskImportSummary:
         """The finished import's account: the flow run's result, and what its summary shows."""
-        return {
-            "import_id": version.import_id, "object": version.name, "bucket": version.bucket,
-            "namespace": version.namespace, "etag": version.etag, "format": image.format,
-            "virtual_size": image.virtual_size, "object_bytes": version.size, "volume_id": volume.id,
-            "volume_size_gb": volume.size_in_gbs, "availability_domain": volume.availability_domain,
-            "resumed": not volume.fresh, "vpus_per_gb": finished.vpus_per_gb,
-            "backup_policy_id": finished.backup_policy_id, "qemu_img": qemu_img,
-            "bytes_written": written.virtual_size, "fetched_bytes": written.fetched_bytes,
-            "transfer_seconds": written.seconds, "write_phases": written.phases,
-            "verified_bytes": written.verified_bytes, "write_slices": written.slices,
-            "transfer_retries": written.retries, "ready_at": ready_at.isoformat(),
-            "peak_rss_mb": peak_rss_mb(), "steps": dict(self.steps),
-            "filesystems": [dataclasses.asdict(check) for check in checks], "reused": False,
-        }
+        return DiskImportSummary(
+            import_id=version.import_id, object=version.name, bucket=version.bucket, namespace=version.namespace,
+            etag=version.etag, format=image.format, virtual_size=image.virtual_size, object_bytes=version.size,
+            volume_id=volume.id, volume_size_gb=volume.size_in_gbs, availability_domain=volume.availability_domain,
+            resumed=not volume.fresh, vpus_per_gb=finished.vpus_per_gb, backup_policy_id=finished.backup_policy_id,
+            qemu_img=qemu_img, bytes_written=written.virtual_size, fetched_bytes=written.fetched_bytes,
+            transfer_seconds=written.seconds, write_phases=written.phases, verified_bytes=written.verified_bytes,
+            write_slices=written.slices, transfer_retries=written.retries, ready_at=ready_at.isoformat(),
+            peak_rss_mb=peak_rss_mb(), steps=dict(self.steps), filesystems=list(checks))
 
     @staticmethod
-    def reused_summary(version: ObjectVersion, volume: FoundVolume) -> dict[str, Any]:
+    def reused_summary(version: ObjectVersion, volume: FoundVolume) -> ReusedImportSummary:
         """The result of a run that found the object version imported already (by itself or another run)."""
-        return {"import_id": version.import_id, "object": version.name, "bucket": version.bucket,
-                "namespace": version.namespace, "etag": version.etag, "volume_id": volume.id,
-                "volume_size_gb": volume.size_in_gbs, "availability_domain": volume.availability_domain,
-                "imported_by_run": volume.flow_run, "reused": True}
+        return ReusedImportSummary(version.import_id, version.name, version.bucket, version.namespace, version.etag,
+                                   volume.id, volume.size_in_gbs, volume.availability_domain, volume.flow_run)

@@ -30,6 +30,7 @@ from .errors import BootFailed, InvalidRequest, OutOfCapacity
 from .importer import Importer, peak_rss_mb
 from .records import FoundVolume, InspectedImage, ObjectVersion, Volume, WorkerVM
 from .run import step
+from .summaries import BootCheckReport, BootReport, MachineDiskRow, MachineImportSummary
 from .volume_write import VolumeWrite
 from .worker_vm.session import WorkerSession
 
@@ -67,20 +68,19 @@ class MachineDiskImport:
     def position(self) -> int:
         return self.described.position
 
-    def row(self) -> dict[str, Any]:
+    def row(self) -> MachineDiskRow:
         """The disk's line of the machine summary."""
         assert self.volume is not None
         write = self.write if self.write is not None and self.write.result is not None else None
+        result = write.result if write is not None else None
         steps = dict(write.steps) if write else {}
-        return {
-            "position": self.position, "name": self.described.name, "object": self.version.name,
-            "file": self.described.file, "format": self.image.format, "virtual_size": self.image.virtual_size,
-            "volume_id": self.volume.id, "volume_size_gb": self.volume.size_in_gbs,
-            "digest_checked": self.image.digest is not None, "reused": write is None,
-            "fetched_bytes": write.result.fetched_bytes if write else 0,
-            "transfer_seconds": round(write.result.seconds, 3) if write else 0.0,
-            "seconds": round(sum(steps.values()), 3), "steps": steps,
-            "filesystems": [dataclasses.asdict(c) for c in write.checks] if write else []}
+        return MachineDiskRow(
+            position=self.position, name=self.described.name, object=self.version.name, file=self.described.file,
+            format=self.image.format, virtual_size=self.image.virtual_size, volume_id=self.volume.id,
+            volume_size_gb=self.volume.size_in_gbs, digest_checked=self.image.digest is not None,
+            reused=write is None, fetched_bytes=result.fetched_bytes if result else 0,
+            transfer_seconds=round(result.seconds, 3) if result else 0.0, seconds=round(sum(steps.values()), 3),
+            steps=steps, filesystems=list(write.checks) if write else [])
 
 
 @dataclass
@@ -94,7 +94,7 @@ class MachinePlan:
     group_id: str | None = None
     qemu_img: str | None = None
     ready_at: dt.datetime | None = None
-    boot: dict[str, Any] | None = field(default=None)
+    boot: BootReport | None = field(default=None)
 
     @property
     def todo(self) -> list[MachineDiskImport]:
@@ -313,25 +313,19 @@ class MachineImport:
         plan.group_id = group.id
         return group.id
 
-    def summary(self, plan: MachinePlan) -> dict[str, Any]:
+    def summary(self, plan: MachinePlan) -> MachineImportSummary:
         """A machine import's account: the machine as described, and each disk with its volume."""
         rows = [disk.row() for disk in plan.disks]
-        disk_steps = {name for row in rows for name in row["steps"]}
+        disk_steps = {name for row in rows for name in row.steps}
         version = plan.version
-        summary = {
-            "import_id": version.import_id, "object": version.name, "bucket": version.bucket,
-            "namespace": version.namespace, "etag": version.etag, "machine": plan.described.summary(),
-            "volume_group_id": plan.group_id, "availability_domain": plan.volumes[0].availability_domain,
-            "disks": rows, "qemu_img": plan.qemu_img,
-            "ready_at": (plan.ready_at or dt.datetime.now(dt.timezone.utc)).isoformat(),
-            "reused": not plan.todo,
+        return MachineImportSummary(
+            import_id=version.import_id, object=version.name, bucket=version.bucket, namespace=version.namespace,
+            etag=version.etag, machine=plan.described.summary(), volume_group_id=plan.group_id,
+            availability_domain=plan.volumes[0].availability_domain, disks=rows, qemu_img=plan.qemu_img,
+            ready_at=(plan.ready_at or dt.datetime.now(dt.timezone.utc)).isoformat(), reused=not plan.todo,
             # the machine's own steps; its disks' (which ran side by side) are in their rows
-            "steps": {name: seconds for name, seconds in self.run.steps.items() if name not in disk_steps},
-            "peak_rss_mb": peak_rss_mb(),
-        }
-        if plan.boot is not None:
-            summary["boot"] = plan.boot
-        return summary
+            steps={name: seconds for name, seconds in self.run.steps.items() if name not in disk_steps},
+            peak_rss_mb=peak_rss_mb(), boot=plan.boot)
 
     # -- a bootable machine ---------------------------------------------------------------------
 
@@ -340,9 +334,7 @@ class MachineImport:
         (as detected now, or by the run that wrote it, from the boot volume's tag), else BIOS;
         recorded in the plan's boot report."""
         chosen = self._firmware(plan)
-        plan.boot = {"boot_volume_id": plan.volumes[0].id, "firmware": chosen.firmware,
-                     "firmware_source": chosen.source, "firmware_reason": chosen.reason,
-                     "instance_id": None, "boot_check": None}
+        plan.boot = BootReport(plan.volumes[0].id, chosen.firmware, chosen.source, chosen.reason)
         self.log.info("the machine boots by %s (%s: %s)", chosen.firmware, chosen.source, chosen.reason)
         return chosen
 
@@ -396,7 +388,7 @@ class MachineImport:
                 cloud.wait_attached(self.clients, made.id)
         run.ledger.release(undo)  # the machine is the product now
         if plan.boot is not None:
-            plan.boot["instance_id"] = instance.id
+            plan.boot.instance_id = instance.id
         self.log.info("machine %r started as instance %s", described.name, instance.id)
         return instance.id
 
@@ -406,16 +398,15 @@ class MachineImport:
         With ``boot_check: require`` a machine that does not show it is stopped, its volumes
         kept and tagged, and the run fails (``machine-did-not-boot``)."""
         target = self.target_machine()
-        assert plan.boot is not None and plan.boot["instance_id"], "check_boot() follows launch()"
-        instance_id = plan.boot["instance_id"]
+        assert plan.boot is not None and plan.boot.instance_id, "check_boot() follows launch()"
+        instance_id = plan.boot.instance_id
         checked = boot.watch_console(lambda: cloud.console_text(self.clients, instance_id), target.boot_pattern,
                                      target.boot_timeout_seconds, target.console_poll_seconds)
         result = "booted" if checked.booted else "not-booted"
         for volume in plan.volumes:
             cloud.tag_volume(self.clients, volume.id, {contract.TAG_BOOT: result})
-        plan.boot["boot_check"] = {"booted": checked.booted, "seconds": round(checked.seconds, 1),
-                                   "pattern": checked.pattern, "console_tail": checked.console_tail,
-                                   "result": checked.describe()}
+        plan.boot.boot_check = BootCheckReport(checked.booted, round(checked.seconds, 1), checked.pattern,
+                                               list(checked.console_tail), checked.describe())
         self.log.info("boot check: %s", checked.describe())
         if not checked.booted and target.boot_check == "require":
             cloud.stop_instance(self.clients, instance_id)

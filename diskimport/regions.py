@@ -29,7 +29,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import oci
@@ -41,6 +41,7 @@ from .errors import InvalidRequest
 from .export import COMPARTMENT_KINDS, SourceVolume, check_ocid, check_sources, resolve_sources
 from .ledger import Undo
 from .run import Run, step
+from .summaries import CopiedDisk, CopySummary
 
 MAX_PARALLEL_COPIES = 10
 BACKUP_TIMEOUT = 24 * 3600.0
@@ -59,20 +60,6 @@ class CopyJob:
     machine: str | None
     sources: tuple[SourceVolume, ...]
 
-
-@dataclass
-class CopiedDisk:
-    position: int
-    source_volume_id: str
-    volume_id: str
-    boot: bool
-    size_in_gbs: int
-    seconds: dict[str, float] = field(default_factory=dict)
-    reused: bool = False
-
-    def summary(self) -> dict[str, Any]:
-        return {"position": self.position, "source_volume_id": self.source_volume_id, "volume_id": self.volume_id,
-                "boot": self.boot, "size_in_gbs": self.size_in_gbs, "seconds": self.seconds, "reused": self.reused}
 
 
 class VolumeKind:
@@ -334,12 +321,10 @@ class RegionCopy:
                       f", in volume group {group_id} ({job.machine})" if group_id else "")
         return group_id
 
-    def summary(self, job: CopyJob, copied: Sequence[CopiedDisk], group_id: str | None) -> dict[str, Any]:
-        return {"copy_id": job.copy_id, "source_region": job.source_region,
-                "destination_region": job.destination_region, "compartment_id": job.compartment_id,
-                "availability_domain": job.availability_domain, "machine": job.machine,
-                "volume_group_id": group_id, "disks": [c.summary() for c in sorted(copied, key=lambda c: c.position)],
-                "steps": dict(self.run.steps)}
+    def summary(self, job: CopyJob, copied: Sequence[CopiedDisk], group_id: str | None) -> CopySummary:
+        return CopySummary(job.copy_id, job.source_region, job.destination_region, job.compartment_id,
+                           job.availability_domain, job.machine, group_id,
+                           sorted(copied, key=lambda c: c.position), dict(self.run.steps))
 
 
 def sweep_backups(clients: cloud.Clients, compartments: Sequence[str], tags: dict[str, str],

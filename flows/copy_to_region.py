@@ -21,7 +21,8 @@ from prefect.runtime import flow_run as current_flow_run
 
 from blocks import DEFAULT_BLOCK, ImportSettings, OCICredentials
 from diskimport import regions, sweeper
-from diskimport.regions import CopiedDisk, CopyJob, RegionCopy
+from diskimport.regions import CopyJob, RegionCopy
+from diskimport.summaries import CopiedDisk
 from flows.reporting import publish_copy_summary, refusal_reported
 from flows.runs import retry_after_crash
 from flows.tasks import open_run, step_task
@@ -90,4 +91,4 @@ def copy_to_region(
             group_id = finish_copy(copier, job, copied)
         summary = copier.summary(job, copied, group_id)
         publish_copy_summary(summary)
-        return summary
+        return summary.as_dict()

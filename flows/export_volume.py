@@ -112,7 +112,7 @@ def export_volume(
                     exported = export_missing(exporter, job, job.missing(done))
             summary = exporter.summary(job, exported, done, write_manifest(exporter, job))
             publish_export_summary(summary)
-            return summary
+            return summary.as_dict()
         return until_not_yielding(attempt, settings.worker_lost_retries)
 
 

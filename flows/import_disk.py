@@ -20,6 +20,7 @@ from diskimport.contract import ImportOptions, parse_options
 from diskimport.guest.filesystems import FilesystemCheck
 from diskimport.importer import Importer, PreviousImports
 from diskimport.records import FinishedVolume, InspectedImage, ObjectVersion, Volume, WorkerVM
+from diskimport.summaries import DiskImportSummary
 from diskimport.volume_write import VolumeWrite
 from flows.reporting import TransferProgress, publish_summary, refusal_reported
 from flows.runs import import_slot
@@ -116,16 +117,16 @@ def import_virtual_disk(
         def attempt() -> dict[str, Any]:
             previous = find_previous_import(importer, version, force)
             if previous.imported is not None:
-                return importer.reused_summary(version, previous.imported)
+                return importer.reused_summary(version, previous.imported).as_dict()
             with import_slot(settings.worker_concurrency_limit):
                 summary = _import(importer, version, image, options, previous)
             publish_summary(summary)
-            return summary
+            return summary.as_dict()
         return until_not_yielding(attempt, settings.worker_lost_retries)
 
 
 def _import(importer: Importer, version: ObjectVersion, image: InspectedImage, options: ImportOptions,
-            previous: PreviousImports) -> dict[str, Any]:
+            previous: PreviousImports) -> DiskImportSummary:
     """Provision, write, check, hand over; on any failure the run unwinds what it made."""
     run = importer.run
     with run:

@@ -127,7 +127,7 @@ def import_machine(
                 _import(machine, plan, bootable, launch)
             summary = machine.summary(plan)
             publish_machine_summary(summary)
-            return summary
+            return summary.as_dict()
         return until_not_yielding(attempt, settings.worker_lost_retries)
 
 

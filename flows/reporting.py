@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
     update_progress_artifact
 
 from diskimport.contract import Refusal
+from diskimport.summaries import BootReport, CopySummary, DiskImportSummary, ExportSummary, MachineImportSummary
 
 
 class TransferProgress:
@@ -88,26 +89,26 @@ class UploadProgress:
         self._show(100.0)
 
 
-def publish_summary(summary: dict[str, Any]) -> None:
-    rows = [{"step": step, "seconds": seconds} for step, seconds in summary["steps"].items()]
-    create_table_artifact(rows, key="import-steps", description=f"Time per step of {summary['object']}")
+def publish_summary(summary: DiskImportSummary) -> None:
+    rows = [{"step": step, "seconds": seconds} for step, seconds in summary.steps.items()]
+    create_table_artifact(rows, key="import-steps", description=f"Time per step of {summary.object}")
     lines = [
-        f"# Imported `{summary['object']}`",
+        f"# Imported `{summary.object}`",
         "",
         "| | |", "|---|---|",
-        f"| object | `{summary['namespace']}/{summary['bucket']}/{summary['object']}` @ `{summary['etag']}` |",
-        f"| format | {summary['format']} |",
-        f"| virtual size | {summary['virtual_size']:,} bytes |",
-        f"| volume | `{summary['volume_id']}` ({summary['volume_size_gb']} GB, {summary['availability_domain']}, "
-        f"{summary['vpus_per_gb']} VPUs/GB) |",
-        f"| bytes written | {summary['bytes_written']:,} |",
-        f"| total time | {sum(summary['steps'].values()):.1f} s |",
+        f"| object | `{summary.namespace}/{summary.bucket}/{summary.object}` @ `{summary.etag}` |",
+        f"| format | {summary.format} |",
+        f"| virtual size | {summary.virtual_size:,} bytes |",
+        f"| volume | `{summary.volume_id}` ({summary.volume_size_gb} GB, {summary.availability_domain}, "
+        f"{summary.vpus_per_gb} VPUs/GB) |",
+        f"| bytes written | {summary.bytes_written:,} |",
+        f"| total time | {sum(summary.steps.values()):.1f} s |",
         "",
         "## Filesystems",
         "",
         "| location | type | label | size | result | detail |", "|---|---|---|---|---|---|",
-        *[f"| `{c['location']}` | {c['filesystem'] or '-'} | {cell(c.get('label') or '')} | {size_text(c['size'])} | "
-          f"{c['status']} | {cell(' / '.join(c['detail'].splitlines()[-2:]))} |" for c in summary["filesystems"]],
+        *[f"| `{c.location}` | {c.filesystem or '-'} | {cell(c.label or '')} | {size_text(c.size)} | "
+          f"{c.status} | {cell(' / '.join(c.detail.splitlines()[-2:]))} |" for c in summary.filesystems],
     ]
     create_markdown_artifact("\n".join(lines), key="import-summary", description="Import summary")
 
@@ -137,67 +138,67 @@ def refusal_reported(object_name: str) -> Iterator[None]:
         raise
 
 
-def publish_machine_summary(summary: dict[str, Any]) -> None:
+def publish_machine_summary(summary: MachineImportSummary) -> None:
     """The machine, and each disk in boot order with its volume, as the run's artifacts."""
-    described = summary["machine"]
-    rows = [{"disk": d["position"] + 1, "name": d["name"], "file": d["file"], "format": d["format"],
-             "virtual size": d["virtual_size"], "volume": d["volume_id"], "digest checked": d["digest_checked"],
-             "reused": d["reused"], "seconds": d["seconds"],
-             "filesystems": ", ".join(f"{c['location']} {c['filesystem']} {c['status']}" for c in d["filesystems"])}
-            for d in summary["disks"]]
+    described = summary.machine
+    rows = [{"disk": d.position + 1, "name": d.name, "file": d.file, "format": d.format,
+             "virtual size": d.virtual_size, "volume": d.volume_id, "digest checked": d.digest_checked,
+             "reused": d.reused, "seconds": d.seconds,
+             "filesystems": ", ".join(f"{c.location} {c.filesystem} {c.status}" for c in d.filesystems)}
+            for d in summary.disks]
     create_table_artifact(rows, key="machine-disks", description=f"Disks of {described['name']}")
     hints = ", ".join(f"{k} {described[k]}" for k in ("firmware", "cpus", "memory_mb", "os", "shape")
                       if described.get(k))
     create_markdown_artifact("\n".join([
         f"# Imported machine `{described['name']}`", "",
-        f"From `{summary['namespace']}/{summary['bucket']}/{summary['object']}` ({described['source']}), "
-        f"{len(summary['disks'])} disks in volume group `{summary['volume_group_id']}`"
+        f"From `{summary.namespace}/{summary.bucket}/{summary.object}` ({described['source']}), "
+        f"{len(summary.disks)} disks in volume group `{summary.volume_group_id}`"
         + (f"; hints: {hints}" if hints else "") + ".", "",
-        "Steps: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in summary["steps"].items())
-        + " (the disks' own steps are in `machine-disks`).", *_boot_lines(summary.get("boot"))]), key="machine-summary")
+        "Steps: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in summary.steps.items())
+        + " (the disks' own steps are in `machine-disks`).", *_boot_lines(summary.boot)]), key="machine-summary")
 
 
-def _boot_lines(started: dict[str, Any] | None) -> list[str]:
+def _boot_lines(started: BootReport | None) -> list[str]:
     """The bootable import's part of the machine summary: firmware, instance, boot check."""
-    if not started:
+    if started is None:
         return []
-    lines = ["", f"Boot volume `{started['boot_volume_id']}`, firmware **{started['firmware']}** "
-             f"({started['firmware_source']}: {started['firmware_reason']})."]
-    if started["instance_id"] is None:
+    lines = ["", f"Boot volume `{started.boot_volume_id}`, firmware **{started.firmware}** "
+             f"({started.firmware_source}: {started.firmware_reason})."]
+    if started.instance_id is None:
         return lines + ["Not started (`launch: false`): the boot volume is ready to launch from."]
-    lines.append(f"Started as instance `{started['instance_id']}`.")
-    checked = started.get("boot_check")
+    lines.append(f"Started as instance `{started.instance_id}`.")
+    checked = started.boot_check
     if checked is None:
         return lines + ["Boot check: off."]
-    if checked["booted"]:
-        return lines + [f"Boot check: **booted in {checked['seconds']:.0f} s**."]
-    return lines + [f"Boot check: **did not boot** (no `{checked['pattern']}` within {checked['seconds']:.0f} s). "
-                    "Last console lines:", "", "```", *checked["console_tail"], "```"]
+    if checked.booted:
+        return lines + [f"Boot check: **booted in {checked.seconds:.0f} s**."]
+    return lines + [f"Boot check: **did not boot** (no `{checked.pattern}` within {checked.seconds:.0f} s). "
+                    "Last console lines:", "", "```", *checked.console_tail, "```"]
 
 
-def publish_export_summary(summary: dict[str, Any]) -> None:
+def publish_export_summary(summary: ExportSummary) -> None:
     """The exported volumes, each with its object, size, SHA-256 and time, as the run's artifact."""
-    what = f"machine `{summary['machine']}`" if summary["machine"] else f"`{summary['disks'][0]['volume_id']}`"
-    lines = [f"# Exported {what} as {summary['format']}" + (" (compressed)" if summary["compressed"] else ""), "",
+    what = f"machine `{summary.machine}`" if summary.machine else f"`{summary.disks[0].volume_id}`"
+    lines = [f"# Exported {what} as {summary.format}" + (" (compressed)" if summary.compressed else ""), "",
              "| volume | object | size | sha256 | seconds |", "|---|---|---|---|---|"]
-    for disk in summary["disks"]:
-        size = size_text(disk["object_bytes"]) if "object_bytes" in disk else "already written"
-        seconds = ", ".join(f"{k} {v:.1f}" for k, v in disk.get("seconds", {}).items())
-        lines.append(f"| `{disk['volume_id']}` | `{cell(disk['object'])}` | {size} | `{disk.get('sha256', '-')}` "
+    for disk in summary.disks:
+        size = "already written" if disk.object_bytes is None else size_text(disk.object_bytes)
+        seconds = ", ".join(f"{k} {v:.1f}" for k, v in disk.seconds.items())
+        lines.append(f"| `{disk.volume_id}` | `{cell(disk.object)}` | {size} | `{disk.sha256 or '-'}` "
                      f"| {seconds or '-'} |")
-    if summary["manifest"]:
-        lines += ["", f"Machine manifest: `{summary['manifest']}` (re-import it with `import-machine`)."]
+    if summary.manifest:
+        lines += ["", f"Machine manifest: `{summary.manifest}` (re-import it with `import-machine`)."]
     create_markdown_artifact("\n".join(lines), key="export-summary", description="Export summary")
 
 
-def publish_copy_summary(summary: dict[str, Any]) -> None:
+def publish_copy_summary(summary: CopySummary) -> None:
     """The restored disks as a table, and where they went, as the run's artifacts."""
-    rows = [{"disk": d["position"], "source volume": d["source_volume_id"], "restored volume": d["volume_id"],
-             "boot": d["boot"], "GB": d["size_in_gbs"], "reused": d["reused"],
-             **{f"{k} s": v for k, v in d["seconds"].items()}} for d in summary["disks"]]
-    create_table_artifact(rows, key="copy-disks", description=f"Disks copied to {summary['destination_region']}")
-    what = f"machine `{summary['machine']}`" if summary["machine"] else "volume"
-    group = f" in volume group `{summary['volume_group_id']}`" if summary["volume_group_id"] else ""
-    create_markdown_artifact(f"# Copied {what} from {summary['source_region']} to {summary['destination_region']}\n\n"
-                             f"{len(summary['disks'])} disk(s) restored in `{summary['availability_domain']}`{group}.",
+    rows = [{"disk": d.position, "source volume": d.source_volume_id, "restored volume": d.volume_id,
+             "boot": d.boot, "GB": d.size_in_gbs, "reused": d.reused,
+             **{f"{k} s": v for k, v in d.seconds.items()}} for d in summary.disks]
+    create_table_artifact(rows, key="copy-disks", description=f"Disks copied to {summary.destination_region}")
+    what = f"machine `{summary.machine}`" if summary.machine else "volume"
+    group = f" in volume group `{summary.volume_group_id}`" if summary.volume_group_id else ""
+    create_markdown_artifact(f"# Copied {what} from {summary.source_region} to {summary.destination_region}\n\n"
+                             f"{len(summary.disks)} disk(s) restored in `{summary.availability_domain}`{group}.",
                              key="copy-summary", description="Copy summary")

@@ -166,7 +166,7 @@ def import_object(importer: Importer, version: ObjectVersion, parameters: Import
     image = importer.inspect(version, options)
     previous = importer.previous_imports(version, force)
     if previous.imported is not None:
-        return importer.reused_summary(version, previous.imported)
+        return importer.reused_summary(version, previous.imported).as_dict()
     with importer.run:
         importer.remove_stale_workers(version)
         worker, volume = importer.provision(version, image, options, previous)
@@ -178,7 +178,7 @@ def import_object(importer: Importer, version: ObjectVersion, parameters: Import
             write.detach()
         finished = importer.finish_volume(volume, options)
         importer.run.terminate_worker(worker)
-    return importer.summary(version, image, volume, finished, written, checks, qemu_img, dt_now())
+    return importer.summary(version, image, volume, finished, written, checks, qemu_img, dt_now()).as_dict()
 
 
 def dt_now() -> Any:

@@ -77,7 +77,7 @@ def export_job(run: Run, job: ExportJob, overwrite: bool = False) -> dict[str, A
                 run.prepare_worker(session)
                 exported = exporter.export_all(session, worker, job, todo)
             run.terminate_worker(worker)
-    return exporter.summary(job, exported, done, exporter.write_manifest(job))
+    return exporter.summary(job, exported, done, exporter.write_manifest(job)).as_dict()
 
 
 def worker_vms(localoci: RunningLocalOCI, job: ExportJob) -> list[dict[str, Any]]:

@@ -92,7 +92,7 @@ def copy(copier: RegionCopy, job: Any) -> dict[str, Any]:
     with copier.run:
         copied = copier.copy_all(job, range(len(job.sources)))
         group_id = copier.finish(job, copied)
-    return copier.summary(job, copied, group_id)
+    return copier.summary(job, copied, group_id).as_dict()
 
 
 def test_a_machine_is_restored_in_the_other_region_with_identical_volumes_in_one_group(
@@ -106,7 +106,7 @@ def test_a_machine_is_restored_in_the_other_region_with_identical_volumes_in_one
     with copier.run:
         copied = copier.copy_all(job, range(3), lambda p, s: stages.append((p, s)))
         group_id = copier.finish(job, copied)
-    summary = copier.summary(job, copied, group_id)
+    summary = copier.summary(job, copied, group_id).as_dict()
     assert {p for p, s in stages if s == "restored"} == {0, 1, 2}
     there = credentials.clients("local-2").blockstorage
     group = there.get_volume_group(summary["volume_group_id"]).data
