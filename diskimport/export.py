@@ -55,6 +55,7 @@ from .worker_vm import upload
 from .worker_vm.commands import CommandFailed, read_range
 from .errors import ImageRejected, InvalidRequest
 from .records import Subject, WorkerVM
+from .ocids import GROUP_KINDS, VOLUME_KINDS, check_ocid
 from .run import Run, phase, step
 from .summaries import ExportedDiskRow, ExportSummary
 from .worker_vm.transfer import make_staging_dir, remove_staging
@@ -233,31 +234,6 @@ def qcow2_metadata(read: Callable[[int, int], bytes]) -> list[tuple[int, int]]:
             if entry & mask:
                 ranges.append((entry & mask, (entry & mask) + cluster))
     return sorted(ranges)
-
-
-# An OCID: ocid1.<resource type>.<realm>.[region][.future use].<unique id>
-_OCID = re.compile(r"ocid1\.([a-z0-9]+)\.[a-z0-9-]+\.[a-z0-9-]*(?:\.[a-z0-9-]+)?\.[A-Za-z0-9_-]+")
-OCID_KINDS = {"volume": "a block volume", "bootvolume": "a boot volume", "volumegroup": "a volume group",
-              "compartment": "a compartment", "tenancy": "the tenancy"}
-VOLUME_KINDS = ("volume", "bootvolume")
-GROUP_KINDS = ("volumegroup",)
-COMPARTMENT_KINDS = ("compartment", "tenancy")
-
-
-def check_ocid(parameter: str, value: str, kinds: Sequence[str], code: str = "invalid-source",
-               taken_by: Mapping[str, str] | None = None) -> None:
-    """Refuse (``code``) a ``value`` that is not the OCID of one of ``kinds``, naming the parameter,
-    what it got and what it takes, before OCI is asked (OCI answers an OCID of the wrong kind
-    with a bare 404). ``taken_by``: kind -> the parameter that takes it, for the hint."""
-    wanted = " or ".join(f"{OCID_KINDS[kind]} (ocid1.{kind}.…)" for kind in kinds)
-    match = _OCID.fullmatch(value)
-    if match is None:
-        raise InvalidRequest(code, f"{parameter} {value!r} is not an OCID; it takes the OCID of {wanted}")
-    kind = match.group(1)
-    if kind not in kinds:
-        other = (taken_by or {}).get(kind)
-        raise InvalidRequest(code, f"{parameter} {value!r} is the OCID of {OCID_KINDS.get(kind, f'a {kind}')}, "
-                             f"not of {wanted}" + (f": pass it as {other}" if other else ""))
 
 
 def source_volume(clients: cloud.Clients, volume_id: str, position: int, refuse_attached: bool) -> SourceVolume:
@@ -685,5 +661,5 @@ class Exporter:
             return [f.result() for f in futures]
 
 
-__all__ = ["FORMATS", "ExportFormat", "ExportJob", "ExportedImage", "Exporter", "SourceVolume", "check_ocid",
+__all__ = ["FORMATS", "ExportFormat", "ExportJob", "ExportedImage", "Exporter", "SourceVolume",
            "check_sources", "export_format", "remove_run_uploads", "resolve_sources"]

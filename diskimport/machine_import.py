@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import cloud, contract
-from .guest import boot
-from .images import machine
 from .contract import ImportOptions
 from .errors import BootFailed, InvalidRequest, OutOfCapacity
+from .guest import boot
+from .images import machine
 from .importer import Importer, peak_rss_mb
+from .ocids import check_placement
 from .records import FoundVolume, InspectedImage, ObjectVersion, Volume, WorkerVM
 from .run import step
 from .summaries import BootCheckReport, BootReport, MachineDiskRow, MachineImportSummary
@@ -121,6 +122,8 @@ class MachineImport:
         self.clients = importer.clients
         self.settings = importer.settings
         self.log = importer.log
+        if target is not None:
+            check_placement("TargetMachine", target.compartment_id, target.subnet_id, target.image_id)
         self.target = target
 
     # -- before anything is created -----------------------------------------------------------

@@ -38,8 +38,9 @@ from oci.core import models
 
 from . import cloud, contract
 from .errors import InvalidRequest
-from .export import COMPARTMENT_KINDS, SourceVolume, check_ocid, check_sources, resolve_sources
+from .export import SourceVolume, check_sources, resolve_sources
 from .ledger import Undo
+from .ocids import COMPARTMENT_KINDS, check_ocid
 from .run import Run, step
 from .summaries import CopiedDisk, CopySummary
 

@@ -25,11 +25,12 @@ import time
 from typing import Any, Callable, Iterator, Protocol, TypeVar
 
 from . import cloud, contract, naming
-from .worker_vm import transfer
 from .keys import SshKeyPair, cloud_init_host_keys
 from .ledger import Ledger, Undo
 from .objects import ObjectReader
+from .ocids import COMPARTMENT_KINDS, check_ocid, check_placement
 from .records import Subject, WorkerVM
+from .worker_vm import transfer
 from .worker_vm.session import WorkerSession
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,9 @@ class Run:
     def __init__(self, clients: cloud.Clients, settings: ImportSettingsLike, shape: WorkerShapeLike, *,
                  run_id: str, attempt: int = 1, run_is_active: Callable[[str], bool] = lambda run: False,
                  logger: logging.Logger | logging.LoggerAdapter | None = None) -> None:
+        # A block's OCID of the wrong kind would reach OCI only at the first create, as a bare 404.
+        check_placement("WorkerShape", shape.compartment_id, shape.subnet_id, shape.image_id)
+        check_ocid("ImportSettings.compartment_id", settings.compartment_id, COMPARTMENT_KINDS, code="invalid-setting")
         self.clients = clients
         self.settings = settings
         self.shape = shape

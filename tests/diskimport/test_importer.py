@@ -21,7 +21,7 @@ import oci
 import pydantic
 import pytest
 
-from blocks import ImportSettings, OCICredentials, WorkerShape
+from blocks import ImportSettings, OCICredentials, TargetMachine, WorkerShape
 from diskimport import cloud, contract
 from diskimport.contract import ImportOptions, InvalidRequest
 from diskimport.errors import ImageRejected, ResourceFailed, is_deterministic
@@ -29,6 +29,7 @@ from diskimport.importer import CompetingImport, Importer, PreviousImports
 from diskimport.images.machine import Machine
 from diskimport.machine_import import MachineImport, MachinePlan
 from diskimport.records import InspectedImage, ObjectVersion
+from diskimport.run import Run
 from tests.diskimport.conftest import import_object, live, version_of, volume_holds
 
 GiB = 1024**3
@@ -307,6 +308,27 @@ def test_blocks_refuse_invalid_settings(compartment_id):
     secret = OCICredentials(auth_type="api_key", tenancy_ocid="t", user_ocid="u", fingerprint="f",
                             region="r", private_key="-----BEGIN PRIVATE KEY-----")
     assert "BEGIN PRIVATE KEY" not in repr(secret) and "BEGIN PRIVATE KEY" not in str(secret.model_dump())
+
+
+def test_a_block_naming_the_wrong_kind_of_resource_is_refused_before_anything_is_created(
+        credentials, shape, compartment_id, subnet_id, blockstorage, availability_domains):
+    volume = blockstorage.create_volume(oci.core.models.CreateVolumeDetails(
+        compartment_id=compartment_id, availability_domain=availability_domains[0], size_in_gbs=50)).data
+    settings = ImportSettings(compartment_id=compartment_id)
+    cases = [
+        (shape.model_copy(update={"subnet_id": volume.id}), settings, "WorkerShape.subnet_id", "of a block volume"),
+        (shape.model_copy(update={"image_id": "not-an-ocid"}), settings, "WorkerShape.image_id", "is not an OCID"),
+        (shape, ImportSettings(compartment_id=subnet_id), "ImportSettings.compartment_id", "of a subnet"),
+    ]
+    for worker_shape, import_settings, named, why in cases:  # no run exists to create anything with
+        with pytest.raises(InvalidRequest) as refused:
+            Run(credentials.clients(), import_settings, worker_shape, run_id=str(uuid.uuid4()))
+        assert refused.value.code == "invalid-setting"
+        assert refused.value.message.startswith(named) and why in refused.value.message
+    target = TargetMachine(compartment_id=compartment_id, subnet_id=subnet_id, image_id=volume.id)
+    with pytest.raises(InvalidRequest, match="^invalid-setting: TargetMachine.image_id .* of a block volume"):
+        MachineImport(Importer(Run(credentials.clients(), settings, shape, run_id=str(uuid.uuid4()))), target)
+    blockstorage.delete_volume(volume.id)
 
 
 @pytest.mark.parametrize("case", ["object-not-found", "object-changed", "unknown-backup-policy",
