@@ -104,8 +104,11 @@ CODES = _index((
                 "virtual size.",
                 "Give the raw disk's size in bytes, or leave it out."),
     RefusalCode("invalid-setting", "InvalidRequest", ("request",),
-                "The ImportSettings block's volume_name_template cannot make a name for this object.",
-                "Fix volume_name_template (its fields are in the block's description), or give display_name."),
+                "A block's setting is unusable: the ImportSettings block's volume_name_template cannot make "
+                "a name for this object, or a WorkerShape, ImportSettings or TargetMachine field that names a "
+                "resource (compartment_id, subnet_id, image_id) is not the OCID of that kind of resource.",
+                "Fix the block field the message names (volume_name_template's fields are in the block's "
+                "description), or give display_name."),
     RefusalCode("no-target-machine", "InvalidRequest", ("request",),
                 "A bootable machine import was asked for without a TargetMachine block.",
                 "Create the TargetMachine block (compartment, subnet, shape, platform image), or import the "
