@@ -33,8 +33,8 @@ PACKAGES = ("blocks", "deployments", "diskimport", "flows", "function_trigger")
 
 
 def code_stamp() -> float:
-    """The newest modification time among the project's Python files."""
-    return max((p.stat().st_mtime for pkg in PACKAGES for p in (ROOT / pkg).glob("*.py")), default=0.0)
+    """The newest modification time among the project's Python files, its sub-packages' too."""
+    return max((p.stat().st_mtime for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")), default=0.0)
 
 
 def preload() -> None:
