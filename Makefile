@@ -38,10 +38,9 @@ uv-env:
 	@[ -x "$(UV)" ] || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
 	@$(UV) sync --frozen --quiet
 
-# --no-loadscope-reorder: modules in the order tests/conftest.py puts them (longest first);
 # --durations=15: every run shows its slowest tests, so growth is seen where it happens.
 test: deps
-	$(UV) run pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
+	$(UV) run pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 up: deps
 	$(UV) run python -m deployments.local_stack up
