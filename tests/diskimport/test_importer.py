@@ -8,6 +8,7 @@ calls them (the flow adds retries, the worker slot and the UI around them).
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import threading
@@ -31,6 +32,7 @@ from diskimport.machine_import import MachineImport, MachinePlan
 from diskimport.records import InspectedImage, ObjectVersion
 from diskimport.run import Run
 from tests.diskimport.conftest import import_object, live, version_of, volume_holds
+from tests.waiting import wait_for
 
 GiB = 1024**3
 pytestmark = pytest.mark.usefixtures("no_faults")
@@ -189,7 +191,8 @@ def test_a_half_written_volume_of_a_dead_run_is_resumed(localoci, make_importer,
 # -- competing runs ----------------------------------------------------------------------------
 
 def test_a_run_meeting_a_live_run_of_the_same_version_waits_and_returns_its_volume(
-        localoci, make_importer, bucket, web01, blockstorage, compartment_id, availability_domains, active_runs):
+        localoci, make_importer, bucket, web01, blockstorage, compartment_id, availability_domains, active_runs,
+        caplog):
     importer = make_importer()
     version = version_of(importer, localoci, bucket)
     other = str(uuid.uuid4())
@@ -198,8 +201,11 @@ def test_a_run_meeting_a_live_run_of_the_same_version_waits_and_returns_its_volu
                            other)
     result: dict[str, Any] = {}
     waiting = threading.Thread(target=lambda: result.update(summary=import_object(importer, version)))
+    caplog.set_level(logging.INFO, logger="diskimport.run")
     waiting.start()
-    time.sleep(1.0)
+    # Barrier: the run has looked twice and decided twice to wait (it logs each decision).
+    wait_for(lambda: sum("waiting for it" in r.getMessage() for r in caplog.records) >= 2,
+             what="the run waiting for the other one")
     assert waiting.is_alive(), "the run did not wait for the other one"
     assert live(localoci, "instances", version) == []  # it created nothing meanwhile
     cloud.tag_volume(importer.clients, theirs.id, {contract.TAG_STATE: contract.STATE_IMPORTED})
@@ -496,7 +502,8 @@ def test_a_disk_of_a_machine_that_does_not_match_its_digest_fails_naming_it_and_
 
 
 def test_a_retried_machine_import_removes_what_its_killed_attempt_left_half_written(
-        localoci, make_importer, bucket, web01, blockstorage, compartment_id, availability_domains, active_runs):
+        localoci, make_importer, bucket, web01, blockstorage, compartment_id, availability_domains, active_runs,
+        caplog):
     importer = make_importer()
     version = version_of(importer, localoci, bucket)
     ad = availability_domains[0]

@@ -24,6 +24,7 @@ from diskimport.worker_vm.qemu_img import QemuImg
 from localoci.process import RunningLocalOCI
 
 from .conftest import finish_against_digest, head_and_tail
+from tests.waiting import wait_for
 
 MiB = 1024 * 1024
 
@@ -137,10 +138,7 @@ def _start_detached_streamer(uploaded: dict[str, Any], staging: str, linger: flo
 
 
 def _gone_within(path: Path, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while path.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return not path.exists()
+    return wait_for(lambda: not path.exists(), seconds, f"{path} removed")
 
 
 @pytest.fixture
@@ -165,10 +163,7 @@ def test_a_terminated_streamer_removes_the_staging_copy(uploaded, staging, slow_
     try:
         # Its image file exists once its handlers are set: a SIGTERM before that (python still
         # starting, on a busy machine) would kill it the default way.
-        deadline = time.monotonic() + 30
-        while not (Path(staging) / "image").exists():
-            assert time.monotonic() < deadline, "the streamer never started"
-            time.sleep(0.02)
+        wait_for((Path(staging) / "image").exists, what="the streamer started")
         streamer.send_signal(signal.SIGTERM)
         assert streamer.wait(timeout=10) == 128 + signal.SIGTERM
         assert not Path(staging).exists()

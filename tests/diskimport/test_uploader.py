@@ -24,6 +24,7 @@ from diskimport.worker_vm.commands import LocalRunner
 from diskimport.keys import SshKeyPair as KeyPair
 from diskimport.worker_vm.session import WorkerSession
 from localoci.process import RunningLocalOCI
+from tests.waiting import wait_for
 from tests.workers import launch_details
 
 MiB = 1024 * 1024
@@ -203,15 +204,12 @@ def _program(tmp_path: Path, endpoint: str, image: Path) -> tuple[Path, Path]:
 
 def _ended_within(pid: int, seconds: float) -> bool:
     """Whether the process ends (exits: a zombie until whoever adopted it reaps it) in time."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    def ended() -> bool:
         try:
-            if "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text():
-                return True
+            return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
         except FileNotFoundError:
             return True
-        time.sleep(0.02)
-    return False
+    return wait_for(ended, seconds, f"process {pid} ended")
 
 
 def test_sigterm_stops_a_hanging_upload_at_once(tmp_path, silent_server, image):
@@ -258,10 +256,9 @@ def test_a_file_being_written_is_uploaded_as_it_grows_and_changed_parts_are_sent
                 f.write(os.urandom(MiB))
                 f.flush()
                 time.sleep(0.2)
-            deadline = time.monotonic() + 60  # parts 1 to 5 go meanwhile (one part held back)
-            while {e.get("part") for e in events if e["event"] == "part"} < {1, 2, 3, 4, 5}:
-                assert time.monotonic() < deadline, events
-                time.sleep(0.05)
+            # parts 1 to 5 go meanwhile (one part held back)
+            wait_for(lambda: {e.get("part") for e in events if e["event"] == "part"} >= {1, 2, 3, 4, 5},
+                     what=f"parts 1 to 5 sent; events {events}")
             f.seek(10)
             f.write(b"header rewritten")   # part 1, sent long ago
             f.seek(2 * MiB + 7)

@@ -16,6 +16,7 @@ import pytest
 from localoci import process
 from localoci.blockstorage.models import GB, IMAGE_CONTENT, MiB
 from tests.localoci.test_oci_cli import OCI_CLI
+from tests import waiting
 from tests.workers import launch_details
 
 models = oci.core.models
@@ -27,11 +28,8 @@ def wait_for(get: Callable[..., Any], resource_id: str, state: str, seconds: flo
     """The resource once in ``state``, polled often (oci.wait_until waits a second at least).
     Within minutes: a terminating instance stops its VM's processes, which under the whole
     suite on two cores once took over 30 s."""
-    deadline = time.monotonic() + seconds
-    while (resource := get(resource_id).data).lifecycle_state != state:
-        assert time.monotonic() < deadline, f"{resource_id} still {resource.lifecycle_state}, not {state}"
-        time.sleep(0.02)
-    return resource
+    return waiting.wait_for(lambda: (resource := get(resource_id).data).lifecycle_state == state and resource,
+                            seconds, f"{resource_id} {state}")
 
 
 def refusal(call: Callable[[], Any]) -> oci.exceptions.ServiceError:

@@ -14,6 +14,7 @@ import pytest
 
 from localoci.blockstorage.models import IMAGE_CONTENT
 from tests import boot_disks
+from tests.waiting import wait_for
 from tests.workers import launch_details
 
 models = oci.core.models
@@ -28,18 +29,15 @@ def wait_state(client, getter, resource_id: str, state: str, seconds: float = 30
 
 
 def console_until(compute, instance_id: str, text: str, seconds: float) -> str:
-    """Capture the console history until it shows ``text``; the last capture's content."""
-    deadline, content = time.monotonic() + seconds, ""
-    while time.monotonic() < deadline:
+    """Capture the console history until it shows ``text``; that capture's content."""
+    def capture() -> str:
         history = compute.capture_console_history(
             models.CaptureConsoleHistoryDetails(instance_id=instance_id)).data
         history = wait_state(compute, compute.get_console_history, history.id, "SUCCEEDED")
         content = compute.get_console_history_content(history.id, length=1024 * 1024).data.decode(errors="replace")
         compute.delete_console_history(history.id)
-        if text in content:
-            return content
-        time.sleep(1)
-    return content
+        return content if text in content else ""
+    return wait_for(capture, seconds, f"{text!r} on the console", interval=1)
 
 
 @pytest.fixture

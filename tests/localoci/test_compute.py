@@ -13,6 +13,7 @@ import paramiko
 import pytest
 
 from diskimport.keys import SshKeyPair as KeyPair
+from tests.waiting import wait_for
 from tests.workers import connect, launch_details
 
 models = oci.core.models
@@ -210,10 +211,8 @@ def test_a_boot_that_fails_once_the_instance_was_terminated_leaves_it_terminated
         boot.start()
         assert began.wait(30)
         app.compute.terminate(instance["id"])
-        for _ in range(600):
-            if app.compute.instance(instance["id"])["lifecycleState"] == "TERMINATED":
-                break
-            time.sleep(0.05)
+        wait_for(lambda: app.compute.instance(instance["id"])["lifecycleState"] == "TERMINATED",
+                 what="the instance TERMINATED")
         go_on.set()
         boot.join(30)
         assert not boot.is_alive()

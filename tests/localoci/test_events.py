@@ -14,12 +14,12 @@ import oci
 import pytest
 
 from localoci.process import RunningLocalOCI
+from tests.waiting import wait_for
 
 CREATE = "com.oraclecloud.objectstorage.createobject"
 UPDATE = "com.oraclecloud.objectstorage.updateobject"
 DELETE = "com.oraclecloud.objectstorage.deleteobject"
 ALL_OBJECT_EVENTS = [CREATE, UPDATE, DELETE]
-SETTLE = 0.75  # how long to keep listening after the awaited events arrived
 
 
 class Receiver:
@@ -114,6 +114,13 @@ def rule(localoci: RunningLocalOCI) -> Iterator[Callable[..., dict[str, Any]]]:
     assert not remaining & set(created)
 
 
+def all_delivered(localoci: RunningLocalOCI) -> None:
+    """The barrier before asserting that an event did not arrive: the local OCI queues an event's
+    deliveries before its PUT or DELETE answers, and keeps each in its outbox until it is made, so
+    an empty outbox means every event of the calls so far has reached (or not) its receivers."""
+    wait_for(lambda: not localoci.admin("GET", "events")["pending"], what="every queued event delivered")
+
+
 def bucket_condition(*bucket_names: str, event_types: list[str] = ALL_OBJECT_EVENTS) -> dict[str, Any]:
     return {"eventType": event_types, "data": {"additionalDetails": {"bucketName": list(bucket_names)}}}
 
@@ -131,7 +138,7 @@ def test_put_object_delivers_exactly_one_create_event(localoci, object_storage, 
     etag = put(object_storage, localoci.namespace, bucket, name, b"hello events")
 
     r.wait_count(1)
-    time.sleep(SETTLE)
+    all_delivered(localoci)
     assert len(r.accepted) == 1, r.accepted
     assert len(r.attempts) == 1
     event = r.accepted[0]
@@ -163,7 +170,7 @@ def test_overwrite_and_delete_give_update_and_delete_events(localoci, object_sto
     r.wait_count(2)
     object_storage.delete_object(ns, bucket, name)
     events = r.wait_count(3)
-    time.sleep(SETTLE)
+    all_delivered(localoci)
 
     assert len(r.accepted) == 3, r.accepted
     assert [e["eventType"] for e in events] == [CREATE, UPDATE, DELETE]
@@ -181,7 +188,7 @@ def test_event_version_2_is_cloudevents_1_0(localoci, object_storage, bucket, re
     etag = put(object_storage, localoci.namespace, bucket, "v2.txt", b"cloudevents")
 
     r.wait_count(1)
-    time.sleep(SETTLE)
+    all_delivered(localoci)
     assert len(r.accepted) == 1
     event = r.accepted[0]
     assert event["specversion"] == "1.0"
@@ -220,7 +227,7 @@ def test_condition_on_another_bucket_receives_nothing(localoci, object_storage, 
 
     mine.wait_count(2)
     created_only.wait_count(1)
-    time.sleep(SETTLE)
+    all_delivered(localoci)
     assert other.attempts == []
     assert [e["eventType"] for e in created_only.accepted] == [CREATE]
 
@@ -233,7 +240,7 @@ def test_wildcard_and_string_conditions(localoci, object_storage, bucket, receiv
     put(object_storage, localoci.namespace, bucket, "logs/keep.txt", b"keep")
 
     r.wait_count(1)
-    time.sleep(SETTLE)
+    all_delivered(localoci)
     assert [e["data"]["resourceName"] for e in r.accepted] == ["logs/keep.txt"]
 
 
@@ -245,7 +252,7 @@ def test_only_star_is_a_wildcard(localoci, object_storage, bucket, receiver, rul
         put(object_storage, localoci.namespace, bucket, name, b"x")
 
     r.wait_count(2)
-    time.sleep(SETTLE)
+    all_delivered(localoci)
     assert sorted(e["data"]["resourceName"] for e in r.accepted) == ["file?.txt", "report[1].csv"]
 
 
@@ -262,7 +269,7 @@ def test_bucket_without_object_events_emits_nothing(localoci, object_storage, co
     put(object_storage, localoci.namespace, bucket, "loud.txt", b"something")
 
     r.wait_count(1)
-    time.sleep(SETTLE)
+    all_delivered(localoci)
     assert [(e["data"]["additionalDetails"]["bucketName"], e["data"]["resourceName"]) for e in r.accepted] == [
         (bucket, "loud.txt")
     ]
@@ -280,14 +287,8 @@ def test_failed_delivery_is_retried_and_outbox_drains(localoci, object_storage, 
     assert events[0]["eventType"] == CREATE
     assert events[0]["data"]["additionalDetails"]["eTag"] == etag
 
-    deadline = time.monotonic() + 10
-    while True:
-        status = localoci.admin("GET", "events")
-        pending = [d for d in status["pending"] if d["ruleId"] == created["id"]]
-        if not pending:
-            break
-        assert time.monotonic() < deadline, f"outbox did not drain: {pending}"
-        time.sleep(0.05)
+    status = wait_for(lambda: (s := localoci.admin("GET", "events")) and not [
+        d for d in s["pending"] if d["ruleId"] == created["id"]] and s, what="the outbox drained")
     assert not [d for d in status["deadLetters"] if d["ruleId"] == created["id"]]
     assert status["delivered"] >= 1
 
@@ -297,13 +298,8 @@ def test_failing_delivery_stays_pending_with_its_error(localoci, object_storage,
     created = rule(r.url, bucket_condition(bucket))
     put(object_storage, localoci.namespace, bucket, "stuck.txt", b"stuck")
 
-    deadline = time.monotonic() + 10
-    while True:
-        pending = [d for d in localoci.admin("GET", "events")["pending"] if d["ruleId"] == created["id"]]
-        if pending and pending[0]["attempts"] >= 2:
-            break
-        assert time.monotonic() < deadline, f"delivery was not retried: {pending}"
-        time.sleep(0.05)
+    pending = wait_for(lambda: (p := [d for d in localoci.admin("GET", "events")["pending"] if d["ruleId"] == created["id"]])
+                       and p[0]["attempts"] >= 2 and p, what="the delivery retried")
     assert pending[0]["lastError"] == "HTTP 500"
     assert pending[0]["event"]["data"]["resourceName"] == "stuck.txt"
     assert r.accepted == []
@@ -338,7 +334,7 @@ def test_rule_admin_validation_and_removal(localoci, object_storage, bucket, rec
     rule(control.url, bucket_condition(bucket))
     put(object_storage, localoci.namespace, bucket, "after-delete.txt", b"x")
     control.wait_count(1)
-    time.sleep(SETTLE)
+    all_delivered(localoci)
     assert r.attempts == []
 
 
@@ -351,13 +347,13 @@ def test_multipart_commit_delivers_one_create_event(localoci, object_storage, bu
     for num, chunk in ((1, b"a" * 1024), (2, b"b" * 10)):
         etag = object_storage.upload_part(ns, bucket, name, upload.upload_id, num, chunk).headers["etag"]
         parts.append(models.CommitMultipartUploadPartDetails(part_num=num, etag=etag))
-    time.sleep(SETTLE)
+    all_delivered(localoci)
     assert r.attempts == [], "parts are not objects: no event before the commit"
     commit = object_storage.commit_multipart_upload(
         ns, bucket, name, upload.upload_id, models.CommitMultipartUploadDetails(parts_to_commit=parts))
 
     r.wait_count(1)
-    time.sleep(SETTLE)
+    all_delivered(localoci)
     assert len(r.accepted) == 1
     event = r.accepted[0]
     assert event["eventType"] == CREATE
@@ -379,10 +375,7 @@ def test_pending_event_survives_a_restart(tmp_path, receiver):
             name="durable", compartment_id=server.tenancy_id, object_events_enabled=True))
         created = server.admin("POST", "events/rules", {"endpoint": r.url, "condition": bucket_condition("durable")})
         etag = client.put_object(server.namespace, "durable", "kept.txt", b"kept").headers["etag"]
-        deadline = time.monotonic() + 10
-        while not r.attempts:
-            assert time.monotonic() < deadline, "no delivery attempt"
-            time.sleep(0.02)
+        wait_for(lambda: r.attempts, what="a delivery attempt")
     finally:
         server.stop()
     refused = r.attempts[0]
@@ -395,9 +388,7 @@ def test_pending_event_survives_a_restart(tmp_path, receiver):
         assert event["eventID"] == refused["eventID"]
         assert event["data"]["resourceName"] == "kept.txt"
         assert event["data"]["additionalDetails"]["eTag"] == etag
-        deadline = time.monotonic() + 10
-        while [d for d in server.admin("GET", "events")["pending"] if d["ruleId"] == created["id"]]:
-            assert time.monotonic() < deadline, "outbox did not drain after the restart"
-            time.sleep(0.05)
+        wait_for(lambda: not [d for d in server.admin("GET", "events")["pending"] if d["ruleId"] == created["id"]],
+                 what="the outbox drained after the restart")
     finally:
         server.stop()

@@ -18,6 +18,7 @@ import pytest
 
 from localoci.process import RunningLocalOCI
 from tests.localoci.test_objectstorage import par_details
+from tests.waiting import wait_for
 
 NO_RETRY = oci.retry.NoneRetryStrategy()  # this SDK has no oci.retry.NO_RETRY_STRATEGY
 MiB = 1024 * 1024
@@ -51,13 +52,7 @@ def admin_error(localoci: RunningLocalOCI, method: str, path: str, body: Any = N
 
 
 def wait_state(get: Callable[[], Any], state: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        resource = get()
-        if resource.lifecycle_state == state:
-            return resource
-        assert time.monotonic() < deadline, f"still {resource.lifecycle_state}, not {state}, after {timeout}s"
-        time.sleep(0.05)
+    return wait_for(lambda: (resource := get()).lifecycle_state == state and resource, timeout, f"the resource {state}")
 
 
 @pytest.fixture
@@ -213,8 +208,7 @@ def test_injected_latency_keeps_volume_provisioning(localoci, blockstorage, volu
     start = time.monotonic()
     volume = volumes()
     assert volume.lifecycle_state == "PROVISIONING"
-    time.sleep(1.0)
-    assert blockstorage.get_volume(volume.id).data.lifecycle_state == "PROVISIONING"
+    # Polled every 50 ms from here: first seen AVAILABLE 1.5 s on means PROVISIONING until then.
     wait_state(lambda: blockstorage.get_volume(volume.id).data, "AVAILABLE", timeout=15)
     assert time.monotonic() - start >= 1.5
 
@@ -258,10 +252,7 @@ def test_a_booting_instance_is_running_before_its_ssh_answers(localoci, compute,
     running = time.monotonic()
     [entry] = [i for i in localoci.inventory()["instances"] if i["id"] == instance.id]
     assert not _connects(entry["sshAddress"], entry["sshPort"])
-    deadline = running + 30
-    while not _connects(entry["sshAddress"], entry["sshPort"]):
-        assert time.monotonic() < deadline, "the worker's SSH never answered"
-        time.sleep(0.1)
+    wait_for(lambda: _connects(entry["sshAddress"], entry["sshPort"]), what="the worker's SSH answering")
     assert time.monotonic() - running >= 1.5
 
 

@@ -18,6 +18,7 @@ from oci.exceptions import ServiceError
 from oci.object_storage import models
 
 from localoci.process import RunningLocalOCI
+from tests.waiting import wait_until_past
 
 ObjectStorageClient = oci.object_storage.ObjectStorageClient
 MiB = 1024 * 1024
@@ -757,7 +758,7 @@ def test_expired_par_is_refused_on_read(object_storage: ObjectStorageClient, loc
     expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=2)
     par = object_storage.create_preauthenticated_request(localoci.namespace, bucket, par_details("short", expires=expires)).data
     assert httpx.get(localoci.endpoint + par.access_uri).content == b"short-lived"
-    time.sleep(max(0.0, (expires - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 0.3)
+    wait_until_past(expires)
     reply = httpx.get(localoci.endpoint + par.access_uri)
     assert reply.status_code == 404
     assert b"short-lived" not in reply.content

@@ -24,6 +24,7 @@ from oci.object_storage import models
 
 from localoci.process import RunningLocalOCI
 from tests.localoci.test_objectstorage import b64md5, in_minutes, par_details
+from tests.waiting import wait_until_past
 
 ObjectStorageClient = oci.object_storage.ObjectStorageClient
 NAME = "exports/disk 1.qcow2"
@@ -142,7 +143,7 @@ def test_a_par_that_ended_ends_its_uploads_access(object_storage, localoci, buck
     if ending == "deleted":
         object_storage.delete_preauthenticated_request(localoci.namespace, bucket, par.id)
     else:
-        time.sleep(max(0.0, (expires - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 0.3)
+        wait_until_past(expires)
     for method, url, body in (("PUT", base + "2", b"after"), ("POST", base, None), ("DELETE", base, None)):
         assert call(method, url, body).status == 404, method
     assert create(localoci, par).status == 404

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import time
@@ -22,6 +23,7 @@ from localoci.store import Store
 from tests.localoci.test_faults import NO_RETRY, admin_error, clean_server, wait_state  # noqa: F401
 from tests.localoci.test_objectstorage import signer_for
 from tests.workers import launch_details
+from tests.waiting import wait_until_past
 
 models = oci.core.models
 
@@ -185,7 +187,7 @@ def test_retry_token_expires(tmp_path):
 
     assert call() == call() == {"id": "first"}
     assert Store(tmp_path).collection("retry_tokens")["token"]["operation"] == "CreateThing"  # saved with the state
-    time.sleep(0.3)
+    wait_until_past(dt.datetime.fromtimestamp(Store(tmp_path).collection("retry_tokens")["token"]["expires"], dt.timezone.utc))
     assert call() == {"id": "second"}
 
 

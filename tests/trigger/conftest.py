@@ -11,13 +11,15 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
 import pytest
+
+from tests.conftest import SESSION_DIR
+from tests.waiting import wait_for
 
 
 def _import_fdk_keeping_the_root_logger() -> None:
@@ -57,7 +59,7 @@ def _pg_bin(name: str) -> str:
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
     """A throwaway PostgreSQL cluster on loopback, started for these tests."""
-    root = Path(tempfile.mkdtemp(prefix="prefect-pg-"))
+    root = Path(tempfile.mkdtemp(prefix="prefect-pg-", dir=os.environ.get(SESSION_DIR)))
     os.chmod(root, 0o755)
     data, port = root / "data", _free_port()
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -90,28 +92,25 @@ def start_prefect(home: Path, database_url: str) -> tuple[subprocess.Popen[bytes
     proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
                             stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         try:
-            if httpx.get(url + "/health", auth=tuple(AUTH.split(":", 1)), timeout=2).status_code == 200:
-                return proc, url
+            return httpx.get(url + "/health", auth=tuple(AUTH.split(":", 1)), timeout=2).status_code == 200
         except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"Prefect server did not start; see {home / 'server.log'}")
+            assert proc.poll() is None, f"Prefect server exited; see {home / 'server.log'}"
+            return False
+    try:
+        wait_for(healthy, 180, f"the Prefect server healthy (see {home / 'server.log'})", interval=0.3)
+    except AssertionError:
+        proc.kill()
+        raise
+    return proc, url
 
 
-def api_post(client: httpx.Client, path: str, body: dict[str, Any], attempts: int = 20) -> Any:
+def api_post(client: httpx.Client, path: str, body: dict[str, Any]) -> Any:
     """POST to the Prefect API as Prefect's own client does: a 503 (SQLite busy while the new
     server's background services start writing) means "try again shortly"."""
-    for _ in range(attempts):
-        reply = client.post(path, json=body)
-        if reply.status_code != 503:
-            break
-        time.sleep(0.25)
+    reply = wait_for(lambda: (r := client.post(path, json=body)).status_code != 503 and r,
+                     what=f"POST {path} answered other than 503", interval=0.25)
     assert reply.is_success, f"POST {path}: HTTP {reply.status_code} {reply.text}"
     return reply.json()
 
