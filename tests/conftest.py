@@ -1,8 +1,13 @@
-"""Shared fixtures: one real local OCI server per test process, real SDK clients."""
+"""Shared fixtures: one real local OCI server per test process, real SDK clients; and the
+session's own directory, which holds the shared end-to-end stack (tests/e2e/conftest.py), and
+the check at the session's end that the run left nothing behind."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -10,8 +15,10 @@ from typing import Any, Iterator
 import oci
 import pytest
 
-from localoci import process
+from deployments import local_stack
 from diskimport.keys import SshKeyPair as KeyPair
+from localoci import process
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,5 +122,108 @@ def client_key() -> KeyPair:
 SLOW_FIRST = ("tests/e2e/", "tests/test_local_stack.py", "tests/trigger/")
 
 
+# What ``make test-fast`` leaves out (``-m "not stack"``): the tests that start a Prefect server.
+NEEDS_PREFECT_SERVER = SLOW_FIRST
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid.startswith(NEEDS_PREFECT_SERVER):
+            item.add_marker(pytest.mark.stack)
     items.sort(key=lambda item: not item.nodeid.startswith(SLOW_FIRST))  # stable: file order kept within
+
+
+# -- the session: its directory, its shared stack, and what it must not leave behind ---------------
+
+# The session's directory, in the environment of every process the session starts (test workers,
+# stacks, PostgreSQL, worker VMs): that is how the end finds any of them still running.
+SESSION_DIR = "OCI_IMPORT_TEST_SESSION"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "own_stack: the module gets a stack of its own (tests/e2e/conftest.py)")
+    config.addinivalue_line("markers", "stack: the test starts a Prefect server (left out by make test-fast)")
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller made the session's directory
+        return
+    session_dir = Path(tempfile.mkdtemp(prefix="oci-import-tests-"))
+    os.chmod(session_dir, 0o755)  # a PostgreSQL cluster inside runs as the postgres user
+    os.environ[SESSION_DIR] = str(session_dir)
+    config.stash[_BEFORE] = _host_state()
+
+
+_BEFORE = pytest.StashKey[dict[str, set[str]]]()
+
+
+def _host_state() -> dict[str, set[str]]:
+    """Loop devices and mounts of the host, by a line each."""
+    loops = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
+                           capture_output=True, text=True).stdout
+    mounts = Path("/proc/self/mounts").read_text()
+    return {"loop device": {line.strip() for line in loops.splitlines() if line.strip()},
+            "mount": {line.split()[1] for line in mounts.splitlines()}}
+
+
+def _session_processes(session_dir: str) -> list[str]:
+    """Processes that carry the session in their environment, but for this one and its xdist workers."""
+    needle = f"{SESSION_DIR}={session_dir}".encode()
+    me = os.getpid()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            if needle not in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                continue
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) == me or stat.rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        kind = "PostgreSQL cluster" if "postgres" in command.split(" ", 1)[0] else "process"
+        found.append(f"{kind}: pid {entry}: {command.strip()[:200]}")
+    return found
+
+
+def _left_behind(config: pytest.Config, session_dir: Path) -> list[str]:
+    """What the session leaves: processes, loop devices, mounts, files in its directory."""
+    before = config.stash[_BEFORE]
+    left: list[str] = []
+
+    def settled() -> bool:
+        left[:] = _session_processes(str(session_dir))
+        now = _host_state()
+        left.extend(f"{kind}: {line}" for kind, lines in now.items() for line in sorted(lines - before[kind])
+                    if str(session_dir) in line or "/pytest-of-" in line or "(deleted)" in line)
+        return not left
+    try:  # processes being stopped take a moment to go
+        wait_for(settled, 60, "the session's processes, loop devices and mounts gone", interval=0.5)
+    except AssertionError:
+        pass
+    left.extend(f"file: {path}" for path in sorted(session_dir.iterdir()))
+    return left
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop the shared stack, then fail the run naming whatever it left behind."""
+    if hasattr(session.config, "workerinput") or _BEFORE not in session.config.stash:
+        return
+    session_dir = Path(os.environ[SESSION_DIR])
+    stack_dir = session_dir / "stack"
+    if stack_dir.exists():
+        os.environ["LOCAL_DIR"] = str(stack_dir)
+        try:
+            local_stack.down(purge=True)
+        finally:
+            os.environ.pop("LOCAL_DIR", None)
+        shutil.rmtree(stack_dir, ignore_errors=True)
+    left = _left_behind(session.config, session_dir)
+    shutil.rmtree(session_dir, ignore_errors=True)
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_sep("=", "the run left these behind", red=True)
+            for line in left:
+                reporter.write_line(line)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,11 +1,13 @@
 """The local stack (local OCI, Prefect server, worker, deployments) for end-to-end tests.
 
-One stack serves each test worker: ``--dist loadfile`` runs each end-to-end module on one
-worker, so the modules run side by side, each on its own stack.
+One stack serves the whole test session (``shared_stack``), whichever test worker runs a module;
+a module that breaks, restarts or sweeps a part of its stack has one of its own (``own_stack``).
+``--dist loadfile`` runs each module on one worker, so the modules run side by side.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ import pytest
 from deployments import demo, local_stack
 from diskimport.sample_disk import build_disk, convert
 from tests import guest_disks
-from tests.conftest import empty_bucket
+from tests.conftest import SESSION_DIR, empty_bucket
 
 FILES = {"hello.txt": b"hello from the source disk\n", "random.bin": os.urandom(2 * 1024 * 1024)}
 
@@ -27,11 +29,9 @@ MANUAL_BUCKET = "manual-imports"
 SUFFIX = {"qcow2": "qcow2", "vmdk": "vmdk", "vhdx": "vhdx", "vpc": "vhd", "vdi": "vdi", "raw": "raw"}
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """The stack, plus a bucket that no Events rule watches, for imports started by hand
-    (an upload to the import bucket starts its own run through the trigger)."""
-    base = tmp_path_factory.mktemp("stack")
+def _start_stack(base: Path) -> dict[str, str]:
+    """``local_stack.up()`` in ``base``, plus a bucket that no Events rule watches, for imports
+    started by hand (an upload to the import bucket starts its own run through the trigger)."""
     previous = os.environ.get("LOCAL_DIR")
     os.environ["LOCAL_DIR"] = str(base)
     try:
@@ -39,26 +39,86 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         client, _ = demo.stack_clients(env)
         client.create_bucket(env["OCI_NAMESPACE"], oci.object_storage.models.CreateBucketDetails(
             name=MANUAL_BUCKET, compartment_id=env["COMPARTMENT_ID"]))
-        yield env
+        return env
     finally:
+        _restore_local_dir(previous)
+
+
+def _restore_local_dir(previous: str | None) -> None:
+    if previous is None:
+        os.environ.pop("LOCAL_DIR", None)
+    else:
+        os.environ["LOCAL_DIR"] = previous
+
+
+@pytest.fixture(scope="session")
+def shared_stack() -> dict[str, str]:
+    """The one stack of the test session, for every module that neither breaks nor restarts a part
+    of it: the first test worker to ask starts it (under a file lock), the others read its
+    settings, and the session's end stops it (tests/conftest.py). Modules keep apart by object
+    names: each uploads under names of its own and removes only what it uploaded."""
+    base = Path(os.environ[SESSION_DIR]) / "stack"
+    base.mkdir(exist_ok=True)
+    ready = base / "ready.env"
+    with open(base / "start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not ready.exists():
+            local_stack.write_env(ready, _start_stack(base))
+        return local_stack.read_env(ready)
+
+
+@pytest.fixture(scope="module")
+def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A stack for one module alone (``pytestmark = pytest.mark.own_stack``): for tests that
+    inject faults into the whole local OCI, restart its Prefect server, pause its watchers, sweep
+    every managed resource or assert that nothing at all is left."""
+    base = tmp_path_factory.mktemp("stack")
+    try:
+        yield _start_stack(base)
+    finally:
+        previous = os.environ.get("LOCAL_DIR")
+        os.environ["LOCAL_DIR"] = str(base)
         local_stack.down(purge=True)
-        if previous is None:
-            os.environ.pop("LOCAL_DIR", None)
-        else:
-            os.environ["LOCAL_DIR"] = previous
+        _restore_local_dir(previous)
+
+
+@pytest.fixture(scope="module")
+def stack(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The module's stack: its own if the module is marked ``own_stack``, else the shared one."""
+    own = request.node.get_closest_marker("own_stack") is not None
+    return request.getfixturevalue("own_stack" if own else "shared_stack")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def empty_buckets_after_module(request: pytest.FixtureRequest) -> Iterator[None]:
-    """The objects a module uploaded go when it ends: a worker's modules share its stack, and
-    their images would add up to gigabytes."""
-    yield
+    """The objects a module uploaded go when it ends: their images would add up to gigabytes. On
+    its own stack a module empties the buckets; on the shared one it removes only what it
+    uploaded, as other modules' imports are reading theirs."""
+    uploaded: list[tuple[str, str]] = []
+    upload = demo.upload
+
+    def recorded(env: dict[str, str], path: Path, object_name: str, metadata: dict[str, str] | None = None,
+                 bucket: str | None = None) -> str:
+        uploaded.append((bucket or env["IMPORT_BUCKET"], object_name))
+        return upload(env, path, object_name, metadata, bucket)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(demo, "upload", recorded)
+        yield
     if "stack" not in request.fixturenames:
         return
     env = request.getfixturevalue("stack")
     client, _ = demo.stack_clients(env)
-    for name in (MANUAL_BUCKET, env["IMPORT_BUCKET"]):
-        empty_bucket(client, env["OCI_NAMESPACE"], name)
+    if request.node.get_closest_marker("own_stack") is not None:
+        for name in (MANUAL_BUCKET, env["IMPORT_BUCKET"]):
+            empty_bucket(client, env["OCI_NAMESPACE"], name)
+        return
+    for bucket, name in uploaded:
+        try:
+            client.delete_object(env["OCI_NAMESPACE"], bucket, name)
+        except oci.exceptions.ServiceError as exc:
+            if exc.status != 404:
+                raise
 
 
 @dataclass(frozen=True)

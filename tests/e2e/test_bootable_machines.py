@@ -1,6 +1,7 @@
 """Bootable machines end to end: the boot disk on a boot volume, the machine started from it,
 its boot seen through the console history. The disks boot Debian's cloud kernel for real
-(tests/boot_disks.py), under qemu in the local OCI."""
+(tests/boot_disks.py), under qemu in the local OCI. On a stack of its own: it changes the stack's
+target-machine block and runs the sweeper over every managed resource of the compartment."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tests.e2e.conftest import MANUAL_BUCKET, SUFFIX, Disk, admin, image_of, res
 
 # The module fixture's slow part (seven machine imports, four of them booted under TCG) runs once, within the first
 # test's time budget: under the whole suite on two cores it has taken about 8 minutes.
-pytestmark = pytest.mark.timeout(1800)
+pytestmark = [pytest.mark.timeout(1800), pytest.mark.own_stack]
 
 MACHINE = "import-machine/default"
 

@@ -1,8 +1,9 @@
 """End to end on the local stack (local OCI, Prefect server and worker, deployments).
 
-Everything here shares one stack and runs in one module, so that under
+Everything here shares one stack of its own and runs in one module, so that under
 ``--dist loadfile`` it runs on one test worker, one test after another (fault
-injection is global to the stack), while the other modules run in parallel.
+injection is global to the stack, one test restarts its Prefect server, another pauses
+its watchers), while the other modules run in parallel on the shared stack.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from flows.runs import IMPORT_SLOTS
 from diskimport.keys import SshKeyPair, cloud_init_host_keys
 from tests.e2e.conftest import (MANUAL_BUCKET, SUFFIX, Disk, admin, image_of, live_inventory, resources_of,
                                run_import)
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.own_stack
 
 
 # -- Every supported format and partition table imports and reads back as the source disk.
@@ -124,16 +128,11 @@ def qcow2(disks: dict[str, Disk], tmp_path_factory: pytest.TempPathFactory) -> P
 
 def wait_for_task(stack: dict[str, str], flow_run_id: Any, task_name: str, timeout: float = 300) -> None:
     """Wait until a task whose name starts with ``task_name`` runs in the flow run."""
-    deadline = time.monotonic() + timeout
     with local_stack.prefect_api(stack["PREFECT_API_URL"]), get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=task_name)))
-            if any(r.state and r.state.is_running() for r in runs):
-                return
-            time.sleep(0.2)
-    raise TimeoutError(f"task {task_name} never ran in flow run {flow_run_id}")
+        wait_for(lambda: any(r.state and r.state.is_running() for r in client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=task_name)))),
+            timeout, f"task {task_name} running in flow run {flow_run_id}", interval=0.2)
 
 
 def test_throttled_volume_creation_succeeds_after_retry(stack, qcow2, clean_faults):
@@ -167,7 +166,11 @@ def test_a_worker_vm_lost_mid_write_is_replaced_and_the_import_ends_with_one_vol
     etag, run = run_import(stack, qcow2, "faults/ssh-dropped.qcow2")
     try:
         wait_for_task(stack, run.id, "write-image")
-        time.sleep(1)
+        # Barrier: the worker has read part of the image, so it is writing when it goes away.
+        key = f"{stack['OCI_NAMESPACE']}/{MANUAL_BUCKET}/faults/ssh-dropped.qcow2"
+        read = admin(stack, "GET", "metrics")["objectBytesRead"].get(key, 0)
+        wait_for(lambda: admin(stack, "GET", "metrics")["objectBytesRead"].get(key, 0) > read,
+                 what="the worker reading the image")
         worker = resources_of(stack, etag)["instances"]
         assert len(worker) == 1
         admin(stack, "POST", f"instances/{worker[0]['id']}/crash")
@@ -221,14 +224,10 @@ def killed_mid_task_finishes_by_itself(stack: dict[str, str], flow_run_id: Any, 
         os.kill(pid, signal.SIGKILL)
     finally:
         admin(stack, "POST", "bandwidth", {"objectReadBytesPerSecondPerConnection": None})
-    deadline = time.monotonic() + timeout
     with local_stack.prefect_api(stack["PREFECT_API_URL"]), get_client(sync_client=True) as client:
-        while True:  # Crashed is a final state, but here only on the way to the next attempt
-            run = client.read_flow_run(flow_run_id)
-            if run.state is not None and run.state.is_final() and not run.state.is_crashed():
-                break
-            assert time.monotonic() < deadline, f"flow run {flow_run_id} still {run.state.name} after {timeout:.0f}s"
-            time.sleep(1)
+        # Crashed is a final state, but here only on the way to the next attempt
+        run = wait_for(lambda: (r := client.read_flow_run(flow_run_id)).state is not None and r.state.is_final()
+                       and not r.state.is_crashed() and r, timeout, f"flow run {flow_run_id} ended", interval=1)
         history = [state.type for state in client.read_flow_run_states(flow_run_id)]
     assert StateType.CRASHED in history, history
     assert run.run_count == 2, run.run_count  # the killed attempt and the one that finished
@@ -397,17 +396,13 @@ def test_the_sweeper_deployment_gets_its_scheduled_runs(stack):
     from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterName, FlowRunFilterState,
                                                 FlowRunFilterStateType)
 
-    deadline = time.monotonic() + 150  # the scheduler service looks every 60 s
+    # the scheduler service looks every 60 s
     with local_stack.prefect_api(stack["PREFECT_API_URL"]), get_client(sync_client=True) as client:
-        while True:
-            scheduled = client.read_flow_runs(
-                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["hourly"])),
-                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
-                    type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))), limit=5)
-            if scheduled or time.monotonic() > deadline:
-                break
-            time.sleep(3)
-    assert scheduled, "the scheduler made no run of sweep-orphans/hourly"
+        scheduled = wait_for(lambda: client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["hourly"])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))), limit=5),
+            300, "the scheduler making runs of sweep-orphans/hourly", interval=3)
     assert {run.expected_start_time.minute for run in scheduled} == {17}
 
 
@@ -497,11 +492,9 @@ def test_the_reconciler_recovers_import_runs_whose_events_were_lost(stack, watch
         time.sleep(4)  # every state is now older than the 3 s of silence
         beat = Event(event=reconcile.HEARTBEAT, resource={"prefect.resource.id": f"prefect.flow-run.{runs['alive']}"})
         client._client.post("/events", json=[beat.model_dump(mode="json")]).raise_for_status()
-        deadline = time.monotonic() + 30
-        while not client.read_events(EventFilter(event=EventNameFilter(name=[reconcile.HEARTBEAT]), resource=
-                                                 EventResourceFilter(id=[beat.resource.id])), limit=1).events:
-            assert time.monotonic() < deadline, "the heartbeat was never stored"
-            time.sleep(0.3)
+        wait_for(lambda: client.read_events(EventFilter(event=EventNameFilter(name=[reconcile.HEARTBEAT]), resource=
+                                                        EventResourceFilter(id=[beat.resource.id])), limit=1).events,
+                 what="the heartbeat stored", interval=0.3)
 
         def states() -> dict[str, str]:
             return {role: client.read_flow_run(run_id).state.name for role, run_id in runs.items()}

@@ -1,6 +1,6 @@
 """End to end through the deployed flow: disks laid out like real guests (tests/guest_disks.py) in
-several formats and containers. A module of its own, so a test worker runs it beside the others on
-its own stack; whole machines are in test_machines.py."""
+several formats and containers. A module of its own, so a test worker runs it beside the others,
+on the session's shared stack; whole machines are in test_machines.py."""
 
 from __future__ import annotations
 

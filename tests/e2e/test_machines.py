@@ -1,6 +1,7 @@
 """End to end through the deployed flows: whole machines (an OVA, an OVF, a manifest; disks laid
 out like real guests), imported, exported to images and imported again, and copied to the second
-region. A module of its own, so a test worker runs it beside the guest disks' module."""
+region. A module of its own, so a test worker runs it beside the guest disks' module, on the
+session's shared stack (its objects and runs named apart)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """End to end through the deployed flow: untrusted images and object names. A module of its own,
-so a test worker runs it beside the others on its own stack."""
+so a test worker runs it beside the others, on the session's shared stack."""
 
 from __future__ import annotations
 
