@@ -7,16 +7,19 @@ APT_PACKAGES := qemu-utils openssh-server openssh-client e2fsprogs xfsprogs dosf
 	qemu-system-x86 ovmf syslinux syslinux-common busybox-static systemd-boot-efi binutils
 # Looked up at each use, so a uv that uv-env just installed is found.
 UV = $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
-# The suite waits more than it computes (about 40% of two cores): more workers than cores, so the
-# five end-to-end modules, each on its own stack, run side by side.
-PYTEST_WORKERS ?= 6
+# The suite waits more than it computes: more workers than cores, so the end-to-end modules (most
+# on the session's one shared stack) run side by side with the rest.
+PYTEST_WORKERS ?= 4
+# Growth shows in every run: the slowest tests, and the total on pytest's last line.
+PYTEST_REPORT := --durations=15
 PYTEST_ARGS ?=
 FUNCTION_BUILD_DIR ?= .local/function-build
 
-.PHONY: help deps apt-deps uv-env test test-fleet up down status demo bench fleet function
+.PHONY: help deps apt-deps uv-env test test-fast test-fleet up down status demo bench fleet function
 
 help:
 	@echo "make test   install what is missing, run the whole test suite"
+	@echo "make test-fast  the inner loop: units and the core against the local OCI, no Prefect server"
 	@echo "make up     start the local stack in the background (.local/stack.env)"
 	@echo "make demo   make up, then import a sample disk end to end and verify it"
 	@echo "make down   stop everything 'make up' started"
@@ -38,9 +41,12 @@ uv-env:
 	@[ -x "$(UV)" ] || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
 	@$(UV) sync --frozen --quiet
 
-# --durations=15: every run shows its slowest tests, so growth is seen where it happens.
 test: deps
-	$(UV) run pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
+	$(UV) run pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_REPORT) $(PYTEST_ARGS)
+
+# Everything but the tests that start a Prefect server (marked ``stack`` in tests/conftest.py).
+test-fast: deps
+	$(UV) run pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not stack" $(PYTEST_REPORT) $(PYTEST_ARGS)
 
 up: deps
 	$(UV) run python -m deployments.local_stack up
