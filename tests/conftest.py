@@ -27,6 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # spent about 12% of a core on the asking alone, and the suite's stacks together a whole core
 # of the two. Runs start up to a second later; nothing the tests check depends on it.
 os.environ.setdefault("LOCAL_STACK_POLL_SECONDS", "1")
+# Three flow runs at a time on a test stack, not six: the end-to-end modules share one stack, and
+# with six runs at once (each with its worker VM, qemu-img and checks) the run queue of the two
+# cores stood at 16 while the suite ran.
+os.environ.setdefault("LOCAL_STACK_POOL_CONCURRENCY", "3")
 
 
 @pytest.fixture(scope="session")
