@@ -67,19 +67,30 @@ def shared_stack() -> dict[str, str]:
         return local_stack.read_env(ready)
 
 
+# The stacks of single modules that have stopped (and emptied their buckets) by their directory.
+_STOPPED: set[str] = set()
+
+
 @pytest.fixture(scope="module")
 def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A stack for one module alone (``pytestmark = pytest.mark.own_stack``): for tests that
     inject faults into the whole local OCI, restart its Prefect server, pause its watchers, sweep
     every managed resource or assert that nothing at all is left."""
     base = tmp_path_factory.mktemp("stack")
+    previous = os.environ.get("LOCAL_DIR")
     try:
-        yield _start_stack(base)
+        env = _start_stack(base)
+        # For the module's tests that find the stack's processes (local_stack.local_dir()).
+        os.environ["LOCAL_DIR"] = str(base)
+        yield env
+        client, _ = demo.stack_clients(env)
+        for name in (MANUAL_BUCKET, env["IMPORT_BUCKET"]):
+            empty_bucket(client, env["OCI_NAMESPACE"], name)
     finally:
-        previous = os.environ.get("LOCAL_DIR")
         os.environ["LOCAL_DIR"] = str(base)
         local_stack.down(purge=True)
         _restore_local_dir(previous)
+        _STOPPED.add(str(base))
 
 
 @pytest.fixture(scope="module")
@@ -90,34 +101,29 @@ def stack(request: pytest.FixtureRequest) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def empty_buckets_after_module(request: pytest.FixtureRequest) -> Iterator[None]:
-    """The objects a module uploaded go when it ends: their images would add up to gigabytes. On
-    its own stack a module empties the buckets; on the shared one it removes only what it
-    uploaded, as other modules' imports are reading theirs."""
-    uploaded: list[tuple[str, str]] = []
+def remove_uploads_after_module() -> Iterator[None]:
+    """The objects a module uploaded go when it ends: their images would add up to gigabytes. Only
+    what it uploaded: on the shared stack other modules' imports are reading theirs (a stack of a
+    module's own is emptied as it stops)."""
+    uploaded: list[tuple[dict[str, str], str, str]] = []
     upload = demo.upload
 
     def recorded(env: dict[str, str], path: Path, object_name: str, metadata: dict[str, str] | None = None,
                  bucket: str | None = None) -> str:
-        uploaded.append((bucket or env["IMPORT_BUCKET"], object_name))
+        uploaded.append((env, bucket or env["IMPORT_BUCKET"], object_name))
         return upload(env, path, object_name, metadata, bucket)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(demo, "upload", recorded)
         yield
-    if "stack" not in request.fixturenames:
-        return
-    env = request.getfixturevalue("stack")
-    client, _ = demo.stack_clients(env)
-    if request.node.get_closest_marker("own_stack") is not None:
-        for name in (MANUAL_BUCKET, env["IMPORT_BUCKET"]):
-            empty_bucket(client, env["OCI_NAMESPACE"], name)
-        return
-    for bucket, name in uploaded:
+    for env, bucket, name in uploaded:
+        if str(Path(env["PREFECT_HOME"]).parent) in _STOPPED:
+            continue
+        client, _ = demo.stack_clients(env)
         try:
             client.delete_object(env["OCI_NAMESPACE"], bucket, name)
         except oci.exceptions.ServiceError as exc:
-            if exc.status != 404:
+            if exc.status != 404:  # the test removed it itself
                 raise
 
 
