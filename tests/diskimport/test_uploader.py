@@ -255,7 +255,7 @@ def test_a_file_being_written_is_uploaded_as_it_grows_and_changed_parts_are_sent
             for n in range(6):
                 f.write(os.urandom(MiB))
                 f.flush()
-                time.sleep(0.2)
+                time.sleep(0.2)  # the writer's pace (a file growing as qemu-img writes it), not a wait
             # parts 1 to 5 go meanwhile (one part held back)
             wait_for(lambda: {e.get("part") for e in events if e["event"] == "part"} >= {1, 2, 3, 4, 5},
                      what=f"parts 1 to 5 sent; events {events}")

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,7 +31,7 @@ from flows.runs import IMPORT_SLOTS
 from diskimport.keys import SshKeyPair, cloud_init_host_keys
 from tests.e2e.conftest import (MANUAL_BUCKET, SUFFIX, Disk, admin, image_of, live_inventory, resources_of,
                                run_import)
-from tests.waiting import wait_for
+from tests.waiting import wait_for, wait_until_past
 
 pytestmark = pytest.mark.own_stack
 
@@ -489,7 +488,9 @@ def test_the_reconciler_recovers_import_runs_whose_events_were_lost(stack, watch
         client.set_flow_run_state(runs["crashed"], Pending())
         for role in ("crashed", "spent"):
             client.set_flow_run_state(runs[role], Crashed(message="Flow run infrastructure exited with code -9"))
-        time.sleep(4)  # every state is now older than the 3 s of silence
+        # every state older than the 3 s of silence (silence is a time: the clock must pass it)
+        wait_until_past(max(client.read_flow_run(run_id).state.timestamp for run_id in runs.values())
+                        + dt.timedelta(seconds=4))
         beat = Event(event=reconcile.HEARTBEAT, resource={"prefect.resource.id": f"prefect.flow-run.{runs['alive']}"})
         client._client.post("/events", json=[beat.model_dump(mode="json")]).raise_for_status()
         wait_for(lambda: client.read_events(EventFilter(event=EventNameFilter(name=[reconcile.HEARTBEAT]), resource=

@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
@@ -445,11 +446,24 @@ def test_read_metrics_count_only_what_was_sent_to_a_client_that_left(localoci, o
     with socket.create_connection((server.hostname, server.port), timeout=10) as conn:
         conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {server.netloc}\r\n\r\n".encode())
         conn.recv(64 * 1024)
-        time.sleep(0.3)
-    time.sleep(0.5)  # the server finds out at its next write
+        wait_for(lambda: localoci.admin("GET", "metrics")["objectBytesRead"].get(key), what="bytes counted")
+        client_port = conn.getsockname()[1]
+    # The server finds out at its next write, and closes its end: from then on it counts nothing.
+    wait_for(lambda: not _server_end_open(server.port, client_port), what="the server's end of the connection closed")
     metrics = localoci.admin("GET", "metrics")
     assert metrics["objectReadRequests"][key] == 1
     assert 0 < metrics["objectBytesRead"][key] < 2 * MiB
+
+
+def _server_end_open(server_port: int, client_port: int) -> bool:
+    """Whether a socket of the server (local ``server_port``) to ``client_port`` is still open."""
+    TIME_WAIT = "06"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state = line.split()[1:4]
+        if (int(local.rsplit(":", 1)[1], 16) == server_port and int(remote.rsplit(":", 1)[1], 16) == client_port
+                and state != TIME_WAIT):
+            return True
+    return False
 
 
 def _connects(address: str, port: int) -> bool:
