@@ -41,12 +41,13 @@ uv-env:
 	@[ -x "$(UV)" ] || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
 	@$(UV) sync --frozen --quiet
 
+# --no-loadscope-reorder: modules in the order tests/conftest.py puts them (longest first).
 test: deps
-	$(UV) run pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_REPORT) $(PYTEST_ARGS)
+	$(UV) run pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_REPORT) $(PYTEST_ARGS)
 
 # Everything but the tests that start a Prefect server (marked ``stack`` in tests/conftest.py).
 test-fast: deps
-	$(UV) run pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not stack" $(PYTEST_REPORT) $(PYTEST_ARGS)
+	$(UV) run pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not stack" $(PYTEST_REPORT) $(PYTEST_ARGS)
 
 up: deps
 	$(UV) run python -m deployments.local_stack up

@@ -121,20 +121,25 @@ def client_key() -> KeyPair:
 
 
 # The modules that take minutes (each starts a stack, boots machines or builds the function) go
-# first: with --dist loadfile, xdist hands out modules in collection order, and a long module
-# handed out last would run alone at the end while the other workers sit idle.
-SLOW_FIRST = ("tests/e2e/", "tests/test_local_stack.py", "tests/trigger/")
+# first, longest first: with --dist loadfile --no-loadscope-reorder, xdist hands out modules in
+# collection order, and a long module handed out last would run alone at the end while the other
+# workers sit idle. (Without --no-loadscope-reorder xdist hands out the modules with the most
+# tests first: the fleet and make-up modules, one test each, started 18 minutes into a run.)
+SLOW_FIRST = ("tests/e2e/test_fleet.py", "tests/test_local_stack.py", "tests/e2e/test_end_to_end.py",
+              "tests/e2e/test_bootable_machines.py", "tests/e2e/", "tests/trigger/")
 
 
 # What ``make test-fast`` leaves out (``-m "not stack"``): the tests that start a Prefect server.
-NEEDS_PREFECT_SERVER = SLOW_FIRST
+NEEDS_PREFECT_SERVER = ("tests/e2e/", "tests/test_local_stack.py", "tests/trigger/")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.nodeid.startswith(NEEDS_PREFECT_SERVER):
             item.add_marker(pytest.mark.stack)
-    items.sort(key=lambda item: not item.nodeid.startswith(SLOW_FIRST))  # stable: file order kept within
+    def rank(item: pytest.Item) -> int:
+        return next((n for n, prefix in enumerate(SLOW_FIRST) if item.nodeid.startswith(prefix)), len(SLOW_FIRST))
+    items.sort(key=rank)  # stable: file order kept within
 
 
 # -- the session: its directory, its shared stack, and what it must not leave behind ---------------
