@@ -67,10 +67,6 @@ def shared_stack() -> dict[str, str]:
         return local_stack.read_env(ready)
 
 
-# The stacks of single modules that have stopped (and emptied their buckets) by their directory.
-_STOPPED: set[str] = set()
-
-
 @pytest.fixture(scope="module")
 def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A stack for one module alone (``pytestmark = pytest.mark.own_stack``): for tests that
@@ -90,7 +86,6 @@ def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
         os.environ["LOCAL_DIR"] = str(base)
         local_stack.down(purge=True)
         _restore_local_dir(previous)
-        _STOPPED.add(str(base))
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +112,8 @@ def remove_uploads_after_module() -> Iterator[None]:
         patch.setattr(demo, "upload", recorded)
         yield
     for env, bucket, name in uploaded:
-        if str(Path(env["PREFECT_HOME"]).parent) in _STOPPED:
-            continue
+        if local_stack.pid_alive(Path(env["PREFECT_HOME"]).parent / "localoci.pid") is None:
+            continue  # a stack that has stopped (a module's own, the fleet's), its objects with it
         client, _ = demo.stack_clients(env)
         try:
             client.delete_object(env["OCI_NAMESPACE"], bucket, name)
