@@ -37,9 +37,13 @@ apt-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
+# --compile-bytecode: the environment's .pyc files are written once, here. Where
+# PYTHONDONTWRITEBYTECODE is set (as on CI), no Python process would ever cache them, and each one
+# compiled Prefect from source again: 3.4 s of a core to import prefect, 9.5 s for its server,
+# against 1.7 s and 5.3 s from bytecode. A test run starts hundreds of such processes.
 uv-env:
 	@[ -x "$(UV)" ] || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
-	@$(UV) sync --frozen --quiet
+	@$(UV) sync --frozen --quiet --compile-bytecode
 
 # --no-loadscope-reorder: modules in the order tests/conftest.py puts them (longest first).
 test: deps
