@@ -120,13 +120,17 @@ def client_key() -> KeyPair:
     return KeyPair.generate()
 
 
-# The modules that take minutes (each starts a stack, boots machines or builds the function) go
-# first, longest first: with --dist loadfile --no-loadscope-reorder, xdist hands out modules in
-# collection order, and a long module handed out last would run alone at the end while the other
-# workers sit idle. (Without --no-loadscope-reorder xdist hands out the modules with the most
-# tests first: the fleet and make-up modules, one test each, started 18 minutes into a run.)
-SLOW_FIRST = ("tests/e2e/test_fleet.py", "tests/test_local_stack.py", "tests/e2e/test_end_to_end.py",
-              "tests/e2e/test_bootable_machines.py", "tests/e2e/", "tests/trigger/")
+# The modules that take minutes go first, longest first: with --dist loadfile
+# --no-loadscope-reorder, xdist hands out modules in collection order, and a long module handed out
+# last would run alone at the end while the other workers sit idle. (Without
+# --no-loadscope-reorder xdist hands out the modules with the most tests first: the fleet and
+# make-up modules, one test each, started 18 minutes into a run.) The first four are what the four
+# workers start with: the longest module (its own stack), two on the shared stack, which one of
+# them starts, and the fleet; the stacks of the others start later, one at a time, so no more than
+# three stacks start at once.
+SLOW_FIRST = ("tests/e2e/test_end_to_end.py", "tests/e2e/test_machines.py", "tests/e2e/test_guest_disks.py",
+              "tests/e2e/test_fleet.py", "tests/e2e/test_untrusted_images.py", "tests/e2e/test_bootable_machines.py",
+              "tests/test_local_stack.py", "tests/e2e/", "tests/trigger/")
 
 
 # What ``make test-fast`` leaves out (``-m "not stack"``): the tests that start a Prefect server.

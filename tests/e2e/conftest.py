@@ -29,13 +29,13 @@ MANUAL_BUCKET = "manual-imports"
 SUFFIX = {"qcow2": "qcow2", "vmdk": "vmdk", "vhdx": "vhdx", "vpc": "vhd", "vdi": "vdi", "raw": "raw"}
 
 
-def _start_stack(base: Path) -> dict[str, str]:
+def _start_stack(base: Path, database: str | None = None) -> dict[str, str]:
     """``local_stack.up()`` in ``base``, plus a bucket that no Events rule watches, for imports
     started by hand (an upload to the import bucket starts its own run through the trigger)."""
     previous = os.environ.get("LOCAL_DIR")
     os.environ["LOCAL_DIR"] = str(base)
     try:
-        env = local_stack.up()
+        env = local_stack.up(database)
         client, _ = demo.stack_clients(env)
         client.create_bucket(env["OCI_NAMESPACE"], oci.object_storage.models.CreateBucketDetails(
             name=MANUAL_BUCKET, compartment_id=env["COMPARTMENT_ID"]))
@@ -68,14 +68,17 @@ def shared_stack() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def own_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A stack for one module alone (``pytestmark = pytest.mark.own_stack``): for tests that
     inject faults into the whole local OCI, restart its Prefect server, pause its watchers, sweep
-    every managed resource or assert that nothing at all is left."""
+    every managed resource or assert that nothing at all is left. ``own_stack(database="sqlite")``
+    for a module that needs neither the reconciler nor the automations, which only a stack on
+    PostgreSQL runs: no cluster to start, migrate and stop."""
     base = tmp_path_factory.mktemp("stack")
     previous = os.environ.get("LOCAL_DIR")
+    marker = request.node.get_closest_marker("own_stack")
     try:
-        env = _start_stack(base)
+        env = _start_stack(base, marker.kwargs.get("database") if marker else None)
         # For the module's tests that find the stack's processes (local_stack.local_dir()).
         os.environ["LOCAL_DIR"] = str(base)
         yield env

@@ -20,7 +20,9 @@ from tests.e2e.conftest import MANUAL_BUCKET, SUFFIX, Disk, admin, image_of, res
 
 # The module fixture's slow part (seven machine imports, four of them booted under TCG) runs once, within the first
 # test's time budget: under the whole suite on two cores it has taken about 8 minutes.
-pytestmark = [pytest.mark.timeout(1800), pytest.mark.own_stack]
+# A stack of its own, as its sweep test sweeps every managed resource; on SQLite, as nothing here
+# needs the reconciler.
+pytestmark = [pytest.mark.timeout(1800), pytest.mark.own_stack(database="sqlite")]
 
 MACHINE = "import-machine/default"
 
