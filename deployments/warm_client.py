@@ -32,14 +32,19 @@ SOCKET_ENV = "IMPORT_WARM_RUNNER_SOCKET"
 START_ATTEMPTS = 3
 API_WAIT_SECONDS = 300
 _child = [None]  # the run's process, for the signal handler
+_worker = os.getppid()  # the Prefect worker that started this client
 
 
 def _forward(signum, frame):
-    if _child[0] is not None:
-        try:
-            os.kill(_child[0], signum)
-        except ProcessLookupError:
-            pass
+    """Pass SIGTERM/SIGINT on to the run; before the run has begun (waiting for the API), there is
+    nothing to pass it to, and the signal means this client is to go: it exits. (It used to ignore
+    it, and a client started as its stack went down lingered for the API for five minutes.)"""
+    if _child[0] is None:
+        sys.exit(128 + signum)
+    try:
+        os.kill(_child[0], signum)
+    except ProcessLookupError:
+        pass
 
 
 def _die_with_parent():
@@ -75,8 +80,13 @@ def _api(path):
 
 
 def wait_for_api(seconds=API_WAIT_SECONDS):
+    """Wait for the API to answer; give up at once if the worker that started this client has
+    gone (its stack stopped): nobody would learn how the run ends, and it has not begun."""
     deadline = time.monotonic() + seconds
     while _api("/health") is None and time.monotonic() < deadline:
+        if os.getppid() != _worker:
+            sys.stderr.write("the worker that started this flow run has gone, and the run has not begun\n")
+            sys.exit(1)
         time.sleep(1)
 
 
