@@ -49,9 +49,11 @@ uv-env:
 test: deps
 	$(UV) run pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_REPORT) $(PYTEST_ARGS)
 
-# Everything but the tests that start a Prefect server (marked ``stack`` in tests/conftest.py).
+# The inner loop: units and core-level tests against the local OCI, without the tests that start a
+# Prefect server (marked ``stack``) or move gigabytes, copy between regions or boot a machine
+# (marked ``heavy``); see tests/conftest.py. make test runs them all.
 test-fast: deps
-	$(UV) run pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not stack" $(PYTEST_REPORT) $(PYTEST_ARGS)
+	$(UV) run pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not stack and not heavy" $(PYTEST_REPORT) $(PYTEST_ARGS)
 
 up: deps
 	$(UV) run python -m deployments.local_stack up

@@ -83,10 +83,12 @@ def wait_for_api(seconds=API_WAIT_SECONDS):
     """Wait for the API to answer; give up at once if the worker that started this client has
     gone (its stack stopped): nobody would learn how the run ends, and it has not begun."""
     deadline = time.monotonic() + seconds
-    while _api("/health") is None and time.monotonic() < deadline:
+    while True:
         if os.getppid() != _worker:
             sys.stderr.write("the worker that started this flow run has gone, and the run has not begun\n")
             sys.exit(1)
+        if _api("/health") is not None or time.monotonic() >= deadline:
+            return
         time.sleep(1)
 
 

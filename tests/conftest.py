@@ -22,11 +22,10 @@ from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Every stack the suite starts (one per end-to-end module and worker, the fleet's, make up's) has
-# its Prefect worker ask for runs each second, not every 0.25 s: at 0.25 s each stack's server
-# spent about 12% of a core on the asking alone, and the suite's stacks together a whole core
-# of the two. Runs start up to a second later; nothing the tests check depends on it.
-os.environ.setdefault("LOCAL_STACK_POLL_SECONDS", "1")
+# Every stack the suite starts has its Prefect worker ask for runs every 2 s, not every 0.25 s: at
+# 0.25 s each stack's server spent about 12% of a core on the asking alone, and the suite's stacks
+# together a whole core of the two. Runs start up to 2 s later; nothing the tests check depends on it.
+os.environ.setdefault("LOCAL_STACK_POLL_SECONDS", "2")
 # Three flow runs at a time on a test stack, not six: the end-to-end modules share one stack, and
 # with six runs at once (each with its worker VM, qemu-img and checks) the run queue of the two
 # cores stood at 16 while the suite ran.
@@ -156,6 +155,8 @@ SESSION_DIR = "OCI_IMPORT_TEST_SESSION"
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "own_stack: the module gets a stack of its own (tests/e2e/conftest.py)")
     config.addinivalue_line("markers", "stack: the test starts a Prefect server (left out by make test-fast)")
+    config.addinivalue_line("markers", "heavy: a core test that moves gigabytes, copies between regions or boots a "
+                                       "machine, several seconds each (left out by make test-fast)")
     if hasattr(config, "workerinput"):  # an xdist worker: the controller made the session's directory
         return
     session_dir = Path(tempfile.mkdtemp(prefix="oci-import-tests-"))

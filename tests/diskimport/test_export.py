@@ -99,6 +99,7 @@ def nothing_left(localoci: RunningLocalOCI, object_storage: Any, bucket: str, jo
 @pytest.mark.parametrize("fmt,compress,qemu_format", [
     ("qcow2", False, "qcow2"), ("qcow2", True, "qcow2"), ("vmdk", False, "vmdk"), ("vhdx", False, "vhdx"),
     ("vhd", False, "vpc"), ("raw", False, "raw")])
+@pytest.mark.heavy
 def test_every_format_round_trips_bit_exact(fmt, compress, qemu_format, localoci, make_run, make_importer,
                                             object_storage, bucket, imported, tmp_path):
     run = make_run()
@@ -157,6 +158,7 @@ def test_every_format_round_trips_bit_exact(fmt, compress, qemu_format, localoci
     assert object_storage.head_object(localoci.namespace, bucket, name).headers["etag"] == disk["etag"]
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("operation", ["ParUploadPart", "CommitMultipartUpload"])
 def test_a_fault_mid_export_leaves_no_part_no_object_and_no_worker(operation, localoci, make_run,
                                                                    object_storage, bucket, imported):
@@ -278,6 +280,7 @@ def test_an_object_that_does_not_read_back_as_exported_is_removed(localoci, make
     nothing_left(localoci, object_storage, bucket, job)
 
 
+@pytest.mark.heavy
 def test_an_object_written_but_never_checked_is_written_again(localoci, make_run, object_storage, bucket,
                                                               imported):
     """A run that died between the commit and the check (no ``.sha256`` beside the object) left an

@@ -59,6 +59,7 @@ def nothing_left(localoci: RunningLocalOCI, version: Any) -> bool:
 
 @pytest.mark.parametrize("name,fmt", [("disk.raw.gz", "raw"), ("disk.img.xz", "raw"), ("disk.qcow2.zst", "qcow2"),
                                       ("disk.tar", "raw")])
+@pytest.mark.heavy
 def test_a_compressed_or_packed_disk_imports_bit_exact(localoci, object_storage, bucket, make_importer, busy_disk,
                                                        tmp_path, name, fmt):
     put(localoci, object_storage, bucket, packed_form(busy_disk, name, tmp_path), name)

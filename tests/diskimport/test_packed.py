@@ -69,6 +69,7 @@ def test_a_disk_that_decompresses_whole_within_the_head_needs_no_record(tmp_path
 
 @pytest.mark.parametrize("tool,args", [("gzip", ["-1"]), ("xz", ["-0", "-T1", "--block-size=1MiB"]),
                                        ("zstd", ["-1", "-q"])])
+@pytest.mark.heavy
 def test_a_large_compressed_raw_disk_is_sized_from_the_containers_record(tmp_path, tool, args):
     disk = small_disk(tmp_path / "big.img", size=24 * MiB, random_mib=12)  # more than the 4 MiB head compressed
     target = compress(disk, tool, *args)

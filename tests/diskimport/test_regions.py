@@ -24,7 +24,8 @@ from tests.workers import WORKER_IMAGE_ID
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
-pytestmark = pytest.mark.usefixtures("small_volumes", "no_faults")
+# heavy: copies between regions take a few seconds each (make test-fast leaves them out).
+pytestmark = [pytest.mark.usefixtures("small_volumes", "no_faults"), pytest.mark.heavy]
 
 
 @pytest.fixture

@@ -69,6 +69,7 @@ def stream_object(localoci, object_storage, bucket, path: Path, name: str, stagi
     return stream, uploaded
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("tool", ["gzip", "xz", "zstd", "bzip2"])
 def test_a_compressed_raw_disk_is_decompressed_while_it_streams(localoci, object_storage, bucket, disk, staging,
                                                                  tmp_path, tool):
@@ -154,6 +155,7 @@ def test_data_ending_short_of_its_size_fails(localoci, object_storage, bucket, d
         stream.finish()
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("tool", ["zstd", "xz"])  # zstd writes the image itself, xz's output goes through us
 def test_decompressed_zeros_are_reported_as_holes_over_nbd_and_the_object_stays_off_disk(
         localoci, object_storage, bucket, disk, staging, tmp_path, tool):

@@ -157,6 +157,7 @@ def test_a_qemu_written_stream_optimized_vmdk_is_decoded_bit_exact(localoci, obj
     assert os.stat(Path(staging) / "image").st_blocks * 512 <= 2 * MiB  # nothing staged beyond what was handed over
 
 
+@pytest.mark.heavy
 def test_a_vmware_laid_out_vmdk_with_a_digest_is_decoded_onto_a_used_volume(localoci, object_storage, bucket,
                                                                              disk, staging, tmp_path):
     content, _ = disk
@@ -208,6 +209,7 @@ CRAFTED = {
 }
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("case", sorted(CRAFTED))
 def test_a_crafted_stream_is_refused_naming_where(localoci, object_storage, bucket, disk, staging, tmp_path, case):
     content, _ = disk

@@ -22,6 +22,9 @@ from diskimport.worker_vm.qemu_img import QemuImg
 
 from .conftest import head_and_tail
 
+# heavy: each test moves a disk through a bounded window (make test-fast leaves them out).
+pytestmark = pytest.mark.heavy
+
 MiB = 1024 * 1024
 VIRTUAL = 1024 * MiB
 CHUNK = 4 * MiB

@@ -70,6 +70,7 @@ def test_terminate_deletes_the_boot_volume_unless_asked_to_preserve_it(
     assert compute.get_boot_volume_attachment(attachment.id).data.lifecycle_state == "DETACHED"
 
 
+@pytest.mark.heavy
 def test_a_boot_volume_written_elsewhere_boots_its_disk_and_shows_it_on_the_console(
         compute, blockstorage, compartment_id, availability_domains, subnet_id, client_key, tmp_path,
         preserved_boot_volume):

@@ -93,6 +93,7 @@ def test_instance_without_cloud_init_host_keys_still_serves_ssh(
         wait_state(compute, compute.get_instance, instance.id, "TERMINATED")
 
 
+@pytest.mark.heavy
 def test_bytes_written_to_attached_device_over_ssh_land_in_the_backing_file(
     running_instance, compute, blockstorage, network, compartment_id, localoci, client_key, host_key
 ):

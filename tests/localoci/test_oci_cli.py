@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import oci
+import pytest
 
 from localoci.process import RunningLocalOCI
 # new_volume, tag: AVAILABLE volumes for a test, deleted with its volume groups at its end.
@@ -49,6 +50,7 @@ def file_md5(path: Path) -> str:
     return md5.hexdigest()
 
 
+@pytest.mark.heavy
 def test_cli_multipart_put_and_parallel_multipart_get_of_300_mib_preserve_md5(
     localoci: RunningLocalOCI, bucket: str, object_storage: oci.object_storage.ObjectStorageClient, tmp_path: Path
 ) -> None:
@@ -77,6 +79,7 @@ def test_cli_multipart_put_and_parallel_multipart_get_of_300_mib_preserve_md5(
     assert file_md5(target) == source_md5
 
 
+@pytest.mark.heavy
 def test_cli_volume_group_create_get_delete(localoci: RunningLocalOCI, blockstorage: oci.core.BlockstorageClient,
                                             compartment_id: str, availability_domains: list[str], new_volume, tag) -> None:
     ids = [new_volume(50).id, new_volume(60).id]

@@ -93,6 +93,7 @@ def test_group_of_several_volumes_becomes_available_and_its_volumes_name_it(bloc
     assert blockstorage.get_volume_group(group.id).data.size_in_gbs == 230
 
 
+@pytest.mark.heavy
 def test_list_volume_groups_filters_and_pages(localoci, oci_config, blockstorage, compartment_id, availability_domains,
                                               new_volume, tag):
     name = f"listed-{tag}"
