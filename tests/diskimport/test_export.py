@@ -25,6 +25,7 @@ from diskimport.export import Exporter, ExportJob
 from diskimport.run import Run
 from localoci.process import RunningLocalOCI
 from tests.diskimport.conftest import everything, import_object, version_of
+from tests import waiting
 
 MiB = 1024 * 1024
 pytestmark = pytest.mark.usefixtures("small_volumes", "no_faults")
@@ -47,7 +48,7 @@ def imported(localoci: RunningLocalOCI, blockstorage: Any, compartment_id: str, 
     volume = blockstorage.create_volume(oci.core.models.CreateVolumeDetails(
         compartment_id=compartment_id, availability_domain=availability_domains[0], size_in_gbs=1,
         display_name="web01", freeform_tags={contract.TAG_STATE: contract.STATE_IMPORTED})).data
-    oci.wait_until(blockstorage, blockstorage.get_volume(volume.id), "lifecycle_state", "AVAILABLE",
+    waiting.wait_until(blockstorage, blockstorage.get_volume(volume.id), "lifecycle_state", "AVAILABLE",
                    max_wait_seconds=30, max_interval_seconds=0.1)
     subprocess.run(["dd", f"if={source_disk}", f"of={backing_file(localoci, volume.id)}", "conv=notrunc,sparse",
                     "bs=1M", "status=none"], check=True)
@@ -213,7 +214,7 @@ def test_a_source_named_by_the_wrong_ocid_or_not_found_is_refused_before_anythin
     group = blockstorage.create_volume_group(oci.core.models.CreateVolumeGroupDetails(
         compartment_id=compartment_id, availability_domain=imported["availability_domain"], display_name="web",
         source_details=oci.core.models.VolumeGroupSourceFromVolumesDetails(volume_ids=[volume_id]))).data
-    oci.wait_until(blockstorage, blockstorage.get_volume_group(group.id), "lifecycle_state", "AVAILABLE",
+    waiting.wait_until(blockstorage, blockstorage.get_volume_group(group.id), "lifecycle_state", "AVAILABLE",
                    max_wait_seconds=30, max_interval_seconds=0.1)
     volumes = "a block volume (ocid1.volume.…) or a boot volume (ocid1.bootvolume.…)"
     cases = [
@@ -251,12 +252,12 @@ def test_an_attached_volume_is_refused(localoci, make_run, bucket, imported, com
         shape="VM.Standard.E4.Flex", source_details=oci.core.models.InstanceSourceViaImageDetails(
             image_id=WORKER_IMAGE_ID), create_vnic_details=oci.core.models.CreateVnicDetails(subnet_id=subnet_id),
         freeform_tags={contract.TAG_MANAGED_BY: "test"})).data
-    oci.wait_until(compute, compute.get_instance(instance.id), "lifecycle_state", "RUNNING", max_wait_seconds=30,
+    waiting.wait_until(compute, compute.get_instance(instance.id), "lifecycle_state", "RUNNING", max_wait_seconds=30,
                    max_interval_seconds=0.1)
     try:
         attachment = compute.attach_volume(oci.core.models.AttachParavirtualizedVolumeDetails(
             instance_id=instance.id, volume_id=imported["volume_id"])).data
-        oci.wait_until(compute, compute.get_volume_attachment(attachment.id), "lifecycle_state", "ATTACHED",
+        waiting.wait_until(compute, compute.get_volume_attachment(attachment.id), "lifecycle_state", "ATTACHED",
                        max_wait_seconds=30, max_interval_seconds=0.1)
         with pytest.raises(InvalidRequest, match=f"^volume-attached: volume {imported['volume_id']} is attached to "
                                                  f"{instance.id}"):

@@ -33,6 +33,7 @@ from diskimport.records import InspectedImage, ObjectVersion
 from diskimport.run import Run
 from tests.diskimport.conftest import import_object, live, version_of, volume_holds
 from tests.waiting import wait_for
+from tests import waiting
 
 GiB = 1024**3
 pytestmark = pytest.mark.usefixtures("no_faults")
@@ -46,7 +47,7 @@ def tagged_volume(blockstorage: Any, compartment_id: str, ad: str, version: Obje
             contract.TAG_FLOW_RUN: flow_run, contract.TAG_STATE: state}
     volume = blockstorage.create_volume(oci.core.models.CreateVolumeDetails(
         compartment_id=compartment_id, availability_domain=ad, size_in_gbs=50, freeform_tags=tags)).data
-    return oci.wait_until(blockstorage, blockstorage.get_volume(volume.id), "lifecycle_state", "AVAILABLE",
+    return waiting.wait_until(blockstorage, blockstorage.get_volume(volume.id), "lifecycle_state", "AVAILABLE",
                           max_wait_seconds=30, max_interval_seconds=0.1).data
 
 

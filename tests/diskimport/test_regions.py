@@ -21,6 +21,7 @@ from diskimport.regions import RegionCopy
 from localoci.process import RunningLocalOCI
 from tests.diskimport.conftest import everything
 from tests.workers import WORKER_IMAGE_ID
+from tests import waiting
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -36,7 +37,7 @@ def make_copier(make_run: Any, credentials: Any) -> Any:
 
 
 def wait(client: Any, response: Any, state: str = "AVAILABLE") -> Any:
-    return oci.wait_until(client, response, "lifecycle_state", state, max_wait_seconds=60,
+    return waiting.wait_until(client, response, "lifecycle_state", state, max_wait_seconds=60,
                           max_interval_seconds=0.1).data
 
 

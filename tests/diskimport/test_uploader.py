@@ -26,6 +26,7 @@ from diskimport.worker_vm.session import WorkerSession
 from localoci.process import RunningLocalOCI
 from tests.waiting import wait_for
 from tests.workers import launch_details
+from tests import waiting
 
 MiB = 1024 * 1024
 NAME = "exports/disk.qcow2"
@@ -40,7 +41,7 @@ def worker(compute, network, compartment_id, availability_domains, subnet_id, cl
     instance = compute.launch_instance(launch_details(compartment_id, availability_domains[0], subnet_id,
                                                       client_key, host_key)).data
     try:
-        oci.wait_until(compute, compute.get_instance(instance.id), "lifecycle_state", "RUNNING", max_wait_seconds=60,
+        waiting.wait_until(compute, compute.get_instance(instance.id), "lifecycle_state", "RUNNING", max_wait_seconds=60,
                        max_interval_seconds=0.2)
         vnic = compute.list_vnic_attachments(compartment_id, instance_id=instance.id).data[0]
         address = network.get_vnic(vnic.vnic_id).data.private_ip

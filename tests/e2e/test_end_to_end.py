@@ -32,6 +32,7 @@ from diskimport.keys import SshKeyPair, cloud_init_host_keys
 from tests.e2e.conftest import (MANUAL_BUCKET, SUFFIX, Disk, admin, image_of, live_inventory, resources_of,
                                run_import)
 from tests.waiting import wait_for, wait_until_past
+from tests import waiting
 
 pytestmark = pytest.mark.own_stack
 
@@ -368,9 +369,9 @@ def test_sweep_removes_workers_and_unfinished_volumes_of_dead_runs_only(stack):
     unmanaged = blockstorage.create_volume(models.CreateVolumeDetails(
         compartment_id=stack["COMPARTMENT_ID"], availability_domain=ad, size_in_gbs=50,
         freeform_tags={naming.TAG_FLOW_RUN: dead_run})).data
-    oci.wait_until(compute, compute.get_instance(worker.id), "lifecycle_state", "RUNNING", max_wait_seconds=60)
+    waiting.wait_until(compute, compute.get_instance(worker.id), "lifecycle_state", "RUNNING", max_wait_seconds=60)
     for volume in (unfinished, imported, unmanaged):
-        oci.wait_until(blockstorage, blockstorage.get_volume(volume.id), "lifecycle_state", "AVAILABLE",
+        waiting.wait_until(blockstorage, blockstorage.get_volume(volume.id), "lifecycle_state", "AVAILABLE",
                        max_wait_seconds=60)
 
     from flows.sweep import sweep_orphans

@@ -6,12 +6,13 @@ import os
 
 import oci
 import pytest
+from tests import waiting
 
 models = oci.core.models
 
 
 def wait_available(blockstorage, volume_id: str):
-    return oci.wait_until(blockstorage, blockstorage.get_volume(volume_id), "lifecycle_state", "AVAILABLE",
+    return waiting.wait_until(blockstorage, blockstorage.get_volume(volume_id), "lifecycle_state", "AVAILABLE",
                           max_wait_seconds=30, max_interval_seconds=0.2).data
 
 
@@ -70,7 +71,7 @@ def test_update_grows_the_volume_and_changes_vpus_but_never_shrinks(blockstorage
 
 def test_deleted_volume_terminates_and_leaves_the_inventory(blockstorage, volume, localoci):
     blockstorage.delete_volume(volume.id)
-    oci.wait_until(blockstorage, blockstorage.get_volume(volume.id), "lifecycle_state", "TERMINATED",
+    waiting.wait_until(blockstorage, blockstorage.get_volume(volume.id), "lifecycle_state", "TERMINATED",
                    max_wait_seconds=30, max_interval_seconds=0.2)
     assert volume.id not in {v["id"] for v in localoci.inventory()["volumes"]}
     with pytest.raises(oci.exceptions.ServiceError) as again:

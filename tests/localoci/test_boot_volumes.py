@@ -16,6 +16,7 @@ from localoci.blockstorage.models import IMAGE_CONTENT
 from tests import boot_disks
 from tests.waiting import wait_for
 from tests.workers import launch_details
+from tests import waiting
 
 models = oci.core.models
 
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.skipif(bool(boot_disks.tools_missing()) or shutil.which
 
 
 def wait_state(client, getter, resource_id: str, state: str, seconds: float = 30):
-    return oci.wait_until(client, getter(resource_id), "lifecycle_state", state, max_wait_seconds=seconds,
+    return waiting.wait_until(client, getter(resource_id), "lifecycle_state", state, max_wait_seconds=seconds,
                           max_interval_seconds=0.2).data
 
 

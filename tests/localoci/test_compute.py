@@ -15,12 +15,13 @@ import pytest
 from diskimport.keys import SshKeyPair as KeyPair
 from tests.waiting import wait_for
 from tests.workers import connect, launch_details
+from tests import waiting
 
 models = oci.core.models
 
 
 def wait_state(client, getter, resource_id: str, state: str):
-    return oci.wait_until(client, getter(resource_id), "lifecycle_state", state, max_wait_seconds=30, max_interval_seconds=0.2).data
+    return waiting.wait_until(client, getter(resource_id), "lifecycle_state", state, max_wait_seconds=30, max_interval_seconds=0.2).data
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import oci
 from localoci import process
 from diskimport.keys import SshKeyPair as KeyPair
 from tests.workers import connect, launch_details
+from tests import waiting
 
 models = oci.core.models
 
@@ -23,7 +24,7 @@ def _free_port() -> int:
 
 
 def _wait(client, response, state):
-    return oci.wait_until(client, response, "lifecycle_state", state, max_wait_seconds=30, max_interval_seconds=0.2).data
+    return waiting.wait_until(client, response, "lifecycle_state", state, max_wait_seconds=30, max_interval_seconds=0.2).data
 
 
 def test_restart_keeps_every_resource_and_restarts_running_workers(tmp_path, client_key):

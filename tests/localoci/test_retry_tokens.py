@@ -24,6 +24,7 @@ from tests.localoci.test_faults import NO_RETRY, admin_error, clean_server, wait
 from tests.localoci.test_objectstorage import signer_for
 from tests.workers import launch_details
 from tests.waiting import wait_until_past
+from tests import waiting
 
 models = oci.core.models
 
@@ -44,7 +45,7 @@ def tag(localoci: RunningLocalOCI, compute: oci.core.ComputeClient, blockstorage
         wait_state(lambda: compute.get_instance(instance["id"]).data, "TERMINATED")
     for volume in left["volumes"]:
         volume_id = volume["id"]
-        oci.wait_until(blockstorage, blockstorage.get_volume(volume_id), max_wait_seconds=30, max_interval_seconds=0.2,
+        waiting.wait_until(blockstorage, blockstorage.get_volume(volume_id), max_wait_seconds=30, max_interval_seconds=0.2,
                        evaluate_response=lambda r: r.data.lifecycle_state != "PROVISIONING")
         blockstorage.delete_volume(volume_id)
         wait_state(lambda: blockstorage.get_volume(volume_id).data, "TERMINATED")
@@ -277,8 +278,8 @@ def test_fail_resource_makes_a_volume_faulty(localoci, blockstorage, compartment
     assert volume.lifecycle_state == "PROVISIONING"
     wait_state(lambda: blockstorage.get_volume(volume.id).data, "FAULTY")
     with pytest.raises(oci.exceptions.MaximumWaitTimeExceeded):
-        oci.wait_until(blockstorage, blockstorage.get_volume(volume.id), "lifecycle_state", "AVAILABLE",
-                       max_wait_seconds=1, max_interval_seconds=0.2)
+        waiting.wait_until(blockstorage, blockstorage.get_volume(volume.id), "lifecycle_state", "AVAILABLE",
+                           max_wait_seconds=1)
 
     # The fault is spent: the next volume becomes AVAILABLE.
     assert localoci.admin("GET", "faults") == []

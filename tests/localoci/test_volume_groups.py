@@ -12,13 +12,14 @@ import requests
 
 from localoci.process import RunningLocalOCI
 from tests.localoci.test_objectstorage import signer_for
+from tests import waiting
 
 models = oci.core.models
 NO_RETRY = oci.retry.NoneRetryStrategy()
 
 
 def wait_for(blockstorage: oci.core.BlockstorageClient, get: Callable[..., Any], resource_id: str, state: str) -> Any:
-    return oci.wait_until(blockstorage, get(resource_id), "lifecycle_state", state,
+    return waiting.wait_until(blockstorage, get(resource_id), "lifecycle_state", state,
                           max_wait_seconds=30, max_interval_seconds=0.2).data
 
 
@@ -40,7 +41,7 @@ def tag(localoci: RunningLocalOCI, blockstorage: oci.core.BlockstorageClient) ->
             blockstorage.delete_volume_group(group["id"])
     for volume in left["volumes"]:
         volume_id = volume["id"]
-        oci.wait_until(blockstorage, blockstorage.get_volume(volume_id), max_wait_seconds=30, max_interval_seconds=0.2,
+        waiting.wait_until(blockstorage, blockstorage.get_volume(volume_id), max_wait_seconds=30, max_interval_seconds=0.2,
                        evaluate_response=lambda r: r.data.lifecycle_state != "PROVISIONING")
         if blockstorage.get_volume(volume_id).data.lifecycle_state != "TERMINATING":
             blockstorage.delete_volume(volume_id)
