@@ -5,6 +5,13 @@ SHELL := /bin/bash
 
 APT_PACKAGES := qemu-utils openssh-server openssh-client e2fsprogs xfsprogs dosfstools mtools ntfs-3g btrfs-progs lvm2 fdisk util-linux curl postgresql \
 	qemu-system-x86 ovmf syslinux syslinux-common busybox-static systemd-boot-efi binutils
+# Every Python process make starts caches the bytecode of what it imports (under the environment's
+# and the project's __pycache__/, both ignored by git). Where PYTHONDONTWRITEBYTECODE is set, as on
+# CI, no process ever cached any, and each one compiled Prefect from source again: 3.4 s of a core
+# to import prefect, 9.5 s for its server, against 1.7 s and 5.3 s from bytecode; a test run starts
+# hundreds of such processes. (Compiling the whole environment at install instead, uv's
+# --compile-bytecode, took a minute of CPU for 26,000 files, most of them never imported.)
+export PYTHONDONTWRITEBYTECODE :=
 # Looked up at each use, so a uv that uv-env just installed is found.
 UV = $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 # The suite waits more than it computes: more workers than cores, so the end-to-end modules (most
@@ -37,13 +44,9 @@ apt-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-# --compile-bytecode: the environment's .pyc files are written once, here. Where
-# PYTHONDONTWRITEBYTECODE is set (as on CI), no Python process would ever cache them, and each one
-# compiled Prefect from source again: 3.4 s of a core to import prefect, 9.5 s for its server,
-# against 1.7 s and 5.3 s from bytecode. A test run starts hundreds of such processes.
 uv-env:
 	@[ -x "$(UV)" ] || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
-	@$(UV) sync --frozen --quiet --compile-bytecode
+	@$(UV) sync --frozen --quiet
 
 # --no-loadscope-reorder: modules in the order tests/conftest.py puts them (longest first).
 test: deps
