@@ -8,6 +8,7 @@ Backups, and the volumes restored from them, are in ``backups.py``.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -107,6 +108,16 @@ class BlockStorage:
     def volume_file(self, volume_id: str) -> Path:
         """The file holding a volume's or boot volume's bytes (what an attachment's device is)."""
         return self.backing_file(self.attachable(volume_id))
+
+    def release_host_devices(self, volume_id: str) -> list[str]:
+        """Detach the host's loop devices over a volume's file, as its attachment ends or it is
+        deleted; return their names. On OCI a loop device an instance made over an attached volume
+        lives in that instance and goes with the attachment (and the instance); here instances
+        share the host's kernel, and one that a killed command never detached outlived its
+        "instance" and kept a deleted volume's space."""
+        if volume_id not in self.volumes and volume_id not in self.boot_volumes:
+            return []
+        return release_loop_devices(self.backing_file(self.attachable(volume_id)))
 
     def held_image(self, boot_volume_id: str) -> str | None:
         """The image whose disk a boot volume holds; None once it was attached writable to another instance."""
@@ -221,6 +232,7 @@ class BlockStorage:
     def _terminate(self, volume_id: str) -> None:
         with self.store.lock:
             volume = self.volumes[volume_id]
+            release_loop_devices(self.backing_file(volume))
             self.backing_file(volume).unlink(missing_ok=True)
             volume["lifecycleState"] = "TERMINATED"
             self.store.save()
@@ -483,3 +495,17 @@ class BlockStorage:
             lookup(self.assignments, assignment_id, "VolumeBackupPolicyAssignment")
             del self.assignments[assignment_id]
             self.store.save()
+
+
+def release_loop_devices(path: Path) -> list[str]:
+    """Detach every loop device of the host over ``path``; their names. Nothing when there is none
+    or ``losetup`` cannot list them (not root, not installed)."""
+    try:
+        listed = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME", "--associated", str(path)],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    names = [line.strip() for line in listed.stdout.splitlines() if line.strip()]
+    for name in names:
+        subprocess.run(["losetup", "--detach", name], capture_output=True, timeout=30)
+    return names

@@ -330,9 +330,11 @@ class Compute:
             for attachment in self.attachments.values():
                 if attachment["instanceId"] == instance_id and attachment["lifecycleState"] in LIVE_ATTACHMENT_STATES:
                     attachment["lifecycleState"] = "DETACHED"
+                    self._released(attachment)
             for attachment in self.boot_attachments.values():
                 if attachment["instanceId"] == instance_id and attachment["lifecycleState"] in LIVE_ATTACHMENT_STATES:
                     attachment["lifecycleState"] = "DETACHED"
+                    self._released(attachment)
                     if not instance.get("_preserveBootVolume"):
                         self.app.blockstorage.terminate_with_instance(attachment["bootVolumeId"])
             self.app.network.release_instance_vnics(instance_id)
@@ -544,8 +546,14 @@ class Compute:
         return attachment
 
     def _set_attachment_state(self, attachment_id: str, expected: str, state: str) -> None:
-        self._set_state(self.boot_attachments if attachment_id in self.boot_attachments else self.attachments,
-                        attachment_id, expected, state)
+        records = self.boot_attachments if attachment_id in self.boot_attachments else self.attachments
+        self._set_state(records, attachment_id, expected, state)
+        if state == "DETACHED":
+            self._released(records[attachment_id])
+
+    def _released(self, attachment: dict[str, Any]) -> None:
+        """The attachment has ended: what the instance built on its device goes with it."""
+        self.app.blockstorage.release_host_devices(attachment.get("volumeId") or attachment["bootVolumeId"])
 
     def attachment(self, attachment_id: str) -> dict[str, Any]:
         return lookup(self.attachments, attachment_id, "VolumeAttachment")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import os
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -291,3 +292,38 @@ def test_cloud_init_with_a_malformed_host_key_is_refused(compute, compartment_id
     with pytest.raises(oci.exceptions.ServiceError) as refused:
         compute.launch_instance(details)
     assert refused.value.status == 400 and "ed25519_private" in refused.value.message
+
+
+def _loops_over(path: str) -> list[str]:
+    listed = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME", "--associated", path],
+                            capture_output=True, text=True, check=True)
+    return listed.stdout.split()
+
+
+@pytest.mark.parametrize("ending", ["detach", "terminate"])
+def test_a_loop_device_the_instance_left_on_its_volume_goes_with_the_attachment(
+        ending, running_instance, compute, blockstorage, compartment_id):
+    """A command killed between losetup and its detach leaves a loop device over the volume: on
+    OCI it lives in the instance and goes with the attachment; here it would outlive it on the host
+    (and keep a deleted volume's space)."""
+    volume = blockstorage.create_volume(models.CreateVolumeDetails(
+        compartment_id=compartment_id, availability_domain=running_instance.availability_domain, size_in_gbs=50)).data
+    wait_state(blockstorage, blockstorage.get_volume, volume.id, "AVAILABLE")
+    attachment = compute.attach_volume(models.AttachParavirtualizedVolumeDetails(
+        instance_id=running_instance.id, volume_id=volume.id)).data
+    attachment = wait_state(compute, compute.get_volume_attachment, attachment.id, "ATTACHED")
+    loop = subprocess.run(["losetup", "--read-only", "--find", "--show", "--sizelimit", str(1024 * 1024),
+                           attachment.device], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        assert _loops_over(attachment.device) == [loop]
+        if ending == "detach":
+            compute.detach_volume(attachment.id)
+            wait_state(compute, compute.get_volume_attachment, attachment.id, "DETACHED")
+        else:
+            compute.terminate_instance(running_instance.id)
+            wait_state(compute, compute.get_instance, running_instance.id, "TERMINATED")
+        assert _loops_over(attachment.device) == []
+    finally:
+        subprocess.run(["losetup", "--detach", loop], capture_output=True)
+    blockstorage.delete_volume(volume.id)
+    wait_state(blockstorage, blockstorage.get_volume, volume.id, "TERMINATED")
