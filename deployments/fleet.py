@@ -162,11 +162,13 @@ def _all_pids() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
 
-def _is_flow_run(pid: int) -> bool:
+def _flow_run_id(pid: int) -> str | None:
+    """The id of the flow run ``pid`` runs (from its environment), or None."""
     try:
-        return any(v.startswith(b"PREFECT__FLOW_RUN_ID=") for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+        variables = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
-        return False
+        return None
+    return next((v.split(b"=", 1)[1].decode() for v in variables if v.startswith(b"PREFECT__FLOW_RUN_ID=")), None)
 
 
 def _parent(pid: int) -> int | None:
@@ -215,17 +217,18 @@ class Schedule:
         hosts = {"host-1": ("prefect-worker.pid", "warm-runner.pid"),
                  "host-2": ("host-2-worker.pid", "host-2-warm-runner.pid")}
         for _ in range(600):
-            # a flow run's command is a child of its worker (the run itself a child of the warm runner)
+            # a flow run's command is a child of its worker (the run itself a child of the warm runner);
+            # the host is killed once one of its runs is writing, so that run dies mid-write (a fixed
+            # delay after the run started sometimes outlasted a short run, and then nothing died)
             busy = [name for name, (worker, _) in hosts.items()
-                    if any(_parent(pid) == int((self.base / worker).read_text()) and _is_flow_run(pid)
+                    if any(_parent(pid) == int((self.base / worker).read_text()) and self._writing(pid)
                            for pid in _all_pids())]
             if busy:
                 break
             time.sleep(0.5)
         else:
-            return "no host ran a flow run to kill"
+            return "no host ran a flow run that wrote, to kill"
         name = busy[0]
-        time.sleep(5)  # into its write
         killed = kill_processes([int((self.base / f).read_text()) for f in hosts[name]])
         time.sleep(20)
         api_url = self.env["PREFECT_API_URL"]
@@ -235,6 +238,19 @@ class Schedule:
         else:
             start_host(self.base, api_url, name)
         return f"{name} killed ({len(killed)} processes) and started again 20 s later"
+
+    def _writing(self, pid: int) -> bool:
+        """Whether ``pid`` is a flow run's process whose run has a write task running."""
+        run_id = _flow_run_id(pid)
+        if run_id is None:
+            return False
+        try:
+            reply = httpx.post(self.env["PREFECT_API_URL"] + "/task_runs/filter", timeout=30, json={
+                "flow_runs": {"id": {"any_": [run_id]}},
+                "task_runs": {"name": {"like_": "write"}, "state": {"type": {"any_": ["RUNNING"]}}}})
+        except httpx.HTTPError:
+            return False
+        return reply.is_success and bool(reply.json())
 
     def _throttle(self) -> str:
         for operation in CORE_OPERATIONS:

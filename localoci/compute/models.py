@@ -547,9 +547,9 @@ class Compute:
 
     def _set_attachment_state(self, attachment_id: str, expected: str, state: str) -> None:
         records = self.boot_attachments if attachment_id in self.boot_attachments else self.attachments
+        if state == "DETACHED" and records[attachment_id]["lifecycleState"] == expected:
+            self._released(records[attachment_id])  # before anyone can see it DETACHED
         self._set_state(records, attachment_id, expected, state)
-        if state == "DETACHED":
-            self._released(records[attachment_id])
 
     def _released(self, attachment: dict[str, Any]) -> None:
         """The attachment has ended: what the instance built on its device goes with it."""
