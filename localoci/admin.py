@@ -149,7 +149,8 @@ def set_bandwidth(app: "LocalOCI", request: Request) -> Response:
 
 
 def get_bandwidth(app: "LocalOCI", request: Request) -> Response:
-    return Response.json(_bandwidth(app))
+    """The caps, and the bytes each instance network's bucket has let through since they were set."""
+    return Response.json({**_bandwidth(app), "instanceNetworks": app.instance_networks.passed()})
 
 
 def get_metrics(app: "LocalOCI", request: Request) -> Response:

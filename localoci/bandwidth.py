@@ -24,32 +24,35 @@ class TokenBucket:
     get exactly ``rate`` however many there are, each in turn.
     """
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = float(rate)
         self.capacity = max(self.rate / 10, 64 * 1024)
+        self.clock = clock
         self.tokens = self.capacity
-        self.stamp = time.monotonic()
+        self.stamp = clock()
+        self.passed = 0  # bytes reserved through this bucket, all told
         self.lock = threading.Lock()
 
     def reserve(self, n: int) -> float:
         """Take ``n`` bytes now; the seconds the caller must wait before sending them."""
         with self.lock:
-            now = time.monotonic()
+            now = self.clock()
             self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
             self.stamp = now
             self.tokens -= n
+            self.passed += n
             return -self.tokens / self.rate if self.tokens < 0 else 0.0
 
-    def take(self, n: int) -> None:
+    def take(self, n: int, sleep: Callable[[float], None] = time.sleep) -> None:
         """Block until ``n`` bytes may pass."""
-        take_all([self], n)
+        take_all([self], n, sleep)
 
 
-def take_all(buckets: Iterable[TokenBucket], n: int) -> None:
+def take_all(buckets: Iterable[TokenBucket], n: int, sleep: Callable[[float], None] = time.sleep) -> None:
     """Block until ``n`` bytes may pass every bucket: the longest wait, not the sum of them."""
     wait = max((bucket.reserve(n) for bucket in buckets), default=0.0)
     if wait > 0:
-        time.sleep(wait)
+        sleep(wait)
 
 
 class InstanceNetworks:
@@ -82,6 +85,12 @@ class InstanceNetworks:
             if bucket is None or bucket.rate != rate:
                 bucket = self._buckets[(address, direction)] = TokenBucket(rate)
             return bucket
+
+    def passed(self) -> list[dict[str, object]]:
+        """Each live bucket's address, direction, rate and the bytes that went through it."""
+        with self._lock:
+            return [{"address": address, "direction": direction, "rate": bucket.rate, "bytes": bucket.passed}
+                    for (address, direction), bucket in sorted(self._buckets.items())]
 
     def set_rate(self, per_ocpu: float | None) -> None:
         """Cap each instance's object reads, and its object writes apart, at ``per_ocpu`` times its
