@@ -317,6 +317,23 @@ def test_blocks_refuse_invalid_settings(compartment_id):
     assert "BEGIN PRIVATE KEY" not in repr(secret) and "BEGIN PRIVATE KEY" not in str(secret.model_dump())
 
 
+def test_one_set_of_clients_reads_the_key_once_and_every_client_signs_with_it(credentials, compartment_id,
+                                                                               monkeypatch):
+    loaded = []
+    load = oci.signer.load_private_key_from_file
+    monkeypatch.setattr(oci.signer, "load_private_key_from_file", lambda *a: loaded.append(a) or load(*a))
+    clients = credentials.clients()
+    signers = {id(getattr(clients, service).base_client.signer) for service in
+               ("compute", "blockstorage", "network", "object_storage", "identity")}
+    assert len(signers) == 1 and len(loaded) == 1
+    # signed with it, every service answers (the local OCI refuses a request without a signature)
+    assert clients.identity.list_availability_domains(compartment_id).data
+    assert clients.object_storage.get_namespace().data
+    assert clients.compute.list_instances(compartment_id).status == 200
+    assert clients.blockstorage.list_volumes(compartment_id=compartment_id).status == 200
+    assert clients.network.list_vcns(compartment_id).status == 200
+
+
 def test_a_block_naming_the_wrong_kind_of_resource_is_refused_before_anything_is_created(
         credentials, shape, compartment_id, subnet_id, blockstorage, availability_domains):
     volume = blockstorage.create_volume(oci.core.models.CreateVolumeDetails(
