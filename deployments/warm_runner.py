@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from deployments.warm_client import send_message
 
@@ -38,13 +39,62 @@ def code_stamp() -> float:
 
 
 def preload() -> None:
+    import prefect._internal.metrics  # noqa: F401
+    import prefect.deployments.steps  # noqa: F401  (a flow run's pull steps)
     import prefect.engine  # noqa: F401
     import prefect.flow_engine  # noqa: F401
+    import prefect.runner  # noqa: F401  (imported by loading a flow from its deployment)
     import flows.import_disk  # noqa: F401
     import flows.import_machine  # noqa: F401
     import flows.export_volume  # noqa: F401
     import flows.copy_to_region  # noqa: F401
     import flows.sweep  # noqa: F401
+    share_tls_contexts()
+
+
+def share_tls_contexts() -> None:
+    """One TLS context per CA bundle for the whole process and the runs forked from it.
+
+    Every Prefect API client a flow run opens (about eight: the engine's, its events, its logs,
+    its suspension observer...) builds a verifying context from the CA bundle, which parses the
+    whole bundle: some 30 ms of CPU apiece, more than the rest of setting the client up. A context
+    made from the same bundle is the same context; it is made once here, before any fork. Only
+    ``create_default_context(cafile=...)`` calls are shared, the form those clients use; a
+    context made any other way (no bundle, an insecure one) is made afresh as before.
+    """
+    import ssl
+
+    if getattr(ssl.create_default_context, "shared", False):
+        return
+    made: dict[tuple[Any, str], ssl.SSLContext] = {}
+    create = ssl.create_default_context
+
+    def create_default_context(purpose: Any = ssl.Purpose.SERVER_AUTH, *, cafile: Any = None, capath: Any = None,
+                               cadata: Any = None) -> ssl.SSLContext:
+        if cafile is None or capath is not None or cadata is not None:
+            return create(purpose, cafile=cafile, capath=capath, cadata=cadata)
+        key = (purpose, os.fspath(cafile))
+        if key not in made:
+            made[key] = create(purpose, cafile=cafile)
+        return made[key]
+
+    create_default_context.shared = True  # type: ignore[attr-defined]
+    ssl.create_default_context = create_default_context
+
+
+def logging_inputs() -> tuple[Any, ...] | None:
+    """What Prefect's logging setup is made from under the current settings: the logging settings,
+    the levels its default configuration file names, and the ``PREFECT_LOGGING_*`` environment
+    overrides. None when a logging file of the user's own is in use (it may name any setting)."""
+    import prefect.logging.configuration as configuration
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.logging.config_path and Path(settings.logging.config_path).exists():
+        return None
+    overrides = sorted((k, v) for k, v in os.environ.items() if k.startswith("PREFECT_LOGGING_"))
+    return (settings.logging.model_dump_json(), settings.server.logging_level, settings.internal.logging_level,
+            str(configuration.DEFAULT_LOGGING_SETTINGS_PATH), tuple(overrides))
 
 
 def run_child(conn: socket.socket, message: dict, fds: list[int]) -> None:
@@ -75,7 +125,10 @@ def run_child(conn: socket.socket, message: dict, fds: list[int]) -> None:
         import prefect.logging.configuration
 
         prefect.context.refresh_global_settings_context()
-        prefect.logging.configuration.setup_logging()
+        # Logging as the run's settings say: set up again only if they say otherwise than the
+        # runner's own, which it set up once (parsing the configuration costs a run 0.1 s of CPU).
+        if PRELOADED_LOGGING is None or logging_inputs() != PRELOADED_LOGGING:
+            prefect.logging.configuration.setup_logging()
         try:
             runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
             exit_code = 0
@@ -109,8 +162,16 @@ def watch_code(path: str, stamp: float, interval: float = 1.0) -> None:
             continue
 
 
+PRELOADED_LOGGING: tuple[Any, ...] | None = None
+
+
 def serve(path: str) -> None:
+    global PRELOADED_LOGGING
     preload()
+    import prefect.logging.configuration
+
+    prefect.logging.configuration.setup_logging()
+    PRELOADED_LOGGING = logging_inputs()
     stamp = code_stamp()
     threading.Thread(target=watch_code, args=(path, stamp), daemon=True, name="watch-code").start()
     if os.path.exists(path):
