@@ -39,7 +39,6 @@ def code_stamp() -> float:
 
 
 def preload() -> None:
-    import prefect._internal.metrics  # noqa: F401
     import prefect.deployments.steps  # noqa: F401  (a flow run's pull steps)
     import prefect.engine  # noqa: F401
     import prefect.flow_engine  # noqa: F401
@@ -50,6 +49,9 @@ def preload() -> None:
     import flows.copy_to_region  # noqa: F401
     import flows.sweep  # noqa: F401
     share_tls_contexts()
+
+
+SHARING: set[Any] = set()  # the sharing create_default_context, once installed
 
 
 def share_tls_contexts() -> None:
@@ -64,10 +66,10 @@ def share_tls_contexts() -> None:
     """
     import ssl
 
-    if getattr(ssl.create_default_context, "shared", False):
+    create = ssl.create_default_context
+    if create in SHARING:
         return
     made: dict[tuple[Any, str], ssl.SSLContext] = {}
-    create = ssl.create_default_context
 
     def create_default_context(purpose: Any = ssl.Purpose.SERVER_AUTH, *, cafile: Any = None, capath: Any = None,
                                cadata: Any = None) -> ssl.SSLContext:
@@ -78,7 +80,7 @@ def share_tls_contexts() -> None:
             made[key] = create(purpose, cafile=cafile)
         return made[key]
 
-    create_default_context.shared = True  # type: ignore[attr-defined]
+    SHARING.add(create_default_context)
     ssl.create_default_context = create_default_context
 
 
