@@ -15,8 +15,10 @@ export PYTHONDONTWRITEBYTECODE :=
 # Looked up at each use, so a uv that uv-env just installed is found.
 UV = $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 # The suite waits more than it computes: more workers than cores, so the end-to-end modules (most
-# on the session's one shared stack) run side by side with the rest.
-PYTEST_WORKERS ?= 4
+# on the session's one shared stack) run side by side with the rest. Three, not four: on two cores
+# a fresh-clone run took as long with three (10:36 against 10:27), at a load average of 4 to 7
+# instead of 6 to 13.
+PYTEST_WORKERS ?= 3
 # Growth shows in every run: the slowest tests, and the total on pytest's last line.
 PYTEST_REPORT := --durations=15
 PYTEST_ARGS ?=
