@@ -101,19 +101,29 @@ def start(
 
 def stop_pid(pid: int, timeout: float = 20.0) -> None:
     """SIGTERM a server (it stops its instances' sshd first), SIGKILL it if it lingers."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+    stop_pids([pid], timeout)
+
+
+def stop_pids(pids: list[int], timeout: float = 20.0) -> None:
+    """SIGTERM them all at once, SIGKILL whichever still lingers after ``timeout``: stopping
+    several takes as long as the slowest, not the sum of them."""
+    waiting = []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+            waiting.append(pid)
+        except ProcessLookupError:
+            pass
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive(pid):
-            return
-        time.sleep(0.05)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    while waiting and time.monotonic() < deadline:
+        waiting = [pid for pid in waiting if alive(pid)]
+        if waiting:
+            time.sleep(0.05)
+    for pid in waiting:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def alive(pid: int) -> bool:
