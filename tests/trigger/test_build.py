@@ -127,6 +127,7 @@ def test_the_built_function_answers_events_on_its_own(standalone, prefect_api, l
     assert logged[bad]["code"] == "invalid-ad-number" and logged[good]["flow_run_id"] == run["id"]
 
 
+@pytest.mark.parametrize("prefect_api", ["sqlite"], indirect=True)  # the function calls no API here: one server
 def test_the_function_starts_again_where_a_killed_one_left_its_sockets(function_dir, config, tmp_path):
     sockets = tmp_path / "fn"
     first, _ = local_runner.start_fdk(function_dir, sockets, config, subprocess.DEVNULL)
