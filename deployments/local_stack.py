@@ -26,6 +26,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -576,12 +577,15 @@ def down(purge: bool = False) -> list[str]:
     # The Prefect server's clients first: a worker whose server has gone spends seconds retrying
     # its goodbye (7.5 s were seen) before it exits. PostgreSQL last: a smart shutdown waits for
     # its clients (the Prefect server) to go.
-    # Each group is stopped at once, so the group takes as long as its slowest.
+    # Each group is stopped at once, so the group takes as long as its slowest. PostgreSQL gets a
+    # fast shutdown (SIGINT, pg_ctl's default), which ends the sessions left: a smart one (SIGTERM)
+    # waited out its 20 s for sessions whose server had already stopped.
     order = {"prefect-server": 1, "postgres": 2}
-    for _, group in itertools.groupby(sorted(base.glob("*.pid"), key=lambda p: (order.get(p.stem, 0), p.stem)),
-                                      key=lambda p: order.get(p.stem, 0)):
+    for rank, group in itertools.groupby(sorted(base.glob("*.pid"), key=lambda p: (order.get(p.stem, 0), p.stem)),
+                                         key=lambda p: order.get(p.stem, 0)):
         running = [(pid_file, pid_alive(pid_file)) for pid_file in group]
-        process.stop_pids([pid for _, pid in running if pid is not None])
+        process.stop_pids([pid for _, pid in running if pid is not None],
+                          how=signal.SIGINT if rank == order["postgres"] else signal.SIGTERM)
         for pid_file, pid in running:
             if pid is not None:
                 stopped.append(f"{pid_file.stem} (pid {pid})")

@@ -104,13 +104,13 @@ def stop_pid(pid: int, timeout: float = 20.0) -> None:
     stop_pids([pid], timeout)
 
 
-def stop_pids(pids: list[int], timeout: float = 20.0) -> None:
-    """SIGTERM them all at once, SIGKILL whichever still lingers after ``timeout``: stopping
-    several takes as long as the slowest, not the sum of them."""
+def stop_pids(pids: list[int], timeout: float = 20.0, how: signal.Signals = signal.SIGTERM) -> None:
+    """Signal them all at once (``how``), SIGKILL whichever still lingers after ``timeout``:
+    stopping several takes as long as the slowest, not the sum of them."""
     waiting = []
     for pid in pids:
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, how)
             waiting.append(pid)
         except ProcessLookupError:
             pass
