@@ -569,6 +569,9 @@ def up(database: str | None = None) -> dict[str, str]:
     return values
 
 
+WORKER_STOP_SECONDS = 5.0  # how long make down waits for the worker after SIGTERM, then SIGKILL
+
+
 def down(purge: bool = False) -> list[str]:
     """Stop every process of the stack; return what was stopped. ``purge`` also removes the
     PostgreSQL cluster, which lives outside the stack's directory and would outlive it."""
@@ -584,8 +587,12 @@ def down(purge: bool = False) -> list[str]:
     for rank, group in itertools.groupby(sorted(base.glob("*.pid"), key=lambda p: (order.get(p.stem, 0), p.stem)),
                                          key=lambda p: order.get(p.stem, 0)):
         running = [(pid_file, pid_alive(pid_file)) for pid_file in group]
+        # The worker stops in well under a second, but at the end of a test session it has
+        # outlived SIGTERM until the SIGKILL 20 s later, every time: 5 s is grace enough.
+        worker = {pid: WORKER_STOP_SECONDS for pid_file, pid in running if pid_file.stem == "prefect-worker"}
         process.stop_pids([pid for _, pid in running if pid is not None],
-                          how=signal.SIGINT if rank == order["postgres"] else signal.SIGTERM)
+                          how=signal.SIGINT if rank == order["postgres"] else signal.SIGTERM,
+                          timeouts={pid: grace for pid, grace in worker.items() if pid is not None})
         for pid_file, pid in running:
             if pid is not None:
                 stopped.append(f"{pid_file.stem} (pid {pid})")

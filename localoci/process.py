@@ -104,26 +104,36 @@ def stop_pid(pid: int, timeout: float = 20.0) -> None:
     stop_pids([pid], timeout)
 
 
-def stop_pids(pids: list[int], timeout: float = 20.0, how: signal.Signals = signal.SIGTERM) -> None:
-    """Signal them all at once (``how``), SIGKILL whichever still lingers after ``timeout``:
-    stopping several takes as long as the slowest, not the sum of them."""
-    waiting = []
+def stop_pids(pids: list[int], timeout: float = 20.0, how: signal.Signals = signal.SIGTERM,
+              timeouts: dict[int, float] | None = None) -> None:
+    """Signal them all at once (``how``), SIGKILL each that still lingers after its timeout
+    (``timeouts``, else ``timeout``): stopping several takes as long as the slowest, not the sum."""
+    start = time.monotonic()
+    deadlines = {}
     for pid in pids:
         try:
             os.kill(pid, how)
-            waiting.append(pid)
+            deadlines[pid] = start + (timeouts or {}).get(pid, timeout)
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + timeout
-    while waiting and time.monotonic() < deadline:
-        waiting = [pid for pid in waiting if alive(pid)]
-        if waiting:
+    killed: set[int] = set()
+    while deadlines:
+        now = time.monotonic()
+        for pid, deadline in list(deadlines.items()):
+            if not alive(pid):
+                del deadlines[pid]
+            elif pid in killed:
+                if now >= deadline:  # not gone even after SIGKILL (stuck in the kernel): leave it
+                    del deadlines[pid]
+            elif now >= deadline:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                killed.add(pid)
+                deadlines[pid] = now + 5.0
+        if deadlines:
             time.sleep(0.05)
-    for pid in waiting:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def alive(pid: int) -> bool:

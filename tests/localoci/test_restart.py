@@ -87,3 +87,33 @@ def test_restart_keeps_every_resource_and_restarts_running_workers(tmp_path, cli
     # A stopped server leaves no sshd behind.
     with socket.socket() as s:
         assert s.connect_ex((address, before["instances"][0]["sshPort"])) != 0
+
+
+
+def test_stopping_processes_signals_them_all_and_kills_each_that_lingers_past_its_own_timeout():
+    import os
+    import signal
+    import subprocess
+
+    def ignoring_term() -> subprocess.Popen[bytes]:
+        shell = subprocess.Popen(["bash", "-c", "trap '' TERM; echo ready; sleep 300 >/dev/null & wait"],
+                                 stdout=subprocess.PIPE, start_new_session=True)
+        assert shell.stdout.readline() == b"ready\n"  # its trap is set
+        return shell
+
+    polite = subprocess.Popen(["sleep", "300"])
+    stubborn, slower = ignoring_term(), ignoring_term()
+    try:
+        process.stop_pids([polite.pid, stubborn.pid, slower.pid], timeout=2, timeouts={stubborn.pid: 0.5})
+        assert not any(process.alive(p.pid) for p in (polite, stubborn, slower))  # it returns once all are gone
+        assert polite.wait(timeout=10) == -signal.SIGTERM  # went when asked
+        assert stubborn.wait(timeout=10) == -signal.SIGKILL and slower.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        for p in (polite, stubborn, slower):
+            p.kill()
+            p.wait()
+        for shell in (stubborn, slower):  # and the sleep each started
+            try:
+                os.killpg(shell.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
