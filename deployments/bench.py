@@ -59,7 +59,8 @@ def admin(env: dict[str, str], method: str, path: str, body: Any = None) -> Any:
 
 def apply_model(env: dict[str, str]) -> dict[str, Any]:
     """Make the local OCI enforce the model; return the settings to restore afterwards."""
-    before = admin(env, "GET", "bandwidth")
+    caps = ("objectReadBytesPerSecondPerConnection", "workerBytesPerSecondPerOcpu")
+    before = {key: value for key, value in admin(env, "GET", "bandwidth").items() if key in caps}  # not the counts
     admin(env, "POST", "bandwidth", {
         "objectReadBytesPerSecondPerConnection": MODEL["object_read_bytes_per_s_per_connection"],
         "workerBytesPerSecondPerOcpu": MODEL["worker_network_bytes_per_s_per_ocpu"]})
