@@ -577,22 +577,20 @@ def down(purge: bool = False) -> list[str]:
     PostgreSQL cluster, which lives outside the stack's directory and would outlive it."""
     base = local_dir()
     stopped = []
-    # The Prefect server's clients first: a worker whose server has gone spends seconds retrying
-    # its goodbye (7.5 s were seen) before it exits. PostgreSQL last: a smart shutdown waits for
-    # its clients (the Prefect server) to go.
-    # Each group is stopped at once, so the group takes as long as its slowest. PostgreSQL gets a
-    # fast shutdown (SIGINT, pg_ctl's default), which ends the sessions left: a smart one (SIGTERM)
-    # waited out its 20 s for sessions whose server had already stopped.
+    # In three groups, each stopped at once (a group takes as long as its slowest): the Prefect
+    # server's clients (a worker whose server had gone spent 7.5 s retrying its goodbye), the
+    # server, then PostgreSQL with a fast shutdown (SIGINT, pg_ctl's default), which ends the
+    # sessions left: a smart one (SIGTERM) waited out its 20 s for those of a stopped server.
+    # The worker stops in well under a second, but at the end of a test session it has outlived
+    # SIGTERM until the SIGKILL 20 s later, every time: 5 s is grace enough.
     order = {"prefect-server": 1, "postgres": 2}
     for rank, group in itertools.groupby(sorted(base.glob("*.pid"), key=lambda p: (order.get(p.stem, 0), p.stem)),
                                          key=lambda p: order.get(p.stem, 0)):
         running = [(pid_file, pid_alive(pid_file)) for pid_file in group]
-        # The worker stops in well under a second, but at the end of a test session it has
-        # outlived SIGTERM until the SIGKILL 20 s later, every time: 5 s is grace enough.
-        worker = {pid: WORKER_STOP_SECONDS for pid_file, pid in running if pid_file.stem == "prefect-worker"}
         process.stop_pids([pid for _, pid in running if pid is not None],
                           how=signal.SIGINT if rank == order["postgres"] else signal.SIGTERM,
-                          timeouts={pid: grace for pid, grace in worker.items() if pid is not None})
+                          timeouts={pid: WORKER_STOP_SECONDS for pid_file, pid in running
+                                    if pid_file.stem == "prefect-worker" and pid is not None})
         for pid_file, pid in running:
             if pid is not None:
                 stopped.append(f"{pid_file.stem} (pid {pid})")
