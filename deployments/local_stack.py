@@ -570,6 +570,7 @@ def up(database: str | None = None) -> dict[str, str]:
 
 
 WORKER_STOP_SECONDS = 5.0  # how long make down waits for the worker after SIGTERM, then SIGKILL
+GROUP_LEADERS = ("warm-runner",)  # stopped with the processes they forked (the flow runs)
 
 
 def down(purge: bool = False) -> list[str]:
@@ -582,7 +583,9 @@ def down(purge: bool = False) -> list[str]:
     # server, then PostgreSQL with a fast shutdown (SIGINT, pg_ctl's default), which ends the
     # sessions left: a smart one (SIGTERM) waited out its 20 s for those of a stopped server.
     # The worker stops in well under a second, but at the end of a test session it has outlived
-    # SIGTERM until the SIGKILL 20 s later, every time: 5 s is grace enough.
+    # SIGTERM until the SIGKILL 20 s later, every time: 5 s is grace enough. (It waits for its
+    # runs in flight.) Those runs are children of the warm runner, in its process group: the whole
+    # group is stopped, or a run in flight outlives its stack, and so does the worker's client of it.
     order = {"prefect-server": 1, "postgres": 2}
     for rank, group in itertools.groupby(sorted(base.glob("*.pid"), key=lambda p: (order.get(p.stem, 0), p.stem)),
                                          key=lambda p: order.get(p.stem, 0)):
@@ -590,7 +593,8 @@ def down(purge: bool = False) -> list[str]:
         process.stop_pids([pid for _, pid in running if pid is not None],
                           how=signal.SIGINT if rank == order["postgres"] else signal.SIGTERM,
                           timeouts={pid: WORKER_STOP_SECONDS for pid_file, pid in running
-                                    if pid_file.stem == "prefect-worker" and pid is not None})
+                                    if pid_file.stem == "prefect-worker" and pid is not None},
+                          groups={pid for pid_file, pid in running if pid_file.stem in GROUP_LEADERS and pid is not None})
         for pid_file, pid in running:
             if pid is not None:
                 stopped.append(f"{pid_file.stem} (pid {pid})")

@@ -105,35 +105,59 @@ def stop_pid(pid: int, timeout: float = 20.0) -> None:
 
 
 def stop_pids(pids: list[int], timeout: float = 20.0, how: signal.Signals = signal.SIGTERM,
-              timeouts: dict[int, float] | None = None) -> None:
+              timeouts: dict[int, float] | None = None, groups: set[int] | frozenset[int] = frozenset()) -> None:
     """Signal them all at once (``how``), SIGKILL each that still lingers after its timeout
-    (``timeouts``, else ``timeout``): stopping several takes as long as the slowest, not the sum."""
+    (``timeouts``, else ``timeout``): stopping several takes as long as the slowest, not the sum.
+    A pid in ``groups`` leads a process group (it was started in a session of its own), and the
+    whole group is signalled and waited for: the processes it forked go with it."""
     start = time.monotonic()
     deadlines = {}
-    for pid in pids:
+
+    def signal_(pid: int, signum: signal.Signals) -> None:
         try:
-            os.kill(pid, how)
-            deadlines[pid] = start + (timeouts or {}).get(pid, timeout)
+            if pid in groups:
+                os.killpg(pid, signum)
+            else:
+                os.kill(pid, signum)
         except ProcessLookupError:
             pass
+
+    def lingers(pid: int) -> bool:
+        return group_alive(pid) if pid in groups else alive(pid)
+
+    for pid in pids:
+        if lingers(pid):
+            signal_(pid, how)
+            deadlines[pid] = start + (timeouts or {}).get(pid, timeout)
     killed: set[int] = set()
     while deadlines:
         now = time.monotonic()
         for pid, deadline in list(deadlines.items()):
-            if not alive(pid):
+            if not lingers(pid):
                 del deadlines[pid]
             elif pid in killed:
                 if now >= deadline:  # not gone even after SIGKILL (stuck in the kernel): leave it
                     del deadlines[pid]
             elif now >= deadline:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                signal_(pid, signal.SIGKILL)
                 killed.add(pid)
                 deadlines[pid] = now + 5.0
         if deadlines:
             time.sleep(0.05)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the process group ``pgid`` is still running (zombies do not count)."""
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if fields[2] == str(pgid) and fields[0] != "Z":
+                return True
+    return False
 
 
 def alive(pid: int) -> bool:

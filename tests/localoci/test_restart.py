@@ -117,3 +117,25 @@ def test_stopping_processes_signals_them_all_and_kills_each_that_lingers_past_it
                 os.killpg(shell.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_stopping_a_group_leader_stops_what_it_forked_even_a_child_that_ignores_the_signal():
+    """The local stack's warm runner forks its flow runs: stopping it must stop runs in flight."""
+    import os
+    import signal
+    import subprocess
+
+    leader = subprocess.Popen(["bash", "-c", "(trap '' TERM; exec sleep 300) & echo $!; wait"],
+                              stdout=subprocess.PIPE, start_new_session=True)
+    child = int(leader.stdout.readline())
+    try:
+        assert process.alive(child) and os.getpgid(child) == leader.pid
+        process.stop_pids([leader.pid], timeout=1, groups={leader.pid})
+        assert leader.wait(timeout=10) == -signal.SIGTERM  # the leader went when asked
+        assert not process.alive(child) and not process.group_alive(leader.pid)  # its child after SIGKILL
+    finally:
+        try:
+            os.killpg(leader.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        leader.wait()
