@@ -123,13 +123,33 @@ def client_key() -> KeyPair:
 # --no-loadscope-reorder, xdist hands out modules in collection order, and a long module handed out
 # last would run alone at the end while the other workers sit idle. (Without
 # --no-loadscope-reorder xdist hands out the modules with the most tests first: the fleet and
-# make-up modules, one test each, started 18 minutes into a run.) The first four are what the four
-# workers start with: the longest module (its own stack), two on the shared stack, which one of
-# them starts, and the fleet; the stacks of the others start later, one at a time, so no more than
-# three stacks start at once.
+# make-up modules, one test each, started 18 minutes into a run.)
 SLOW_FIRST = ("tests/e2e/test_end_to_end.py", "tests/e2e/test_machines.py", "tests/e2e/test_guest_disks.py",
               "tests/e2e/test_fleet.py", "tests/e2e/test_untrusted_images.py", "tests/e2e/test_bootable_machines.py",
               "tests/test_local_stack.py", "tests/e2e/", "tests/trigger/")
+
+# The six longest modules (two to five minutes each) in three pairs, each pair one unit of work
+# for one worker, so the three workers start with a pair each. xdist hands a worker its next
+# module when the one it runs has two tests left, and those two may take three minutes: left to
+# it, one worker ran three of the six in a row (machines, fleet, bootable machines: 529 s) while
+# another had none, and the session took 619 s instead of 550.
+PAIRED = {"tests/e2e/test_bootable_machines.py": "tests/e2e/test_end_to_end.py",
+          "tests/e2e/test_fleet.py": "tests/e2e/test_guest_disks.py",
+          "tests/e2e/test_untrusted_images.py": "tests/e2e/test_machines.py"}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile`` with the pairs of :data:`PAIRED`: each pair a single unit of work."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class PairedModules(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return PAIRED.get(module, module)
+
+    return PairedModules(config, log)
 
 
 # What ``make test-fast`` leaves out (``-m "not stack"``): the tests that start a Prefect server.
