@@ -34,11 +34,12 @@ class TargetMachine(Block):
     memory_in_gbs: float | None = Field(default=8, description="Memory of a flexible shape, in GB.")
     firmware: Literal["auto", "BIOS", "UEFI_64"] = Field(
         default="auto", description="auto: from the OVF or manifest, else detected from the boot disk.")
-    boot_volume_type: Literal["PARAVIRTUALIZED", "SCSI", "IDE", "ISCSI"] = Field(
-        default="PARAVIRTUALIZED", description="How the boot volume is presented (emulated IDE or SCSI for guests "
-        "without virtio drivers).")
-    network_type: Literal["PARAVIRTUALIZED", "E1000", "VFIO"] = Field(
-        default="PARAVIRTUALIZED", description="How the VNIC is presented (E1000 for guests without virtio-net).")
+    boot_volume_type: Literal["auto", "PARAVIRTUALIZED", "SCSI", "IDE", "ISCSI"] = Field(
+        default="auto", description="How the boot volume is presented. auto: as the guest report says the guest "
+        "boots (PARAVIRTUALIZED, or emulated IDE for a guest without virtio drivers); a value set here wins.")
+    network_type: Literal["auto", "PARAVIRTUALIZED", "E1000", "VFIO"] = Field(
+        default="auto", description="How the VNIC is presented. auto: PARAVIRTUALIZED, or E1000 where the guest "
+        "boots emulated only; a value set here wins.")
     boot_check: Literal["warn", "require", "off"] = Field(
         default="warn", description="warn: report whether the machine booted; require: a machine that does not "
         "boot fails the run (the instance is stopped, its volumes kept and tagged); off: no check.")

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from . import cloud, contract
 from .contract import ImportOptions
 from .errors import BootFailed, InvalidRequest, OutOfCapacity
-from .guest import boot
+from .guest import boot, report as guest_report
 from .images import machine
 from .importer import Importer, peak_rss_mb
 from .ocids import check_placement
@@ -283,6 +283,7 @@ class MachineImport:
         for disk in plan.todo:
             assert disk.volume is not None
             disk.write = VolumeWrite(self.run, session, plan.worker, disk.volume, disk.version, disk.image)
+            disk.write.inspects_guest = disk.position == 0 and cloud.is_boot_volume(disk.volume.id)
         return [disk.write for disk in plan.todo if disk.write is not None]
 
     # -- handing over ---------------------------------------------------------------------------
@@ -358,6 +359,46 @@ class MachineImport:
         why = detected.reason if detected is not None else "the boot disk was not examined"
         return boot.Firmware(boot.BIOS, "default", f"not detected ({why}); BIOS assumed")
 
+    def choose_launch(self, plan: MachinePlan) -> tuple[str, str]:
+        """The boot volume type and network type to launch with, recorded in the plan's boot
+        report with the reason: the TargetMachine block's where it sets them (a warning where the
+        guest report says the machine cannot boot that way), else the guest report's: virtio
+        (PARAVIRTUALIZED) unless the guest lacks what it needs and boots emulated (IDE, E1000)."""
+        target, boot_disk = self.target_machine(), plan.disks[0]
+        found = boot_disk.write.guest if boot_disk.write is not None else None
+        assert plan.boot is not None, "choose_launch() follows choose_firmware()"
+        plan.boot.guest = found.as_dict() if found is not None else None
+        volume_type, network_type = target.boot_volume_type, target.network_type
+        if found is None:
+            reason = "the boot disk was not inspected by this run (it was written before)"
+            pv = None
+        else:
+            pv, emulated = found.verdict(guest_report.PARAVIRTUALIZED), found.verdict(guest_report.EMULATED)
+            if pv.boots is False and emulated.boots:
+                mode, reason = guest_report.EMULATED, f"the guest boots emulated only ({'; '.join(pv.reasons)})"
+            elif pv.boots is False:
+                mode, reason = guest_report.PARAVIRTUALIZED, ("the guest report says it boots neither way; "
+                                                              f"virtio tried ({'; '.join(pv.reasons)})")
+            else:
+                mode, reason = guest_report.PARAVIRTUALIZED, (
+                    "the guest has the virtio drivers" if pv.boots else "the guest report cannot tell; virtio tried")
+            emulated_types = ("IDE", "E1000")
+            if volume_type == "auto":
+                volume_type = emulated_types[0] if mode == guest_report.EMULATED else "PARAVIRTUALIZED"
+            if network_type == "auto":
+                network_type = emulated_types[1] if mode == guest_report.EMULATED else "PARAVIRTUALIZED"
+        if volume_type == "auto" or network_type == "auto":
+            volume_type = "PARAVIRTUALIZED" if volume_type == "auto" else volume_type
+            network_type = "PARAVIRTUALIZED" if network_type == "auto" else network_type
+        if target.boot_volume_type != "auto" or target.network_type != "auto":
+            reason = f"set in the TargetMachine block ({reason})" if found is not None else "set in the TargetMachine block"
+            if pv is not None and pv.boots is False and volume_type == "PARAVIRTUALIZED":
+                self.log.warning("the TargetMachine block launches the machine on virtio, which the guest report "
+                                 "says it cannot boot on: %s", "; ".join(pv.reasons))
+        plan.boot.boot_volume_type, plan.boot.network_type, plan.boot.launch_reason = volume_type, network_type, reason
+        self.log.info("launch on %s disk and %s network: %s", volume_type, network_type, reason)
+        return volume_type, network_type
+
     def checks_boot(self) -> bool:
         return self.target_machine().boot_check != "off"
 
@@ -379,7 +420,9 @@ class MachineImport:
                 self.clients, compartment_id=target.compartment_id, availability_domain=volumes[0].availability_domain,
                 subnet_id=target.subnet_id, boot_volume_id=volumes[0].id, shape=described.shape or target.shape,
                 ocpus=ocpus, memory_in_gbs=memory, firmware=firmware.firmware or boot.BIOS,
-                boot_volume_type=target.boot_volume_type, network_type=target.network_type,
+                boot_volume_type=plan.boot.boot_volume_type if plan.boot and plan.boot.boot_volume_type
+                else target.boot_volume_type,
+                network_type=plan.boot.network_type if plan.boot and plan.boot.network_type else target.network_type,
                 display_name=described.name, tags=tags, retry_token=run.retry_token(f"launch-machine/{version.import_id}"))
         undo = run.ledger.register("machine instance", instance.id,
                                    lambda: cloud.terminate_keeping_boot_volume(self.clients, instance.id))

@@ -110,6 +110,10 @@ class BootReport:
     firmware_reason: str
     instance_id: str | None = None
     boot_check: BootCheckReport | None = None
+    boot_volume_type: str | None = None   # the launch's: PARAVIRTUALIZED, IDE, ...
+    network_type: str | None = None
+    launch_reason: str | None = None      # why those (the guest report's verdict, or the TargetMachine block)
+    guest: dict[str, Any] | None = None   # the guest report (diskimport.guest.report.GuestReport.as_dict())
 
 
 @dataclass(frozen=True)

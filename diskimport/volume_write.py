@@ -12,10 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, Sequence
 
 from . import cloud, contract
-from .guest import boot, filesystems
+from .guest import boot, filesystems, report as guest_report
 from .images import nested
 from .worker_vm import iscsi, slices, transfer
-from .worker_vm.commands import read_range
+from .worker_vm.commands import CommandFailed, read_range
 from .worker_vm.qemu_img import QemuImg
 from .records import Attachment, InspectedImage, ObjectVersion, Volume, WorkerVM, WriteResult
 from .run import Run, phase, step
@@ -58,6 +58,8 @@ class VolumeWrite:
         self.result: WriteResult | None = None
         self.firmware: boot.Firmware | None = None  # a boot volume's disk: what it boots by
         self.checks: list[filesystems.FilesystemCheck] = []
+        self.inspects_guest = False  # a bootable machine's boot disk: its guest is inspected before the detach
+        self.guest: guest_report.GuestReport | None = None
         self.steps: dict[str, float] = {}  # this disk's steps (the run's count every disk's)
         self._undos: list[Undo] = []  # the attachment's, then the iSCSI session's
 
@@ -266,6 +268,21 @@ class VolumeWrite:
                 cloud.tag_volume(self.clients, self.volume.id, {contract.TAG_FIRMWARE: self.firmware.firmware})
         return results
 
+    @step("inspect-guest")
+    def inspect_guest(self) -> guest_report.GuestReport:
+        """Read the operating system on the written disk (read-only, on the worker) and say for each
+        launch mode whether it boots and can be reached (:mod:`diskimport.guest.report`). An
+        inspection that cannot run is reported, not fatal: the import is written and checked."""
+        assert self.result is not None, "inspect_guest() follows write()"
+        try:
+            found = guest_report.inspect_guest(self.session, self.result.device, self.checks)
+        except (CommandFailed, ValueError) as exc:
+            found = guest_report.report_from({"os": {"type": None, "reason": f"the guest inspection failed: {exc}"}})
+        self.guest = found
+        self.run.log.info("guest: %s; %s", found.name or "no operating system found",
+                          "; ".join(v.describe() for v in found.verdicts))
+        return found
+
     @step("detach")
     def detach(self) -> None:
         """Log out of an iSCSI target, then detach the volume from the worker VM."""
@@ -279,5 +296,7 @@ class VolumeWrite:
         """Every step: written and verified, checked, detached."""
         result = self.write(progress)
         checks = self.check()
+        if self.inspects_guest:
+            self.inspect_guest()
         self.detach()
         return result, checks

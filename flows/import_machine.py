@@ -31,7 +31,7 @@ from diskimport.machine_import import MachineImport, MachinePlan
 from diskimport.records import ObjectVersion, WorkerVM
 from diskimport.volume_write import VolumeWrite
 from flows.import_disk import find_previous_import, read_object, run_name
-from flows.reporting import publish_machine_summary, refusal_reported
+from flows.reporting import publish_guest_report, publish_machine_summary, refusal_reported
 from flows.runs import import_slot
 from flows.tasks import (cleanup_after_crash, open_run, prepare_worker, step_task, terminate_worker,
                          until_not_yielding)
@@ -159,6 +159,8 @@ def _import(machine: MachineImport, plan: MachinePlan, bootable: bool, launch: b
 def _start(machine: MachineImport, plan: MachinePlan, launch: bool) -> None:
     """The firmware chosen, and unless ``launch`` is off: the machine started and its boot checked."""
     firmware = machine.choose_firmware(plan)
+    machine.choose_launch(plan)
+    publish_guest_report(plan.disks[0].write.guest if plan.disks[0].write is not None else None)
     if launch:
         launch_machine(machine, plan, firmware)
         if machine.checks_boot():

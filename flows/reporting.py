@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
     update_progress_artifact
 
 from diskimport.contract import Refusal
+from diskimport.guest.report import GuestReport
 from diskimport.summaries import BootReport, CopySummary, DiskImportSummary, ExportSummary, MachineImportSummary
 
 
@@ -158,12 +159,23 @@ def publish_machine_summary(summary: MachineImportSummary) -> None:
         + " (the disks' own steps are in `machine-disks`).", *_boot_lines(summary.boot)]), key="machine-summary")
 
 
+def publish_guest_report(report: GuestReport | None) -> None:
+    """The guest report (what the boot disk holds, whether it boots and answers in each launch mode)
+    as the run's artifact."""
+    if report is not None:
+        create_markdown_artifact(report.markdown(), key="guest-report",
+                                 description="Guest report: " + "; ".join(v.describe() for v in report.verdicts))
+
+
 def _boot_lines(started: BootReport | None) -> list[str]:
-    """The bootable import's part of the machine summary: firmware, instance, boot check."""
+    """The bootable import's part of the machine summary: firmware, launch mode, instance, boot check."""
     if started is None:
         return []
     lines = ["", f"Boot volume `{started.boot_volume_id}`, firmware **{started.firmware}** "
              f"({started.firmware_source}: {started.firmware_reason})."]
+    if started.boot_volume_type:
+        lines.append(f"Launch: {started.boot_volume_type} boot volume, {started.network_type} network "
+                     f"({started.launch_reason}); the guest report is the `guest-report` artifact.")
     if started.instance_id is None:
         return lines + ["Not started (`launch: false`): the boot volume is ready to launch from."]
     lines.append(f"Started as instance `{started.instance_id}`.")

@@ -19,6 +19,7 @@ Filesystems are made and filled on the disk file itself (``mkfs.vfat --offset``,
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import shutil
@@ -58,11 +59,19 @@ def tools_missing() -> list[str]:
 
 
 def kernel() -> Path:
-    """Debian's cloud kernel, unpacked from its package (downloaded once into the cache)."""
+    """Debian's cloud kernel, unpacked from its package (downloaded once into the cache, by one
+    test process at a time: the guest inspection's and the boot tests' may ask at once)."""
     found = sorted(glob.glob(str(CACHE / "kernel" / "boot" / "vmlinuz-*")))
     if found:
         return Path(found[-1])
     CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "kernel.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        found = sorted(glob.glob(str(CACHE / "kernel" / "boot" / "vmlinuz-*")))
+        return Path(found[-1]) if found else _download_kernel()
+
+
+def _download_kernel() -> Path:
     try:
         depends = run_tool("apt-cache", "depends", "linux-image-cloud-amd64")
     except RuntimeError:  # no package lists yet on a fresh machine
@@ -78,7 +87,7 @@ def kernel() -> Path:
         run_tool("dpkg-deb", "-x", str(deb), str(unpacked))
         shutil.rmtree(CACHE / "kernel", ignore_errors=True)
         os.replace(unpacked, CACHE / "kernel")
-    return kernel()
+    return Path(sorted(glob.glob(str(CACHE / "kernel" / "boot" / "vmlinuz-*")))[-1])
 
 
 def _newc(entries: list[tuple[str, int, bytes]]) -> bytes:

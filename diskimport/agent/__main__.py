@@ -1,4 +1,4 @@
-"""``python3 agent.pyz stream CONFIG`` or ``python3 agent.pyz upload CONFIG``: one program of the
+"""``python3 agent.pyz stream|upload|guest CONFIG``: one program of the
 package, given its JSON configuration file (:mod:`.stream`, :mod:`.upload` say what it holds).
 
 Only the program asked for is imported: the upload loads none of the decoders.
@@ -8,7 +8,8 @@ import importlib
 import sys
 
 PROGRAMS = {"stream": "fetch an object onto this machine, serve it over NBD or decode it onto a device",
-            "upload": "upload a file as the parts of a multipart upload"}
+            "upload": "upload a file as the parts of a multipart upload",
+            "guest": "read the operating system a written disk holds (read-only, in a mount namespace of its own)"}
 
 
 def usage():

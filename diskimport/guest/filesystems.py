@@ -59,6 +59,8 @@ class FilesystemCheck:
     label: str | None       # blkid's LABEL
     status: str             # "clean", "errors", "not checked" or "skipped" (nothing to check)
     detail: str             # the checker's output (its last 4000 characters), or the reason
+    uuid: str | None = None      # blkid's UUID of the filesystem (how a guest's fstab may name it)
+    partuuid: str | None = None  # the partition's own id (GPT partition GUID; MBR disk id-number)
 
     @property
     def failed(self) -> bool:
@@ -94,6 +96,7 @@ class Partition:
     offset: int
     size: int
     type: str  # sfdisk's type: an MBR type code ("83", "5") or a GPT type GUID
+    uuid: str | None = None  # PARTUUID: the GPT partition GUID, or the MBR disk id and number
 
 
 def partition_table(runner: CommandRunner, device: str) -> list[Partition] | None:
@@ -103,12 +106,15 @@ def partition_table(runner: CommandRunner, device: str) -> list[Partition] | Non
         return None
     table = json.loads(result.stdout).get("partitiontable", {})
     sector = int(table.get("sectorsize", 512))
+    disk_id = str(table.get("id", "")).lower()
     found = []
     for index, part in enumerate(table.get("partitions", []), start=1):
         if int(part.get("size", 0)) > 0:
-            found.append(Partition(_partition_number(part.get("node", ""), index),
-                                   int(part["start"]) * sector, int(part["size"]) * sector,
-                                   str(part.get("type", "")).upper()))
+            number = _partition_number(part.get("node", ""), index)
+            uuid = part.get("uuid") or (f"{disk_id[2:]:0>8}-{number:02x}" if table.get("label") == "dos"
+                                        and disk_id.startswith("0x") else None)
+            found.append(Partition(number, int(part["start"]) * sector, int(part["size"]) * sector,
+                                   str(part.get("type", "")).upper(), str(uuid).lower() if uuid else None))
     return found
 
 
@@ -124,6 +130,7 @@ class _Probe:
     label: str | None
     ambivalent: bool
     unrecognised: bool = False  # blkid found nothing; ``type`` is what the magic claims
+    uuid: str | None = None
 
 
 def _identify(runner: CommandRunner, device: str, offset: int, size: int) -> _Probe:
@@ -145,7 +152,7 @@ def _blkid(runner: CommandRunner, device: str, offset: int, size: int) -> _Probe
         if sep:
             values[key] = re.sub(r"\\(.)", r"\1", value)  # export format escapes with backslashes
     # blkid exits 8 when several signatures compete ("ambivalent result").
-    return _Probe(values.get("TYPE"), values.get("LABEL"), result.returncode == 8)
+    return _Probe(values.get("TYPE"), values.get("LABEL"), result.returncode == 8, uuid=values.get("UUID"))
 
 
 SNIFF_BYTES = 65536 + 4096  # reaches btrfs's superblock at 64 KiB
@@ -188,16 +195,16 @@ def check_device(runner: CommandRunner, device: str, device_size: int) -> list[F
     for part in table:
         if part.type not in EXTENDED_PARTITIONS:
             results += _check_region(runner, device, tools, f"p{part.number}", part.number, part.offset,
-                                     part.size, part.type)
+                                     part.size, part.type, part.uuid)
     return results
 
 
 def _check_region(runner: CommandRunner, device: str, tools: set[str], location: str, number: int,
-                  offset: int, size: int, part_type: str | None) -> list[FilesystemCheck]:
+                  offset: int, size: int, part_type: str | None, partuuid: str | None = None) -> list[FilesystemCheck]:
     probe = _identify(runner, device, offset, size)
     if probe.type == "LVM2_member" and not probe.ambivalent:
         return _check_physical_volume(runner, device, tools, location, number, offset, size)
-    return [_check_filesystem(runner, device, tools, location, number, offset, size, probe, part_type)]
+    return [_check_filesystem(runner, device, tools, location, number, offset, size, probe, part_type, partuuid)]
 
 
 def _check_physical_volume(runner: CommandRunner, device: str, tools: set[str], location: str, number: int,
@@ -225,11 +232,12 @@ def _check_physical_volume(runner: CommandRunner, device: str, tools: set[str], 
 
 
 def _check_filesystem(runner: CommandRunner, device: str, tools: set[str], location: str, number: int,
-                      offset: int, size: int, probe: _Probe, part_type: str | None) -> FilesystemCheck:
+                      offset: int, size: int, probe: _Probe, part_type: str | None,
+                      partuuid: str | None = None) -> FilesystemCheck:
     fs = probe.type
 
     def found(status: str, detail: str) -> FilesystemCheck:
-        return FilesystemCheck(location, number, offset, size, fs, probe.label, status, detail)
+        return FilesystemCheck(location, number, offset, size, fs, probe.label, status, detail, probe.uuid, partuuid)
 
     if probe.ambivalent:
         return found(NOT_CHECKED, "several filesystem signatures found (blkid: ambivalent result)")

@@ -1,6 +1,8 @@
 """Bootable machines end to end: the boot disk on a boot volume, the machine started from it,
 its boot seen through the console history. The disks boot Debian's cloud kernel for real
-(tests/boot_disks.py), under qemu in the local OCI. On a stack of its own: it changes the stack's
+(tests/boot_disks.py), under qemu in the local OCI. A Debian guest shaped as it leaves VMware
+(tests/linux_guests.py) is imported without a launch, for its guest report and the launch options
+chosen from it. On a stack of its own: it changes the stack's
 target-machine block and runs the sweeper over every managed resource of the compartment."""
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from typing import Any
 
 import oci
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
 from deployments import demo, local_stack
 from diskimport.sample_disk import convert
-from tests import guest_disks
+from tests import guest_disks, linux_guests
 from tests.e2e.conftest import MANUAL_BUCKET, SUFFIX, Disk, admin, image_of, resources_of, run_import
 
 # The module fixture's slow part (seven machine imports, four of them booted under TCG) runs once, within the first
@@ -40,6 +44,9 @@ def boot_imports(stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
         pytest.skip(f"boot disk tools missing: {missing}")
     tmp = tmp_path_factory.mktemp("boot")
     built = boot_disks.build_all(tmp / "disks")
+    if not linux_guests.tools_missing():  # a Linux guest as it leaves VMware, for the guest report
+        (tmp / "vmware").mkdir()
+        built["vmware"] = linux_guests.vmware_debian(tmp / "vmware.raw", tmp / "vmware").disk
     data = guest_disks.whole_device_ext4(tmp / "data.raw")
     with local_stack.prefect_api(stack["PREFECT_API_URL"]):
         from blocks import TargetMachine
@@ -80,6 +87,8 @@ def boot_imports(stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
         "unbootable-required": (manifest("unbootable-required", [(built["unbootable"], "qcow2")]),
                                 {"target_block": SHORT_CHECK + "-required"}),
     }
+    if "vmware" in built:
+        cases["vmware-debian"] = (manifest("vmware-debian", [(built["vmware"], "qcow2")]), {"launch": False})
     started = {}
     for case, (path, parameters) in cases.items():
         suffix = ".ova" if path.suffix == ".ova" else ".machine.json"
@@ -129,6 +138,10 @@ def test_a_bootable_machine_is_started_from_its_boot_volume_and_seen_booting(cas
     inventory = admin(stack, "GET", "inventory")
     instance = next(i for i in inventory["instances"] if i["id"] == started["instance_id"])
     assert instance["lifecycleState"] == "RUNNING" and instance["launchOptions"]["firmware"] == firmware
+    # no Linux root on these disks (a kernel and a busybox initramfs): the guest report cannot tell, virtio is tried
+    assert started["guest"]["os_type"] is None and started["boot_volume_type"] == "PARAVIRTUALIZED"
+    assert instance["launchOptions"]["bootVolumeType"] == "PARAVIRTUALIZED"
+    assert "cannot tell" in started["launch_reason"]
     assert instance["displayName"] == summary["machine"]["name"]
     # every volume in the machine's group; data volumes attached to it in disk order
     group = next(g for g in inventory["volumeGroups"] if g["id"] == summary["volume_group_id"])
@@ -189,3 +202,26 @@ def test_a_machine_that_must_boot_and_does_not_fails_stopped_with_its_volumes_ke
     assert instance["lifecycleState"] == "STOPPED"
     [kept] = [v for v in inventory["bootVolumes"] if v["freeformTags"].get("import-etag") == item["etag"]]
     assert kept["freeformTags"]["import-boot"] == "not-booted" and kept["freeformTags"]["import-state"] == "imported"
+
+
+def test_a_linux_guest_from_vmware_is_inspected_and_would_launch_emulated(boot_imports, stack):
+    """The guest report of a Debian guest shaped as it leaves VMware (tests/linux_guests.py): no
+    virtio in its initramfs, so the launch options chosen are an IDE boot volume and an E1000 card."""
+    if "vmware-debian" not in boot_imports["cases"]:
+        pytest.skip(f"guest building tools missing: {linux_guests.tools_missing()}")
+    item = boot_imports["cases"]["vmware-debian"]
+    final = item["final"]
+    assert final.state.is_completed(), final.state.message
+    started = demo.run_result(stack, final)["boot"]
+    assert (started["boot_volume_type"], started["network_type"]) == ("IDE", "E1000"), started["launch_reason"]
+    assert "boots emulated only" in started["launch_reason"] and "lacks virtio_pci" in started["launch_reason"]
+    guest = started["guest"]
+    assert guest["name"] == "Debian GNU/Linux 12 (bookworm)" and guest["root"] == "p2"
+    assert guest["kernels"][0]["initramfs_drivers"] == ["ata_piix", "sd_mod", "vmw_pvscsi"]
+    verdicts = {v["mode"]: (v["boots"], v["reachable"]) for v in guest["verdicts"]}
+    assert verdicts == {"PARAVIRTUALIZED": (False, False), "EMULATED": (True, False)}
+    with local_stack.prefect_api(stack["PREFECT_API_URL"]), get_client(sync_client=True) as client:
+        reports = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["guest-report"]), flow_run_id=ArtifactFilterFlowRunId(any_=[item["run"].id])))
+    [artifact] = reports
+    assert "| PARAVIRTUALIZED | **no** | **no** |" in str(artifact.data)
