@@ -131,6 +131,12 @@ def create_volume_group(clients: Clients, compartment_id: str, availability_doma
     return with_backoff(clients.blockstorage.create_volume_group, details, opc_retry_token=retry_token).data
 
 
+def update_volume_group(clients: Clients, group_id: str, volume_ids: list[str]) -> Any:
+    """Make ``volume_ids`` the group's volumes (those left out leave it)."""
+    return with_backoff(clients.blockstorage.update_volume_group, group_id,
+                        models.UpdateVolumeGroupDetails(volume_ids=volume_ids)).data
+
+
 def get_volume_group(clients: Clients, group_id: str) -> Any:
     return with_backoff(clients.blockstorage.get_volume_group, group_id).data
 

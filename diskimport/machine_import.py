@@ -174,10 +174,23 @@ class MachineImport:
             f"disk {d.position + 1} {d.described.file} {d.image.format} {d.image.virtual_size} bytes" for d in disks))
         return MachinePlan(version, described, disks)
 
-    def reuse_imported(self, plan: MachinePlan, force: bool = False) -> None:
-        """Mark the disks another run (or an earlier attempt) finished: they are not written again."""
-        found = {} if force else {v.disk: v for v in self.importer.found_volumes(plan.version)
-                                  if v.state == contract.STATE_IMPORTED and v.disk is not None}
+    def reuse_imported(self, plan: MachinePlan, force: bool = False, bootable: bool = False) -> None:
+        """Mark the disks another run (or an earlier attempt) finished: they are not written again.
+
+        A bootable import's boot disk needs a boot volume: a block volume an earlier import
+        (not bootable) wrote it onto cannot be launched from, so the boot disk is written again,
+        onto a boot volume, and the data disks are reused. Where both exist, a bootable import
+        reuses the boot volume and any other the block volume."""
+        found: dict[int, FoundVolume] = {}
+        imported = [] if force else [v for v in self.importer.found_volumes(plan.version)
+                                     if v.state == contract.STATE_IMPORTED and v.disk is not None]
+        for volume in sorted(imported, key=lambda v: cloud.is_boot_volume(v.id) == bootable):  # the preferred last
+            if volume.disk == 0 and bootable and not cloud.is_boot_volume(volume.id):
+                continue
+            found[volume.disk] = volume
+        if bootable and any(v.disk == 0 and not cloud.is_boot_volume(v.id) for v in imported) and 0 not in found:
+            self.log.info("the boot disk was imported onto a block volume, which cannot boot: it is written "
+                          "again, onto a boot volume; the data disks are reused")
         for disk in plan.disks:
             disk.reused = found.get(disk.position)
             disk.volume = disk.reused.as_volume() if disk.reused is not None else None
@@ -304,6 +317,16 @@ class MachineImport:
         groups = {cloud.get_volume(self.clients, v.id).volume_group_id for v in volumes}
         existing = groups.pop() if len(groups) == 1 else None
         if existing is not None:
+            plan.group_id = existing
+            return existing
+        if len(groups - {None}) == 1:
+            # a bootable import of a machine imported before: its new boot volume joins the group
+            # of the data volumes, in place of the block volume the boot disk was first written to
+            [existing] = groups - {None}
+            cloud.update_volume_group(self.clients, existing, [v.id for v in volumes])
+            cloud.wait_volume_group_available(self.clients, existing)
+            self.log.info("volume group %s now holds the machine's %d volume(s), its boot volume first", existing,
+                          len(volumes))
             plan.group_id = existing
             return existing
         group = cloud.create_volume_group(self.clients, self.settings.compartment_id, volumes[0].availability_domain,

@@ -122,7 +122,7 @@ def import_machine(
 
         def attempt() -> dict[str, Any]:
             find_previous_import(machine.importer, version, force)  # waits while another live run writes it
-            machine.reuse_imported(plan, force)
+            machine.reuse_imported(plan, force, bootable)
             with import_slot(settings.worker_concurrency_limit):
                 _import(machine, plan, bootable, launch)
             summary = machine.summary(plan)

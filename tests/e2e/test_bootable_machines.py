@@ -32,6 +32,7 @@ MACHINE = "import-machine/default"
 
 
 SHORT_CHECK = "short-boot-check"
+NO_CHECK = "no-boot-check"
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,8 @@ def boot_imports(stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
         short.save(SHORT_CHECK, overwrite=True)
         short.boot_check = "require"
         short.save(SHORT_CHECK + "-required", overwrite=True)
+        short.boot_check = "off"
+        short.save(NO_CHECK, overwrite=True)
 
     def ova(name: str, disk: Path, firmware: str) -> Path:
         """An OVA whose descriptor gives the firmware (VMware's ``firmware`` config: efi or bios)."""
@@ -89,21 +92,31 @@ def boot_imports(stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
     }
     if "vmware" in built:
         cases["vmware-debian"] = (manifest("vmware-debian", [(built["vmware"], "qcow2")]), {"launch": False})
+    # A machine imported first as disks only, then asked for again as a bootable, launched machine
+    # (as an operator would after the upload's own import): its boot disk was written to a block volume.
+    reimport = manifest("reimport", [(built["bios"], "qcow2"), (data.path, "raw")])
+    first_etag, first_run = run_import(stack, reimport, "machines/boot/reimport.machine.json", deployment=MACHINE)
     started = {}
     for case, (path, parameters) in cases.items():
         suffix = ".ova" if path.suffix == ".ova" else ".machine.json"
         etag, run = run_import(stack, path, f"machines/boot/{case}{suffix}", deployment=MACHINE, bootable=True,
                                **parameters)
         started[case] = {"etag": etag, "run": run}
-    # The machine that does not boot (boot check "warn" leaves it running, as an operator would
-    # want it, to look at) runs its firmware's loop on a core of its own under TCG: stopped as
-    # soon as its run has said so, it no longer takes minutes of CPU from the rest of the suite.
-    unbootable = started["unbootable"]
-    unbootable["final"] = demo.wait_for_run(stack, unbootable["run"].id, timeout=900)
-    if unbootable["final"].state.is_completed():
-        instance_id = demo.run_result(stack, unbootable["final"])["boot"]["instance_id"]
-        _, config = demo.stack_clients(stack)
-        oci.core.ComputeClient(config, service_endpoint=stack["LOCALOCI_ENDPOINT"]).instance_action(instance_id, "STOP")
+    first = demo.wait_for_run(stack, first_run.id, timeout=900)
+    started["reimport-first"] = {"etag": first_etag, "run": first_run, "final": first}
+    started["reimport"] = {"etag": first_etag, "run": demo.start_import(
+        stack, "machines/boot/reimport.machine.json", bucket=MANUAL_BUCKET, etag=first_etag, deployment=MACHINE,
+        bootable=True, target_block=NO_CHECK)}
+    # Machines whose boot nothing watches (the one that does not boot loops in its firmware): each is
+    # stopped as soon as its run has ended, so it takes no more minutes of CPU from the rest of the suite.
+    for case in ("unbootable", "reimport"):
+        item = started[case]
+        item["final"] = demo.wait_for_run(stack, item["run"].id, timeout=900)
+        if item["final"].state.is_completed():
+            instance_id = demo.run_result(stack, item["final"])["boot"]["instance_id"]
+            _, config = demo.stack_clients(stack)
+            oci.core.ComputeClient(config, service_endpoint=stack["LOCALOCI_ENDPOINT"]).instance_action(
+                instance_id, "STOP")
     for item in started.values():
         if "final" not in item:
             item["final"] = demo.wait_for_run(stack, item["run"].id, timeout=900)
@@ -225,3 +238,23 @@ def test_a_linux_guest_from_vmware_is_inspected_and_would_launch_emulated(boot_i
             key=ArtifactFilterKey(any_=["guest-report"]), flow_run_id=ArtifactFilterFlowRunId(any_=[item["run"].id])))
     [artifact] = reports
     assert "| PARAVIRTUALIZED | **no** | **no** |" in str(artifact.data)
+
+
+def test_a_machine_imported_as_disks_then_asked_for_bootable_gets_a_boot_volume_and_keeps_its_data_volume(
+        boot_imports, stack):
+    """The boot disk's block volume cannot be launched from: the bootable run writes the boot disk
+    again onto a boot volume, reuses the data disk's volume and moves the group to the new pair."""
+    first, again = boot_imports["cases"]["reimport-first"]["final"], boot_imports["cases"]["reimport"]["final"]
+    assert first.state.is_completed() and again.state.is_completed(), again.state.message
+    before, after = demo.run_result(stack, first), demo.run_result(stack, again)
+    assert before["boot"] is None and after["boot"]["instance_id"]
+    assert after["boot"]["boot_volume_id"].startswith("ocid1.bootvolume.")
+    assert [d["reused"] for d in after["disks"]] == [False, True]
+    assert after["disks"][1]["volume_id"] == before["disks"][1]["volume_id"]
+    assert after["volume_group_id"] == before["volume_group_id"]
+    group = next(g for g in admin(stack, "GET", "inventory")["volumeGroups"] if g["id"] == after["volume_group_id"])
+    assert group["volumeIds"] == [after["boot"]["boot_volume_id"], before["disks"][1]["volume_id"]]
+    volume = boot_volume(stack, after["boot"]["boot_volume_id"])
+    compared = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(boot_imports["disks"]["bios"]),
+                               volume["backingFile"]], capture_output=True, text=True)
+    assert compared.returncode == 0, compared.stdout + compared.stderr
