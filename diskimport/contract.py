@@ -179,6 +179,38 @@ def parse_options(values: Mapping[str, Any], ad_count: int | None = None,
     return ImportOptions(ad_number, display_name, backup_policy, vpus, fmt, virtual_size)
 
 
+MACHINE_OPTION_KEYS = ("bootable", "launch")
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def _yes_or_no(code: str, name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise InvalidRequest(code, f"{name} must be true or false, not {value!r}")
+
+
+def parse_machine_options(values: Mapping[str, Any]) -> dict[str, bool]:
+    """A machine upload's own options, as flow parameters of the machine import: ``bootable``
+    (``opc-meta-bootable``: the boot disk on a boot volume) and ``launch`` (``opc-meta-launch``:
+    start the machine), each true or false (yes/no, 1/0, on/off). Absent ones are left to the
+    deployment's defaults; ``launch`` without ``bootable`` means nothing and is refused."""
+    values = {str(k).replace("-", "_").lower(): v for k, v in values.items()}
+    options = {}
+    if values.get("bootable") not in (None, ""):
+        options["bootable"] = _yes_or_no("invalid-bootable", "bootable", values["bootable"])
+    if values.get("launch") not in (None, ""):
+        options["launch"] = _yes_or_no("invalid-launch", "launch", values["launch"])
+    if options.get("launch") and options.get("bootable") is False:
+        raise InvalidRequest("invalid-launch", "launch is true but bootable is false: only a bootable machine "
+                             "is launched")
+    return options
+
+
 def merge(parameters: ImportOptions, metadata: ImportOptions) -> ImportOptions:
     """Flow parameters win over object metadata."""
     return ImportOptions(*(p if p is not None else m for p, m in zip(

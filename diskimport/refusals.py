@@ -99,6 +99,13 @@ CODES = _index((
     RefusalCode("invalid-format", "InvalidRequest", _OPTION,
                 "format (opc-meta-format) is not one of qcow2, qcow, vmdk, vhd, vpc, vhdx, vdi, raw, img.",
                 "Set one of those, or leave it out so that the name's suffix tells."),
+    RefusalCode("invalid-bootable", "InvalidRequest", ("upload function",),
+                "opc-meta-bootable on a machine upload is not true or false (yes/no, 1/0, on/off).",
+                "Set true or false, or leave it out to take the machine deployment's default."),
+    RefusalCode("invalid-launch", "InvalidRequest", ("upload function",),
+                "opc-meta-launch on a machine upload is not true or false, or is true while "
+                "opc-meta-bootable is false (only a bootable machine is launched).",
+                "Set true or false (and bootable true to launch), or leave it out."),
     RefusalCode("invalid-virtual-size", "InvalidRequest", _OPTION,
                 "virtual_size (opc-meta-virtual-size) is not a whole number of bytes from 1 to the maximum "
                 "virtual size.",

@@ -25,7 +25,8 @@ from typing import Any, Callable, Mapping
 import httpx
 
 # In the function's build directory contract.py sits beside this file: the build rewrites this import.
-from diskimport.contract import IMAGE_SUFFIXES, MACHINE_SUFFIXES, Refusal, idempotency_key, parse_options
+from diskimport.contract import (IMAGE_SUFFIXES, MACHINE_SUFFIXES, Refusal, idempotency_key, parse_machine_options,
+                                 parse_options)
 
 ACTED_ON = {"com.oraclecloud.objectstorage.createobject", "com.oraclecloud.objectstorage.updateobject"}
 RETRYABLE = {429, 500, 502, 503, 504}
@@ -246,12 +247,16 @@ def handle(raw: bytes | str, config: TriggerConfig, head_object: HeadObject, api
     parameters = {**config.flow_parameters, "namespace": event.namespace, "bucket": event.bucket,
                   "object_name": event.object_name, "etag": etag}
     machine = event.object_name.lower().endswith(config.machine_suffixes) if config.machine_suffixes else False
-    if not machine:  # a disk's options travel as its metadata; a machine's disks take the defaults
-        metadata = {k[len("opc-meta-"):]: v for k, v in headers.items() if k.startswith("opc-meta-")}
-        try:
+    # A disk's options travel as its metadata. A machine's disks take the defaults; its own options
+    # (bootable, launch) are its metadata, or the machine deployment's defaults where it has none.
+    metadata = {k[len("opc-meta-"):]: v for k, v in headers.items() if k.startswith("opc-meta-")}
+    try:
+        if machine:
+            parameters.update(parse_machine_options(metadata))
+        else:
             parameters.update(parse_options(metadata, ad_count=config.ad_count).as_parameters())
-        except Refusal as exc:
-            return Decision("refused", f"invalid object metadata: {exc.message}", exc.code, **base)
+    except Refusal as exc:
+        return Decision("refused", f"invalid object metadata: {exc.message}", exc.code, **base)
     key = idempotency_key(event.namespace, event.bucket, event.object_name, etag)
     deployment = config.machine_deployment if machine else config.deployment
     try:
