@@ -4,7 +4,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 APT_PACKAGES := qemu-utils openssh-server openssh-client e2fsprogs xfsprogs dosfstools mtools ntfs-3g btrfs-progs lvm2 fdisk util-linux curl postgresql \
-	qemu-system-x86 ovmf syslinux syslinux-common busybox-static systemd-boot-efi binutils cpio kmod zstd xz-utils
+	qemu-system-x86 ovmf syslinux syslinux-common busybox-static systemd-boot-efi binutils cpio kmod zstd xz-utils libhivex-bin
 # Every Python process make starts caches the bytecode of what it imports (under the environment's
 # and the project's __pycache__/, both ignored by git). Where PYTHONDONTWRITEBYTECODE is set, as on
 # CI, no process ever cached any, and each one compiled Prefect from source again: 3.4 s of a core

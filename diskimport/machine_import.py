@@ -383,41 +383,19 @@ class MachineImport:
         return boot.Firmware(boot.BIOS, "default", f"not detected ({why}); BIOS assumed")
 
     def choose_launch(self, plan: MachinePlan) -> tuple[str, str]:
-        """The boot volume type and network type to launch with, recorded in the plan's boot
-        report with the reason: the TargetMachine block's where it sets them (a warning where the
-        guest report says the machine cannot boot that way), else the guest report's: virtio
-        (PARAVIRTUALIZED) unless the guest lacks what it needs and boots emulated (IDE, E1000)."""
+        """The boot volume type and network type to launch with (:func:`launch_types`), recorded in
+        the plan's boot report with the reason; a warning where the TargetMachine block sets a
+        virtio launch the guest report says cannot boot."""
         target, boot_disk = self.target_machine(), plan.disks[0]
         found = boot_disk.write.guest if boot_disk.write is not None else None
         assert plan.boot is not None, "choose_launch() follows choose_firmware()"
         plan.boot.guest = found.as_dict() if found is not None else None
-        volume_type, network_type = target.boot_volume_type, target.network_type
-        if found is None:
-            reason = "the boot disk was not inspected by this run (it was written before)"
-            pv = None
-        else:
-            pv, emulated = found.verdict(guest_report.PARAVIRTUALIZED), found.verdict(guest_report.EMULATED)
-            if pv.boots is False and emulated.boots:
-                mode, reason = guest_report.EMULATED, f"the guest boots emulated only ({'; '.join(pv.reasons)})"
-            elif pv.boots is False:
-                mode, reason = guest_report.PARAVIRTUALIZED, ("the guest report says it boots neither way; "
-                                                              f"virtio tried ({'; '.join(pv.reasons)})")
-            else:
-                mode, reason = guest_report.PARAVIRTUALIZED, (
-                    "the guest has the virtio drivers" if pv.boots else "the guest report cannot tell; virtio tried")
-            emulated_types = ("IDE", "E1000")
-            if volume_type == "auto":
-                volume_type = emulated_types[0] if mode == guest_report.EMULATED else "PARAVIRTUALIZED"
-            if network_type == "auto":
-                network_type = emulated_types[1] if mode == guest_report.EMULATED else "PARAVIRTUALIZED"
-        if volume_type == "auto" or network_type == "auto":
-            volume_type = "PARAVIRTUALIZED" if volume_type == "auto" else volume_type
-            network_type = "PARAVIRTUALIZED" if network_type == "auto" else network_type
-        if target.boot_volume_type != "auto" or target.network_type != "auto":
-            reason = f"set in the TargetMachine block ({reason})" if found is not None else "set in the TargetMachine block"
-            if pv is not None and pv.boots is False and volume_type == "PARAVIRTUALIZED":
-                self.log.warning("the TargetMachine block launches the machine on virtio, which the guest report "
-                                 "says it cannot boot on: %s", "; ".join(pv.reasons))
+        volume_type, network_type, reason = launch_types(found, target.boot_volume_type, target.network_type)
+        paravirtualized = found.verdict(guest_report.PARAVIRTUALIZED) if found is not None else None
+        if (target.boot_volume_type != "auto" and volume_type == "PARAVIRTUALIZED" and paravirtualized is not None
+                and paravirtualized.boots is False):
+            self.log.warning("the TargetMachine block launches the machine on virtio, which the guest report says "
+                             "it cannot boot on: %s", "; ".join(paravirtualized.reasons))
         plan.boot.boot_volume_type, plan.boot.network_type, plan.boot.launch_reason = volume_type, network_type, reason
         self.log.info("launch on %s disk and %s network: %s", volume_type, network_type, reason)
         return volume_type, network_type
@@ -482,3 +460,28 @@ class MachineImport:
             raise BootFailed("machine-did-not-boot", f"instance {instance_id} {checked.describe()}; "
                              "it is stopped, its volumes are kept")
         return checked
+
+
+def launch_types(found: guest_report.GuestReport | None, volume_type: str, network_type: str) -> tuple[str, str, str]:
+    """``(boot volume type, network type, reason)`` for a launch: the TargetMachine block's values
+    where they are not ``auto``; else from the guest report: virtio (``PARAVIRTUALIZED``) unless
+    the guest cannot boot on it and can boot emulated (``IDE`` and ``E1000``)."""
+    if found is None:
+        mode, reason = guest_report.PARAVIRTUALIZED, "the boot disk was not inspected by this run (it was written before)"
+    else:
+        paravirtualized, emulated = found.verdict(guest_report.PARAVIRTUALIZED), found.verdict(guest_report.EMULATED)
+        if paravirtualized.boots is False and emulated.boots:
+            mode, reason = guest_report.EMULATED, f"the guest boots emulated only ({'; '.join(paravirtualized.reasons)})"
+        elif paravirtualized.boots is False:
+            mode, reason = guest_report.PARAVIRTUALIZED, ("the guest report says it boots neither way; virtio tried "
+                                                          f"({'; '.join(paravirtualized.reasons)})")
+        elif paravirtualized.boots:
+            mode, reason = guest_report.PARAVIRTUALIZED, "the guest has the virtio drivers"
+        else:
+            mode, reason = guest_report.PARAVIRTUALIZED, "the guest report cannot tell; virtio tried"
+    emulated_mode = mode == guest_report.EMULATED
+    chosen_volume = volume_type if volume_type != "auto" else ("IDE" if emulated_mode else "PARAVIRTUALIZED")
+    chosen_network = network_type if network_type != "auto" else ("E1000" if emulated_mode else "PARAVIRTUALIZED")
+    if volume_type != "auto" or network_type != "auto":
+        reason = f"set in the TargetMachine block ({reason})"
+    return chosen_volume, chosen_network, reason

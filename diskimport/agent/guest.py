@@ -52,6 +52,57 @@ def mount(device, region, directory):
     return None
 
 
+WINDOWS_HIVES = (("SYSTEM", 256 * 1024 * 1024), ("SOFTWARE", 512 * 1024 * 1024))
+
+
+def windows_hives(device, region, work):
+    """The SYSTEM and SOFTWARE hives of a Windows on the NTFS ``region``, copied into ``work``
+    with ``ntfscat`` through a read-only loop device (nothing mounted): ``{name: path}``, or
+    None when the region holds no ``/Windows/System32/config/SYSTEM``."""
+    attach = subprocess.run(["losetup", "--read-only", "--find", "--show", "--offset", str(region["offset"]),
+                             "--sizelimit", str(region["size"]), device], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    if attach.returncode != 0:
+        return None
+    loop = attach.stdout.decode().strip()
+    try:
+        found = {}
+        for name, limit in WINDOWS_HIVES:
+            target = os.path.join(work, "%s-%s" % (region["location"].replace("/", "_").replace(":", "_"), name))
+            if _copy_capped(["ntfscat", loop, "/Windows/System32/config/" + name], target, limit):
+                found[name] = target
+            elif name == "SYSTEM":
+                return None
+        return found
+    finally:
+        subprocess.run(["losetup", "--detach", loop], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _copy_capped(argv, target, limit):
+    """Run ``argv`` into the file ``target``; False (and no file) if it fails or writes over ``limit`` bytes."""
+    written = 0
+    with open(target, "wb") as out:
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            while True:
+                chunk = process.stdout.read(1024 * 1024)
+                if not chunk:
+                    break
+                written += len(chunk)
+                if written > limit:
+                    break
+                out.write(chunk)
+        finally:
+            process.stdout.close()
+            if written > limit:
+                process.kill()
+            code = process.wait()
+    if written > limit or code != 0 or written == 0:
+        os.unlink(target)
+        return False
+    return True
+
+
 def is_root(tree):
     return tree.is_file("/etc/fstab") and (tree.is_file("/etc/os-release") or tree.is_file("/usr/lib/os-release")
                                              or tree.is_file("/etc/redhat-release")
@@ -77,8 +128,15 @@ def inspect(config):
     roots = [loc for loc, d in sorted(mounted.items()) if is_root(GuestTree({"/": d}))]
     report = {"os": {"type": None}, "mounted": sorted(mounted), "problems": problems, "roots": roots}
     if not roots:
-        report["os"]["reason"] = ("no filesystem on the disk holds /etc/fstab and an os-release "
-                                  "(no Linux root found)" if mounted else "no filesystem on the disk could be read")
+        for region in regions:
+            hives = windows_hives(device, region, config["work"]) if region.get("filesystem") == "ntfs" else None
+            if hives:
+                report["os"] = {"type": "windows"}
+                report.update(root=region["location"], hives=hives)
+                return report
+        report["os"]["reason"] = ("no filesystem on the disk holds /etc/fstab and an os-release, or "
+                                  "/Windows/System32/config/SYSTEM (no Linux or Windows root found)"
+                                  if mounted or regions else "no filesystem on the disk could be read")
         return report
     root = roots[0]
     if len(roots) > 1:

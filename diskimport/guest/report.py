@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 from ..worker_vm.agent_archive import ARCHIVE_NAME, agent_archive
 from ..worker_vm.commands import CommandFailed, CommandRunner
+from . import windows
 from .filesystems import FilesystemCheck
 
 PARAVIRTUALIZED, EMULATED = "PARAVIRTUALIZED", "EMULATED"
@@ -52,7 +53,7 @@ class LaunchVerdict:
 class GuestReport:
     """What the boot disk holds, and what it means for a launch (a Prefect artifact and part of the summary)."""
 
-    os_type: str | None                   # "linux", or None (not found: the reason in ``problems``)
+    os_type: str | None                   # "linux", "windows", or None (not found: the reason in ``problems``)
     name: str | None = None               # "Debian GNU/Linux 12 (bookworm)"
     distribution: str | None = None
     version: str | None = None
@@ -66,6 +67,7 @@ class GuestReport:
     cloud_init: dict[str, Any] = field(default_factory=dict)
     hypervisor_tools: list[dict[str, Any]] = field(default_factory=list)
     selinux: str | None = None
+    windows: dict[str, Any] = field(default_factory=dict)  # a Windows guest's: version, drivers, static addresses
     problems: list[str] = field(default_factory=list)
     verdicts: list[LaunchVerdict] = field(default_factory=list)
 
@@ -81,8 +83,8 @@ class GuestReport:
         if self.os_type is None:
             lines += ["No operating system was found on the boot disk: " + "; ".join(self.problems), ""]
         else:
-            lines += [f"**{self.name or self.distribution}** (root on {self.root}; default kernel "
-                      f"{self.default_kernel or 'none found'})", ""]
+            kernel = f"; default kernel {self.default_kernel or 'none found'}" if self.os_type == "linux" else ""
+            lines += [f"**{self.name or self.distribution}** (on {self.root}{kernel})", ""]
         lines += ["| launch mode | boots | reachable | why |", "|---|---|---|---|"]
         for v in self.verdicts:
             lines.append(f"| {v.mode} | {_cell(v.boots)} | {_cell(v.reachable)} | {'; '.join(v.reasons)} |")
@@ -101,6 +103,9 @@ class GuestReport:
             lines += ["", "| network config | interface | method | pinned to |", "|---|---|---|---|"]
             lines += [f"| {n['source']} | {n.get('interface') or '-'} | {n.get('method') or '-'} | "
                       f"{', '.join(n.get('pins') or []) or '-'} |" for n in self.network]
+        if self.windows.get("services") is not None:
+            lines += ["", "| Windows driver | starts |", "|---|---|"]
+            lines += [f"| {n} | {START_NAMES.get(v, v)} |" for n, v in sorted(self.windows["services"].items())]
         facts = [f"initramfs built by {self.initramfs_tool.get('tool') or 'unknown'}"
                  + (f" ({self.initramfs_tool['setting']})" if self.initramfs_tool.get("setting") else ""),
                  f"consoles: {', '.join(self.bootloader.get('consoles') or []) or 'the kernel default (tty0)'}",
@@ -108,10 +113,14 @@ class GuestReport:
                  f"SELinux: {self.selinux or 'not configured'}"]
         facts += [f"{t['name']} ({t['found']}), started at boot by {', '.join(t['enabled']) or 'nothing'}"
                   for t in self.hypervisor_tools]
-        if self.os_type is not None:
+        if self.os_type == "linux":
             lines += [""] + [f"- {fact}" for fact in facts]
-            lines += [f"- problem: {p}" for p in self.problems]
+        if self.os_type is not None:
+            lines += [""] + [f"- problem: {p}" for p in self.problems]
         return "\n".join(lines) + "\n"
+
+
+START_NAMES = {0: "at boot", 1: "with the system", 2: "automatically", 3: "on demand", 4: "never (disabled)"}
 
 
 def _cell(value: bool | None) -> str:
@@ -137,9 +146,22 @@ def inspect_guest(runner: Any, device: str, checks: Sequence[FilesystemCheck]) -
         runner.put_private_file(json.dumps({"device": device, "regions": regions_of(checks), "work": directory}),
                                 f"{directory}/guest.json")
         facts = run_guest_program(runner, directory)
+        if (facts.get("os") or {}).get("type") == "windows":
+            facts["windows"] = read_windows(runner, facts.get("hives") or {})
     finally:
         runner.run(["rm", "-rf", "--one-file-system", directory])
     return report_from(facts)
+
+
+def read_windows(runner: CommandRunner, hives: dict[str, str]) -> dict[str, Any]:
+    """The Windows facts of the hives the worker's ``guest`` program copied out (or the reason they
+    cannot be read)."""
+    try:
+        system = runner.read_bytes(["cat", hives["SYSTEM"]])
+        software = runner.read_bytes(["cat", hives["SOFTWARE"]]) if "SOFTWARE" in hives else None
+        return windows.windows_facts(system, software)
+    except (CommandFailed, KeyError, windows.HiveError) as exc:
+        return {"error": f"the registry hives cannot be read: {exc}"}
 
 
 def run_guest_program(runner: CommandRunner, directory: str) -> dict[str, Any]:
@@ -154,9 +176,11 @@ def report_from(facts: dict[str, Any]) -> GuestReport:
     """The report on the facts the worker's ``guest`` program printed."""
     os_facts = facts.get("os") or {}
     problems = list(facts.get("problems") or [])
+    if os_facts.get("type") == "windows":
+        return windows_report(facts, problems)
     if os_facts.get("type") != "linux":
         problems.append(os_facts.get("reason") or "no operating system found")
-        unknown = ["no Linux root filesystem was found on the boot disk, so nothing can be told"]
+        unknown = ["no operating system (Linux or Windows) was found on the boot disk, so nothing can be told"]
         return GuestReport(None, problems=problems,
                            verdicts=[LaunchVerdict(PARAVIRTUALIZED, None, None, unknown),
                                      LaunchVerdict(EMULATED, None, None, unknown)])
@@ -169,6 +193,37 @@ def report_from(facts: dict[str, Any]) -> GuestReport:
     kernel = default_kernel(report)
     report.default_kernel = kernel["version"] if kernel else None
     report.verdicts = [verdict(report, kernel, PARAVIRTUALIZED), verdict(report, kernel, EMULATED)]
+    return report
+
+
+def windows_report(facts: dict[str, Any], problems: list[str]) -> GuestReport:
+    """A Windows guest: virtio (``PARAVIRTUALIZED``) boots only with viostor or vioscsi started
+    at boot, and reaches the network with netkvm; emulated needs an in-box IDE/AHCI driver
+    started at boot, and has E1000's driver in-box. A static address keeps it off the subnet."""
+    found = facts.get("windows") or {}
+    version = found.get("version") or {}
+    name = " ".join(str(version[k]) for k in ("ProductName",) if version.get(k)) or "Windows"
+    if version.get("CurrentBuildNumber"):
+        name += f" (build {version['CurrentBuildNumber']})"
+    report = GuestReport("windows", name, "windows", version.get("CurrentBuildNumber"), facts.get("root"),
+                         problems=problems, windows=found)
+    if "error" in found:
+        problems.append(found["error"])
+        unknown = [found["error"]]
+        report.verdicts = [LaunchVerdict(PARAVIRTUALIZED, None, None, unknown), LaunchVerdict(EMULATED, None, None,
+                                                                                             unknown)]
+        return report
+    services = found.get("services") or {}
+    static = [f"interface {s['interface']} has the static address {s['address']}"
+              for s in found.get("static_interfaces") or []]
+    pv_boots, pv_why = windows.boots_with(services, windows.VIRTIO_STORAGE)
+    netkvm = "netkvm" in services and services["netkvm"] != 4
+    pv_reasons = [pv_why, "netkvm (the virtio network driver) is installed" if netkvm else
+                  "netkvm (the virtio network driver) is not installed: no network card"] + static
+    em_boots, em_why = windows.boots_with(services, windows.EMULATED_STORAGE)
+    em_reasons = [em_why, "the E1000 driver is in-box"] + static
+    report.verdicts = [LaunchVerdict(PARAVIRTUALIZED, pv_boots, netkvm and not static, pv_reasons),
+                       LaunchVerdict(EMULATED, em_boots, not static, em_reasons)]
     return report
 
 

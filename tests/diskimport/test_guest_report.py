@@ -17,7 +17,7 @@ from diskimport.agent.guest_tree import GuestTree
 from diskimport.guest import filesystems, report
 from diskimport.worker_vm.agent_archive import ARCHIVE_NAME, agent_archive
 from diskimport.worker_vm.commands import LocalRunner
-from tests import guest_disks, linux_guests
+from tests import guest_disks, linux_guests, windows_hives
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a guest's filesystems needs root")
 
@@ -119,7 +119,7 @@ def test_a_hyperv_oracle_linux_guest_on_lvm_with_dracut_host_only(built):
 def test_a_disk_without_a_linux_root_is_reported_unknown_not_guessed(tmp_path):
     disk = guest_disks.whole_device_ext4(tmp_path / "data.raw").path
     found = inspect(disk)
-    assert found.os_type is None and "no Linux root found" in found.problems[-1]
+    assert found.os_type is None and "no Linux or Windows root found" in found.problems[-1]
     assert all(v.boots is None and v.reachable is None for v in found.verdicts)
 
 
@@ -148,3 +148,39 @@ def test_the_guest_program_refuses_to_mount_outside_a_namespace_of_its_own(tmp_p
     done = subprocess.run(["python3", str(tmp_path / ARCHIVE_NAME), "guest", str(tmp_path / "guest.json")],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "mount namespace of my own" in done.stderr
+
+
+@pytest.mark.parametrize("services,static,expected", [
+    # virtio storage at boot and the virtio network driver: paravirtualized
+    ({"viostor": windows_hives.BOOT_START, "netkvm": windows_hives.DEMAND_START, "atapi": windows_hives.BOOT_START},
+     None, ("PARAVIRTUALIZED", "PARAVIRTUALIZED", {"PARAVIRTUALIZED": (True, True), "EMULATED": (True, True)})),
+    # no virtio driver (as most machines leave VMware): emulated, IDE and E1000
+    ({"atapi": windows_hives.BOOT_START, "storahci": windows_hives.DEMAND_START}, None,
+     ("IDE", "E1000", {"PARAVIRTUALIZED": (False, False), "EMULATED": (True, True)})),
+    # viostor installed but not started at boot: still INACCESSIBLE_BOOT_DEVICE on virtio
+    ({"viostor": windows_hives.DEMAND_START, "netkvm": windows_hives.DEMAND_START, "intelide": windows_hives.BOOT_START},
+     "10.0.0.5", ("IDE", "E1000", {"PARAVIRTUALIZED": (False, False), "EMULATED": (True, False)})),
+])
+def test_a_windows_guest_is_read_from_its_registry_hives_and_launched_the_way_it_boots(
+        tmp_path, services, static, expected):
+    """SYSTEM and SOFTWARE hives written by hivex, placed on an NTFS system drive; the worker's
+    program copies them out (nothing mounted) and regipy reads them."""
+    missing = windows_hives.tools_missing() + guest_disks.tools_missing()
+    if missing:
+        pytest.skip(f"tools missing: {missing}")
+    disk = windows_hives.windows_disk(tmp_path / "windows.raw", tmp_path, services, static)
+    found = inspected(linux_guests.Guest(disk, "", None, ""))
+    assert (found.os_type, found.root) == ("windows", "p2")
+    assert found.name == "Windows Server 2019 Datacenter (build 17763)"
+    assert found.windows["services"] == services and found.windows["control_set"] == "ControlSet001"
+    assert {v.mode: (v.boots, v.reachable) for v in found.verdicts} == expected[2]
+    if "viostor" in services and services["viostor"] != 0:
+        assert "viostor (Start 3) installed but not started at boot" in found.verdict(report.PARAVIRTUALIZED).reasons[0]
+    assert launch_types(found) == expected[:2]
+
+
+def launch_types(found: report.GuestReport) -> tuple[str, str]:
+    """The launch options a machine import with the TargetMachine block at ``auto`` chooses."""
+    from diskimport.machine_import import launch_types as chosen
+
+    return chosen(found, "auto", "auto")[:2]
