@@ -69,12 +69,26 @@ class Compute:
                 directory = self.app.data_dir / "instances" / instance["id"].rsplit(".", 1)[-1]
                 if instance.get("_body") == "machine":
                     host = MachineHost(directory, lambda: self._boot_file(instance["id"]), instance["launchOptions"],
-                                       lambda: self._data_files(instance["id"]))
+                                       lambda: self._data_files(instance["id"]), instance["_address"],
+                                       self.app.meta["ssh_port"], lambda: self.metadata_document(instance["id"]))
                 else:
                     host = SshdHost(directory, instance["_address"], self.app.meta["ssh_port"],
                                     memory_gb=instance.get("shapeConfig", {}).get("memoryInGBs"))
                 self.hosts[instance["id"]] = host
             return host
+
+    def metadata_document(self, instance_id: str) -> dict[str, Any]:
+        """What the instance metadata service answers the instance (OCI's ``/opc/v2/instance/``)."""
+        instance = self.instances[instance_id]
+        return {
+            "id": instance["id"], "displayName": instance["displayName"], "compartmentId": instance["compartmentId"],
+            "availabilityDomain": instance["availabilityDomain"], "faultDomain": instance["faultDomain"],
+            "region": instance["region"], "canonicalRegionName": instance["region"], "shape": instance["shape"],
+            "shapeConfig": instance["shapeConfig"], "image": instance.get("imageId"), "state": "Running",
+            "timeCreated": instance["timeCreated"], "metadata": dict(instance.get("metadata") or {}),
+            "extendedMetadata": dict(instance.get("extendedMetadata") or {}),
+            "freeformTags": dict(instance.get("freeformTags") or {}),
+        }
 
     def _boot_attachment(self, instance_id: str) -> dict[str, Any] | None:
         return next((a for a in self.boot_attachments.values()
