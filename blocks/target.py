@@ -48,3 +48,11 @@ class TargetMachine(Block):
     boot_timeout_seconds: float = Field(default=600, gt=0, description="How long the machine has to show it.")
     console_poll_seconds: float = Field(default=10, gt=0, description="How often the console history is captured "
                                         "while waiting.")
+    ssh_port: int = Field(default=22, gt=0, lt=65536, description="The port the machine's SSH answers on: once it "
+                          "has booted, the boot check also proves it reachable there on its private IP (an SSH "
+                          "banner); the summary says whether it was.")
+    reach_timeout_seconds: float = Field(default=120, ge=0, description="How long after the boot the machine has "
+                                         "to answer on ssh_port (0: no reachability check).")
+    ssh_authorized_keys: str | None = Field(default=None, description="Public keys given to the machine at launch "
+                                            "as the instance metadata's ssh_authorized_keys (cloud-init installs "
+                                            "them for the image's default user).")

@@ -346,8 +346,10 @@ def _save_blocks(server: process.RunningLocalOCI, values: dict[str, str]) -> Non
                 boot_timeout_seconds=60).save(BLOCKS["worker"], overwrite=True)
     ImportSettings(compartment_id=values["COMPARTMENT_ID"]).save(BLOCKS["settings"], overwrite=True)
     # Imported machines start in the same local network; TCG boots take seconds, not minutes.
+    # Their SSH is at the local OCI's SSH port of their private IP (a loopback address).
     TargetMachine(compartment_id=values["COMPARTMENT_ID"], subnet_id=values["SUBNET_ID"], image_id=WORKER_IMAGE_ID,
-                  boot_timeout_seconds=180, console_poll_seconds=2).save(BLOCKS["target"], overwrite=True)
+                  boot_timeout_seconds=180, console_poll_seconds=2, ssh_port=int(values["LOCALOCI_SSH_PORT"]),
+                  reach_timeout_seconds=60).save(BLOCKS["target"], overwrite=True)
 
 
 def _prefect(args: list[str], env: dict[str, str]) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -346,9 +347,10 @@ def terminate_keeping_boot_volume(clients: Clients, instance_id: str, timeout: f
 def launch_machine(clients: Clients, *, compartment_id: str, availability_domain: str, subnet_id: str,
                    boot_volume_id: str, shape: str, ocpus: float | None, memory_in_gbs: float | None,
                    firmware: str, boot_volume_type: str, network_type: str, display_name: str,
-                   tags: dict[str, str], retry_token: str) -> Any:
-    """Launch the imported machine from its boot volume."""
+                   tags: dict[str, str], retry_token: str, ssh_authorized_keys: str | None = None) -> Any:
+    """Launch the imported machine from its boot volume (with ``ssh_authorized_keys`` in its metadata)."""
     details = models.LaunchInstanceDetails(
+        metadata={"ssh_authorized_keys": ssh_authorized_keys} if ssh_authorized_keys else None,
         compartment_id=compartment_id, availability_domain=availability_domain, shape=shape,
         shape_config=_shape_config(ocpus, memory_in_gbs), display_name=display_name,
         source_details=models.InstanceSourceViaBootVolumeDetails(boot_volume_id=boot_volume_id),
@@ -365,6 +367,18 @@ def stop_instance(clients: Clients, instance_id: str, timeout: float = 900.0) ->
         with_backoff(clients.compute.instance_action, instance_id, "STOP")
     wait_for_state(lambda: clients.compute.get_instance(instance_id).data, ("STOPPED", "TERMINATED"),
                    f"instance {instance_id}", timeout)
+
+
+def ssh_banner(address: str, port: int, timeout: float = 5.0) -> str | None:
+    """The SSH identification line a server at ``address:port`` sends first, or None (no answer,
+    or not SSH)."""
+    try:
+        with socket.create_connection((address, port), timeout=timeout) as conn:
+            conn.settimeout(timeout)
+            line = conn.recv(255).split(b"\r\n")[0].split(b"\n")[0].decode("ascii", "replace")
+    except OSError:
+        return None
+    return line if line.startswith("SSH-") else None
 
 
 def console_text(clients: Clients, instance_id: str, timeout: float = 120.0) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -52,6 +53,9 @@ class TargetMachineLike(Protocol):
     boot_pattern: str
     boot_timeout_seconds: float
     console_poll_seconds: float
+    ssh_port: int
+    reach_timeout_seconds: float
+    ssh_authorized_keys: str | None
 
 
 @dataclass
@@ -424,6 +428,7 @@ class MachineImport:
                 boot_volume_type=plan.boot.boot_volume_type if plan.boot and plan.boot.boot_volume_type
                 else target.boot_volume_type,
                 network_type=plan.boot.network_type if plan.boot and plan.boot.network_type else target.network_type,
+                ssh_authorized_keys=target.ssh_authorized_keys,
                 display_name=described.name, tags=tags, retry_token=run.retry_token(f"launch-machine/{version.import_id}"))
         undo = run.ledger.register("machine instance", instance.id,
                                    lambda: cloud.terminate_keeping_boot_volume(self.clients, instance.id))
@@ -439,6 +444,22 @@ class MachineImport:
         self.log.info("machine %r started as instance %s", described.name, instance.id)
         return instance.id
 
+    def check_reachable(self, instance_id: str) -> tuple[bool, str]:
+        """Whether the booted machine answers SSH on its private IP (its banner) within the target's
+        ``reach_timeout_seconds``, and what was seen."""
+        target = self.target_machine()
+        address = cloud.worker_address(self.clients, target.compartment_id, instance_id, public=False)
+        deadline = time.monotonic() + target.reach_timeout_seconds
+        while True:
+            banner = cloud.ssh_banner(address, target.ssh_port)
+            if banner is not None:
+                return True, f"answers SSH on {address}:{target.ssh_port} ({banner})"
+            if time.monotonic() >= deadline:
+                return False, (f"no SSH answer on {address}:{target.ssh_port} within "
+                               f"{target.reach_timeout_seconds:.0f} s of its boot (no network, a static address or "
+                               "a pinned interface, or no sshd: see the guest report)")
+            time.sleep(min(target.console_poll_seconds, max(0.0, deadline - time.monotonic())))
+
     @step("boot-check")
     def check_boot(self, plan: MachinePlan) -> boot.BootCheck:
         """Watch the machine's serial console (OCI's console history) for its boot milestone.
@@ -452,9 +473,13 @@ class MachineImport:
         result = "booted" if checked.booted else "not-booted"
         for volume in plan.volumes:
             cloud.tag_volume(self.clients, volume.id, {contract.TAG_BOOT: result})
-        plan.boot.boot_check = BootCheckReport(checked.booted, round(checked.seconds, 1), checked.pattern,
-                                               list(checked.console_tail), checked.describe())
         self.log.info("boot check: %s", checked.describe())
+        reachable, said = None, None
+        if checked.booted and target.reach_timeout_seconds > 0:
+            reachable, said = self.check_reachable(instance_id)
+            self.log.info("reachability: %s", said)
+        plan.boot.boot_check = BootCheckReport(checked.booted, round(checked.seconds, 1), checked.pattern,
+                                               list(checked.console_tail), checked.describe(), reachable, said)
         if not checked.booted and target.boot_check == "require":
             cloud.stop_instance(self.clients, instance_id)
             raise BootFailed("machine-did-not-boot", f"instance {instance_id} {checked.describe()}; "

@@ -98,6 +98,8 @@ class BootCheckReport:
     pattern: str
     console_tail: list[str]
     result: str
+    reachable: bool | None = None   # answered SSH on its private IP (None: not checked)
+    reach_result: str | None = None
 
 
 @dataclass

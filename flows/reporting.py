@@ -183,7 +183,9 @@ def _boot_lines(started: BootReport | None) -> list[str]:
     if checked is None:
         return lines + ["Boot check: off."]
     if checked.booted:
-        return lines + [f"Boot check: **booted in {checked.seconds:.0f} s**."]
+        reached = "" if checked.reachable is None else (f" Reachable: {'yes' if checked.reachable else '**no**'}, "
+                                                         f"{checked.reach_result}.")
+        return lines + [f"Boot check: **booted in {checked.seconds:.0f} s**.{reached}"]
     return lines + [f"Boot check: **did not boot** (no `{checked.pattern}` within {checked.seconds:.0f} s). "
                     "Last console lines:", "", "```", *checked.console_tail, "```"]
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import glob
+import hashlib
 import os
 import shutil
 import subprocess
@@ -41,14 +42,39 @@ BUSYBOX = "/bin/busybox"
 KERNEL_COMMAND_LINE = "console=ttyS0,115200 panic=-1 quiet no_timer_check"
 MBR_FAT16 = "e"
 
+# The network, before the prompt (anything printed after it would end the prompt's line): the
+# virtio-net driver and what it needs, an address by DHCP (udhcpc, with the script below), the
+# launch's SSH key read from the instance metadata service as cloud-init would (printed, so the
+# test sees it arrived), and an SSH banner on port 22 for the reachability check.
+NETWORK_MODULES = ("drivers/virtio/virtio_ring.ko", "drivers/virtio/virtio.ko",
+                   "drivers/virtio/virtio_pci_modern_dev.ko", "drivers/virtio/virtio_pci_legacy_dev.ko",
+                   "drivers/virtio/virtio_pci.ko", "net/core/failover.ko", "drivers/net/net_failover.ko",
+                   "drivers/net/virtio_net.ko")
+SSH_BANNER = "SSH-2.0-bootdisk"
+IMDS_LINE = "instance metadata key: "
 INIT = f"""#!/bin/sh
-/bin/busybox mkdir -p /proc
+/bin/busybox mkdir -p /proc /sys /tmp
 /bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sys /sys
+for m in /modules/*.ko; do /bin/busybox insmod "$m" 2>/dev/null; done
+if /bin/busybox ip link set eth0 up 2>/dev/null && /bin/busybox udhcpc -i eth0 -n -q -t 3 -T 2 -s /bin/dhcp >/dev/null 2>&1
+then
+    key=$(/bin/busybox wget -q -O - --header "Authorization: Bearer Oracle" \
+          http://169.254.169.254/opc/v2/instance/metadata/ssh_authorized_keys 2>/dev/null)
+    echo "{IMDS_LINE}$key"
+    /bin/busybox nc -ll -p 22 -e /bin/banner &
+fi
 echo
 echo "{ISSUE_LINE}"
 echo
 echo -n "{LOGIN_PROMPT}"
 exec /bin/busybox sleep 2147483647
+"""
+DHCP_SCRIPT = """#!/bin/sh
+[ "$1" = bound ] || [ "$1" = renew ] || exit 0
+/bin/busybox ifconfig "$interface" "$ip" netmask "$subnet" up
+[ -n "$router" ] && /bin/busybox route add default gw "$router" dev "$interface"
+exit 0
 """
 
 
@@ -104,13 +130,21 @@ def _newc(entries: list[tuple[str, int, bytes]]) -> bytes:
 
 
 def initramfs() -> Path:
-    path = CACHE / "initrd.img"
+    """The initramfs (cached under a name that changes with what it holds)."""
+    recipe = hashlib.sha256("\0".join((INIT, DHCP_SCRIPT, SSH_BANNER, *NETWORK_MODULES)).encode()).hexdigest()[:12]
+    path = CACHE / f"initrd-{recipe}.img"
     if not path.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         directory, executable = 0o040755, 0o100755
+        modules = kernel().parent.parent / "lib" / "modules" / kernel().name[len("vmlinuz-"):] / "kernel"
         archive = _newc([("bin", directory, b""), ("dev", directory, b""), ("proc", directory, b""),
+                         ("modules", directory, b""),
+                         *[(f"modules/{n}-{Path(m).name}", 0o100644, (modules / m).read_bytes())
+                           for n, m in enumerate(NETWORK_MODULES)],
                          ("bin/busybox", executable, Path(BUSYBOX).read_bytes()),
-                         ("bin/sh", 0o120777, b"busybox"), ("init", executable, INIT.encode())])
+                         ("bin/sh", 0o120777, b"busybox"), ("bin/dhcp", executable, DHCP_SCRIPT.encode()),
+                         ("bin/banner", executable, f"#!/bin/sh\necho {SSH_BANNER}\n".encode()),
+                         ("init", executable, INIT.encode())])
         path.with_suffix(".tmp").write_bytes(archive)
         os.replace(path.with_suffix(".tmp"), path)
     return path

@@ -217,7 +217,9 @@ def watch_console(capture: Callable[[], str], pattern: str, timeout: float, poll
         sleep(min(poll, max(0.0, timeout - (clock() - started))))
 
 
-_ESCAPES = re.compile(r"\x1b\[[0-9;=?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|[\x00-\x08\x0b-\x1f\x7f]")
+# CSI sequences, character set choices, and the two-character ones (ESC c resets the terminal,
+# as SYSLINUX and GRUB do before they draw).
+_ESCAPES = re.compile(r"\x1b\[[0-9;=?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\x1b[A-Za-z0-9=>]|[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def _printable(text: str) -> str:

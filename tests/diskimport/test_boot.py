@@ -94,3 +94,10 @@ def test_the_console_watch_reports_a_boot_or_the_last_lines():
                                poll=5, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
     assert not stuck.booted and stuck.console_tail == ["SeaBIOS", "Booting from Hard Disk..."]
     assert "Booting from Hard Disk" in stuck.describe()
+
+
+def test_the_console_text_loses_the_escapes_bootloaders_clear_the_screen_with():
+    """SeaBIOS and SYSLINUX reset the terminal (ESC c) and clear it; none of it is left in the lines."""
+    screen = "\x1bc\x1b[?7l\x1b[2JSeaBIOS (version 1.16.2)\r\n\x1bc\x1b[?7l\x1b[2Jinstance metadata key: k\r\nvm login: "
+    checked = boot.watch_console(lambda: screen, r"login:\s*$", timeout=1, poll=1)
+    assert checked.console_tail == ["SeaBIOS (version 1.16.2)", "instance metadata key: k", "vm login: "]

@@ -32,6 +32,7 @@ MACHINE = "import-machine/default"
 
 
 SHORT_CHECK = "short-boot-check"
+LAUNCH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBootDiskLaunchKeyForTheMetadataService launch@import"
 NO_CHECK = "no-boot-check"
 
 
@@ -52,6 +53,9 @@ def boot_imports(stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
     with local_stack.prefect_api(stack["PREFECT_API_URL"]):
         from blocks import TargetMachine
 
+        target = TargetMachine.load(local_stack.BLOCKS["target"])
+        target.ssh_authorized_keys = LAUNCH_KEY  # served to the machines by the instance metadata service
+        target.save(local_stack.BLOCKS["target"], overwrite=True)
         short = TargetMachine.load(local_stack.BLOCKS["target"])
         short.boot_timeout_seconds = 20
         short.save(SHORT_CHECK, overwrite=True)
@@ -141,6 +145,10 @@ def test_a_bootable_machine_is_started_from_its_boot_volume_and_seen_booting(cas
     checked = started["boot_check"]
     assert checked["booted"], checked
     assert boot_disks.ISSUE_LINE in checked["console_tail"], checked["console_tail"]
+    # on its network: an address by DHCP, the launch's key from the instance metadata service, and
+    # its SSH banner reached on its private IP
+    assert boot_disks.IMDS_LINE + LAUNCH_KEY in checked["console_tail"], checked["console_tail"]
+    assert checked["reachable"] and boot_disks.SSH_BANNER in checked["reach_result"], checked
     # the boot volume holds the disk bit-exact, the platform image it came with overwritten
     volume = boot_volume(stack, started["boot_volume_id"])
     disk = boot_imports["disks"][case.split("-")[0]]
