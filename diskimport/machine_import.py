@@ -394,12 +394,17 @@ class MachineImport:
         found = boot_disk.write.guest if boot_disk.write is not None else None
         assert plan.boot is not None, "choose_launch() follows choose_firmware()"
         plan.boot.guest = found.as_dict() if found is not None else None
-        volume_type, network_type, reason = launch_types(found, target.boot_volume_type, target.network_type)
+        hints = plan.described.hints
+        asked = {key: hints.get(key) for key in ("boot_volume_type", "network_type") if hints.get(key)}
+        set_by = "the machine manifest" if asked else "the TargetMachine block"
+        volume_type, network_type, reason = launch_types(
+            found, asked.get("boot_volume_type", target.boot_volume_type),
+            asked.get("network_type", target.network_type), set_by)
         paravirtualized = found.verdict(guest_report.PARAVIRTUALIZED) if found is not None else None
-        if (target.boot_volume_type != "auto" and volume_type == "PARAVIRTUALIZED" and paravirtualized is not None
+        if (reason.startswith("set in") and volume_type == "PARAVIRTUALIZED" and paravirtualized is not None
                 and paravirtualized.boots is False):
-            self.log.warning("the TargetMachine block launches the machine on virtio, which the guest report says "
-                             "it cannot boot on: %s", "; ".join(paravirtualized.reasons))
+            self.log.warning("%s launches the machine on virtio, which the guest report says it cannot boot on: %s",
+                             set_by, "; ".join(paravirtualized.reasons))
         plan.boot.boot_volume_type, plan.boot.network_type, plan.boot.launch_reason = volume_type, network_type, reason
         self.log.info("launch on %s disk and %s network: %s", volume_type, network_type, reason)
         return volume_type, network_type
@@ -487,10 +492,12 @@ class MachineImport:
         return checked
 
 
-def launch_types(found: guest_report.GuestReport | None, volume_type: str, network_type: str) -> tuple[str, str, str]:
-    """``(boot volume type, network type, reason)`` for a launch: the TargetMachine block's values
-    where they are not ``auto``; else from the guest report: virtio (``PARAVIRTUALIZED``) unless
-    the guest cannot boot on it and can boot emulated (``IDE`` and ``E1000``)."""
+def launch_types(found: guest_report.GuestReport | None, volume_type: str, network_type: str,
+                 set_by: str = "the TargetMachine block") -> tuple[str, str, str]:
+    """``(boot volume type, network type, reason)`` for a launch: the values asked for (by the
+    machine manifest, else the TargetMachine block) where they are not ``auto``; else from the
+    guest report: virtio (``PARAVIRTUALIZED``) unless the guest cannot boot on it and can boot
+    emulated (``IDE`` and ``E1000``)."""
     if found is None:
         mode, reason = guest_report.PARAVIRTUALIZED, "the boot disk was not inspected by this run (it was written before)"
     else:
@@ -508,5 +515,5 @@ def launch_types(found: guest_report.GuestReport | None, volume_type: str, netwo
     chosen_volume = volume_type if volume_type != "auto" else ("IDE" if emulated_mode else "PARAVIRTUALIZED")
     chosen_network = network_type if network_type != "auto" else ("E1000" if emulated_mode else "PARAVIRTUALIZED")
     if volume_type != "auto" or network_type != "auto":
-        reason = f"set in the TargetMachine block ({reason})"
+        reason = f"set in {set_by} ({reason})"
     return chosen_volume, chosen_network, reason

@@ -444,7 +444,11 @@ def _format_of(uri: str | None) -> str | None:
 
 # -- the machine manifest ------------------------------------------------------------------------
 
-MANIFEST_FIELDS = {"name", "disks", "firmware", "shape", "ocpus", "memory_gbs"}
+MANIFEST_FIELDS = {"name", "disks", "firmware", "shape", "ocpus", "memory_gbs", "boot_volume_type",
+                   "network_type"}
+# A bootable machine's launch options a manifest may set (they win over the guest report and the block).
+LAUNCH_OPTIONS = {"boot_volume_type": ("PARAVIRTUALIZED", "SCSI", "IDE", "ISCSI"),
+                  "network_type": ("PARAVIRTUALIZED", "E1000", "VFIO")}
 
 
 def parse_machine_manifest(data: bytes, object_name: str) -> Machine:
@@ -453,7 +457,8 @@ def parse_machine_manifest(data: bytes, object_name: str) -> Machine:
         {"name": "web-01",                                   # optional: the object's name before .machine.json
          "disks": ["exports/web-01-boot.qcow2", "exports/web-01-data.vmdk"],   # boot disk first
          "firmware": "UEFI_64",                              # optional: "BIOS" or "UEFI_64"
-         "shape": "VM.Standard.E5.Flex", "ocpus": 2, "memory_gbs": 16}         # optional hints
+         "shape": "VM.Standard.E5.Flex", "ocpus": 2, "memory_gbs": 16,         # optional hints
+         "boot_volume_type": "IDE", "network_type": "E1000"}  # optional: a bootable machine's launch
 
     Disks are object names in the manifest's bucket, each an image name the upload trigger
     accepts (compressed and packed ones too), each at most once.
@@ -503,6 +508,12 @@ def parse_machine_manifest(data: bytes, object_name: str) -> Machine:
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 4096:
                 raise invalid(f"{key} must be a number above 0")
+            hints[key] = value
+    for key, allowed in LAUNCH_OPTIONS.items():
+        value = doc.get(key)
+        if value is not None:
+            if value not in allowed:
+                raise invalid(f"{key} {value!r} must be one of {', '.join(allowed)}")
             hints[key] = value
     return Machine(name=name, source="manifest", firmware=firmware, shape=shape, hints=hints,
                    cpus=int(hints["ocpus"]) if "ocpus" in hints else None,

@@ -245,6 +245,19 @@ def test_a_machine_manifest_names_its_disks_in_order():
     assert [(d.position, d.file) for d in found.disks] == [(0, "exports/db-boot.qcow2"), (1, "exports/db-data.raw.zst")]
 
 
+def test_a_machine_manifests_launch_options_win_over_the_guest_report_and_the_block():
+    from diskimport.guest.report import report_from
+    from diskimport.machine_import import launch_types
+
+    found = machine.parse_machine_manifest(json.dumps({
+        "disks": ["web-boot.vmdk"], "boot_volume_type": "IDE", "network_type": "E1000"}).encode(), "web.machine.json")
+    assert found.hints == {"boot_volume_type": "IDE", "network_type": "E1000"}
+    unknown = report_from({"os": {"type": None, "reason": "no root"}})  # the report cannot tell: virtio by itself
+    assert launch_types(unknown, "auto", "auto")[:2] == ("PARAVIRTUALIZED", "PARAVIRTUALIZED")
+    chosen = launch_types(unknown, found.hints["boot_volume_type"], found.hints["network_type"], "the machine manifest")
+    assert chosen[:2] == ("IDE", "E1000") and chosen[2].startswith("set in the machine manifest")
+
+
 @pytest.mark.parametrize("doc,named", [
     ({"disks": ["a.qcow2"], "disk": []}, "unknown field 'disk'"),
     ({"disks": []}, "disks must be a list"),
@@ -257,6 +270,8 @@ def test_a_machine_manifest_names_its_disks_in_order():
     ({"disks": ["a.qcow2"], "ocpus": 0}, "ocpus must be a number above 0"),
     ({"disks": ["a.qcow2"], "memory_gbs": True}, "memory_gbs must be a number above 0"),
     ({"disks": [f"d{i}.raw" for i in range(33)]}, "at most 32"),
+    ({"disks": ["a.qcow2"], "boot_volume_type": "virtio"}, "boot_volume_type 'virtio' must be one of"),
+    ({"disks": ["a.qcow2"], "network_type": "e1000"}, "network_type 'e1000' must be one of"),
     ([], "not a JSON object"),
 ])
 def test_a_machine_manifest_that_is_wrong_is_refused_naming_the_field(doc: Any, named: str):
