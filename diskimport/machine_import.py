@@ -397,12 +397,11 @@ class MachineImport:
         hints = plan.described.hints
         asked = {key: hints.get(key) for key in ("boot_volume_type", "network_type") if hints.get(key)}
         set_by = "the machine manifest" if asked else "the TargetMachine block"
+        requested = asked.get("boot_volume_type", target.boot_volume_type)
         volume_type, network_type, reason = launch_types(
-            found, asked.get("boot_volume_type", target.boot_volume_type),
-            asked.get("network_type", target.network_type), set_by)
+            found, requested, asked.get("network_type", target.network_type), set_by)
         paravirtualized = found.verdict(guest_report.PARAVIRTUALIZED) if found is not None else None
-        if (reason.startswith("set in") and volume_type == "PARAVIRTUALIZED" and paravirtualized is not None
-                and paravirtualized.boots is False):
+        if (requested == "PARAVIRTUALIZED" and paravirtualized is not None and paravirtualized.boots is False):
             self.log.warning("%s launches the machine on virtio, which the guest report says it cannot boot on: %s",
                              set_by, "; ".join(paravirtualized.reasons))
         plan.boot.boot_volume_type, plan.boot.network_type, plan.boot.launch_reason = volume_type, network_type, reason

@@ -169,13 +169,13 @@ def initramfs_tool(tree):
 
 def bootloader(tree):
     entries, config = [], None
+    grubenv = _key_values(tree.read_text("/boot/grub2/grubenv") or tree.read_text("/boot/grub/grubenv"))
     for path in ("/boot/grub/grub.cfg", "/boot/grub2/grub.cfg", "/etc/grub2.cfg", "/boot/efi/EFI/debian/grub.cfg",
                  "/boot/efi/EFI/redhat/grub.cfg"):
         text = tree.read_text(path)
         if text is None:
             continue
         config = config or path
-        grubenv = _key_values(tree.read_text("/boot/grub2/grubenv") or tree.read_text("/boot/grub/grubenv"))
         for match in re.finditer(r"^\s*linux(?:16|efi)?\s+(\S+)\s*(.*)$", text, re.M):
             cmdline = match.group(2).replace("$kernelopts", grubenv.get("kernelopts", "")).strip()
             entries.append({"source": path, "kernel": match.group(1), "cmdline": cmdline})
@@ -185,8 +185,7 @@ def bootloader(tree):
             key, _, value = line.strip().partition(" ")
             values[key] = value.strip()
         if "linux" in values:
-            options = values.get("options", "").replace("$kernelopts", _key_values(
-                tree.read_text("/boot/grub2/grubenv")).get("kernelopts", ""))
+            options = values.get("options", "").replace("$kernelopts", grubenv.get("kernelopts", ""))
             entries.append({"source": path, "kernel": values["linux"], "cmdline": options.strip()})
     defaults = _key_values(tree.read_text("/etc/default/grub"))
     kept = {k: defaults[k] for k in ("GRUB_CMDLINE_LINUX", "GRUB_CMDLINE_LINUX_DEFAULT", "GRUB_TERMINAL",

@@ -180,10 +180,8 @@ def report_from(facts: dict[str, Any]) -> GuestReport:
         return windows_report(facts, problems)
     if os_facts.get("type") != "linux":
         problems.append(os_facts.get("reason") or "no operating system found")
-        unknown = ["no operating system (Linux or Windows) was found on the boot disk, so nothing can be told"]
-        return GuestReport(None, problems=problems,
-                           verdicts=[LaunchVerdict(PARAVIRTUALIZED, None, None, unknown),
-                                     LaunchVerdict(EMULATED, None, None, unknown)])
+        return GuestReport(None, problems=problems, verdicts=_cannot_tell(
+            "no operating system (Linux or Windows) was found on the boot disk, so nothing can be told"))
     report = GuestReport(
         "linux", os_facts.get("name"), os_facts.get("distribution"), os_facts.get("version"), facts.get("root"),
         kernels=facts.get("kernels") or [], initramfs_tool=facts.get("initramfs_tool") or {},
@@ -202,22 +200,20 @@ def windows_report(facts: dict[str, Any], problems: list[str]) -> GuestReport:
     started at boot, and has E1000's driver in-box. A static address keeps it off the subnet."""
     found = facts.get("windows") or {}
     version = found.get("version") or {}
-    name = " ".join(str(version[k]) for k in ("ProductName",) if version.get(k)) or "Windows"
+    name = str(version.get("ProductName") or "Windows")
     if version.get("CurrentBuildNumber"):
         name += f" (build {version['CurrentBuildNumber']})"
     report = GuestReport("windows", name, "windows", version.get("CurrentBuildNumber"), facts.get("root"),
                          problems=problems, windows=found)
     if "error" in found:
         problems.append(found["error"])
-        unknown = [found["error"]]
-        report.verdicts = [LaunchVerdict(PARAVIRTUALIZED, None, None, unknown), LaunchVerdict(EMULATED, None, None,
-                                                                                             unknown)]
+        report.verdicts = _cannot_tell(found["error"])
         return report
     services = found.get("services") or {}
     static = [f"interface {s['interface']} has the static address {s['address']}"
               for s in found.get("static_interfaces") or []]
     pv_boots, pv_why = windows.boots_with(services, windows.VIRTIO_STORAGE)
-    netkvm = "netkvm" in services and services["netkvm"] != 4
+    netkvm = "netkvm" in services and services["netkvm"] != windows.DISABLED
     pv_reasons = [pv_why, "netkvm (the virtio network driver) is installed" if netkvm else
                   "netkvm (the virtio network driver) is not installed: no network card"] + static
     em_boots, em_why = windows.boots_with(services, windows.EMULATED_STORAGE)
@@ -225,6 +221,10 @@ def windows_report(facts: dict[str, Any], problems: list[str]) -> GuestReport:
     report.verdicts = [LaunchVerdict(PARAVIRTUALIZED, pv_boots, netkvm and not static, pv_reasons),
                        LaunchVerdict(EMULATED, em_boots, not static, em_reasons)]
     return report
+
+
+def _cannot_tell(reason: str) -> list[LaunchVerdict]:
+    return [LaunchVerdict(PARAVIRTUALIZED, None, None, [reason]), LaunchVerdict(EMULATED, None, None, [reason])]
 
 
 def default_kernel(report: GuestReport) -> dict[str, Any] | None:

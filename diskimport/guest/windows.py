@@ -23,7 +23,7 @@ VIRTIO_STORAGE = ("viostor", "vioscsi")
 VIRTIO_NETWORK = ("netkvm",)
 EMULATED_STORAGE = ("atapi", "intelide", "pciide", "storahci")
 SERVICES = VIRTIO_STORAGE + VIRTIO_NETWORK + EMULATED_STORAGE
-BOOT_START = 0
+BOOT_START, DISABLED = 0, 4  # a service's Start values
 
 
 class HiveError(Exception):
