@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-APT_PACKAGES := qemu-utils openssh-server openssh-client e2fsprogs xfsprogs dosfstools mtools ntfs-3g btrfs-progs lvm2 fdisk util-linux curl postgresql \
+APT_PACKAGES := qemu-utils openssh-server openssh-client e2fsprogs xfsprogs dosfstools mtools ntfs-3g btrfs-progs lvm2 mmdebstrap fdisk util-linux curl postgresql \
 	qemu-system-x86 ovmf syslinux syslinux-common busybox-static systemd-boot-efi binutils cpio kmod zstd xz-utils libhivex-bin
 # Every Python process make starts caches the bytecode of what it imports (under the environment's
 # and the project's __pycache__/, both ignored by git). Where PYTHONDONTWRITEBYTECODE is set, as on

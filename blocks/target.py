@@ -40,6 +40,12 @@ class TargetMachine(Block):
     network_type: Literal["auto", "PARAVIRTUALIZED", "E1000", "VFIO"] = Field(
         default="auto", description="How the VNIC is presented. auto: PARAVIRTUALIZED, or E1000 where the guest "
         "boots emulated only; a value set here wins.")
+    adapt_guest: Literal["auto", "off"] = Field(
+        default="auto", description="auto: a Linux guest is adapted to OCI on the worker before its launch (virtio "
+        "drivers added to every initramfs by the guest's own tool, root and fstab devices by UUID, a serial "
+        "console, DHCP on the first network card, hypervisor tools disabled; every original kept inside the "
+        "guest, see docs/guest-adaptation.md); off: the guest is launched as it was written (emulated where it "
+        "lacks virtio drivers). The flow's adapt_guest parameter and an upload's opc-meta-adapt_guest win.")
     boot_check: Literal["warn", "require", "off"] = Field(
         default="warn", description="warn: report whether the machine booted; require: a machine that does not "
         "boot fails the run (the instance is stopped, its volumes kept and tagged); off: no check.")

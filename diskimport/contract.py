@@ -194,21 +194,36 @@ def _yes_or_no(code: str, name: str, value: Any) -> bool:
     raise InvalidRequest(code, f"{name} must be true or false, not {value!r}")
 
 
-def parse_machine_options(values: Mapping[str, Any]) -> dict[str, bool]:
+def parse_machine_options(values: Mapping[str, Any]) -> dict[str, Any]:
     """A machine upload's own options, as flow parameters of the machine import: ``bootable``
     (``opc-meta-bootable``: the boot disk on a boot volume) and ``launch`` (``opc-meta-launch``:
-    start the machine), each true or false (yes/no, 1/0, on/off). Absent ones are left to the
-    deployment's defaults; ``launch`` without ``bootable`` means nothing and is refused."""
+    start the machine), each true or false (yes/no, 1/0, on/off), and ``adapt_guest``
+    (``opc-meta-adapt_guest``: ``auto`` or ``off``). Absent ones are left to the deployment's
+    defaults; ``launch`` without ``bootable`` means nothing and is refused."""
     values = {str(k).replace("-", "_").lower(): v for k, v in values.items()}
     options = {}
     if values.get("bootable") not in (None, ""):
         options["bootable"] = _yes_or_no("invalid-bootable", "bootable", values["bootable"])
     if values.get("launch") not in (None, ""):
         options["launch"] = _yes_or_no("invalid-launch", "launch", values["launch"])
+    if values.get("adapt_guest") not in (None, ""):
+        options["adapt_guest"] = adapt_mode(values["adapt_guest"])
     if options.get("launch") and options.get("bootable") is False:
         raise InvalidRequest("invalid-launch", "launch is true but bootable is false: only a bootable machine "
                              "is launched")
     return options
+
+
+ADAPT_MODES = ("auto", "off")
+
+
+def adapt_mode(value: Any) -> str:
+    """``adapt_guest`` (a flow parameter, ``opc-meta-adapt_guest``): ``auto`` or ``off``."""
+    mode = str(value).strip().lower()
+    if mode not in ADAPT_MODES:
+        raise InvalidRequest("invalid-adapt-guest", f"adapt_guest is {str(value)[:40]!r}: give auto (adapt a Linux "
+                             "guest to OCI before its launch) or off (launch it as written)")
+    return mode
 
 
 def merge(parameters: ImportOptions, metadata: ImportOptions) -> ImportOptions:

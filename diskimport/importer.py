@@ -205,12 +205,12 @@ class Importer:
         return Volume(ready.id, ready.availability_domain, ready.size_in_gbs, ready.display_name, fresh=True)
 
     def register_volume(self, volume_id: str) -> Any:
-        """The volume's undo: deleted, or kept and tagged failed with ``keep_failed_volume`` (never
-        when the run only yields to another)."""
+        """The volume's undo: deleted, or kept and tagged failed with ``keep_failed_volume`` or after
+        a failure that keeps them (a failed guest adaptation); never when the run only yields to another."""
         run = self.run
         return run.ledger.register("volume", volume_id, lambda: cloud.discard_volume(
             self.clients, self.settings.compartment_id, volume_id,
-            keep=self.settings.keep_failed_volume and not run.yielding))
+            keep=(self.settings.keep_failed_volume or run.keeps_volumes) and not run.yielding))
 
     def adopt_volume(self, found: FoundVolume) -> Volume:
         """Resume a half-written volume of a dead run: tag it as this run's, undo it like a new one."""

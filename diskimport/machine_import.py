@@ -49,6 +49,7 @@ class TargetMachineLike(Protocol):
     firmware: str
     boot_volume_type: str
     network_type: str
+    adapt_guest: str
     boot_check: str
     boot_pattern: str
     boot_timeout_seconds: float
@@ -120,7 +121,8 @@ class MachineImport:
     """One machine import's steps, on an :class:`~diskimport.importer.Importer` and its run;
     ``target`` is where a bootable import starts the machine."""
 
-    def __init__(self, importer: Importer, target: TargetMachineLike | None = None) -> None:
+    def __init__(self, importer: Importer, target: TargetMachineLike | None = None,
+                 adapt_guest: str | None = None) -> None:
         self.importer = importer
         self.run = importer.run
         self.clients = importer.clients
@@ -129,6 +131,8 @@ class MachineImport:
         if target is not None:
             check_placement("TargetMachine", target.compartment_id, target.subnet_id, target.image_id)
         self.target = target
+        # The flow's (or the upload's) adapt_guest, else the TargetMachine block's.
+        self.adapt_guest = adapt_guest or (getattr(target, "adapt_guest", None) if target is not None else None) or "auto"
 
     # -- before anything is created -----------------------------------------------------------
 
@@ -301,6 +305,7 @@ class MachineImport:
             assert disk.volume is not None
             disk.write = VolumeWrite(self.run, session, plan.worker, disk.volume, disk.version, disk.image)
             disk.write.inspects_guest = disk.position == 0 and cloud.is_boot_volume(disk.volume.id)
+            disk.write.adapt_guest = self.adapt_guest
         return [disk.write for disk in plan.todo if disk.write is not None]
 
     # -- handing over ---------------------------------------------------------------------------

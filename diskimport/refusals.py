@@ -106,6 +106,9 @@ CODES = _index((
                 "opc-meta-launch on a machine upload is not true or false, or is true while "
                 "opc-meta-bootable is false (only a bootable machine is launched).",
                 "Set true or false (and bootable true to launch), or leave it out."),
+    RefusalCode("invalid-adapt-guest", "InvalidRequest", ("upload function", "request"),
+                "adapt_guest (opc-meta-adapt_guest on a machine upload, or the flow's parameter) is not auto or off.",
+                "Set auto (adapt a Linux guest to OCI, the default) or off, or leave it out."),
     RefusalCode("invalid-virtual-size", "InvalidRequest", _OPTION,
                 "virtual_size (opc-meta-virtual-size) is not a whole number of bytes from 1 to the maximum "
                 "virtual size.",
@@ -278,6 +281,13 @@ CODES = _index((
                 "(boot_check \"require\"); it is stopped and its volumes are kept.",
                 "Read its console history; check the firmware and the block's boot_pattern and "
                 "boot_timeout_seconds."),
+
+    RefusalCode("guest-adaptation-failed", "AdaptationFailed", ("boot",),
+                "The Linux guest could not be adapted to OCI (its initramfs tool failed, a file could not be "
+                "written, no initramfs tool was found); what the adaptation changed was put back and the "
+                "volumes are kept as written, with the guest report.",
+                "Read the guest's tool output in the message and the guest report; fix the guest at the "
+                "source, or import with adapt_guest off and launch it in emulated mode."),
 
     # -- export -------------------------------------------------------------------------------
     RefusalCode("invalid-source", "InvalidRequest", ("export", "copy"),

@@ -129,6 +129,7 @@ class Run:
         self.host_key = SshKeyPair.generate()
         self.steps: dict[str, float] = {}
         self.yielding = False  # unwinding because another run goes on: nothing is kept for inspection
+        self.keeps_volumes = False  # a failure that leaves the volumes as written (a failed guest adaptation)
         self._generations: collections.Counter[str] = collections.Counter()
         self._unwound = 0  # after an unwind, creates are new creates (new retry tokens)
         self._steps_lock = threading.Lock()

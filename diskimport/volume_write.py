@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, Sequence
 
 from . import cloud, contract
-from .guest import boot, filesystems, report as guest_report
+from .guest import adaptation, boot, filesystems, report as guest_report
 from .images import nested
 from .worker_vm import iscsi, slices, transfer
 from .worker_vm.commands import CommandFailed, read_range
@@ -59,6 +59,7 @@ class VolumeWrite:
         self.firmware: boot.Firmware | None = None  # a boot volume's disk: what it boots by
         self.checks: list[filesystems.FilesystemCheck] = []
         self.inspects_guest = False  # a bootable machine's boot disk: its guest is inspected before the detach
+        self.adapt_guest = "off"     # "auto": an inspected Linux guest is adapted to OCI, then inspected again
         self.guest: guest_report.GuestReport | None = None
         self.steps: dict[str, float] = {}  # this disk's steps (the run's count every disk's)
         self._undos: list[Undo] = []  # the attachment's, then the iSCSI session's
@@ -283,6 +284,25 @@ class VolumeWrite:
                           "; ".join(v.describe() for v in found.verdicts))
         return found
 
+    @step("adapt-guest")
+    def adapt(self) -> guest_report.GuestReport:
+        """Adapt the inspected Linux guest to OCI on the worker (:mod:`diskimport.guest.adaptation`)
+        and inspect it again, so the launch follows what the guest now holds. A failed adaptation
+        has put back what it changed; it fails the run and keeps the volumes as written."""
+        assert self.guest is not None and self.result is not None, "adapt() follows inspect_guest()"
+        before = self.guest
+        try:
+            done = adaptation.adapt_guest(self.session, self.result.device, self.checks, before)
+        except adaptation.AdaptationFailed:
+            self.run.keeps_volumes = True
+            raise
+        after = guest_report.inspect_guest(self.session, self.result.device, self.checks)
+        after.adaptation = done
+        self.guest = after
+        self.run.log.info("guest adapted in %s s: %d changes; now %s", done.seconds, len(done.changes),
+                          "; ".join(v.describe() for v in after.verdicts))
+        return after
+
     @step("detach")
     def detach(self) -> None:
         """Log out of an iSCSI target, then detach the volume from the worker VM."""
@@ -297,6 +317,11 @@ class VolumeWrite:
         result = self.write(progress)
         checks = self.check()
         if self.inspects_guest:
-            self.inspect_guest()
+            found = self.inspect_guest()
+            if found.os_type == "linux":
+                if self.adapt_guest == "auto":
+                    self.adapt()
+                else:
+                    found.adaptation = guest_report.Adaptation(self.adapt_guest)
         self.detach()
         return result, checks

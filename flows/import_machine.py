@@ -24,7 +24,9 @@ from prefect import flow
 from prefect.futures import wait
 
 from blocks import DEFAULT_BLOCK, TargetMachine
+from diskimport import contract
 from diskimport.guest import boot
+from diskimport.guest.adaptation import AdaptationFailed
 from diskimport.errors import InvalidRequest
 from diskimport.importer import Importer
 from diskimport.machine_import import MachineImport, MachinePlan
@@ -106,17 +108,21 @@ def import_machine(
     bootable: bool = False,
     launch: bool = True,
     target_block: str = DEFAULT_BLOCK,
+    adapt_guest: str | None = None,
 ) -> dict[str, Any]:
     """Import a machine: an ``.ova``, an ``.ovf`` (its disks beside it) or a ``*.machine.json``.
 
     ``etag`` pins the object version. A run that meets another run importing the same
     version waits for it; disks already imported are not written again. ``bootable``: the
     boot disk goes on a boot volume and, with ``launch``, the machine is started where the
-    ``target_block`` (a TargetMachine block) says and its boot is checked.
+    ``target_block`` (a TargetMachine block) says and its boot is checked. ``adapt_guest``
+    (``auto`` or ``off``; None: the TargetMachine block's, ``auto`` by default) says whether a
+    bootable Linux guest is adapted to OCI before its launch (docs/guest-adaptation.md).
     """
     with refusal_reported(object_name):
         settings, run = open_run(credentials_block, worker_block, settings_block)
-        machine = MachineImport(Importer(run), load_target(target_block) if bootable else None)
+        mode = contract.adapt_mode(adapt_guest) if adapt_guest is not None else None
+        machine = MachineImport(Importer(run), load_target(target_block) if bootable else None, mode)
         version = read_object(machine.importer, namespace, bucket, object_name, etag)
         plan = inspect_machine(machine, version)
 
@@ -146,7 +152,11 @@ def _import(machine: MachineImport, plan: MachinePlan, bootable: bool, launch: b
                     writes = [write_disk.submit(write) for write in machine.writes(plan, session)]
                     wait(writes)
                     for written in writes:
-                        written.result()
+                        try:
+                            written.result()
+                        except AdaptationFailed as failed:  # the report says what the guest is, and what was tried
+                            publish_guest_report(failed.report)
+                            raise
             finish_volumes(machine, plan)
         group_volumes(machine, plan)
         plan.ready_at = dt.datetime.now(dt.timezone.utc)  # as a disk's: the volumes are ready, the worker goes next

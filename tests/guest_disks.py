@@ -162,9 +162,12 @@ class LvmLayout:
         return self.pe_start + first * self.extent_size, (last - first + 1) * self.extent_size
 
 
-def make_volume_group(pvs: list[tuple[Path, int, int]], vg: str, lvs: list[list[str]], extent_mib: int = 4) -> LvmLayout:
+def make_volume_group(pvs: list[tuple[Path, int, int]], vg: str, lvs: list[list[str]], extent_mib: int = 4,
+                      autoactivation: bool = False) -> LvmLayout:
     """Make PVs at (disk, offset, size) regions, a VG ``vg`` over them and the LVs (``lvcreate``
-    arguments each, ``{0}``/``{1}`` standing for the PVs' devices); report where the extents went."""
+    arguments each, ``{0}``/``{1}`` standing for the PVs' devices); report where the extents went.
+    ``autoactivation``: the VG is marked for autoactivation, as installers make them (a guest's
+    initramfs activates its root LV only then); it is still not activated here."""
     with tempfile.TemporaryDirectory(prefix="lvm-") as work:
         loops: list[str] = []
         try:
@@ -175,8 +178,9 @@ def make_volume_group(pvs: list[tuple[Path, int, int]], vg: str, lvs: list[list[
             Path(work, "lvm.conf").write_text(_LVM_CONF.format(
                 filters=", ".join(f'"a|^{loop}$|"' for loop in loops), work=work))
             env = {**os.environ, "LVM_SYSTEM_DIR": work, "LVM_SUPPRESS_FD_WARNINGS": "1"}
-            # No autoactivation, should a udev with lvm2's rules see these devices.
-            run_tool("vgcreate", "-q", "--setautoactivation", "n", "-s", f"{extent_mib}M", vg, *loops, env=env)
+            # No autoactivation unless asked, should a udev with lvm2's rules see these devices.
+            run_tool("vgcreate", "-q", "--setautoactivation", "y" if autoactivation else "n", "-s", f"{extent_mib}M",
+                     vg, *loops, env=env)
             for args in lvs:
                 options = [a for a in args if "{" not in a]
                 on = [a.format(*loops) for a in args if "{" in a]  # PVs (and extent ranges) to allocate from

@@ -116,7 +116,8 @@ def _ext4(disk: Path, offset: int, size: int, tree: Path, fs_uuid: str, label: s
 def _common(root: Path, os_release: str) -> None:
     _write(root, "/usr/lib/os-release", os_release)
     _link(root, "/etc/os-release", "../usr/lib/os-release")
-    (root / "tmp").mkdir(exist_ok=True)
+    for directory in ("tmp", "dev", "proc", "sys"):
+        (root / directory).mkdir(exist_ok=True)
 
 
 DEBIAN = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nNAME="Debian GNU/Linux"\nVERSION_ID="12"\nID=debian\n'

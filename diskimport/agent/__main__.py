@@ -1,5 +1,6 @@
-"""``python3 agent.pyz stream|upload|guest CONFIG``: one program of the
-package, given its JSON configuration file (:mod:`.stream`, :mod:`.upload` say what it holds).
+"""``python3 agent.pyz stream|upload|guest|adapt CONFIG``: one program of the
+package, given its JSON configuration file (:mod:`.stream`, :mod:`.upload` say what it holds);
+``confine ROOT PROGRAM...`` is the one that takes its arguments as they are (:mod:`.confine`).
 
 Only the program asked for is imported: the upload loads none of the decoders.
 """
@@ -9,7 +10,10 @@ import sys
 
 PROGRAMS = {"stream": "fetch an object onto this machine, serve it over NBD or decode it onto a device",
             "upload": "upload a file as the parts of a multipart upload",
-            "guest": "read the operating system a written disk holds (read-only, in a mount namespace of its own)"}
+            "guest": "read the operating system a written disk holds (read-only, in a mount namespace of its own)",
+            "adapt": "change a written Linux guest so it boots and answers on OCI (in a mount namespace of its own)",
+            "confine": "run a guest's own program inside its root, without the powers that lead out of it"}
+TAKES_ARGUMENTS = ("confine",)
 
 
 def usage():
@@ -22,6 +26,8 @@ def main(argv):
     if argv in (["-h"], ["--help"]):
         sys.stdout.write(usage())
         return 0
+    if argv and argv[0] in TAKES_ARGUMENTS:
+        return importlib.import_module("." + argv[0], __package__).main_argv(argv[1:])
     if len(argv) != 2 or argv[0] not in PROGRAMS:
         sys.stderr.write(usage())
         return 2

@@ -36,9 +36,10 @@ def private_namespace():
         return False
 
 
-def mount(device, region, directory):
-    """Mount ``region`` of ``device`` read-only at ``directory``; the error text, or None."""
-    options = MOUNT_OPTIONS[region["filesystem"]] + SAFE + [
+def mount(device, region, directory, writable=False):
+    """Mount ``region`` of ``device`` read-only at ``directory`` (read-write for the adaptation,
+    its programs runnable but still no device files or set-user-ID); the error text, or None."""
+    options = (["rw", "nodev", "nosuid"] if writable else MOUNT_OPTIONS[region["filesystem"]] + SAFE) + [
         "loop", "offset=%d" % region["offset"], "sizelimit=%d" % region["size"]]
     kind = region["filesystem"]
     result = subprocess.run(["mount", "-t", kind, "-o", ",".join(options), device, directory],

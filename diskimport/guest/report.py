@@ -20,9 +20,10 @@ the network, unless cloud-init writes the network anew at first boot.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..worker_vm.agent_archive import ARCHIVE_NAME, agent_archive
 from ..worker_vm.commands import CommandFailed, CommandRunner
@@ -50,6 +51,41 @@ class LaunchVerdict:
 
 
 @dataclass
+class Adaptation:
+    """What the adaptation did to the guest (a part of the guest report and the summary)."""
+
+    mode: str                                   # "auto" or "off"
+    ran: bool = False
+    ok: bool = True
+    changes: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+    restored: bool | None = None
+    seconds: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def markdown(self) -> str:
+        if not self.ran:
+            return ("Guest adaptation: off (`adapt_guest: off`); the guest is launched as it was written.\n"
+                    if self.mode == "off" else "Guest adaptation: not run (no Linux guest).\n")
+        if not self.ok:
+            return (f"Guest adaptation **failed**: {self.error}. "
+                    f"{'Everything it changed was put back' if self.restored else 'Not all of its changes could be put back'}"
+                    "; the volumes are kept as written.\n")
+        if not self.changes:
+            return "Guest adaptation: nothing to change.\n"
+        lines = [f"Guest adaptation: {len(self.changes)} changes in {self.seconds} s "
+                 "(originals kept in the guest under /var/lib/oci-disk-import/adaptation)", "",
+                 "| file | change | why |", "|---|---|---|"]
+        lines += [f"| `{c['path']}` | {c['action']} | {c['why']} |" for c in self.changes]
+        lines += [""] + [f"- {note}" for note in self.notes]
+        return "\n".join(lines) + "\n"
+
+
+
+@dataclass
 class GuestReport:
     """What the boot disk holds, and what it means for a launch (a Prefect artifact and part of the summary)."""
 
@@ -68,6 +104,8 @@ class GuestReport:
     hypervisor_tools: list[dict[str, Any]] = field(default_factory=list)
     selinux: str | None = None
     windows: dict[str, Any] = field(default_factory=dict)  # a Windows guest's: version, drivers, static addresses
+    placed: dict[str, str] = field(default_factory=dict)   # where the fstab's mounts are on the disk: /boot -> p1
+    adaptation: Adaptation | None = None                   # what the guest adaptation changed
     problems: list[str] = field(default_factory=list)
     verdicts: list[LaunchVerdict] = field(default_factory=list)
 
@@ -117,6 +155,8 @@ class GuestReport:
             lines += [""] + [f"- {fact}" for fact in facts]
         if self.os_type is not None:
             lines += [""] + [f"- problem: {p}" for p in self.problems]
+        if self.adaptation is not None:
+            lines += ["", self.adaptation.markdown()]
         return "\n".join(lines) + "\n"
 
 
@@ -134,22 +174,40 @@ def regions_of(checks: Sequence[FilesystemCheck]) -> list[dict[str, Any]]:
              "uuid": c.uuid, "label": c.label, "partuuid": c.partuuid} for c in checks]
 
 
-def inspect_guest(runner: Any, device: str, checks: Sequence[FilesystemCheck]) -> GuestReport:
-    """Run the worker's ``guest`` program on ``device`` (read-only) and report on what it found.
-    ``runner`` runs commands on the worker and puts private files there (a worker session)."""
-    made = runner.run(["mktemp", "-d", "/tmp/oci-guest.XXXXXXXX"])
+@contextlib.contextmanager
+def worker_directory(runner: Any, prefix: str) -> Iterator[str]:
+    """A private directory on the worker holding the agent archive, removed afterwards."""
+    made = runner.run(["mktemp", "-d", f"/tmp/{prefix}.XXXXXXXX"])
     if made.returncode != 0:
-        raise CommandFailed(made, "creating the guest inspection's directory")
+        raise CommandFailed(made, f"creating the directory {prefix} on the worker")
     directory = made.stdout.strip()
     try:
         runner.put_private_file(agent_archive(), f"{directory}/{ARCHIVE_NAME}")
-        runner.put_private_file(json.dumps({"device": device, "regions": regions_of(checks), "work": directory}),
-                                f"{directory}/guest.json")
-        facts = run_guest_program(runner, directory)
-        if (facts.get("os") or {}).get("type") == "windows":
-            facts["windows"] = read_windows(runner, facts.get("hives") or {})
+        yield directory
     finally:
         runner.run(["rm", "-rf", "--one-file-system", directory])
+
+
+def run_in_namespace(runner: Any, directory: str, program: str, config: dict[str, Any], timeout: float) -> Any:
+    """Run the agent's ``program`` with ``config`` in a mount namespace of its own (its mounts
+    vanish with it); the completed command."""
+    config = {**config, "work": directory, "archive": f"{directory}/{ARCHIVE_NAME}"}
+    runner.put_private_file(json.dumps(config), f"{directory}/{program}.json")
+    return runner.run(["unshare", "--mount", "--propagation", "private", "python3", f"{directory}/{ARCHIVE_NAME}",
+                       program, f"{directory}/{program}.json"], timeout=timeout)
+
+
+def inspect_guest(runner: Any, device: str, checks: Sequence[FilesystemCheck]) -> GuestReport:
+    """Run the worker's ``guest`` program on ``device`` (read-only) and report on what it found.
+    ``runner`` runs commands on the worker and puts private files there (a worker session)."""
+    with worker_directory(runner, "oci-guest") as directory:
+        result = run_in_namespace(runner, directory, "guest", {"device": device, "regions": regions_of(checks)},
+                                  GUEST_PROGRAM_SECONDS)
+        if result.returncode != 0:
+            raise CommandFailed(result, "the guest inspection")
+        facts = json.loads(result.stdout)
+        if (facts.get("os") or {}).get("type") == "windows":
+            facts["windows"] = read_windows(runner, facts.get("hives") or {})
     return report_from(facts)
 
 
@@ -162,14 +220,6 @@ def read_windows(runner: CommandRunner, hives: dict[str, str]) -> dict[str, Any]
         return windows.windows_facts(system, software)
     except (CommandFailed, KeyError, windows.HiveError) as exc:
         return {"error": f"the registry hives cannot be read: {exc}"}
-
-
-def run_guest_program(runner: CommandRunner, directory: str) -> dict[str, Any]:
-    result = runner.run(["unshare", "--mount", "--propagation", "private", "python3", f"{directory}/{ARCHIVE_NAME}",
-                         "guest", f"{directory}/guest.json"], timeout=GUEST_PROGRAM_SECONDS)
-    if result.returncode != 0:
-        raise CommandFailed(result, "the guest inspection")
-    return json.loads(result.stdout)
 
 
 def report_from(facts: dict[str, Any]) -> GuestReport:
@@ -187,7 +237,7 @@ def report_from(facts: dict[str, Any]) -> GuestReport:
         kernels=facts.get("kernels") or [], initramfs_tool=facts.get("initramfs_tool") or {},
         bootloader=facts.get("bootloader") or {}, fstab=facts.get("fstab") or [], network=facts.get("network") or [],
         cloud_init=facts.get("cloud_init") or {}, hypervisor_tools=facts.get("hypervisor_tools") or [],
-        selinux=facts.get("selinux"), problems=problems)
+        selinux=facts.get("selinux"), problems=problems, placed=facts.get("placed") or {})
     kernel = default_kernel(report)
     report.default_kernel = kernel["version"] if kernel else None
     report.verdicts = [verdict(report, kernel, PARAVIRTUALIZED), verdict(report, kernel, EMULATED)]
@@ -279,8 +329,9 @@ def reachability(report: GuestReport, mode: str, kernel: dict[str, Any] | None) 
     static = [n for n in configured if n["method"] in ("static", "manual", "none")]
     pinned = [n for n in configured if n.get("pins")]
     reasons = [f"{n['source']} gives {n.get('interface') or 'an interface'} a static address" for n in static]
+    first_is_eth0 = classic_names(report)
     reasons += [f"{n['source']} binds its configuration to {', '.join(n['pins'])}" for n in pinned
-                if any(p.startswith("mac ") for p in n["pins"]) or not _generic_name(n)]
+                if any(p.startswith("mac ") for p in n["pins"]) or not _generic_name(n, first_is_eth0)]
     if reasons:
         return False, reasons
     if not configured:
@@ -288,6 +339,15 @@ def reachability(report: GuestReport, mode: str, kernel: dict[str, Any] | None) 
     return True, ["the network is configured by DHCP, not bound to a name or address of the old machine"]
 
 
-def _generic_name(entry: dict[str, Any]) -> bool:
-    """An interface pinned by a pattern (``en*``, ``eth*`` with a wildcard) follows any card."""
-    return all("*" in p or "?" in p for p in entry.get("pins") or [] if p.startswith("name "))
+def _generic_name(entry: dict[str, Any], first_is_eth0: bool = False) -> bool:
+    """An interface pinned by a pattern (``en*``, ``eth*`` with a wildcard) follows any card; so
+    does ``eth0`` where the kernel names cards the classic way (``net.ifnames=0``)."""
+    return all("*" in p or "?" in p or (first_is_eth0 and p == "name eth0")
+               for p in entry.get("pins") or [] if p.startswith("name "))
+
+
+def classic_names(report: GuestReport) -> bool:
+    """Whether the kernel command lines turn predictable interface names off (``net.ifnames=0``):
+    the first card is then ``eth0`` on any machine."""
+    lines = [e.get("cmdline", "") for e in report.bootloader.get("entries") or []]
+    return bool(lines) and all("net.ifnames=0" in line.split() for line in lines)

@@ -94,6 +94,31 @@ def test_a_machine_starts_a_machine_import_with_its_metadata_left_aside(config, 
     assert runs_for(prefect_api, {name}) == []  # not a disk import
 
 
+def test_a_machine_upload_asks_for_a_bootable_launched_adapted_machine_by_its_metadata(
+        config, prefect_api, localoci, object_storage, bucket):
+    name = f"machines/{uuid.uuid4().hex}.ova"
+    etag = put(object_storage, localoci, bucket, name, {"bootable": "yes", "launch": "on", "adapt_guest": "OFF"})
+    decision = invoke(config, event(localoci.namespace, bucket, name, etag))
+    assert decision.decision == "started", decision
+    [run] = runs_for(prefect_api, {name}, "machine_deployment_id")
+    assert {k: run["parameters"].get(k) for k in ("bootable", "launch", "adapt_guest")} == {
+        "bootable": True, "launch": True, "adapt_guest": "off"}
+
+
+@pytest.mark.parametrize("metadata,expected", [
+    ({"bootable": "maybe"}, "invalid-bootable"),
+    ({"bootable": "false", "launch": "true"}, "invalid-launch"),
+    ({"bootable": "true", "adapt_guest": "always"}, "invalid-adapt-guest"),
+])
+def test_bad_machine_metadata_is_refused_with_its_code_and_starts_nothing(config, prefect_api, localoci,
+                                                                          object_storage, bucket, metadata, expected):
+    name = f"machines/{uuid.uuid4().hex}.ova"
+    etag = put(object_storage, localoci, bucket, name, metadata)
+    decision = invoke(config, event(localoci.namespace, bucket, name, etag))
+    assert decision.decision == "refused" and decision.status == 400 and decision.code == expected, decision
+    assert runs_for(prefect_api, {name}, "machine_deployment_id") == []
+
+
 def test_a_compressed_file_that_is_no_image_starts_nothing(config, prefect_api, localoci, object_storage, bucket):
     name = f"{uuid.uuid4().hex}.txt.gz"
     decision = invoke(config, event(localoci.namespace, bucket, name, put(object_storage, localoci, bucket, name)))
