@@ -2,7 +2,10 @@
 its boot seen through the console history. The disks boot Debian's cloud kernel for real
 (tests/boot_disks.py), under qemu in the local OCI. A Debian guest shaped as it leaves VMware
 (tests/linux_guests.py) is imported without a launch, for its guest report and the launch options
-chosen from it. On a stack of its own: it changes the stack's
+chosen from it, and adapted, where its stub initramfs tool fails the adaptation. Debian machines
+built from Debian's packages as they leave VMware (tests/debian_guests.py, BIOS and UEFI with an
+LVM root) are launched on virtio unadapted (they do not come up) and adapted (they boot to
+systemd's login prompt and their sshd answers). On a stack of its own: it changes the stack's
 target-machine block and runs the sweeper over every managed resource of the compartment."""
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 
 from deployments import demo, local_stack
 from diskimport.sample_disk import convert
-from tests import guest_disks, linux_guests
+from tests import debian_guests, guest_disks, linux_guests
 from tests.e2e.conftest import MANUAL_BUCKET, SUFFIX, Disk, admin, image_of, resources_of, run_import
 
 # The module fixture's slow part (seven machine imports, four of them booted under TCG) runs once, within the first
@@ -34,6 +37,7 @@ MACHINE = "import-machine/default"
 SHORT_CHECK = "short-boot-check"
 LAUNCH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBootDiskLaunchKeyForTheMetadataService launch@import"
 NO_CHECK = "no-boot-check"
+VIRTIO_UNADAPTED = "virtio-unadapted"
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +67,10 @@ def boot_imports(stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
         short.save(SHORT_CHECK + "-required", overwrite=True)
         short.boot_check = "off"
         short.save(NO_CHECK, overwrite=True)
+        unadapted = TargetMachine.load(local_stack.BLOCKS["target"])  # virtio asked for, whatever the report says
+        unadapted.boot_volume_type, unadapted.network_type = "PARAVIRTUALIZED", "PARAVIRTUALIZED"
+        unadapted.boot_timeout_seconds, unadapted.reach_timeout_seconds = 60, 0
+        unadapted.save(VIRTIO_UNADAPTED, overwrite=True)
 
     def ova(name: str, disk: Path, firmware: str) -> Path:
         """An OVA whose descriptor gives the firmware (VMware's ``firmware`` config: efi or bios)."""
@@ -95,17 +103,33 @@ def boot_imports(stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
                                 {"target_block": SHORT_CHECK + "-required"}),
     }
     if "vmware" in built:
-        cases["vmware-debian"] = (manifest("vmware-debian", [(built["vmware"], "qcow2")]), {"launch": False})
+        cases["vmware-debian"] = (manifest("vmware-debian", [(built["vmware"], "qcow2")]),
+                                  {"launch": False, "adapt_guest": "off"})
+        # adapted (the default): its update-initramfs cannot run, so the adaptation fails and puts back
+        cases["vmware-stub-adapted"] = (manifest("vmware-stub-adapted", [(built["vmware"], "raw")]), {"launch": False})
     # A machine imported first as disks only, then asked for again as a bootable, launched machine
     # (as an operator would after the upload's own import): its boot disk was written to a block volume.
     reimport = manifest("reimport", [(built["bios"], "qcow2"), (data.path, "raw")])
     first_etag, first_run = run_import(stack, reimport, "machines/boot/reimport.machine.json", deployment=MACHINE)
     started = {}
-    for case, (path, parameters) in cases.items():
-        suffix = ".ova" if path.suffix == ".ova" else ".machine.json"
-        etag, run = run_import(stack, path, f"machines/boot/{case}{suffix}", deployment=MACHINE, bootable=True,
-                               **parameters)
-        started[case] = {"etag": etag, "run": run}
+
+    def start(cases: dict[str, tuple[Path, dict[str, Any]]]) -> None:
+        for case, (path, parameters) in cases.items():
+            suffix = ".ova" if path.suffix == ".ova" else ".machine.json"
+            etag, run = run_import(stack, path, f"machines/boot/{case}{suffix}", deployment=MACHINE, bootable=True,
+                                   **parameters)
+            started[case] = {"etag": etag, "run": run}
+
+    start(cases)
+    if not debian_guests.tools_missing():  # built (or taken from the cache) while the cases above run
+        (tmp / "debian-bios").mkdir()
+        (tmp / "debian-uefi").mkdir()
+        bios = debian_guests.bios_machine(tmp / "debian-bios.raw", tmp / "debian-bios")
+        uefi = debian_guests.uefi_lvm_machine(tmp / "debian-uefi.raw", tmp / "debian-uefi")
+        start({"debian-bios-off": (manifest("debian-bios-off", [(bios.disk, "qcow2")]),
+                                   {"adapt_guest": "off", "target_block": VIRTIO_UNADAPTED}),
+               "debian-bios": (manifest("debian-bios", [(bios.disk, "qcow2")]), {}),
+               "debian-uefi-lvm": (manifest("debian-uefi-lvm", [(uefi.disk, "vmdk")]), {})})
     first = demo.wait_for_run(stack, first_run.id, timeout=900)
     started["reimport-first"] = {"etag": first_etag, "run": first_run, "final": first}
     started["reimport"] = {"etag": first_etag, "run": demo.start_import(
@@ -113,7 +137,9 @@ def boot_imports(stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
         bootable=True, target_block=NO_CHECK)}
     # Machines whose boot nothing watches (the one that does not boot loops in its firmware): each is
     # stopped as soon as its run has ended, so it takes no more minutes of CPU from the rest of the suite.
-    for case in ("unbootable", "reimport"):
+    for case in ("unbootable", "reimport", "debian-bios-off", "debian-bios", "debian-uefi-lvm"):
+        if case not in started:
+            continue
         item = started[case]
         item["final"] = demo.wait_for_run(stack, item["run"].id, timeout=900)
         if item["final"].state.is_completed():
@@ -241,11 +267,79 @@ def test_a_linux_guest_from_vmware_is_inspected_and_would_launch_emulated(boot_i
     assert guest["kernels"][0]["initramfs_drivers"] == ["ata_piix", "sd_mod", "vmw_pvscsi"]
     verdicts = {v["mode"]: (v["boots"], v["reachable"]) for v in guest["verdicts"]}
     assert verdicts == {"PARAVIRTUALIZED": (False, False), "EMULATED": (True, False)}
+    assert "| PARAVIRTUALIZED | **no** | **no** |" in guest_report_artifact(stack, item["run"].id)
+
+
+def guest_report_artifact(stack, run_id) -> str:
     with local_stack.prefect_api(stack["PREFECT_API_URL"]), get_client(sync_client=True) as client:
-        reports = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["guest-report"]), flow_run_id=ArtifactFilterFlowRunId(any_=[item["run"].id])))
-    [artifact] = reports
-    assert "| PARAVIRTUALIZED | **no** | **no** |" in str(artifact.data)
+        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["guest-report"]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    return str(artifact.data)
+
+
+def debian_case(boot_imports, case: str) -> dict[str, Any]:
+    if case not in boot_imports["cases"]:
+        pytest.skip(f"guest building tools missing: {debian_guests.tools_missing()}")
+    return boot_imports["cases"][case]
+
+
+def test_a_debian_machine_from_vmware_launched_on_virtio_unadapted_does_not_come_up(boot_imports, stack):
+    """adapt_guest off, virtio asked for by the block: GRUB starts the kernel, whose initramfs has
+    no virtio driver; nothing reaches the serial console (the guest's console is tty0)."""
+    item = debian_case(boot_imports, "debian-bios-off")
+    assert item["final"].state.is_completed(), item["final"].state.message  # boot_check: warn
+    started = demo.run_result(stack, item["final"])["boot"]
+    assert (started["boot_volume_type"], started["network_type"]) == ("PARAVIRTUALIZED", "PARAVIRTUALIZED")
+    assert started["launch_reason"].startswith("set in the TargetMachine block")
+    checked = started["boot_check"]
+    assert not checked["booted"], checked
+    tail = "\n".join(checked["console_tail"])
+    assert "Booting `Debian GNU/Linux'" in tail and debian_guests.LOGIN_PROMPT not in tail, tail
+    guest = started["guest"]
+    assert {v["mode"]: (v["boots"], v["reachable"]) for v in guest["verdicts"]}["PARAVIRTUALIZED"] == (False, False)
+    assert guest["adaptation"]["mode"] == "off" and not guest["adaptation"]["ran"]
+    assert "Guest adaptation: off" in guest_report_artifact(stack, item["run"].id)
+
+
+@pytest.mark.parametrize("case,firmware", [("debian-bios", "BIOS"), ("debian-uefi-lvm", "UEFI_64")])
+def test_a_debian_machine_from_vmware_once_adapted_boots_on_virtio_to_a_login_prompt_and_answers_ssh(
+        case, firmware, boot_imports, stack):
+    """The guest adapted on the worker with its own update-initramfs, then launched on virtio (as
+    the report after the adaptation says it boots): its systemd's login prompt on the serial
+    console, its own sshd answering on its private IP by DHCP."""
+    item = debian_case(boot_imports, case)
+    assert item["final"].state.is_completed(), item["final"].state.message
+    started = demo.run_result(stack, item["final"])["boot"]
+    assert started["firmware"] == firmware
+    assert (started["boot_volume_type"], started["network_type"]) == ("PARAVIRTUALIZED", "PARAVIRTUALIZED")
+    assert started["launch_reason"] == "the guest has the virtio drivers"
+    checked = started["boot_check"]
+    assert checked["booted"] and debian_guests.LOGIN_PROMPT in "\n".join(checked["console_tail"]), checked
+    assert checked["reachable"] and "SSH-2.0-OpenSSH" in checked["reach_result"], checked
+    guest = started["guest"]
+    assert {v["mode"]: (v["boots"], v["reachable"]) for v in guest["verdicts"]}["PARAVIRTUALIZED"] == (True, True)
+    done = guest["adaptation"]
+    assert done["ran"] and done["ok"] and done["restored"] is None
+    changed = {c["path"]: c["action"] for c in done["changes"]}
+    assert changed[f"/boot/initrd.img-{guest['default_kernel']}"] == "rebuilt"
+    assert {"/etc/fstab", "/etc/network/interfaces", "/etc/default/grub"} <= set(changed)
+    assert "| `/etc/fstab` | changed |" in guest_report_artifact(stack, item["run"].id)
+
+
+def test_an_adaptation_that_fails_fails_the_run_with_its_code_and_keeps_the_volumes_as_written(boot_imports, stack):
+    """The stub guest's update-initramfs cannot run: what the adaptation changed is put back, the
+    run fails with guest-adaptation-failed, the boot volume is kept (tagged failed) for inspection."""
+    if "vmware-stub-adapted" not in boot_imports["cases"]:
+        pytest.skip(f"guest building tools missing: {linux_guests.tools_missing()}")
+    item = boot_imports["cases"]["vmware-stub-adapted"]
+    state = item["final"].state
+    assert state.is_failed() and "guest-adaptation-failed" in (state.message or ""), state.message
+    assert "everything it changed was put back" in state.message
+    [kept] = [v for v in admin(stack, "GET", "inventory")["bootVolumes"]
+              if v["freeformTags"].get("import-etag") == item["etag"]]
+    assert kept["lifecycleState"] == "AVAILABLE" and kept["freeformTags"]["import-state"] == "failed"
+    text = guest_report_artifact(stack, item["run"].id)
+    assert "Guest adaptation **failed**" in text and "update-initramfs" in text
 
 
 def test_a_machine_imported_as_disks_then_asked_for_bootable_gets_a_boot_volume_and_keeps_its_data_volume(
