@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 
 from deployments import local_stack
+from deployments.bench_guest import GUEST, bench_guest, ensure_guest, guest_lines, guest_targets
 from deployments.bench_images import DECOMPRESSORS, MACHINE, SPECS, ImageSpec, ensure_image, ensure_machine
 from deployments.demo import inventory, run_result, run_started_by_upload, stack_clients, start_import, upload, \
     wait_for_run
@@ -364,9 +365,10 @@ def print_table(images: dict[str, dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", nargs="*", default=[s.name for s in SPECS] + [EXPORT, MACHINE],
+    parser.add_argument("--images", nargs="*", default=[s.name for s in SPECS] + [EXPORT, MACHINE, GUEST],
                         help=f"which images to run (default: all, the export, {EXPORT}, which implies "
-                             f"{EXPORT_SOURCE}, and the machine, {MACHINE})")
+                             f"{EXPORT_SOURCE}, the machine, {MACHINE}, and the guest inspection and "
+                             f"adaptation, {GUEST})")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference pipeline")
     parser.add_argument("--latency", default="none",
                         help="the local OCI's latency profile (localoci/latency.py): none (its own 50 ms "
@@ -387,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     if with_machine:
         print(f"machine {MACHINE}: preparing", flush=True)
         ova, disks = ensure_machine(image_dir)
+    with_guest = GUEST in args.images
+    if with_guest:
+        print(f"{GUEST}: preparing", flush=True)
+        guest_disk = ensure_guest(image_dir)
     volume_dir = base / "localoci" / "volumes"  # the floor's volume file sits beside the real ones
     before = apply_model(env)
     latency_before = admin(env, "GET", "latency")
@@ -395,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     images: dict[str, dict[str, Any]] = {}
     machine: dict[str, Any] | None = None
     export: dict[str, Any] | None = None
+    guest: dict[str, Any] | None = None
     try:
         for spec in specs:
             print(f"image {spec.name}: running", flush=True)
@@ -414,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
         if with_machine:
             print(f"machine {MACHINE}: running", flush=True)
             machine = bench_machine(env, ova, disks)
+        if with_guest:
+            print(f"{GUEST}: running", flush=True)
+            guest = bench_guest(env, guest_disk)
     finally:
         admin(env, "POST", "bandwidth", before)
         admin(env, "DELETE", "latency")
@@ -433,11 +443,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{' + '.join(f'{s:.1f}' for s in machine['separate_s'])} = {machine['separate_total_s']:.1f} s; "
               f"{machine['worker_vms']} worker VM(s); steps " + ", ".join(f"{k} {v:.1f}" for k, v in machine["steps"].items()))
         met += machine_targets(machine)
+    if guest:
+        print("\n" + "\n".join(guest_lines(guest)))
+        met += guest_targets(guest)
     print()
     for name, ok, detail in met:
         print(f"{'PASS' if ok else 'MISS'}  {name}: {detail}")
     print(json.dumps({"model": {**MODEL, "worker_network_bytes_per_s": WORKER_LIMIT}, "images": images,
-                      "export": export, "machine": machine}, sort_keys=False))
+                      "export": export, "machine": machine, "guest": guest}, sort_keys=False))
     return 0 if all(ok for _, ok, _ in met) else 1
 
 
