@@ -176,6 +176,9 @@ def _boot_lines(started: BootReport | None) -> list[str]:
     if started.boot_volume_type:
         lines.append(f"Launch: {started.boot_volume_type} boot volume, {started.network_type} network "
                      f"({started.launch_reason}); the guest report is the `guest-report` artifact.")
+    adapted = (started.guest or {}).get("adaptation")
+    if adapted:
+        lines.append(_adaptation_line(adapted))
     if started.instance_id is None:
         return lines + ["Not started (`launch: false`): the boot volume is ready to launch from."]
     lines.append(f"Started as instance `{started.instance_id}`.")
@@ -188,6 +191,14 @@ def _boot_lines(started: BootReport | None) -> list[str]:
         return lines + [f"Boot check: **booted in {checked.seconds:.0f} s**.{reached}"]
     return lines + [f"Boot check: **did not boot** (no `{checked.pattern}` within {checked.seconds:.0f} s). "
                     "Last console lines:", "", "```", *checked.console_tail, "```"]
+
+
+def _adaptation_line(adapted: dict[str, Any]) -> str:
+    if not adapted.get("ran"):
+        return "Guest adaptation: off; the guest is launched as it was written."
+    changed = ", ".join(f"`{c['path']}` {c['action']}" for c in adapted.get("changes") or []) or "nothing to change"
+    return f"Guest adaptation ({adapted.get('seconds')} s): {changed}; originals kept in the guest under " \
+           "`/var/lib/oci-disk-import/adaptation`."
 
 
 def publish_export_summary(summary: ExportSummary) -> None:

@@ -31,7 +31,12 @@ from pathlib import Path
 from tests.guest_disks import GPT_EFI, SECTOR, partition_layout, run_tool, write_at
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / ".local" / "boot-disks"
+# What the tests build once and reuse between runs (Debian's kernel, the Debian guests' root), kept
+# outside the checkout so that a fresh clone on the same machine reuses it too:
+# $OCI_IMPORT_TEST_CACHE, else ~/.cache/oci-disk-import-tests. Each file is named by what went
+# into it; removing the directory only costs the next run the time to build it again.
+TEST_CACHE = Path(os.environ.get("OCI_IMPORT_TEST_CACHE") or Path.home() / ".cache" / "oci-disk-import-tests")
+CACHE = TEST_CACHE / "boot-disks"
 LOGIN_PROMPT = "bootdisk login: "
 ISSUE_LINE = "Debian GNU/Linux 12 bootdisk ttyS0"
 MBR_BOOT_CODE = "/usr/lib/syslinux/mbr/mbr.bin"

@@ -124,23 +124,25 @@ def client_key() -> KeyPair:
 # last would run alone at the end while the other workers sit idle. (Without
 # --no-loadscope-reorder xdist hands out the modules with the most tests first: the fleet and
 # make-up modules, one test each, started 18 minutes into a run.)
-SLOW_FIRST = ("tests/e2e/test_end_to_end.py", "tests/e2e/test_machines.py", "tests/e2e/test_guest_disks.py",
-              "tests/e2e/test_fleet.py", "tests/e2e/test_untrusted_images.py", "tests/e2e/test_bootable_machines.py",
+SLOW_FIRST = ("tests/e2e/test_bootable_machines.py", "tests/e2e/test_end_to_end.py", "tests/e2e/test_guest_disks.py",
+              "tests/e2e/test_untrusted_images.py", "tests/e2e/test_machines.py", "tests/e2e/test_fleet.py",
               "tests/test_local_stack.py", "tests/e2e/", "tests/trigger/",
               # then the minute-long modules of the rest, so the last to start are short ones: test_window
               # (in file order, among the last) once started at 524 s and ended the run at 595 s
               "tests/diskimport/test_export.py", "tests/diskimport/test_window.py",
               "tests/diskimport/test_importer.py", "tests/diskimport/test_streaming_packed.py",
-              "tests/diskimport/test_vmdk_stream.py")
+              "tests/diskimport/test_vmdk_stream.py", "tests/diskimport/test_guest_adaptation.py")
 
 # The six longest modules (two to five minutes each) in three pairs, each pair one unit of work
 # for one worker, so the three workers start with a pair each. xdist hands a worker its next
 # module when the one it runs has two tests left, and those two may take three minutes: left to
 # it, one worker ran three of the six in a row (machines, fleet, bootable machines: 529 s) while
-# another had none, and the session took 619 s instead of 550.
-PAIRED = {"tests/e2e/test_bootable_machines.py": "tests/e2e/test_end_to_end.py",
-          "tests/e2e/test_fleet.py": "tests/e2e/test_guest_disks.py",
-          "tests/e2e/test_untrusted_images.py": "tests/e2e/test_machines.py"}
+# another had none, and the session took 619 s instead of 550. The bootable machines (with the
+# Debian machines' boots, the longest: 445 s of a 790 s run when it came second in its pair) go
+# first, with the shortest of the six after them.
+PAIRED = {"tests/e2e/test_untrusted_images.py": "tests/e2e/test_bootable_machines.py",
+          "tests/e2e/test_machines.py": "tests/e2e/test_end_to_end.py",
+          "tests/e2e/test_fleet.py": "tests/e2e/test_guest_disks.py"}
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:

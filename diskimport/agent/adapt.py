@@ -133,6 +133,11 @@ def edit_boot(changes, tree, facts, devices, console, names):
         text = tree.read_text("/etc/default/grub")
         changes.write("/etc/default/grub", edits.edit_grub_defaults(text, devices, console, names),
                       why + " (kept by the next kernel update)")
+    if tree.is_file("/etc/kernel/cmdline"):  # what kernel-install gives the next kernel's BLS entry
+        text = tree.read_text("/etc/kernel/cmdline").strip()
+        edited = edits.edit_cmdline(text, devices, console, names)
+        if edited != text:
+            changes.write("/etc/kernel/cmdline", edited + "\n", why + " (kept by the next kernel update)")
     for path in ("/boot/grub2/grubenv", "/boot/grub/grubenv"):
         f = tree.open(path)
         if f is None:

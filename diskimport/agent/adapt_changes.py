@@ -112,8 +112,9 @@ class Changes:
             self._undo.append((path, lambda: os.unlink(host)))
         _write(host, data, None if existed else mode)
         earlier = next((c for c in self.made if c["path"] == path), None)
-        if earlier is not None:  # a file changed twice is listed once, with both reasons
+        if earlier is not None:  # a file changed twice (or removed, then written anew) is listed once
             earlier["why"] += "; " + why
+            earlier["action"] = "changed" if earlier["action"] == "removed" else earlier["action"]
         else:
             self.made.append({"path": path, "action": "changed" if existed else "created", "why": why, "kept": kept})
 

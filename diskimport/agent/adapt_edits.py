@@ -57,9 +57,13 @@ def _spaced(args):
 
 
 def edit_bls_entry(text, devices, console=True, names=True):
-    """A Boot Loader Specification entry: its ``options`` line edited."""
-    return re.sub(r"^(\s*options)([^\n]*)$", lambda m: m.group(1) + _spaced(
-        edit_cmdline(m.group(2), devices, console, names)), text, flags=re.M)
+    """A Boot Loader Specification entry: its ``options`` line edited, unless it takes them from
+    GRUB's environment (``$kernelopts``), which is edited instead (:func:`edit_grubenv`)."""
+    def edit(match):
+        if "$kernelopts" in match.group(2):
+            return match.group(0)
+        return match.group(1) + _spaced(edit_cmdline(match.group(2), devices, console, names))
+    return re.sub(r"^(\s*options)([^\n]*)$", edit, text, flags=re.M)
 
 
 def edit_grub_defaults(text, devices, console=True, names=True):

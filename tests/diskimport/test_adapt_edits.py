@@ -75,3 +75,11 @@ def test_interfaces_keep_the_loopback_and_sources_and_comment_out_the_old_cards(
     assert edited[5:] == [f"{edits.MARK} auto ens192", f"{edits.MARK} iface ens192 inet static",
                           f"{edits.MARK}     address 10.20.30.40/24", f"{edits.MARK}     gateway 10.20.30.1"]
     assert edits.edit_interfaces("auto lo\niface lo inet loopback\n") == "auto lo\niface lo inet loopback\n"
+
+
+def test_a_bls_entry_that_takes_its_options_from_grubenv_is_left_to_grubenv():
+    entry = "title Oracle Linux\nlinux /vmlinuz-5\noptions $kernelopts\n"
+    assert edits.edit_bls_entry(entry, DEVICES) == entry
+    own = "title Oracle Linux\nlinux /vmlinuz-5\noptions root=/dev/sda2 ro\n"
+    assert edits.edit_bls_entry(own, DEVICES, names=False) == (
+        "title Oracle Linux\nlinux /vmlinuz-5\noptions root=UUID=1111-root ro console=tty0 console=ttyS0,115200\n")

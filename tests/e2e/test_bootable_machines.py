@@ -129,7 +129,7 @@ def boot_imports(stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
         start({"debian-bios-off": (manifest("debian-bios-off", [(bios.disk, "qcow2")]),
                                    {"adapt_guest": "off", "target_block": VIRTIO_UNADAPTED}),
                "debian-bios": (manifest("debian-bios", [(bios.disk, "qcow2")]), {}),
-               "debian-uefi-lvm": (manifest("debian-uefi-lvm", [(uefi.disk, "vmdk")]), {})})
+               "debian-uefi-lvm": (manifest("debian-uefi-lvm", [(uefi.disk, "qcow2")]), {})})
     first = demo.wait_for_run(stack, first_run.id, timeout=900)
     started["reimport-first"] = {"etag": first_etag, "run": first_run, "final": first}
     started["reimport"] = {"etag": first_etag, "run": demo.start_import(
