@@ -129,6 +129,8 @@ def boot_imports(stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
         start({"debian-bios-off": (manifest("debian-bios-off", [(bios.disk, "qcow2")]),
                                    {"adapt_guest": "off", "target_block": VIRTIO_UNADAPTED}),
                "debian-bios": (manifest("debian-bios", [(bios.disk, "qcow2")]), {}),
+               "debian-uefi-lvm-off": (manifest("debian-uefi-lvm-off", [(uefi.disk, "qcow2")]),
+                                       {"adapt_guest": "off", "target_block": VIRTIO_UNADAPTED}),
                "debian-uefi-lvm": (manifest("debian-uefi-lvm", [(uefi.disk, "qcow2")]), {})})
     first = demo.wait_for_run(stack, first_run.id, timeout=900)
     started["reimport-first"] = {"etag": first_etag, "run": first_run, "final": first}
@@ -137,7 +139,7 @@ def boot_imports(stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
         bootable=True, target_block=NO_CHECK)}
     # Machines whose boot nothing watches (the one that does not boot loops in its firmware): each is
     # stopped as soon as its run has ended, so it takes no more minutes of CPU from the rest of the suite.
-    for case in ("unbootable", "reimport", "debian-bios-off", "debian-bios", "debian-uefi-lvm"):
+    for case in ("unbootable", "reimport", "debian-bios-off", "debian-uefi-lvm-off", "debian-bios", "debian-uefi-lvm"):
         if case not in started:
             continue
         item = started[case]
@@ -283,12 +285,15 @@ def debian_case(boot_imports, case: str) -> dict[str, Any]:
     return boot_imports["cases"][case]
 
 
-def test_a_debian_machine_from_vmware_launched_on_virtio_unadapted_does_not_come_up(boot_imports, stack):
+@pytest.mark.parametrize("case,firmware", [("debian-bios-off", "BIOS"), ("debian-uefi-lvm-off", "UEFI_64")])
+def test_a_debian_machine_from_vmware_launched_on_virtio_unadapted_does_not_come_up(case, firmware, boot_imports,
+                                                                                     stack):
     """adapt_guest off, virtio asked for by the block: GRUB starts the kernel, whose initramfs has
     no virtio driver; nothing reaches the serial console (the guest's console is tty0)."""
-    item = debian_case(boot_imports, "debian-bios-off")
+    item = debian_case(boot_imports, case)
     assert item["final"].state.is_completed(), item["final"].state.message  # boot_check: warn
     started = demo.run_result(stack, item["final"])["boot"]
+    assert started["firmware"] == firmware
     assert (started["boot_volume_type"], started["network_type"]) == ("PARAVIRTUALIZED", "PARAVIRTUALIZED")
     assert started["launch_reason"].startswith("set in the TargetMachine block")
     checked = started["boot_check"]
