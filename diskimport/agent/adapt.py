@@ -319,7 +319,7 @@ def adapt(config, work):
             changes.write_log(KEPT, started)
         changes.finish()
         result = {"ok": True, "changes": changes.made, "notes": notes, "rebuilt": rebuilt, "tool_output": output}
-    except (AdaptError, OSError, subprocess.CalledProcessError) as exc:
+    except Exception as exc:  # whatever stopped it, what it changed goes back
         problems = changes.restore()
         result = {"ok": False, "error": str(exc), "restored": not problems, "restore_problems": problems,
                   "changes": changes.made, "notes": notes}

@@ -151,6 +151,7 @@ exec > /probe.txt 2>&1
 echo "processes: $(ls /proc | grep -c '^[0-9]')"
 echo "interfaces: $(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ' ')"
 mount -t tmpfs none /mnt; echo "mount: $?"
+cat /proc/sys/kernel/modprobe > /proc/sys/kernel/modprobe; echo "sysctl: $?"
 echo "devices: $(ls /dev | tr '\\n' ' ')"
 grep CapBnd /proc/self/status
 echo "outside: $(ls / | tr '\\n' ' ')"
@@ -163,7 +164,7 @@ def test_a_guest_tool_runs_without_network_other_processes_mounts_or_the_powers_
     with mounted(stub_guest.disk, checks["p2"], writable=True) as root:
         (root / "bin").mkdir(exist_ok=True)
         shutil.copy("/bin/busybox", root / "bin" / "busybox")
-        for tool in ("sh", "ls", "grep", "tail", "cut", "tr", "mount", "echo"):
+        for tool in ("sh", "ls", "grep", "tail", "cut", "tr", "mount", "echo", "cat"):
             (root / "bin" / tool).symlink_to("busybox")
         (root / "mnt").mkdir()
         (root / "proc").mkdir(exist_ok=True)
@@ -178,6 +179,7 @@ def test_a_guest_tool_runs_without_network_other_processes_mounts_or_the_powers_
     assert int(probe["processes"]) <= 4, probe
     assert probe["interfaces"].split() == ["lo"], probe  # a network namespace of its own, with no card
     assert probe["mount"].strip() != "0", probe
+    assert probe["sysctl"].strip() != "0", probe  # the worker's kernel settings are read-only to it
     assert probe["devices"].split() == ["fd", "full", "null", "random", "shm", "stderr", "stdin", "stdout",
                                         "urandom", "zero"], probe
     assert int(probe["CapBnd"], 16) == 0b11011111, probe  # chown, dac_*, fowner, fsetid, setgid, setuid
