@@ -137,9 +137,14 @@ class BlockStorage:
 
     def create_volume(self, details: dict[str, Any], fails: bool = False, region: str | None = None) -> dict[str, Any]:
         """A new PROVISIONING volume in ``region``; it becomes AVAILABLE, or FAULTY if it ``fails`` (an injected
-        fault). From ``sourceDetails`` of type volumeBackup, it holds the backup's bytes once AVAILABLE."""
+        fault). From ``sourceDetails`` of type volumeBackup, it holds the backup's bytes once AVAILABLE; of
+        type volume, it is a clone of that volume (localoci/blockstorage/clones.py)."""
+        from . import clones  # clones uses this module's sizes
+
         region = region or self.app.home_region
-        if details.get("sourceDetails"):
+        if clones.source_type(details) == "volume":
+            volume = clones.clone_volume(self.app, details, fails, region)
+        elif details.get("sourceDetails"):
             volume = self.app.backups.restore_volume(details, fails, region)
         else:
             volume = self.new_volume(details, region, fails)

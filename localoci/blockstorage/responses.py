@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ..http import Request, Response, Route
 from ..paging import paged, require
 from ..resources import lookup, matches, public
+from . import clones
 from .backups import BOOT, GROUP, VOLUME, Kind
 
 if TYPE_CHECKING:
@@ -108,8 +109,12 @@ def delete_boot_volume(app: "LocalOCI", request: Request) -> Response:
 
 
 def create_boot_volume(app: "LocalOCI", request: Request) -> Response:
-    """CreateBootVolume restores a boot volume backup (the only source the local OCI takes)."""
-    boot_volume = app.backups.restore_boot_volume(request.json(), request.fail_resource, request.region)
+    """CreateBootVolume restores a boot volume backup or clones a boot volume (the sources the local OCI takes)."""
+    details = request.json()
+    if clones.source_type(details) == "bootVolume":
+        boot_volume = clones.clone_boot_volume(app, details, request.fail_resource, request.region)
+    else:
+        boot_volume = app.backups.restore_boot_volume(details, request.fail_resource, request.region)
     return Response.json(public(boot_volume))
 
 

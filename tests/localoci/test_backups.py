@@ -1,6 +1,7 @@
 """Block volume, boot volume and volume group backups on a two-region local OCI, via the real SDK
 (and once the real CLI): backed up, copied to the other region, restored bit-exact, isolated by
-region, failed by faults, deleted with their files, copied sparse, and resumed after a restart."""
+region, failed by faults, deleted with their files, copied sparse, and resumed after a restart. Clones of
+volumes and boot volumes: point-in-time, sparse, in their source's domain, launchable."""
 
 from __future__ import annotations
 
@@ -402,9 +403,15 @@ def test_a_boot_volume_backup_is_copied_and_restored_in_both_regions_and_launche
         availability_domain=other.ads[0], compartment_id=server.tenancy_id).data}
 
     # The restored boot volume boots a worker, as any other.
+    launches(server, compute, home.ads[0], subnet_id, restored[HOME].id)
+
+
+def launches(server: process.RunningLocalOCI, compute: oci.core.ComputeClient, ad: str, subnet_id: str,
+             boot_volume_id: str) -> None:
+    """An instance launched from the boot volume comes to RUNNING (and is terminated)."""
     launch = models.LaunchInstanceDetails(
-        compartment_id=server.tenancy_id, availability_domain=home.ads[0], shape="VM.Standard.E4.Flex",
-        source_details=models.InstanceSourceViaBootVolumeDetails(boot_volume_id=restored[HOME].id),
+        compartment_id=server.tenancy_id, availability_domain=ad, shape="VM.Standard.E4.Flex",
+        source_details=models.InstanceSourceViaBootVolumeDetails(boot_volume_id=boot_volume_id),
         create_vnic_details=models.CreateVnicDetails(subnet_id=subnet_id))
     instance = compute.launch_instance(launch).data
     try:
@@ -412,6 +419,84 @@ def test_a_boot_volume_backup_is_copied_and_restored_in_both_regions_and_launche
     finally:
         compute.terminate_instance(instance.id)
     wait_for(compute.get_instance, instance.id, "TERMINATED")
+
+
+# -- clones ----------------------------------------------------------------------------------
+
+
+def test_a_volume_clone_holds_its_source_as_it_was_when_asked_for(server, home, other, volume_with):
+    writes = known_bytes()
+    source = volume_with(writes, display_name="source", freeform_tags={"role": "source"})
+    token = uuid.uuid4().hex
+    details = models.CreateVolumeDetails(
+        compartment_id=server.tenancy_id, availability_domain=home.ads[0], size_in_gbs=60, display_name="clone",
+        freeform_tags={"role": "clone"}, source_details=models.VolumeSourceFromVolumeDetails(id=source.id))
+    made = home.bs.create_volume(details, opc_retry_token=token, retry_strategy=NO_RETRY).data
+    # Written after the clone was asked for, the source changes and the clone does not.
+    write_at(backing_file(server, source.id), {0: b"after the clone"})
+    assert made.lifecycle_state == "PROVISIONING" and made.id != source.id
+    assert home.bs.create_volume(details, opc_retry_token=token, retry_strategy=NO_RETRY).data.id == made.id
+    clone = wait_for(home.bs.get_volume, made.id, "AVAILABLE")
+    assert (clone.size_in_gbs, clone.availability_domain, clone.display_name) == (60, home.ads[0], "clone")
+    assert clone.source_details.type == "volume" and clone.source_details.id == source.id
+    assert clone.freeform_tags == {"role": "clone"}
+    path = backing_file(server, clone.id)
+    assert path.stat().st_size == 60 * GB
+    with open(path, "rb") as f:
+        for offset, data in writes.items():
+            f.seek(offset)
+            assert f.read(len(data)) == data, offset
+    # copied sparse: its data is where the source's was, the rest holes
+    assert sum(end - start for start, end in data_ranges(path)) <= 4 * MiB
+    assert home.bs.get_volume(source.id).data.lifecycle_state == "AVAILABLE"
+
+    # Without a size it is the source's; smaller, elsewhere, unknown or not AVAILABLE is refused, as OCI does.
+    same = home.bs.create_volume(models.CreateVolumeDetails(
+        compartment_id=server.tenancy_id, availability_domain=home.ads[0],
+        source_details=models.VolumeSourceFromVolumeDetails(id=clone.id))).data
+    assert same.size_in_gbs == 60
+    refused = {}
+    for name, ad, size, source_id, region in (
+            ("smaller", home.ads[0], 50, clone.id, home), ("other domain", home.ads[1], None, source.id, home),
+            ("unknown", home.ads[0], None, "ocid1.volume.oc1.local-1.none", home),
+            ("other region", other.ads[0], None, source.id, other)):
+        refused[name] = refusal(lambda: region.bs.create_volume(models.CreateVolumeDetails(
+            compartment_id=server.tenancy_id, availability_domain=ad, size_in_gbs=size,
+            source_details=models.VolumeSourceFromVolumeDetails(id=source_id)), retry_strategy=NO_RETRY))
+    assert (refused["smaller"].status, refused["smaller"].code) == (400, "InvalidParameter")
+    assert "60" in refused["smaller"].message and clone.id in refused["smaller"].message
+    assert refused["other domain"].code == "InvalidParameter" and home.ads[0] in refused["other domain"].message
+    assert (refused["unknown"].status, refused["other region"].status) == (404, 404)
+    home.bs.delete_volume(same.id)
+    wait_for(home.bs.get_volume, same.id, "TERMINATED")
+    ended = refusal(lambda: home.bs.create_volume(models.CreateVolumeDetails(
+        compartment_id=server.tenancy_id, availability_domain=home.ads[0],
+        source_details=models.VolumeSourceFromVolumeDetails(id=same.id)), retry_strategy=NO_RETRY))
+    assert (ended.status, ended.code) == (409, "IncorrectState") and "TERMINATED" in ended.message
+
+    # An injected failResource leaves the clone FAULTY, and it cannot be cloned in turn.
+    server.admin("POST", "faults", {"operation": "CreateVolume", "failResource": True})
+    faulty = home.bs.create_volume(models.CreateVolumeDetails(
+        compartment_id=server.tenancy_id, availability_domain=home.ads[0],
+        source_details=models.VolumeSourceFromVolumeDetails(id=source.id))).data
+    wait_for(home.bs.get_volume, faulty.id, "FAULTY")
+
+
+def test_a_boot_volume_clone_launches_as_its_source_does(server, home, boot_volume, clean):
+    boot, compute, subnet_id = boot_volume
+    made = home.bs.create_boot_volume(models.CreateBootVolumeDetails(
+        compartment_id=server.tenancy_id, availability_domain=boot.availability_domain, display_name="cloned boot",
+        source_details=models.BootVolumeSourceFromBootVolumeDetails(id=boot.id))).data
+    assert made.lifecycle_state == "PROVISIONING" and made.source_details.type == "bootVolume"
+    clone = wait_for(home.bs.get_boot_volume, made.id, "AVAILABLE")
+    assert (clone.image_id, clone.size_in_gbs, clone.display_name) == (boot.image_id, boot.size_in_gbs, "cloned boot")
+    assert clone.source_details.id == boot.id
+    assert same_bytes(backing_file(server, boot.id), backing_file(server, clone.id))
+    elsewhere = refusal(lambda: home.bs.create_boot_volume(models.CreateBootVolumeDetails(
+        compartment_id=server.tenancy_id, availability_domain=next(ad for ad in home.ads if ad != boot.availability_domain),
+        source_details=models.BootVolumeSourceFromBootVolumeDetails(id=boot.id)), retry_strategy=NO_RETRY))
+    assert (elsewhere.status, elsewhere.code) == (400, "InvalidParameter")
+    launches(server, compute, clone.availability_domain, subnet_id, clone.id)
 
 
 # -- faults, deletion, sparseness ----------------------------------------------------------
