@@ -34,7 +34,7 @@ EPERM, EIO, EINVAL = 1, 5, 22
 MAX_READ = 32 * 1024 * 1024
 
 
-def _recv_exact(sock, n):
+def recv_exact(sock, n):
     buf = bytearray()
     while len(buf) < n:
         data = sock.recv(n - len(buf))
@@ -77,13 +77,13 @@ class NbdExport(object):
     def _handshake(self, conn):
         """Option haggling; ``(structured, block_status)`` to go on with, None to hang up."""
         conn.sendall(NBDMAGIC + IHAVEOPT + struct.pack(">H", FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
-        (client_flags,) = struct.unpack(">I", _recv_exact(conn, 4))
+        (client_flags,) = struct.unpack(">I", recv_exact(conn, 4))
         structured = block_status = False
         while True:
-            magic, option, length = struct.unpack(">8sII", _recv_exact(conn, 16))
+            magic, option, length = struct.unpack(">8sII", recv_exact(conn, 16))
             if magic != IHAVEOPT or length > 65536:
                 return None
-            data = _recv_exact(conn, length)
+            data = recv_exact(conn, length)
             if option == OPT_EXPORT_NAME:
                 zeroes = b"" if client_flags & FLAG_NO_ZEROES else b"\0" * 124
                 conn.sendall(struct.pack(">QH", self.size, self.tflags) + zeroes)
@@ -186,7 +186,7 @@ class NbdExport(object):
         with ThreadPoolExecutor(max_workers=16) as pool:
             try:
                 while True:
-                    magic, flags, kind, cookie, offset, length = struct.unpack(">IHHQQI", _recv_exact(conn, 28))
+                    magic, flags, kind, cookie, offset, length = struct.unpack(">IHHQQI", recv_exact(conn, 28))
                     if magic != REQUEST_MAGIC:
                         return
                     if kind == CMD_DISC:

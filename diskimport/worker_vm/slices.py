@@ -194,7 +194,7 @@ class SliceWriter:
                  staging_image: str, device: str, *, target_is_zero: bool, direct_io: bool = True,
                  on_progress: Callable[[float], None] | None = None,
                  on_verified: Callable[[int, int], None] | None = None, image_bytes: int | None = None,
-                 windowed: bool = False) -> None:
+                 windowed: bool = False, sync_socket: str | None = None) -> None:
         self.runner, self.qemu, self.fmt, self.virtual_size = runner, qemu, fmt, virtual_size
         self.socket, self.staging_image, self.device = socket, staging_image, device
         self.target_is_zero, self.direct_io = target_is_zero, direct_io
@@ -205,6 +205,11 @@ class SliceWriter:
         self.windowed = windowed
         self.slices = (plan_window_slices(virtual_size, image_bytes or virtual_size) if windowed
                        else plan_slices(virtual_size, image_bytes))
+        # A sync writes through the agent's sync target (diskimport.worker_vm.sync_target), which writes
+        # only what differs from the device: every byte goes there, zeros too.
+        self.sync_socket = sync_socket
+        if sync_socket is not None:
+            self.target_is_zero = False
         self.zeros: list[tuple[int, int]] | None = None
         self.verified_bytes = 0
         self._lock = threading.Lock()
@@ -214,6 +219,11 @@ class SliceWriter:
 
     def _device(self, offset: int, length: int) -> str:
         return device_node(self.device, offset, length, self.direct_io)
+
+    def _target(self, offset: int, length: int) -> str:
+        if self.sync_socket is not None:
+            return format_node("raw", offset, length, **nbd_protocol(self.sync_socket))
+        return self._device(offset, length)
 
     def _staging(self, offset: int, length: int, again: bool = False) -> str:
         if self.windowed and again:  # the stream fetches again what the window let go
@@ -282,7 +292,7 @@ class SliceWriter:
                     if self.on_progress is not None:
                         self.on_progress((index + percent / 100) * 100 / count)
 
-                self.qemu.convert_nodes(self._nbd(offset, length), self._device(offset, length),
+                self.qemu.convert_nodes(self._nbd(offset, length), self._target(offset, length),
                                         target_is_zero=self.target_is_zero, on_progress=progress)
                 checks.append(((offset, length), verifier.submit(self.verify_slice, offset, length)))
                 failed = next((f for _, f in checks if f.done() and f.exception() is not None), None)

@@ -1,7 +1,8 @@
 """The slice-by-slice write with verification behind it (diskimport.worker_vm.slices), on real qemu-img.
 
 The image streams from the real local OCI through the real streamer; each slice is
-converted from NBD onto a volume file and compared behind the write.
+converted from NBD onto a volume file and compared behind the write. A sync writes a new version
+through the agent's sync target onto a volume holding an earlier one, only the pages that differ.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 from diskimport.worker_vm import slices, transfer
 from diskimport.worker_vm.commands import LocalRunner
 from diskimport.worker_vm.qemu_img import QemuImg
+from diskimport.worker_vm.sync_target import SyncTarget
 
 from .conftest import head_and_tail
 
@@ -140,3 +142,47 @@ def test_a_volume_that_was_not_fresh_is_written_in_full(localoci, uploaded, imag
     writer.write(stream.finish)
     assert writer.summary()["verified_bytes"] == VIRTUAL
     assert QemuImg(runner).compare(str(image), "qcow2", str(target))[0]
+
+
+@pytest.mark.heavy  # compares 6 GiB
+def test_a_sync_writes_only_the_pages_that_differ_and_the_volume_ends_as_the_image(localoci, uploaded, image,
+                                                                                  staging, tmp_path):
+    """A volume holding an earlier version of the disk (the image, then changed in places) is synced:
+    qemu-img writes every slice through the agent's sync target, which writes only what differs."""
+    runner = LocalRunner()
+    target = tmp_path / "volume.img"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(target)], check=True)
+    changes = {5 * MiB + 100: os.urandom(3 * MiB),         # data rewritten (unaligned: 4 KiB pages either side)
+               1 * GiB: os.urandom(2 * MiB),               # data where the image has a long zero run
+               1600 * MiB + 4096: bytes(MiB),              # zeros where the image has data
+               VIRTUAL - 4096: b"one page at the end"}
+    write_at(target, changes)
+    changed = sum(len(data) for data in changes.values())
+    stream = start(uploaded, image, staging)
+    sync = SyncTarget(runner, runner, stream.script, staging, str(target)).start()
+    writer = slices.SliceWriter(runner, QemuImg(runner), "qcow2", VIRTUAL, stream.socket, stream.path, str(target),
+                                target_is_zero=True, sync_socket=sync.socket)  # a sync never skips zeros
+    writer.write(stream.finish)
+    account = sync.stop()
+
+    assert writer.summary()["verified_bytes"] == VIRTUAL
+    assert QemuImg(runner).compare(str(image), "qcow2", str(target))[0]
+    assert account["compared"] == VIRTUAL and account["unchanged"] >= VIRTUAL - 2 * changed
+    # Whole pages only: at most a page more at each end of each change.
+    assert changed <= account["written"] + account["zeroed"] <= changed + 2 * 4096 * len(changes)
+    assert account["zeroed"] >= 2 * MiB - 4096  # the data written into the zero run is zeroed again
+    # The image's pages now; a second sync of the same version writes nothing.
+    (tmp_path / "again").mkdir(mode=0o700)
+    stream = start(uploaded, image, str(tmp_path / "again"))
+    sync = SyncTarget(runner, runner, stream.script, str(tmp_path / "again"), str(target)).start()
+    slices.SliceWriter(runner, QemuImg(runner), "qcow2", VIRTUAL, stream.socket, stream.path, str(target),
+                       target_is_zero=False, sync_socket=sync.socket).write(stream.finish)
+    again = sync.stop()
+    assert (again["written"], again["zeroed"], again["unchanged"]) == (0, 0, VIRTUAL)
+
+
+def write_at(path: Path, writes: dict[int, bytes]) -> None:
+    with open(path, "r+b") as f:
+        for offset, data in writes.items():
+            f.seek(offset)
+            f.write(data)
