@@ -45,6 +45,10 @@ class ImportSettings(Block):
                                         "(32 TiB, the block volume maximum).")
     extra_tags: dict[str, str] = Field(default_factory=dict, description="Freeform tags added to every volume "
                                        "and worker.")
+    sync_volumes: bool = Field(default=False, description="A new version of an object imported before updates "
+                               "that import's volume in place, writing only the blocks that differ (a sync); "
+                               "off: each version gets a new volume. The flow's sync parameter and the "
+                               "upload's opc-meta-sync win.")
     keep_failed_volume: bool = Field(default=False, description="Keep (detached) the volume of a failed import "
                                      "for inspection instead of deleting it.")
     crash_retries: int = Field(default=2, ge=0, le=10, description="How many times a run whose process dies "

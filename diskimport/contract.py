@@ -118,11 +118,12 @@ class ImportOptions:
     vpus: int | None = None
     format: str | None = None
     virtual_size: int | None = None  # bytes: the inner disk's size, for a compressed raw dump
+    sync: bool | None = None  # a new version updates the volume of the object's earlier import in place
 
     def as_parameters(self) -> dict[str, Any]:
         """The flow parameters these options set (``format`` and ``virtual_size`` travel as metadata only)."""
         values = {"ad_number": self.ad_number, "display_name": self.display_name,
-                  "backup_policy": self.backup_policy, "vpus": self.vpus}
+                  "backup_policy": self.backup_policy, "vpus": self.vpus, "sync": self.sync}
         return {k: v for k, v in values.items() if v is not None}
 
 
@@ -176,7 +177,9 @@ def parse_options(values: Mapping[str, Any], ad_count: int | None = None,
         if not 0 < virtual_size <= max_virtual_size:
             raise InvalidRequest("invalid-virtual-size", f"virtual_size must be 1 to {max_virtual_size} bytes, "
                                  f"not {virtual_size}")
-    return ImportOptions(ad_number, display_name, backup_policy, vpus, fmt, virtual_size)
+    sync = values.get("sync")
+    sync = None if sync in (None, "") else _yes_or_no("invalid-sync", "sync", sync)
+    return ImportOptions(ad_number, display_name, backup_policy, vpus, fmt, virtual_size, sync)
 
 
 MACHINE_OPTION_KEYS = ("bootable", "launch")
@@ -244,6 +247,11 @@ def import_id(namespace: str, bucket: str, object_name: str, etag: str) -> str:
     return hashlib.sha256(idempotency_key(namespace, bucket, object_name, etag).encode()).hexdigest()[:32]
 
 
+def source_id(namespace: str, bucket: str, object_name: str) -> str:
+    """A stable id of one object, every version of it: a sync finds the volume of its earlier import by it."""
+    return hashlib.sha256(f"{namespace}/{bucket}/{object_name}".encode()).hexdigest()[:32]
+
+
 # -- tags on every resource an import creates (so a sweeper finds what a dead run left) -----
 
 MANAGED_BY = "oci-disk-import"
@@ -260,6 +268,10 @@ TAG_FIRMWARE = "import-firmware"  # a boot volume: the firmware it boots by, as 
 TAG_BOOT = "import-boot"        # the started machine's boot check: booted, not-booted
 TAG_COPY_ID = "copy-id"         # a copy's backups and restored volumes: the copy's id
 TAG_COPY_OF = "copy-of"         # a restored volume: the source volume's OCID
+TAG_SOURCE = "import-source"    # an imported disk's volume: its object, whatever the version (source_id)
+TAG_VERSION_TIME = "import-version-time"  # and when the version it holds was uploaded (epoch seconds)
+TAG_VIRTUAL_SIZE = "import-virtual-size"  # and that version's disk size in bytes
+TAG_SYNCED_FROM = "import-synced-from"    # a volume synced to a new version: the ETag it held before
 STATE_WRITING = "writing"
 STATE_IMPORTED = "imported"
 STATE_FAILED = "failed"

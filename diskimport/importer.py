@@ -53,10 +53,19 @@ class PreviousImports:
     imported: FoundVolume | None
     resumable: tuple[FoundVolume, ...]
     force: bool = False  # a new volume is wanted even if one was imported
+    sync_base: FoundVolume | None = None  # a sync: the volume of the object's earlier version, updated in place
 
 
 def _position(tag: str | None) -> int | None:
     return int(tag) if tag is not None and tag.isdigit() else None
+
+
+def _found(volume: Any) -> FoundVolume:
+    tags = dict(volume.freeform_tags or {})
+    return FoundVolume(volume.id, tags.get(contract.TAG_STATE), volume.availability_domain, volume.size_in_gbs,
+                       volume.display_name, tags.get(contract.TAG_FLOW_RUN),
+                       volume.time_created.isoformat() if volume.time_created else "",
+                       _position(tags.get(contract.TAG_DISK)), tags)
 
 
 def peak_rss_mb() -> float:
@@ -115,11 +124,7 @@ class Importer:
     def found_volumes(self, version: ObjectVersion) -> list[FoundVolume]:
         volumes = cloud.find_volumes(self.clients, self.settings.compartment_id,
                                      {contract.TAG_IMPORT_ID: version.import_id})
-        return [FoundVolume(v.id, (v.freeform_tags or {}).get(contract.TAG_STATE), v.availability_domain,
-                            v.size_in_gbs, v.display_name, (v.freeform_tags or {}).get(contract.TAG_FLOW_RUN),
-                            v.time_created.isoformat() if v.time_created else "",
-                            _position((v.freeform_tags or {}).get(contract.TAG_DISK)))
-                for v in volumes]
+        return [_found(v) for v in volumes]
 
     def _competitor(self, found: Sequence[FoundVolume], own: FoundVolume | None = None) -> FoundVolume | None:
         """A volume of this import that another live run is writing: the run this one yields to.
@@ -133,11 +138,12 @@ class Importer:
         return rivals[0] if rivals else None
 
     @step("find-previous-import")
-    def previous_imports(self, version: ObjectVersion, force: bool = False) -> PreviousImports:
+    def previous_imports(self, version: ObjectVersion, force: bool = False, sync: bool = False) -> PreviousImports:
         """What other runs of this import did. Waits while another live run writes the same version.
 
         Returns the imported volume to reuse (none with ``force``) and volumes left half
-        written by runs that are gone, which this run resumes.
+        written by runs that are gone, which this run resumes. With ``sync`` and neither, the
+        volume of the object's latest earlier import, to update in place (:meth:`sync_base`).
         """
         deadline = time.monotonic() + self.competing_wait_seconds
         while True:
@@ -156,12 +162,75 @@ class Importer:
         resumable = () if force else tuple(
             v for v in found if v.state == contract.STATE_WRITING
             and (v.flow_run == self.run.run_id or not self.run.run_is_active(v.flow_run or "")))
-        previous = PreviousImports(None if force else imported, resumable, force)
+        base = self.sync_base(version) if sync and not force and imported is None and not resumable else None
+        previous = PreviousImports(None if force else imported, resumable, force, base)
+        if base is not None:
+            self.log.info("syncing onto volume %s, which holds version %s of %s: only what differs is written",
+                          base.id, base.tags.get(contract.TAG_ETAG), version.name)
         if previous.imported is not None:
             self.log.info("already imported as volume %s; nothing is written again", previous.imported.id)
         elif resumable:
             self.log.info("resuming volume(s) a dead run left half written: %s", ", ".join(v.id for v in resumable))
         return previous
+
+    def sync_base(self, version: ObjectVersion) -> FoundVolume | None:
+        """The imported volume holding the object's latest earlier version, if any: a sync writes onto it
+        (or the volume a failed sync kept).
+
+        Refused (and nothing changed) when that volume holds a newer version than this one, or is
+        attached to an instance that is not stopped: after a cutover the machine is what holds the
+        truth, and a sync would write under it.
+        """
+        source = contract.source_id(version.namespace, version.bucket, version.name)
+        found = [_found(v) for v in cloud.find_volumes(self.clients, self.settings.compartment_id,
+                                                       {contract.TAG_SOURCE: source})]
+        # an earlier version's import, or a sync that failed (its volume kept): synced again, only what differs
+        earlier = [v for v in found if v.disk is None and (
+            (v.state == contract.STATE_IMPORTED and v.tags.get(contract.TAG_IMPORT_ID) != version.import_id)
+            or (v.state == contract.STATE_FAILED and v.synced_from is not None))]
+        if not earlier:
+            return None
+        base = max(earlier, key=lambda v: (_version_time(v), v.created, v.id))
+        if version.modified is not None and _version_time(base) > version.modified:
+            raise InvalidRequest("sync-older-version", f"volume {base.id} holds version "
+                                 f"{base.tags.get(contract.TAG_ETAG)} of {version.name}, uploaded after this one "
+                                 f"({version.etag}): a sync never writes an older version over a newer one")
+        for attachment in cloud.live_attachments(self.clients, self.settings.compartment_id, base.id):
+            instance = cloud.with_backoff(self.clients.compute.get_instance, attachment.instance_id).data
+            if instance.lifecycle_state not in ("STOPPED", "TERMINATING", "TERMINATED"):
+                raise InvalidRequest("sync-volume-in-use", f"volume {base.id} (version "
+                                     f"{base.tags.get(contract.TAG_ETAG)} of {version.name}) is attached to instance "
+                                     f"{instance.id}, which is {instance.lifecycle_state}: a sync does not write "
+                                     "under a running machine; stop it or detach the volume first")
+        return base
+
+    def version_tags(self, version: ObjectVersion, virtual_size: int) -> dict[str, str]:
+        """The tags that say which object, which version of it (by upload time) and what disk size a volume holds."""
+        tags = {contract.TAG_SOURCE: contract.source_id(version.namespace, version.bucket, version.name),
+                contract.TAG_VIRTUAL_SIZE: str(virtual_size)}
+        if version.modified is not None:
+            tags[contract.TAG_VERSION_TIME] = str(int(version.modified))
+        return tags
+
+    def adopt_for_sync(self, base: FoundVolume, version: ObjectVersion, image: InspectedImage) -> Volume:
+        """Take the earlier import's volume for this version: tagged as this import's, being written, and
+        synced from the version it held; grown first if the new disk is larger. Its undo keeps it."""
+        run = self.run
+        previous_size = int(base.tags.get(contract.TAG_VIRTUAL_SIZE) or 0)
+        # a failed sync's volume was last whole at the version that sync started from
+        held = base.synced_from if base.state == contract.STATE_FAILED else base.tags.get(contract.TAG_ETAG)
+        tags = {**run.tags(version.subject), **self.version_tags(version, max(previous_size, image.virtual_size)),
+                contract.TAG_STATE: contract.STATE_WRITING, contract.TAG_SYNCED_FROM: held or ""}
+        cloud.tag_volume(self.clients, base.id, tags)
+        self.register_volume(base.id, synced=True)
+        size_gb = max(base.size_in_gbs, cloud.volume_size_gb(image.virtual_size))
+        if size_gb > base.size_in_gbs:
+            cloud.update_volume(self.clients, base.id, size_in_gbs=size_gb)
+            cloud.wait_volume_available(self.clients, base.id)
+            self.log.info("volume %s grown from %d GB to %d GB for the new version", base.id, base.size_in_gbs,
+                          size_gb)
+        return Volume(base.id, base.availability_domain, size_gb, base.display_name, fresh=False,
+                      synced_from=tags[contract.TAG_SYNCED_FROM], previous_virtual_size=previous_size or None)
 
     # -- resources ----------------------------------------------------------------------------
 
@@ -204,18 +273,21 @@ class Importer:
                       name)
         return Volume(ready.id, ready.availability_domain, ready.size_in_gbs, ready.display_name, fresh=True)
 
-    def register_volume(self, volume_id: str) -> Any:
+    def register_volume(self, volume_id: str, synced: bool = False) -> Any:
         """The volume's undo: deleted, or kept and tagged failed with ``keep_failed_volume`` or after
-        a failure that keeps them (a failed guest adaptation); never when the run only yields to another."""
+        a failure that keeps them (a failed guest adaptation); never when the run only yields to another.
+        A volume being synced held an earlier import: it is always kept (tagged failed, its tags saying
+        which version it was being synced from and to)."""
         run = self.run
         return run.ledger.register("volume", volume_id, lambda: cloud.discard_volume(
             self.clients, self.settings.compartment_id, volume_id,
-            keep=(self.settings.keep_failed_volume or run.keeps_volumes) and not run.yielding))
+            keep=(synced or self.settings.keep_failed_volume or run.keeps_volumes) and not run.yielding))
 
     def adopt_volume(self, found: FoundVolume) -> Volume:
-        """Resume a half-written volume of a dead run: tag it as this run's, undo it like a new one."""
+        """Resume a half-written volume of a dead run: tag it as this run's, undo it like a new one
+        (a half-synced one is synced again: only what still differs is written)."""
         cloud.tag_volume(self.clients, found.id, {contract.TAG_FLOW_RUN: self.run.run_id})
-        self.register_volume(found.id)
+        self.register_volume(found.id, synced=found.synced_from is not None)
         return found.as_volume()
 
     @step("provision")
@@ -232,18 +304,24 @@ class Importer:
         ads = self.run.availability_domains(options.ad_number)
         size_gb = cloud.volume_size_gb(image.virtual_size)
         name = self.volume_name(version, options)
-        resumable = [v for v in previous.resumable if v.size_in_gbs >= size_gb]
+        resumable = [v for v in previous.resumable if v.size_in_gbs >= size_gb or v.synced_from is not None]
         candidates = [v.availability_domain for v in resumable]
         candidates += [ad for ad in ads if ad not in candidates]
+        if previous.sync_base is not None:  # the worker goes where the volume is
+            resumable, candidates = [previous.sync_base], [previous.sync_base.availability_domain]
+        tags = self.version_tags(version, image.virtual_size)
         last_error: Exception | None = None
         for ad in candidates:
             reuse = next((v for v in resumable if v.availability_domain == ad), None)
             with ThreadPoolExecutor(1, thread_name_prefix="provision") as pool:
-                creates = [] if reuse else [pool.submit(self.create_volume, version, ad, size_gb, name)]
+                creates = [] if reuse else [pool.submit(self.create_volume, version, ad, size_gb, name, tags)]
                 worker, last_error = self.worker_beside(version, ad, creates)
                 if worker is None:
                     continue
-                volume = self.adopt_volume(reuse) if reuse else creates[0].result()
+                if reuse is not None and reuse is previous.sync_base:
+                    volume = self.adopt_for_sync(reuse, version, image)
+                else:
+                    volume = self.adopt_volume(reuse) if reuse else creates[0].result()
             found = self.found_volumes(version)
             own = next((v for v in found if v.id == volume.id), None)
             rival = self._competitor(found, own) if own is not None else None
@@ -315,10 +393,16 @@ class Importer:
             qemu_img=qemu_img, bytes_written=written.virtual_size, fetched_bytes=written.fetched_bytes,
             transfer_seconds=written.seconds, write_phases=written.phases, verified_bytes=written.verified_bytes,
             write_slices=written.slices, transfer_retries=written.retries, ready_at=ready_at.isoformat(),
-            peak_rss_mb=peak_rss_mb(), steps=dict(self.steps), filesystems=list(checks))
+            peak_rss_mb=peak_rss_mb(), steps=dict(self.steps), filesystems=list(checks),
+            synced_from=volume.synced_from, synced=written.synced)
 
     @staticmethod
     def reused_summary(version: ObjectVersion, volume: FoundVolume) -> ReusedImportSummary:
         """The result of a run that found the object version imported already (by itself or another run)."""
         return ReusedImportSummary(version.import_id, version.name, version.bucket, version.namespace, version.etag,
                                    volume.id, volume.size_in_gbs, volume.availability_domain, volume.flow_run)
+
+
+def _version_time(volume: FoundVolume) -> float:
+    value = volume.tags.get(contract.TAG_VERSION_TIME, "")
+    return float(value) if value.isdigit() else 0.0

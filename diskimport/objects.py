@@ -9,6 +9,7 @@ the read instead of mixing two uploads' bytes.
 from __future__ import annotations
 
 import collections
+import email.utils
 import threading
 from typing import Callable
 
@@ -45,7 +46,8 @@ class ObjectReader:
         found = ObjectVersion(
             namespace=ns, bucket=bucket, name=name, etag=head["etag"], size=int(head["content-length"]),
             md5=head.get("content-md5") or head.get("opc-multipart-md5"),
-            metadata={k[len("opc-meta-"):]: v for k, v in head.items() if k.startswith("opc-meta-")})
+            metadata={k[len("opc-meta-"):]: v for k, v in head.items() if k.startswith("opc-meta-")},
+            modified=_http_time(head.get("last-modified")))
         if etag and found.etag != etag:
             raise InvalidRequest("object-changed", f"object {name!r} changed: its current ETag is "
                                  f"{found.etag}, not {etag} that this import was asked for")
@@ -107,3 +109,12 @@ class ObjectReader:
         return [(start, self.read(version, start, end)) for start, end in ((0, head_end), (tail_start, version.size))
                 if start < end]
 
+
+def _http_time(value: str | None) -> float | None:
+    """An HTTP date (``Last-Modified``) as epoch seconds; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None

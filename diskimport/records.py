@@ -35,6 +35,7 @@ class ObjectVersion:
     size: int
     md5: str | None
     metadata: dict[str, str]
+    modified: float | None = None  # when it was uploaded (Last-Modified, epoch seconds)
 
     @property
     def key(self) -> str:
@@ -96,6 +97,10 @@ class Volume:
     size_in_gbs: int
     display_name: str
     fresh: bool
+    # A sync (the volume holds the object's earlier version ``synced_from``, whose disk was
+    # ``previous_virtual_size`` bytes): only what differs from it is written.
+    synced_from: str | None = None
+    previous_virtual_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -110,9 +115,17 @@ class FoundVolume:
     flow_run: str | None
     created: str = ""    # the service's creation time (ISO 8601), which orders competing runs
     disk: int | None = None  # a machine import's volume: its disk's position
+    tags: dict[str, str] = field(default_factory=dict)  # its freeform tags
+
+    @property
+    def synced_from(self) -> str | None:
+        """The ETag the volume held before a sync to this import's version started, if it is one."""
+        return self.tags.get(contract.TAG_SYNCED_FROM)
 
     def as_volume(self) -> Volume:
-        return Volume(self.id, self.availability_domain, self.size_in_gbs, self.display_name, fresh=False)
+        size = self.tags.get(contract.TAG_VIRTUAL_SIZE, "")
+        return Volume(self.id, self.availability_domain, self.size_in_gbs, self.display_name, fresh=False,
+                      synced_from=self.synced_from, previous_virtual_size=int(size) if size.isdigit() else None)
 
 
 @dataclass(frozen=True)
@@ -142,6 +155,7 @@ class WriteResult:
     verified_bytes: int
     slices: int
     phases: dict[str, float] = field(default_factory=dict)
+    synced: dict[str, int] | None = None  # a sync's account: bytes compared, written, zeroed, unchanged
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,19 @@ CODES = _index((
     RefusalCode("invalid-adapt-guest", "InvalidRequest", ("upload function", "request"),
                 "adapt_guest (opc-meta-adapt_guest on a machine upload, or the flow's parameter) is not auto or off.",
                 "Set auto (adapt a Linux guest to OCI, the default) or off, or leave it out."),
+    RefusalCode("invalid-sync", "InvalidRequest", _OPTION,
+                "sync (opc-meta-sync, or the flow's parameter) is not true or false.",
+                "Set true (update the volume of the object's earlier import in place) or false (a new "
+                "volume), or leave it out for the settings' sync_volumes."),
+    RefusalCode("sync-older-version", "InvalidRequest", ("request",),
+                "A sync was asked for, and the volume of the object's earlier import holds a version uploaded "
+                "after this one: a sync never writes an older version over a newer one.",
+                "Upload the version wanted again (it is then the newest), or import it onto a new volume "
+                "with sync false."),
+    RefusalCode("sync-volume-in-use", "InvalidRequest", ("request",),
+                "A sync was asked for, and the volume of the object's earlier import is attached to an instance "
+                "that is not stopped (after a cutover, the machine holds the truth).",
+                "Stop the instance or detach the volume, or import onto a new volume with sync false."),
     RefusalCode("invalid-virtual-size", "InvalidRequest", _OPTION,
                 "virtual_size (opc-meta-virtual-size) is not a whole number of bytes from 1 to the maximum "
                 "virtual size.",

@@ -52,6 +52,8 @@ class DiskImportSummary(Summary):
     steps: dict[str, float]
     filesystems: list[FilesystemCheck]
     reused: bool = False
+    synced_from: str | None = None  # a sync: the version (ETag) the volume held before
+    synced: dict[str, int] | None = None  # and its account: bytes compared, written, zeroed, unchanged
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 The crash hook removes one run's resources; the sweeper removes those of every run that is
 no longer active. Both use the undo functions a failing import uses (:mod:`diskimport.cloud`).
 Imported volumes (``import-state=imported``) are the product and are never touched; a failed
-one is kept when the settings say ``keep_failed_volume``.
+one is kept when the settings say ``keep_failed_volume``, and one a sync was writing
+(``import-synced-from``: it held an earlier import) is always kept, detached and tagged failed.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ def sweep(clients: cloud.Clients, instance_compartment: str, volume_compartment:
             removed["instances"].append(instance.id)
     for volume in cloud.find_volumes(clients, volume_compartment, tags):
         state = (volume.freeform_tags or {}).get(contract.TAG_STATE)
-        if state == contract.STATE_IMPORTED or (state == contract.STATE_FAILED and keep_failed) or not orphaned(volume):
+        synced = contract.TAG_SYNCED_FROM in (volume.freeform_tags or {})
+        if (state == contract.STATE_IMPORTED or (state == contract.STATE_FAILED and (keep_failed or synced))
+                or not orphaned(volume)):
             continue
-        if cloud.discard_volume(clients, volume_compartment, volume.id, keep_failed) == "deleted":
+        if cloud.discard_volume(clients, volume_compartment, volume.id, keep_failed or synced) == "deleted":
             removed["volumes"].append(volume.id)
     return removed
 

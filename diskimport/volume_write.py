@@ -7,6 +7,7 @@ orchestrator can run (and retry) each; :meth:`VolumeWrite.run` does all of them.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, Sequence
@@ -16,7 +17,8 @@ from .guest import adaptation, boot, filesystems, report as guest_report
 from .images import nested
 from .worker_vm import iscsi, slices, transfer
 from .worker_vm.commands import CommandFailed, read_range
-from .worker_vm.qemu_img import QemuImg
+from .worker_vm.qemu_img import QemuImg, image_opts
+from .worker_vm.sync_target import SyncTarget
 from .records import Attachment, InspectedImage, ObjectVersion, Volume, WorkerVM, WriteResult
 from .run import Run, phase, step
 from .ledger import Undo
@@ -114,7 +116,8 @@ class VolumeWrite:
                  if image.container and image.inner_size is not None else None)
         image_bytes = inner.size if inner is not None else version.size
         pieces = run.objects.header_pieces(version)
-        decode = self._decode(pieces, inner)
+        # a sync writes through the sync target, which only qemu-img's slices reach
+        decode = None if self.volume.synced_from is not None else self._decode(pieces, inner)
         window = None if decode is not None else self._window(pieces, inner, image_bytes)
         # a compressed object is fetched into memory: beside the image only the pieces handed over are kept
         kept_bytes = image_bytes + (sum(len(data) for _, data in pieces)
@@ -163,11 +166,17 @@ class VolumeWrite:
             run.log.info("wrote and verified %s (%s, %d bytes virtual, %d %s); fetched %d bytes in %.1fs "
                               "with %d retries%s", version.name, self.image.format, virtual_size, verified["slices"],
                               unit, fetched["fetched_bytes"], fetched["seconds"], fetched["retries"], how)
+            synced = verified.get("synced")
+            if synced is not None:
+                run.log.info("synced from version %s: %d bytes written and %d zeroed of %d compared; %d unchanged",
+                             self.volume.synced_from, synced["written"], synced["zeroed"], synced["compared"],
+                             synced["unchanged"])
+                cloud.tag_volume(self.clients, self.volume.id, {contract.TAG_VIRTUAL_SIZE: str(virtual_size)})
             self.staging = staging
             kept = True
             self.result = WriteResult(device, virtual_size, version.size, fetched["fetched_bytes"],
                                       fetched["seconds"], fetched["retries"], verified["verified_bytes"],
-                                      verified["slices"], phases)
+                                      verified["slices"], phases, synced)
             return self.result
         finally:
             if stream is not None:
@@ -186,14 +195,38 @@ class VolumeWrite:
                                            self.image.driver)
         with phase(phases, "attach"):
             device = self.attach()
+        sync = None
+        if self.volume.synced_from is not None:
+            sync = SyncTarget(self.session, self.session, stream.script, stream.directory, device).start()
         writer = slices.SliceWriter(self.session, qemu, self.image.qemu_driver, info.virtual_size, stream.socket,
                                     stream.path, device, target_is_zero=self.volume.fresh,
                                     on_progress=progress.written if progress else None,
                                     direct_io=not slices.compressed_grains(self.image.format, info),
-                                    image_bytes=image_bytes, windowed=stream.windowed)
+                                    image_bytes=image_bytes, windowed=stream.windowed,
+                                    sync_socket=sync.socket if sync else None)
         with phase(phases, "write-and-verify"):
-            fetched = writer.write(stream.finish)
-        return device, info.virtual_size, fetched, writer.summary()
+            try:
+                fetched = writer.write(stream.finish)
+                if sync is not None:
+                    self._zero_tail(qemu, sync, info.virtual_size)
+            except BaseException:
+                if sync is not None:
+                    with contextlib.suppress(Exception):  # the write's failure is the news
+                        sync.stop(timeout=60)
+                raise
+            account = sync.stop() if sync is not None else None
+        summary = writer.summary()
+        return device, info.virtual_size, fetched, {**summary, "synced": account} if account else summary
+
+    def _zero_tail(self, qemu: QemuImg, sync: SyncTarget, virtual_size: int) -> None:
+        """A sync to a smaller disk: what the earlier version held past the new one's end reads as zeros
+        again, as on a fresh volume (only where it does not already)."""
+        end = self.volume.previous_virtual_size or 0
+        if end > virtual_size:
+            length = end - virtual_size
+            qemu.convert_nodes(image_opts(driver="null-co", size=str(length), **{"read-zeroes": "on"}),
+                               slices.format_node("raw", virtual_size, length, **slices.nbd_protocol(sync.socket)),
+                               target_is_zero=False)
 
     def _write_decoded(self, stream: transfer.ObjectStream,
                        phases: dict[str, float]) -> tuple[str, int, dict[str, Any], dict[str, Any]]:

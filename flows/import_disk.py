@@ -40,8 +40,8 @@ def inspect_image(importer: Importer, version: ObjectVersion, options: ImportOpt
 
 
 @step_task("find-previous-import", retries=3, delays=2)
-def find_previous_import(importer: Importer, version: ObjectVersion, force: bool) -> PreviousImports:
-    return importer.previous_imports(version, force)
+def find_previous_import(importer: Importer, version: ObjectVersion, force: bool, sync: bool) -> PreviousImports:
+    return importer.previous_imports(version, force, sync)
 
 
 @step_task("remove-stale-workers", retries=3, delays=[2, 5, 10])
@@ -95,6 +95,7 @@ def import_virtual_disk(
     backup_policy: str | None = None,
     vpus: int | None = None,
     force: bool = False,
+    sync: bool | None = None,
     credentials_block: str = DEFAULT_BLOCK,
     worker_block: str = DEFAULT_BLOCK,
     settings_block: str = DEFAULT_BLOCK,
@@ -102,20 +103,23 @@ def import_virtual_disk(
     """Import one uploaded disk image into a new block volume.
 
     Parameters win over the object's ``opc-meta-*`` metadata (ad_number, display_name,
-    backup_policy, vpus, format). ``etag`` pins the object version to import. A run that
-    meets another run importing the same version waits for it and returns its volume.
+    backup_policy, vpus, format, sync). ``etag`` pins the object version to import. A run that
+    meets another run importing the same version waits for it and returns its volume. With
+    ``sync`` (default: the settings' ``sync_volumes``), a new version of an object imported
+    before is written onto that import's volume, only what differs (docs/warm-migration.md).
     """
     with refusal_reported(object_name):
         settings, run = open_run(credentials_block, worker_block, settings_block)
         importer = Importer(run)
         version = read_object(importer, namespace, bucket, object_name, etag)
         parameters = parse_options({"ad_number": ad_number, "display_name": display_name,
-                                    "backup_policy": backup_policy, "vpus": vpus})
+                                    "backup_policy": backup_policy, "vpus": vpus, "sync": sync})
         options = importer.options(version, parameters)
         image = inspect_image(importer, version, options)
+        syncing = settings.sync_volumes if options.sync is None else options.sync
 
         def attempt() -> dict[str, Any]:
-            previous = find_previous_import(importer, version, force)
+            previous = find_previous_import(importer, version, force, syncing)
             if previous.imported is not None:
                 return importer.reused_summary(version, previous.imported).as_dict()
             with import_slot(settings.worker_concurrency_limit):

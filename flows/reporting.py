@@ -103,6 +103,7 @@ def publish_summary(summary: DiskImportSummary) -> None:
         f"| volume | `{summary.volume_id}` ({summary.volume_size_gb} GB, {summary.availability_domain}, "
         f"{summary.vpus_per_gb} VPUs/GB) |",
         f"| bytes written | {summary.bytes_written:,} |",
+        *_sync_rows(summary),
         f"| total time | {sum(summary.steps.values()):.1f} s |",
         "",
         "## Filesystems",
@@ -112,6 +113,17 @@ def publish_summary(summary: DiskImportSummary) -> None:
           f"{c.status} | {cell(' / '.join(c.detail.splitlines()[-2:]))} |" for c in summary.filesystems],
     ]
     create_markdown_artifact("\n".join(lines), key="import-summary", description="Import summary")
+
+
+def _sync_rows(summary: DiskImportSummary) -> list[str]:
+    """A sync's rows: the version it updated the volume from, and what it wrote of what it compared."""
+    if summary.synced_from is None:
+        return []
+    account = summary.synced or {}
+    return [f"| synced from | `{summary.synced_from}` (the version the volume held) |",
+            f"| sync | {size_text(account.get('written', 0))} written and {size_text(account.get('zeroed', 0))} "
+            f"zeroed of {size_text(account.get('compared', 0))} compared; "
+            f"{size_text(account.get('unchanged', 0))} unchanged |"]
 
 
 def cell(text: str, limit: int = 200) -> str:

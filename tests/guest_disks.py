@@ -114,16 +114,25 @@ def _filesystem(kind: str, size: int, work: Path, label: str | None = None, star
     return image
 
 
+def data_ranges(path: Path, start: int = 0) -> list[tuple[int, int]]:
+    """The (start, end) of the file's data from ``start`` on, its holes left out."""
+    ranges, offset = [], start
+    with open(path, "rb") as f:
+        end = os.fstat(f.fileno()).st_size
+        while offset < end:
+            try:
+                begin = os.lseek(f.fileno(), offset, os.SEEK_DATA)
+            except OSError:  # nothing but a hole to the end
+                break
+            offset = os.lseek(f.fileno(), begin, os.SEEK_HOLE)
+            ranges.append((begin, offset))
+    return ranges
+
+
 def _place(disk: Path, offset: int, image: Path) -> None:
     """Copy ``image`` into ``disk`` at ``offset``, its data only (holes stay holes), and remove it."""
     with open(image, "rb") as src, open(disk, "r+b") as dst:
-        end, pos = os.fstat(src.fileno()).st_size, 0
-        while pos < end:
-            try:
-                pos = os.lseek(src.fileno(), pos, os.SEEK_DATA)
-            except OSError:  # nothing but a hole to the end
-                break
-            hole = os.lseek(src.fileno(), pos, os.SEEK_HOLE)
+        for pos, hole in data_ranges(image):
             while pos < hole:
                 pos += os.copy_file_range(src.fileno(), dst.fileno(), hole - pos, pos, offset + pos)
     image.unlink()

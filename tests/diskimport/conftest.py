@@ -160,11 +160,11 @@ def version_of(importer: Importer, localoci: RunningLocalOCI, bucket: str, name:
 
 
 def import_object(importer: Importer, version: ObjectVersion, parameters: ImportOptions = ImportOptions(),
-                  force: bool = False) -> dict[str, Any]:
+                  force: bool = False, sync: bool = False) -> dict[str, Any]:
     """The flow's order of steps, without Prefect."""
     options = importer.options(version, parameters)
     image = importer.inspect(version, options)
-    previous = importer.previous_imports(version, force)
+    previous = importer.previous_imports(version, force, sync)
     if previous.imported is not None:
         return importer.reused_summary(version, previous.imported).as_dict()
     with importer.run:

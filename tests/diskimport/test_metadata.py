@@ -20,6 +20,7 @@ from diskimport.naming import import_id, volume_display_name
     ({"display_name": "bad\nname"}, "invalid-display-name", "display_name"),
     ({"backup_policy": "gold; rm -rf /"}, "invalid-backup-policy", "backup_policy"),
     ({"format": "iso"}, "invalid-format", "format must be one of"),
+    ({"sync": "sometimes"}, "invalid-sync", "sync must be true or false"),
 ])
 def test_bad_option_is_refused_with_its_code(values, code, message):
     with pytest.raises(InvalidRequest) as refused:
@@ -46,6 +47,9 @@ def test_good_options_parse_and_parameters_win_over_metadata():
     assert meta == ImportOptions(2, "web01", None, 20, "vmdk")
     params = parse_options({"ad_number": 3, "vpus": None})
     assert merge(params, meta) == ImportOptions(3, "web01", None, 20, "vmdk")
+    synced = parse_options({"sync": "yes"})
+    assert synced.sync is True and synced.as_parameters() == {"sync": True}
+    assert merge(parse_options({"sync": False}), synced).sync is False and parse_options({}).sync is None
 
 
 def test_import_id_is_stable_per_object_version():

@@ -18,6 +18,7 @@ from localoci import process
 from localoci.blockstorage.models import GB, IMAGE_CONTENT, MiB
 from tests.localoci.test_oci_cli import OCI_CLI
 from tests import waiting
+from tests.guest_disks import data_ranges
 from tests.workers import launch_details
 
 models = oci.core.models
@@ -89,21 +90,6 @@ def files(server: process.RunningLocalOCI) -> dict[str, dict[str, Any]]:
 
 def backing_file(server: process.RunningLocalOCI, resource_id: str) -> Path:
     return Path(files(server)[resource_id]["backingFile"])
-
-
-def data_ranges(path: Path) -> list[tuple[int, int]]:
-    """The (start, end) of the file's data, its holes left out."""
-    ranges, offset = [], 0
-    with open(path, "rb") as f:
-        end = os.fstat(f.fileno()).st_size
-        while offset < end:
-            try:
-                start = os.lseek(f.fileno(), offset, os.SEEK_DATA)
-            except OSError:
-                break
-            offset = os.lseek(f.fileno(), start, os.SEEK_HOLE)
-            ranges.append((start, offset))
-    return ranges
 
 
 def same_bytes(a: Path, b: Path, length: int | None = None) -> bool:

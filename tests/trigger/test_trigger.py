@@ -147,6 +147,7 @@ def test_malformed_events_are_refused_with_a_reason(config, prefect_api, localoc
     ({"vpus": "25"}, "invalid-vpus"),
     ({"format": "iso"}, "invalid-format"),
     ({"virtual-size": "0"}, "invalid-virtual-size"),
+    ({"sync": "sometimes"}, "invalid-sync"),
 ])
 def test_bad_metadata_is_refused_and_starts_nothing(config, prefect_api, localoci, object_storage, bucket,
                                                     metadata, expected):
