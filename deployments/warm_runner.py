@@ -47,6 +47,7 @@ def preload() -> None:
     import flows.import_machine  # noqa: F401
     import flows.export_volume  # noqa: F401
     import flows.copy_to_region  # noqa: F401
+    import flows.rollback_sync  # noqa: F401
     import flows.sweep  # noqa: F401
     share_tls_contexts()
 

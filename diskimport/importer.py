@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from . import cloud, contract, naming
+from . import cloud, contract, naming, sync_backups
 from .contract import ImportOptions
 from .errors import InvalidRequest, OutOfCapacity
 from .guest.filesystems import FilesystemCheck
@@ -213,12 +213,15 @@ class Importer:
         return tags
 
     def adopt_for_sync(self, base: FoundVolume, version: ObjectVersion, image: InspectedImage) -> Volume:
-        """Take the earlier import's volume for this version: tagged as this import's, being written, and
-        synced from the version it held; grown first if the new disk is larger. Its undo keeps it."""
+        """Take the earlier import's volume for this version: backed up first (:mod:`.sync_backups`; the
+        sync writes once the backup is AVAILABLE), then tagged as this import's, being written, and synced
+        from the version it held; grown first if the new disk is larger. Its undo keeps it."""
         run = self.run
         previous_size = int(base.tags.get(contract.TAG_VIRTUAL_SIZE) or 0)
         # a failed sync's volume was last whole at the version that sync started from
         held = base.synced_from if base.state == contract.STATE_FAILED else base.tags.get(contract.TAG_ETAG)
+        backup = sync_backups.backup_before_sync(self.clients, self.settings.compartment_id, base, version.etag,
+                                                 run.retry_token(f"sync-backup/{version.import_id}"), self.log)
         tags = {**run.tags(version.subject), **self.version_tags(version, max(previous_size, image.virtual_size)),
                 contract.TAG_STATE: contract.STATE_WRITING, contract.TAG_SYNCED_FROM: held or ""}
         cloud.tag_volume(self.clients, base.id, tags)
@@ -229,6 +232,7 @@ class Importer:
             cloud.wait_volume_available(self.clients, base.id)
             self.log.info("volume %s grown from %d GB to %d GB for the new version", base.id, base.size_in_gbs,
                           size_gb)
+        self.log.info("volume %s backed up as %s before the sync; rollback-sync restores it", base.id, backup.id)
         return Volume(base.id, base.availability_domain, size_gb, base.display_name, fresh=False,
                       synced_from=tags[contract.TAG_SYNCED_FROM], previous_virtual_size=previous_size or None)
 

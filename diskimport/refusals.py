@@ -122,6 +122,11 @@ CODES = _index((
                 "A sync was asked for, and the volume of the object's earlier import is attached to an instance "
                 "that is not stopped (after a cutover, the machine holds the truth).",
                 "Stop the instance or detach the volume, or import onto a new volume with sync false."),
+    RefusalCode("sync-backup-missing", "InvalidRequest", ("request",),
+                "A rollback was asked for a volume without an AVAILABLE sync backup, or a sync for a volume a "
+                "failed sync left whose backup is gone (it could not be rolled back).",
+                "Name a volume a sync wrote (its backups are tagged import-sync-after), or import onto a new "
+                "volume with sync false."),
     RefusalCode("invalid-virtual-size", "InvalidRequest", _OPTION,
                 "virtual_size (opc-meta-virtual-size) is not a whole number of bytes from 1 to the maximum "
                 "virtual size.",

@@ -1,12 +1,14 @@
 """Syncs at the import core, against the local OCI with the real SDK, sshd worker VMs and qemu-img:
 a new version of an object imported before is written onto that import's volume, only what
 differs (grown when the disk grew, zeros again past a disk that shrank), with the volume's tags
-saying which version it holds; a sync that failed or whose run died is synced again to the same
-result; a sync is refused, changing nothing, over a newer version or under a running machine.
+saying which version it holds; each sync backed up first and rolled back to the version before;
+a sync that failed or whose run died is synced again to the same result; a sync is refused,
+changing nothing, over a newer version or under a running machine.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 import oci
 import pytest
 
-from diskimport import cloud, contract
+from diskimport import cloud, contract, sync_backups
 from diskimport.contract import ImportOptions, InvalidRequest
 from diskimport.importer import Importer
 from tests.diskimport.conftest import import_object, version_of
@@ -244,3 +246,50 @@ def test_a_sync_over_a_newer_version_or_under_a_running_machine_is_refused_and_c
     assert first_mib(localoci, volume_id) == before
     tags_now = tags_of(localoci, volume_id)
     assert (tags_now[contract.TAG_ETAG], tags_now[contract.TAG_STATE]) == (first["etag"], contract.STATE_IMPORTED)
+
+
+def test_a_sync_is_backed_up_first_and_rolled_back_to_the_version_before(localoci, make_importer, bucket,
+                                                                         object_storage, tmp_path, compartment_id):
+    raw = tmp_path / "disk.raw"
+    with open(raw, "wb") as f:
+        f.truncate(128 * MiB)
+        f.write(os.urandom(8 * MiB))
+    first_etag = upload(localoci, object_storage, bucket, raw, tmp_path)
+    _, first = sync(make_importer, localoci, bucket)
+    before = tmp_path / "before.raw"
+    subprocess.run(["cp", "--sparse=always", str(raw), str(before)], check=True)
+    change(raw, {MiB: os.urandom(MiB)})
+    second_etag = upload(localoci, object_storage, bucket, raw, tmp_path)
+    importer, second = sync(make_importer, localoci, bucket)
+    clients = importer.clients
+    [backup] = sync_backups.sync_backups(clients, compartment_id, first["volume_id"])
+    tags = backup.freeform_tags
+    assert backup.lifecycle_state == "AVAILABLE" and backup.volume_id == first["volume_id"]
+    assert (tags[contract.TAG_ETAG], tags[sync_backups.TAG_SYNC_AFTER]) == (first_etag, second_etag)
+    assert tags[contract.TAG_IMPORT_ID] == first["import_id"]
+
+    log = logging.getLogger("test")
+    rolled = sync_backups.rollback(clients, compartment_id, first["volume_id"], "rollback-test", log)
+    assert (rolled.etag, rolled.undone_etag, rolled.backup_id) == (first_etag, second_etag, backup.id)
+    assert holds_exactly(localoci, rolled.restored_volume_id, before)
+    restored = tags_of(localoci, rolled.restored_volume_id)
+    assert (restored[contract.TAG_ETAG], restored[contract.TAG_STATE], restored[contract.TAG_IMPORT_ID]) == (
+        first_etag, contract.STATE_IMPORTED, first["import_id"])
+    synced = tags_of(localoci, first["volume_id"])
+    assert synced[contract.TAG_STATE] == sync_backups.STATE_ROLLED_BACK and contract.TAG_SOURCE not in synced
+    assert holds_exactly(localoci, first["volume_id"], raw)  # what the sync wrote is kept
+    # Asked again, the rollback finds what it restored.
+    assert sync_backups.rollback(clients, compartment_id, first["volume_id"], "rollback-test", log) == rolled
+
+    # The next sync of the object takes the restored volume.
+    change(raw, {3 * MiB: os.urandom(PAGE)})
+    upload(localoci, object_storage, bucket, raw, tmp_path)
+    _, third = sync(make_importer, localoci, bucket)
+    assert (third["volume_id"], third["synced_from"]) == (rolled.restored_volume_id, first_etag)
+    assert holds_exactly(localoci, rolled.restored_volume_id, raw)
+
+    # A volume no sync wrote has nothing to roll back to.
+    bare = cloud.create_volume(clients, compartment_id, first["availability_domain"], 1, 10, "bare", {}, None)
+    with pytest.raises(InvalidRequest) as refused:
+        sync_backups.rollback(clients, compartment_id, bare.id, "rollback-none", log)
+    assert refused.value.code == "sync-backup-missing" and bare.id in str(refused.value)

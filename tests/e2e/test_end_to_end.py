@@ -4,7 +4,7 @@ Everything here shares one stack of its own and runs in one module, so that unde
 ``--dist loadfile`` it runs on one test worker, one test after another (fault
 injection is global to the stack, one test restarts its Prefect server, another pauses
 its watchers), while the other modules run in parallel on the shared stack. A new version
-uploaded with opc-meta-sync is synced onto the first version's volume.
+uploaded with opc-meta-sync is synced onto the first version's volume, and rolled back.
 """
 
 from __future__ import annotations
@@ -469,6 +469,19 @@ def test_a_new_version_uploaded_with_sync_is_written_onto_the_same_volume(stack,
     assert {c["status"] for c in second["filesystems"]} == {"clean"}
     assert [v["id"] for v in resources_of(stack, etags[1])["volumes"]] == [first["volume_id"]]
     assert resources_of(stack, etags[1])["instances"] == []
+
+    # Rolled back by its deployment: the version before the sync, on a volume restored from its backup.
+    from prefect.deployments import run_deployment
+
+    with local_stack.prefect_api(stack["PREFECT_API_URL"]):
+        started = run_deployment("rollback-sync/default", parameters={"volume_id": first["volume_id"]}, timeout=0)
+    final = demo.wait_for_run(stack, started.id)
+    assert final.state.is_completed(), final.state.message
+    rolled = demo.run_result(stack, final)
+    assert (rolled["etag"], rolled["undone_etag"]) == (etags[0], etags[1])
+    [restored] = resources_of(stack, etags[0])["volumes"]
+    assert restored["id"] == rolled["restored_volume_id"] != first["volume_id"]
+    assert restored["freeformTags"]["import-state"] == "imported"
 
 
 @pytest.fixture

@@ -1,0 +1,117 @@
+"""The way back from a sync: a backup of the volume before a sync writes, and the rollback to it.
+
+Before a sync writes onto the volume of an earlier import, the volume gets a volume backup
+tagged with the version it holds (``import-etag``, ``import-id``, ``import-version-time``,
+``import-virtual-size``) and the version the sync writes (``import-sync-after``). The sync
+writes only once the backup is AVAILABLE. A sync that fails, or a version that is not
+accepted, is undone by :func:`rollback`: OCI restores a backup onto a new volume only, so the
+rollback restores the newest sync backup of a volume as a new volume, tagged as the import of
+the version it holds (the one the next sync finds), and marks the synced volume
+``import-state=rolled-back`` (kept, never deleted: what the sync wrote is not lost either).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import oci
+
+from . import cloud, contract
+from .errors import InvalidRequest
+from .records import FoundVolume
+
+models = oci.core.models
+TAG_SYNC_AFTER = "import-sync-after"   # a sync backup: the version (ETag) the sync wrote after it
+TAG_SYNC_OF = "import-sync-of"         # and the volume it is a backup of
+TAG_ROLLED_BACK_FROM = "import-rolled-back-from"  # a volume a rollback restored: the synced volume
+STATE_ROLLED_BACK = "rolled-back"
+BACKUP_TIMEOUT = 6 * 3600.0
+# what a sync backup keeps of the volume's tags: the version it holds, and whose it is
+KEPT_TAGS = (contract.TAG_MANAGED_BY, contract.TAG_IMPORT_ID, contract.TAG_OBJECT, contract.TAG_ETAG,
+             contract.TAG_SOURCE, contract.TAG_VERSION_TIME, contract.TAG_VIRTUAL_SIZE)
+
+
+def sync_backups(clients: cloud.Clients, compartment_id: str, volume_id: str) -> list[Any]:
+    """The sync backups of a volume that are not on their way out, newest first."""
+    backups = oci.pagination.list_call_get_all_results(clients.blockstorage.list_volume_backups, compartment_id,
+                                                       volume_id=volume_id).data
+    return sorted((b for b in backups if TAG_SYNC_AFTER in (b.freeform_tags or {})
+                   and b.lifecycle_state in ("CREATING", "AVAILABLE")), key=lambda b: b.time_created, reverse=True)
+
+
+def backup_before_sync(clients: cloud.Clients, compartment_id: str, base: FoundVolume, after_etag: str,
+                       retry_token: str, log: logging.Logger) -> Any:
+    """The backup of ``base`` (the version it holds) that the sync to ``after_etag`` writes after, once
+    AVAILABLE. A failed sync's volume was backed up by that sync: its backup is the one."""
+    held = base.synced_from if base.state == contract.STATE_FAILED else base.tags.get(contract.TAG_ETAG)
+    found = [b for b in sync_backups(clients, compartment_id, base.id)
+             if (b.freeform_tags or {}).get(contract.TAG_ETAG) == held]
+    if found:
+        backup = found[0]
+    elif base.state == contract.STATE_FAILED:
+        raise InvalidRequest("sync-backup-missing", f"volume {base.id} was left by a failed sync and its backup "
+                             f"(of version {held}) is gone: roll it back is impossible, so it is not synced again; "
+                             "import onto a new volume with sync false")
+    else:
+        tags = {k: v for k, v in base.tags.items() if k in KEPT_TAGS}
+        tags.update({TAG_SYNC_AFTER: after_etag[:255], TAG_SYNC_OF: base.id})
+        backup = cloud.with_backoff(clients.blockstorage.create_volume_backup, models.CreateVolumeBackupDetails(
+            volume_id=base.id, display_name=f"before sync to {after_etag.strip(chr(34))[:40]}"[:255],
+            type="INCREMENTAL", freeform_tags=tags), opc_retry_token=retry_token).data
+        log.info("backing up volume %s (version %s) before the sync: backup %s", base.id, held, backup.id)
+    return cloud.wait_for_state(lambda: clients.blockstorage.get_volume_backup(backup.id).data, "AVAILABLE",
+                                f"backup {backup.id} of volume {base.id}", BACKUP_TIMEOUT,
+                                failed=("FAULTY", "TERMINATING", "TERMINATED"))
+
+
+@dataclass(frozen=True)
+class RolledBack:
+    """A rollback's account: the synced volume, the backup restored and the volume it became."""
+
+    volume_id: str          # the synced volume, now rolled-back
+    backup_id: str
+    restored_volume_id: str  # holds ``etag`` again, tagged imported
+    etag: str
+    undone_etag: str         # the version the rolled-back sync wrote
+
+    def as_dict(self) -> dict[str, str]:
+        return dict(self.__dict__)
+
+
+def rollback(clients: cloud.Clients, compartment_id: str, volume_id: str, retry_token: str,
+             log: logging.Logger) -> RolledBack:
+    """Restore the newest sync backup of ``volume_id`` as a new volume holding the version before that sync."""
+    volume = cloud.get_volume(clients, volume_id)
+    tags = dict(volume.freeform_tags or {})
+    backups = [b for b in sync_backups(clients, compartment_id, volume_id) if b.lifecycle_state == "AVAILABLE"]
+    if not backups:
+        raise InvalidRequest("sync-backup-missing", f"volume {volume_id} has no AVAILABLE sync backup to roll back "
+                             "to: it was never synced, or its backups were deleted")
+    backup = backups[0]
+    kept = dict(backup.freeform_tags or {})
+    restored_tags = {**{k: v for k, v in kept.items() if k in KEPT_TAGS},
+                     contract.TAG_STATE: contract.STATE_IMPORTED, TAG_ROLLED_BACK_FROM: volume_id}
+    existing = cloud.find_volumes(clients, compartment_id, {TAG_ROLLED_BACK_FROM: volume_id})
+    restored = next((v for v in existing if (v.freeform_tags or {}).get(contract.TAG_ETAG) == kept.get(
+        contract.TAG_ETAG) and v.lifecycle_state in ("PROVISIONING", "RESTORING", "AVAILABLE")), None)
+    if restored is None:
+        restored = cloud.with_backoff(clients.blockstorage.create_volume, models.CreateVolumeDetails(
+            compartment_id=compartment_id, availability_domain=volume.availability_domain,
+            display_name=volume.display_name, size_in_gbs=max(volume.size_in_gbs, backup.size_in_gbs),
+            vpus_per_gb=volume.vpus_per_gb, freeform_tags=restored_tags,
+            source_details=models.VolumeSourceFromVolumeBackupDetails(id=backup.id)),
+            opc_retry_token=retry_token).data
+        log.info("restoring backup %s (version %s) of volume %s as volume %s", backup.id,
+                 kept.get(contract.TAG_ETAG), volume_id, restored.id)
+    cloud.wait_for_state(lambda: clients.blockstorage.get_volume(restored.id).data, "AVAILABLE",
+                         f"volume {restored.id} restored from backup {backup.id}", BACKUP_TIMEOUT,
+                         failed=("FAULTY", "TERMINATING", "TERMINATED"))
+    # the synced volume is kept, out of the way of the next sync: no longer the object's import
+    rolled = {k: v for k, v in tags.items() if k != contract.TAG_SOURCE}
+    cloud.update_volume(clients, volume_id, freeform_tags={**rolled, contract.TAG_STATE: STATE_ROLLED_BACK})
+    log.info("volume %s rolled back: volume %s holds version %s again", volume_id, restored.id,
+             kept.get(contract.TAG_ETAG))
+    return RolledBack(volume_id, backup.id, restored.id, kept.get(contract.TAG_ETAG, ""),
+                      kept.get(TAG_SYNC_AFTER, ""))
