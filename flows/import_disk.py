@@ -40,7 +40,8 @@ def inspect_image(importer: Importer, version: ObjectVersion, options: ImportOpt
 
 
 @step_task("find-previous-import", retries=3, delays=2)
-def find_previous_import(importer: Importer, version: ObjectVersion, force: bool, sync: bool) -> PreviousImports:
+def find_previous_import(importer: Importer, version: ObjectVersion, force: bool,
+                         sync: bool = False) -> PreviousImports:
     return importer.previous_imports(version, force, sync)
 
 
