@@ -35,6 +35,7 @@ import httpx
 
 from deployments import local_stack
 from deployments.bench_guest import GUEST, bench_guest, ensure_guest, guest_lines, guest_targets
+from deployments.bench_sync import SYNC, bench_sync, ensure_sync_disks, sync_lines, sync_targets
 from deployments.bench_images import DECOMPRESSORS, MACHINE, SPECS, ImageSpec, ensure_image, ensure_machine
 from deployments.demo import inventory, run_result, run_started_by_upload, stack_clients, start_import, upload, \
     wait_for_run
@@ -368,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", nargs="*", default=[s.name for s in SPECS] + [EXPORT, MACHINE, GUEST],
                         help=f"which images to run (default: all, the export, {EXPORT}, which implies "
                              f"{EXPORT_SOURCE}, the machine, {MACHINE}, and the guest inspection and "
-                             f"adaptation, {GUEST})")
+                             f"adaptation, {GUEST}; the sync of a new version, {SYNC}, only when named: "
+                             "its targets wait for delta uploads)")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference pipeline")
     parser.add_argument("--latency", default="none",
                         help="the local OCI's latency profile (localoci/latency.py): none (its own 50 ms "
@@ -393,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     if with_guest:
         print(f"{GUEST}: preparing", flush=True)
         guest_disk = ensure_guest(image_dir)
+    with_sync = SYNC in args.images
+    if with_sync:
+        print(f"{SYNC}: preparing", flush=True)
+        sync_disks = ensure_sync_disks(image_dir)
     volume_dir = base / "localoci" / "volumes"  # the floor's volume file sits beside the real ones
     before = apply_model(env)
     latency_before = admin(env, "GET", "latency")
@@ -402,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     machine: dict[str, Any] | None = None
     export: dict[str, Any] | None = None
     guest: dict[str, Any] | None = None
+    synced: dict[str, Any] | None = None
     try:
         for spec in specs:
             print(f"image {spec.name}: running", flush=True)
@@ -424,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         if with_guest:
             print(f"{GUEST}: running", flush=True)
             guest = bench_guest(env, guest_disk)
+        if with_sync:
+            print(f"{SYNC}: running", flush=True)
+            synced = bench_sync(env, sync_disks)
     finally:
         admin(env, "POST", "bandwidth", before)
         admin(env, "DELETE", "latency")
@@ -446,11 +456,14 @@ def main(argv: list[str] | None = None) -> int:
     if guest:
         print("\n" + "\n".join(guest_lines(guest)))
         met += guest_targets(guest)
+    if synced:
+        print("\n" + "\n".join(sync_lines(synced)))
+        met += sync_targets(synced)
     print()
     for name, ok, detail in met:
         print(f"{'PASS' if ok else 'MISS'}  {name}: {detail}")
     print(json.dumps({"model": {**MODEL, "worker_network_bytes_per_s": WORKER_LIMIT}, "images": images,
-                      "export": export, "machine": machine, "guest": guest}, sort_keys=False))
+                      "export": export, "machine": machine, "guest": guest, "sync": synced}, sort_keys=False))
     return 0 if all(ok for _, ok, _ in met) else 1
 
 
