@@ -17,7 +17,7 @@ from diskimport.agent.guest_tree import GuestTree
 from diskimport.guest import filesystems, report
 from diskimport.worker_vm.agent_archive import ARCHIVE_NAME, agent_archive
 from diskimport.worker_vm.commands import LocalRunner
-from tests import guest_disks, linux_guests, windows_hives
+from tests import guest_disks, linux_guests, waiting, windows_hives
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a guest's filesystems needs root")
 
@@ -43,9 +43,14 @@ def inspect(disk: Path) -> report.GuestReport:
 
 
 def inspected(guest: linux_guests.Guest) -> report.GuestReport:
-    """The guest's report; the inspection leaves no loop device over the disk and no mount."""
+    """The guest's report; the inspection leaves no loop device over the disk and no mount.
+
+    The kernel lets a loop device go once its last opener closes it: detached while another
+    process (another test's probe of every block device) has it open, it goes a moment later.
+    """
     found = inspect(guest.disk)
-    assert subprocess.run(["losetup", "-j", str(guest.disk)], capture_output=True, text=True).stdout == ""
+    waiting.wait_for(lambda: subprocess.run(["losetup", "-j", str(guest.disk)], capture_output=True,
+                                            text=True).stdout == "", what=f"no loop device over {guest.disk}")
     assert "oci-guest." not in Path("/proc/self/mountinfo").read_text()
     return found
 
