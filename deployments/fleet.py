@@ -397,7 +397,7 @@ def run(uploads: int = 60, faults: list[str] = list(ALL_FAULTS), seed: int = 1, 
     rng = random.Random(seed)
     corpus = build_corpus(base / "corpus", uploads, rng)
     env = local_stack.up(database="postgres")
-    local_stack.set_latency_profile(env["LOCALOCI_ENDPOINT"], latency)
+    local_stack.apply_latency(env, latency)
     if worker_vms != WORKER_SLOTS:
         scale_worker_vms(env, worker_vms)
     start_host(base, env["PREFECT_API_URL"], "host-2")

@@ -123,6 +123,41 @@ def start_localoci(base: Path, previous: dict[str, str]) -> process.RunningLocal
     return server
 
 
+# How long a worker VM, and a launched machine, may take to answer once RUNNING on the local OCI
+# (an sshd process; a TCG boot): the blocks' boot timeouts, to which a latency profile adds the
+# seconds it gives a booting instance (``instance:BOOTED``), so every pipeline waits as long as the
+# profile needs (under ``oci``, a worker answers 60 s after RUNNING).
+WORKER_BOOT_SECONDS, MACHINE_BOOT_SECONDS = 60.0, 180.0
+
+
+def boot_timeouts(profile: dict[str, float]) -> tuple[float, float]:
+    """The worker and target-machine blocks' boot timeouts under a latency profile's transitions."""
+    booted = float(profile.get("instance:BOOTED", 0.0))
+    return WORKER_BOOT_SECONDS + booted, MACHINE_BOOT_SECONDS + booted
+
+
+def apply_latency(env: dict[str, str], profile: str) -> dict[str, float]:
+    """Slow the stack's local OCI to ``profile`` and give its worker and target-machine blocks the boot
+    timeouts it needs; the profile's transitions."""
+    transitions = set_latency_profile(env["LOCALOCI_ENDPOINT"], profile)
+    set_boot_timeouts(env, transitions)
+    return transitions
+
+
+def set_boot_timeouts(env: dict[str, str], transitions: dict[str, float]) -> None:
+    """The worker and target-machine blocks' boot timeouts, as the latency ``transitions`` need."""
+    worker_s, machine_s = boot_timeouts(transitions)
+    with prefect_api(env["PREFECT_API_URL"]):
+        from blocks import TargetMachine, WorkerShape
+
+        worker = WorkerShape.load(BLOCKS["worker"])
+        worker.boot_timeout_seconds = worker_s
+        worker.save(BLOCKS["worker"], overwrite=True)
+        target = TargetMachine.load(BLOCKS["target"])
+        target.boot_timeout_seconds = machine_s
+        target.save(BLOCKS["target"], overwrite=True)
+
+
 def set_latency_profile(endpoint: str, profile: str) -> dict[str, float]:
     """Slow the local OCI's transitions to a profile's (``localoci/latency.py``: ``oci`` or ``none``)."""
     request = urllib.request.Request(f"{endpoint}/_localoci/latency/profile", method="POST",
@@ -327,13 +362,15 @@ def prefect_api(api_url: str) -> Iterator[None]:
         yield
 
 
-def save_blocks(server: process.RunningLocalOCI, values: dict[str, str]) -> None:
-    """Blocks that point the importer at the local OCI."""
+def save_blocks(server: process.RunningLocalOCI, values: dict[str, str],
+                transitions: dict[str, float] | None = None) -> None:
+    """Blocks that point the importer at the local OCI (its boot timeouts as its latency ``transitions`` need)."""
     with prefect_api(values["PREFECT_API_URL"]):
-        _save_blocks(server, values)
+        _save_blocks(server, values, *boot_timeouts(transitions or {}))
 
 
-def _save_blocks(server: process.RunningLocalOCI, values: dict[str, str]) -> None:
+def _save_blocks(server: process.RunningLocalOCI, values: dict[str, str], worker_boot_s: float,
+                 machine_boot_s: float) -> None:
     from blocks import ImportSettings, OCICredentials, TargetMachine, WorkerShape
 
     OCICredentials(auth_type="config_file", config_file=server.oci_config_file, profile=server.oci_profile,
@@ -343,12 +380,12 @@ def _save_blocks(server: process.RunningLocalOCI, values: dict[str, str]) -> Non
     WorkerShape(compartment_id=values["COMPARTMENT_ID"], subnet_id=values["SUBNET_ID"], image_id=WORKER_IMAGE_ID,
                 shape="VM.Standard.E4.Flex", ocpus=2, memory_in_gbs=16, ssh_user=values["LOCALOCI_SSH_USER"],
                 ssh_port=int(values["LOCALOCI_SSH_PORT"]), use_sudo=os.geteuid() != 0,
-                boot_timeout_seconds=60).save(BLOCKS["worker"], overwrite=True)
+                boot_timeout_seconds=worker_boot_s).save(BLOCKS["worker"], overwrite=True)
     ImportSettings(compartment_id=values["COMPARTMENT_ID"]).save(BLOCKS["settings"], overwrite=True)
     # Imported machines start in the same local network; TCG boots take seconds, not minutes.
     # Their SSH is at the local OCI's SSH port of their private IP (a loopback address).
     TargetMachine(compartment_id=values["COMPARTMENT_ID"], subnet_id=values["SUBNET_ID"], image_id=WORKER_IMAGE_ID,
-                  boot_timeout_seconds=180, console_poll_seconds=2, ssh_port=int(values["LOCALOCI_SSH_PORT"]),
+                  boot_timeout_seconds=machine_boot_s, console_poll_seconds=2, ssh_port=int(values["LOCALOCI_SSH_PORT"]),
                   reach_timeout_seconds=60).save(BLOCKS["target"], overwrite=True)
 
 
@@ -536,8 +573,9 @@ def up(database: str | None = None) -> dict[str, str]:
     env_path = base / "stack.env"
     previous = read_env(env_path)
     server = start_localoci(base, previous)
+    transitions = {}
     if profile := os.environ.get("LOCALOCI_LATENCY_PROFILE"):
-        set_latency_profile(server.endpoint, profile)
+        transitions = set_latency_profile(server.endpoint, profile)
     values = {
         "LOCALOCI_ENDPOINT": server.endpoint,
         "OCI_CONFIG_FILE": server.oci_config_file,
@@ -556,7 +594,7 @@ def up(database: str | None = None) -> dict[str, str]:
     api_url = start_prefect_server(base, previous)
     values["PREFECT_API_URL"] = api_url
     values["PREFECT_UI_URL"] = api_url.removesuffix("/api")
-    save_blocks(server, values)
+    save_blocks(server, values, transitions)
     deploy(base, api_url)
     if on_postgres(base):
         set_up_automations(api_url)
