@@ -3,8 +3,7 @@
 Everything here shares one stack of its own and runs in one module, so that under
 ``--dist loadfile`` it runs on one test worker, one test after another (fault
 injection is global to the stack, one test restarts its Prefect server, another pauses
-its watchers), while the other modules run in parallel on the shared stack. A new version
-uploaded with opc-meta-sync is synced onto the first version's volume, and rolled back.
+its watchers), while the other modules run in parallel on the shared stack.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskR
 from prefect.client.schemas.objects import StateType
 
 from deployments import demo, local_stack
-from diskimport import naming, sample_disk
+from diskimport import naming
 from flows.runs import IMPORT_SLOTS
 from diskimport.keys import SshKeyPair, cloud_init_host_keys
 from tests.e2e.conftest import (MANUAL_BUCKET, SUFFIX, Disk, admin, image_of, live_inventory, resources_of,
@@ -440,48 +439,6 @@ def test_a_run_started_by_hand_beside_the_upload_run_waits_and_returns_its_volum
     assert resources_of(stack, etag)["instances"] == []
     names = {final.name for final in finals}
     assert names == {f"{object_name.rsplit('/', 1)[-1]}@{etag.strip(chr(34))[:8]}"}, names
-
-
-def test_a_new_version_uploaded_with_sync_is_written_onto_the_same_volume(stack, disks, tmp_path):
-    """Two uploads of one object with opc-meta-sync: the second (a file of its FAT filesystem rewritten,
-    one added, with mtools) is written onto the first's volume, only what differs, and checks clean."""
-    raw = tmp_path / "synced.raw"
-    subprocess.run(["cp", "--sparse=always", str(disks["gpt"].raw), str(raw)], check=True)
-    fat = f"{raw}@@{(1 + sample_disk.SIZES_MIB['ext4'] + sample_disk.SIZES_MIB['xfs']) * sample_disk.MiB}"
-    object_name = f"uploads/{uuid.uuid4().hex[:8]}-synced.qcow2"
-    etags, summaries = [], []
-    for version in range(2):
-        if version:
-            for name in ("notes.txt", "added.bin"):
-                (tmp_path / name).write_bytes(os.urandom(256 * 1024))
-                subprocess.run(["mcopy", "-o", "-i", fat, str(tmp_path / name), f"::/{name}"], check=True)
-        image = sample_disk.convert(raw, tmp_path / f"synced-{version}.qcow2", "qcow2")
-        etags.append(demo.upload(stack, image, object_name, {"sync": "true"}))
-        final = demo.wait_for_run(stack, demo.run_started_by_upload(stack, object_name, etags[-1]).id)
-        assert final.state.is_completed(), final.state.message
-        summaries.append(demo.run_result(stack, final))
-    first, second = summaries
-    assert first["synced_from"] is None
-    assert (second["volume_id"], second["synced_from"]) == (first["volume_id"], etags[0])
-    account = second["synced"]
-    assert 512 * 1024 <= account["written"] + account["zeroed"] <= 2 * sample_disk.MiB
-    assert account["compared"] >= raw.stat().st_size - sample_disk.MiB
-    assert {c["status"] for c in second["filesystems"]} == {"clean"}
-    assert [v["id"] for v in resources_of(stack, etags[1])["volumes"]] == [first["volume_id"]]
-    assert resources_of(stack, etags[1])["instances"] == []
-
-    # Rolled back by its deployment: the version before the sync, on a volume restored from its backup.
-    from prefect.deployments import run_deployment
-
-    with local_stack.prefect_api(stack["PREFECT_API_URL"]):
-        started = run_deployment("rollback-sync/default", parameters={"volume_id": first["volume_id"]}, timeout=0)
-    final = demo.wait_for_run(stack, started.id)
-    assert final.state.is_completed(), final.state.message
-    rolled = demo.run_result(stack, final)
-    assert (rolled["etag"], rolled["undone_etag"]) == (etags[0], etags[1])
-    [restored] = resources_of(stack, etags[0])["volumes"]
-    assert restored["id"] == rolled["restored_volume_id"] != first["volume_id"]
-    assert restored["freeformTags"]["import-state"] == "imported"
 
 
 @pytest.fixture

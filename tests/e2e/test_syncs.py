@@ -1,0 +1,56 @@
+"""Syncs end to end on the shared stack: two uploads of one object with opc-meta-sync, the second
+written onto the first's volume through the upload trigger and a real flow run, then rolled back
+by the rollback-sync deployment. The import core's syncs are tested in
+tests/diskimport/test_sync.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+
+from deployments import demo, local_stack
+from diskimport import sample_disk
+from tests.e2e.conftest import resources_of
+
+
+def test_a_new_version_uploaded_with_sync_is_written_onto_the_same_volume(stack, disks, tmp_path):
+    """Two uploads of one object with opc-meta-sync: the second (a file of its FAT filesystem rewritten,
+    one added, with mtools) is written onto the first's volume, only what differs, and checks clean."""
+    raw = tmp_path / "synced.raw"
+    subprocess.run(["cp", "--sparse=always", str(disks["gpt"].raw), str(raw)], check=True)
+    fat = f"{raw}@@{(1 + sample_disk.SIZES_MIB['ext4'] + sample_disk.SIZES_MIB['xfs']) * sample_disk.MiB}"
+    object_name = f"uploads/{uuid.uuid4().hex[:8]}-synced.qcow2"
+    etags, summaries = [], []
+    for version in range(2):
+        if version:
+            for name in ("notes.txt", "added.bin"):
+                (tmp_path / name).write_bytes(os.urandom(256 * 1024))
+                subprocess.run(["mcopy", "-o", "-i", fat, str(tmp_path / name), f"::/{name}"], check=True)
+        image = sample_disk.convert(raw, tmp_path / f"synced-{version}.qcow2", "qcow2")
+        etags.append(demo.upload(stack, image, object_name, {"sync": "true"}))
+        final = demo.wait_for_run(stack, demo.run_started_by_upload(stack, object_name, etags[-1]).id)
+        assert final.state.is_completed(), final.state.message
+        summaries.append(demo.run_result(stack, final))
+    first, second = summaries
+    assert first["synced_from"] is None
+    assert (second["volume_id"], second["synced_from"]) == (first["volume_id"], etags[0])
+    account = second["synced"]
+    assert 512 * 1024 <= account["written"] + account["zeroed"] <= 2 * sample_disk.MiB
+    assert account["compared"] >= raw.stat().st_size - sample_disk.MiB
+    assert {c["status"] for c in second["filesystems"]} == {"clean"}
+    assert [v["id"] for v in resources_of(stack, etags[1])["volumes"]] == [first["volume_id"]]
+    assert resources_of(stack, etags[1])["instances"] == []
+
+    # Rolled back by its deployment: the version before the sync, on a volume restored from its backup.
+    from prefect.deployments import run_deployment
+
+    with local_stack.prefect_api(stack["PREFECT_API_URL"]):
+        started = run_deployment("rollback-sync/default", parameters={"volume_id": first["volume_id"]}, timeout=0)
+    final = demo.wait_for_run(stack, started.id)
+    assert final.state.is_completed(), final.state.message
+    rolled = demo.run_result(stack, final)
+    assert (rolled["etag"], rolled["undone_etag"]) == (etags[0], etags[1])
+    [restored] = resources_of(stack, etags[0])["volumes"]
+    assert restored["id"] == rolled["restored_volume_id"] != first["volume_id"]
+    assert restored["freeformTags"]["import-state"] == "imported"
