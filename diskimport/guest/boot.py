@@ -188,23 +188,36 @@ class FatVolume:
 
 # -- the boot check -----------------------------------------------------------------------
 
+# What a boot that cannot go on prints on its console: the initramfs gave up on its root device
+# (initramfs-tools, dracut), the kernel panicked, systemd dropped to its emergency shell. Once one
+# shows, the check ends: waiting out its timeout would only keep a dead machine running.
+DEAD_END = re.compile(r"Gave up waiting for root|ALERT! .* does not exist|Dropping to a shell!|"
+                      r"Kernel panic - not syncing|You are in emergency mode|dracut-initqueue.*[Cc]ould not boot|"
+                      r"Entering emergency mode")
+
+
 @dataclass(frozen=True)
 class BootCheck:
     booted: bool
     seconds: float
     console_tail: list[str]   # the console's last lines (what it showed when the check ended)
     pattern: str
+    dead_end: str | None = None  # the console line that said the boot cannot go on, if one did
 
     def describe(self) -> str:
         if self.booted:
             return f"booted in {self.seconds:.0f} s (console matched {self.pattern!r})"
         shown = "; ".join(self.console_tail[-5:]) or "the console stayed empty"
+        if self.dead_end:
+            return (f"did not show {self.pattern!r}: after {self.seconds:.0f} s the console said {self.dead_end!r}; "
+                    f"last console lines: {shown}")
         return f"did not show {self.pattern!r} within {self.seconds:.0f} s; last console lines: {shown}"
 
 
 def watch_console(capture: Callable[[], str], pattern: str, timeout: float, poll: float,
                   clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> BootCheck:
-    """Capture the console every ``poll`` seconds until ``pattern`` matches or ``timeout`` passes."""
+    """Capture the console every ``poll`` seconds until ``pattern`` matches, the console shows a dead
+    end (:data:`DEAD_END`), or ``timeout`` passes."""
     matcher = re.compile(pattern, re.MULTILINE)
     started, text = clock(), ""
     while True:
@@ -212,6 +225,10 @@ def watch_console(capture: Callable[[], str], pattern: str, timeout: float, poll
         cleaned = _printable(text)
         if matcher.search(cleaned):
             return BootCheck(True, clock() - started, _tail(cleaned), pattern)
+        dead = DEAD_END.search(cleaned)
+        if dead:
+            line = cleaned[cleaned.rfind("\n", 0, dead.start()) + 1:].split("\n", 1)[0].strip()
+            return BootCheck(False, clock() - started, _tail(cleaned), pattern, line[:200])
         if clock() - started >= timeout:
             return BootCheck(False, clock() - started, _tail(cleaned), pattern)
         sleep(min(poll, max(0.0, timeout - (clock() - started))))

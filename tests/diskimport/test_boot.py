@@ -94,6 +94,16 @@ def test_the_console_watch_reports_a_boot_or_the_last_lines():
                                poll=5, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
     assert not stuck.booted and stuck.console_tail == ["SeaBIOS", "Booting from Hard Disk..."]
     assert "Booting from Hard Disk" in stuck.describe()
+    # A boot that cannot go on ends the check at once, naming the line that said so.
+    panicked = iter(["SeaBIOS\r\n", "Loading Linux ...\r\n", "Begin: Running /scripts/local-block ... done.\r\n"
+                     "Gave up waiting for root file system device.  Common problems:\r\n"
+                     "ALERT!  UUID=0b7f does not exist.  Dropping to a shell!\r\n(initramfs) "])
+    now[0] = 0.0
+    dead = boot.watch_console(lambda: next(panicked), r"login:", timeout=600, poll=5,
+                              clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+    assert not dead.booted and dead.seconds == 10
+    assert dead.dead_end == "Gave up waiting for root file system device.  Common problems:"
+    assert "the console said 'Gave up waiting" in dead.describe() and "(initramfs)" in dead.describe()
 
 
 def test_the_console_text_loses_the_escapes_bootloaders_clear_the_screen_with():
