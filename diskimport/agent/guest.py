@@ -39,7 +39,9 @@ def private_namespace():
 def mount(device, region, directory, writable=False):
     """Mount ``region`` of ``device`` read-only at ``directory`` (read-write for the adaptation,
     its programs runnable but still no device files or set-user-ID); the error text, or None."""
-    options = (["rw", "nodev", "nosuid"] if writable else MOUNT_OPTIONS[region["filesystem"]] + SAFE) + [
+    if writable:
+        return _mount_writable(device, region, directory)
+    options = MOUNT_OPTIONS[region["filesystem"]] + SAFE + [
         "loop", "offset=%d" % region["offset"], "sizelimit=%d" % region["size"]]
     kind = region["filesystem"]
     result = subprocess.run(["mount", "-t", kind, "-o", ",".join(options), device, directory],
@@ -54,6 +56,31 @@ def mount(device, region, directory, writable=False):
 
 
 WINDOWS_HIVES = (("SYSTEM", 256 * 1024 * 1024), ("SOFTWARE", 512 * 1024 * 1024))
+
+
+def _mount_writable(device, region, directory):
+    """Mount ``region`` read-write through a loop device of its own.
+
+    ``mount -o loop`` reuses a loop device that already covers the same range, and the read-only
+    one an inspection just detached may still be there (the kernel lets it go once whatever probed
+    it, udev or an LVM scan, closes it): the filesystem would then be mounted read-only. A new
+    device is made instead, and detached at once: the kernel frees it when the filesystem is
+    unmounted, as it does for ``mount -o loop``.
+    """
+    attach = subprocess.run(["losetup", "--find", "--show", "--offset", str(region["offset"]),
+                             "--sizelimit", str(region["size"]), device], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    if attach.returncode != 0:
+        return (attach.stderr or attach.stdout).decode("utf-8", "replace").strip()[-500:]
+    loop = attach.stdout.decode().strip()
+    try:
+        result = subprocess.run(["mount", "-t", region["filesystem"], "-o", "rw,nodev,nosuid", loop, directory],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    finally:
+        subprocess.run(["losetup", "--detach", loop], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if result.returncode != 0:
+        return (result.stderr or result.stdout).decode("utf-8", "replace").strip()[-500:]
+    return None
 
 
 def windows_hives(device, region, work):
