@@ -218,12 +218,10 @@ class Importer:
         from the version it held; grown first if the new disk is larger. Its undo keeps it."""
         run = self.run
         previous_size = int(base.tags.get(contract.TAG_VIRTUAL_SIZE) or 0)
-        # a failed sync's volume was last whole at the version that sync started from
-        held = base.synced_from if base.state == contract.STATE_FAILED else base.tags.get(contract.TAG_ETAG)
         backup = sync_backups.backup_before_sync(self.clients, self.settings.compartment_id, base, version.etag,
                                                  run.retry_token(f"sync-backup/{version.import_id}"), self.log)
         tags = {**run.tags(version.subject), **self.version_tags(version, max(previous_size, image.virtual_size)),
-                contract.TAG_STATE: contract.STATE_WRITING, contract.TAG_SYNCED_FROM: held or ""}
+                contract.TAG_STATE: contract.STATE_WRITING, contract.TAG_SYNCED_FROM: base.held_whole or ""}
         cloud.tag_volume(self.clients, base.id, tags)
         self.register_volume(base.id, synced=True)
         size_gb = max(base.size_in_gbs, cloud.volume_size_gb(image.virtual_size))

@@ -122,6 +122,11 @@ class FoundVolume:
         """The ETag the volume held before a sync to this import's version started, if it is one."""
         return self.tags.get(contract.TAG_SYNCED_FROM)
 
+    @property
+    def held_whole(self) -> str | None:
+        """The ETag of the version the volume last held whole: a failed sync's volume, the one it started from."""
+        return self.synced_from if self.state == contract.STATE_FAILED else self.tags.get(contract.TAG_ETAG)
+
     def as_volume(self) -> Volume:
         size = self.tags.get(contract.TAG_VIRTUAL_SIZE, "")
         return Volume(self.id, self.availability_domain, self.size_in_gbs, self.display_name, fresh=False,

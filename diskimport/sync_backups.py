@@ -45,7 +45,7 @@ def backup_before_sync(clients: cloud.Clients, compartment_id: str, base: FoundV
                        retry_token: str, log: logging.Logger) -> Any:
     """The backup of ``base`` (the version it holds) that the sync to ``after_etag`` writes after, once
     AVAILABLE. A failed sync's volume was backed up by that sync: its backup is the one."""
-    held = base.synced_from if base.state == contract.STATE_FAILED else base.tags.get(contract.TAG_ETAG)
+    held = base.held_whole
     found = [b for b in sync_backups(clients, compartment_id, base.id)
              if (b.freeform_tags or {}).get(contract.TAG_ETAG) == held]
     if found:
