@@ -3,13 +3,15 @@ volume and boot volume attachments, and console histories."""
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 import logging
 import socket
 import threading
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import ServiceError, conflict, incorrect_state, invalid_parameter
+from ..errors import ServiceError, conflict, incorrect_state, invalid_parameter, precondition_failed
 from ..ids import new_ocid, now_iso
 from ..resources import lookup, public
 from .machine import BOOT_VOLUME_TYPES, FIRMWARES, NETWORK_TYPES, MachineHost
@@ -324,6 +326,27 @@ class Compute:
                 records[record_id]["lifecycleState"] = state
                 self.store.save()
 
+    def update(self, instance_id: str, details: dict[str, Any], if_match: str | None,
+               etag: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+        """UpdateInstance: a new display name or tags (the fields the local OCI keeps), checked
+        against ``if_match`` and changed under one lock, so of two updates made from one read only
+        the first succeeds."""
+        unsupported = sorted(k for k, v in details.items() if v is not None and k not in UPDATABLE)
+        if unsupported:
+            raise invalid_parameter(f"UpdateInstance here changes only {', '.join(UPDATABLE)}, not "
+                                    f"{', '.join(unsupported)}.")
+        with self.store.lock:
+            instance = self.instance(instance_id)
+            if instance["lifecycleState"] in ("TERMINATING", "TERMINATED"):
+                raise incorrect_state(f"Instance {instance_id} is {instance['lifecycleState']}.")
+            if if_match and if_match != "*" and if_match != etag(public(instance)):
+                raise precondition_failed(f"The If-Match header {if_match!r} does not match the instance's ETag.")
+            for key in UPDATABLE:
+                if details.get(key) is not None:
+                    instance[key] = details[key]
+            self.store.save()
+            return instance
+
     def terminate(self, instance_id: str, preserve_boot_volume: bool = False) -> None:
         with self.store.lock:
             instance = self.instance(instance_id)
@@ -580,6 +603,14 @@ class Compute:
             attachment["lifecycleState"] = "DETACHING"
             self.store.save()
         self.app.scheduler.transition("attachment:DETACHED", lambda: self._set_attachment_state(attachment_id, "DETACHING", "DETACHED"))
+
+
+UPDATABLE = ("displayName", "freeformTags", "definedTags")
+
+
+def instance_etag(instance: dict[str, Any]) -> str:
+    """The ETag of an instance as the API shows it: it changes whenever anything shown changes."""
+    return hashlib.sha256(json.dumps(instance, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _port_free(address: str, port: int) -> bool:

@@ -9,7 +9,7 @@ from ..errors import invalid_parameter
 from ..http import Request, Response, Route
 from ..paging import paged, require
 from ..resources import lookup, matches, public
-from .models import SHAPES
+from .models import SHAPES, instance_etag
 
 if TYPE_CHECKING:
     from ..app import LocalOCI
@@ -22,7 +22,16 @@ def launch_instance(app: "LocalOCI", request: Request) -> Response:
 
 
 def get_instance(app: "LocalOCI", request: Request) -> Response:
-    return Response.json(public(app.compute.instance(request.params["instanceId"])))
+    instance = public(app.compute.instance(request.params["instanceId"]))
+    return Response.json(instance, headers={"etag": instance_etag(instance)})
+
+
+def update_instance(app: "LocalOCI", request: Request) -> Response:
+    """Rename or retag an instance; with ``if-match``, only while its ETag is still that one (412
+    otherwise), so two callers that read the same instance cannot both change it."""
+    instance = public(app.compute.update(request.params["instanceId"], request.json(),
+                                         request.headers.get("if-match"), instance_etag))
+    return Response.json(instance, headers={"etag": instance_etag(instance)})
 
 
 def list_instances(app: "LocalOCI", request: Request) -> Response:
@@ -148,6 +157,7 @@ ROUTES = [
     Route("POST", BASE + "/instances", launch_instance, "LaunchInstance", retry_token=True),
     Route("GET", BASE + "/instances", list_instances, "ListInstances"),
     Route("GET", INSTANCE, get_instance, "GetInstance"),
+    Route("PUT", INSTANCE, update_instance, "UpdateInstance"),
     Route("DELETE", INSTANCE, terminate_instance, "TerminateInstance"),
     Route("POST", INSTANCE, instance_action, "InstanceAction", retry_token=True),
     Route("GET", INSTANCE + "/devices", list_devices, "ListInstanceDevices"),
