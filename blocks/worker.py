@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Literal
 
 from prefect.blocks.core import Block
-from pydantic import Field
+from pydantic import Field, field_validator
+
+from diskimport import contract, pool
 
 
 class WorkerShape(Block):
@@ -43,3 +45,23 @@ class WorkerShape(Block):
         default="paravirtualized", description="How the volume is attached to the worker; iscsi logs in with "
         "iscsiadm on the worker.")
     boot_timeout_seconds: float = Field(default=600, description="How long a worker may take to accept SSH.")
+    pool_size: int = Field(default=0, ge=0, le=64, description="Worker VMs kept launched ahead, idle, in the first "
+                           "availability domain imports try: an import takes one and starts at once instead of "
+                           "waiting minutes for a launch (each used by one import, then terminated; the pool "
+                           "refills behind it). 0: no pool, every import launches its own.")
+    pool_idle_minutes: float = Field(default=30, gt=0, description="How long a pooled VM waits for an import before "
+                                     "the sweeper terminates it (from its launch).")
+    pool_hours: str = Field(default="00-24", description="UTC hours the pool is kept, as spans HH-HH separated by "
+                            "commas (e.g. 07-19); outside them it holds no VM.")
+    pool_max_ocpu_hours: float | None = Field(default=None, gt=0, description="The most the idle pool may cost, in "
+                                              "OCPU-hours per hour (an idle VM costs its OCPUs each hour): caps "
+                                              "pool_size at this divided by ocpus. None: no cap.")
+
+    @field_validator("pool_hours")
+    @classmethod
+    def _check_hours(cls, value: str) -> str:
+        try:
+            pool.parse_hours(value)
+        except contract.InvalidRequest as exc:
+            raise ValueError(str(exc)) from None
+        return value

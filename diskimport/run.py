@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import functools
 import hashlib
 import logging
@@ -24,7 +25,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Protocol, TypeVar
 
-from . import cloud, contract, naming
+from . import cloud, contract, naming, pool
 from .keys import SshKeyPair, cloud_init_host_keys
 from .ledger import Ledger, Undo
 from .objects import ObjectReader
@@ -112,7 +113,8 @@ class Run:
 
     def __init__(self, clients: cloud.Clients, settings: ImportSettingsLike, shape: WorkerShapeLike, *,
                  run_id: str, attempt: int = 1, run_is_active: Callable[[str], bool] = lambda run: False,
-                 logger: logging.Logger | logging.LoggerAdapter | None = None) -> None:
+                 logger: logging.Logger | logging.LoggerAdapter | None = None,
+                 pool_keys: pool.KeyStore | None = None, pool_name: str = "default") -> None:
         # A block's OCID of the wrong kind would reach OCI only at the first create, as a bare 404.
         check_placement("WorkerShape", shape.compartment_id, shape.subnet_id, shape.image_id)
         check_ocid("ImportSettings.compartment_id", settings.compartment_id, COMPARTMENT_KINDS, code="invalid-setting")
@@ -127,6 +129,12 @@ class Run:
         self.objects = ObjectReader(clients)
         self.client_key = SshKeyPair.generate()
         self.host_key = SshKeyPair.generate()
+        # worker VMs launched ahead (docs/worker-pool.md): taken instead of launched, when there is one
+        self.pool = (pool.Pool(clients, shape, pool_keys, settings.worker_concurrency_limit, settings.extra_tags,
+                               self.log, pool_name)
+                     if pool_keys is not None and pool.PoolSettings.of(shape).size > 0 else None)
+        self._worker_keys: dict[str, tuple[SshKeyPair, SshKeyPair]] = {}  # a pooled worker's: (client, host)
+        self.refills: list[threading.Thread] = []
         self.steps: dict[str, float] = {}
         self.yielding = False  # unwinding because another run goes on: nothing is kept for inspection
         self.keeps_volumes = False  # a failure that leaves the volumes as written (a failed guest adaptation)
@@ -198,20 +206,31 @@ class Run:
     # -- the worker VM -----------------------------------------------------------------------------
 
     def launch_worker(self, subject: Subject, availability_domain: str) -> WorkerVM:
-        """Launch a worker VM whose host key is this run's, wait until it runs, learn its address."""
+        """A worker VM for ``subject``: one of the pool's when it has one idle in ``availability_domain``,
+        else one launched with this run's host key; running, its address known."""
         step = f"launch-worker/{subject.id}/{availability_domain}"
+        taken = self.take_pooled_worker(subject, availability_domain)
+        if taken is not None:
+            with self.timed("take-pooled-worker"):
+                return self._running_worker(taken, availability_domain, step)
         shape = self.shape
-        instance = cloud.launch_worker(
-            self.clients, compartment_id=shape.compartment_id, availability_domain=availability_domain,
-            subnet_id=shape.subnet_id, image_id=shape.image_id, shape=shape.shape, ocpus=shape.ocpus,
-            memory_in_gbs=shape.memory_in_gbs, boot_volume_size_gb=shape.boot_volume_size_gb,
-            assign_public_ip=shape.assign_public_ip, display_name=f"{subject.kind}-worker-{subject.id[:12]}",
-            ssh_public_key=self.client_key.public_openssh, user_data=cloud_init_host_keys(self.host_key),
-            tags=self.tags(subject), retry_token=self.retry_token(step))
+        with self.timed("launch-worker"):
+            instance = cloud.launch_worker(
+                self.clients, compartment_id=shape.compartment_id, availability_domain=availability_domain,
+                subnet_id=shape.subnet_id, image_id=shape.image_id, shape=shape.shape, ocpus=shape.ocpus,
+                memory_in_gbs=shape.memory_in_gbs, boot_volume_size_gb=shape.boot_volume_size_gb,
+                assign_public_ip=shape.assign_public_ip, display_name=f"{subject.kind}-worker-{subject.id[:12]}",
+                ssh_public_key=self.client_key.public_openssh, user_data=cloud_init_host_keys(self.host_key),
+                tags=self.tags(subject), retry_token=self.retry_token(step))
+            return self._running_worker(instance, availability_domain, step)
+
+    def _running_worker(self, instance: Any, availability_domain: str, step: str) -> WorkerVM:
+        """The worker VM ``instance`` this run made or took, its terminate registered, once it runs."""
         undo = self.ledger.register("worker VM", instance.id, lambda: cloud.terminate_worker(self.clients, instance.id))
         try:
             cloud.wait_instance_running(self.clients, instance.id)
-            address = cloud.worker_address(self.clients, shape.compartment_id, instance.id, shape.assign_public_ip)
+            address = cloud.worker_address(self.clients, self.shape.compartment_id, instance.id,
+                                           self.shape.assign_public_ip)
         except BaseException:
             self.ledger.release(undo)
             cloud.terminate_worker(self.clients, instance.id, wait=False)
@@ -220,10 +239,38 @@ class Run:
         self.log.info("worker VM %s runs in %s at %s", instance.id, availability_domain, address)
         return WorkerVM(instance.id, address, availability_domain)
 
+    def take_pooled_worker(self, subject: Subject, availability_domain: str) -> Any | None:
+        """An idle VM of the worker pool in ``availability_domain``, made this run's worker (its
+        tags and its keys), or None; a take starts the pool's refill beside the import."""
+        if self.pool is None:
+            return None
+        with self.timed("take-pooled-worker"):
+            taken = self.pool.take(availability_domain, self.tags(subject), f"{subject.kind}-worker-{subject.id[:12]}")
+        if not self.refills:
+            self.refill_pool()  # for the next import: behind this take, or into a pool found empty
+        if taken is None:
+            self.log.info("the worker pool has no idle VM in %s: launching one", availability_domain)
+            return None
+        self._worker_keys[taken.instance.id] = (taken.client_key, taken.host_key)
+        return taken.instance
+
+    def refill_pool(self) -> None:
+        """Refill the worker pool in a thread of its own (the import does not wait for it)."""
+        def refill() -> None:
+            try:
+                self.pool.refill()
+            except Exception as exc:  # the scheduled sweep refills too
+                self.log.warning("the worker pool's refill failed: %s", exc)
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(refill,), name="pool-refill",
+                                  daemon=True)
+        thread.start()
+        self.refills.append(thread)
+
     def session(self, worker: WorkerVM) -> WorkerSession:
         """An SSH session to the worker VM that accepts only the host key this run gave it."""
-        return WorkerSession(worker.address, self.shape.ssh_port, self.shape.ssh_user, self.client_key,
-                             self.host_key, sudo=self.shape.use_sudo)
+        client_key, host_key = self._worker_keys.get(worker.id, (self.client_key, self.host_key))
+        return WorkerSession(worker.address, self.shape.ssh_port, self.shape.ssh_user, client_key, host_key,
+                             sudo=self.shape.use_sudo)
 
     @step("prepare-worker")
     def prepare_worker(self, session: WorkerSession) -> str:

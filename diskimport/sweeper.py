@@ -5,6 +5,7 @@ no longer active. Both use the undo functions a failing import uses (:mod:`diski
 Imported volumes (``import-state=imported``) are the product and are never touched; a failed
 one is kept when the settings say ``keep_failed_volume``, and one a sync was writing
 (``import-synced-from``: it held an earlier import) is always kept, detached and tagged failed.
+Idle VMs of the worker pool belong to no run: the pool's trim removes them, not this sweep.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Callable
 
-from . import cloud, contract
+from . import cloud, contract, pool
 
 
 def sweep(clients: cloud.Clients, instance_compartment: str, volume_compartment: str, tags: dict[str, str],
@@ -20,6 +21,8 @@ def sweep(clients: cloud.Clients, instance_compartment: str, volume_compartment:
     """Terminate the worker VMs and discard the unfinished volumes carrying ``tags`` that ``orphaned`` picks."""
     removed: dict[str, list[str]] = {"instances": [], "volumes": []}
     for instance in cloud.find_instances(clients, instance_compartment, tags):
+        if (instance.freeform_tags or {}).get(pool.TAG_POOL_STATE) == pool.IDLE:
+            continue  # a worker VM launched ahead, nobody's yet: the pool's trim decides (diskimport/pool.py)
         if orphaned(instance):
             cloud.terminate_worker(clients, instance.id)
             removed["instances"].append(instance.id)

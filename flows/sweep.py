@@ -1,6 +1,6 @@
 """Flow ``sweep-orphans``: remove what dead import runs left behind.
 
-A run whose process was killed runs no hook. Its worker VM and unfinished volume still
+It also tends the worker pool (flows/worker_pool.py). A run whose process was killed runs no hook. Its worker VM and unfinished volume still
 carry the import's tags, including the flow run id; the sweeper removes every such
 resource whose run is no longer active (:mod:`diskimport.sweeper`). Imported volumes
 are the product and are never touched.
@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 from blocks import DEFAULT_BLOCK, ImportSettings, OCICredentials, WorkerShape
 from diskimport import contract, regions, sweeper
 from flows.runs import run_is_active
+from flows.worker_pool import tend
 
 
 def sweep_run(credentials_block: str, worker_block: str, settings_block: str, flow_run_id: str) -> dict[str, list[str]]:
@@ -39,6 +40,7 @@ def sweep_orphans(
     removed = sweeper.sweep(clients, shape.compartment_id, settings.compartment_id, managed,
                             settings.keep_failed_volume, orphaned)
     removed["backups"] = regions.sweep_backups(clients, [settings.compartment_id], managed, orphaned)
+    removed["pooled_workers"] = tend(credentials_block, worker_block, settings_block)["terminated"]
     get_run_logger().info("sweep removed %d worker VM(s), %d volume(s) and %d backup(s)", len(removed["instances"]),
                           len(removed["volumes"]), len(removed["backups"]))
     return removed

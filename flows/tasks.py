@@ -20,6 +20,7 @@ from diskimport.errors import is_deterministic, is_worker_lost
 from diskimport.records import Subject, WorkerVM
 from diskimport.run import Run, Yielding
 from diskimport.worker_vm.session import WorkerSession
+from flows.pool_keys import SecretBlockKeys
 from flows.runs import retry_after_crash, run_is_active
 from flows.sweep import sweep_run
 
@@ -49,7 +50,8 @@ def open_run(credentials_block: str, worker_block: str, settings_block: str) -> 
     settings = ImportSettings.load(settings_block)
     return settings, Run(OCICredentials.load(credentials_block).clients(), settings, WorkerShape.load(worker_block),
                          run_id=str(current_flow_run.id or "local"), attempt=current_flow_run.run_count or 1,
-                         run_is_active=run_is_active, logger=get_run_logger())
+                         run_is_active=run_is_active, logger=get_run_logger(), pool_keys=SecretBlockKeys(),
+                         pool_name=worker_block)
 
 
 @step_task("remove-stale-workers", retries=3, delays=[2, 5, 10])
