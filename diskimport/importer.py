@@ -275,6 +275,31 @@ class Importer:
                       name)
         return Volume(ready.id, ready.availability_domain, ready.size_in_gbs, ready.display_name, fresh=True)
 
+    def adopt_blank_volume(self, version: ObjectVersion, availability_domain: str, size_gb: int, name: str,
+                           extra_tags: dict[str, str], volume_id: str | None) -> Volume | None:
+        """Make the blank volume of a pooled worker VM this import's volume, as ``create_volume``
+        would have made it, if it is the size and compartment that needs; otherwise delete it (the
+        import then creates its own beside the worker). Its undo is registered at once."""
+        if volume_id is None:
+            return None
+        run = self.run
+        step_name = f"blank-volume/{version.import_id}/{availability_domain}"
+        self.register_volume(volume_id)
+        try:
+            blank = cloud.wait_volume_available(self.clients, volume_id)
+        except Exception as exc:  # a blank volume that failed: the import makes its own
+            self.log.warning("the pooled worker VM's blank volume %s cannot be used: %s", volume_id, exc)
+            self.discard_now(volume_id, step_name)
+            return None
+        if blank.size_in_gbs != size_gb or blank.compartment_id != self.settings.compartment_id:
+            self.discard_now(volume_id, step_name)
+            return None
+        tags = {**run.tags(version.subject), **extra_tags, contract.TAG_STATE: contract.STATE_WRITING}
+        cloud.update_volume(self.clients, volume_id, display_name=name, freeform_tags=tags)
+        self.log.info("volume %s (%d GB, %s), made blank beside the pooled worker VM, taken for %s", volume_id,
+                      blank.size_in_gbs, availability_domain, name)
+        return Volume(volume_id, blank.availability_domain, blank.size_in_gbs, name, fresh=True)
+
     def register_volume(self, volume_id: str, synced: bool = False) -> Any:
         """The volume's undo: deleted, or kept and tagged failed with ``keep_failed_volume`` or after
         a failure that keeps them (a failed guest adaptation); never when the run only yields to another.
@@ -315,15 +340,17 @@ class Importer:
         last_error: Exception | None = None
         for ad in candidates:
             reuse = next((v for v in resumable if v.availability_domain == ad), None)
+            blank = None if reuse or self.run.pool is None else self.adopt_blank_volume(
+                version, ad, size_gb, name, tags, self.run.take_ahead(version.subject, ad))
             with ThreadPoolExecutor(1, thread_name_prefix="provision") as pool:
-                creates = [] if reuse else [pool.submit(self.create_volume, version, ad, size_gb, name, tags)]
+                creates = [] if reuse or blank else [pool.submit(self.create_volume, version, ad, size_gb, name, tags)]
                 worker, last_error = self.worker_beside(version, ad, creates)
                 if worker is None:
                     continue
                 if reuse is not None and reuse is previous.sync_base:
                     volume = self.adopt_for_sync(reuse, version, image)
                 else:
-                    volume = self.adopt_volume(reuse) if reuse else creates[0].result()
+                    volume = self.adopt_volume(reuse) if reuse else blank or creates[0].result()
             found = self.found_volumes(version)
             own = next((v for v in found if v.id == volume.id), None)
             rival = self._competitor(found, own) if own is not None else None

@@ -47,6 +47,9 @@ TAG_POOL_SHAPE = "import-pool-shape"  # and what it was launched as (pool_id: sh
 TAG_POOL_STATE = "import-pool-state"  # idle until an import takes it, then taken
 TAG_POOL_KEY = "import-pool-key"      # where its SSH keys wait in the key store until it is taken
 TAG_POOL_UNTIL = "import-pool-until"  # when it is terminated if nobody took it (epoch seconds)
+TAG_POOL_TAKEN = "import-pool-taken"  # when an import took it (epoch seconds): its idle time ended
+TAG_POOL_VOLUME = "import-pool-volume"  # its blank volume, made beside it for the import that takes it
+BLANK_VOLUME_GB = 50  # OCI's smallest block volume: what most small and medium disks are imported onto
 IDLE, TAKEN = "idle", "taken"
 KEY_PREFIX = "import-pool-"
 LIVE = ("PROVISIONING", "STARTING", "RUNNING")
@@ -85,11 +88,13 @@ class PoolSettings:
 
 @dataclasses.dataclass(frozen=True)
 class Taken:
-    """A pooled VM an import took: the instance, and the keys that reach it."""
+    """A pooled VM an import took: the instance, the keys that reach it, and its blank volume
+    (now the import's to use or delete), if it has one."""
 
     instance: Any
     client_key: SshKeyPair
     host_key: SshKeyPair
+    volume_id: str | None = None
 
 
 def parse_hours(hours: str) -> list[tuple[int, int]]:
@@ -167,14 +172,15 @@ def busy_workers(instances: list[Any]) -> int:
 class Pool:
     """The pool of one worker shape block (``name``), in its compartment and availability domain."""
 
-    def __init__(self, clients: cloud.Clients, shape: Any, keys: KeyStore, worker_limit: int,
-                 extra_tags: dict[str, str] | None = None, logger: logging.Logger | logging.LoggerAdapter | None = None,
-                 name: str = "default") -> None:
+    def __init__(self, clients: cloud.Clients, shape: Any, keys: KeyStore, import_settings: Any,
+                 logger: logging.Logger | logging.LoggerAdapter | None = None, name: str = "default") -> None:
         self.clients, self.shape, self.keys = clients, shape, keys
         self.settings = PoolSettings.of(shape)
         parse_hours(self.settings.hours)
-        self.worker_limit = worker_limit
-        self.extra_tags = dict(extra_tags or {})
+        self.worker_limit = import_settings.worker_concurrency_limit
+        self.extra_tags = dict(import_settings.extra_tags or {})
+        # each pooled VM gets a blank volume beside it, in the volumes' compartment, at the import's VPUs
+        self.volume_compartment, self.volume_vpus = import_settings.compartment_id, import_settings.vpus_during_import
         self.name, self.shape_id = name, pool_id(shape)
         self.log = logger or log
 
@@ -212,7 +218,8 @@ class Pool:
         if old.get(TAG_POOL_STATE) != IDLE or instance.lifecycle_state not in LIVE or not etag:
             return None
         key_name = old.get(TAG_POOL_KEY, "")
-        new = {**tags, TAG_POOL: self.name, TAG_POOL_STATE: TAKEN, TAG_POOL_KEY: key_name}
+        new = {**tags, TAG_POOL: self.name, TAG_POOL_STATE: TAKEN, TAG_POOL_KEY: key_name,
+               TAG_POOL_TAKEN: str(int(time.time()))}
         details = oci.core.models.UpdateInstanceDetails(freeform_tags=new, display_name=display_name)
         try:
             updated = cloud.with_backoff(self.clients.compute.update_instance, instance_id, details,
@@ -235,7 +242,7 @@ class Pool:
             cloud.terminate_worker(self.clients, instance_id, wait=False)
             return None
         self.log.info("took pooled worker VM %s (%s)", instance_id, updated.lifecycle_state)
-        return taken
+        return dataclasses.replace(taken, volume_id=old.get(TAG_POOL_VOLUME))
 
     # -- refill --------------------------------------------------------------------------------------
 
@@ -255,6 +262,7 @@ class Pool:
         return launched
 
     def _launch(self, ad: str, now: dt.datetime) -> str:
+        """One pooled VM: its keys stored, its blank volume created, then the VM launched naming both."""
         token = uuid.uuid4().hex
         client, host = SshKeyPair.generate(), SshKeyPair.generate()
         name = KEY_PREFIX + token
@@ -263,6 +271,7 @@ class Pool:
         until = now.timestamp() + self.settings.idle_minutes * 60
         tags = {**self.extra_tags, contract.TAG_MANAGED_BY: contract.MANAGED_BY, TAG_POOL: self.name,
                 TAG_POOL_SHAPE: self.shape_id, TAG_POOL_STATE: IDLE, TAG_POOL_KEY: name, TAG_POOL_UNTIL: str(int(until))}
+        volume_id = self._blank_volume(ad, token, tags)
         shape = self.shape
         try:
             instance = cloud.launch_worker(
@@ -270,11 +279,25 @@ class Pool:
                 image_id=shape.image_id, shape=shape.shape, ocpus=shape.ocpus, memory_in_gbs=shape.memory_in_gbs,
                 boot_volume_size_gb=shape.boot_volume_size_gb, assign_public_ip=shape.assign_public_ip,
                 display_name=f"pooled-worker-{token[:12]}", ssh_public_key=client.public_openssh,
-                user_data=cloud_init_host_keys(host), tags=tags, retry_token=token)
+                user_data=cloud_init_host_keys(host), tags={**tags, **({TAG_POOL_VOLUME: volume_id} if volume_id else {})},
+                retry_token=token)
         except BaseException:
             self.keys.delete(name)
+            if volume_id:
+                cloud.delete_volume(self.clients, volume_id)
             raise
         return instance.id
+
+    def _blank_volume(self, ad: str, token: str, tags: dict[str, str]) -> str | None:
+        """A blank volume for the VM about to be launched (not waited for); a VM without one is still
+        a worker: its import creates its volume as without a pool."""
+        try:
+            return cloud.create_volume(self.clients, self.volume_compartment, ad, BLANK_VOLUME_GB, self.volume_vpus,
+                                       f"pooled-volume-{token[:12]}", tags,
+                                       hashlib.sha256(f"{token}/volume".encode()).hexdigest()).id
+        except oci.exceptions.ServiceError as exc:
+            self.log.warning("a pooled worker VM gets no blank volume: %s", exc.message)
+            return None
 
     # -- trim ----------------------------------------------------------------------------------------
 
@@ -295,12 +318,24 @@ class Pool:
         for instance in [*expired, *misplaced, *surplus]:
             cloud.terminate_worker(self.clients, instance.id, wait=False)
             self.keys.delete(_tags(instance).get(TAG_POOL_KEY, ""))
+            if _tags(instance).get(TAG_POOL_VOLUME):
+                cloud.delete_if_present(self.clients.blockstorage.delete_volume, _tags(instance)[TAG_POOL_VOLUME])
             removed.append(instance.id)
         self._drop_orphan_keys({_tags(i).get(TAG_POOL_KEY) for i in instances if i.id not in removed}, now)
+        self._drop_orphan_volumes({_tags(i).get(TAG_POOL_VOLUME) for i in instances if i.id not in removed}, now)
         if removed:
             self.log.info("pool %s: terminated %d idle worker VM(s) (%d past their idle time)", self.name, len(removed),
                           len(expired))
         return removed
+
+    def _drop_orphan_volumes(self, in_use: set[str | None], now: dt.datetime) -> None:
+        """Delete the idle blank volumes whose VM is gone (old enough not to be a refill's in flight)."""
+        idle = cloud.find_volumes(self.clients, self.volume_compartment,
+                                  {contract.TAG_MANAGED_BY: contract.MANAGED_BY, TAG_POOL_STATE: IDLE})
+        for volume in idle:
+            young = volume.time_created is not None and (now - volume.time_created).total_seconds() < ORPHAN_KEY_SECONDS
+            if volume.id not in in_use and not young:
+                cloud.delete_volume(self.clients, volume.id)
 
     def _drop_orphan_keys(self, in_use: set[str | None], now: dt.datetime) -> None:
         for name in self.keys.names():

@@ -130,10 +130,10 @@ class Run:
         self.client_key = SshKeyPair.generate()
         self.host_key = SshKeyPair.generate()
         # worker VMs launched ahead (docs/worker-pool.md): taken instead of launched, when there is one
-        self.pool = (pool.Pool(clients, shape, pool_keys, settings.worker_concurrency_limit, settings.extra_tags,
-                               self.log, pool_name)
+        self.pool = (pool.Pool(clients, shape, pool_keys, settings, self.log, pool_name)
                      if pool_keys is not None and pool.PoolSettings.of(shape).size > 0 else None)
         self._worker_keys: dict[str, tuple[SshKeyPair, SshKeyPair]] = {}  # a pooled worker's: (client, host)
+        self._taken_ahead: dict[str, pool.Taken | None] = {}  # by AD: what take_ahead found, for launch_worker
         self.refills: list[threading.Thread] = []
         self.steps: dict[str, float] = {}
         self.yielding = False  # unwinding because another run goes on: nothing is kept for inspection
@@ -209,10 +209,15 @@ class Run:
         """A worker VM for ``subject``: one of the pool's when it has one idle in ``availability_domain``,
         else one launched with this run's host key; running, its address known."""
         step = f"launch-worker/{subject.id}/{availability_domain}"
-        taken = self.take_pooled_worker(subject, availability_domain)
+        if availability_domain in self._taken_ahead:
+            taken = self._taken_ahead.pop(availability_domain)
+        else:
+            taken = self.take_pooled_worker(subject, availability_domain)
+            if taken is not None and taken.volume_id:  # its blank volume: nobody here uses it
+                cloud.delete_if_present(self.clients.blockstorage.delete_volume, taken.volume_id)
         if taken is not None:
             with self.timed("take-pooled-worker"):
-                return self._running_worker(taken, availability_domain, step)
+                return self._running_worker(taken.instance, availability_domain, step)
         shape = self.shape
         with self.timed("launch-worker"):
             instance = cloud.launch_worker(
@@ -239,7 +244,14 @@ class Run:
         self.log.info("worker VM %s runs in %s at %s", instance.id, availability_domain, address)
         return WorkerVM(instance.id, address, availability_domain)
 
-    def take_pooled_worker(self, subject: Subject, availability_domain: str) -> Any | None:
+    def take_ahead(self, subject: Subject, availability_domain: str) -> str | None:
+        """Take a pooled VM for ``subject`` now (the next ``launch_worker`` there uses it), before its
+        volume is made; its blank volume's OCID, now the caller's to use or delete, if it has one."""
+        taken = self.take_pooled_worker(subject, availability_domain)
+        self._taken_ahead[availability_domain] = taken
+        return taken.volume_id if taken is not None else None
+
+    def take_pooled_worker(self, subject: Subject, availability_domain: str) -> pool.Taken | None:
         """An idle VM of the worker pool in ``availability_domain``, made this run's worker (its
         tags and its keys), or None; a take starts the pool's refill beside the import."""
         if self.pool is None:
@@ -252,7 +264,7 @@ class Run:
             self.log.info("the worker pool has no idle VM in %s: launching one", availability_domain)
             return None
         self._worker_keys[taken.instance.id] = (taken.client_key, taken.host_key)
-        return taken.instance
+        return taken
 
     def refill_pool(self) -> None:
         """Refill the worker pool in a thread of its own (the import does not wait for it)."""

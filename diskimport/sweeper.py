@@ -27,6 +27,8 @@ def sweep(clients: cloud.Clients, instance_compartment: str, volume_compartment:
             cloud.terminate_worker(clients, instance.id)
             removed["instances"].append(instance.id)
     for volume in cloud.find_volumes(clients, volume_compartment, tags):
+        if (volume.freeform_tags or {}).get(pool.TAG_POOL_STATE) == pool.IDLE:
+            continue  # a pooled worker VM's blank volume: the pool's trim decides
         state = (volume.freeform_tags or {}).get(contract.TAG_STATE)
         synced = contract.TAG_SYNCED_FROM in (volume.freeform_tags or {})
         if (state == contract.STATE_IMPORTED or (state == contract.STATE_FAILED and (keep_failed or synced))

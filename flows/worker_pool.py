@@ -19,7 +19,7 @@ def tend(credentials_block: str, worker_block: str, settings_block: str) -> dict
     """Trim, then refill, the pool of ``worker_block``'s shape."""
     shape, settings = WorkerShape.load(worker_block), ImportSettings.load(settings_block)
     worker_pool = pool.Pool(OCICredentials.load(credentials_block).clients(), shape, SecretBlockKeys(),
-                            settings.worker_concurrency_limit, settings.extra_tags, get_run_logger(), worker_block)
+                            settings, get_run_logger(), worker_block)
     return {"terminated": worker_pool.trim(), "launched": worker_pool.refill()}
 
 

@@ -65,7 +65,7 @@ def pooled(credentials, shape, compartment_id, active_runs, keys, localoci):
     def make(worker_limit: int = 64, **fields: Any) -> tuple[pool.Pool, Any]:
         pool_shape = shape.model_copy(update=fields)
         settings = ImportSettings(compartment_id=compartment_id, worker_concurrency_limit=worker_limit)
-        made.append(pool.Pool(credentials.clients(), pool_shape, keys, worker_limit))
+        made.append(pool.Pool(credentials.clients(), pool_shape, keys, settings))
 
         def run() -> Run:
             run_id = str(__import__("uuid").uuid4())
@@ -78,7 +78,13 @@ def pooled(credentials, shape, compartment_id, active_runs, keys, localoci):
     for instance in pool.managed_instances(clients, compartment_id):
         if pool.TAG_POOL in (instance.freeform_tags or {}):
             cloud.terminate_worker(clients, instance.id)
+    for volume in blank_volumes(clients, compartment_id):
+        cloud.delete_volume(clients, volume.id)
 
+
+def blank_volumes(clients: Any, compartment_id: str) -> list[Any]:
+    """The idle pooled VMs' blank volumes."""
+    return cloud.find_volumes(clients, compartment_id, {pool.TAG_POOL_STATE: pool.IDLE})
 
 def idle(worker_pool: pool.Pool) -> list[Any]:
     return pool.idle_vms(pool.managed_instances(worker_pool.clients, worker_pool.shape.compartment_id),
@@ -155,6 +161,8 @@ def test_an_import_starts_on_a_pooled_vm_which_ends_with_it_and_the_pool_refills
                                                                                   keys):
     worker_pool, make_run = pooled(pool_size=1)
     [first] = worker_pool.refill()
+    [vm] = idle(worker_pool)
+    blank = vm.freeform_tags[pool.TAG_POOL_VOLUME]
     run = make_run()
     importer = Importer(run, competing_poll_seconds=0.1)
     version = version_of(importer, localoci, bucket)
@@ -162,6 +170,12 @@ def test_an_import_starts_on_a_pooled_vm_which_ends_with_it_and_the_pool_refills
     wait_refills(run)
     assert volume_holds(localoci, summary["volume_id"], web01[1])
     assert "take-pooled-worker" in summary["steps"] and "launch-worker" not in summary["steps"], summary["steps"]
+    # the blank volume made beside the pooled VM became the import's volume: no create to wait for
+    assert summary["volume_id"] == blank
+    [volume] = live(localoci, "volumes", version)
+    assert volume["id"] == blank and volume["freeformTags"][contract.TAG_STATE] == contract.STATE_IMPORTED
+    assert volume["displayName"] == "web01" and volume["sizeInGBs"] == pool.BLANK_VOLUME_GB
+    assert pool.TAG_POOL_STATE not in volume["freeformTags"]
     instances = {i["id"]: i for i in localoci.admin("GET", "inventory?all=1")["instances"]}
     assert instances[first]["lifecycleState"] in ("TERMINATING", "TERMINATED")  # used once, then gone
     assert instances[first]["freeformTags"][contract.TAG_IMPORT_ID] == version.import_id
@@ -206,6 +220,9 @@ def test_the_trim_removes_idle_vms_past_their_time_beyond_the_size_or_outside_th
     worker_pool.settings = pool.PoolSettings(size=1, idle_minutes=30)  # the pool was made smaller
     trimmed = worker_pool.trim(now)
     assert len(trimmed) == 2 and len(idle(worker_pool)) == 1 and len(keys.names()) == 1
+    # their blank volumes go with them
+    assert [v.id for v in blank_volumes(worker_pool.clients, worker_pool.shape.compartment_id)] == [
+        idle(worker_pool)[0].freeform_tags[pool.TAG_POOL_VOLUME]]
     hour = (now.hour + 12) % 24
     worker_pool.settings = pool.PoolSettings(size=1, idle_minutes=30, hours=f"{hour:02d}-{hour + 1:02d}")
     assert len(worker_pool.trim(now)) == 1 and idle(worker_pool) == []  # outside its hours: none
@@ -236,9 +253,12 @@ def test_the_sweep_leaves_idle_pooled_vms_to_the_pool(pooled, credentials, shape
 
     worker_pool, _ = pooled(pool_size=1)
     [vm] = worker_pool.refill()
+    [blank] = [v.id for v in blank_volumes(credentials.clients(), compartment_id)]
     removed = sweeper.sweep(credentials.clients(), compartment_id, compartment_id,
                             {contract.TAG_MANAGED_BY: contract.MANAGED_BY}, False)
     assert vm not in removed["instances"] and [i.id for i in idle(worker_pool)] == [vm]
+    assert blank not in removed["volumes"] and [v.id for v in blank_volumes(credentials.clients(), compartment_id)] == [
+        blank]
 
 
 def test_update_instance_with_a_stale_etag_is_refused(pooled, compute):

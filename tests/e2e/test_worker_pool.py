@@ -54,8 +54,9 @@ def test_an_import_starts_on_a_vm_of_the_pool_which_refills_behind_it(stack, dis
     try:
         [launched] = tend(stack)["launched"]
         assert [i["id"] for i in idle(stack)] == [launched]
-        [key] = [k for k in pool_secrets(stack)
-                 if k == next(i for i in idle(stack))["freeformTags"][pool.TAG_POOL_KEY]]
+        [vm] = idle(stack)
+        [key] = [k for k in pool_secrets(stack) if k == vm["freeformTags"][pool.TAG_POOL_KEY]]
+        blank = vm["freeformTags"][pool.TAG_POOL_VOLUME]
 
         image = image_of(disks["gpt"], "qcow2", tmp_path / "pooled.qcow2")
         _, run = run_import(stack, image, f"pool/{uuid.uuid4().hex[:8]}.qcow2", worker_block=BLOCK)
@@ -63,6 +64,7 @@ def test_an_import_starts_on_a_vm_of_the_pool_which_refills_behind_it(stack, dis
         assert final.state.is_completed(), final.state.message
         summary = demo.run_result(stack, final)
         assert "take-pooled-worker" in summary["steps"] and "launch-worker" not in summary["steps"], list(summary["steps"])
+        assert summary["volume_id"] == blank  # the blank volume made beside the pooled VM
         every = {i["id"]: i for i in local_stack_inventory_all(stack)["instances"]}
         assert every[launched]["lifecycleState"] in ("TERMINATING", "TERMINATED")  # used by this import, then gone
         assert every[launched]["freeformTags"]["import-flow-run"] == str(run.id)
@@ -73,6 +75,8 @@ def test_an_import_starts_on_a_vm_of_the_pool_which_refills_behind_it(stack, dis
         set_pool_size(stack, 0)
         tend(stack)
     assert idle(stack) == [] and pool_secrets(stack) == []  # an emptied pool keeps no VM and no key
+    assert not [v for v in demo.inventory(stack)["volumes"] if v["freeformTags"].get(pool.TAG_POOL) == BLOCK
+                and v["freeformTags"].get(pool.TAG_POOL_STATE) == pool.IDLE]  # nor a blank volume
 
 
 def local_stack_inventory_all(stack: dict[str, str]) -> dict[str, Any]:
