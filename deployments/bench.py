@@ -35,6 +35,7 @@ import httpx
 
 from deployments import local_stack
 from deployments.bench_guest import GUEST, bench_guest, ensure_guest, guest_lines, guest_targets
+from deployments.bench_pool import POOL, POOL_SOURCE, bench_pool, pool_lines, pool_targets
 from deployments.bench_sync import SYNC, bench_sync, ensure_sync_disks, sync_lines, sync_targets
 from deployments.bench_images import DECOMPRESSORS, MACHINE, SPECS, ImageSpec, ensure_image, ensure_machine
 from deployments.demo import inventory, run_result, run_started_by_upload, stack_clients, start_import, upload, \
@@ -378,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
                              "with provisioning; the ratios against the floor then include minutes of launch)")
     args = parser.parse_args(argv)
     with_export = EXPORT in args.images
+    with_pool = POOL in args.images
     specs = [s for s in SPECS if s.name in args.images or (with_export and s.name == EXPORT_SOURCE)]
+    pool_spec = next(s for s in SPECS if s.name == POOL_SOURCE)
     with_machine = MACHINE in args.images
     env = local_stack.up()
     base = local_stack.local_dir()
@@ -399,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     if with_sync:
         print(f"{SYNC}: preparing", flush=True)
         sync_disks = ensure_sync_disks(image_dir)
+    if with_pool:
+        paths.setdefault(POOL_SOURCE, ensure_image(pool_spec, image_dir))
     volume_dir = base / "localoci" / "volumes"  # the floor's volume file sits beside the real ones
     before = apply_model(env)
     latency_before = admin(env, "GET", "latency")
@@ -409,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     export: dict[str, Any] | None = None
     guest: dict[str, Any] | None = None
     synced: dict[str, Any] | None = None
+    pooled: dict[str, Any] | None = None
     failed: list[tuple[str, bool, str]] = []
 
     def row(name: str, measure: Callable[[], Any]) -> Any:
@@ -446,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
             guest = row(GUEST, lambda: bench_guest(env, guest_disk))
         if with_sync:
             synced = row(SYNC, lambda: bench_sync(env, sync_disks))
+        if with_pool:
+            pooled = row(POOL, lambda: bench_pool(
+                env, paths[POOL_SOURCE], lambda path: measure_ours(env, pool_spec, path),
+                lambda name: measure_reference(env, pool_spec, name), lambda name: _delete_object(env, name)))
     finally:
         admin(env, "POST", "bandwidth", before)
         admin(env, "DELETE", "latency")
@@ -472,11 +482,15 @@ def main(argv: list[str] | None = None) -> int:
     if synced:
         print("\n" + "\n".join(sync_lines(synced)))
         met += sync_targets(synced)
+    if pooled:
+        print("\n" + "\n".join(pool_lines(pooled)))
+        met += pool_targets(pooled)
     print()
     for name, ok, detail in met:
         print(f"{'PASS' if ok else 'MISS'}  {name}: {detail}")
     print(json.dumps({"model": {**MODEL, "worker_network_bytes_per_s": WORKER_LIMIT}, "images": images,
-                      "export": export, "machine": machine, "guest": guest, "sync": synced}, sort_keys=False))
+                      "export": export, "machine": machine, "guest": guest, "sync": synced, "pool": pooled},
+                     sort_keys=False))
     return 0 if all(ok for _, ok, _ in met) else 1
 
 

@@ -1,0 +1,152 @@
+"""``make bench``'s worker pool row: the small image's upload to ready with a pool of worker VMs
+launched ahead, against the same import without a pool and the reference pipeline, all three in
+one run (``make bench BENCH_ARGS="--latency oci --images pool-small-50m"``: under the ``oci``
+latency profile a worker takes minutes to launch and boot, which is what the pool takes away).
+
+The pool is the stack's worker block with ``pool_size`` 2, filled by the ``tend-worker-pool``
+deployment; the row waits until both pooled VMs answer SSH (an operator's pool is filled long
+before the upload), then uploads and times the import from the upload event to the volume ready.
+The pool is emptied again at the end. Printed beside the times: the idle pooled VM-minutes per
+import (each pooled VM from its launch to its take, or to the row's end for one nobody took).
+Targets: with the pool at most 30 s; without it and the reference are the reasons for the pool
+(minutes each under the ``oci`` profile), printed with their ratio to the pooled import.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from deployments import demo, local_stack
+
+POOL = "pool-small-50m"
+POOL_SOURCE = "small-50m"
+POOL_SIZE = 2
+TARGET_S = 30.0
+
+
+def set_pool_size(env: dict[str, str], size: int) -> None:
+    """The stack's worker block with ``pool_size`` set (saved over itself)."""
+    from blocks import WorkerShape
+
+    with local_stack.prefect_api(env["PREFECT_API_URL"]):
+        shape = WorkerShape.load(local_stack.BLOCKS["worker"])
+        shape.pool_size = size
+        shape.save(local_stack.BLOCKS["worker"], overwrite=True)
+
+
+def tend(env: dict[str, str]) -> dict[str, list[str]]:
+    from prefect.deployments import run_deployment
+
+    with local_stack.prefect_api(env["PREFECT_API_URL"]):
+        started = run_deployment("tend-worker-pool/default", timeout=0)
+    final = demo.wait_for_run(env, started.id)
+    if not final.state.is_completed():
+        raise RuntimeError(f"tend-worker-pool ended {final.state.name}: {final.state.message}")
+    return demo.run_result(env, final)
+
+
+def pooled(env: dict[str, str], launched: list[str]) -> list[dict[str, Any]]:
+    every = local_stack_inventory(env)
+    return [i for i in every["instances"] if i["id"] in launched or i["freeformTags"].get("import-pool")]
+
+
+def local_stack_inventory(env: dict[str, str]) -> dict[str, Any]:
+    import httpx
+
+    return httpx.get(env["LOCALOCI_ENDPOINT"] + "/_localoci/inventory?all=1", timeout=30).json()
+
+
+def wait_answering(env: dict[str, str], instance_ids: list[str], timeout: float = 900.0) -> float:
+    """Wait until every one of the instances answers SSH on its private address; the seconds waited."""
+    from blocks import OCICredentials, WorkerShape
+    from diskimport import cloud
+
+    start = time.monotonic()
+    port = int(env["LOCALOCI_SSH_PORT"])
+    with local_stack.prefect_api(env["PREFECT_API_URL"]):
+        clients = OCICredentials.load(local_stack.BLOCKS["credentials"]).clients()
+        compartment = WorkerShape.load(local_stack.BLOCKS["worker"]).compartment_id
+    addresses: dict[str, str] = {}
+    while True:
+        for instance_id in instance_ids:
+            if instance_id not in addresses:
+                try:
+                    addresses[instance_id] = cloud.worker_address(clients, compartment, instance_id, False)
+                except cloud.ResourceFailed:
+                    pass  # no address before it runs
+        if len(addresses) == len(instance_ids) and all(_banner(a, port) for a in addresses.values()):
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"pooled worker VMs not answering SSH within {timeout:.0f} s: {instance_ids}")
+        time.sleep(2)
+
+
+def _banner(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=2) as s:
+            s.settimeout(5)
+            return s.recv(4).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+def idle_minutes(instances: list[dict[str, Any]], now: float) -> float:
+    """Each pooled VM's minutes from its launch to its take (or ``now``)."""
+    import datetime as dt
+
+    total = 0.0
+    for i in instances:
+        created = dt.datetime.fromisoformat(i["timeCreated"].replace("Z", "+00:00")).timestamp()
+        taken = float(i["freeformTags"].get("import-pool-taken") or now)
+        total += max(0.0, taken - created) / 60
+    return total
+
+
+def bench_pool(env: dict[str, str], path: Path, measure: Callable[[Path], tuple[dict[str, Any], str]],
+               reference: Callable[[str], dict[str, Any]], delete: Callable[[str], None]) -> dict[str, Any]:
+    """The row: ``measure`` times an upload to ready (the object's name beside), ``reference`` runs
+    the reference pipeline on an uploaded object, ``delete`` removes an object."""
+    without, name = measure(path)
+    delete(name)
+    set_pool_size(env, POOL_SIZE)
+    launched: list[str] = []
+    try:
+        launched = tend(env)["launched"]
+        fill_s = wait_answering(env, launched)
+        pooled_import, name = measure(path)
+        try:
+            ref = reference(name)
+        finally:
+            delete(name)
+        instances = pooled(env, launched)
+        idle = idle_minutes(instances, time.time())
+    finally:
+        set_pool_size(env, 0)
+        tend(env)
+    return {"without_pool_s": without["seconds"], "with_pool_s": pooled_import["seconds"],
+            "reference_s": ref["seconds"], "pool_fill_s": round(fill_s, 1), "pool_vms": len(instances),
+            "idle_vm_minutes_per_import": round(idle, 1), "steps": pooled_import["steps"],
+            "took_pooled": "take-pooled-worker" in pooled_import["steps"]
+                           and "launch-worker" not in pooled_import["steps"]}
+
+
+def pool_lines(row: dict[str, Any]) -> list[str]:
+    return [f"{POOL}: with a pool of {POOL_SIZE} {row['with_pool_s']:.1f} s (upload event to volume ready), "
+            f"without a pool {row['without_pool_s']:.1f} s, reference {row['reference_s']:.1f} s; "
+            f"pool filled and answering in {row['pool_fill_s']:.0f} s; idle pooled VM-minutes per import "
+            f"{row['idle_vm_minutes_per_import']:.1f} ({row['pool_vms']} pooled VMs, one import)",
+            f"{POOL}: steps " + ", ".join(f"{k} {v:.1f}" for k, v in row["steps"].items())]
+
+
+def pool_targets(row: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    return [
+        (f"{POOL} with a pool of {POOL_SIZE} <= {TARGET_S:.0f} s", row["with_pool_s"] <= TARGET_S and row["took_pooled"],
+         f"{row['with_pool_s']:.1f} s{'' if row['took_pooled'] else ' (it did not take a pooled VM)'}"),
+        (f"{POOL} without a pool >= 180 s (the launch the pool saves)", row["without_pool_s"] >= 180,
+         f"{row['without_pool_s']:.1f} s, {row['without_pool_s'] / row['with_pool_s']:.1f}x the pooled import"),
+        (f"{POOL} reference >= 180 s", row["reference_s"] >= 180,
+         f"{row['reference_s']:.1f} s, {row['reference_s'] / row['with_pool_s']:.1f}x the pooled import"),
+    ]
