@@ -301,11 +301,13 @@ def bench_machine(env: dict[str, str], ova: Path, disks: list[Path]) -> dict[str
                       for d in summary["disks"]]}
 
 
-def machine_targets(m: dict[str, Any]) -> list[tuple[str, bool, str]]:
+def machine_targets(m: dict[str, Any], latency: str = "none") -> list[tuple[str, bool, str]]:
+    # with a tenancy's launch times (the oci profile) one worker VM instead of three counts fully
+    separate = 0.5 if latency == "oci" else 0.8
     return [
         (f"{MACHINE} ours/floor <= 1.3", m["ours_over_floor"] <= 1.3, f"{m['ours_over_floor']:.2f}"),
         (f"{MACHINE} on one worker VM", m["worker_vms"] == 1, f"{m['worker_vms']} worker VMs"),
-        (f"{MACHINE} <= 0.8 x its disks imported one after another", m["ours_over_separate"] <= 0.8,
+        (f"{MACHINE} <= {separate} x its disks imported one after another", m["ours_over_separate"] <= separate,
          f"{m['ours_over_separate']:.2f} ({m['ours_s']:.1f} s vs {m['separate_total_s']:.1f} s)"),
         (f"{MACHINE} bytes read <= object size", m["bytes_read"] <= m["object_bytes"],
          f"{m['bytes_read']:,} / {m['object_bytes']:,}"),
@@ -475,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{machine['ours_over_floor']:.2f}); its disks imported one after another "
               f"{' + '.join(f'{s:.1f}' for s in machine['separate_s'])} = {machine['separate_total_s']:.1f} s; "
               f"{machine['worker_vms']} worker VM(s); steps " + ", ".join(f"{k} {v:.1f}" for k, v in machine["steps"].items()))
-        met += machine_targets(machine)
+        met += machine_targets(machine, args.latency)
     if guest:
         print("\n" + "\n".join(guest_lines(guest)))
         met += guest_targets(guest)

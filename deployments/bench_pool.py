@@ -48,9 +48,13 @@ def tend(env: dict[str, str]) -> dict[str, list[str]]:
     return demo.run_result(env, final)
 
 
-def pooled(env: dict[str, str], launched: list[str]) -> list[dict[str, Any]]:
+def pooled(env: dict[str, str], since: float) -> list[dict[str, Any]]:
+    """The pooled VMs launched since ``since`` (epoch seconds), ended ones too."""
+    import datetime as dt
+
     every = local_stack_inventory(env)
-    return [i for i in every["instances"] if i["id"] in launched or i["freeformTags"].get("import-pool")]
+    return [i for i in every["instances"] if i["freeformTags"].get("import-pool")
+            and dt.datetime.fromisoformat(i["timeCreated"].replace("Z", "+00:00")).timestamp() >= since]
 
 
 def local_stack_inventory(env: dict[str, str]) -> dict[str, Any]:
@@ -111,6 +115,7 @@ def bench_pool(env: dict[str, str], path: Path, measure: Callable[[Path], tuple[
     the reference pipeline on an uploaded object, ``delete`` removes an object."""
     without, name = measure(path)
     delete(name)
+    since = time.time()
     set_pool_size(env, POOL_SIZE)
     launched: list[str] = []
     try:
@@ -121,7 +126,7 @@ def bench_pool(env: dict[str, str], path: Path, measure: Callable[[Path], tuple[
             ref = reference(name)
         finally:
             delete(name)
-        instances = pooled(env, launched)
+        instances = pooled(env, since)
         idle = idle_minutes(instances, time.time())
     finally:
         set_pool_size(env, 0)

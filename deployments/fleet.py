@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 import httpx
 
-from deployments import demo, local_stack
+from deployments import bench_pool, demo, local_stack
 from diskimport import contract, sample_disk
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -389,7 +389,8 @@ def scale_worker_vms(env: dict[str, str], worker_vms: int) -> None:
 
 
 def run(uploads: int = 60, faults: list[str] = list(ALL_FAULTS), seed: int = 1, timeout: float = 3600,
-        base: Path | None = None, latency: str = "none", worker_vms: int = WORKER_SLOTS) -> dict[str, Any]:
+        base: Path | None = None, latency: str = "none", worker_vms: int = WORKER_SLOTS,
+        pool: int = 0) -> dict[str, Any]:
     base = base or Path(os.environ.get("LOCAL_DIR") or ROOT / ".local" / "fleet")
     os.environ["LOCAL_DIR"] = str(base)
     local_stack.down(purge=True)
@@ -407,6 +408,10 @@ def run(uploads: int = 60, faults: list[str] = list(ALL_FAULTS), seed: int = 1, 
                   "condition": {"eventType": ["com.oraclecloud.objectstorage.createobject"],
                                 "data": {"resourceName": "fleet/dup-*"}}}
     admin(env, "POST", "events/rules", duplicates)
+    pool_since = time.time()
+    if pool:  # filled ahead, as an operator's pool is before the uploads come
+        bench_pool.set_pool_size(env, pool)
+        bench_pool.wait_answering(env, bench_pool.tend(env)["launched"])
     schedule = Schedule(env, base, faults)
     first = [u for u in corpus if u.kind != "reupload"]
     again = [u for u in corpus if u.kind == "reupload"]
@@ -419,9 +424,25 @@ def run(uploads: int = 60, faults: list[str] = list(ALL_FAULTS), seed: int = 1, 
     wait_all(env, corpus, timeout, schedule)
     makespan = time.monotonic() - started
     schedule.join()
+    pooled = pool_account(env, pool, pool_since)
     report = account(env, base, corpus, makespan, schedule.done, worker_vms)
     report["latency_profile"] = latency
+    report["pool"] = pooled
     return report
+
+
+def pool_account(env: dict[str, str], pool: int, since: float) -> dict[str, Any] | None:
+    """The pool's VMs, how many imports took one, their idle minutes; then the pool emptied (so the
+    sweep and the leftovers count only what the imports left)."""
+    if not pool:
+        return None
+    vms = bench_pool.pooled(env, since)
+    taken = sum(1 for i in vms if i["freeformTags"].get("import-pool-taken"))
+    idle = bench_pool.idle_minutes(vms, time.time())
+    bench_pool.set_pool_size(env, 0)
+    bench_pool.tend(env)
+    return {"size": pool, "vms": len(vms), "taken": taken, "idle_vm_minutes": round(idle, 1),
+            "idle_vm_minutes_per_import": round(idle / max(taken, 1), 1)}
 
 
 def account(env: dict[str, str], base: Path, corpus: list[Upload], makespan: float,
@@ -483,6 +504,11 @@ def print_report(report: dict[str, Any]) -> None:
                          f"{report['makespan_over_floor']}x)"),
             ("peak memory MB", ", ".join(f"{k} {v}" for k, v in report["peak_memory_mb"].items())),
             ("Prefect server errors", report["prefect_server_errors"])]
+    if report.get("pool"):
+        p = report["pool"]
+        rows.append(("worker pool", f"size {p['size']}: {p['vms']} pooled VMs, {p['taken']} taken by imports, "
+                                    f"{p['idle_vm_minutes']} idle VM-minutes ({p['idle_vm_minutes_per_import']} per "
+                                    "import that took one)"))
     rows += [(f"fault {name}", what) for name, what in report["faults"].items()]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -500,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="leave the stack running afterwards")
     parser.add_argument("--latency", default="none", help="the local OCI's latency profile (localoci/latency.py): "
                                                           "none (its own speed) or oci (a tenancy's provisioning times)")
+    parser.add_argument("--pool", type=int, default=0, help="a worker pool of this size (docs/worker-pool.md), "
+                                                            "filled before the uploads start")
     parser.add_argument("--worker-vms", type=int, default=None,
                         help=f"worker VMs at once (default {WORKER_SLOTS}, or 12 with the oci profile, whose VMs "
                              "spend minutes booting)")
@@ -510,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown faults {unknown}; known: {', '.join(ALL_FAULTS)}")
     try:
         worker_vms = args.worker_vms or (WORKER_SLOTS if args.latency == "none" else 12)
-        report = run(args.uploads, faults, args.seed, args.timeout, latency=args.latency, worker_vms=worker_vms)
+        report = run(args.uploads, faults, args.seed, args.timeout, latency=args.latency, worker_vms=worker_vms,
+                     pool=args.pool)
     finally:
         if not args.keep:
             local_stack.down(purge=True)
