@@ -207,27 +207,11 @@ class Pool:
         return None
 
     def _take_one(self, instance_id: str, tags: dict[str, str], display_name: str) -> Taken | None:
-        try:
-            response = cloud.with_backoff(self.clients.compute.get_instance, instance_id)
-        except oci.exceptions.ServiceError as exc:
-            if exc.status == 404:
-                return None
-            raise
-        instance, etag = response.data, response.headers.get("etag")
-        old = _tags(instance)
-        if old.get(TAG_POOL_STATE) != IDLE or instance.lifecycle_state not in LIVE or not etag:
+        claimed = self._claim(instance_id, tags, display_name)
+        if claimed is None:
             return None
+        updated, old = claimed
         key_name = old.get(TAG_POOL_KEY, "")
-        new = {**tags, TAG_POOL: self.name, TAG_POOL_STATE: TAKEN, TAG_POOL_KEY: key_name,
-               TAG_POOL_TAKEN: str(int(time.time()))}
-        details = oci.core.models.UpdateInstanceDetails(freeform_tags=new, display_name=display_name)
-        try:
-            updated = cloud.with_backoff(self.clients.compute.update_instance, instance_id, details,
-                                         if_match=etag).data
-        except oci.exceptions.ServiceError as exc:
-            if exc.status in (404, 409, 412):  # another import took it first, or it is going away
-                return None
-            raise
         try:
             stored = self.keys.get(key_name) if key_name else None
             if key_name:
@@ -244,6 +228,48 @@ class Pool:
         self.log.info("took pooled worker VM %s (%s)", instance_id, updated.lifecycle_state)
         return dataclasses.replace(taken, volume_id=old.get(TAG_POOL_VOLUME))
 
+    def _claim(self, instance_id: str, tags: dict[str, str], display_name: str, attempts: int = 5
+               ) -> tuple[Any, dict[str, str]] | None:
+        """Retag an idle pooled VM as this import's worker with the ETag just read; (the updated
+        instance, its tags before) or None when another import took it or it is going away. A 412
+        says only that the VM changed since it was read (another take, or its own lifecycle): it
+        is read again and, while still idle, claimed again."""
+        for _ in range(attempts):
+            try:
+                response = cloud.with_backoff(self.clients.compute.get_instance, instance_id)
+            except oci.exceptions.ServiceError as exc:
+                if exc.status == 404:
+                    return None
+                raise
+            instance, etag = response.data, response.headers.get("etag")
+            old = _tags(instance)
+            if old.get(TAG_POOL_STATE) != IDLE or instance.lifecycle_state not in LIVE or not etag:
+                return None
+            new = {**tags, TAG_POOL: self.name, TAG_POOL_STATE: TAKEN, TAG_POOL_KEY: old.get(TAG_POOL_KEY, ""),
+                   TAG_POOL_TAKEN: str(int(time.time()))}
+            details = oci.core.models.UpdateInstanceDetails(freeform_tags=new, display_name=display_name)
+            try:
+                return cloud.with_backoff(self.clients.compute.update_instance, instance_id, details,
+                                          if_match=etag).data, old
+            except oci.exceptions.ServiceError as exc:
+                if exc.status in (404, 409):
+                    return None
+                if exc.status != 412:
+                    raise
+                ours = self._ours_after_all(instance_id, new)
+                if ours is not None:
+                    return ours, old
+        return None
+
+    def _ours_after_all(self, instance_id: str, tags: dict[str, str]) -> Any | None:
+        """After a 412: the instance, if the update that changed its ETag was this one's own (a retry
+        of a call whose reply was lost), else None."""
+        try:
+            instance = cloud.with_backoff(self.clients.compute.get_instance, instance_id).data
+        except oci.exceptions.ServiceError:
+            return None
+        return instance if _tags(instance) == tags else None
+
     # -- refill --------------------------------------------------------------------------------------
 
     def refill(self, now: dt.datetime | None = None) -> list[str]:
@@ -256,10 +282,31 @@ class Pool:
         idle = idle_vms(instances, self.name, self.shape_id, ad)
         wanted = target_size(self.settings, self.shape.ocpus, now, busy_workers(instances), self.worker_limit)
         launched = [self._launch(ad, now) for _ in range(wanted - len(idle))]
+        launched = self._keep_within_target(launched, ad, wanted)
         if launched:
             self.log.info("pool %s: launched %d worker VM(s) ahead (%d idle, target %d)", self.name, len(launched),
                           len(idle), wanted)
         return launched
+
+    def _keep_within_target(self, launched: list[str], ad: str, wanted: int) -> list[str]:
+        """Refills that ran at once may together have launched too many: every refill keeps the
+        ``wanted`` oldest idle VMs and terminates those of its own beyond them (all refills agree on
+        which those are); the VMs it launched and kept."""
+        if not launched:
+            return launched
+        idle = sorted(idle_vms(managed_instances(self.clients, self.shape.compartment_id), self.name,
+                               self.shape_id, ad), key=lambda i: (i.time_created, i.id))
+        kept = {i.id for i in idle[:wanted]}
+        for vm in [i for i in idle if i.id in launched and i.id not in kept]:
+            self._remove(vm)
+        return [vm for vm in launched if vm in kept or vm not in {i.id for i in idle}]
+
+    def _remove(self, instance: Any) -> None:
+        """Terminate an idle pooled VM, and delete its keys and its blank volume."""
+        cloud.terminate_worker(self.clients, instance.id, wait=False)
+        self.keys.delete(_tags(instance).get(TAG_POOL_KEY, ""))
+        if _tags(instance).get(TAG_POOL_VOLUME):
+            cloud.delete_if_present(self.clients.blockstorage.delete_volume, _tags(instance)[TAG_POOL_VOLUME])
 
     def _launch(self, ad: str, now: dt.datetime) -> str:
         """One pooled VM: its keys stored, its blank volume created, then the VM launched naming both."""
@@ -316,10 +363,7 @@ class Pool:
         surplus = kept[wanted:] if len(kept) > wanted else []  # the youngest go first
         removed = []
         for instance in [*expired, *misplaced, *surplus]:
-            cloud.terminate_worker(self.clients, instance.id, wait=False)
-            self.keys.delete(_tags(instance).get(TAG_POOL_KEY, ""))
-            if _tags(instance).get(TAG_POOL_VOLUME):
-                cloud.delete_if_present(self.clients.blockstorage.delete_volume, _tags(instance)[TAG_POOL_VOLUME])
+            self._remove(instance)
             removed.append(instance.id)
         self._drop_orphan_keys({_tags(i).get(TAG_POOL_KEY) for i in instances if i.id not in removed}, now)
         self._drop_orphan_volumes({_tags(i).get(TAG_POOL_VOLUME) for i in instances if i.id not in removed}, now)

@@ -211,6 +211,23 @@ def test_a_pooled_vm_that_dies_before_it_is_taken_is_replaced(pooled, compute, k
     assert len(keys.names()) == 2
 
 
+def test_refills_at_once_leave_the_pool_at_its_size(pooled, keys):
+    worker_pool, _ = pooled(pool_size=2)
+    start, launched = threading.Barrier(3), []
+
+    def refill() -> None:
+        start.wait()
+        launched.extend(worker_pool.refill())
+    threads = [threading.Thread(target=refill) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(idle(worker_pool)) == 2 and sorted(launched) == sorted(i.id for i in idle(worker_pool))
+    assert len(keys.names()) == 2  # the extra VMs went with their keys (and blank volumes)
+    assert len(blank_volumes(worker_pool.clients, worker_pool.shape.compartment_id)) == 2
+
+
 def test_the_trim_removes_idle_vms_past_their_time_beyond_the_size_or_outside_the_hours(pooled, keys):
     worker_pool, _ = pooled(pool_size=3, pool_idle_minutes=30)
     launched = worker_pool.refill()
