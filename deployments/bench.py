@@ -35,7 +35,8 @@ import httpx
 
 from deployments import local_stack
 from deployments.bench_guest import GUEST, bench_guest, ensure_guest, guest_lines, guest_targets
-from deployments.bench_pool import POOL, POOL_SOURCE, bench_pool, pool_lines, pool_targets
+from deployments.bench_pool import BURST, POOL, POOL_SOURCE, bench_burst, bench_pool, burst_lines, burst_targets, \
+    pool_lines, pool_targets
 from deployments.bench_sync import SYNC, bench_sync, ensure_sync_disks, sync_lines, sync_targets
 from deployments.bench_images import DECOMPRESSORS, MACHINE, SPECS, ImageSpec, ensure_image, ensure_machine
 from deployments.demo import inventory, run_result, run_started_by_upload, stack_clients, start_import, upload, \
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                              "with provisioning; the ratios against the floor then include minutes of launch)")
     args = parser.parse_args(argv)
     with_export = EXPORT in args.images
-    with_pool = POOL in args.images
+    with_pool, with_burst = POOL in args.images, BURST in args.images
     specs = [s for s in SPECS if s.name in args.images or (with_export and s.name == EXPORT_SOURCE)]
     pool_spec = next(s for s in SPECS if s.name == POOL_SOURCE)
     with_machine = MACHINE in args.images
@@ -404,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     if with_sync:
         print(f"{SYNC}: preparing", flush=True)
         sync_disks = ensure_sync_disks(image_dir)
-    if with_pool:
+    if with_pool or with_burst:
         paths.setdefault(POOL_SOURCE, ensure_image(pool_spec, image_dir))
     volume_dir = base / "localoci" / "volumes"  # the floor's volume file sits beside the real ones
     before = apply_model(env)
@@ -417,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     guest: dict[str, Any] | None = None
     synced: dict[str, Any] | None = None
     pooled: dict[str, Any] | None = None
+    burst: dict[str, Any] | None = None
     failed: list[tuple[str, bool, str]] = []
 
     def row(name: str, measure: Callable[[], Any]) -> Any:
@@ -458,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
             pooled = row(POOL, lambda: bench_pool(
                 env, paths[POOL_SOURCE], lambda path: measure_ours(env, pool_spec, path),
                 lambda name: measure_reference(env, pool_spec, name), lambda name: _delete_object(env, name)))
+        if with_burst:
+            burst = row(BURST, lambda: bench_burst(env, paths[POOL_SOURCE]))
     finally:
         admin(env, "POST", "bandwidth", before)
         admin(env, "DELETE", "latency")
@@ -487,11 +491,15 @@ def main(argv: list[str] | None = None) -> int:
     if pooled:
         print("\n" + "\n".join(pool_lines(pooled)))
         met += pool_targets(pooled)
+    if burst:
+        print("\n" + "\n".join(burst_lines(burst)))
+        met += burst_targets(burst)
     print()
     for name, ok, detail in met:
         print(f"{'PASS' if ok else 'MISS'}  {name}: {detail}")
     print(json.dumps({"model": {**MODEL, "worker_network_bytes_per_s": WORKER_LIMIT}, "images": images,
-                      "export": export, "machine": machine, "guest": guest, "sync": synced, "pool": pooled},
+                      "export": export, "machine": machine, "guest": guest, "sync": synced, "pool": pooled,
+                      "burst": burst},
                      sort_keys=False))
     return 0 if all(ok for _, ok, _ in met) else 1
 

@@ -155,3 +155,64 @@ def pool_targets(row: dict[str, Any]) -> list[tuple[str, bool, str]]:
         (f"{POOL} reference >= 180 s", row["reference_s"] >= 180,
          f"{row['reference_s']:.1f} s, {row['reference_s'] / row['with_pool_s']:.1f}x the pooled import"),
     ]
+
+
+BURST = "pool-burst-20"
+BURST_UPLOADS, BURST_POOL = 20, 4
+BURST_TARGET = 0.6
+
+
+def burst_makespan(env: dict[str, str], path: Path, tag: str) -> dict[str, Any]:
+    """Upload ``path`` BURST_UPLOADS times under new names at once; the seconds from the first upload
+    to the last volume ready, and how many imports took a pooled VM. The volumes and objects are deleted."""
+    import datetime as dt
+
+    import oci
+
+    names = [f"bench/burst-{tag}-{int(time.time())}-{n:02d}.qcow2" for n in range(BURST_UPLOADS)]
+    start = dt.datetime.now(dt.timezone.utc)
+    etags = [demo.upload(env, path, name) for name in names]
+    runs = [demo.run_started_by_upload(env, name, etag, timeout=600) for name, etag in zip(names, etags)]
+    finals = [demo.wait_for_run(env, run.id, timeout=7200) for run in runs]
+    failed = [f.state.message for f in finals if not f.state.is_completed()]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of the burst's imports failed: {failed[0]}")
+    summaries = [demo.run_result(env, f) for f in finals]
+    end = max(dt.datetime.fromisoformat(s["ready_at"]) for s in summaries)
+    client, config = demo.stack_clients(env)
+    blockstorage = oci.core.BlockstorageClient(config, service_endpoint=env["LOCALOCI_ENDPOINT"])
+    for name, summary in zip(names, summaries):
+        blockstorage.delete_volume(summary["volume_id"])
+        client.delete_object(env["OCI_NAMESPACE"], env["IMPORT_BUCKET"], name)
+    return {"makespan_s": round((end - start).total_seconds(), 1),
+            "took_pooled": sum(1 for s in summaries if "take-pooled-worker" in s["steps"]
+                               and "launch-worker" not in s["steps"])}
+
+
+def bench_burst(env: dict[str, str], path: Path) -> dict[str, Any]:
+    """The burst row: BURST_UPLOADS uploads at once without a pool, then with a pool of BURST_POOL."""
+    without = burst_makespan(env, path, "nopool")
+    since = time.time()
+    set_pool_size(env, BURST_POOL)
+    try:
+        wait_answering(env, tend(env)["launched"])
+        pooled_burst = burst_makespan(env, path, "pool")
+        idle = idle_minutes(pooled(env, since), time.time())
+    finally:
+        set_pool_size(env, 0)
+        tend(env)
+    return {"without_pool_s": without["makespan_s"], "with_pool_s": pooled_burst["makespan_s"],
+            "ratio": round(pooled_burst["makespan_s"] / without["makespan_s"], 3),
+            "took_pooled": pooled_burst["took_pooled"],
+            "idle_vm_minutes_per_import": round(idle / BURST_UPLOADS, 2)}
+
+
+def burst_lines(row: dict[str, Any]) -> list[str]:
+    return [f"{BURST}: {BURST_UPLOADS} uploads at once, makespan with a pool of {BURST_POOL} {row['with_pool_s']:.1f} s "
+            f"({row['took_pooled']} imports took a pooled VM), without a pool {row['without_pool_s']:.1f} s: "
+            f"{row['ratio']:.2f}; idle pooled VM-minutes per import {row['idle_vm_minutes_per_import']:.2f}"]
+
+
+def burst_targets(row: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    return [(f"{BURST} makespan with a pool of {BURST_POOL} <= {BURST_TARGET} x without", row["ratio"] <= BURST_TARGET,
+             f"{row['ratio']:.2f}")]
