@@ -14,9 +14,12 @@ under the name in its ``import-pool-key`` tag, and nowhere else. It waits, tagge
   with its run. No key of one pooled VM opens another, and no VM is used twice.
 - **refill** (after each take, and by the scheduled sweep): launch VMs until the pool holds its
   target: ``pool_size``, zero outside ``pool_hours``, no more than ``pool_max_ocpu_hours``
-  allows (an idle VM costs its OCPUs every hour), and never beyond the global worker-VM limit
-  (``worker_concurrency_limit``: idle pooled VMs and running workers together). A pooled VM
-  that died is not counted, so the next refill replaces it.
+  allows (an idle VM costs its OCPUs every hour), and never so many that idle pooled VMs and
+  workers at work together pass ``worker_concurrency_limit`` plus the pool's size. Workers at
+  work stay within the limit (an import takes a pooled VM only inside its import slot); the
+  pool's VMs come on top of it. A VM still booting counts as idle and can be taken: the import
+  waits for the rest of its boot. A pooled VM that died is not counted, so the next refill
+  replaces it.
 - **trim** (by the sweeper): terminate the idle VMs past their idle time (``import-pool-until``),
   those beyond the target, those of a shape or image the block no longer names, and drop keys
   whose VM is gone.
@@ -133,13 +136,16 @@ def pool_availability_domain(shape: Any, region_ads: list[str]) -> str:
 
 def target_size(settings: PoolSettings, ocpus: float | None, now: dt.datetime, busy_workers: int,
                 worker_limit: int) -> int:
-    """How many idle VMs the pool should hold now."""
+    """How many idle VMs the pool should hold now: its size, zero outside its hours, within its cost
+    cap, and never so many that idle VMs and workers at work together pass the worker limit plus
+    the pool's size (workers at work stay within the limit by the import slots; the pool's VMs
+    come on top of it, so a burst of imports finds VMs booted or booting ahead)."""
     if settings.size <= 0 or not in_hours(settings.hours, now):
         return 0
     size = settings.size
     if settings.max_ocpu_hours is not None:
         size = min(size, math.floor(settings.max_ocpu_hours / (ocpus or 1.0) + 1e-9))
-    return max(0, min(size, worker_limit - busy_workers))
+    return max(0, min(size, worker_limit + size - busy_workers))
 
 
 def _tags(instance: Any) -> dict[str, str]:
