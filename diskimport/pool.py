@@ -379,12 +379,14 @@ class Pool:
         return removed
 
     def _drop_orphan_volumes(self, in_use: set[str | None], now: dt.datetime) -> None:
-        """Delete the idle blank volumes whose VM is gone (old enough not to be a refill's in flight)."""
+        """Delete the idle blank volumes no live VM names (its VM is gone, or an import took the VM
+        and did not use it). One a refill made for a VM it is launching right now may go too: that
+        VM's import then creates its own volume, as without a pool. One still being created is
+        deleted by a later trim."""
         idle = cloud.find_volumes(self.clients, self.volume_compartment,
                                   {contract.TAG_MANAGED_BY: contract.MANAGED_BY, TAG_POOL_STATE: IDLE})
         for volume in idle:
-            young = volume.time_created is not None and (now - volume.time_created).total_seconds() < ORPHAN_KEY_SECONDS
-            if volume.id not in in_use and not young:
+            if volume.id not in in_use and volume.lifecycle_state == "AVAILABLE":
                 cloud.delete_volume(self.clients, volume.id)
 
     def _drop_orphan_keys(self, in_use: set[str | None], now: dt.datetime) -> None:

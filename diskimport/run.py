@@ -214,7 +214,7 @@ class Run:
         else:
             taken = self.take_pooled_worker(subject, availability_domain)
             if taken is not None and taken.volume_id:  # its blank volume: nobody here uses it
-                cloud.delete_if_present(self.clients.blockstorage.delete_volume, taken.volume_id)
+                self.delete_when_available(taken.volume_id)
         if taken is not None:
             with self.timed("take-pooled-worker"):
                 return self._running_worker(taken.instance, availability_domain, step)
@@ -265,6 +265,18 @@ class Run:
             return None
         self._worker_keys[taken.instance.id] = (taken.client_key, taken.host_key)
         return taken
+
+    def delete_when_available(self, volume_id: str) -> None:
+        """Delete a volume once it can be (one being created cannot), in a thread of its own; if
+        this process ends first, the pool's trim deletes it."""
+        def delete() -> None:
+            try:
+                cloud.wait_volume_available(self.clients, volume_id, timeout=600)
+                cloud.delete_volume(self.clients, volume_id)
+            except Exception as exc:  # the trim deletes it later
+                self.log.info("the pooled worker VM's unused blank volume %s is left to the pool's trim: %s",
+                              volume_id, exc)
+        threading.Thread(target=delete, name="blank-volume-delete", daemon=True).start()
 
     def refill_pool(self) -> None:
         """Refill the worker pool in a thread of its own (the import does not wait for it)."""

@@ -186,6 +186,25 @@ def test_an_import_starts_on_a_pooled_vm_which_ends_with_it_and_the_pool_refills
     assert refilled.id != first and keys.get(refilled.freeform_tags[pool.TAG_POOL_KEY]) is not None
 
 
+def test_a_worker_taken_without_a_volume_to_make_leaves_no_blank_volume(pooled, localoci):
+    """A machine's, an export's or a resumed import's worker: its blank volume is not used, and goes."""
+    from tests.waiting import wait_for
+
+    worker_pool, make_run = pooled(pool_size=1)
+    worker_pool.refill()
+    [vm] = idle(worker_pool)
+    blank = vm.freeform_tags[pool.TAG_POOL_VOLUME]
+    run = make_run()
+    worker = run.launch_worker(subject(run), vm.availability_domain)
+    try:
+        assert worker.id == vm.id
+        wait_for(lambda: not [v for v in localoci.inventory()["volumes"] if v["id"] == blank],
+                 what="the unused blank volume deleted")
+    finally:
+        cloud.terminate_worker(run.clients, worker.id)
+        wait_refills(run)
+
+
 def test_an_import_with_an_empty_pool_launches_its_own_worker(pooled, localoci, bucket, web01):
     worker_pool, make_run = pooled(pool_size=1)  # never refilled: empty
     run = make_run()
