@@ -231,7 +231,7 @@ class Run:
 
     def _running_worker(self, instance: Any, availability_domain: str, step: str) -> WorkerVM:
         """The worker VM ``instance`` this run made or took, its terminate registered, once it runs."""
-        undo = self.ledger.register("worker VM", instance.id, lambda: cloud.terminate_worker(self.clients, instance.id))
+        undo = self.ledger.find("worker VM", instance.id) or self._register_worker(instance.id)
         try:
             cloud.wait_instance_running(self.clients, instance.id)
             address = cloud.worker_address(self.clients, self.shape.compartment_id, instance.id,
@@ -243,6 +243,9 @@ class Run:
             raise
         self.log.info("worker VM %s runs in %s at %s", instance.id, availability_domain, address)
         return WorkerVM(instance.id, address, availability_domain)
+
+    def _register_worker(self, instance_id: str) -> Undo:
+        return self.ledger.register("worker VM", instance_id, lambda: cloud.terminate_worker(self.clients, instance_id))
 
     def take_ahead(self, subject: Subject, availability_domain: str) -> str | None:
         """Take a pooled VM for ``subject`` now (the next ``launch_worker`` there uses it), before its
@@ -263,6 +266,7 @@ class Run:
         if taken is None:
             self.log.info("the worker pool has no idle VM in %s: launching one", availability_domain)
             return None
+        self._register_worker(taken.instance.id)  # ours from the take on, whatever comes before its launch step
         self._worker_keys[taken.instance.id] = (taken.client_key, taken.host_key)
         return taken
 
