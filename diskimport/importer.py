@@ -83,6 +83,7 @@ class Importer:
         self.log = run.log
         self.competing_poll_seconds = competing_poll_seconds
         self.competing_wait_seconds = competing_wait_seconds
+        self.syncing = False  # a sync-mode import: its volume's manifest is recorded (diskimport.delta)
 
     @property
     def steps(self) -> dict[str, float]:
@@ -111,7 +112,8 @@ class Importer:
                                              self.settings.max_virtual_size_bytes)
         self.run.objects.keep(version, pieces)
         if inner is None:
-            image = InspectedImage(found.format, found.virtual_size, found.detected_as, found.driver)
+            image = InspectedImage(found.format, found.virtual_size, found.detected_as, found.driver,
+                                   delta_base=found.delta_base)
         else:
             image = InspectedImage(found.format, found.virtual_size, found.detected_as, found.driver, inner.container,
                                    inner.inner_offset, inner.inner_size)
@@ -138,13 +140,20 @@ class Importer:
         return rivals[0] if rivals else None
 
     @step("find-previous-import")
-    def previous_imports(self, version: ObjectVersion, force: bool = False, sync: bool = False) -> PreviousImports:
+    def previous_imports(self, version: ObjectVersion, force: bool = False, sync: bool = False,
+                         delta_base: str | None = None) -> PreviousImports:
         """What other runs of this import did. Waits while another live run writes the same version.
 
         Returns the imported volume to reuse (none with ``force``) and volumes left half
         written by runs that are gone, which this run resumes. With ``sync`` and neither, the
         volume of the object's latest earlier import, to update in place (:meth:`sync_base`).
+        A delta upload (``delta_base``: the import its overlay applies onto) is a sync onto the
+        volume of exactly that import, or refused (``delta-base-mismatch``).
         """
+        if delta_base is not None and (force or not sync):
+            raise InvalidRequest("delta-base-mismatch", f"{version.name} is a delta over import {delta_base}: it is "
+                                 "applied onto that import's volume only, so sync cannot be false nor force true")
+        self.syncing = sync
         deadline = time.monotonic() + self.competing_wait_seconds
         while True:
             found = self.found_volumes(version)
@@ -163,6 +172,8 @@ class Importer:
             v for v in found if v.state == contract.STATE_WRITING
             and (v.flow_run == self.run.run_id or not self.run.run_is_active(v.flow_run or "")))
         base = self.sync_base(version) if sync and not force and imported is None and not resumable else None
+        if delta_base is not None and imported is None and not resumable:
+            self._check_delta_base(version, base, delta_base)
         previous = PreviousImports(None if force else imported, resumable, force, base)
         if base is not None:
             self.log.info("syncing onto volume %s, which holds version %s of %s: only what differs is written",
@@ -204,6 +215,14 @@ class Importer:
                                      "under a running machine; stop it or detach the volume first")
         return base
 
+    def _check_delta_base(self, version: ObjectVersion, base: FoundVolume | None, delta_base: str) -> None:
+        held = base.held_whole if base is not None else None
+        if held is None or contract.import_id(version.namespace, version.bucket, version.name, held) != delta_base:
+            where = (f"its volume {base.id} holds version {held}" if base is not None
+                     else "no volume holds an earlier version of it")
+            raise InvalidRequest("delta-base-mismatch", f"{version.name} is a delta over import {delta_base}, but "
+                                 f"{where}: push again (the client starts from the import the volume holds)")
+
     def version_tags(self, version: ObjectVersion, virtual_size: int) -> dict[str, str]:
         """The tags that say which object, which version of it (by upload time) and what disk size a volume holds."""
         tags = {contract.TAG_SOURCE: contract.source_id(version.namespace, version.bucket, version.name),
@@ -232,7 +251,8 @@ class Importer:
                           size_gb)
         self.log.info("volume %s backed up as %s before the sync; rollback-sync restores it", base.id, backup.id)
         return Volume(base.id, base.availability_domain, size_gb, base.display_name, fresh=False,
-                      synced_from=tags[contract.TAG_SYNCED_FROM], previous_virtual_size=previous_size or None)
+                      synced_from=tags[contract.TAG_SYNCED_FROM], previous_virtual_size=previous_size or None,
+                      manifest=base.tags.get(contract.TAG_MANIFEST) if base.state == contract.STATE_IMPORTED else None)
 
     # -- resources ----------------------------------------------------------------------------
 
@@ -384,7 +404,9 @@ class Importer:
 
     def volume_write(self, session: WorkerSession, worker: WorkerVM, volume: Volume, version: ObjectVersion,
                      image: InspectedImage) -> VolumeWrite:
-        return VolumeWrite(self.run, session, worker, volume, version, image)
+        write = VolumeWrite(self.run, session, worker, volume, version, image)
+        write.records_manifest = self.syncing or image.delta_base is not None  # what the next delta starts from
+        return write
 
     # -- handing over ---------------------------------------------------------------------------
 

@@ -72,6 +72,7 @@ class InspectedImage:
     inner_offset: int = 0
     inner_size: int | None = None
     digest: tuple[str, str, str] | None = None  # (hashlib name, hex, what): a machine manifest's, for the bytes
+    delta_base: str | None = None  # a delta upload (diskimport.delta): the import id it applies onto
 
     @property
     def qemu_driver(self) -> str:
@@ -101,6 +102,7 @@ class Volume:
     # ``previous_virtual_size`` bytes): only what differs from it is written.
     synced_from: str | None = None
     previous_virtual_size: int | None = None
+    manifest: str | None = None  # the SHA-256 of the manifest of what it holds, when an import left it whole
 
 
 @dataclass(frozen=True)

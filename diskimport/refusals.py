@@ -127,6 +127,23 @@ CODES = _index((
                 "failed sync left whose backup is gone (it could not be rolled back).",
                 "Name a volume a sync wrote (its backups are tagged import-sync-after), or import onto a new "
                 "volume with sync false."),
+    RefusalCode("delta-base-mismatch", "InvalidRequest", ("request", "worker VM"),
+                "A delta upload (a qcow2 whose backing file is oci-import:<import id>) refers to an import that "
+                "is not the one the object's volume holds (another version was synced since, the volume was "
+                "rolled back, the object was never imported with sync), or sync was turned off or force asked "
+                "for it, or that import's manifest is gone or is not the one its volume was tagged with.",
+                "Push again: the client computes the delta from the object's current version's import, or "
+                "uploads the whole disk with --full."),
+    RefusalCode("delta-manifest-missing", "InvalidRequest", ("request",),
+                "A delta upload does not name its manifest (opc-meta-delta-manifest, a SHA-256), or the manifest "
+                "object .oci-import/uploads/<sha256>.manifest is missing or unreadable, or describes another disk "
+                "size.",
+                "Push with oci-disk-delta, which uploads the manifest before the image."),
+    RefusalCode("delta-manifest-mismatch", "InvalidRequest", ("worker VM",),
+                "After a delta was applied, the volume does not hold the disk the client's manifest describes: "
+                "a block read back, or one the delta left alone, has another digest (the message names the "
+                "first). The volume is kept, tagged failed, and its sync backup restores the version before.",
+                "Push again with --full, or roll the volume back with rollback-sync."),
     RefusalCode("invalid-virtual-size", "InvalidRequest", _OPTION,
                 "virtual_size (opc-meta-virtual-size) is not a whole number of bytes from 1 to the maximum "
                 "virtual size.",

@@ -12,7 +12,10 @@ import datetime as dt
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, Sequence
 
-from . import cloud, contract
+from . import cloud, contract, delta
+from .agent import manifest
+from .contract import InvalidRequest
+from .delta import apply
 from .guest import adaptation, boot, filesystems, report as guest_report
 from .images import nested
 from .worker_vm import iscsi, slices, transfer
@@ -64,6 +67,7 @@ class VolumeWrite:
         self.adapt_guest = "off"     # "auto": an inspected Linux guest is adapted to OCI, then inspected again
         self.guest: guest_report.GuestReport | None = None
         self.steps: dict[str, float] = {}  # this disk's steps (the run's count every disk's)
+        self.records_manifest = False  # a sync-mode import: the manifest of what the volume holds is stored
         self._undos: list[Undo] = []  # the attachment's, then the iSCSI session's
 
     @property
@@ -118,7 +122,7 @@ class VolumeWrite:
         pieces = run.objects.header_pieces(version)
         # a sync writes through the sync target, which only qemu-img's slices reach
         decode = None if self.volume.synced_from is not None else self._decode(pieces, inner)
-        window = None if decode is not None else self._window(pieces, inner, image_bytes)
+        window = None if decode is not None or image.delta_base else self._window(pieces, inner, image_bytes)
         # a compressed object is fetched into memory: beside the image only the pieces handed over are kept
         kept_bytes = image_bytes + (sum(len(data) for _, data in pieces)
                                     if inner is not None and inner.container != "tar" else 0)
@@ -143,7 +147,9 @@ class VolumeWrite:
                     on_event=progress.event if progress else None, inner=inner, digest=image.digest,
                     window=window, decode=decode)
             try:
-                if stream.decoding:
+                if image.delta_base is not None:
+                    device, virtual_size, fetched, verified = self._write_delta(stream, qemu, phases)
+                elif stream.decoding:
                     device, virtual_size, fetched, verified = self._write_decoded(stream, phases)
                 else:
                     device, virtual_size, fetched, verified = self._write_slices(stream, qemu, phases, progress,
@@ -156,6 +162,9 @@ class VolumeWrite:
                 if refused is None:
                     raise
                 raise refused from exc
+            if self.records_manifest:
+                with phase(phases, "record-manifest"):
+                    self._record_manifest(stream, device, virtual_size, verified.pop("digests", None))
             unit, how = (("runs", ", decoded as it arrived") if stream.decoding else
                          ("slices", f", through a window ({fetched['refetched_bytes']} bytes fetched again)")
                          if stream.windowed else ("slices", ""))
@@ -217,6 +226,68 @@ class VolumeWrite:
             account = sync.stop() if sync is not None else None
         summary = writer.summary()
         return device, info.virtual_size, fetched, {**summary, "synced": account} if account else summary
+
+    def _write_delta(self, stream: transfer.ObjectStream, qemu: QemuImg,
+                     phases: dict[str, float]) -> tuple[str, int, dict[str, Any], dict[str, Any]]:
+        """A delta upload (:mod:`diskimport.delta.apply`): the overlay staged whole and checked, its
+        clusters committed onto the volume, the result checked against the client's manifest."""
+        version, image, clients = self.version, self.image, self.clients
+        assert image.delta_base is not None
+        if image.virtual_size < (self.volume.previous_virtual_size or 0):
+            raise InvalidRequest("delta-base-mismatch", f"the delta's disk ({image.virtual_size} bytes) is smaller "
+                                 f"than the version the volume holds ({self.volume.previous_virtual_size}): a "
+                                 "disk that shrank is pushed whole (--full)")
+        expected = apply.client_manifest(clients, version.namespace, version.bucket, version.metadata,
+                                         image.virtual_size)
+        base = None
+        if self.volume.manifest is not None:  # an import left the volume whole: only what the delta holds is read
+            base = apply.read_manifest(clients, version.namespace, version.bucket,
+                                       delta.manifest_object(image.delta_base), None,
+                                       f"the manifest of import {image.delta_base}", "delta-base-mismatch")
+            if base.sha256 != self.volume.manifest:
+                raise InvalidRequest("delta-base-mismatch", f"the manifest of import {image.delta_base} is not the "
+                                     f"one volume {self.volume.id} was tagged with")
+        with phase(phases, "fetch-delta"):
+            fetched = stream.finish()
+        with phase(phases, "second-opinion"):
+            transfer.delta_opinion(qemu, stream.path, image.virtual_size, delta.backing_name(image.delta_base),
+                                   apply.overlay_node(stream.path))
+        with phase(phases, "attach"):
+            device = self.attach()
+        extents = apply.touched_extents(self.session, stream.path, image.virtual_size)
+        with phase(phases, "write-and-verify"):
+            apply.commit_onto(self.session, stream.path, device)
+            read = None if base is None else apply.blocks_of(extents)
+            digests = apply.device_digests(self.session, stream.script, stream.directory, device,
+                                           image.virtual_size, read)
+        apply.check_result(expected, base, digests, read)
+        written = sum(length for _, length, zero in extents if not zero)
+        zeroed = sum(length for _, length, zero in extents if zero)
+        account = {"compared": image.virtual_size, "written": written, "zeroed": zeroed,
+                   "unchanged": image.virtual_size - written - zeroed, "delta_bytes": version.size}
+        read_bytes = image.virtual_size if read is None else sum(n for _, n in read) * manifest.BLOCK
+        return device, image.virtual_size, fetched, {"verified_bytes": read_bytes, "slices": len(read or [0]),
+                                                     "synced": account, "digests": expected}
+
+    def _record_manifest(self, stream: transfer.ObjectStream, device: str, virtual_size: int,
+                         verified: apply.Manifest | None) -> None:
+        """Store the manifest of what the volume now holds (the client's, checked, or hashed here) and tag
+        the volume with its SHA-256: the next delta upload of the object starts from it."""
+        version = self.version
+        digests = verified.digests if verified is not None else apply.device_digests(
+            self.session, stream.script, stream.directory, device, virtual_size, None)
+        if verified is None and apply.names_manifest(version.metadata):  # the client's first (whole) push
+            verified = apply.client_manifest(self.clients, version.namespace, version.bucket, version.metadata,
+                                             virtual_size)
+            apply.check_result(verified, None, digests, None)
+        sha = apply.store_manifest(self.clients, version.namespace, version.bucket, version.import_id, virtual_size,
+                                   digests)
+        cloud.tag_volume(self.clients, self.volume.id, {contract.TAG_MANIFEST: sha})
+        if verified is not None:
+            apply.delete_quietly(self.clients, version.namespace, version.bucket, delta.upload_object(verified.sha256))
+        self.run.log.info("the block manifest of %s is %s%s (SHA-256 %s)", self.volume.id,
+                          delta.manifest_object(version.import_id), "" if verified else ", hashed on the worker",
+                          sha[:16])
 
     def _zero_tail(self, qemu: QemuImg, sync: SyncTarget, virtual_size: int) -> None:
         """A sync to a smaller disk: what the earlier version held past the new one's end reads as zeros

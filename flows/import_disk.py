@@ -41,8 +41,8 @@ def inspect_image(importer: Importer, version: ObjectVersion, options: ImportOpt
 
 @step_task("find-previous-import", retries=3, delays=2)
 def find_previous_import(importer: Importer, version: ObjectVersion, force: bool,
-                         sync: bool = False) -> PreviousImports:
-    return importer.previous_imports(version, force, sync)
+                         sync: bool = False, delta_base: str | None = None) -> PreviousImports:
+    return importer.previous_imports(version, force, sync, delta_base)
 
 
 @step_task("remove-stale-workers", retries=3, delays=[2, 5, 10])
@@ -118,9 +118,11 @@ def import_virtual_disk(
         options = importer.options(version, parameters)
         image = inspect_image(importer, version, options)
         syncing = settings.sync_volumes if options.sync is None else options.sync
+        if image.delta_base is not None and options.sync is None:
+            syncing = True  # a delta upload is a sync by nature (docs/warm-migration.md)
 
         def attempt() -> dict[str, Any]:
-            previous = find_previous_import(importer, version, force, syncing)
+            previous = find_previous_import(importer, version, force, syncing, image.delta_base)
             if previous.imported is not None:
                 return importer.reused_summary(version, previous.imported).as_dict()
             with import_slot(settings.worker_concurrency_limit):

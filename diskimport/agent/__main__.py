@@ -1,4 +1,4 @@
-"""``python3 agent.pyz stream|upload|guest|adapt|sync CONFIG``: one program of the
+"""``python3 agent.pyz stream|upload|guest|adapt|sync|manifest CONFIG``: one program of the
 package, given its JSON configuration file (:mod:`.stream`, :mod:`.upload` say what it holds);
 ``confine ROOT PROGRAM...`` is the one that takes its arguments as they are (:mod:`.confine`).
 
@@ -13,7 +13,8 @@ PROGRAMS = {"stream": "fetch an object onto this machine, serve it over NBD or d
             "guest": "read the operating system a written disk holds (read-only, in a mount namespace of its own)",
             "adapt": "change a written Linux guest so it boots and answers on OCI (in a mount namespace of its own)",
             "confine": "run a guest's own program inside its root, without the powers that lead out of it",
-            "sync": "serve a device over NBD for writing, writing only the blocks that differ"}
+            "sync": "serve a device over NBD for writing, writing only the blocks that differ",
+            "manifest": "hash a device's 64 KiB blocks into a block manifest (all, or the ones listed)"}
 TAKES_ARGUMENTS = ("confine",)
 
 

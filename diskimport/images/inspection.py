@@ -60,6 +60,7 @@ from typing import Callable
 
 from oslo_utils.imageutils import format_inspector as fi
 
+from .. import delta
 from ..contract import FORMAT_NAMES, InvalidRequest
 from ..errors import ImageRejected
 
@@ -83,6 +84,7 @@ class Inspection:
     virtual_size: int    # bytes
     detected_as: str     # format_inspector's name (e.g. "gpt" for a raw disk with a GPT), or "vhd-fixed"
     driver: str | None = None  # the qemu driver that reads the disk, when not ``format``'s (see module docstring)
+    delta_base: str | None = None  # a delta upload: the import its backing file names (diskimport.delta)
 
 
 @dataclass(frozen=True)
@@ -133,8 +135,14 @@ def _feed(inspectors: list[fi.FileInspector], errored: set[fi.FileInspector], da
                 errored.add(inspector)
 
 
-def inspect(read_range: ReadRange, size: int, claimed: str | None, max_virtual_size: int) -> Inspection:
-    """Detect, check and size the image whose bytes ``read_range`` serves."""
+def inspect(read_range: ReadRange, size: int, claimed: str | None, max_virtual_size: int,
+            allow_delta: bool = False) -> Inspection:
+    """Detect, check and size the image whose bytes ``read_range`` serves.
+
+    With ``allow_delta``, a qcow2 whose only fault is a backing file named ``oci-import:<import
+    id>`` is a delta upload (:mod:`diskimport.delta`): accepted, the import named in ``delta_base``.
+    Every other backing file is refused (``backing_file``), as without it.
+    """
     if size == 0:
         raise ImageRejected("empty", "the object is empty (0 bytes)")
     head = read_range(0, min(size, HEAD_BYTES))
@@ -144,21 +152,43 @@ def inspect(read_range: ReadRange, size: int, claimed: str | None, max_virtual_s
     footer = VhdFooter.parse(read.last(VhdFooter.SIZE))
     if footer is not None and not read.head.startswith(VhdFooter.COOKIE):
         return _fixed_vhd(read, footer, claimed, max_virtual_size)
-    return _inspect_image(read, claimed, max_virtual_size)
+    return _inspect_image(read, claimed, max_virtual_size, allow_delta)
 
 
-def _inspect_image(read: _Read, claimed: str | None, max_virtual_size: int) -> Inspection:
+def _inspect_image(read: _Read, claimed: str | None, max_virtual_size: int, allow_delta: bool = False) -> Inspection:
     """The format oslo's inspectors find in ``read``, checked and sized."""
     inspector = _detect(read)
     name = inspector.NAME
     fmt = _accepted_format(name)
-    _safety_check(inspector)
+    delta_base = _delta_base(inspector, read.head) if allow_delta else None
+    if delta_base is None:
+        _safety_check(inspector)
     if name == "vhd":
         _check_not_differencing(VhdFooter.parse(read.head[:VhdFooter.SIZE]))
     _check_claimed(claimed, fmt, name)
     virtual_size = read.size if fmt == "raw" else int(inspector.virtual_size)
     _check_virtual_size(virtual_size, name, max_virtual_size)
-    return Inspection(fmt, virtual_size, name)
+    return Inspection(fmt, virtual_size, name, delta_base=delta_base)
+
+
+def _delta_base(inspector: fi.FileInspector, head: bytes) -> str | None:
+    """The import a delta upload's backing file names, when that name is its only fault
+    (oslo's every other check still passes); None otherwise."""
+    if inspector.NAME != "qcow2" or len(head) < 20:
+        return None
+    offset, length = struct.unpack(">QI", head[8:20])
+    if not 0 < length <= 1023 or offset + length > len(head):
+        return None
+    ref = delta.base_import(head[offset:offset + length].decode("ascii", "replace"))
+    if ref is None:
+        return None
+    try:
+        inspector.safety_check()
+    except fi.SafetyCheckFailed as exc:
+        return ref if set(exc.failures) == {"backing_file"} else None
+    except fi.ImageFormatError:
+        return None
+    return None
 
 
 def _detect(read: _Read) -> fi.FileInspector:

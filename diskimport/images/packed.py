@@ -71,7 +71,7 @@ def inspect_object(read_range: ReadRange, size: int, object_name: str, metadata_
     inner_claim, container = split_name(object_name)
     if container is None:
         claimed = inspection.claimed_format(object_name, metadata_format)
-        found = inspection.inspect(read_range, size, claimed, max_virtual_size)
+        found = inspection.inspect(read_range, size, claimed, max_virtual_size, allow_delta=True)
         _check_declared(declared_size, found.virtual_size, "the image's header")
         return found, None
     if size == 0:

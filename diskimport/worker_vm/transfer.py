@@ -321,21 +321,35 @@ def second_opinion(qemu: QemuImg, path: str, fmt: str, expected_virtual_size: in
         if (fmt, driver) != ("vpc", "raw"):
             raise ValueError(f"no second opinion for {fmt} read as {driver}")
         return fixed_vhd_opinion(qemu, path, expected_virtual_size)
+    return _opinion(qemu, path, fmt, expected_virtual_size, None, path)
+
+
+def delta_opinion(qemu: QemuImg, path: str, expected_virtual_size: int, backing: str, detached: str) -> ImageInfo:
+    """:func:`second_opinion` of a delta upload (:mod:`diskimport.delta`) staged whole at ``path``: a
+    qcow2 whose backing file is exactly ``backing`` (read, never opened), and which ``qemu-img check``
+    finds clean opened as ``detached`` (the same file with its backing cut off)."""
+    return _opinion(qemu, path, "qcow2", expected_virtual_size, backing, detached)
+
+
+def _opinion(qemu: QemuImg, path: str, fmt: str, expected_virtual_size: int, backing: str | None,
+             checked: str) -> ImageInfo:
     try:
         info = qemu.info(path, fmt)
     except CommandFailed as exc:
         raise ImageRejected("qemu-cannot-read", f"qemu-img cannot read the image as {fmt}: {exc}") from None
     if info.format != fmt:
         raise ImageRejected("qemu-disagrees", f"qemu-img reads the image as {info.format}, not {fmt}")
-    if info.backing_filename:
-        raise ImageRejected("backing_file", f"the image has a backing file ({info.backing_filename!r})")
+    if info.backing_filename != backing:
+        raise ImageRejected("backing_file", f"the image has a backing file ({info.backing_filename!r})"
+                            if backing is None else f"the image's backing file is {info.backing_filename!r}, "
+                            f"not {backing!r}")
     if info.data_file:
         raise ImageRejected("data_file", f"the image has an external data file ({info.data_file!r})")
     if info.virtual_size != expected_virtual_size:
         raise ImageRejected("qemu-disagrees", f"qemu-img reports a virtual size of {info.virtual_size} bytes, the header "
                             f"{expected_virtual_size}")
     if fmt in CHECKABLE_FORMATS:
-        check = qemu.check(path, fmt)
+        check = qemu.check(checked, fmt)
         if not check.ok:
             raise ImageRejected("qemu-check-failed", f"qemu-img check found {check.corruptions} corruption(s): {check.output[-2000:]}")
     return info

@@ -164,7 +164,7 @@ def import_object(importer: Importer, version: ObjectVersion, parameters: Import
     """The flow's order of steps, without Prefect."""
     options = importer.options(version, parameters)
     image = importer.inspect(version, options)
-    previous = importer.previous_imports(version, force, sync)
+    previous = importer.previous_imports(version, force, sync or image.delta_base is not None, image.delta_base)
     if previous.imported is not None:
         return importer.reused_summary(version, previous.imported).as_dict()
     with importer.run:

@@ -1,0 +1,248 @@
+"""``oci-disk-delta push``: upload a disk to be synced onto its volume, only what changed since the last time.
+
+Run it where the disk is (an LVM snapshot of the running source, or an image file)::
+
+    oci-disk-delta push /dev/vg0/db01-snap --bucket disk-images --name app/db01.qcow2
+
+1. It reads the object's current version (HEAD) and the manifest of that version's import
+   (``.oci-import/manifests/<import id>``). None: the first push, or the last import was not a
+   sync, or it has not finished; then the whole disk is uploaded (still only its non-zero blocks).
+2. It hashes the disk in 16 KiB blocks (:mod:`diskimport.agent.manifest`; a sparse file's holes
+   are skipped) and keeps the blocks whose digest differs from the manifest's.
+3. It writes them as a qcow2 (:mod:`diskimport.delta.qcow2`) whose backing file is named
+   ``oci-import:<import id>``: the importer applies it onto that import's volume and nowhere else.
+   A block that became zeros is a zero cluster (no data uploaded).
+4. It uploads its manifest of the new disk, then the qcow2 under the object's name with
+   ``opc-meta-sync: true`` and ``opc-meta-delta-manifest`` (the manifest's SHA-256): the upload
+   event starts the sync, which writes the changed blocks and checks the volume against that
+   manifest. The qcow2 goes up as a multipart upload with parallel parts; an interrupted push run
+   again with the same disk resumes the upload (its id is kept in ``--work-dir``).
+
+Progress goes to standard error; the last line on standard output is a JSON summary: bytes
+read, changed, uploaded and saved. Exit status 0, or 2 with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import stat
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from .. import contract
+from ..agent import manifest
+from . import backing_name, manifest_object, qcow2, upload_object, METADATA_MANIFEST
+
+MiB = 1024 * 1024
+PART_SIZE = 64 * MiB
+assert qcow2.CLUSTER == manifest.BLOCK  # a changed block is one cluster of the delta
+
+
+class PushRefused(Exception):
+    """The push cannot go on: the reason, for the operator."""
+
+
+@dataclass(frozen=True)
+class DeltaPlan:
+    data: list[int]      # blocks uploaded with their bytes
+    zeros: list[int]     # blocks that became zeros (zero clusters)
+    base: str | None     # the import id the delta applies onto; None: a whole upload
+
+
+def plan(digests: bytes, base: tuple[dict[str, Any], bytes] | None, base_import: str | None) -> DeltaPlan:
+    """The blocks to upload: those that differ from ``base``'s manifest, or all non-zero ones without one."""
+    count = len(digests) // manifest.DIGEST_BYTES
+    data, zeros = [], []
+    for i in range(count):
+        new = manifest.digest_at(digests, i)
+        if base is not None:
+            if new == manifest.digest_at(base[1], i):
+                continue
+            (zeros if new == manifest.ZERO else data).append(i)
+        elif new != manifest.ZERO:
+            data.append(i)
+    return DeltaPlan(data, zeros, base_import if base is not None else None)
+
+
+def _disk_size(fd: int) -> int:
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        return os.fstat(fd).st_size
+    if stat.S_ISBLK(mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    raise PushRefused("the source is neither a regular file nor a block device")
+
+
+def _base(client: Any, namespace: str, bucket: str, name: str, size: int,
+          say: Callable[[str], None]) -> tuple[tuple[dict[str, Any], bytes] | None, str | None]:
+    import oci
+
+    try:
+        head = client.head_object(namespace, bucket, name)
+    except oci.exceptions.ServiceError as exc:
+        if exc.status == 404:
+            say(f"{name} was never uploaded: the whole disk goes up")
+            return None, None
+        raise
+    import_id = contract.import_id(namespace, bucket, name, head.headers["etag"])
+    try:
+        data = client.get_object(namespace, bucket, manifest_object(import_id)).data.content
+    except oci.exceptions.ServiceError as exc:
+        if exc.status != 404:
+            raise
+        say(f"no manifest of the import of {name}'s current version ({head.headers['etag']}): it was not synced, "
+            "or its import has not finished; the whole disk goes up")
+        return None, None
+    try:
+        header, digests = manifest.decode(data, manifest.block_count(max(size, 1 << 50)))
+    except manifest.ManifestError as exc:
+        raise PushRefused(f"the manifest of import {import_id} cannot be used: {exc}") from None
+    if header["virtual_size"] > size:
+        say(f"the disk shrank ({header['virtual_size']} to {size} bytes): the whole disk goes up")
+        return None, None
+    return (header, digests), import_id
+
+
+class _Progress:
+    def __init__(self, out: TextIO, what: str, total: int) -> None:
+        self.out, self.what, self.total, self.last = out, what, total, 0.0
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= 1.0 or done >= self.total:
+            self.last = now
+            self.out.write(f"{self.what}: {done / MiB:,.0f} of {self.total / MiB:,.0f} MiB\n")
+            self.out.flush()
+
+
+def push(client: Any, namespace: str, bucket: str, name: str, source: Path, work_dir: Path,
+         full: bool = False, parallel: int = 4, part_size: int = PART_SIZE, out: TextIO = sys.stderr) -> dict[str, Any]:
+    """Upload ``source`` as a delta over the object's last import (or whole); the summary."""
+    def say(line: str) -> None:
+        out.write(line + "\n")
+        out.flush()
+
+    if not name.lower().endswith(".qcow2"):
+        raise PushRefused(f"the object name {name!r} must end in .qcow2: a push uploads a qcow2")
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        size = _disk_size(fd)
+        if size == 0 or size % 512:
+            raise PushRefused(f"the disk is {size} bytes, not a whole number of 512-byte sectors")
+        base, base_import = (None, None) if full else _base(client, namespace, bucket, name, size, say)
+        digests = bytes(manifest.digest_file(fd, size, progress=_Progress(out, f"reading {source}", size)))
+        delta = plan(digests, base, base_import)
+        changed = (len(delta.data) + len(delta.zeros)) * manifest.BLOCK
+        say(f"{len(delta.data) + len(delta.zeros)} blocks of 16 KiB to upload ({changed / MiB:,.1f} MiB, "
+            f"{len(delta.zeros)} of them now zeros)" + (f" over import {base_import}" if base_import else ", whole"))
+        manifest_bytes = manifest.encode({"virtual_size": size, "base_import": base_import}, digests)
+        sha = hashlib.sha256(manifest_bytes).hexdigest()
+        layout = qcow2.Plan(size, delta.data, delta.zeros, backing_name(base_import) if base_import else None)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        image = work_dir / f"delta-{sha[:16]}.qcow2"
+        if not image.exists() or image.stat().st_size != layout.file_size:
+            partial = Path(tempfile.mkstemp(dir=work_dir, prefix=".delta-")[1])
+            with open(partial, "wb") as f:
+                qcow2.write(f, layout, lambda c: os.pread(fd, manifest.BLOCK, c * manifest.BLOCK))
+            os.rename(partial, image)
+    finally:
+        os.close(fd)
+    client.put_object(namespace, bucket, upload_object(sha), manifest_bytes)
+    etag = _upload(client, namespace, bucket, name, image, {"sync": "true", METADATA_MANIFEST: sha},
+                   work_dir / f"delta-{sha[:16]}.upload", parallel, part_size, say)
+    image.unlink()
+    summary = {"object": name, "etag": etag, "base_import": base_import, "disk_bytes": size,
+               "changed_bytes": changed, "uploaded_bytes": layout.file_size + len(manifest_bytes),
+               "image_bytes": layout.file_size, "manifest_bytes": len(manifest_bytes),
+               "saved_bytes": max(0, size - layout.file_size - len(manifest_bytes)), "manifest_sha256": sha}
+    say(f"uploaded {summary['uploaded_bytes'] / MiB:,.1f} MiB of a {size / MiB:,.0f} MiB disk "
+        f"({summary['saved_bytes'] / MiB:,.0f} MiB saved); the sync starts from the upload event")
+    return summary
+
+
+def _upload(client: Any, namespace: str, bucket: str, name: str, image: Path, metadata: dict[str, str],
+            state: Path, parallel: int, part_size: int, say: Callable[[str], None]) -> str:
+    """The image as a multipart upload (parallel parts), resumed from ``state`` when a push was cut short."""
+    from oci.object_storage.transfer.internal.multipart_object_assembler import MultipartObjectAssembler
+
+    assembler = MultipartObjectAssembler(client, namespace, bucket, name, part_size=part_size,
+                                         allow_parallel_uploads=parallel > 1, parallel_process_count=parallel,
+                                         metadata=metadata)
+    assembler.add_parts_from_file(str(image))
+    progress = _Progress(_Said(say), "uploading", image.stat().st_size)
+    sent = [0]
+
+    def uploaded(n: int) -> None:
+        sent[0] += n
+        progress(sent[0])
+
+    upload_id = json.loads(state.read_text()).get("upload_id") if state.exists() else None
+    if upload_id:
+        say(f"resuming upload {upload_id}")
+        assembler.resume(upload_id=upload_id, progress_callback=uploaded)
+    else:
+        assembler.new_upload()
+        state.write_text(json.dumps({"upload_id": assembler.manifest["uploadId"]}))
+        assembler.upload(progress_callback=uploaded)
+    response = assembler.commit()
+    state.unlink()
+    return response.headers["etag"]
+
+
+class _Said:
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+
+    def write(self, text: str) -> None:
+        self.say(text.rstrip("\n"))
+
+    def flush(self) -> None:
+        pass
+
+
+def _client(args: argparse.Namespace) -> Any:
+    import oci
+
+    config = oci.config.from_file(args.config_file, args.profile)
+    kwargs = {"service_endpoint": args.endpoint} if args.endpoint else {}
+    return oci.object_storage.ObjectStorageClient(config, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="oci-disk-delta", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("push", help="upload a disk, only what changed since its last import")
+    p.add_argument("source", type=Path, help="the disk: a raw image file or a block device")
+    p.add_argument("--bucket", required=True)
+    p.add_argument("--name", required=True, help="the object's name (the same at every push of this disk)")
+    p.add_argument("--namespace", help="default: the tenancy's")
+    p.add_argument("--config-file", default=os.environ.get("OCI_CLI_CONFIG_FILE", "~/.oci/config"))
+    p.add_argument("--profile", default=os.environ.get("OCI_CLI_PROFILE", "DEFAULT"))
+    p.add_argument("--endpoint", default=os.environ.get("OCI_OBJECT_STORAGE_ENDPOINT"),
+                   help="the Object Storage endpoint, when not the region's")
+    p.add_argument("--work-dir", type=Path, default=Path(".oci-disk-delta"),
+                   help="where the qcow2 is written before it goes up, and an interrupted upload's id")
+    p.add_argument("--full", action="store_true", help="upload the whole disk, whatever was imported before")
+    p.add_argument("--parallel", type=int, default=4, help="parts uploaded at once")
+    args = parser.parse_args(argv)
+    try:
+        client = _client(args)
+        namespace = args.namespace or client.get_namespace().data
+        summary = push(client, namespace, args.bucket, args.name, args.source, args.work_dir, args.full,
+                       args.parallel)
+    except (PushRefused, OSError) as exc:
+        sys.stderr.write(f"oci-disk-delta: {exc}\n")
+        return 2
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Delta uploads at the import core, against the local OCI with the real SDK, sshd worker VMs and
+qemu-img: ``oci-disk-delta push`` (in-process) uploads a guest disk whole, then only the blocks
+that changed as a qcow2 over the last import; each sync applies it onto the same volume, which
+is then bit-exact with the disk, having written and uploaded little more than what changed. A
+delta whose reference is not an import of ours, or not the one the volume holds, is refused
+before anything is created; a volume left half-synced is read back whole before it is trusted.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from diskimport import contract, delta
+from diskimport.agent import manifest
+from diskimport.contract import InvalidRequest
+from diskimport.delta import client, qcow2
+from diskimport.errors import ImageRejected
+from tests.diskimport.conftest import import_object, version_of
+from tests.diskimport.test_sync import holds_exactly, tags_of, volume_file
+from tests.guest_disks import run_tool
+
+MiB = 1024 * 1024
+PAGE = 4096
+NAME = "delta/db01.qcow2"
+PART = MiB  # the partition's offset
+pytestmark = [pytest.mark.usefixtures("no_faults", "small_volumes"), pytest.mark.heavy]
+
+
+def fs(disk: Path) -> str:
+    return f"{disk}?offset={PART}"  # e2fsprogs open the filesystem inside the disk file
+
+
+def guest_disk(disk: Path, work: Path) -> None:
+    """A GPT disk of 256 MiB with one 200 MiB ext4 partition holding two files."""
+    with open(disk, "wb") as f:
+        f.truncate(256 * MiB)
+    run_tool("sfdisk", "--quiet", str(disk), stdin="label: gpt\nstart=2048, size=409600, type=L\n")
+    run_tool("mke2fs", "-q", "-F", "-t", "ext4", "-E", f"offset={PART}", str(disk), "200M")
+    for name, size in (("base.bin", 24 * MiB), ("logs.bin", 6 * MiB)):
+        put_file(disk, work, name, size)
+
+
+def put_file(disk: Path, work: Path, name: str, size: int) -> None:
+    source = work / name
+    source.write_bytes(os.urandom(size))
+    run_tool("debugfs", "-w", "-R", f"write {source} {name}", fs(disk))
+    source.unlink()
+
+
+def changed_pages(old: bytes, new_path: Path) -> int:
+    """The bytes of the 4 KiB pages that differ between two versions of the disk (the ext4 block size)."""
+    new = new_path.read_bytes()
+    size = max(len(old), len(new))
+    old, new = old.ljust(size, b"\0"), new.ljust(size, b"\0")
+    return sum(PAGE for at in range(0, size, PAGE) if old[at:at + PAGE] != new[at:at + PAGE])
+
+
+def push(object_storage: Any, localoci: Any, bucket: str, disk: Path, work: Path) -> dict[str, Any]:
+    return client.push(object_storage, localoci.namespace, bucket, NAME, disk, work, out=io.StringIO())
+
+
+def synced(make_importer: Any, localoci: Any, bucket: str) -> dict[str, Any]:
+    importer = make_importer()
+    return import_object(importer, version_of(importer, localoci, bucket, NAME), sync=True)
+
+
+def test_three_delta_pushes_upload_and_write_what_changed_and_the_volume_is_each_version(
+        localoci, make_importer, bucket, object_storage, tmp_path):
+    disk, work = tmp_path / "db01.raw", tmp_path / "work"
+    guest_disk(disk, tmp_path)
+    first = push(object_storage, localoci, bucket, disk, work)
+    assert first["base_import"] is None  # nothing imported before: the whole disk (its non-zero blocks)
+    assert first["image_bytes"] < 40 * MiB
+    imported = synced(make_importer, localoci, bucket)
+    volume_id = imported["volume_id"]
+    assert imported["synced_from"] is None and holds_exactly(localoci, volume_id, disk)
+    tags = tags_of(localoci, volume_id)
+    assert tags[contract.TAG_MANIFEST]  # the manifest of what it holds, hashed on the worker
+    stored = object_storage.get_object(localoci.namespace, bucket,
+                                       delta.manifest_object(imported["import_id"])).data.content
+    assert manifest.decode(stored, 1 << 20)[1] == manifest.digest_file(os.open(disk, os.O_RDONLY),
+                                                                     disk.stat().st_size)
+
+    # A file written, one deleted: the delta holds what the filesystem changed.
+    before = disk.read_bytes()
+    put_file(disk, tmp_path, "orders.bin", 10 * MiB)
+    run_tool("debugfs", "-w", "-R", "rm logs.bin", fs(disk))
+    changed = changed_pages(before, disk)
+    second = push(object_storage, localoci, bucket, disk, work)
+    assert second["base_import"] == imported["import_id"]
+    assert second["image_bytes"] <= 1.1 * changed, (second, changed)
+    result = synced(make_importer, localoci, bucket)
+    assert (result["volume_id"], result["synced_from"]) == (volume_id, imported["etag"])
+    account = result["synced"]
+    assert account["written"] + account["zeroed"] <= 1.1 * changed, (account, changed)
+    assert holds_exactly(localoci, volume_id, disk)
+    tags = tags_of(localoci, volume_id)
+    assert (tags[contract.TAG_ETAG], tags[contract.TAG_STATE]) == (second["etag"], contract.STATE_IMPORTED)
+    uploads = object_storage.list_objects(localoci.namespace, bucket, prefix=delta.UPLOADS).data.objects
+    assert uploads == []  # the client's manifest became the import's
+
+    # The disk grows and its partition and filesystem with it.
+    before = disk.read_bytes()
+    run_tool("e2fsck", "-fy", fs(disk))
+    run_tool("resize2fs", fs(disk), "260M")  # sizes the file to the filesystem's end
+    os.truncate(disk, 320 * MiB)
+    run_tool("sfdisk", "--quiet", "--relocate", "gpt-bak-std", str(disk))
+    run_tool("sfdisk", "--quiet", "-N", "1", str(disk), stdin=", 260M\n")
+    put_file(disk, tmp_path, "grown.bin", 8 * MiB)
+    changed = changed_pages(before, disk)
+    third = push(object_storage, localoci, bucket, disk, work)
+    assert third["base_import"] == result["import_id"] and third["image_bytes"] <= 1.1 * changed, (third, changed)
+    result = synced(make_importer, localoci, bucket)
+    assert result["volume_id"] == volume_id and holds_exactly(localoci, volume_id, disk)
+    assert result["synced"]["written"] + result["synced"]["zeroed"] <= 1.1 * changed
+    assert tags_of(localoci, volume_id)[contract.TAG_VIRTUAL_SIZE] == str(320 * MiB)
+    fsck = subprocess.run(["e2fsck", "-fn", fs(disk)], capture_output=True)
+    assert fsck.returncode == 0
+
+
+def overlay(path: Path, size: int, backing: str | None) -> Path:
+    """A qcow2 of one changed block over ``backing``."""
+    with open(path, "wb") as f:
+        qcow2.write(f, qcow2.Plan(size, [3], [], backing), lambda c: os.urandom(qcow2.CLUSTER))
+    return path
+
+
+def test_a_delta_is_applied_only_onto_the_import_it_names(localoci, make_importer, bucket, object_storage,
+                                                           tmp_path):
+    make = make_importer()
+    disk = tmp_path / "small.raw"
+    with open(disk, "wb") as f:
+        f.truncate(64 * MiB)
+        f.write(os.urandom(MiB))
+    name = "delta/other.qcow2"
+
+    def put(path: Path, metadata: dict[str, str] | None = None) -> Any:
+        with open(path, "rb") as f:
+            object_storage.put_object(localoci.namespace, bucket, name, f, opc_meta=metadata or {})
+        return version_of(make, localoci, bucket, name)
+
+    # A backing file that is a path, or another name, stays refused at the header.
+    for backing in ("/etc/passwd", "oci-import:../../x", "json:{\"driver\": \"file\"}"):
+        version = put(overlay(tmp_path / "evil.qcow2", 64 * MiB, backing))
+        with pytest.raises(ImageRejected) as refused:
+            make.inspect(version, make.options(version, contract.ImportOptions()))
+        assert refused.value.code == "backing_file"
+
+    # A well-formed reference to an import that is not ours: refused before anything is made.
+    version = put(overlay(tmp_path / "foreign.qcow2", 64 * MiB, delta.backing_name("ab" * 16)),
+                  {"sync": "true"})
+    image = make.inspect(version, make.options(version, contract.ImportOptions()))
+    assert image.delta_base == "ab" * 16
+    with pytest.raises(InvalidRequest) as refused:
+        make.previous_imports(version, sync=True, delta_base=image.delta_base)
+    assert refused.value.code == "delta-base-mismatch"
+    with pytest.raises(InvalidRequest) as refused:
+        make.previous_imports(version, sync=False, delta_base=image.delta_base)
+    assert refused.value.code == "delta-base-mismatch"
+    assert not [v for v in localoci.inventory()["volumes"]
+                if v["freeformTags"].get(contract.TAG_IMPORT_ID) == version.import_id]
+
+
+def test_a_delta_sync_killed_midway_is_resumed_and_read_back_whole(
+        localoci, make_importer, bucket, object_storage, tmp_path, active_runs):
+    disk, work = tmp_path / "app.raw", tmp_path / "work"
+    with open(disk, "wb") as f:
+        f.truncate(128 * MiB)
+        f.write(os.urandom(8 * MiB))
+    push(object_storage, localoci, bucket, disk, work)
+    first = synced(make_importer, localoci, bucket)
+    changes = {MiB + 100: os.urandom(2 * MiB), 40 * MiB: os.urandom(MiB), 4 * MiB: bytes(MiB)}
+    with open(disk, "r+b") as f:
+        for offset, data in changes.items():
+            f.seek(offset)
+            f.write(data)
+    assert push(object_storage, localoci, bucket, disk, work)["base_import"] == first["import_id"]
+
+    # The run dies while its commit has written part of the delta (the rest of the volume is untouched).
+    dying = make_importer()
+    version = version_of(dying, localoci, bucket, NAME)
+    options = dying.options(version, contract.ImportOptions())
+    image = dying.inspect(version, options)
+    previous = dying.previous_imports(version, sync=True, delta_base=image.delta_base)
+    assert previous.sync_base is not None and previous.sync_base.id == first["volume_id"]
+    worker, volume = dying.provision(version, image, options, previous)
+    with open(volume_file(localoci, volume.id), "r+b") as f:
+        f.seek(MiB + 100)
+        f.write(changes[MiB + 100][:MiB])
+    active_runs.discard(dying.run.run_id)
+    dying.run.terminate_worker(worker)
+
+    resumed = synced(make_importer, localoci, bucket)
+    assert resumed["volume_id"] == first["volume_id"] and resumed["resumed"] is True
+    assert resumed["verified_bytes"] == 128 * MiB  # a volume a sync left half-written is read back whole
+    assert holds_exactly(localoci, first["volume_id"], disk)
+    assert tags_of(localoci, first["volume_id"])[contract.TAG_STATE] == contract.STATE_IMPORTED
