@@ -1,18 +1,21 @@
-"""``make bench``'s sync row: a new version of a disk synced onto the volume of its earlier import.
+"""``make bench``'s sync row: a new version of a disk pushed with ``oci-disk-delta`` and synced onto
+the volume of its earlier import.
 
-An 8 GiB disk (2 GiB of incompressible data in 64 MiB runs, the rest zeros; a qcow2 cached
-under ``.local/bench/images/sync``) is imported by its upload with ``opc-meta-sync`` (no earlier
-import: a full import), then 256 MiB of it changes (in 1 MiB pieces spread over its data) and
-the new version is uploaded and synced. The row prints both times, what the sync wrote and
-compared, and what was uploaded. Targets (the warm migration's): the sync in at most 15% of the
-full import, and an upload of at most 1.1 times the changed bytes. The upload is whole until
-delta uploads exist, so both are missed today; the row measures what a sync costs meanwhile.
+An 8 GiB disk (2 GiB of incompressible data in 64 MiB runs, the rest zeros; a sparse raw file
+cached under ``.local/bench/images/sync``) is pushed whole (no earlier import: a full import,
+whose block manifest the worker records), then 256 MiB of it change (in 1 MiB pieces spread over
+its data) and it is pushed again: the client uploads only the changed blocks as a qcow2 over the
+first import, and the sync applies them onto its volume. Each time is measured from the push's
+start (the client reads and hashes the disk, writes and uploads what it sends) to the volume
+ready. Targets (the warm migration's): the sync in at most 15% of the full import, an upload of
+at most 1.1 times the changed bytes (the client's manifest included), and writes of at most 1.1
+times the changed bytes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
+import io
 import random
 import subprocess
 import time
@@ -29,86 +32,108 @@ CHANGED_BYTES, PIECE = 256 * MiB, MiB
 TARGET_RATIO, TARGET_UPLOAD = 0.15, 1.1
 
 
-def ensure_sync_disks(image_dir: Path) -> tuple[Path, Path]:
-    """The disk's two versions as qcow2 files (built once, from a fixed seed)."""
+def ensure_sync_disks(image_dir: Path) -> Path:
+    """The disk's first version as a sparse raw file (built once, from a fixed seed)."""
     directory = image_dir / "sync"
-    first, second = directory / "v1.qcow2", directory / "v2.qcow2"
-    if first.exists() and second.exists():
-        return first, second
+    disk = directory / "v1.raw"
+    if disk.exists():
+        return disk
     directory.mkdir(parents=True, exist_ok=True)
-    raw = directory / "disk.raw"
+    for old in ("v1.qcow2", "v2.qcow2"):  # what earlier versions of this row cached
+        (directory / old).unlink(missing_ok=True)
     rng = random.Random(8)
-    with open(raw, "wb") as f:
+    partial = directory / "v1.raw.partial"
+    with open(partial, "wb") as f:
         f.truncate(DISK_BYTES)
         for offset in range(0, DISK_BYTES, DATA_EVERY):
             f.seek(offset)
             f.write(rng.randbytes(DATA_RUN))
-    _qcow2(raw, first)
-    runs = [offset for offset in range(0, DISK_BYTES, DATA_EVERY)]
-    with open(raw, "r+b") as f:
+    partial.rename(disk)
+    return disk
+
+
+def change(disk: Path) -> None:
+    """The second version: 256 MiB of the data rewritten, 1 MiB at a time, spread over every run."""
+    rng = random.Random(9)
+    runs = list(range(0, DISK_BYTES, DATA_EVERY))
+    with open(disk, "r+b") as f:
         for n in range(CHANGED_BYTES // PIECE):
             f.seek(runs[n % len(runs)] + (n // len(runs)) * PIECE)
             f.write(rng.randbytes(PIECE))
-    _qcow2(raw, second)
-    raw.unlink()
-    return first, second
 
 
-def _qcow2(raw: Path, target: Path) -> None:
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(target) + ".partial"],
-                   check=True)
-    os.rename(str(target) + ".partial", target)
+def _pushed(env: dict[str, str], client: Any, disk: Path, object_name: str, work: Path
+            ) -> tuple[float, dict[str, Any], dict[str, Any]]:
+    """Push the disk; seconds from the push's start to the volume ready, the push's and the run's summaries."""
+    from diskimport.delta import client as delta_client
 
-
-def _synced_import(env: dict[str, str], path: Path, object_name: str) -> tuple[float, dict[str, Any], int]:
-    """Upload with opc-meta-sync; seconds from the upload event to ready, the result, the bytes uploaded."""
-    etag = demo.upload(env, path, object_name, {"sync": "true"})
-    event_time = dt.datetime.now(dt.timezone.utc)
-    run = demo.wait_for_run(env, demo.run_started_by_upload(env, object_name, etag, timeout=300).id, timeout=3600)
+    started = dt.datetime.now(dt.timezone.utc)
+    pushed = delta_client.push(client, env["OCI_NAMESPACE"], env["IMPORT_BUCKET"], object_name, disk, work,
+                               out=io.StringIO())
+    pushed["push_s"] = round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 3)
+    run = demo.wait_for_run(env, demo.run_started_by_upload(env, object_name, pushed["etag"], timeout=300).id,
+                            timeout=3600)
     if not run.state.is_completed():
         raise RuntimeError(f"the import of {object_name} ended {run.state.name}: {run.state.message}")
     summary = demo.run_result(env, run)
-    return (dt.datetime.fromisoformat(summary["ready_at"]) - event_time).total_seconds(), summary, path.stat().st_size
+    return (dt.datetime.fromisoformat(summary["ready_at"]) - started).total_seconds(), pushed, summary
 
 
-def bench_sync(env: dict[str, str], disks: tuple[Path, Path]) -> dict[str, Any]:
-    """The full import of the first version, then the sync of the second onto its volume."""
+def bench_sync(env: dict[str, str], cached: Path) -> dict[str, Any]:
+    """The full push and import of the first version, then the delta push and sync of the second."""
     import oci
 
     from deployments.bench import settle
+    from diskimport import delta
 
     client, config = demo.stack_clients(env)
     blockstorage = oci.core.BlockstorageClient(config, service_endpoint=env["LOCALOCI_ENDPOINT"])
     object_name = f"bench/{SYNC}-{int(time.time())}.qcow2"
-    volume_id = None
+    work = cached.parent / "work"
+    disk = work / "disk.raw"
+    work.mkdir(exist_ok=True)
+    subprocess.run(["cp", "--sparse=always", str(cached), str(disk)], check=True)
+    volume_id, import_ids = None, []
     try:
         settle()
-        full_s, full, _ = _synced_import(env, disks[0], object_name)
+        full_s, full_push, full = _pushed(env, client, disk, object_name, work)
         volume_id = full["volume_id"]
+        import_ids.append(full["import_id"])
+        change(disk)
         settle()
-        sync_s, synced, uploaded = _synced_import(env, disks[1], object_name)
+        sync_s, sync_push, synced = _pushed(env, client, disk, object_name, work)
+        import_ids.append(synced["import_id"])
         if synced["volume_id"] != volume_id or not synced.get("synced"):
             raise RuntimeError(f"the second version was not synced onto volume {volume_id}: {synced}")
     finally:
+        disk.unlink(missing_ok=True)
         client.delete_object(env["OCI_NAMESPACE"], env["IMPORT_BUCKET"], object_name)
+        for import_id in import_ids:
+            client.delete_object(env["OCI_NAMESPACE"], env["IMPORT_BUCKET"], delta.manifest_object(import_id))
         if volume_id:
             for backup in blockstorage.list_volume_backups(env["COMPARTMENT_ID"], volume_id=volume_id).data:
                 blockstorage.delete_volume_backup(backup.id)
             blockstorage.delete_volume(volume_id)
     account = synced["synced"]
+    uploaded = sync_push["uploaded_bytes"]
     return {"full_s": round(full_s, 3), "sync_s": round(sync_s, 3), "sync_over_full": round(sync_s / full_s, 3),
-            "changed_bytes": CHANGED_BYTES, "uploaded_bytes": uploaded,
+            "full_push_s": full_push["push_s"], "sync_push_s": sync_push["push_s"],
+            "full_uploaded_bytes": full_push["uploaded_bytes"], "changed_bytes": CHANGED_BYTES,
+            "uploaded_bytes": uploaded, "manifest_bytes": sync_push["manifest_bytes"],
             "upload_over_changed": round(uploaded / CHANGED_BYTES, 3), "account": account,
-            "steps": synced["steps"]}
+            "full_steps": full["steps"], "steps": synced["steps"]}
 
 
 def sync_lines(s: dict[str, Any]) -> list[str]:
     a = s["account"]
-    return [f"{SYNC}: full import {s['full_s']:.1f} s; sync of {s['changed_bytes'] / MiB:.0f} MiB changed "
-            f"{s['sync_s']:.1f} s ({s['sync_over_full']:.2f} of the full import); wrote "
-            f"{a['written'] / MiB:.0f} MiB and zeroed {a['zeroed'] / MiB:.0f} MiB of {a['compared'] / MiB:.0f} MiB "
-            f"compared; uploaded {s['uploaded_bytes'] / MiB:.0f} MiB ({s['upload_over_changed']:.2f} x the changed "
-            "bytes: whole, until delta uploads); steps " + ", ".join(f"{k} {v:.1f}" for k, v in s["steps"].items())]
+    return [f"{SYNC}: full push and import {s['full_s']:.1f} s (push {s['full_push_s']:.1f} s, "
+            f"{s['full_uploaded_bytes'] / MiB:.0f} MiB uploaded); delta push and sync of {s['changed_bytes'] / MiB:.0f} "
+            f"MiB changed {s['sync_s']:.1f} s (push {s['sync_push_s']:.1f} s; {s['sync_over_full']:.2f} of the full "
+            f"import); uploaded {s['uploaded_bytes'] / MiB:.1f} MiB ({s['upload_over_changed']:.2f} x the changed "
+            f"bytes, its manifest {s['manifest_bytes'] / MiB:.1f} MiB included); wrote {a['written'] / MiB:.0f} MiB "
+            f"and zeroed {a['zeroed'] / MiB:.0f} MiB",
+            f"{SYNC} steps: full " + ", ".join(f"{k} {v:.1f}" for k, v in s["full_steps"].items())
+            + "; sync " + ", ".join(f"{k} {v:.1f}" for k, v in s["steps"].items())]
 
 
 def sync_targets(s: dict[str, Any]) -> list[tuple[str, bool, str]]:

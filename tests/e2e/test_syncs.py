@@ -1,16 +1,19 @@
 """Syncs end to end on the shared stack: two uploads of one object with opc-meta-sync, the second
 written onto the first's volume through the upload trigger and a real flow run, then rolled back
-by the rollback-sync deployment. The import core's syncs are tested in
-tests/diskimport/test_sync.py."""
+by the rollback-sync deployment; a third version pushed by the delta client (oci-disk-delta) and
+applied by the trigger's run. The import core's syncs and deltas are tested in
+tests/diskimport/test_sync.py and test_delta.py."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import uuid
 
 from deployments import demo, local_stack
 from diskimport import sample_disk
+from diskimport.delta import client as delta_client
 from tests.e2e.conftest import resources_of
 
 
@@ -42,6 +45,23 @@ def test_a_new_version_uploaded_with_sync_is_written_onto_the_same_volume(stack,
     assert [v["id"] for v in resources_of(stack, etags[1])["volumes"]] == [first["volume_id"]]
     assert resources_of(stack, etags[1])["instances"] == []
 
+    # A third version pushed by the delta client: only the changed blocks go up, over the second
+    # version's import (whose manifest that sync recorded), and the trigger's run applies them.
+    (tmp_path / "third.bin").write_bytes(os.urandom(512 * 1024))
+    subprocess.run(["mcopy", "-o", "-i", fat, str(tmp_path / "third.bin"), "::/third.bin"], check=True)
+    client, _ = demo.stack_clients(stack)
+    pushed = delta_client.push(client, stack["OCI_NAMESPACE"], stack["IMPORT_BUCKET"], object_name, raw,
+                               tmp_path / "work", out=io.StringIO())
+    assert pushed["base_import"] == second["import_id"] and pushed["image_bytes"] < 2 * sample_disk.MiB
+    etags.append(pushed["etag"])
+    final = demo.wait_for_run(stack, demo.run_started_by_upload(stack, object_name, etags[-1]).id)
+    assert final.state.is_completed(), final.state.message
+    third = demo.run_result(stack, final)
+    assert (third["volume_id"], third["synced_from"]) == (first["volume_id"], etags[1])
+    assert 512 * 1024 <= third["synced"]["written"] + third["synced"]["zeroed"] <= pushed["changed_bytes"]
+    assert third["verified_bytes"] < 4 * sample_disk.MiB  # only what the delta held was read back
+    assert {c["status"] for c in third["filesystems"]} == {"clean"}
+
     # Rolled back by its deployment: the version before the sync, on a volume restored from its backup.
     from prefect.deployments import run_deployment
 
@@ -50,7 +70,7 @@ def test_a_new_version_uploaded_with_sync_is_written_onto_the_same_volume(stack,
     final = demo.wait_for_run(stack, started.id)
     assert final.state.is_completed(), final.state.message
     rolled = demo.run_result(stack, final)
-    assert (rolled["etag"], rolled["undone_etag"]) == (etags[0], etags[1])
-    [restored] = resources_of(stack, etags[0])["volumes"]
+    assert (rolled["etag"], rolled["undone_etag"]) == (etags[1], etags[2])
+    [restored] = [v for v in resources_of(stack, etags[1])["volumes"] if v["id"] != first["volume_id"]]
     assert restored["id"] == rolled["restored_volume_id"] != first["volume_id"]
     assert restored["freeformTags"]["import-state"] == "imported"
