@@ -233,8 +233,9 @@ class Importer:
 
     def adopt_for_sync(self, base: FoundVolume, version: ObjectVersion, image: InspectedImage) -> Volume:
         """Take the earlier import's volume for this version: backed up first (:mod:`.sync_backups`; the
-        sync writes once the backup is AVAILABLE), then tagged as this import's, being written, and synced
-        from the version it held; grown first if the new disk is larger. Its undo keeps it."""
+        sync writes once the backup is AVAILABLE: ``Volume.backup_id``), then tagged as this import's,
+        being written, and synced from the version it held; grown first if the new disk is larger. Its
+        undo keeps it."""
         run = self.run
         previous_size = int(base.tags.get(contract.TAG_VIRTUAL_SIZE) or 0)
         backup = sync_backups.backup_before_sync(self.clients, self.settings.compartment_id, base, version.etag,
@@ -249,10 +250,12 @@ class Importer:
             cloud.wait_volume_available(self.clients, base.id)
             self.log.info("volume %s grown from %d GB to %d GB for the new version", base.id, base.size_in_gbs,
                           size_gb)
-        self.log.info("volume %s backed up as %s before the sync; rollback-sync restores it", base.id, backup.id)
+        self.log.info("volume %s is backed up as %s before the sync writes; rollback-sync restores it", base.id,
+                      backup.id)
         return Volume(base.id, base.availability_domain, size_gb, base.display_name, fresh=False,
                       synced_from=tags[contract.TAG_SYNCED_FROM], previous_virtual_size=previous_size or None,
-                      manifest=base.tags.get(contract.TAG_MANIFEST) if base.state == contract.STATE_IMPORTED else None)
+                      manifest=base.tags.get(contract.TAG_MANIFEST) if base.state == contract.STATE_IMPORTED else None,
+                      backup_id=backup.id)
 
     # -- resources ----------------------------------------------------------------------------
 

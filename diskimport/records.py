@@ -103,6 +103,7 @@ class Volume:
     synced_from: str | None = None
     previous_virtual_size: int | None = None
     manifest: str | None = None  # the SHA-256 of the manifest of what it holds, when an import left it whole
+    backup_id: str | None = None  # a sync's backup of it, which must be AVAILABLE before the first write
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Before a sync writes onto the volume of an earlier import, the volume gets a volume backup
 tagged with the version it holds (``import-etag``, ``import-id``, ``import-version-time``,
 ``import-virtual-size``) and the version the sync writes (``import-sync-after``). The sync
-writes only once the backup is AVAILABLE. A sync that fails, or a version that is not
+writes only once the backup is AVAILABLE (it fetches and checks the new version meanwhile). A sync that fails, or a version that is not
 accepted, is undone by :func:`rollback`: OCI restores a backup onto a new volume only, so the
 rollback restores the newest sync backup of a volume as a new volume, tagged as the import of
 the version it holds (the one the next sync finds), and marks the synced volume
@@ -43,8 +43,10 @@ def sync_backups(clients: cloud.Clients, compartment_id: str, volume_id: str) ->
 
 def backup_before_sync(clients: cloud.Clients, compartment_id: str, base: FoundVolume, after_etag: str,
                        retry_token: str, log: logging.Logger) -> Any:
-    """The backup of ``base`` (the version it holds) that the sync to ``after_etag`` writes after, once
-    AVAILABLE. A failed sync's volume was backed up by that sync: its backup is the one."""
+    """The backup of ``base`` (the version it holds) that the sync to ``after_etag`` writes after, as
+    created (CREATING or AVAILABLE): the sync waits for it (:func:`wait_backup`) before its first write,
+    meanwhile it fetches and checks the new version. A failed sync's volume was backed up by that
+    sync: its backup is the one."""
     held = base.held_whole
     found = [b for b in sync_backups(clients, compartment_id, base.id)
              if (b.freeform_tags or {}).get(contract.TAG_ETAG) == held]
@@ -61,8 +63,13 @@ def backup_before_sync(clients: cloud.Clients, compartment_id: str, base: FoundV
             volume_id=base.id, display_name=f"before sync to {after_etag.strip(chr(34))[:40]}"[:255],
             type="INCREMENTAL", freeform_tags=tags), opc_retry_token=retry_token).data
         log.info("backing up volume %s (version %s) before the sync: backup %s", base.id, held, backup.id)
-    return cloud.wait_for_state(lambda: clients.blockstorage.get_volume_backup(backup.id).data, "AVAILABLE",
-                                f"backup {backup.id} of volume {base.id}", BACKUP_TIMEOUT,
+    return backup
+
+
+def wait_backup(clients: cloud.Clients, backup_id: str, volume_id: str) -> Any:
+    """The sync backup once AVAILABLE (a FAULTY one fails the sync before it writes)."""
+    return cloud.wait_for_state(lambda: clients.blockstorage.get_volume_backup(backup_id).data, "AVAILABLE",
+                                f"backup {backup_id} of volume {volume_id}", BACKUP_TIMEOUT,
                                 failed=("FAULTY", "TERMINATING", "TERMINATED"))
 
 

@@ -12,7 +12,7 @@ import datetime as dt
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, Sequence
 
-from . import cloud, contract, delta
+from . import cloud, contract, delta, sync_backups
 from .agent import manifest
 from .contract import InvalidRequest
 from .delta import apply
@@ -206,6 +206,7 @@ class VolumeWrite:
             device = self.attach()
         sync = None
         if self.volume.synced_from is not None:
+            self._await_backup(phases)
             sync = SyncTarget(self.session, self.session, stream.script, stream.directory, device).start()
         writer = slices.SliceWriter(self.session, qemu, self.image.qemu_driver, info.virtual_size, stream.socket,
                                     stream.path, device, target_is_zero=self.volume.fresh,
@@ -255,6 +256,7 @@ class VolumeWrite:
         with phase(phases, "attach"):
             device = self.attach()
         extents = apply.touched_extents(self.session, stream.path, image.virtual_size)
+        self._await_backup(phases)
         with phase(phases, "write-and-verify"):
             apply.commit_onto(self.session, stream.path, device)
             read = None if base is None else apply.blocks_of(extents)
@@ -268,6 +270,12 @@ class VolumeWrite:
         read_bytes = image.virtual_size if read is None else sum(n for _, n in read) * manifest.BLOCK
         return device, image.virtual_size, fetched, {"verified_bytes": read_bytes, "slices": len(read or [0]),
                                                      "synced": account, "digests": expected}
+
+    def _await_backup(self, phases: dict[str, float]) -> None:
+        """A sync writes nothing before its backup of the volume is AVAILABLE (it was asked for at provision)."""
+        if self.volume.backup_id is not None:
+            with phase(phases, "await-backup"):
+                sync_backups.wait_backup(self.clients, self.volume.backup_id, self.volume.id)
 
     def _record_manifest(self, stream: transfer.ObjectStream, device: str, virtual_size: int,
                          verified: apply.Manifest | None) -> None:

@@ -170,6 +170,7 @@ def push(client: Any, namespace: str, bucket: str, name: str, source: Path, work
 def _upload(client: Any, namespace: str, bucket: str, name: str, image: Path, metadata: dict[str, str],
             state: Path, parallel: int, part_size: int, say: Callable[[str], None]) -> str:
     """The image as a multipart upload (parallel parts), resumed from ``state`` when a push was cut short."""
+    import oci
     from oci.object_storage.transfer.internal.multipart_object_assembler import MultipartObjectAssembler
 
     assembler = MultipartObjectAssembler(client, namespace, bucket, name, part_size=part_size,
@@ -186,8 +187,14 @@ def _upload(client: Any, namespace: str, bucket: str, name: str, image: Path, me
     upload_id = json.loads(state.read_text()).get("upload_id") if state.exists() else None
     if upload_id:
         say(f"resuming upload {upload_id}")
-        assembler.resume(upload_id=upload_id, progress_callback=uploaded)
-    else:
+        try:
+            assembler.resume(upload_id=upload_id, progress_callback=uploaded)
+        except oci.exceptions.ServiceError as exc:
+            if exc.status != 404:
+                raise
+            say(f"upload {upload_id} is gone (aborted, or committed by the push that was cut short): a new one")
+            upload_id = None
+    if not upload_id:
         assembler.new_upload()
         state.write_text(json.dumps({"upload_id": assembler.manifest["uploadId"]}))
         assembler.upload(progress_callback=uploaded)
@@ -240,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     except (PushRefused, OSError) as exc:
         sys.stderr.write(f"oci-disk-delta: {exc}\n")
         return 2
+    except Exception as exc:  # the SDK's errors (ServiceError, config errors), said in one line
+        if type(exc).__module__.startswith("oci"):
+            sys.stderr.write(f"oci-disk-delta: {type(exc).__name__}: {getattr(exc, 'message', exc)}\n")
+            return 2
+        raise
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0
 
