@@ -136,7 +136,7 @@ CODES = _index((
                 "uploads the whole disk with --full."),
     RefusalCode("delta-manifest-missing", "InvalidRequest", ("request",),
                 "A delta upload does not name its manifest (opc-meta-delta-manifest, a SHA-256), or the manifest "
-                "object .oci-import/uploads/<sha256>.manifest is missing or unreadable, or describes another disk "
+                "object .oci-import/uploads/<source id>/<sha256>.manifest is missing or unreadable, or describes another disk "
                 "size.",
                 "Push with oci-disk-delta, which uploads the manifest before the image."),
     RefusalCode("delta-manifest-mismatch", "InvalidRequest", ("worker VM",),

@@ -238,8 +238,8 @@ class VolumeWrite:
             raise InvalidRequest("delta-base-mismatch", f"the delta's disk ({image.virtual_size} bytes) is smaller "
                                  f"than the version the volume holds ({self.volume.previous_virtual_size}): a "
                                  "disk that shrank is pushed whole (--full)")
-        expected = apply.client_manifest(clients, version.namespace, version.bucket, version.metadata,
-                                         image.virtual_size)
+        expected = apply.client_manifest(clients, version.namespace, version.bucket, version.name,
+                                         version.metadata, image.virtual_size)
         base = None
         if self.volume.manifest is not None:  # an import left the volume whole: only what the delta holds is read
             base = apply.read_manifest(clients, version.namespace, version.bucket,
@@ -285,14 +285,15 @@ class VolumeWrite:
         digests = verified.digests if verified is not None else apply.device_digests(
             self.session, stream.script, stream.directory, device, virtual_size, None)
         if verified is None and apply.names_manifest(version.metadata):  # the client's first (whole) push
-            verified = apply.client_manifest(self.clients, version.namespace, version.bucket, version.metadata,
-                                             virtual_size)
+            verified = apply.client_manifest(self.clients, version.namespace, version.bucket, version.name,
+                                             version.metadata, virtual_size)
             apply.check_result(verified, None, digests, None)
         sha = apply.store_manifest(self.clients, version.namespace, version.bucket, version.import_id, virtual_size,
                                    digests)
         cloud.tag_volume(self.clients, self.volume.id, {contract.TAG_MANIFEST: sha})
         if verified is not None:
-            apply.delete_quietly(self.clients, version.namespace, version.bucket, delta.upload_object(verified.sha256))
+            apply.remove_uploads(self.clients, version.namespace, version.bucket, version.name, delta.upload_object(
+                contract.source_id(version.namespace, version.bucket, version.name), verified.sha256))
         self.run.log.info("the block manifest of %s is %s%s (SHA-256 %s)", self.volume.id,
                           delta.manifest_object(version.import_id), "" if verified else ", hashed on the worker",
                           sha[:16])

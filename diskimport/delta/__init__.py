@@ -6,7 +6,7 @@ image's bucket, and tags the volume with that manifest's SHA-256 (``import-manif
 client (``oci-disk-delta push``, :mod:`.client`) reads the manifest of the object's current
 version, hashes the local disk, and uploads the blocks that differ as a qcow2 whose backing
 file is named ``oci-import:<import id>`` (:mod:`.qcow2`), with its own manifest of the whole new
-disk beside it (``.oci-import/uploads/<sha256>.manifest``, named in the upload's metadata
+disk beside it (``.oci-import/uploads/<source id>/<sha256>.manifest``, named in the upload's metadata
 ``opc-meta-delta-manifest``). The importer accepts that backing name and no other
 (:func:`base_import`), applies the overlay onto the volume of exactly that import, and checks the
 result against the client's manifest (:mod:`diskimport.delta.apply`).
@@ -44,8 +44,15 @@ def manifest_object(import_id: str) -> str:
     return MANIFESTS + import_id
 
 
-def upload_object(sha256: str) -> str:
+def uploads_of(source_id: str) -> str:
+    """Where the client's manifests of an object's new versions go (``contract.source_id``: the object)."""
+    if not _IMPORT_ID.fullmatch(source_id):
+        raise ValueError(f"not a source id: {source_id!r}")
+    return f"{UPLOADS}{source_id}/"
+
+
+def upload_object(source_id: str, sha256: str) -> str:
     """Where a client's manifest of a new version is uploaded; ValueError for anything but a SHA-256."""
     if not _SHA256.fullmatch(sha256):
         raise ValueError(f"not a SHA-256: {sha256!r}")
-    return f"{UPLOADS}{sha256}.manifest"
+    return f"{uploads_of(source_id)}{sha256}.manifest"

@@ -21,12 +21,12 @@ import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .. import cloud
+from .. import cloud, contract
 from ..agent import manifest
 from ..contract import InvalidRequest
 from ..worker_vm.commands import CommandFailed, CommandRunner
 from ..worker_vm.qemu_img import image_opts
-from . import MANIFESTS, manifest_object, upload_object
+from . import MANIFESTS, UPLOADS, manifest_object, upload_object, uploads_of
 
 MAX_MAP_ENTRIES = 4_000_000
 
@@ -69,12 +69,12 @@ def names_manifest(metadata: dict[str, str]) -> bool:
     return bool(metadata.get("delta-manifest") or metadata.get("delta_manifest"))
 
 
-def client_manifest(clients: cloud.Clients, namespace: str, bucket: str, metadata: dict[str, str],
-                    virtual_size: int) -> Manifest:
+def client_manifest(clients: cloud.Clients, namespace: str, bucket: str, object_name: str,
+                    metadata: dict[str, str], virtual_size: int) -> Manifest:
     """The manifest the client computed of the new disk, named by the upload's ``opc-meta-delta-manifest``."""
     sha = (metadata.get("delta-manifest") or metadata.get("delta_manifest") or "").strip().lower()
     try:
-        name = upload_object(sha)
+        name = upload_object(contract.source_id(namespace, bucket, object_name), sha)
     except ValueError:
         raise InvalidRequest("delta-manifest-missing", "a delta upload names its manifest's SHA-256 in "
                              f"opc-meta-delta-manifest; this one has {sha or 'none'!r}") from None
@@ -166,13 +166,24 @@ def store_manifest(clients: cloud.Clients, namespace: str, bucket: str, import_i
     return hashlib.sha256(data).hexdigest()
 
 
-def delete_quietly(clients: cloud.Clients, namespace: str, bucket: str, name: str) -> None:
+def remove_uploads(clients: cloud.Clients, namespace: str, bucket: str, object_name: str, used: str) -> int:
+    """Delete the client's manifests of the object up to the one a sync just used (``used``: its name):
+    newer ones belong to pushes still on their way. Returns how many went."""
     import oci
 
-    if not name.startswith((MANIFESTS, ".oci-import/uploads/")):
-        raise ValueError(name)
-    try:
-        clients.object_storage.delete_object(namespace, bucket, name)
-    except oci.exceptions.ServiceError as exc:
-        if exc.status != 404:
-            raise
+    prefix = uploads_of(contract.source_id(namespace, bucket, object_name))
+    listed = oci.pagination.list_call_get_all_results(
+        clients.object_storage.list_objects, namespace, bucket, prefix=prefix, fields="name,timeCreated").data.objects
+    cutoff = next((o.time_created for o in listed if o.name == used), None)
+    gone = 0
+    for found in listed:
+        if not found.name.startswith(UPLOADS) or (cutoff is not None and found.time_created
+                                                  and found.time_created > cutoff):
+            continue
+        try:
+            clients.object_storage.delete_object(namespace, bucket, found.name)
+            gone += 1
+        except oci.exceptions.ServiceError as exc:
+            if exc.status != 404:
+                raise
+    return gone

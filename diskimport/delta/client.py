@@ -154,7 +154,8 @@ def push(client: Any, namespace: str, bucket: str, name: str, source: Path, work
             os.rename(partial, image)
     finally:
         os.close(fd)
-    client.put_object(namespace, bucket, upload_object(sha), manifest_bytes)
+    client.put_object(namespace, bucket, upload_object(contract.source_id(namespace, bucket, name), sha),
+                      manifest_bytes)
     etag = _upload(client, namespace, bucket, name, image, {"sync": "true", METADATA_MANIFEST: sha},
                    work_dir / f"delta-{sha[:16]}.upload", parallel, part_size, say)
     image.unlink()

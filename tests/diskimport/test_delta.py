@@ -8,6 +8,7 @@ before anything is created; a volume left half-synced is read back whole before 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import subprocess
@@ -27,6 +28,7 @@ from tests.guest_disks import run_tool
 
 MiB = 1024 * 1024
 PAGE = 4096
+BLOCK = manifest.BLOCK
 NAME = "delta/db01.qcow2"
 PART = MiB  # the partition's offset
 pytestmark = [pytest.mark.usefixtures("no_faults", "small_volumes"), pytest.mark.heavy]
@@ -124,10 +126,15 @@ def test_three_delta_pushes_upload_and_write_what_changed_and_the_volume_is_each
     assert fsck.returncode == 0
 
 
-def overlay(path: Path, size: int, backing: str | None) -> Path:
-    """A qcow2 of one changed block over ``backing``."""
+def head_of(localoci: Any, volume_id: str) -> bytes:
+    with open(volume_file(localoci, volume_id), "rb") as f:
+        return f.read(64 * MiB)
+
+
+def overlay(path: Path, size: int, backing: str | None, block: bytes | None = None) -> Path:
+    """A qcow2 of one changed block (block 3: ``block``, random by default) over ``backing``."""
     with open(path, "wb") as f:
-        qcow2.write(f, qcow2.Plan(size, [3], [], backing), lambda c: os.urandom(qcow2.CLUSTER))
+        qcow2.write(f, qcow2.Plan(size, [3], [], backing), lambda c: block or os.urandom(qcow2.CLUSTER))
     return path
 
 
@@ -201,3 +208,57 @@ def test_a_delta_sync_killed_midway_is_resumed_and_read_back_whole(
     assert resumed["verified_bytes"] == 128 * MiB  # a volume a sync left half-written is read back whole
     assert holds_exactly(localoci, first["volume_id"], disk)
     assert tags_of(localoci, first["volume_id"])[contract.TAG_STATE] == contract.STATE_IMPORTED
+
+
+def test_a_delta_that_breaks_its_manifest_or_its_own_tables_is_refused_and_the_volume_kept(
+        localoci, make_importer, bucket, object_storage, tmp_path):
+    name = "delta/lying.qcow2"
+    disk, work = tmp_path / "lying.raw", tmp_path / "work"
+    with open(disk, "wb") as f:
+        f.truncate(64 * MiB)
+        f.write(os.urandom(2 * MiB))
+    pushed = client.push(object_storage, localoci.namespace, bucket, name, disk, work, out=io.StringIO())
+    importer = make_importer()
+    first = import_object(importer, version_of(importer, localoci, bucket, name), sync=True)
+    base_import = first["import_id"]
+    assert pushed["base_import"] is None
+
+    def upload_delta(image: Path, digests: bytes) -> Any:
+        data = manifest.encode({"virtual_size": 64 * MiB}, digests)
+        sha = hashlib.sha256(data).hexdigest()
+        source = contract.source_id(localoci.namespace, bucket, name)
+        object_storage.put_object(localoci.namespace, bucket, delta.upload_object(source, sha), data)
+        with open(image, "rb") as f:
+            object_storage.put_object(localoci.namespace, bucket, name, f,
+                                      opc_meta={"sync": "true", "delta-manifest": sha})
+        importer = make_importer()
+        return importer, version_of(importer, localoci, bucket, name)
+
+    # Its tables point a cluster outside the file: qemu-img check refuses it before anything is written.
+    new_block = os.urandom(BLOCK)
+    corrupt = overlay(tmp_path / "corrupt.qcow2", 64 * MiB, delta.backing_name(base_import), new_block)
+    layout = qcow2.Plan(64 * MiB, [3], [], delta.backing_name(base_import))
+    with open(corrupt, "r+b") as f:  # the data cluster's L2 entry, pointed far past the end
+        f.seek(layout.first_l2 * qcow2.CLUSTER + 3 * 8)
+        f.write((qcow2.COPIED | (1 << 40)).to_bytes(8, "big"))
+    with_block = bytearray(manifest.digest_file(os.open(disk, os.O_RDONLY), 64 * MiB))
+    with_block[3 * manifest.DIGEST_BYTES:4 * manifest.DIGEST_BYTES] = manifest.block_digest(new_block)
+    importer, version = upload_delta(corrupt, bytes(with_block))
+    before = head_of(localoci, first["volume_id"])
+    with pytest.raises(ImageRejected) as refused:
+        import_object(importer, version, sync=True)
+    assert refused.value.code == "qemu-check-failed"
+    assert head_of(localoci, first["volume_id"]) == before
+
+    # A delta whose manifest says another thing than it holds: applied, read back, refused; the volume
+    # is kept (tagged failed) and its backup holds the version before.
+    lying = overlay(tmp_path / "lying.qcow2", 64 * MiB, delta.backing_name(base_import), os.urandom(BLOCK))
+    importer, version = upload_delta(lying, bytes(with_block))
+    with pytest.raises(InvalidRequest) as refused:
+        import_object(importer, version, sync=True)
+    assert refused.value.code == "delta-manifest-mismatch" and "block 3 " in str(refused.value)
+    tags = tags_of(localoci, first["volume_id"])
+    assert tags[contract.TAG_STATE] == contract.STATE_FAILED
+    # its manifest stays for a retry of the run; the next sync of the object that succeeds removes it
+    source = contract.source_id(localoci.namespace, bucket, name)
+    assert object_storage.list_objects(localoci.namespace, bucket, prefix=delta.uploads_of(source)).data.objects
