@@ -243,11 +243,9 @@ class VolumeWrite:
         base = None
         if self.volume.manifest is not None:  # an import left the volume whole: only what the delta holds is read
             base = apply.read_manifest(clients, version.namespace, version.bucket,
-                                       delta.manifest_object(image.delta_base), None,
-                                       f"the manifest of import {image.delta_base}", "delta-base-mismatch")
-            if base.sha256 != self.volume.manifest:
-                raise InvalidRequest("delta-base-mismatch", f"the manifest of import {image.delta_base} is not the "
-                                     f"one volume {self.volume.id} was tagged with")
+                                       delta.manifest_object(image.delta_base), self.volume.manifest,
+                                       image.virtual_size, f"the manifest of import {image.delta_base} (the one "
+                                       f"volume {self.volume.id} was tagged with)", "delta-base-mismatch")
         with phase(phases, "fetch-delta"):
             fetched = stream.finish()
         with phase(phases, "second-opinion"):

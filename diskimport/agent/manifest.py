@@ -127,6 +127,35 @@ def encode(header, digests):
 
 def decode(data, max_blocks):
     """``(header, digests)`` of a manifest file, checked; ``ManifestError`` for anything else."""
+    header, body = read_header(data)
+    size, blocks = header.get("virtual_size"), header.get("blocks")
+    if header.get("block_size") != BLOCK or header.get("digest") != DIGEST:
+        raise ManifestError("the manifest has blocks of %r bytes digested by %r (expected %d, %s)"
+                            % (header.get("block_size"), header.get("digest"), BLOCK, DIGEST))
+    if not isinstance(size, int) or not isinstance(blocks, int) or size < 0 or blocks != block_count(size):
+        raise ManifestError("the manifest's virtual size %r and block count %r disagree" % (size, blocks))
+    if blocks > max_blocks:
+        raise ManifestError("the manifest describes %d blocks, more than the %d expected" % (blocks, max_blocks))
+    inflater = zlib.decompressobj()
+    try:  # bounded: a compressed bomb stops at the size the header promised
+        digests = inflater.decompress(data[body:], blocks * DIGEST_BYTES + 1)
+    except zlib.error as exc:
+        raise ManifestError("the manifest's digests cannot be read: %s" % exc)
+    if len(digests) != blocks * DIGEST_BYTES or not inflater.eof:
+        raise ManifestError("the manifest holds %d bytes of digests, not the %d its header says"
+                            % (len(digests), blocks * DIGEST_BYTES))
+    return header, digests
+
+
+def max_file_bytes(size):
+    """The most a manifest file of a disk of ``size`` bytes can take: header, and digests zlib left as
+    they were (stored blocks cost 5 bytes per 16 KiB, plus its own few)."""
+    digests = block_count(size) * DIGEST_BYTES
+    return len(MAGIC) + 4 + MAX_HEADER + digests + 5 * (digests // 16384 + 1) + 64
+
+
+def read_header(data):
+    """The JSON header of a manifest file (cheap: the digests are not inflated)."""
     if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
         raise ManifestError("not a block manifest (its first bytes are not %r)" % MAGIC)
     (length,) = struct.unpack(">I", data[len(MAGIC):len(MAGIC) + 4])
@@ -138,23 +167,7 @@ def decode(data, max_blocks):
         raise ManifestError("the manifest's header is not JSON")
     if not isinstance(header, dict):
         raise ManifestError("the manifest's header is not an object")
-    size, blocks = header.get("virtual_size"), header.get("blocks")
-    if header.get("block_size") != BLOCK or header.get("digest") != DIGEST:
-        raise ManifestError("the manifest has blocks of %r bytes digested by %r (expected %d, %s)"
-                            % (header.get("block_size"), header.get("digest"), BLOCK, DIGEST))
-    if not isinstance(size, int) or not isinstance(blocks, int) or size < 0 or blocks != block_count(size):
-        raise ManifestError("the manifest's virtual size %r and block count %r disagree" % (size, blocks))
-    if blocks > max_blocks:
-        raise ManifestError("the manifest describes %d blocks, more than the %d expected" % (blocks, max_blocks))
-    inflater = zlib.decompressobj()
-    try:  # bounded: a compressed bomb stops at the size the header promised
-        digests = inflater.decompress(data[len(MAGIC) + 4 + length:], blocks * DIGEST_BYTES + 1)
-    except zlib.error as exc:
-        raise ManifestError("the manifest's digests cannot be read: %s" % exc)
-    if len(digests) != blocks * DIGEST_BYTES or not inflater.eof:
-        raise ManifestError("the manifest holds %d bytes of digests, not the %d its header says"
-                            % (len(digests), blocks * DIGEST_BYTES))
-    return header, digests
+    return header, len(MAGIC) + 4 + length
 
 
 def digest_at(digests, index):

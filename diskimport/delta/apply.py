@@ -42,26 +42,33 @@ class Manifest:
         return len(self.digests) // manifest.DIGEST_BYTES
 
 
-def read_manifest(clients: cloud.Clients, namespace: str, bucket: str, name: str, virtual_size: int | None,
+def read_manifest(clients: cloud.Clients, namespace: str, bucket: str, name: str, sha256: str, max_size: int,
                   what: str, code: str) -> Manifest:
-    """A manifest object, decoded and checked (and its size ``virtual_size`` when given); refused with ``code``."""
+    """A manifest object whose SHA-256 must be ``sha256``, of a disk of at most ``max_size`` bytes; refused
+    with ``code`` otherwise. The bucket is not trusted: the object's length is bounded before it is read,
+    its digest checked before it is parsed, and its digests inflated no further than its header says."""
     import oci
 
     try:
-        data = clients.object_storage.get_object(namespace, bucket, name).data.content
+        reply = clients.object_storage.get_object(namespace, bucket, name)
     except oci.exceptions.ServiceError as exc:
         if exc.status == 404:
             raise InvalidRequest(code, f"{what} ({name}) is not in bucket {bucket}") from None
         raise
-    limit = manifest.block_count(virtual_size if virtual_size is not None else 1 << 50)
+    length, limit = int(reply.headers.get("content-length", 0)), manifest.max_file_bytes(max_size)
+    if length > limit:
+        reply.data.close()
+        raise InvalidRequest(code, f"{what} ({name}) is {length} bytes long, more than a manifest of a disk of "
+                             f"{max_size} bytes can be")
+    data = reply.data.content
+    found = hashlib.sha256(data).hexdigest()
+    if found != sha256:
+        raise InvalidRequest(code, f"{what} ({name}) has SHA-256 {found}, not {sha256}")
     try:
-        header, digests = manifest.decode(data, limit)
+        header, digests = manifest.decode(data, manifest.block_count(max_size))
     except manifest.ManifestError as exc:
         raise InvalidRequest(code, f"{what} ({name}) cannot be used: {exc}") from None
-    if virtual_size is not None and header["virtual_size"] != virtual_size:
-        raise InvalidRequest(code, f"{what} describes a disk of {header['virtual_size']} bytes, the image "
-                             f"{virtual_size}")
-    return Manifest(hashlib.sha256(data).hexdigest(), header["virtual_size"], digests)
+    return Manifest(found, header["virtual_size"], digests)
 
 
 def names_manifest(metadata: dict[str, str]) -> bool:
@@ -78,10 +85,11 @@ def client_manifest(clients: cloud.Clients, namespace: str, bucket: str, object_
     except ValueError:
         raise InvalidRequest("delta-manifest-missing", "a delta upload names its manifest's SHA-256 in "
                              f"opc-meta-delta-manifest; this one has {sha or 'none'!r}") from None
-    found = read_manifest(clients, namespace, bucket, name, virtual_size, "the delta's manifest",
+    found = read_manifest(clients, namespace, bucket, name, sha, virtual_size, "the delta's manifest",
                           "delta-manifest-missing")
-    if found.sha256 != sha:
-        raise InvalidRequest("delta-manifest-mismatch", f"the delta's manifest {name} has SHA-256 {found.sha256}")
+    if found.virtual_size != virtual_size:
+        raise InvalidRequest("delta-manifest-missing", f"the delta's manifest describes a disk of "
+                             f"{found.virtual_size} bytes, the image {virtual_size}")
     return found
 
 

@@ -101,12 +101,13 @@ def _base(client: Any, namespace: str, bucket: str, name: str, size: int,
             "or its import has not finished; the whole disk goes up")
         return None, None
     try:
-        header, digests = manifest.decode(data, manifest.block_count(max(size, 1 << 50)))
+        header, _ = manifest.read_header(data)
+        if isinstance(header.get("virtual_size"), int) and header["virtual_size"] > size:
+            say(f"the disk shrank ({header['virtual_size']} to {size} bytes): the whole disk goes up")
+            return None, None
+        header, digests = manifest.decode(data, manifest.block_count(size))
     except manifest.ManifestError as exc:
         raise PushRefused(f"the manifest of import {import_id} cannot be used: {exc}") from None
-    if header["virtual_size"] > size:
-        say(f"the disk shrank ({header['virtual_size']} to {size} bytes): the whole disk goes up")
-        return None, None
     return (header, digests), import_id
 
 

@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import oci
 import pytest
 
 from diskimport import contract, delta
@@ -262,3 +263,27 @@ def test_a_delta_that_breaks_its_manifest_or_its_own_tables_is_refused_and_the_v
     # its manifest stays for a retry of the run; the next sync of the object that succeeds removes it
     source = contract.source_id(localoci.namespace, bucket, name)
     assert object_storage.list_objects(localoci.namespace, bucket, prefix=delta.uploads_of(source)).data.objects
+
+
+def test_a_push_cut_short_resumes_its_upload_where_it_stopped(localoci, bucket, object_storage, tmp_path):
+    name = "delta/resumed.qcow2"
+    disk, work = tmp_path / "resumed.raw", tmp_path / "work"
+    with open(disk, "wb") as f:
+        f.truncate(64 * MiB)
+        f.write(os.urandom(6 * MiB))
+    localoci.admin("POST", "faults", {"operation": "UploadPart", "status": 400, "code": "InvalidParameter",
+                                      "message": "injected", "match": {"uploadPartNum": "4"}})
+    with pytest.raises(oci.exceptions.ServiceError):
+        client.push(object_storage, localoci.namespace, bucket, name, disk, work, parallel=1, part_size=MiB,
+                    out=io.StringIO())
+    assert list(work.glob("*.upload")) and list(work.glob("*.qcow2"))  # kept for the next push
+    said = io.StringIO()
+    pushed = client.push(object_storage, localoci.namespace, bucket, name, disk, work, parallel=1, part_size=MiB,
+                         out=said)
+    assert "resuming upload" in said.getvalue() and not list(work.iterdir())
+    uploaded = tmp_path / "uploaded.qcow2"
+    uploaded.write_bytes(object_storage.get_object(localoci.namespace, bucket, name).data.content)
+    assert uploaded.stat().st_size == pushed["image_bytes"]
+    assert subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(uploaded), str(disk)]).returncode == 0
+    head = object_storage.head_object(localoci.namespace, bucket, name).headers
+    assert head["opc-meta-sync"] == "true" and head["opc-meta-delta-manifest"] == pushed["manifest_sha256"]
