@@ -48,6 +48,7 @@ def preload() -> None:
     import flows.export_volume  # noqa: F401
     import flows.copy_to_region  # noqa: F401
     import flows.rollback_sync  # noqa: F401
+    import flows.migration  # noqa: F401
     import flows.sweep  # noqa: F401
     import flows.worker_pool  # noqa: F401
     share_tls_contexts()

@@ -171,6 +171,15 @@ def is_boot_volume(volume_id: str) -> bool:
     return volume_id.startswith("ocid1.bootvolume.")
 
 
+def clone_volume(clients: Clients, compartment_id: str, source_id: str, availability_domain: str,
+                 display_name: str, tags: dict[str, str], retry_token: str) -> Any:
+    """CreateVolume from another volume: a point-in-time clone (same availability domain)."""
+    details = models.CreateVolumeDetails(
+        compartment_id=compartment_id, availability_domain=availability_domain, display_name=display_name,
+        freeform_tags=tags, source_details=models.VolumeSourceFromVolumeDetails(id=source_id))
+    return with_backoff(clients.blockstorage.create_volume, details, opc_retry_token=retry_token).data
+
+
 def get_volume(clients: Clients, volume_id: str) -> Any:
     get = clients.blockstorage.get_boot_volume if is_boot_volume(volume_id) else clients.blockstorage.get_volume
     return with_backoff(get, volume_id).data

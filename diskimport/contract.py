@@ -271,6 +271,7 @@ TAG_COPY_OF = "copy-of"         # a restored volume: the source volume's OCID
 TAG_SOURCE = "import-source"    # an imported disk's volume: its object, whatever the version (source_id)
 TAG_VERSION_TIME = "import-version-time"  # and when the version it holds was uploaded (epoch seconds)
 TAG_VIRTUAL_SIZE = "import-virtual-size"  # and that version's disk size in bytes
+TAG_CUTOVER_TO = "import-cutover-to"      # a sync volume cut over (diskimport.migration): the machine's instance
 TAG_MANIFEST = "import-manifest"          # the SHA-256 of the block manifest of what the volume holds
 TAG_SYNCED_FROM = "import-synced-from"    # a volume synced to a new version: the ETag it held before
 STATE_WRITING = "writing"

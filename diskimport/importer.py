@@ -60,7 +60,8 @@ def _position(tag: str | None) -> int | None:
     return int(tag) if tag is not None and tag.isdigit() else None
 
 
-def _found(volume: Any) -> FoundVolume:
+def found_volume(volume: Any) -> FoundVolume:
+    """A listed volume as the record the import steps read (state, run, tags)."""
     tags = dict(volume.freeform_tags or {})
     return FoundVolume(volume.id, tags.get(contract.TAG_STATE), volume.availability_domain, volume.size_in_gbs,
                        volume.display_name, tags.get(contract.TAG_FLOW_RUN),
@@ -126,7 +127,7 @@ class Importer:
     def found_volumes(self, version: ObjectVersion) -> list[FoundVolume]:
         volumes = cloud.find_volumes(self.clients, self.settings.compartment_id,
                                      {contract.TAG_IMPORT_ID: version.import_id})
-        return [_found(v) for v in volumes]
+        return [found_volume(v) for v in volumes]
 
     def _competitor(self, found: Sequence[FoundVolume], own: FoundVolume | None = None) -> FoundVolume | None:
         """A volume of this import that another live run is writing: the run this one yields to.
@@ -193,7 +194,7 @@ class Importer:
         truth, and a sync would write under it.
         """
         source = contract.source_id(version.namespace, version.bucket, version.name)
-        found = [_found(v) for v in cloud.find_volumes(self.clients, self.settings.compartment_id,
+        found = [found_volume(v) for v in cloud.find_volumes(self.clients, self.settings.compartment_id,
                                                        {contract.TAG_SOURCE: source})]
         # an earlier version's import, or a sync that failed (its volume kept): synced again, only what differs
         earlier = [v for v in found if v.disk is None and (
@@ -206,6 +207,10 @@ class Importer:
             raise InvalidRequest("sync-older-version", f"volume {base.id} holds version "
                                  f"{base.tags.get(contract.TAG_ETAG)} of {version.name}, uploaded after this one "
                                  f"({version.etag}): a sync never writes an older version over a newer one")
+        if base.tags.get(contract.TAG_CUTOVER_TO):
+            raise InvalidRequest("sync-volume-in-use", f"volume {base.id} (version {base.tags.get(contract.TAG_ETAG)} "
+                                 f"of {version.name}) was cut over to instance {base.tags[contract.TAG_CUTOVER_TO]}: the "
+                                 "machine holds the truth now; roll the cutover back (rollback-cutover) to sync again")
         for attachment in cloud.live_attachments(self.clients, self.settings.compartment_id, base.id):
             instance = cloud.with_backoff(self.clients.compute.get_instance, attachment.instance_id).data
             if instance.lifecycle_state not in ("STOPPED", "TERMINATING", "TERMINATED"):

@@ -30,8 +30,9 @@ from .guest import boot, report as guest_report
 from .images import machine
 from .importer import Importer, peak_rss_mb
 from .ocids import check_placement
-from .records import FoundVolume, InspectedImage, ObjectVersion, Volume, WorkerVM
-from .run import step
+from .ledger import Undo
+from .records import FoundVolume, InspectedImage, ObjectVersion, Subject, Volume, WorkerVM
+from .run import Run, step
 from .summaries import BootCheckReport, BootReport, MachineDiskRow, MachineImportSummary
 from .volume_write import VolumeWrite
 from .worker_vm.session import WorkerSession
@@ -275,22 +276,9 @@ class MachineImport:
         """
         target, run = self.target_machine(), self.run
         step_name = f"boot-volume/{version.import_id}/{availability_domain}"
-        maker = cloud.launch_for_boot_volume(
-            self.clients, compartment_id=target.compartment_id, availability_domain=availability_domain,
-            subnet_id=target.subnet_id, image_id=target.image_id, shape=target.shape, ocpus=target.ocpus,
-            memory_in_gbs=target.memory_in_gbs, size_gb=max(cloud.MIN_VOLUME_GB, size_gb),
-            display_name=f"boot-volume-for-{version.import_id[:12]}", tags=run.tags(version.subject),
-            retry_token=run.retry_token(step_name))
-        undo = run.ledger.register("boot volume maker", maker.id, lambda: cloud.terminate_worker(self.clients, maker.id))
-        try:
-            running = cloud.wait_instance_running(self.clients, maker.id)
-            boot_volume_id = cloud.boot_volume_of(self.clients, running)
-            cloud.update_volume(self.clients, boot_volume_id, display_name=name, freeform_tags={
-                **run.tags(version.subject), **extra_tags, contract.TAG_STATE: contract.STATE_WRITING})
-            cloud.terminate_keeping_boot_volume(self.clients, maker.id)
-        except BaseException:
-            run.undone(step_name)
-            raise
+        boot_volume_id, undo = boot_volume_from_image(
+            run, target, version.subject, availability_domain, size_gb, name,
+            {**run.tags(version.subject), **extra_tags, contract.TAG_STATE: contract.STATE_WRITING}, step_name)
         self.importer.register_volume(boot_volume_id)
         run.ledger.release(undo)
         ready = cloud.wait_volume_available(self.clients, boot_volume_id)
@@ -494,6 +482,32 @@ class MachineImport:
             raise BootFailed("machine-did-not-boot", f"instance {instance_id} {checked.describe()}; "
                              "it is stopped, its volumes are kept")
         return checked
+
+
+def boot_volume_from_image(run: Run, target: TargetMachineLike, subject: Subject, availability_domain: str,
+                           size_gb: int, name: str, tags: dict[str, str], step_name: str) -> tuple[str, Undo]:
+    """A boot volume of at least ``size_gb`` holding the target's platform image, named ``name`` and
+    tagged ``tags``: OCI makes boot volumes only from images and other boot volumes, so an instance
+    is launched from the image with that size, then terminated with its boot volume preserved.
+    Returns the boot volume and the undo of its maker (released once the caller registers the
+    volume's own)."""
+    clients = run.clients
+    maker = cloud.launch_for_boot_volume(
+        clients, compartment_id=target.compartment_id, availability_domain=availability_domain,
+        subnet_id=target.subnet_id, image_id=target.image_id, shape=target.shape, ocpus=target.ocpus,
+        memory_in_gbs=target.memory_in_gbs, size_gb=max(cloud.MIN_VOLUME_GB, size_gb),
+        display_name=f"boot-volume-for-{subject.id[:12]}", tags=run.tags(subject),
+        retry_token=run.retry_token(step_name))
+    undo = run.ledger.register("boot volume maker", maker.id, lambda: cloud.terminate_worker(clients, maker.id))
+    try:
+        running = cloud.wait_instance_running(clients, maker.id)
+        boot_volume_id = cloud.boot_volume_of(clients, running)
+        cloud.update_volume(clients, boot_volume_id, display_name=name, freeform_tags=tags)
+        cloud.terminate_keeping_boot_volume(clients, maker.id)
+    except BaseException:
+        run.undone(step_name)
+        raise
+    return boot_volume_id, undo
 
 
 def launch_types(found: guest_report.GuestReport | None, volume_type: str, network_type: str,

@@ -120,13 +120,22 @@ CODES = _index((
                 "with sync false."),
     RefusalCode("sync-volume-in-use", "InvalidRequest", ("request",),
                 "A sync was asked for, and the volume of the object's earlier import is attached to an instance "
-                "that is not stopped (after a cutover, the machine holds the truth).",
+                "that is not stopped, or was cut over to a machine (after a cutover, the machine holds the truth); "
+                "or a cutover was asked for a volume cut over already.",
                 "Stop the instance or detach the volume, or import onto a new volume with sync false."),
     RefusalCode("sync-backup-missing", "InvalidRequest", ("request",),
                 "A rollback was asked for a volume without an AVAILABLE sync backup, or a sync for a volume a "
                 "failed sync left whose backup is gone (it could not be rolled back).",
                 "Name a volume a sync wrote (its backups are tagged import-sync-after), or import onto a new "
                 "volume with sync false."),
+    RefusalCode("cutover-not-synced", "InvalidRequest", ("request",),
+                "A rehearsal or cutover was asked for an object whose newest upload is on no sync volume: it was "
+                "never imported with sync, its sync failed, or (a cutover waits for a sync that runs) its sync did "
+                "not end in time.",
+                "Push the disk with sync (oci-disk-delta push) and wait for its run to end, then ask again."),
+    RefusalCode("not-cut-over", "InvalidRequest", ("request",),
+                "A cutover rollback was asked for an object none of whose sync volumes was cut over.",
+                "Name the object a cutover ran for (its sync volume is tagged import-cutover-to)."),
     RefusalCode("delta-base-mismatch", "InvalidRequest", ("request", "worker VM"),
                 "A delta upload (a qcow2 whose backing file is oci-import:<import id>) refers to an import that "
                 "is not the one the object's volume holds (another version was synced since, the volume was "

@@ -11,10 +11,12 @@ import os
 import subprocess
 import uuid
 
+import oci
+
 from deployments import demo, local_stack
 from diskimport import sample_disk
 from diskimport.delta import client as delta_client
-from tests.e2e.conftest import resources_of
+from tests.e2e.conftest import live_inventory, resources_of
 
 
 def test_a_new_version_uploaded_with_sync_is_written_onto_the_same_volume(stack, disks, tmp_path):
@@ -74,3 +76,40 @@ def test_a_new_version_uploaded_with_sync_is_written_onto_the_same_volume(stack,
     [restored] = [v for v in resources_of(stack, etags[1])["volumes"] if v["id"] != first["volume_id"]]
     assert restored["id"] == rolled["restored_volume_id"] != first["volume_id"]
     assert restored["freeformTags"]["import-state"] == "imported"
+
+
+def test_a_pushed_boot_disk_is_rehearsed_cut_over_and_rolled_back_by_their_deployments(stack, tmp_path):
+    """The end of a warm migration through the deployments an operator runs: a BIOS boot disk pushed
+    by the delta client and synced by the trigger's run; ``rehearse`` boots a clone of it;
+    ``cutover`` boots it, keeps it and reports the downtime; ``rollback-cutover`` stops it."""
+    from prefect.deployments import run_deployment
+
+    from tests import boot_disks
+
+    disk = boot_disks.bios_disk(tmp_path / "bios.raw")
+    object_name = f"uploads/{uuid.uuid4().hex[:8]}-machine.qcow2"
+    client, _ = demo.stack_clients(stack)
+    pushed = delta_client.push(client, stack["OCI_NAMESPACE"], stack["IMPORT_BUCKET"], object_name, disk,
+                               tmp_path / "work", out=io.StringIO())
+    final = demo.wait_for_run(stack, demo.run_started_by_upload(stack, object_name, pushed["etag"]).id)
+    assert final.state.is_completed(), final.state.message
+    volume_id = demo.run_result(stack, final)["volume_id"]
+    parameters = {"bucket": stack["IMPORT_BUCKET"], "object_name": object_name,
+                  "target_block": local_stack.BLOCKS["target"]}
+    results = {}
+    for deployment in ("rehearse/default", "cutover/default", "rollback-cutover/default"):
+        with local_stack.prefect_api(stack["PREFECT_API_URL"]):
+            started = run_deployment(deployment, parameters=parameters, timeout=0)
+        final = demo.wait_for_run(stack, started.id)
+        assert final.state.is_completed(), (deployment, final.state.message)
+        results[deployment] = demo.run_result(stack, final)
+    rehearsed, cut, rolled = results.values()
+    assert rehearsed["machine"]["booted"] and rehearsed["volume_id"] == volume_id
+    assert cut["machine"]["booted"] and cut["downtime_seconds"] > 0
+    assert cut["machine"]["instance_id"] != rehearsed["machine"]["instance_id"]
+    assert (rolled["volume_id"], rolled["instance_id"]) == (volume_id, cut["machine"]["instance_id"])
+    machine = next(i for i in live_inventory(stack)["instances"] if i["id"] == cut["machine"]["instance_id"])
+    assert machine["lifecycleState"] == "STOPPED"  # kept, for inspection
+    # the stopped machine and its boot volume are the operator's: this test's are removed
+    client = oci.core.ComputeClient(demo.stack_clients(stack)[1], service_endpoint=stack["LOCALOCI_ENDPOINT"])
+    client.terminate_instance(machine["id"], preserve_boot_volume=False)
