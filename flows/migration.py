@@ -54,16 +54,22 @@ def _report(title: str, result: dict[str, Any]) -> None:
     create_markdown_artifact("\n".join(lines), key="migration-report", description=title)
 
 
+def _migrate(step: Any, title: str, bucket: str, object_name: str, namespace: str | None, target_block: str,
+             credentials_block: str, worker_block: str, settings_block: str) -> dict[str, Any]:
+    with refusal_reported(object_name):
+        _, run = open_run(credentials_block, worker_block, settings_block)
+        result = step(Migration(run, load_target(target_block)), namespace, bucket, object_name)
+        _report(title, result)
+        return result
+
+
 @flow(name="rehearse", flow_run_name=_name("rehearse"))
 def rehearse(bucket: str, object_name: str, namespace: str | None = None, target_block: str = DEFAULT_BLOCK,
              credentials_block: str = DEFAULT_BLOCK, worker_block: str = DEFAULT_BLOCK,
              settings_block: str = DEFAULT_BLOCK) -> dict[str, Any]:
     """Boot the machine from a clone of its sync volume, report, and remove the clone and the machine."""
-    with refusal_reported(object_name):
-        _, run = open_run(credentials_block, worker_block, settings_block)
-        result = rehearse_machine(Migration(run, load_target(target_block)), namespace, bucket, object_name)
-        _report("Rehearsal", result)
-        return result
+    return _migrate(rehearse_machine, "Rehearsal", bucket, object_name, namespace, target_block, credentials_block,
+                    worker_block, settings_block)
 
 
 @flow(name="cutover", flow_run_name=_name("cutover"))
@@ -71,11 +77,8 @@ def cutover(bucket: str, object_name: str, namespace: str | None = None, target_
             credentials_block: str = DEFAULT_BLOCK, worker_block: str = DEFAULT_BLOCK,
             settings_block: str = DEFAULT_BLOCK) -> dict[str, Any]:
     """Once the final push is synced, start the machine from the sync volume and keep it; report the downtime."""
-    with refusal_reported(object_name):
-        _, run = open_run(credentials_block, worker_block, settings_block)
-        result = cut_over_machine(Migration(run, load_target(target_block)), namespace, bucket, object_name)
-        _report("Cutover", result)
-        return result
+    return _migrate(cut_over_machine, "Cutover", bucket, object_name, namespace, target_block, credentials_block,
+                    worker_block, settings_block)
 
 
 @flow(name="rollback-cutover", flow_run_name=_name("rollback"))
@@ -83,8 +86,5 @@ def rollback_cutover(bucket: str, object_name: str, namespace: str | None = None
                      credentials_block: str = DEFAULT_BLOCK, worker_block: str = DEFAULT_BLOCK,
                      settings_block: str = DEFAULT_BLOCK) -> dict[str, Any]:
     """Stop the cut-over machine (kept) and give the object its sync volume back, as at the final sync."""
-    with refusal_reported(object_name):
-        _, run = open_run(credentials_block, worker_block, settings_block)
-        result = roll_back_cutover(Migration(run, load_target(target_block)), namespace, bucket, object_name)
-        _report("Cutover rolled back", result)
-        return result
+    return _migrate(roll_back_cutover, "Cutover rolled back", bucket, object_name, namespace, target_block,
+                    credentials_block, worker_block, settings_block)
