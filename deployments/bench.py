@@ -34,6 +34,7 @@ from typing import Any, Callable
 import httpx
 
 from deployments import local_stack
+from deployments.bench_cutover import CUTOVER, bench_cutover, cutover_lines, cutover_targets, ensure_cutover_disk
 from deployments.bench_guest import GUEST, bench_guest, ensure_guest, guest_lines, guest_targets
 from deployments.bench_pool import BURST, POOL, POOL_SOURCE, bench_burst, bench_pool, burst_lines, burst_targets, \
     pool_lines, pool_targets
@@ -373,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", nargs="*", default=[s.name for s in SPECS] + [EXPORT, MACHINE, GUEST],
                         help=f"which images to run (default: all, the export, {EXPORT}, which implies "
                              f"{EXPORT_SOURCE}, the machine, {MACHINE}, and the guest inspection and "
-                             f"adaptation, {GUEST}; the sync of a new version, {SYNC}, only when named: "
-                             "its targets wait for delta uploads)")
+                             f"adaptation, {GUEST}; only when named: the sync of a new version, {SYNC}, the "
+                             f"cutover's downtime, {CUTOVER}, the worker pool's rows)")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference pipeline")
     parser.add_argument("--latency", default="none",
                         help="the local OCI's latency profile (localoci/latency.py): none (its own 50 ms "
@@ -405,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     if with_sync:
         print(f"{SYNC}: preparing", flush=True)
         sync_disks = ensure_sync_disks(image_dir)
+    with_cutover = CUTOVER in args.images
+    if with_cutover:
+        print(f"{CUTOVER}: preparing", flush=True)
+        cutover_disk = ensure_cutover_disk(image_dir)
     if with_pool or with_burst:
         paths.setdefault(POOL_SOURCE, ensure_image(pool_spec, image_dir))
     volume_dir = base / "localoci" / "volumes"  # the floor's volume file sits beside the real ones
@@ -417,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     export: dict[str, Any] | None = None
     guest: dict[str, Any] | None = None
     synced: dict[str, Any] | None = None
+    cut: dict[str, Any] | None = None
     pooled: dict[str, Any] | None = None
     burst: dict[str, Any] | None = None
     failed: list[tuple[str, bool, str]] = []
@@ -456,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             guest = row(GUEST, lambda: bench_guest(env, guest_disk))
         if with_sync:
             synced = row(SYNC, lambda: bench_sync(env, sync_disks))
+        if with_cutover:
+            cut = row(CUTOVER, lambda: bench_cutover(env, cutover_disk))
         if with_pool:
             pooled = row(POOL, lambda: bench_pool(
                 env, paths[POOL_SOURCE], lambda path: measure_ours(env, pool_spec, path),
@@ -488,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     if synced:
         print("\n" + "\n".join(sync_lines(synced)))
         met += sync_targets(synced)
+    if cut:
+        print("\n" + "\n".join(cutover_lines(cut)))
+        met += cutover_targets(cut)
     if pooled:
         print("\n" + "\n".join(pool_lines(pooled)))
         met += pool_targets(pooled)
@@ -498,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, ok, detail in met:
         print(f"{'PASS' if ok else 'MISS'}  {name}: {detail}")
     print(json.dumps({"model": {**MODEL, "worker_network_bytes_per_s": WORKER_LIMIT}, "images": images,
-                      "export": export, "machine": machine, "guest": guest, "sync": synced, "pool": pooled,
+                      "export": export, "machine": machine, "guest": guest, "sync": synced, "cutover": cut, "pool": pooled,
                       "burst": burst},
                      sort_keys=False))
     return 0 if all(ok for _, ok, _ in met) else 1

@@ -91,8 +91,11 @@ class Migration:
     @step("find-synced-volume")
     def synced(self, namespace: str | None, bucket: str, object_name: str, wait: bool = False
                ) -> tuple[ObjectVersion, FoundVolume]:
-        """The object's current version and the sync volume holding it; with ``wait``, waits while
-        that version's sync runs. Refused (``cutover-not-synced``) when no volume holds it."""
+        """The object's current version and the sync volume holding it. With ``wait`` (a cutover
+        started as the final push ends), waits while the volume still holds an older version or
+        is being synced to this one: the upload's run may not even have started. Refused
+        (``cutover-not-synced``) when no volume holds it: none at all, its sync failed, or the wait
+        ran out."""
         deadline = time.monotonic() + (self.wait_seconds if wait else 0.0)
         while True:
             version = self.run.objects.version(namespace, bucket, object_name, None)
@@ -101,15 +104,16 @@ class Migration:
                        and v.tags.get(contract.TAG_IMPORT_ID) == version.import_id]
             if holding:
                 return version, holding[0]
-            writing = [v for v in found if v.state == contract.STATE_WRITING
-                       and v.tags.get(contract.TAG_IMPORT_ID) == version.import_id]
-            if not writing or time.monotonic() >= deadline:
+            coming = [v for v in found if v.disk is None and (
+                v.state == contract.STATE_IMPORTED
+                or (v.state == contract.STATE_WRITING and v.tags.get(contract.TAG_IMPORT_ID) == version.import_id))]
+            if not coming or time.monotonic() >= deadline:
                 held = ", ".join(f"{v.id} ({v.state}, version {v.tags.get(contract.TAG_ETAG)})" for v in found)
                 raise InvalidRequest("cutover-not-synced", f"no sync volume holds version {version.etag} of "
                                      f"{object_name} (its newest upload){': ' + held if held else ''}; push it with "
                                      "sync, and wait for its run to end")
-            self.log.info("version %s of %s is being synced onto %s; waiting", version.etag, object_name,
-                          writing[0].id)
+            self.log.info("waiting for version %s of %s to be synced onto %s", version.etag, object_name,
+                          coming[0].id)
             time.sleep(self.poll_seconds)
 
     # -- the three -----------------------------------------------------------------------------

@@ -81,7 +81,8 @@ def test_a_new_version_uploaded_with_sync_is_written_onto_the_same_volume(stack,
 def test_a_pushed_boot_disk_is_rehearsed_cut_over_and_rolled_back_by_their_deployments(stack, tmp_path):
     """The end of a warm migration through the deployments an operator runs: a BIOS boot disk pushed
     by the delta client and synced by the trigger's run; ``rehearse`` boots a clone of it;
-    ``cutover`` boots it, keeps it and reports the downtime; ``rollback-cutover`` stops it."""
+    ``cutover``, started the moment the final push returns, waits for its sync, boots it, keeps it
+    and reports the downtime; ``rollback-cutover`` stops it."""
     from prefect.deployments import run_deployment
 
     from tests import boot_disks
@@ -98,6 +99,12 @@ def test_a_pushed_boot_disk_is_rehearsed_cut_over_and_rolled_back_by_their_deplo
                   "target_block": local_stack.BLOCKS["target"]}
     results = {}
     for deployment in ("rehearse/default", "cutover/default", "rollback-cutover/default"):
+        if deployment == "cutover/default":  # the source stopped, its final push; the cutover started at once
+            (tmp_path / "last.txt").write_text("the source's last word\n")
+            subprocess.run(["mcopy", "-o", "-i", f"{disk}@@{sample_disk.MiB}", str(tmp_path / "last.txt"),
+                            "::/last.txt"], check=True)
+            pushed = delta_client.push(client, stack["OCI_NAMESPACE"], stack["IMPORT_BUCKET"], object_name, disk,
+                                       tmp_path / "work", out=io.StringIO())
         with local_stack.prefect_api(stack["PREFECT_API_URL"]):
             started = run_deployment(deployment, parameters=parameters, timeout=0)
         final = demo.wait_for_run(stack, started.id)
@@ -106,6 +113,7 @@ def test_a_pushed_boot_disk_is_rehearsed_cut_over_and_rolled_back_by_their_deplo
     rehearsed, cut, rolled = results.values()
     assert rehearsed["machine"]["booted"] and rehearsed["volume_id"] == volume_id
     assert cut["machine"]["booted"] and cut["downtime_seconds"] > 0
+    assert (cut["etag"], cut["volume_id"]) == (pushed["etag"], volume_id)  # it waited for the final sync
     assert cut["machine"]["instance_id"] != rehearsed["machine"]["instance_id"]
     assert (rolled["volume_id"], rolled["instance_id"]) == (volume_id, cut["machine"]["instance_id"])
     machine = next(i for i in live_inventory(stack)["instances"] if i["id"] == cut["machine"]["instance_id"])
