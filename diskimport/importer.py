@@ -187,19 +187,22 @@ class Importer:
 
     def sync_base(self, version: ObjectVersion) -> FoundVolume | None:
         """The imported volume holding the object's latest earlier version, if any: a sync writes onto it
-        (or the volume a failed sync kept).
+        (or the volume a failed sync kept, or one a sync whose run died was writing).
 
+        Syncs of one object run one at a time: while another live run syncs another version onto
+        the object's volume, this one waits for it (up to the wait a competing import gets).
         Refused (and nothing changed) when that volume holds a newer version than this one, or is
         attached to an instance that is not stopped: after a cutover the machine is what holds the
         truth, and a sync would write under it.
         """
-        source = contract.source_id(version.namespace, version.bucket, version.name)
-        found = [found_volume(v) for v in cloud.find_volumes(self.clients, self.settings.compartment_id,
-                                                       {contract.TAG_SOURCE: source})]
-        # an earlier version's import, or a sync that failed (its volume kept): synced again, only what differs
+        found = self._sync_volumes_once_free(version)
+        # an earlier version's import, or a sync that failed or died (its volume kept): synced again, only
+        # what differs
         earlier = [v for v in found if v.disk is None and (
             (v.state == contract.STATE_IMPORTED and v.tags.get(contract.TAG_IMPORT_ID) != version.import_id)
-            or (v.state == contract.STATE_FAILED and v.synced_from is not None))]
+            or (v.state == contract.STATE_FAILED and v.synced_from is not None)
+            or (v.state == contract.STATE_WRITING and v.synced_from is not None
+                and not self.run.run_is_active(v.flow_run or "")))]
         if not earlier:
             return None
         base = max(earlier, key=lambda v: (_version_time(v), v.created, v.id))
@@ -219,6 +222,25 @@ class Importer:
                                      f"{instance.id}, which is {instance.lifecycle_state}: a sync does not write "
                                      "under a running machine; stop it or detach the volume first")
         return base
+
+    def _sync_volumes_once_free(self, version: ObjectVersion) -> list[FoundVolume]:
+        """The object's volumes, once no other live run is syncing onto one of them."""
+        source = contract.source_id(version.namespace, version.bucket, version.name)
+        deadline = time.monotonic() + self.competing_wait_seconds
+        while True:
+            found = [found_volume(v) for v in cloud.find_volumes(self.clients, self.settings.compartment_id,
+                                                                 {contract.TAG_SOURCE: source})]
+            busy = [v for v in found if v.state == contract.STATE_WRITING and v.synced_from is not None
+                    and v.flow_run and v.flow_run != self.run.run_id and self.run.run_is_active(v.flow_run)]
+            if not busy:
+                return found
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"flow run {busy[0].flow_run} has been syncing {version.name} onto volume "
+                                   f"{busy[0].id} for longer than {self.competing_wait_seconds:.0f}s that this run "
+                                   "waits; retry this run once it has ended")
+            self.log.info("flow run %s is syncing another version of %s onto volume %s; syncs of one object run "
+                          "one at a time, so this one waits", busy[0].flow_run, version.name, busy[0].id)
+            time.sleep(self.competing_poll_seconds)
 
     def _check_delta_base(self, version: ObjectVersion, base: FoundVolume | None, delta_base: str) -> None:
         held = base.held_whole if base is not None else None

@@ -128,7 +128,8 @@ class FoundVolume:
     @property
     def held_whole(self) -> str | None:
         """The ETag of the version the volume last held whole: a failed sync's volume, the one it started from."""
-        return self.synced_from if self.state == contract.STATE_FAILED else self.tags.get(contract.TAG_ETAG)
+        unfinished = self.state in (contract.STATE_FAILED, contract.STATE_WRITING)  # a sync failed, or its run died
+        return self.synced_from if unfinished else self.tags.get(contract.TAG_ETAG)
 
     def as_volume(self) -> Volume:
         size = self.tags.get(contract.TAG_VIRTUAL_SIZE, "")

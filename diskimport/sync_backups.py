@@ -52,7 +52,7 @@ def backup_before_sync(clients: cloud.Clients, compartment_id: str, base: FoundV
              if (b.freeform_tags or {}).get(contract.TAG_ETAG) == held]
     if found:
         backup = found[0]
-    elif base.state == contract.STATE_FAILED:
+    elif base.state in (contract.STATE_FAILED, contract.STATE_WRITING):
         raise InvalidRequest("sync-backup-missing", f"volume {base.id} was left by a failed sync and its backup "
                              f"(of version {held}) is gone: roll it back is impossible, so it is not synced again; "
                              "import onto a new volume with sync false")

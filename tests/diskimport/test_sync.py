@@ -2,8 +2,9 @@
 a new version of an object imported before is written onto that import's volume, only what
 differs (grown when the disk grew, zeros again past a disk that shrank), with the volume's tags
 saying which version it holds; each sync backed up first and rolled back to the version before;
-a sync that failed or whose run died is synced again to the same result; a sync is refused,
-changing nothing, over a newer version or under a running machine.
+a sync that failed or whose run died is synced again to the same result; syncs of one object
+run one at a time; a sync is refused, changing nothing, over a newer version or under a running
+machine.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from diskimport.contract import ImportOptions, InvalidRequest
 from diskimport.importer import Importer
 from tests.diskimport.conftest import import_object, version_of
 from tests.guest_disks import data_ranges
+from tests.waiting import wait_for
 from tests.workers import launch_details
 
 MiB = 1024 * 1024
@@ -81,6 +84,17 @@ def tags_of(localoci: Any, volume_id: str) -> dict[str, str]:
 def sync(make_importer: Any, localoci: Any, bucket: str) -> tuple[Importer, dict[str, Any]]:
     importer = make_importer()
     return importer, import_object(importer, version_of(importer, localoci, bucket, NAME), sync=True)
+
+
+def synced_disk(localoci: Any, make_importer: Any, bucket: str, object_storage: Any, tmp_path: Path, size: int,
+                data: int) -> tuple[Path, dict[str, Any]]:
+    """A raw disk of ``size`` bytes starting with ``data`` random bytes, uploaded and synced (its first import)."""
+    raw = tmp_path / "disk.raw"
+    with open(raw, "wb") as f:
+        f.truncate(size)
+        f.write(os.urandom(data))
+    upload(localoci, object_storage, bucket, raw, tmp_path)
+    return raw, sync(make_importer, localoci, bucket)[1]
 
 
 def test_three_syncs_write_what_changed_onto_one_volume_and_it_ends_as_each_version(
@@ -167,12 +181,7 @@ def test_a_sync_past_the_end_of_the_volume_grows_it_first(localoci, make_importe
 
 def test_a_failed_sync_keeps_its_volume_and_a_dead_ones_is_resumed_to_the_same_result(
         localoci, make_importer, bucket, object_storage, tmp_path, active_runs):
-    raw = tmp_path / "disk.raw"
-    with open(raw, "wb") as f:
-        f.truncate(256 * MiB)
-        f.write(os.urandom(16 * MiB))
-    upload(localoci, object_storage, bucket, raw, tmp_path)
-    _, first = sync(make_importer, localoci, bucket)
+    raw, first = synced_disk(localoci, make_importer, bucket, object_storage, tmp_path, 256 * MiB, 16 * MiB)
     change(raw, {MiB: os.urandom(3 * MiB)})
     upload(localoci, object_storage, bucket, raw, tmp_path)
 
@@ -293,3 +302,38 @@ def test_a_sync_is_backed_up_first_and_rolled_back_to_the_version_before(localoc
     with pytest.raises(InvalidRequest) as refused:
         sync_backups.rollback(clients, compartment_id, bare.id, "rollback-none", log)
     assert refused.value.code == "sync-backup-missing" and bare.id in str(refused.value)
+
+
+def test_syncs_of_one_object_run_one_at_a_time(localoci, make_importer, bucket, object_storage, tmp_path, caplog):
+    """A sync of a new version waits while another live run syncs the version before onto the
+    object's volume, and then syncs onto that volume (never onto a new one beside it)."""
+    caplog.set_level(logging.INFO)
+    raw, first = synced_disk(localoci, make_importer, bucket, object_storage, tmp_path, 64 * MiB, 4 * MiB)
+    change(raw, {MiB: os.urandom(MiB)})
+    second_etag = upload(localoci, object_storage, bucket, raw, tmp_path)
+
+    # The second version's sync has written the volume and is still checking it when the third arrives.
+    syncing = make_importer()
+    version = version_of(syncing, localoci, bucket, NAME)
+    image = syncing.inspect(version, ImportOptions())
+    with syncing.run:
+        worker, volume = syncing.provision(version, image, ImportOptions(), syncing.previous_imports(version, sync=True))
+        with syncing.run.session(worker) as session:
+            syncing.run.prepare_worker(session)
+            write = syncing.volume_write(session, worker, volume, version, image)
+            write.write()
+            change(raw, {8 * MiB: os.urandom(MiB)})
+            upload(localoci, object_storage, bucket, raw, tmp_path)
+            waiting = make_importer()
+            third = version_of(waiting, localoci, bucket, NAME)
+            with ThreadPoolExecutor(1) as pool:
+                found = pool.submit(waiting.previous_imports, third, False, True)
+                wait_for(lambda: "syncs of one object run one at a time" in caplog.text, what="the third sync waiting")
+                assert not found.done()  # it waits for the second, which ends only below
+                write.check()
+                write.detach()
+                syncing.finish_volume(volume, ImportOptions())
+                syncing.run.terminate_worker(worker)
+                previous = found.result()
+    assert previous.sync_base is not None and previous.sync_base.id == first["volume_id"] == volume.id
+    assert previous.sync_base.tags[contract.TAG_ETAG] == second_etag
