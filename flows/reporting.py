@@ -123,7 +123,10 @@ def _sync_rows(summary: DiskImportSummary) -> list[str]:
     return [f"| synced from | `{summary.synced_from}` (the version the volume held) |",
             f"| sync | {size_text(account.get('written', 0))} written and {size_text(account.get('zeroed', 0))} "
             f"zeroed of {size_text(account.get('compared', 0))} compared; "
-            f"{size_text(account.get('unchanged', 0))} unchanged |"]
+            f"{size_text(account.get('unchanged', 0))} unchanged |"] + ([
+            f"| delta upload | {size_text(account['delta_bytes'])} uploaded for a {size_text(account.get('compared', 0))} "
+            f"disk ({size_text(max(0, account.get('compared', 0) - account['delta_bytes']))} not sent) |"]
+        if account.get("delta_bytes") is not None else [])
 
 
 def cell(text: str, limit: int = 200) -> str:
