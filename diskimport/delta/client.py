@@ -80,6 +80,21 @@ def _disk_size(fd: int) -> int:
     raise PushRefused("the source is neither a regular file nor a block device")
 
 
+def _refuse_image_file(fd: int, size: int, source: Path) -> None:
+    """A push reads a raw disk: an image file (qcow2, VMDK, VHD...) pushed as one would upload its
+    container's bytes as the disk's. Found by the importer's own header inspection."""
+    from ..errors import ImageRejected
+    from ..images import inspection
+
+    try:
+        found = inspection.inspect(lambda start, end: os.pread(fd, end - start, start), size, None, 1 << 62)
+    except ImageRejected as exc:  # a header that looks like an image but does not pass: not a raw disk either
+        raise PushRefused(f"{source} is not a raw disk ({exc})") from None
+    if found.format != "raw" or found.detected_as == "vhd-fixed":
+        raise PushRefused(f"{source} is a {found.detected_as} image, not a raw disk: push the disk itself (a block "
+                          f"device or a raw file; qemu-img convert -O raw makes one)")
+
+
 def _base(client: Any, namespace: str, bucket: str, name: str, size: int,
           say: Callable[[str], None]) -> tuple[tuple[dict[str, Any], bytes] | None, str | None]:
     import oci
@@ -137,6 +152,7 @@ def push(client: Any, namespace: str, bucket: str, name: str, source: Path, work
         size = _disk_size(fd)
         if size == 0 or size % 512:
             raise PushRefused(f"the disk is {size} bytes, not a whole number of 512-byte sectors")
+        _refuse_image_file(fd, size, source)
         base, base_import = (None, None) if full else _base(client, namespace, bucket, name, size, say)
         digests = bytes(manifest.digest_file(fd, size, progress=_Progress(out, f"reading {source}", size)))
         delta = plan(digests, base, base_import)

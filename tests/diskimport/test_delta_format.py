@@ -131,3 +131,18 @@ def test_the_manifest_skips_holes_and_a_hostile_manifest_is_refused(tmp_path):
 ])
 def test_only_an_import_id_is_a_delta_reference(name, accepted):
     assert (delta.base_import(name) is not None) == accepted
+
+
+def test_a_push_of_an_image_file_is_refused_before_anything_goes_up(tmp_path):
+    raw = tmp_path / "disk.raw"
+    with open(raw, "wb") as f:
+        f.truncate(16 * MiB)
+        f.write(os.urandom(MiB))
+    image = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(image)], check=True)
+    subprocess.run(["truncate", "-s", "%512", str(image)], check=True)  # sector-sized, as a raw disk must be
+    with pytest.raises(client.PushRefused, match="is a qcow2 image, not a raw disk"):
+        client.push(None, "ns", "bucket", "app/disk.qcow2", image, tmp_path / "work")
+    with pytest.raises(client.PushRefused, match="must end in .qcow2"):
+        client.push(None, "ns", "bucket", "app/disk.img", raw, tmp_path / "work")
+    assert not (tmp_path / "work").exists()  # nothing was written, nothing was asked of the service
