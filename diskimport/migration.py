@@ -22,6 +22,11 @@ prompt (``boot_pattern``).
 - :meth:`Migration.rollback` stops the machine and keeps it and its boot volume (tagged
   ``rolled-back``) for inspection; the sync volume, untouched since the final sync, is the
   object's again (its cutover tag removed): the source restarts and the next push syncs onto it.
+
+A machine's data disks are objects of their own, pushed and synced like its boot disk
+(``data_objects``): each is cloned (point in time) and the clones are attached to the machine in
+order, paravirtualized, for a rehearsal (then removed) as for a cutover (then kept, the product;
+their sync volumes are tagged and given back on a rollback like the boot disk's).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from . import cloud, contract
 from .errors import InvalidRequest
@@ -118,32 +123,47 @@ class Migration:
 
     # -- the three -----------------------------------------------------------------------------
 
-    def rehearse(self, namespace: str | None, bucket: str, object_name: str) -> dict[str, Any]:
-        """Launch the machine from a clone of the sync volume, check it boots, remove it all."""
+    def rehearse(self, namespace: str | None, bucket: str, object_name: str,
+                 data_objects: Sequence[str] = ()) -> dict[str, Any]:
+        """Launch the machine from a clone of the sync volume (and of each data disk's, attached in
+        order), check it boots, remove it all."""
         version, volume = self.synced(namespace, bucket, object_name)
+        data = [self.synced(namespace, bucket, name)[1] for name in data_objects]
         subject = Subject("rehearsal", version.import_id, version.name, version.etag)
         run = self.run
         with run:
             clone = self.clone(volume, subject)
-            report = self.start_machine(version, volume, clone, subject, product=False)
-            for undo in reversed(run.ledger.pending()):  # the machine, its boot volume, the clone
+            disks = [self.clone(v, subject) for v in data]
+            report = self.start_machine(version, volume, clone, subject, product=False, data=[d.id for d in disks])
+            for undo in reversed(run.ledger.pending()):  # the machine, its boot volume, the clones
                 run.ledger.undo(undo)
-        self.log.info("rehearsal of %s: %s; the machine and the clone are removed", object_name, report.boot_check)
+        self.log.info("rehearsal of %s: %s; the machine and the clones are removed", object_name, report.boot_check)
         return {"object": object_name, "etag": version.etag, "volume_id": volume.id, "clone_id": clone.id,
+                "data_volumes": [{"object": n, "volume_id": v.id, "clone_id": d.id}
+                                 for n, v, d in zip(data_objects, data, disks)],
                 "machine": report.as_dict(), "steps": dict(self.steps)}
 
-    def cutover(self, namespace: str | None, bucket: str, object_name: str) -> dict[str, Any]:
-        """Start the machine from the sync volume once it holds the final version, and keep it."""
+    def cutover(self, namespace: str | None, bucket: str, object_name: str,
+                data_objects: Sequence[str] = ()) -> dict[str, Any]:
+        """Start the machine from the sync volume once it holds the final version (each data disk
+        from a clone of its own, attached in order), and keep it."""
         version, volume = self.synced(namespace, bucket, object_name, wait=True)
-        if volume.tags.get(TAG_CUTOVER_TO):
-            raise InvalidRequest("sync-volume-in-use", f"volume {volume.id} was cut over to instance "
-                                 f"{volume.tags[TAG_CUTOVER_TO]} already; roll that cutover back first")
+        data = [self.synced(namespace, bucket, name, wait=True)[1] for name in data_objects]
+        for synced in (volume, *data):
+            if synced.tags.get(TAG_CUTOVER_TO):
+                raise InvalidRequest("sync-volume-in-use", f"volume {synced.id} was cut over to instance "
+                                     f"{synced.tags[TAG_CUTOVER_TO]} already; roll that cutover back first")
         subject = Subject("cutover", version.import_id, version.name, version.etag)
         with self.run:
-            report = self.start_machine(version, volume, volume.as_volume(), subject, product=True)
-            cloud.tag_volume(self.clients, volume.id, {TAG_CUTOVER_TO: report.instance_id})
-            # the machine and its boot volume are the product now: no undo, no sweep takes them
+            disks = [self.clone(v, subject) for v in data]  # the machine writes its clones, never the sync volumes
+            report = self.start_machine(version, volume, volume.as_volume(), subject, product=True,
+                                        data=[d.id for d in disks])
+            # the machine and its volumes are the product now: no undo, no sweep takes them
             cloud.update_volume(self.clients, report.boot_volume_id, freeform_tags=self.product_tags(version, volume))
+            for synced, disk in zip(data, disks):
+                cloud.update_volume(self.clients, disk.id, freeform_tags=self.product_tags(version, synced))
+            for synced in (volume, *data):
+                cloud.tag_volume(self.clients, synced.id, {TAG_CUTOVER_TO: report.instance_id})
             for undo in self.run.ledger.pending():
                 self.run.ledger.release(undo)
         uploaded = dt.datetime.fromtimestamp(version.modified or 0, dt.timezone.utc)
@@ -152,6 +172,8 @@ class Migration:
         self.log.info("cut over %s to instance %s: %s; downtime %s", object_name, report.instance_id,
                       report.boot_check, f"{downtime:.0f} s" if downtime is not None else "unknown (no login prompt)")
         return {"object": object_name, "etag": version.etag, "volume_id": volume.id, "machine": report.as_dict(),
+                "data_volumes": [{"object": n, "volume_id": v.id, "clone_id": d.id}
+                                 for n, v, d in zip(data_objects, data, disks)],
                 "final_upload_at": uploaded.isoformat(), "downtime_seconds": downtime, "steps": dict(self.steps)}
 
     @step("rollback-cutover")
@@ -170,8 +192,12 @@ class Migration:
         boot_volume_id = cloud.boot_volume_of(self.clients, instance)
         if instance.lifecycle_state not in ("TERMINATING", "TERMINATED"):
             cloud.tag_volume(self.clients, boot_volume_id, {contract.TAG_STATE: STATE_ROLLED_BACK})
-        kept = {k: v for k, v in volume.tags.items() if k != TAG_CUTOVER_TO}
-        cloud.update_volume(self.clients, volume.id, freeform_tags=kept)
+        compartment = self.run.settings.compartment_id
+        for synced in cloud.find_volumes(self.clients, compartment, {TAG_CUTOVER_TO: instance_id}):  # data disks too
+            kept = {k: v for k, v in (synced.freeform_tags or {}).items() if k != TAG_CUTOVER_TO}
+            cloud.update_volume(self.clients, synced.id, freeform_tags=kept)
+            for disk in cloud.find_volumes(self.clients, compartment, {TAG_CUTOVER_OF: synced.id}):
+                cloud.tag_volume(self.clients, disk.id, {contract.TAG_STATE: STATE_ROLLED_BACK})
         self.log.info("cutover of %s rolled back: instance %s stopped; volume %s holds version %s again for the "
                       "next sync", object_name, instance_id, volume.id, volume.tags.get(contract.TAG_ETAG))
         return {"object": object_name, "volume_id": volume.id, "instance_id": instance_id,
@@ -193,7 +219,7 @@ class Migration:
         return Volume(ready.id, ready.availability_domain, ready.size_in_gbs, ready.display_name, fresh=False)
 
     def start_machine(self, version: ObjectVersion, synced: FoundVolume, source: Volume, subject: Subject,
-                      product: bool) -> MachineReport:
+                      product: bool, data: Sequence[str] = ()) -> MachineReport:
         """Boot volume from the platform image, the disk copied onto it and adapted, the machine
         launched from it and its console watched."""
         run, target = self.run, self.target
@@ -211,7 +237,7 @@ class Migration:
                                                               boot_volume.size_in_gbs, boot_volume.display_name,
                                                               fresh=False), virtual_size, subject)
         tags = {**run.tags(subject), TAG_REHEARSAL_OF: synced.id} if not product else self.product_tags(version, synced)
-        return self.launch_and_watch(version, boot_id, written, tags, subject)
+        return self.launch_and_watch(version, boot_id, written, tags, subject, data)
 
     @staticmethod
     def product_tags(version: ObjectVersion, synced: FoundVolume) -> dict[str, str]:
@@ -248,7 +274,7 @@ class Migration:
 
     @step("launch-machine")
     def launch_and_watch(self, version: ObjectVersion, boot_volume_id: str, written: VolumeWrite,
-                         tags: dict[str, str], subject: Subject) -> MachineReport:
+                         tags: dict[str, str], subject: Subject, data: Sequence[str] = ()) -> MachineReport:
         run, target = self.run, self.target
         if target.firmware != "auto":
             firmware = target.firmware
@@ -266,6 +292,11 @@ class Migration:
         run.ledger.register("machine instance", instance.id,
                             lambda: cloud.terminate_worker(self.clients, instance.id))
         cloud.wait_instance_running(self.clients, instance.id)
+        for volume_id in data:  # the data disks, in order, at consistent device paths
+            if cloud.existing_attachment(self.clients, instance.id, volume_id) is None:
+                made = cloud.attach_volume(self.clients, instance.id, volume_id, "paravirtualized",
+                                           run.retry_token(f"attach-to-machine/{volume_id}"))
+                cloud.wait_attached(self.clients, made.id)
         checked = boot.watch_console(lambda: cloud.console_text(self.clients, instance.id), target.boot_pattern,
                                      target.boot_timeout_seconds, target.console_poll_seconds)
         booted_at = dt.datetime.now(dt.timezone.utc).isoformat() if checked.booted else None

@@ -25,17 +25,20 @@ def _name(action: str) -> Any:
 
 
 @step_task("rehearse-machine", retries=1, delays=15)
-def rehearse_machine(migration: Migration, namespace: str | None, bucket: str, object_name: str) -> dict[str, Any]:
-    return migration.rehearse(namespace, bucket, object_name)
+def rehearse_machine(migration: Migration, namespace: str | None, bucket: str, object_name: str,
+                     data_objects: list[str]) -> dict[str, Any]:
+    return migration.rehearse(namespace, bucket, object_name, data_objects)
 
 
 @step_task("cut-over-machine", retries=1, delays=15)
-def cut_over_machine(migration: Migration, namespace: str | None, bucket: str, object_name: str) -> dict[str, Any]:
-    return migration.cutover(namespace, bucket, object_name)
+def cut_over_machine(migration: Migration, namespace: str | None, bucket: str, object_name: str,
+                     data_objects: list[str]) -> dict[str, Any]:
+    return migration.cutover(namespace, bucket, object_name, data_objects)
 
 
 @step_task("roll-back-cutover", retries=2, delays=[5, 15])
-def roll_back_cutover(migration: Migration, namespace: str | None, bucket: str, object_name: str) -> dict[str, Any]:
+def roll_back_cutover(migration: Migration, namespace: str | None, bucket: str, object_name: str,
+                      data_objects: list[str]) -> dict[str, Any]:
     return migration.rollback(namespace, bucket, object_name)
 
 
@@ -55,30 +58,34 @@ def _report(title: str, result: dict[str, Any]) -> None:
 
 
 def _migrate(step: Any, title: str, bucket: str, object_name: str, namespace: str | None, target_block: str,
-             credentials_block: str, worker_block: str, settings_block: str) -> dict[str, Any]:
+             credentials_block: str, worker_block: str, settings_block: str,
+             data_objects: list[str] | None = None) -> dict[str, Any]:
     with refusal_reported(object_name):
         _, run = open_run(credentials_block, worker_block, settings_block)
-        result = step(Migration(run, load_target(target_block)), namespace, bucket, object_name)
+        result = step(Migration(run, load_target(target_block)), namespace, bucket, object_name,
+                      list(data_objects or []))
         _report(title, result)
         return result
 
 
 @flow(name="rehearse", flow_run_name=_name("rehearse"))
-def rehearse(bucket: str, object_name: str, namespace: str | None = None, target_block: str = DEFAULT_BLOCK,
-             credentials_block: str = DEFAULT_BLOCK, worker_block: str = DEFAULT_BLOCK,
-             settings_block: str = DEFAULT_BLOCK) -> dict[str, Any]:
-    """Boot the machine from a clone of its sync volume, report, and remove the clone and the machine."""
+def rehearse(bucket: str, object_name: str, namespace: str | None = None, data_objects: list[str] | None = None,
+             target_block: str = DEFAULT_BLOCK, credentials_block: str = DEFAULT_BLOCK,
+             worker_block: str = DEFAULT_BLOCK, settings_block: str = DEFAULT_BLOCK) -> dict[str, Any]:
+    """Boot the machine from a clone of its sync volume (its data disks' objects in ``data_objects``),
+    report, and remove the clones and the machine."""
     return _migrate(rehearse_machine, "Rehearsal", bucket, object_name, namespace, target_block, credentials_block,
-                    worker_block, settings_block)
+                    worker_block, settings_block, data_objects)
 
 
 @flow(name="cutover", flow_run_name=_name("cutover"))
-def cutover(bucket: str, object_name: str, namespace: str | None = None, target_block: str = DEFAULT_BLOCK,
-            credentials_block: str = DEFAULT_BLOCK, worker_block: str = DEFAULT_BLOCK,
-            settings_block: str = DEFAULT_BLOCK) -> dict[str, Any]:
-    """Once the final push is synced, start the machine from the sync volume and keep it; report the downtime."""
+def cutover(bucket: str, object_name: str, namespace: str | None = None, data_objects: list[str] | None = None,
+            target_block: str = DEFAULT_BLOCK, credentials_block: str = DEFAULT_BLOCK,
+            worker_block: str = DEFAULT_BLOCK, settings_block: str = DEFAULT_BLOCK) -> dict[str, Any]:
+    """Once the final pushes are synced, start the machine from the sync volume (its data disks' objects
+    in ``data_objects``) and keep it; report the downtime."""
     return _migrate(cut_over_machine, "Cutover", bucket, object_name, namespace, target_block, credentials_block,
-                    worker_block, settings_block)
+                    worker_block, settings_block, data_objects)
 
 
 @flow(name="rollback-cutover", flow_run_name=_name("rollback"))
