@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from . import cloud, contract
@@ -69,6 +69,7 @@ class MachineReport:
     boot_check: str
     console_tail: list[str]
     booted_at: str | None = None
+    guest_changes: list[dict[str, Any]] = field(default_factory=list)  # what the adaptation changed, each kept
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -300,7 +301,7 @@ class Migration:
         checked = boot.watch_console(lambda: cloud.console_text(self.clients, instance.id), target.boot_pattern,
                                      target.boot_timeout_seconds, target.console_poll_seconds)
         booted_at = dt.datetime.now(dt.timezone.utc).isoformat() if checked.booted else None
-        adapted = bool(written.guest and written.guest.adaptation and written.guest.adaptation.changes)
-        return MachineReport(instance.id, boot_volume_id, firmware, volume_type, network_type, reason, adapted,
+        changes = list(written.guest.adaptation.changes) if written.guest and written.guest.adaptation else []
+        return MachineReport(instance.id, boot_volume_id, firmware, volume_type, network_type, reason, bool(changes),
                              checked.booted, round(checked.seconds, 1), checked.describe(),
-                             list(checked.console_tail), booted_at)
+                             list(checked.console_tail), booted_at, changes)
