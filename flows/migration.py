@@ -52,8 +52,8 @@ def _report(title: str, result: dict[str, Any]) -> None:
                        f"network ({machine['launch_reason']})") if machine else None,
             "boot check": machine.get("boot_check"),
             "guest adapted": (f"{len(machine['guest_changes'])} changes (the originals kept in the guest, under "
-                              "/var/lib/oci-disk-import/adaptation; the sync volume is untouched)") if machine.get("guest_changes") else
-            machine.get("adapted"),
+                              "/var/lib/oci-disk-import/adaptation; the sync volume is untouched)")
+            if machine.get("guest_changes") else machine.get("adapted"),
             "downtime": (f"{result['downtime_seconds']:.0f} s (final upload at {result['final_upload_at']})"
                          if result.get("downtime_seconds") is not None else None)}
     lines += [f"| {key} | `{value}` |" for key, value in rows.items() if value is not None]
