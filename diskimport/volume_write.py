@@ -164,7 +164,7 @@ class VolumeWrite:
                 raise refused from exc
             if self.records_manifest:
                 with phase(phases, "record-manifest"):
-                    self._record_manifest(stream, device, virtual_size, verified.pop("digests", None))
+                    self._record_manifest(stream, device, virtual_size, verified.pop("client_manifest", None))
             unit, how = (("runs", ", decoded as it arrived") if stream.decoding else
                          ("slices", f", through a window ({fetched['refetched_bytes']} bytes fetched again)")
                          if stream.windowed else ("slices", ""))
@@ -267,7 +267,7 @@ class VolumeWrite:
                    "unchanged": image.virtual_size - written - zeroed, "delta_bytes": version.size}
         read_bytes = image.virtual_size if read is None else sum(n for _, n in read) * manifest.BLOCK
         return device, image.virtual_size, fetched, {"verified_bytes": read_bytes, "slices": len(read or [0]),
-                                                     "synced": account, "digests": expected}
+                                                     "synced": account, "client_manifest": expected}
 
     def _await_backup(self, phases: dict[str, float]) -> None:
         """A sync writes nothing before its backup of the volume is AVAILABLE (it was asked for at provision)."""

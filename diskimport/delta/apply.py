@@ -73,13 +73,17 @@ def read_manifest(clients: cloud.Clients, namespace: str, bucket: str, name: str
 
 def names_manifest(metadata: dict[str, str]) -> bool:
     """Whether an upload names a client's manifest (``opc-meta-delta-manifest``)."""
-    return bool(metadata.get("delta-manifest") or metadata.get("delta_manifest"))
+    return bool(_named_manifest(metadata))
+
+
+def _named_manifest(metadata: dict[str, str]) -> str:
+    return (metadata.get("delta-manifest") or metadata.get("delta_manifest") or "").strip().lower()
 
 
 def client_manifest(clients: cloud.Clients, namespace: str, bucket: str, object_name: str,
                     metadata: dict[str, str], virtual_size: int) -> Manifest:
     """The manifest the client computed of the new disk, named by the upload's ``opc-meta-delta-manifest``."""
-    sha = (metadata.get("delta-manifest") or metadata.get("delta_manifest") or "").strip().lower()
+    sha = _named_manifest(metadata)
     try:
         name = upload_object(contract.source_id(namespace, bucket, object_name), sha)
     except ValueError:

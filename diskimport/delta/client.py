@@ -174,7 +174,7 @@ def push(client: Any, namespace: str, bucket: str, name: str, source: Path, work
     client.put_object(namespace, bucket, upload_object(contract.source_id(namespace, bucket, name), sha),
                       manifest_bytes)
     etag = _upload(client, namespace, bucket, name, image, {"sync": "true", METADATA_MANIFEST: sha},
-                   work_dir / f"delta-{sha[:16]}.upload", parallel, part_size, say)
+                   work_dir / f"delta-{sha[:16]}.upload", parallel, part_size, out)
     image.unlink()
     summary = {"object": name, "etag": etag, "base_import": base_import, "disk_bytes": size,
                "changed_bytes": changed, "uploaded_bytes": layout.file_size + len(manifest_bytes),
@@ -186,7 +186,7 @@ def push(client: Any, namespace: str, bucket: str, name: str, source: Path, work
 
 
 def _upload(client: Any, namespace: str, bucket: str, name: str, image: Path, metadata: dict[str, str],
-            state: Path, parallel: int, part_size: int, say: Callable[[str], None]) -> str:
+            state: Path, parallel: int, part_size: int, out: TextIO) -> str:
     """The image as a multipart upload (parallel parts), resumed from ``state`` when a push was cut short."""
     import oci
     from oci.object_storage.transfer.internal.multipart_object_assembler import MultipartObjectAssembler
@@ -195,7 +195,7 @@ def _upload(client: Any, namespace: str, bucket: str, name: str, image: Path, me
                                          allow_parallel_uploads=parallel > 1, parallel_process_count=parallel,
                                          metadata=metadata)
     assembler.add_parts_from_file(str(image))
-    progress = _Progress(_Said(say), "uploading", image.stat().st_size)
+    progress = _Progress(out, "uploading", image.stat().st_size)
     sent = [0]
 
     def uploaded(n: int) -> None:
@@ -204,13 +204,14 @@ def _upload(client: Any, namespace: str, bucket: str, name: str, image: Path, me
 
     upload_id = json.loads(state.read_text()).get("upload_id") if state.exists() else None
     if upload_id:
-        say(f"resuming upload {upload_id}")
+        out.write(f"resuming upload {upload_id}\n")
         try:
             assembler.resume(upload_id=upload_id, progress_callback=uploaded)
         except oci.exceptions.ServiceError as exc:
             if exc.status != 404:
                 raise
-            say(f"upload {upload_id} is gone (aborted, or committed by the push that was cut short): a new one")
+            out.write(f"upload {upload_id} is gone (aborted, or committed by the push that was cut short): "
+                      "a new one\n")
             upload_id = None
     if not upload_id:
         assembler.new_upload()
@@ -219,17 +220,6 @@ def _upload(client: Any, namespace: str, bucket: str, name: str, image: Path, me
     response = assembler.commit()
     state.unlink()
     return response.headers["etag"]
-
-
-class _Said:
-    def __init__(self, say: Callable[[str], None]) -> None:
-        self.say = say
-
-    def write(self, text: str) -> None:
-        self.say(text.rstrip("\n"))
-
-    def flush(self) -> None:
-        pass
 
 
 def _client(args: argparse.Namespace) -> Any:
