@@ -121,7 +121,8 @@ def bench_sync(env: dict[str, str], cached: Path) -> dict[str, Any]:
             "full_uploaded_bytes": full_push["uploaded_bytes"], "changed_bytes": CHANGED_BYTES,
             "uploaded_bytes": uploaded, "manifest_bytes": sync_push["manifest_bytes"],
             "upload_over_changed": round(uploaded / CHANGED_BYTES, 3), "account": account,
-            "full_steps": full["steps"], "steps": synced["steps"]}
+            "full_steps": full["steps"], "steps": synced["steps"],
+            "full_phases": full.get("write_phases"), "phases": synced.get("write_phases")}
 
 
 def sync_lines(s: dict[str, Any]) -> list[str]:
@@ -133,7 +134,9 @@ def sync_lines(s: dict[str, Any]) -> list[str]:
             f"bytes, its manifest {s['manifest_bytes'] / MiB:.1f} MiB included); wrote {a['written'] / MiB:.0f} MiB "
             f"and zeroed {a['zeroed'] / MiB:.0f} MiB",
             f"{SYNC} steps: full " + ", ".join(f"{k} {v:.1f}" for k, v in s["full_steps"].items())
-            + "; sync " + ", ".join(f"{k} {v:.1f}" for k, v in s["steps"].items())]
+            + "; sync " + ", ".join(f"{k} {v:.1f}" for k, v in s["steps"].items()),
+            f"{SYNC} write phases: full " + ", ".join(f"{k} {v:.1f}" for k, v in (s["full_phases"] or {}).items())
+            + "; sync " + ", ".join(f"{k} {v:.1f}" for k, v in (s["phases"] or {}).items())]
 
 
 def sync_targets(s: dict[str, Any]) -> list[tuple[str, bool, str]]:

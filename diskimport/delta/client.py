@@ -15,8 +15,10 @@ Run it where the disk is (an LVM snapshot of the running source, or an image fil
 4. It uploads its manifest of the new disk, then the qcow2 under the object's name with
    ``opc-meta-sync: true`` and ``opc-meta-delta-manifest`` (the manifest's SHA-256): the upload
    event starts the sync, which writes the changed blocks and checks the volume against that
-   manifest. The qcow2 goes up as a multipart upload with parallel parts; an interrupted push run
-   again with the same disk resumes the upload (its id is kept in ``--work-dir``).
+   manifest. The qcow2 goes up as a multipart upload with parallel parts, each made from the disk
+   as it is sent (no copy of the image is written locally); an interrupted push run again with
+   the same disk resumes the upload, sending only the parts not uploaded yet (the upload's id is
+   kept in ``--work-dir``).
 
 Progress goes to standard error; the last line on standard output is a JSON summary: bytes
 read, changed, uploaded and saved. Exit status 0, or 2 with a one-line reason.
@@ -25,12 +27,14 @@ read, changed, uploaded and saved. Exit status 0, or 2 with a one-line reason.
 from __future__ import annotations
 
 import argparse
+import base64
+import concurrent.futures
 import hashlib
 import json
 import os
 import stat
 import sys
-import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +46,7 @@ from . import backing_name, manifest_object, qcow2, upload_object, METADATA_MANI
 
 MiB = 1024 * 1024
 PART_SIZE = 64 * MiB
+MAX_PARTS = 10_000  # Object Storage's limit on a multipart upload
 assert qcow2.CLUSTER == manifest.BLOCK  # a changed block is one cluster of the delta
 
 
@@ -56,19 +61,29 @@ class DeltaPlan:
     base: str | None     # the import id the delta applies onto; None: a whole upload
 
 
+PLAN_GROUP = 64  # blocks compared at once: an unchanged (or all-zero) 1 MiB of the disk is one comparison
+
+
 def plan(digests: bytes, base: tuple[dict[str, Any], bytes] | None, base_import: str | None) -> DeltaPlan:
     """The blocks to upload: those that differ from ``base``'s manifest, or all non-zero ones without one."""
-    count = len(digests) // manifest.DIGEST_BYTES
+    size, width = len(digests), manifest.DIGEST_BYTES
+    old = base[1] if base is not None else None
+    if old is not None and len(old) < size:  # a disk that grew: its new blocks were zeros before
+        old += bytes(size - len(old))
+    zero_group = manifest.ZERO * PLAN_GROUP
     data, zeros = [], []
-    for i in range(count):
-        new = manifest.digest_at(digests, i)
-        if base is not None:
-            if new == manifest.digest_at(base[1], i):
-                continue
-            (zeros if new == manifest.ZERO else data).append(i)
-        elif new != manifest.ZERO:
-            data.append(i)
-    return DeltaPlan(data, zeros, base_import if base is not None else None)
+    for start in range(0, size, PLAN_GROUP * width):
+        end = min(start + PLAN_GROUP * width, size)
+        if digests[start:end] == (old[start:end] if old is not None else zero_group[:end - start]):
+            continue
+        for offset in range(start, end, width):
+            new = digests[offset:offset + width]
+            if old is not None:
+                if new != old[offset:offset + width]:
+                    (zeros if new == manifest.ZERO else data).append(offset // width)
+            elif new != manifest.ZERO:
+                data.append(offset // width)
+    return DeltaPlan(data, zeros, base_import if old is not None else None)
 
 
 def _disk_size(fd: int) -> int:
@@ -163,19 +178,14 @@ def push(client: Any, namespace: str, bucket: str, name: str, source: Path, work
         sha = hashlib.sha256(manifest_bytes).hexdigest()
         layout = qcow2.Plan(size, delta.data, delta.zeros, backing_name(base_import) if base_import else None)
         work_dir.mkdir(parents=True, exist_ok=True)
-        image = work_dir / f"delta-{sha[:16]}.qcow2"
-        if not image.exists() or image.stat().st_size != layout.file_size:
-            partial = Path(tempfile.mkstemp(dir=work_dir, prefix=".delta-")[1])
-            with open(partial, "wb") as f:
-                qcow2.write(f, layout, lambda c: os.pread(fd, manifest.BLOCK, c * manifest.BLOCK))
-            os.rename(partial, image)
+        state = work_dir / f"delta-{sha[:16]}.upload"
+        _forget_other_pushes(client, namespace, bucket, name, work_dir, state, say)
+        client.put_object(namespace, bucket, upload_object(contract.source_id(namespace, bucket, name), sha),
+                          manifest_bytes)
+        etag = _upload(client, namespace, bucket, name, _Image(layout, fd), {"sync": "true", METADATA_MANIFEST: sha},
+                       state, parallel, part_size, out)
     finally:
         os.close(fd)
-    client.put_object(namespace, bucket, upload_object(contract.source_id(namespace, bucket, name), sha),
-                      manifest_bytes)
-    etag = _upload(client, namespace, bucket, name, image, {"sync": "true", METADATA_MANIFEST: sha},
-                   work_dir / f"delta-{sha[:16]}.upload", parallel, part_size, out)
-    image.unlink()
     summary = {"object": name, "etag": etag, "base_import": base_import, "disk_bytes": size,
                "changed_bytes": changed, "uploaded_bytes": layout.file_size + len(manifest_bytes),
                "image_bytes": layout.file_size, "manifest_bytes": len(manifest_bytes),
@@ -185,28 +195,72 @@ def push(client: Any, namespace: str, bucket: str, name: str, source: Path, work
     return summary
 
 
-def _upload(client: Any, namespace: str, bucket: str, name: str, image: Path, metadata: dict[str, str],
-            state: Path, parallel: int, part_size: int, out: TextIO) -> str:
-    """The image as a multipart upload (parallel parts), resumed from ``state`` when a push was cut short."""
+class _Image:
+    """The qcow2 a push uploads, made part by part from the disk as it is sent: nothing of it is
+    written to the work directory, whose disk need not hold a copy of what goes up."""
+
+    def __init__(self, layout: qcow2.Plan, fd: int) -> None:
+        self.layout, self.fd, self.size = layout, fd, layout.file_size
+        self.metadata = layout.metadata()
+
+    def read(self, start: int, end: int) -> bytes:
+        return qcow2.image_range(self.layout, self.metadata, start, end,
+                                 lambda c: os.pread(self.fd, manifest.BLOCK, c * manifest.BLOCK))
+
+
+def _forget_other_pushes(client: Any, namespace: str, bucket: str, name: str, work_dir: Path, state: Path,
+                         say: Callable[[str], None]) -> None:
+    """An upload of this object that a push of other contents (the disk changed since) left unfinished
+    is aborted, so no multipart upload is left behind in the bucket; other objects' pushes are left alone."""
     import oci
-    from oci.object_storage.transfer.internal.multipart_object_assembler import MultipartObjectAssembler
 
-    assembler = MultipartObjectAssembler(client, namespace, bucket, name, part_size=part_size,
-                                         allow_parallel_uploads=parallel > 1, parallel_process_count=parallel,
-                                         metadata=metadata)
-    assembler.add_parts_from_file(str(image))
-    progress = _Progress(out, "uploading", image.stat().st_size)
-    sent = [0]
+    for other in work_dir.glob("delta-*.upload"):
+        if other == state:
+            continue
+        try:
+            kept = json.loads(other.read_text())
+        except ValueError:
+            other.unlink()
+            continue
+        if kept.get("object", name) != name:
+            continue
+        try:
+            client.abort_multipart_upload(namespace, bucket, name, kept["upload_id"])
+            say(f"aborted upload {kept['upload_id']}, left by a push of other contents")
+        except (KeyError, oci.exceptions.ServiceError):
+            pass  # already committed or aborted
+        other.unlink()
+    for old in (*work_dir.glob("delta-*.qcow2"), *work_dir.glob(".delta-*")):  # what earlier clients wrote first
+        old.unlink()
 
-    def uploaded(n: int) -> None:
-        sent[0] += n
-        progress(sent[0])
 
+def _part_size(image_bytes: int, wanted: int) -> int:
+    """``wanted``, or more where the image would need more parts than a multipart upload takes."""
+    size = max(wanted, -(-image_bytes // MAX_PARTS))
+    return -(-size // qcow2.CLUSTER) * qcow2.CLUSTER
+
+
+def _upload(client: Any, namespace: str, bucket: str, name: str, image: _Image, metadata: dict[str, str],
+            state: Path, parallel: int, part_size: int, out: TextIO) -> str:
+    """The image as a multipart upload, ``parallel`` parts at a time, each made from the disk as it
+    goes (at most ``parallel`` parts in memory). A push cut short keeps the upload's id in ``state``:
+    run again over the same disk (the same manifest), it sends only the parts not uploaded yet."""
+    import oci
+    from oci.object_storage import models
+
+    part_size = _part_size(image.size, part_size)
+    parts = [(n + 1, start, min(start + part_size, image.size))
+             for n, start in enumerate(range(0, image.size, part_size))]
+    progress = _Progress(out, "uploading", image.size)
+    sent, lock = [0], threading.Lock()
+    have: dict[int, tuple[int, str, str]] = {}  # part number: size, MD5 and ETag of what was uploaded
     upload_id = json.loads(state.read_text()).get("upload_id") if state.exists() else None
     if upload_id:
-        out.write(f"resuming upload {upload_id}\n")
         try:
-            assembler.resume(upload_id=upload_id, progress_callback=uploaded)
+            listed = oci.pagination.list_call_get_all_results(client.list_multipart_upload_parts, namespace, bucket,
+                                                              name, upload_id).data
+            have = {p.part_number: (p.size, p.md5, p.etag) for p in listed}
+            out.write(f"resuming upload {upload_id}: {len(have)} of {len(parts)} parts already uploaded\n")
         except oci.exceptions.ServiceError as exc:
             if exc.status != 404:
                 raise
@@ -214,10 +268,36 @@ def _upload(client: Any, namespace: str, bucket: str, name: str, image: Path, me
                       "a new one\n")
             upload_id = None
     if not upload_id:
-        assembler.new_upload()
-        state.write_text(json.dumps({"upload_id": assembler.manifest["uploadId"]}))
-        assembler.upload(progress_callback=uploaded)
-    response = assembler.commit()
+        details = models.CreateMultipartUploadDetails(
+            object=name, metadata={f"opc-meta-{k}": v for k, v in metadata.items()})
+        upload_id = client.create_multipart_upload(namespace, bucket, details).data.upload_id
+        state.write_text(json.dumps({"object": name, "upload_id": upload_id}))
+
+    def send(part: tuple[int, int, int]) -> models.CommitMultipartUploadPartDetails:
+        number, start, end = part
+        data = image.read(start, end)
+        md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+        uploaded = have.get(number)
+        if uploaded is not None and uploaded[:2] == (len(data), md5):
+            etag = uploaded[2]
+        else:
+            etag = client.upload_part(namespace, bucket, name, upload_id, number, data,
+                                      content_md5=md5).headers["etag"]
+        with lock:
+            sent[0] += len(data)
+            progress(sent[0])
+        return models.CommitMultipartUploadPartDetails(part_num=number, etag=etag)
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, parallel), thread_name_prefix="push-part") as pool:
+        sending = [pool.submit(send, part) for part in parts]
+        try:
+            committed = [future.result() for future in sending]
+        except BaseException:
+            for future in sending:  # a part that failed ends the push: the parts not started stay unsent
+                future.cancel()
+            raise
+    response = client.commit_multipart_upload(namespace, bucket, name, upload_id,
+                                              models.CommitMultipartUploadDetails(parts_to_commit=committed))
     state.unlink()
     return response.headers["etag"]
 
@@ -243,9 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoint", default=os.environ.get("OCI_OBJECT_STORAGE_ENDPOINT"),
                    help="the Object Storage endpoint, when not the region's")
     p.add_argument("--work-dir", type=Path, default=Path(".oci-disk-delta"),
-                   help="where the qcow2 is written before it goes up, and an interrupted upload's id")
+                   help="where an interrupted upload's id is kept (nothing of the image is written)")
     p.add_argument("--full", action="store_true", help="upload the whole disk, whatever was imported before")
-    p.add_argument("--parallel", type=int, default=4, help="parts uploaded at once")
+    p.add_argument("--parallel", type=int, default=4,
+                   help="parts uploaded at once (each part, 64 MiB, is held in memory while it goes up)")
     args = parser.parse_args(argv)
     try:
         client = _client(args)

@@ -6,9 +6,10 @@ named ``oci-import:<import id>`` (no path: the importer resolves it to the volum
 import, :mod:`diskimport.delta`). A first upload is the same without a backing file: every
 cluster that is not zeros.
 
-The layout is planned before any data is written, so the image streams out in one pass:
-the header (with the backing file's name and its format, ``raw``), the refcount table and
-blocks, the L1 table, the L2 tables, then the data clusters in the order of their disk offsets.
+The layout is planned before any data is written, so any byte range of the image can be made
+on demand (:func:`image_range`: a multipart upload's parts, with no copy of the image on disk):
+the header (with the backing file's name and its format, ``raw``), the refcount table and blocks,
+the L1 table, the L2 tables, then the data clusters in the order of their disk offsets.
 Every cluster in the file is referenced once (refcount 1) and every L2 entry carries the
 COPIED flag, as ``qemu-img check`` expects of an image without snapshots.
 """
@@ -16,7 +17,7 @@ COPIED flag, as ``qemu-img check`` expects of an image without snapshots.
 from __future__ import annotations
 
 import struct
-from typing import BinaryIO, Callable, Iterable
+from typing import BinaryIO, Callable
 
 CLUSTER_BITS = 14  # 16 KiB: the manifest's block (diskimport.agent.manifest.BLOCK)
 CLUSTER = 1 << CLUSTER_BITS
@@ -108,21 +109,33 @@ def write(out: BinaryIO, plan: Plan, read_cluster: Callable[[int], bytes],
           written: Callable[[int], None] | None = None) -> int:
     """Stream the image ``plan`` describes into ``out``; ``read_cluster(c)`` gives cluster ``c``'s
     bytes (at most ``CLUSTER``; a short last one is padded). Returns the bytes written."""
-    total = 0
-    for piece in _pieces(plan, read_cluster):
+    metadata, total = plan.metadata(), 0
+    for start in range(0, plan.file_size, WRITE_CHUNK):
+        piece = image_range(plan, metadata, start, min(start + WRITE_CHUNK, plan.file_size), read_cluster)
         out.write(piece)
         total += len(piece)
         if written is not None:
             written(total)
-    if total != plan.file_size:
-        raise AssertionError(f"wrote {total} bytes of a planned {plan.file_size}")
     return total
 
 
-def _pieces(plan: Plan, read_cluster: Callable[[int], bytes]) -> Iterable[bytes]:
-    yield plan.metadata()
-    for c in plan.data:
+WRITE_CHUNK = 256 * CLUSTER  # 4 MiB
+
+
+def image_range(plan: Plan, metadata: bytes, start: int, end: int, read_cluster: Callable[[int], bytes]) -> bytes:
+    """Bytes ``[start, end)`` of the image ``plan`` describes, ``metadata`` being ``plan.metadata()``: any
+    part of the image is made on demand (a multipart upload's part, with no copy of the image kept)."""
+    if not 0 <= start <= end <= plan.file_size:
+        raise ValueError(f"bytes {start} to {end} of an image of {plan.file_size}")
+    out = bytearray(metadata[start:end])
+    first, last = max(start, len(metadata)) - len(metadata), end - len(metadata)
+    for i in range(first // CLUSTER, -(-last // CLUSTER) if last > 0 else 0):
+        c = plan.data[i]
         data = read_cluster(c)
         if len(data) > CLUSTER:
             raise ValueError(f"cluster {c} is {len(data)} bytes")
-        yield data if len(data) == CLUSTER else data.ljust(CLUSTER, b"\0")
+        if len(data) < CLUSTER:
+            data = data.ljust(CLUSTER, b"\0")
+        out += data[max(first - i * CLUSTER, 0):min(last - i * CLUSTER, CLUSTER)]
+    assert len(out) == end - start
+    return bytes(out)

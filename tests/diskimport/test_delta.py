@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -265,25 +266,50 @@ def test_a_delta_that_breaks_its_manifest_or_its_own_tables_is_refused_and_the_v
     assert object_storage.list_objects(localoci.namespace, bucket, prefix=delta.uploads_of(source)).data.objects
 
 
-def test_a_push_cut_short_resumes_its_upload_where_it_stopped(localoci, bucket, object_storage, tmp_path):
-    name = "delta/resumed.qcow2"
-    disk, work = tmp_path / "resumed.raw", tmp_path / "work"
+def cut_short(localoci, object_storage, bucket: str, name: str, disk: Path, work: Path, data: int,
+              failing_part: int) -> None:
+    """A first push of a 64 MiB disk (``data`` bytes of it random) whose upload fails at one part."""
     with open(disk, "wb") as f:
         f.truncate(64 * MiB)
-        f.write(os.urandom(6 * MiB))
+        f.write(os.urandom(data))
     localoci.admin("POST", "faults", {"operation": "UploadPart", "status": 400, "code": "InvalidParameter",
-                                      "message": "injected", "match": {"uploadPartNum": "4"}})
+                                      "message": "injected", "match": {"uploadPartNum": str(failing_part)}})
     with pytest.raises(oci.exceptions.ServiceError):
         client.push(object_storage, localoci.namespace, bucket, name, disk, work, parallel=1, part_size=MiB,
                     out=io.StringIO())
-    assert list(work.glob("*.upload")) and list(work.glob("*.qcow2"))  # kept for the next push
+
+
+def test_a_push_cut_short_resumes_its_upload_where_it_stopped(localoci, bucket, object_storage, tmp_path):
+    """The parts are made from the disk as they are sent (nothing but the upload's id is written to the
+    work directory); run again, the push sends only the parts the upload does not hold yet."""
+    name = "delta/resumed.qcow2"
+    disk, work = tmp_path / "resumed.raw", tmp_path / "work"
+    cut_short(localoci, object_storage, bucket, name, disk, work, data=6 * MiB, failing_part=4)
+    assert [p.suffix for p in work.iterdir()] == [".upload"]  # the upload's id, kept for the next push
     said = io.StringIO()
     pushed = client.push(object_storage, localoci.namespace, bucket, name, disk, work, parallel=1, part_size=MiB,
                          out=said)
-    assert "resuming upload" in said.getvalue() and not list(work.iterdir())
+    resumed = re.search(r"resuming upload \S+: (\d+) of (\d+) parts already uploaded", said.getvalue())
+    assert resumed and 3 <= int(resumed[1]) < int(resumed[2]) == -(-pushed["image_bytes"] // MiB), said.getvalue()
+    assert not list(work.iterdir())
     uploaded = tmp_path / "uploaded.qcow2"
     uploaded.write_bytes(object_storage.get_object(localoci.namespace, bucket, name).data.content)
     assert uploaded.stat().st_size == pushed["image_bytes"]
     assert subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(uploaded), str(disk)]).returncode == 0
     head = object_storage.head_object(localoci.namespace, bucket, name).headers
     assert head["opc-meta-sync"] == "true" and head["opc-meta-delta-manifest"] == pushed["manifest_sha256"]
+
+
+def test_a_push_of_a_disk_changed_since_a_push_cut_short_aborts_that_upload(localoci, bucket, object_storage,
+                                                                            tmp_path):
+    name = "delta/changed-since.qcow2"
+    disk, work = tmp_path / "changed.raw", tmp_path / "work"
+    cut_short(localoci, object_storage, bucket, name, disk, work, data=4 * MiB, failing_part=2)
+    (unfinished,) = object_storage.list_multipart_uploads(localoci.namespace, bucket).data
+    with open(disk, "r+b") as f:
+        f.write(os.urandom(BLOCK))
+    said = io.StringIO()
+    client.push(object_storage, localoci.namespace, bucket, name, disk, work, parallel=2, part_size=MiB, out=said)
+    assert f"aborted upload {unfinished.upload_id}" in said.getvalue() and "resuming" not in said.getvalue()
+    assert object_storage.list_multipart_uploads(localoci.namespace, bucket).data == []
+    assert not list(work.iterdir())

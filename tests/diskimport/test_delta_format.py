@@ -70,6 +70,32 @@ def test_a_delta_over_the_old_disk_reads_as_the_new_one_and_commits_only_its_blo
     assert old.read_bytes() == new.read_bytes()
 
 
+@pytest.mark.parametrize("old_blocks", [1000, 700, 0])  # the same size, a disk that grew, no base
+def test_the_plan_compares_block_by_block_whatever_runs_it_skips(old_blocks):
+    """The plan skips unchanged (or all-zero) runs of blocks at once; what it keeps is exactly what a
+    comparison of every block keeps, a block past the old disk's end counting as zeros."""
+    import random
+
+    rng = random.Random(old_blocks)
+    pick = [manifest.ZERO, manifest.ZERO, b"\1" * 16, b"\2" * 16]
+    old = b"".join(rng.choice(pick) for _ in range(old_blocks))
+    new = bytearray(old + b"".join(rng.choice(pick) for _ in range(1000 - old_blocks)))
+    for i in rng.sample(range(1000), 40):
+        new[i * 16:i * 16 + 16] = rng.choice(pick)
+    new = bytes(new)
+    base = ({}, old) if old_blocks else None
+    planned = client.plan(new, base, "0f" * 16 if base else None)
+    data, zeros = [], []
+    for i in range(1000):
+        now, before = manifest.digest_at(new, i), manifest.digest_at(old, i)
+        if base is None:
+            if now != manifest.ZERO:
+                data.append(i)
+        elif now != before:
+            (zeros if now == manifest.ZERO else data).append(i)
+    assert (planned.data, planned.zeros) == (data, zeros) and (data or zeros)
+
+
 def test_a_whole_push_is_a_qcow2_of_the_non_zero_blocks_alone(tmp_path):
     disk = tmp_path / "disk.raw"
     with open(disk, "wb") as f:
