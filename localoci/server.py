@@ -103,17 +103,21 @@ class _Handler(BaseHTTPRequestHandler):
                     n = min(step, length)
                     if throttles:
                         take_all(throttles, n)
+                    # Counted before the piece goes out, then corrected by what was not sent: a client that
+                    # has received the whole body and asks for the metrics finds every byte of it counted.
+                    if account is not None:
+                        metrics.sent(account, n)
                     try:
                         sent = self.connection.sendfile(f, offset, n)
                     except OSError:
                         # The client left mid-piece; sendfile has moved the file position past what it sent.
-                        if account is not None and f.tell() > offset:
-                            metrics.sent(account, f.tell() - offset)
+                        if account is not None:
+                            metrics.sent(account, max(0, f.tell() - offset) - n)
                         raise
+                    if account is not None and sent != n:
+                        metrics.sent(account, sent - n)
                     if not sent:
                         raise ConnectionResetError("object file shorter than expected")
-                    if account is not None:
-                        metrics.sent(account, sent)
                     offset += sent
                     length -= sent
         if cut is not None and cut < body.length:
