@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments import demo, local_stack
+from deployments.bench_sync import remove_backups_of
 
 CUTOVER = "cutover"
 MiB = 1024 * 1024
@@ -114,8 +115,7 @@ def _clean(env: dict[str, str], client: Any, compute: Any, blockstorage: Any, di
     for etag in etags:
         manifest = delta.manifest_object(contract.import_id(namespace, bucket, name, etag))
         steps.append(lambda manifest=manifest: client.delete_object(namespace, bucket, manifest))
-    steps += [lambda b=b: blockstorage.delete_volume_backup(b.id) for b in blockstorage.list_volume_backups(
-        env["COMPARTMENT_ID"], volume_id=synced["volume_id"]).data]
+    steps.append(lambda: remove_backups_of(blockstorage, env["COMPARTMENT_ID"], synced["volume_id"]))
     steps.append(lambda: blockstorage.delete_volume(synced["volume_id"]))
     for remove in steps:
         try:

@@ -79,6 +79,19 @@ def _pushed(env: dict[str, str], client: Any, disk: Path, object_name: str, work
     return (dt.datetime.fromisoformat(summary["ready_at"]) - started).total_seconds(), pushed, summary
 
 
+def remove_backups_of(blockstorage: Any, compartment_id: str, volume_id: str) -> None:
+    """Delete a volume's backups, each once it can be (the one a sync-mode import takes ahead of the
+    next sync may still be CREATING)."""
+    import oci
+
+    for backup in blockstorage.list_volume_backups(compartment_id, volume_id=volume_id).data:
+        if backup.lifecycle_state == "CREATING":
+            oci.wait_until(blockstorage, blockstorage.get_volume_backup(backup.id),
+                           evaluate_response=lambda r: r.data.lifecycle_state != "CREATING", max_wait_seconds=600)
+        if backup.lifecycle_state not in ("TERMINATING", "TERMINATED"):
+            blockstorage.delete_volume_backup(backup.id)
+
+
 def bench_sync(env: dict[str, str], cached: Path) -> dict[str, Any]:
     """The full push and import of the first version, then the delta push and sync of the second."""
     import oci
@@ -111,8 +124,7 @@ def bench_sync(env: dict[str, str], cached: Path) -> dict[str, Any]:
         for import_id in import_ids:
             client.delete_object(env["OCI_NAMESPACE"], env["IMPORT_BUCKET"], delta.manifest_object(import_id))
         if volume_id:
-            for backup in blockstorage.list_volume_backups(env["COMPARTMENT_ID"], volume_id=volume_id).data:
-                blockstorage.delete_volume_backup(backup.id)
+            remove_backups_of(blockstorage, env["COMPARTMENT_ID"], volume_id)
             blockstorage.delete_volume(volume_id)
     account = synced["synced"]
     uploaded = sync_push["uploaded_bytes"]

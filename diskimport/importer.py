@@ -460,6 +460,9 @@ class Importer:
         self.run.ledger.release(self.run.ledger.find("volume", volume.id))
         self.log.info("volume %s is imported: %d VPUs/GB%s", volume.id, vpus,
                       f", backup policy {policy}" if policy else "")
+        if self.syncing:  # the next sync writes after this backup, taken now that nothing writes the volume
+            sync_backups.backup_ahead(self.clients, self.settings.compartment_id, volume.id,
+                                      self.run.retry_token(f"sync-ahead/{volume.id}"), self.log)
         return FinishedVolume(vpus, policy_id)
 
     def summary(self, version: ObjectVersion, image: InspectedImage, volume: Volume, finished: FinishedVolume,

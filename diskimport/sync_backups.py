@@ -1,13 +1,23 @@
 """The way back from a sync: a backup of the volume before a sync writes, and the rollback to it.
 
-Before a sync writes onto the volume of an earlier import, the volume gets a volume backup
+Before a sync writes onto the volume of an earlier import, the volume has a volume backup
 tagged with the version it holds (``import-etag``, ``import-id``, ``import-version-time``,
 ``import-virtual-size``) and the version the sync writes (``import-sync-after``). The sync
-writes only once the backup is AVAILABLE (it fetches and checks the new version meanwhile). A sync that fails, or a version that is not
-accepted, is undone by :func:`rollback`: OCI restores a backup onto a new volume only, so the
-rollback restores the newest sync backup of a volume as a new volume, tagged as the import of
-the version it holds (the one the next sync finds), and marks the synced volume
-``import-state=rolled-back`` (kept, never deleted: what the sync wrote is not lost either).
+writes only once the backup is AVAILABLE.
+
+That backup is taken ahead: every sync-mode import, once its volume is ready (detached, tagged
+imported), asks for a backup of the volume as it now is (:func:`backup_ahead`). The next sync
+finds it, tags it with the version it writes, and waits for nothing: a backup, which on OCI
+takes minutes for a large volume, is off the sync's path and off a cutover's downtime. A sync
+takes a backup of its own (and waits for it, fetching and checking the new version meanwhile)
+when there is none of the version the volume holds, or when the volume was attached to anything
+after the backup was taken (it may hold more than that version).
+
+A sync that fails, or a version that is not accepted, is undone by :func:`rollback`: OCI
+restores a backup onto a new volume only, so the rollback restores the newest backup a sync wrote
+after as a new volume, tagged as the import of the version it holds (the one the next sync
+finds), and marks the synced volume ``import-state=rolled-back`` (kept, never deleted: what the
+sync wrote is not lost either).
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from .records import FoundVolume
 
 models = oci.core.models
 TAG_SYNC_AFTER = "import-sync-after"   # a sync backup: the version (ETag) the sync wrote after it
-TAG_SYNC_OF = "import-sync-of"         # and the volume it is a backup of
+TAG_SYNC_OF = "import-sync-of"         # the volume a sync backup (taken ahead or before a sync) is of
 TAG_ROLLED_BACK_FROM = "import-rolled-back-from"  # a volume a rollback restored: the synced volume
 STATE_ROLLED_BACK = "rolled-back"
 BACKUP_TIMEOUT = 6 * 3600.0
@@ -34,24 +44,69 @@ KEPT_TAGS = (contract.TAG_MANAGED_BY, contract.TAG_IMPORT_ID, contract.TAG_OBJEC
 
 
 def sync_backups(clients: cloud.Clients, compartment_id: str, volume_id: str) -> list[Any]:
-    """The sync backups of a volume that are not on their way out, newest first."""
+    """The sync backups of a volume (taken ahead of a sync, or used by one) that are not on their way
+    out, newest first."""
     backups = oci.pagination.list_call_get_all_results(clients.blockstorage.list_volume_backups, compartment_id,
                                                        volume_id=volume_id).data
-    return sorted((b for b in backups if TAG_SYNC_AFTER in (b.freeform_tags or {})
+    return sorted((b for b in backups if (b.freeform_tags or {}).get(TAG_SYNC_OF) == volume_id
                    and b.lifecycle_state in ("CREATING", "AVAILABLE")), key=lambda b: b.time_created, reverse=True)
+
+
+def backup_ahead(clients: cloud.Clients, compartment_id: str, volume_id: str, retry_token: str,
+                 log: logging.Logger) -> Any | None:
+    """Ask for a backup of a sync-mode import's volume as it is once ready, for the next sync to
+    write after (:func:`backup_before_sync`); nobody waits for it. None when OCI would not take it:
+    the next sync then takes its own."""
+    try:
+        volume = cloud.get_volume(clients, volume_id)
+        tags = {k: v for k, v in (volume.freeform_tags or {}).items() if k in KEPT_TAGS}
+        tags[TAG_SYNC_OF] = volume_id
+        etag = tags.get(contract.TAG_ETAG, "")
+        backup = cloud.with_backoff(clients.blockstorage.create_volume_backup, models.CreateVolumeBackupDetails(
+            volume_id=volume_id, display_name=f"ahead of the next sync of {etag.strip(chr(34))[:40]}"[:255],
+            type="INCREMENTAL", freeform_tags=tags), opc_retry_token=retry_token).data
+    except oci.exceptions.ServiceError as exc:
+        log.warning("volume %s: no backup ahead of the next sync (%s %s); that sync will take its own",
+                    volume_id, exc.status, exc.code)
+        return None
+    log.info("volume %s (version %s) is backed up ahead of its next sync: backup %s", volume_id, etag, backup.id)
+    return backup
+
+
+def attached_since(clients: cloud.Clients, compartment_id: str, volume_id: str, since: Any) -> list[str]:
+    """The attachments of the volume made after ``since``: whatever they wrote is in no backup before."""
+    attachments = oci.pagination.list_call_get_all_results(clients.compute.list_volume_attachments, compartment_id,
+                                                           volume_id=volume_id).data
+    return [a.id for a in attachments if a.time_created > since]
 
 
 def backup_before_sync(clients: cloud.Clients, compartment_id: str, base: FoundVolume, after_etag: str,
                        retry_token: str, log: logging.Logger) -> Any:
     """The backup of ``base`` (the version it holds) that the sync to ``after_etag`` writes after, as
-    created (CREATING or AVAILABLE): the sync waits for it (:func:`wait_backup`) before its first write,
-    meanwhile it fetches and checks the new version. A failed sync's volume was backed up by that
-    sync: its backup is the one."""
+    created (CREATING or AVAILABLE), tagged with that version: the one taken ahead when it still holds
+    all the volume holds, else one taken now. The sync waits for it (:func:`wait_backup`) before its
+    first write. A failed sync's volume was backed up for that sync: its backup is the one."""
     held = base.held_whole
-    found = [b for b in sync_backups(clients, compartment_id, base.id)
-             if (b.freeform_tags or {}).get(contract.TAG_ETAG) == held]
-    if found:
-        backup = found[0]
+    backup = None
+    for found in sync_backups(clients, compartment_id, base.id):
+        tags = found.freeform_tags or {}
+        if tags.get(contract.TAG_ETAG) != held:
+            continue
+        if TAG_SYNC_AFTER not in tags and base.state == contract.STATE_IMPORTED:
+            since = attached_since(clients, compartment_id, base.id, found.time_created)
+            if since:
+                log.info("backup %s of volume %s is not used: the volume was attached since (%s)", found.id,
+                         base.id, ", ".join(since))
+                continue
+        backup = found
+        break
+    if backup is not None:
+        tags = dict(backup.freeform_tags or {})
+        if tags.get(TAG_SYNC_AFTER) != after_etag[:255]:
+            details = models.UpdateVolumeBackupDetails(display_name=_before_sync_name(after_etag),
+                                                       freeform_tags={**tags, TAG_SYNC_AFTER: after_etag[:255]})
+            backup = cloud.with_backoff(clients.blockstorage.update_volume_backup, backup.id, details).data
+        log.info("volume %s (version %s) was backed up ahead of this sync: backup %s", base.id, held, backup.id)
     elif base.state in (contract.STATE_FAILED, contract.STATE_WRITING):
         raise InvalidRequest("sync-backup-missing", f"volume {base.id} was left by a failed sync and its backup "
                              f"(of version {held}) is gone: roll it back is impossible, so it is not synced again; "
@@ -60,10 +115,14 @@ def backup_before_sync(clients: cloud.Clients, compartment_id: str, base: FoundV
         tags = {k: v for k, v in base.tags.items() if k in KEPT_TAGS}
         tags.update({TAG_SYNC_AFTER: after_etag[:255], TAG_SYNC_OF: base.id})
         backup = cloud.with_backoff(clients.blockstorage.create_volume_backup, models.CreateVolumeBackupDetails(
-            volume_id=base.id, display_name=f"before sync to {after_etag.strip(chr(34))[:40]}"[:255],
-            type="INCREMENTAL", freeform_tags=tags), opc_retry_token=retry_token).data
+            volume_id=base.id, display_name=_before_sync_name(after_etag), type="INCREMENTAL", freeform_tags=tags),
+            opc_retry_token=retry_token).data
         log.info("backing up volume %s (version %s) before the sync: backup %s", base.id, held, backup.id)
     return backup
+
+
+def _before_sync_name(after_etag: str) -> str:
+    return f"before sync to {after_etag.strip(chr(34))[:40]}"[:255]
 
 
 def wait_backup(clients: cloud.Clients, backup_id: str, volume_id: str) -> Any:
@@ -89,10 +148,12 @@ class RolledBack:
 
 def rollback(clients: cloud.Clients, compartment_id: str, volume_id: str, retry_token: str,
              log: logging.Logger) -> RolledBack:
-    """Restore the newest sync backup of ``volume_id`` as a new volume holding the version before that sync."""
+    """Restore the newest backup a sync of ``volume_id`` wrote after, as a new volume holding the version
+    before that sync (a backup taken ahead of a sync that has not come is not one)."""
     volume = cloud.get_volume(clients, volume_id)
     tags = dict(volume.freeform_tags or {})
-    backups = [b for b in sync_backups(clients, compartment_id, volume_id) if b.lifecycle_state == "AVAILABLE"]
+    backups = [b for b in sync_backups(clients, compartment_id, volume_id)
+               if b.lifecycle_state == "AVAILABLE" and TAG_SYNC_AFTER in (b.freeform_tags or {})]
     if not backups:
         raise InvalidRequest("sync-backup-missing", f"volume {volume_id} has no AVAILABLE sync backup to roll back "
                              "to: it was never synced, or its backups were deleted")

@@ -219,6 +219,9 @@ def test_a_failed_sync_keeps_its_volume_and_a_dead_ones_is_resumed_to_the_same_r
 def test_a_sync_over_a_newer_version_or_under_a_running_machine_is_refused_and_changes_nothing(
         localoci, make_importer, bucket, object_storage, tmp_path, compartment_id, subnet_id, client_key,
         blockstorage):
+    """Refused: a sync of a version older than the volume's, and one under a running machine. Once that
+    machine is gone, the sync goes on, with a backup of its own: the one taken ahead is older than
+    the attachment."""
     raw = tmp_path / "disk.raw"
     with open(raw, "wb") as f:
         f.truncate(64 * MiB)
@@ -256,6 +259,16 @@ def test_a_sync_over_a_newer_version_or_under_a_running_machine_is_refused_and_c
     tags_now = tags_of(localoci, volume_id)
     assert (tags_now[contract.TAG_ETAG], tags_now[contract.TAG_STATE]) == (first["etag"], contract.STATE_IMPORTED)
 
+    # Attached to something since its backup was taken ahead, the volume may hold more than that
+    # backup: the sync takes a backup of its own before it writes.
+    [ahead] = sync_backups.sync_backups(importer.clients, compartment_id, volume_id)
+    oci.wait_until(compute, compute.get_volume_attachment(attachment.id), "lifecycle_state", "DETACHED",
+                   max_wait_seconds=300)
+    _, synced = sync(make_importer, localoci, bucket)
+    used = [b for b in sync_backups.sync_backups(importer.clients, compartment_id, volume_id)
+            if b.freeform_tags.get(sync_backups.TAG_SYNC_AFTER) == synced["etag"]]
+    assert synced["volume_id"] == volume_id and [b.id for b in used] != [ahead.id] and len(used) == 1
+
 
 def test_a_sync_is_backed_up_first_and_rolled_back_to_the_version_before(localoci, make_importer, bucket,
                                                                          object_storage, tmp_path, compartment_id):
@@ -269,13 +282,20 @@ def test_a_sync_is_backed_up_first_and_rolled_back_to_the_version_before(localoc
     subprocess.run(["cp", "--sparse=always", str(raw), str(before)], check=True)
     change(raw, {MiB: os.urandom(MiB)})
     second_etag = upload(localoci, object_storage, bucket, raw, tmp_path)
+    clients = make_importer().clients
+    # The first import's volume was backed up once ready, ahead of the next sync
+    [ahead] = sync_backups.sync_backups(clients, compartment_id, first["volume_id"])
+    assert ahead.freeform_tags[contract.TAG_ETAG] == first_etag
+    assert sync_backups.TAG_SYNC_AFTER not in ahead.freeform_tags
     importer, second = sync(make_importer, localoci, bucket)
-    clients = importer.clients
-    [backup] = sync_backups.sync_backups(clients, compartment_id, first["volume_id"])
+    # that sync wrote after it, and its own volume is backed up ahead of the next one
+    newer, backup = sync_backups.sync_backups(clients, compartment_id, first["volume_id"])
     tags = backup.freeform_tags
-    assert backup.lifecycle_state == "AVAILABLE" and backup.volume_id == first["volume_id"]
+    assert backup.id == ahead.id and backup.lifecycle_state == "AVAILABLE" and backup.volume_id == first["volume_id"]
     assert (tags[contract.TAG_ETAG], tags[sync_backups.TAG_SYNC_AFTER]) == (first_etag, second_etag)
     assert tags[contract.TAG_IMPORT_ID] == first["import_id"]
+    assert newer.freeform_tags[contract.TAG_ETAG] == second_etag
+    assert sync_backups.TAG_SYNC_AFTER not in newer.freeform_tags
 
     log = logging.getLogger("test")
     rolled = sync_backups.rollback(clients, compartment_id, first["volume_id"], "rollback-test", log)
