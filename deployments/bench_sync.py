@@ -5,9 +5,10 @@ An 8 GiB disk (2 GiB of incompressible data in 64 MiB runs, the rest zeros; a sp
 cached under ``.local/bench/images/sync``) is pushed whole (no earlier import: a full import,
 whose block manifest the worker records), then 256 MiB of it change (in 1 MiB pieces spread over
 its data) and it is pushed again: the client uploads only the changed blocks as a qcow2 over the
-first import, and the sync applies them onto its volume. Each time is measured from the push's
-start (the client reads and hashes the disk, writes and uploads what it sends) to the volume
-ready. Targets (the warm migration's): the sync in at most 15% of the full import, an upload of
+first import, and the sync applies them onto its volume. The second push starts once the backup
+the first import took ahead of the next sync is done, as it is where syncs are minutes apart.
+Each time is measured from the push's start (the client reads and hashes the disk, makes and
+uploads what it sends) to the volume ready. Targets (the warm migration's): the sync in at most 15% of the full import, an upload of
 at most 1.1 times the changed bytes (the client's manifest included), and writes of at most 1.1
 times the changed bytes.
 """
@@ -79,15 +80,22 @@ def _pushed(env: dict[str, str], client: Any, disk: Path, object_name: str, work
     return (dt.datetime.fromisoformat(summary["ready_at"]) - started).total_seconds(), pushed, summary
 
 
-def remove_backups_of(blockstorage: Any, compartment_id: str, volume_id: str) -> None:
-    """Delete a volume's backups, each once it can be (the one a sync-mode import takes ahead of the
-    next sync may still be CREATING)."""
+def backups_done(blockstorage: Any, compartment_id: str, volume_id: str) -> None:
+    """Wait until no backup of the volume is CREATING: the one its import took ahead of the next sync
+    is done long before that sync where syncs are minutes or hours apart, as an operator's are."""
     import oci
 
     for backup in blockstorage.list_volume_backups(compartment_id, volume_id=volume_id).data:
         if backup.lifecycle_state == "CREATING":
             oci.wait_until(blockstorage, blockstorage.get_volume_backup(backup.id),
                            evaluate_response=lambda r: r.data.lifecycle_state != "CREATING", max_wait_seconds=600)
+
+
+def remove_backups_of(blockstorage: Any, compartment_id: str, volume_id: str) -> None:
+    """Delete a volume's backups, each once it can be (the one a sync-mode import takes ahead of the
+    next sync may still be CREATING)."""
+    backups_done(blockstorage, compartment_id, volume_id)
+    for backup in blockstorage.list_volume_backups(compartment_id, volume_id=volume_id).data:
         if backup.lifecycle_state not in ("TERMINATING", "TERMINATED"):
             blockstorage.delete_volume_backup(backup.id)
 
@@ -112,6 +120,7 @@ def bench_sync(env: dict[str, str], cached: Path) -> dict[str, Any]:
         full_s, full_push, full = _pushed(env, client, disk, object_name, work)
         volume_id = full["volume_id"]
         import_ids.append(full["import_id"])
+        backups_done(blockstorage, env["COMPARTMENT_ID"], volume_id)
         change(disk)
         settle()
         sync_s, sync_push, synced = _pushed(env, client, disk, object_name, work)
