@@ -1,10 +1,11 @@
 """``make bench``'s cutover row: the downtime of a warm migration's cutover.
 
 The Debian machine as it leaves VMware (the guest row's disk, ``tests/debian_guests.py``; a raw
-copy cached under ``.local/bench/images/cutover``) is pushed with ``oci-disk-delta`` and synced.
-Then, as an operator does with the source stopped: a 4 MiB file is written into its root
-filesystem, the final push goes up, and
-the ``cutover`` deployment is started the moment the push returns. It waits for the final
+copy cached under ``.local/bench/images/cutover``) is pushed with ``oci-disk-delta`` and synced
+(and the backup that import took ahead of the next sync is done, as it is once the warm phase is
+over). Then, as an operator does with the source stopped: a 4 MiB file is written into its root
+filesystem, the final push goes up, and the ``cutover`` deployment is started the moment the
+push returns. It waits for the final
 sync, makes the boot volume, copies and adapts the guest, launches it and watches for the
 login prompt. The row prints the downtime (from the final upload's end to the login prompt)
 and where it went; the machine is then rolled back (``rollback-cutover``) and removed. No
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments import demo, local_stack
-from deployments.bench_sync import remove_backups_of
+from deployments.bench_sync import backups_done, remove_backups_of
 
 CUTOVER = "cutover"
 MiB = 1024 * 1024
@@ -73,6 +74,7 @@ def bench_cutover(env: dict[str, str], cached: Path) -> dict[str, Any]:
     first = _push(env, client, disk, name, work)
     run = demo.wait_for_run(env, demo.run_started_by_upload(env, name, first["etag"], timeout=300).id, timeout=3600)
     synced = demo.run_result(env, run)
+    backups_done(blockstorage, env["COMPARTMENT_ID"], synced["volume_id"])  # the warm phase is long over
     _last_writes(disk, work)
     final = _push(env, client, disk, name, work)
     cut = rolled = None
