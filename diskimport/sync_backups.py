@@ -114,9 +114,23 @@ def backup_before_sync(clients: cloud.Clients, compartment_id: str, base: FoundV
     else:
         tags = {k: v for k, v in base.tags.items() if k in KEPT_TAGS}
         tags.update({TAG_SYNC_AFTER: after_etag[:255], TAG_SYNC_OF: base.id})
-        backup = cloud.with_backoff(clients.blockstorage.create_volume_backup, models.CreateVolumeBackupDetails(
-            volume_id=base.id, display_name=_before_sync_name(after_etag), type="INCREMENTAL", freeform_tags=tags),
-            opc_retry_token=retry_token).data
+        details = models.CreateVolumeBackupDetails(volume_id=base.id, display_name=_before_sync_name(after_etag),
+                                                   type="INCREMENTAL", freeform_tags=tags)
+        try:
+            backup = cloud.with_backoff(clients.blockstorage.create_volume_backup, details,
+                                        opc_retry_token=retry_token).data
+        except oci.exceptions.ServiceError as exc:
+            if exc.status != 409:
+                raise
+            # a backup of the volume is under way (the one taken ahead, not used): once it is done, ask again
+            log.info("volume %s: backup refused while another is under way (%s); waiting for it", base.id, exc.code)
+            for busy in sync_backups(clients, compartment_id, base.id):
+                if busy.lifecycle_state == "CREATING":
+                    cloud.wait_for_state(lambda b=busy: clients.blockstorage.get_volume_backup(b.id).data,
+                                         ("AVAILABLE", "FAULTY", "TERMINATED"), f"backup {busy.id} of volume {base.id}",
+                                         BACKUP_TIMEOUT)
+            backup = cloud.with_backoff(clients.blockstorage.create_volume_backup, details,
+                                        opc_retry_token=retry_token).data
         log.info("backing up volume %s (version %s) before the sync: backup %s", base.id, held, backup.id)
     return backup
 

@@ -220,8 +220,8 @@ def test_a_sync_over_a_newer_version_or_under_a_running_machine_is_refused_and_c
         localoci, make_importer, bucket, object_storage, tmp_path, compartment_id, subnet_id, client_key,
         blockstorage):
     """Refused: a sync of a version older than the volume's, and one under a running machine. Once that
-    machine is gone, the sync goes on, with a backup of its own: the one taken ahead is older than
-    the attachment."""
+    machine is gone, the sync goes on, with a backup of its own (asked again after a 409): the one
+    taken ahead is older than the attachment."""
     raw = tmp_path / "disk.raw"
     with open(raw, "wb") as f:
         f.truncate(64 * MiB)
@@ -264,6 +264,10 @@ def test_a_sync_over_a_newer_version_or_under_a_running_machine_is_refused_and_c
     [ahead] = sync_backups.sync_backups(importer.clients, compartment_id, volume_id)
     oci.wait_until(compute, compute.get_volume_attachment(attachment.id), "lifecycle_state", "DETACHED",
                    max_wait_seconds=300)
+    # (OCI may refuse a backup while another of the volume is under way: the sync waits and asks again)
+    localoci.admin("POST", "faults", {"operation": "CreateVolumeBackup", "status": 409, "code": "Conflict",
+                                      "message": "injected: a backup of this volume is in progress",
+                                      "match": {"volumeId": volume_id}})
     _, synced = sync(make_importer, localoci, bucket)
     used = [b for b in sync_backups.sync_backups(importer.clients, compartment_id, volume_id)
             if b.freeform_tags.get(sync_backups.TAG_SYNC_AFTER) == synced["etag"]]
