@@ -106,7 +106,7 @@ def backup_before_sync(clients: cloud.Clients, compartment_id: str, base: FoundV
             details = models.UpdateVolumeBackupDetails(display_name=_before_sync_name(after_etag),
                                                        freeform_tags={**tags, TAG_SYNC_AFTER: after_etag[:255]})
             backup = cloud.with_backoff(clients.blockstorage.update_volume_backup, backup.id, details).data
-        log.info("volume %s (version %s) was backed up ahead of this sync: backup %s", base.id, held, backup.id)
+        log.info("volume %s (version %s) has its backup for this sync already: backup %s", base.id, held, backup.id)
     elif base.state in (contract.STATE_FAILED, contract.STATE_WRITING):
         raise InvalidRequest("sync-backup-missing", f"volume {base.id} was left by a failed sync and its backup "
                              f"(of version {held}) is gone: roll it back is impossible, so it is not synced again; "
