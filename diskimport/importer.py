@@ -259,8 +259,9 @@ class Importer:
         return tags
 
     def adopt_for_sync(self, base: FoundVolume, version: ObjectVersion, image: InspectedImage) -> Volume:
-        """Take the earlier import's volume for this version: backed up first (:mod:`.sync_backups`; the
-        sync writes once the backup is AVAILABLE: ``Volume.backup_id``), then tagged as this import's,
+        """Take the earlier import's volume for this version: its backup found (taken ahead when the import
+        before ended) or taken now (:mod:`.sync_backups`; the sync writes once the backup is AVAILABLE:
+        ``Volume.backup_id``), then tagged as this import's,
         being written, and synced from the version it held; grown first if the new disk is larger. Its
         undo keeps it."""
         run = self.run

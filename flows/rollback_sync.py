@@ -1,7 +1,7 @@
 """Flow ``rollback-sync``: a synced volume back to the version it held before its last sync.
 
-OCI restores a backup onto a new volume only: the run restores the volume's newest sync backup
-(taken before the sync wrote, :mod:`diskimport.sync_backups`) as a new volume tagged as the
+OCI restores a backup onto a new volume only: the run restores the newest backup a sync of the
+volume wrote after (:mod:`diskimport.sync_backups`) as a new volume tagged as the
 import of the version it holds, which the object's next sync then updates, and marks the synced
 volume ``import-state=rolled-back``, kept. A retried or repeated run finds the volume it restored.
 """
