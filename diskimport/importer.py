@@ -261,9 +261,8 @@ class Importer:
     def adopt_for_sync(self, base: FoundVolume, version: ObjectVersion, image: InspectedImage) -> Volume:
         """Take the earlier import's volume for this version: its backup found (taken ahead when the import
         before ended) or taken now (:mod:`.sync_backups`; the sync writes once the backup is AVAILABLE:
-        ``Volume.backup_id``), then tagged as this import's,
-        being written, and synced from the version it held; grown first if the new disk is larger. Its
-        undo keeps it."""
+        ``Volume.backup_id``), then tagged as this import's, being written, and synced from the version
+        it held; grown first if the new disk is larger. Its undo keeps it."""
         run = self.run
         previous_size = int(base.tags.get(contract.TAG_VIRTUAL_SIZE) or 0)
         backup = sync_backups.backup_before_sync(self.clients, self.settings.compartment_id, base, version.etag,
