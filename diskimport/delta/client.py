@@ -27,6 +27,7 @@ read, changed, uploaded and saved. Exit status 0, or 2 with a one-line reason.
 from __future__ import annotations
 
 import argparse
+import array
 import base64
 import concurrent.futures
 import hashlib
@@ -56,8 +57,8 @@ class PushRefused(Exception):
 
 @dataclass(frozen=True)
 class DeltaPlan:
-    data: list[int]      # blocks uploaded with their bytes
-    zeros: list[int]     # blocks that became zeros (zero clusters)
+    data: array.array[int]   # blocks uploaded with their bytes (8 bytes each: a large disk has millions)
+    zeros: array.array[int]  # blocks that became zeros (zero clusters)
     base: str | None     # the import id the delta applies onto; None: a whole upload
 
 
@@ -71,7 +72,7 @@ def plan(digests: bytes, base: tuple[dict[str, Any], bytes] | None, base_import:
     if old is not None and len(old) < size:  # a disk that grew: its new blocks were zeros before
         old += bytes(size - len(old))
     zero_group = manifest.ZERO * PLAN_GROUP
-    data, zeros = [], []
+    data, zeros = array.array("q"), array.array("q")
     for start in range(0, size, PLAN_GROUP * width):
         end = min(start + PLAN_GROUP * width, size)
         if digests[start:end] == (old[start:end] if old is not None else zero_group[:end - start]):

@@ -17,7 +17,7 @@ COPIED flag, as ``qemu-img check`` expects of an image without snapshots.
 from __future__ import annotations
 
 import struct
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Sequence
 
 CLUSTER_BITS = 14  # 16 KiB: the manifest's block (diskimport.agent.manifest.BLOCK)
 CLUSTER = 1 << CLUSTER_BITS
@@ -39,16 +39,17 @@ class Plan:
     """Where each part of the image goes, for a disk of ``virtual_size`` bytes whose clusters
     ``data`` (written in this order) and ``zeros`` the image holds."""
 
-    def __init__(self, virtual_size: int, data: list[int], zeros: list[int], backing: str | None) -> None:
+    def __init__(self, virtual_size: int, data: Sequence[int], zeros: Sequence[int], backing: str | None) -> None:
         if backing is not None and (len(backing.encode()) > MAX_BACKING_NAME or not backing):
             raise ValueError(f"a backing file name of {len(backing.encode())} bytes")
         self.virtual_size, self.backing = virtual_size, backing
         self.data, self.zeros = data, zeros
         disk_clusters = _clusters(virtual_size)
-        if any(not 0 <= c < disk_clusters for c in (*data, *zeros)):
+        if any(clusters and not 0 <= min(clusters) <= max(clusters) < disk_clusters for clusters in (data, zeros)):
             raise ValueError("a cluster outside the disk")
         self.l1_size = -(-disk_clusters // L2_ENTRIES)
-        self.tables = sorted({c // L2_ENTRIES for c in (*data, *zeros)})  # the L1 entries that have an L2 table
+        # the L1 entries that have an L2 table
+        self.tables = sorted({c // L2_ENTRIES for clusters in (data, zeros) for c in clusters})
         l1_clusters = _clusters(self.l1_size * 8)
         fixed = 1 + l1_clusters + len(self.tables) + len(data)  # header, L1, L2 tables, data
         blocks = table = 1
@@ -86,8 +87,9 @@ class Plan:
         cluster = head + extensions + (self.backing.encode() if self.backing else b"")
         return cluster.ljust(CLUSTER, b"\0")
 
-    def metadata(self) -> bytes:
-        """Every cluster before the data: header, refcount table and blocks, L1, L2 tables."""
+    def metadata(self) -> bytearray:
+        """Every cluster before the data: header, refcount table and blocks, L1, L2 tables (not copied
+        into bytes: for a large disk's first push they are hundreds of MiB)."""
         out = bytearray(self.first_data * CLUSTER)
         out[0:CLUSTER] = self.header()
         for i in range(self.refcount_blocks):
@@ -102,7 +104,7 @@ class Plan:
                              (self.first_data + i) * CLUSTER | COPIED)
         for c in self.zeros:
             struct.pack_into(">Q", out, l2_of[c // L2_ENTRIES] * CLUSTER + (c % L2_ENTRIES) * 8, ZERO_FLAG)
-        return bytes(out)
+        return out
 
 
 def write(out: BinaryIO, plan: Plan, read_cluster: Callable[[int], bytes],
@@ -122,7 +124,8 @@ def write(out: BinaryIO, plan: Plan, read_cluster: Callable[[int], bytes],
 WRITE_CHUNK = 256 * CLUSTER  # 4 MiB
 
 
-def image_range(plan: Plan, metadata: bytes, start: int, end: int, read_cluster: Callable[[int], bytes]) -> bytes:
+def image_range(plan: Plan, metadata: bytes | bytearray, start: int, end: int,
+                read_cluster: Callable[[int], bytes]) -> bytes:
     """Bytes ``[start, end)`` of the image ``plan`` describes, ``metadata`` being ``plan.metadata()``: any
     part of the image is made on demand (a multipart upload's part, with no copy of the image kept)."""
     if not 0 <= start <= end <= plan.file_size:

@@ -93,7 +93,13 @@ def test_the_plan_compares_block_by_block_whatever_runs_it_skips(old_blocks):
                 data.append(i)
         elif now != before:
             (zeros if now == manifest.ZERO else data).append(i)
-    assert (planned.data, planned.zeros) == (data, zeros) and (data or zeros)
+    assert (list(planned.data), list(planned.zeros)) == (data, zeros) and (data or zeros)
+
+
+@pytest.mark.parametrize("data,zeros", [([64 * MiB // BLOCK], []), ([], [-1])])
+def test_a_layout_with_a_cluster_outside_the_disk_is_refused(data, zeros):
+    with pytest.raises(ValueError, match="outside the disk"):
+        qcow2.Plan(64 * MiB, data, zeros, None)
 
 
 def test_a_whole_push_is_a_qcow2_of_the_non_zero_blocks_alone(tmp_path):
@@ -103,7 +109,7 @@ def test_a_whole_push_is_a_qcow2_of_the_non_zero_blocks_alone(tmp_path):
         f.seek(10 * MiB)
         f.write(os.urandom(MiB) + bytes(MiB) + os.urandom(7))
     plan = client.plan(digests_of(disk), None, None)
-    assert plan.base is None and plan.zeros == [] and len(plan.data) == MiB // BLOCK + 1
+    assert plan.base is None and not plan.zeros and len(plan.data) == MiB // BLOCK + 1
     image = tmp_path / "whole.qcow2"
     with open(disk, "rb") as source, open(image, "wb") as out:
         qcow2.write(out, qcow2.Plan(64 * MiB, plan.data, [], None), lambda c: os.pread(source.fileno(), BLOCK,
