@@ -5,11 +5,10 @@ copy cached under ``.local/bench/images/cutover``) is pushed with ``oci-disk-del
 (and the backup that import took ahead of the next sync is done, as it is once the warm phase is
 over). Then, as an operator does with the source stopped: a 4 MiB file is written into its root
 filesystem, the final push goes up, and the ``cutover`` deployment is started the moment the
-push returns. It waits for the final
-sync, makes the boot volume, copies and adapts the guest, launches it and watches for the
-login prompt. The row prints the downtime (from the final upload's end to the login prompt)
-and where it went; the machine is then rolled back (``rollback-cutover``) and removed. No
-target: the row measures.
+push returns. It waits for the final sync, makes the boot volume, copies and adapts the guest,
+launches it and watches for the login prompt. The row prints the downtime (from the final
+upload's end to the login prompt) and where it went; the machine is then rolled back
+(``rollback-cutover``) and removed. No target: the row measures.
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ its data) and it is pushed again: the client uploads only the changed blocks as 
 first import, and the sync applies them onto its volume. The second push starts once the backup
 the first import took ahead of the next sync is done, as it is where syncs are minutes apart.
 Each time is measured from the push's start (the client reads and hashes the disk, makes and
-uploads what it sends) to the volume ready. Targets (the warm migration's): the sync in at most 15% of the full import, an upload of
-at most 1.1 times the changed bytes (the client's manifest included), and writes of at most 1.1
-times the changed bytes.
+uploads what it sends) to the volume ready. Targets (the warm migration's): the sync in at most
+15% of the full import, an upload of at most 1.1 times the changed bytes (the client's manifest
+included), and writes of at most 1.1 times the changed bytes.
 """
 
 from __future__ import annotations

@@ -59,12 +59,9 @@ def backup_ahead(clients: cloud.Clients, compartment_id: str, volume_id: str, re
     the next sync then takes its own."""
     try:
         volume = cloud.get_volume(clients, volume_id)
-        tags = {k: v for k, v in (volume.freeform_tags or {}).items() if k in KEPT_TAGS}
-        tags[TAG_SYNC_OF] = volume_id
-        etag = tags.get(contract.TAG_ETAG, "")
-        backup = cloud.with_backoff(clients.blockstorage.create_volume_backup, models.CreateVolumeBackupDetails(
-            volume_id=volume_id, display_name=f"ahead of the next sync of {etag.strip(chr(34))[:40]}"[:255],
-            type="INCREMENTAL", freeform_tags=tags), opc_retry_token=retry_token).data
+        etag = (volume.freeform_tags or {}).get(contract.TAG_ETAG, "")
+        backup = _create(clients, volume_id, volume.freeform_tags or {}, {},
+                         f"ahead of the next sync of {etag.strip(chr(34))[:40]}", retry_token)
     except oci.exceptions.ServiceError as exc:
         log.warning("volume %s: no backup ahead of the next sync (%s %s); that sync will take its own",
                     volume_id, exc.status, exc.code)
@@ -112,13 +109,12 @@ def backup_before_sync(clients: cloud.Clients, compartment_id: str, base: FoundV
                              f"(of version {held}) is gone: roll it back is impossible, so it is not synced again; "
                              "import onto a new volume with sync false")
     else:
-        tags = {k: v for k, v in base.tags.items() if k in KEPT_TAGS}
-        tags.update({TAG_SYNC_AFTER: after_etag[:255], TAG_SYNC_OF: base.id})
-        details = models.CreateVolumeBackupDetails(volume_id=base.id, display_name=_before_sync_name(after_etag),
-                                                   type="INCREMENTAL", freeform_tags=tags)
+        def create() -> Any:
+            return _create(clients, base.id, base.tags, {TAG_SYNC_AFTER: after_etag[:255]},
+                           _before_sync_name(after_etag), retry_token)
+
         try:
-            backup = cloud.with_backoff(clients.blockstorage.create_volume_backup, details,
-                                        opc_retry_token=retry_token).data
+            backup = create()
         except oci.exceptions.ServiceError as exc:
             if exc.status != 409:
                 raise
@@ -129,10 +125,19 @@ def backup_before_sync(clients: cloud.Clients, compartment_id: str, base: FoundV
                     cloud.wait_for_state(lambda b=busy: clients.blockstorage.get_volume_backup(b.id).data,
                                          ("AVAILABLE", "FAULTY", "TERMINATED"), f"backup {busy.id} of volume {base.id}",
                                          BACKUP_TIMEOUT)
-            backup = cloud.with_backoff(clients.blockstorage.create_volume_backup, details,
-                                        opc_retry_token=retry_token).data
+            backup = create()
         log.info("backing up volume %s (version %s) before the sync: backup %s", base.id, held, backup.id)
     return backup
+
+
+def _create(clients: cloud.Clients, volume_id: str, volume_tags: dict[str, str], extra: dict[str, str],
+            name: str, retry_token: str) -> Any:
+    """A sync backup of the volume: the version its tags say it holds, whose it is, and ``extra``."""
+    tags = {k: v for k, v in volume_tags.items() if k in KEPT_TAGS}
+    tags.update({**extra, TAG_SYNC_OF: volume_id})
+    return cloud.with_backoff(clients.blockstorage.create_volume_backup, models.CreateVolumeBackupDetails(
+        volume_id=volume_id, display_name=name[:255], type="INCREMENTAL", freeform_tags=tags),
+        opc_retry_token=retry_token).data
 
 
 def _before_sync_name(after_etag: str) -> str:
