@@ -302,7 +302,8 @@ def test_the_sweep_leaves_idle_pooled_vms_to_the_pool(pooled, credentials, shape
 def test_update_instance_with_a_stale_etag_is_refused(pooled, compute):
     worker_pool, _ = pooled(pool_size=1)
     [vm] = worker_pool.refill()
-    read = compute.get_instance(vm)
+    # once RUNNING: the boot's own transition changes the ETag too (a fresh-clone run saw it land in between)
+    read = oci.wait_until(compute, compute.get_instance(vm), "lifecycle_state", "RUNNING", max_wait_seconds=300)
     etag = read.headers["etag"]
     details = oci.core.models.UpdateInstanceDetails(freeform_tags={**read.data.freeform_tags, "x": "1"})
     updated = compute.update_instance(vm, details, if_match=etag)
