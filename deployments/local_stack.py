@@ -610,7 +610,10 @@ def up(database: str | None = None) -> dict[str, str]:
 
 
 WORKER_STOP_SECONDS = 5.0  # how long make down waits for the worker after SIGTERM, then SIGKILL
-GROUP_LEADERS = ("warm-runner",)  # stopped with the processes they forked (the flow runs)
+# Stopped with the processes they forked: the warm runner's flow runs, and the worker's flow-run
+# clients (with a cold-started engine, when the runner was gone as the run began: stopped only
+# with the worker, that client outlived its stack and the run went on retrying a server gone).
+GROUP_LEADERS = ("warm-runner", "prefect-worker")
 
 
 def down(purge: bool = False) -> list[str]:
