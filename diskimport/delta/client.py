@@ -8,7 +8,9 @@ Run it where the disk is (an LVM snapshot of the running source, or an image fil
    (``.oci-import/manifests/<import id>``). None: the first push, or the last import was not a
    sync, or it has not finished; then the whole disk is uploaded (still only its non-zero blocks).
 2. It hashes the disk in 16 KiB blocks (:mod:`diskimport.agent.manifest`; a sparse file's holes
-   are skipped) and keeps the blocks whose digest differs from the manifest's.
+   are skipped) and keeps the blocks whose digest differs from the manifest's. With
+   ``--changed-areas`` (the source's change tracking, :mod:`.areas`) it hashes only those areas
+   and takes every other block's digest from the manifest.
 3. It writes them as a qcow2 (:mod:`diskimport.delta.qcow2`) whose backing file is named
    ``oci-import:<import id>``: the importer applies it onto that import's volume and nowhere else.
    A block that became zeros is a zero cluster (no data uploaded).
@@ -21,7 +23,8 @@ Run it where the disk is (an LVM snapshot of the running source, or an image fil
    kept in ``--work-dir``).
 
 Progress goes to standard error; the last line on standard output is a JSON summary: bytes
-read, changed, uploaded and saved. Exit status 0, or 2 with a one-line reason.
+read, changed, uploaded and saved. Exit status 0, or 2 with a one-line reason (and for a refusal
+its stable code, ``push-...``).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from typing import Any, Callable, TextIO
 
 from .. import contract
 from ..agent import manifest
-from . import backing_name, manifest_object, qcow2, upload_object, METADATA_MANIFEST
+from . import areas, backing_name, manifest_object, qcow2, upload_object, METADATA_MANIFEST
 
 MiB = 1024 * 1024
 PART_SIZE = 64 * MiB
@@ -52,7 +55,11 @@ assert qcow2.CLUSTER == manifest.BLOCK  # a changed block is one cluster of the 
 
 
 class PushRefused(Exception):
-    """The push cannot go on: the reason, for the operator."""
+    """The push cannot go on: the reason, for the operator, and a stable code (``push-...``)."""
+
+    def __init__(self, message: str, code: str = "push-refused") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,7 @@ def _disk_size(fd: int) -> int:
         return os.fstat(fd).st_size
     if stat.S_ISBLK(mode):
         return os.lseek(fd, 0, os.SEEK_END)
-    raise PushRefused("the source is neither a regular file nor a block device")
+    raise PushRefused("the source is neither a regular file nor a block device", "push-not-a-disk")
 
 
 def _refuse_image_file(fd: int, size: int, source: Path) -> None:
@@ -105,14 +112,16 @@ def _refuse_image_file(fd: int, size: int, source: Path) -> None:
     try:
         found = inspection.inspect(lambda start, end: os.pread(fd, end - start, start), size, None, 1 << 62)
     except ImageRejected as exc:  # a header that looks like an image but does not pass: not a raw disk either
-        raise PushRefused(f"{source} is not a raw disk ({exc})") from None
+        raise PushRefused(f"{source} is not a raw disk ({exc})", "push-not-a-raw-disk") from None
     if found.format != "raw" or found.detected_as == "vhd-fixed":
         raise PushRefused(f"{source} is a {found.detected_as} image, not a raw disk: push the disk itself (a block "
-                          f"device or a raw file; qemu-img convert -O raw makes one)")
+                          f"device or a raw file; qemu-img convert -O raw makes one)", "push-not-a-raw-disk")
 
 
 def _base(client: Any, namespace: str, bucket: str, name: str, size: int,
-          say: Callable[[str], None]) -> tuple[tuple[dict[str, Any], bytes] | None, str | None]:
+          say: Callable[[str], None]) -> tuple[tuple[dict[str, Any], bytes] | None, str | None, str | None]:
+    """The manifest of the object's current version's import, that import's id and the version's ETag
+    (each None when there is none to go by: the whole disk goes up)."""
     import oci
 
     try:
@@ -120,7 +129,7 @@ def _base(client: Any, namespace: str, bucket: str, name: str, size: int,
     except oci.exceptions.ServiceError as exc:
         if exc.status == 404:
             say(f"{name} was never uploaded: the whole disk goes up")
-            return None, None
+            return None, None, None
         raise
     import_id = contract.import_id(namespace, bucket, name, head.headers["etag"])
     try:
@@ -130,16 +139,16 @@ def _base(client: Any, namespace: str, bucket: str, name: str, size: int,
             raise
         say(f"no manifest of the import of {name}'s current version ({head.headers['etag']}): it was not synced, "
             "or its import has not finished; the whole disk goes up")
-        return None, None
+        return None, None, head.headers["etag"]
     try:
         header, _ = manifest.read_header(data)
         if isinstance(header.get("virtual_size"), int) and header["virtual_size"] > size:
             say(f"the disk shrank ({header['virtual_size']} to {size} bytes): the whole disk goes up")
-            return None, None
+            return None, None, head.headers["etag"]
         header, digests = manifest.decode(data, manifest.block_count(size))
     except manifest.ManifestError as exc:
-        raise PushRefused(f"the manifest of import {import_id} cannot be used: {exc}") from None
-    return (header, digests), import_id
+        raise PushRefused(f"the manifest of import {import_id} cannot be used: {exc}", "push-base-manifest") from None
+    return (header, digests), import_id, head.headers["etag"]
 
 
 class _Progress:
@@ -154,26 +163,78 @@ class _Progress:
             self.out.flush()
 
 
+def _digests(fd: int, size: int, source: Path, base: tuple[dict[str, Any], bytes] | None,
+             etag: str | None, changed: list[tuple[int, int]] | None, changes_since: str | None,
+             say: Callable[[str], None], out: TextIO) -> tuple[bytes, int]:
+    """The new disk's block digests and the bytes read for them: the whole disk's (its data, for a
+    sparse file), or with change tracking only the changed areas', every other block's digest taken
+    from the last import's manifest."""
+    read = [0]
+
+    def progress(what: str, total: int) -> Callable[[int], None]:
+        shown = _Progress(out, what, total)
+
+        def seen(done: int) -> None:
+            read[0] = done
+            shown(done)
+        return seen
+
+    if changed is None or base is None:
+        if changed is not None:
+            say("no manifest of the last import to take the unchanged blocks from: the whole disk is read")
+        return bytes(manifest.digest_file(fd, size, progress=progress(f"reading {source}", size))), read[0]
+    if etag != changes_since:
+        raise PushRefused(f"the changed areas were tracked since the push of version {changes_since}, but the "
+                          f"object's current version is {etag}: give the areas changed since the push of {etag}, "
+                          "or push without --changed-areas (the whole disk is read)", "push-changes-since-stale")
+    spans = areas.blocks(changed, size, manifest.BLOCK)
+    width = manifest.DIGEST_BYTES
+    total = sum(n for _, n in spans) * manifest.BLOCK
+    digests = bytearray(base[1])
+    digests += bytes(manifest.block_count(size) * width - len(digests))  # a disk that grew: zeros before
+    fresh = manifest.digest_file(fd, size, blocks=spans,
+                                 progress=progress(f"reading the changed areas of {source}", min(total, size)))
+    for first, n in spans:
+        digests[first * width:(first + n) * width] = fresh[first * width:(first + n) * width]
+    return bytes(digests), read[0]
+
+
 def push(client: Any, namespace: str, bucket: str, name: str, source: Path, work_dir: Path,
-         full: bool = False, parallel: int = 4, part_size: int = PART_SIZE, out: TextIO = sys.stderr) -> dict[str, Any]:
-    """Upload ``source`` as a delta over the object's last import (or whole); the summary."""
+         full: bool = False, parallel: int = 4, part_size: int = PART_SIZE, out: TextIO = sys.stderr,
+         changed_areas: Path | None = None, changes_since: str | None = None) -> dict[str, Any]:
+    """Upload ``source`` as a delta over the object's last import (or whole); the summary.
+
+    ``changed_areas``: a file of the areas written since the push of version ``changes_since`` (an
+    ETag), from the source's change tracking (:mod:`.areas`): only those are read."""
     def say(line: str) -> None:
         out.write(line + "\n")
         out.flush()
 
     if not name.lower().endswith(".qcow2"):
-        raise PushRefused(f"the object name {name!r} must end in .qcow2: a push uploads a qcow2")
+        raise PushRefused(f"the object name {name!r} must end in .qcow2: a push uploads a qcow2", "push-object-name")
+    changed = None
+    if changed_areas is not None:
+        if full or not changes_since:
+            raise PushRefused("--changed-areas goes with --changes-since (the ETag of the push the areas were "
+                              "tracked from) and not with --full", "push-changed-areas-arguments")
+        try:
+            changed = areas.read(changed_areas)
+        except areas.AreasError as exc:
+            raise PushRefused(str(exc), "push-changed-areas-invalid") from None
     fd = os.open(source, os.O_RDONLY)
     try:
         size = _disk_size(fd)
         if size == 0 or size % 512:
-            raise PushRefused(f"the disk is {size} bytes, not a whole number of 512-byte sectors")
+            raise PushRefused(f"the disk is {size} bytes, not a whole number of 512-byte sectors", "push-disk-size")
         _refuse_image_file(fd, size, source)
-        base, base_import = (None, None) if full else _base(client, namespace, bucket, name, size, say)
-        digests = bytes(manifest.digest_file(fd, size, progress=_Progress(out, f"reading {source}", size)))
+        base, base_import, base_etag = (None, None, None) if full else _base(client, namespace, bucket, name, size, say)
+        try:
+            digests, read_bytes = _digests(fd, size, source, base, base_etag, changed, changes_since, say, out)
+        except areas.AreasError as exc:
+            raise PushRefused(str(exc), "push-changed-areas-invalid") from None
         delta = plan(digests, base, base_import)
-        changed = (len(delta.data) + len(delta.zeros)) * manifest.BLOCK
-        say(f"{len(delta.data) + len(delta.zeros)} blocks of 16 KiB to upload ({changed / MiB:,.1f} MiB, "
+        changed_bytes = (len(delta.data) + len(delta.zeros)) * manifest.BLOCK
+        say(f"{len(delta.data) + len(delta.zeros)} blocks of 16 KiB to upload ({changed_bytes / MiB:,.1f} MiB, "
             f"{len(delta.zeros)} of them now zeros)" + (f" over import {base_import}" if base_import else ", whole"))
         manifest_bytes = manifest.encode({"virtual_size": size, "base_import": base_import}, digests)
         sha = hashlib.sha256(manifest_bytes).hexdigest()
@@ -187,8 +248,9 @@ def push(client: Any, namespace: str, bucket: str, name: str, source: Path, work
                        state, parallel, part_size, out)
     finally:
         os.close(fd)
-    summary = {"object": name, "etag": etag, "base_import": base_import, "disk_bytes": size,
-               "changed_bytes": changed, "uploaded_bytes": layout.file_size + len(manifest_bytes),
+    summary = {"object": name, "etag": etag, "base_import": base_import, "disk_bytes": size, "read_bytes": read_bytes,
+               "changed_areas": changed is not None and base is not None, "changed_bytes": changed_bytes,
+               "uploaded_bytes": layout.file_size + len(manifest_bytes),
                "image_bytes": layout.file_size, "manifest_bytes": len(manifest_bytes),
                "saved_bytes": max(0, size - layout.file_size - len(manifest_bytes)), "manifest_sha256": sha}
     say(f"uploaded {summary['uploaded_bytes'] / MiB:,.1f} MiB of a {size / MiB:,.0f} MiB disk "
@@ -328,13 +390,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true", help="upload the whole disk, whatever was imported before")
     p.add_argument("--parallel", type=int, default=4,
                    help="parts uploaded at once (each part, 64 MiB, is held in memory while it goes up)")
+    p.add_argument("--changed-areas", type=Path, metavar="FILE",
+                   help="JSON areas written since the push of --changes-since, from the source's change tracking "
+                        "(QEMU dirty bitmap, VMware CBT): only they are read; see docs/warm-migration.md")
+    p.add_argument("--changes-since", metavar="ETAG",
+                   help="the ETag (printed by that push) of the version the changed areas were tracked from")
     args = parser.parse_args(argv)
     try:
         client = _client(args)
         namespace = args.namespace or client.get_namespace().data
         summary = push(client, namespace, args.bucket, args.name, args.source, args.work_dir, args.full,
-                       args.parallel)
-    except (PushRefused, OSError) as exc:
+                       args.parallel, changed_areas=args.changed_areas, changes_since=args.changes_since)
+    except PushRefused as exc:
+        sys.stderr.write(f"oci-disk-delta: {exc.code}: {exc}\n")
+        return 2
+    except OSError as exc:
         sys.stderr.write(f"oci-disk-delta: {exc}\n")
         return 2
     except Exception as exc:  # the SDK's errors (ServiceError, config errors), said in one line

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import subprocess
@@ -313,3 +314,69 @@ def test_a_push_of_a_disk_changed_since_a_push_cut_short_aborts_that_upload(loca
     assert f"aborted upload {unfinished.upload_id}" in said.getvalue() and "resuming" not in said.getvalue()
     assert object_storage.list_multipart_uploads(localoci.namespace, bucket).data == []
     assert not list(work.iterdir())
+
+
+def dirty_areas(live: Path, bitmap: str, out: Path) -> Path:
+    """The areas QEMU's persistent dirty bitmap ``bitmap`` of ``live`` marks as written, read as an
+    operator reads them (``qemu-nbd -B`` exports the bitmap, ``qemu-img map`` reads it: a dirty area
+    shows as ``"data": false``), written in the client's format."""
+    sock, pid_file = out.with_suffix(".sock"), out.with_suffix(".pid")
+    subprocess.run(["qemu-nbd", "--fork", "--pid-file", str(pid_file), "-r", "-k", str(sock), "-f", "qcow2",
+                    "-B", bitmap, str(live)], check=True)
+    try:  # the server serves this one client and exits
+        mapped = subprocess.run(["qemu-img", "map", "--output=json", "--image-opts",
+                                 f"driver=nbd,server.type=unix,server.path={sock},"
+                                 f"x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}"],
+                                capture_output=True, text=True, check=True)
+    finally:
+        if subprocess.run(["kill", "-0", pid_file.read_text().strip()], capture_output=True).returncode == 0:
+            subprocess.run(["kill", pid_file.read_text().strip()])
+    dirty = [{"start": e["start"], "length": e["length"]} for e in json.loads(mapped.stdout) if not e["data"]]
+    out.write_text(json.dumps(dirty))
+    return out
+
+
+def test_a_push_with_the_changed_areas_of_a_dirty_bitmap_reads_only_them_and_syncs_that_version(
+        localoci, make_importer, bucket, object_storage, tmp_path):
+    """Change tracking on the source: the disk runs as a qcow2 with a persistent dirty bitmap that
+    QEMU keeps as it writes (qemu-io here, a VM's QEMU in production). The push reads only the
+    areas the bitmap marks and takes every other block's digest from the last import's manifest;
+    the volume is then bit-exact with the new version. Areas tracked since another version than the
+    object's current one, or reaching past the disk, are refused with their codes."""
+    disk, work, live = tmp_path / "db01.raw", tmp_path / "work", tmp_path / "live.qcow2"
+    guest_disk(disk, tmp_path)
+    with open(disk, "r+b") as f:  # data past the partition (which the writes below keep to: its filesystem is checked)
+        f.seek(220 * MiB)
+        f.write(os.urandom(MiB))
+    first = push(object_storage, localoci, bucket, disk, work)
+    volume_id = synced(make_importer, localoci, bucket)["volume_id"]
+    run_tool("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(disk), str(live))
+    run_tool("qemu-img", "bitmap", "--add", str(live), "since-first")  # the checkpoint of the first push
+    run_tool("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 210M 1M", "-c", "write -P 0x33 235587k 64k",
+             "-c", "write -z 220M 12k", "-c", "write -P 0x7e 254M 16k", str(live))
+    areas = dirty_areas(live, "since-first", tmp_path / "areas.json")
+    tracked = sum(a["length"] for a in json.loads(areas.read_text()))
+    assert MiB + 64 * 1024 <= tracked <= 2 * MiB  # at the bitmap's 64 KiB granularity
+    snapshot = tmp_path / "second.raw"
+    run_tool("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(live), str(snapshot))
+    said = io.StringIO()
+    second = client.push(object_storage, localoci.namespace, bucket, NAME, snapshot, work, out=said,
+                         changed_areas=areas, changes_since=first["etag"])
+    assert second["changed_areas"] and second["read_bytes"] <= tracked + 2 * BLOCK, (second, said.getvalue())
+    assert "reading the changed areas" in said.getvalue()
+    assert 0 < second["changed_bytes"] <= tracked
+    result = synced(make_importer, localoci, bucket)
+    assert result["volume_id"] == volume_id and holds_exactly(localoci, volume_id, snapshot)
+
+    # the same areas again: they are changes since the first version, the object is now at the second
+    with pytest.raises(client.PushRefused, match=re.escape(second["etag"])) as stale:
+        client.push(object_storage, localoci.namespace, bucket, NAME, snapshot, work, out=io.StringIO(),
+                    changed_areas=areas, changes_since=first["etag"])
+    assert stale.value.code == "push-changes-since-stale"
+    beyond = tmp_path / "beyond.json"
+    beyond.write_text(json.dumps({"changedArea": [{"start": 256 * MiB - BLOCK, "length": 2 * BLOCK}]}))
+    with pytest.raises(client.PushRefused, match="ends past the disk") as outside:
+        client.push(object_storage, localoci.namespace, bucket, NAME, snapshot, work, out=io.StringIO(),
+                    changed_areas=beyond, changes_since=second["etag"])
+    assert outside.value.code == "push-changed-areas-invalid"
+    assert object_storage.head_object(localoci.namespace, bucket, NAME).headers["etag"] == second["etag"]

@@ -178,3 +178,38 @@ def test_a_push_of_an_image_file_is_refused_before_anything_goes_up(tmp_path):
     with pytest.raises(client.PushRefused, match="must end in .qcow2"):
         client.push(None, "ns", "bucket", "app/disk.img", raw, tmp_path / "work")
     assert not (tmp_path / "work").exists()  # nothing was written, nothing was asked of the service
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('[{"start": 0, "length": 1}, {"start": 65536, "length": 65536, "dirty": true}]', [(0, 1), (65536, 65536)]),
+    ('{"startOffset": 0, "length": 1048576, "changedArea": [{"start": 16384, "length": 0}, '
+     '{"start": 32768, "length": 8}]}', [(32768, 8)]),  # VMware's DiskChangeInfo; an empty area is dropped
+    ("[]", []),
+    ("not json", "is not JSON"),
+    ('{"areas": []}', "neither a list of areas nor an object with a changedArea list"),
+    ('[{"start": -1, "length": 10}]', "area 0 is not a start and a length"),
+    ('[{"start": 0, "length": 1}, {"start": "0", "length": 1}]', "area 1 is not a start and a length"),
+    ('[{"start": true, "length": 1}]', "area 0 is not a start and a length"),
+    ('[[0, 1]]', "area 0 is not a start and a length"),
+])
+def test_changed_areas_are_read_from_a_list_or_vmware_s_shape_and_anything_else_is_refused(text, expected, tmp_path):
+    from diskimport.delta import areas
+
+    path = tmp_path / "areas.json"
+    path.write_text(text)
+    if isinstance(expected, list):
+        assert areas.read(path) == expected
+    else:
+        with pytest.raises(areas.AreasError, match=expected):
+            areas.read(path)
+
+
+def test_changed_areas_become_the_blocks_they_touch_merged_and_one_past_the_disk_is_refused():
+    from diskimport.delta import areas
+
+    listed = [(5 * BLOCK + 1, BLOCK), (0, 1), (BLOCK - 1, 2), (6 * BLOCK, BLOCK), (20 * BLOCK, 3 * BLOCK)]
+    # blocks 0-1 (the first two areas meet), 5-6 (the unaligned one spans 5 and 6, the next is 6), 20-22
+    assert areas.blocks(listed, 64 * BLOCK, BLOCK) == [(0, 2), (5, 2), (20, 3)]
+    assert areas.blocks([(64 * BLOCK - 1, 1)], 64 * BLOCK, BLOCK) == [(63, 1)]
+    with pytest.raises(areas.AreasError, match="ends past the disk"):
+        areas.blocks([(64 * BLOCK - 1, 2)], 64 * BLOCK, BLOCK)
