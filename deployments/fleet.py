@@ -73,7 +73,7 @@ class Upload:
 
 
 def admin(env: dict[str, str], method: str, path: str, body: Any = None) -> Any:
-    reply = httpx.request(method, f"{env['LOCALOCI_ENDPOINT']}/_localoci/{path}", json=body, timeout=60)
+    reply = demo.local_http().request(method, f"{env['LOCALOCI_ENDPOINT']}/_localoci/{path}", json=body, timeout=60)
     reply.raise_for_status()
     return reply.json() if reply.content else None
 
@@ -245,7 +245,7 @@ class Schedule:
         if run_id is None:
             return False
         try:
-            reply = httpx.post(self.env["PREFECT_API_URL"] + "/task_runs/filter", timeout=30, json={
+            reply = demo.local_http().post(self.env["PREFECT_API_URL"] + "/task_runs/filter", timeout=30, json={
                 "flow_runs": {"id": {"any_": [run_id]}},
                 "task_runs": {"name": {"like_": "write"}, "state": {"type": {"any_": ["RUNNING"]}}}})
         except httpx.HTTPError:

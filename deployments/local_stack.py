@@ -35,7 +35,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import oci
 
@@ -350,15 +350,29 @@ def start_prefect_server(base: Path, previous: dict[str, str]) -> str:
     return api_url
 
 
+_API_SETTINGS: dict[tuple[int, str], tuple[Any, Any]] = {}  # (id of the settings they update, URL): both
+
+
 @contextlib.contextmanager
 def prefect_api(api_url: str) -> Iterator[None]:
     """Point this process's Prefect client at ``api_url`` (settings are read once, at import),
-    with the stack's client retries and timeout."""
-    from prefect.settings import (PREFECT_API_REQUEST_TIMEOUT, PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES,
-                                  temporary_settings)
+    with the stack's client retries and timeout: Prefect's ``temporary_settings``, with the
+    settings it makes kept for the next call. Making them validates every setting again (tens of
+    milliseconds of CPU), and the tests enter this around every call to a stack's API."""
+    import prefect.context
+    from prefect.settings import PREFECT_API_REQUEST_TIMEOUT, PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES
 
-    with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_CLIENT_MAX_RETRIES: int(CLIENT_RETRIES),
-                                     PREFECT_API_REQUEST_TIMEOUT: float(CLIENT_TIMEOUT)}):
+    context = prefect.context.get_settings_context()
+    key = (id(context.settings), api_url)
+    cached = _API_SETTINGS.get(key)
+    if cached is None or cached[0] is not context.settings:
+        if len(_API_SETTINGS) > 64:
+            _API_SETTINGS.clear()
+        updated = context.settings.copy_with_update(updates={
+            PREFECT_API_URL: api_url, PREFECT_CLIENT_MAX_RETRIES: int(CLIENT_RETRIES),
+            PREFECT_API_REQUEST_TIMEOUT: float(CLIENT_TIMEOUT)})
+        cached = _API_SETTINGS[key] = (context.settings, updated)  # the first kept: its id is not reused
+    with prefect.context.SettingsContext(profile=context.profile, settings=cached[1]):
         yield
 
 

@@ -162,9 +162,7 @@ def live_inventory(stack: dict[str, str]) -> dict[str, Any]:
 
 
 def admin(stack: dict[str, str], method: str, path: str, body: Any = None) -> Any:
-    import httpx
-
-    reply = httpx.request(method, f"{stack['LOCALOCI_ENDPOINT']}/_localoci/{path}", json=body, timeout=30)
+    reply = demo.local_http().request(method, f"{stack['LOCALOCI_ENDPOINT']}/_localoci/{path}", json=body)
     reply.raise_for_status()
     return reply.json() if reply.content else None
 

@@ -80,6 +80,4 @@ def test_an_import_starts_on_a_vm_of_the_pool_which_refills_behind_it(stack, dis
 
 
 def local_stack_inventory_all(stack: dict[str, str]) -> dict[str, Any]:
-    import httpx
-
-    return httpx.get(stack["LOCALOCI_ENDPOINT"] + "/_localoci/inventory?all=1", timeout=30).json()
+    return demo.local_http().get(stack["LOCALOCI_ENDPOINT"] + "/_localoci/inventory?all=1").json()
