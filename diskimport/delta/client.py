@@ -164,11 +164,11 @@ class _Progress:
 
 
 def _digests(fd: int, size: int, source: Path, base: tuple[dict[str, Any], bytes] | None,
-             etag: str | None, changed: list[tuple[int, int]] | None, changes_since: str | None,
+             etag: str | None, spans: list[tuple[int, int]] | None, changes_since: str | None,
              say: Callable[[str], None], out: TextIO) -> tuple[bytes, int]:
     """The new disk's block digests and the bytes read for them: the whole disk's (its data, for a
-    sparse file), or with change tracking only the changed areas', every other block's digest taken
-    from the last import's manifest."""
+    sparse file), or with change tracking only the changed areas' blocks (``spans``), every other
+    block's digest taken from the last import's manifest."""
     read = [0]
 
     def progress(what: str, total: int) -> Callable[[int], None]:
@@ -179,15 +179,14 @@ def _digests(fd: int, size: int, source: Path, base: tuple[dict[str, Any], bytes
             shown(done)
         return seen
 
-    if changed is None or base is None:
-        if changed is not None:
+    if spans is None or base is None:
+        if spans is not None:
             say("no manifest of the last import to take the unchanged blocks from: the whole disk is read")
         return bytes(manifest.digest_file(fd, size, progress=progress(f"reading {source}", size))), read[0]
     if etag != changes_since:
         raise PushRefused(f"the changed areas were tracked since the push of version {changes_since}, but the "
                           f"object's current version is {etag}: give the areas changed since the push of {etag}, "
                           "or push without --changed-areas (the whole disk is read)", "push-changes-since-stale")
-    spans = areas.blocks(changed, size, manifest.BLOCK)
     width = manifest.DIGEST_BYTES
     total = sum(n for _, n in spans) * manifest.BLOCK
     digests = bytearray(base[1])
@@ -212,26 +211,23 @@ def push(client: Any, namespace: str, bucket: str, name: str, source: Path, work
 
     if not name.lower().endswith(".qcow2"):
         raise PushRefused(f"the object name {name!r} must end in .qcow2: a push uploads a qcow2", "push-object-name")
-    changed = None
-    if changed_areas is not None:
-        if full or not changes_since:
-            raise PushRefused("--changed-areas goes with --changes-since (the ETag of the push the areas were "
-                              "tracked from) and not with --full", "push-changed-areas-arguments")
-        try:
-            changed = areas.read(changed_areas)
-        except areas.AreasError as exc:
-            raise PushRefused(str(exc), "push-changed-areas-invalid") from None
+    if changed_areas is not None and (full or not changes_since):
+        raise PushRefused("--changed-areas goes with --changes-since (the ETag of the push the areas were "
+                          "tracked from) and not with --full", "push-changed-areas-arguments")
     fd = os.open(source, os.O_RDONLY)
     try:
         size = _disk_size(fd)
         if size == 0 or size % 512:
             raise PushRefused(f"the disk is {size} bytes, not a whole number of 512-byte sectors", "push-disk-size")
         _refuse_image_file(fd, size, source)
+        spans = None  # the blocks the changed areas touch
+        if changed_areas is not None:
+            try:
+                spans = areas.blocks(areas.read(changed_areas), size, manifest.BLOCK)
+            except areas.AreasError as exc:
+                raise PushRefused(str(exc), "push-changed-areas-invalid") from None
         base, base_import, base_etag = (None, None, None) if full else _base(client, namespace, bucket, name, size, say)
-        try:
-            digests, read_bytes = _digests(fd, size, source, base, base_etag, changed, changes_since, say, out)
-        except areas.AreasError as exc:
-            raise PushRefused(str(exc), "push-changed-areas-invalid") from None
+        digests, read_bytes = _digests(fd, size, source, base, base_etag, spans, changes_since, say, out)
         delta = plan(digests, base, base_import)
         changed_bytes = (len(delta.data) + len(delta.zeros)) * manifest.BLOCK
         say(f"{len(delta.data) + len(delta.zeros)} blocks of 16 KiB to upload ({changed_bytes / MiB:,.1f} MiB, "
@@ -249,7 +245,7 @@ def push(client: Any, namespace: str, bucket: str, name: str, source: Path, work
     finally:
         os.close(fd)
     summary = {"object": name, "etag": etag, "base_import": base_import, "disk_bytes": size, "read_bytes": read_bytes,
-               "changed_areas": changed is not None and base is not None, "changed_bytes": changed_bytes,
+               "changed_areas": spans is not None and base is not None, "changed_bytes": changed_bytes,
                "uploaded_bytes": layout.file_size + len(manifest_bytes),
                "image_bytes": layout.file_size, "manifest_bytes": len(manifest_bytes),
                "saved_bytes": max(0, size - layout.file_size - len(manifest_bytes)), "manifest_sha256": sha}
